@@ -1,0 +1,1 @@
+"""DEparrow edge runtime: the node that runs jobs (core runs on MicroPython and CPython)."""

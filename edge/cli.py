@@ -1,0 +1,263 @@
+"""edge-run: start a node (`edge-run --hub URL --token TOKEN`) or run one job locally
+(`edge-run job FILE.wasm`). A thin layer: library errors become one clear line and an exit code."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import click
+
+# Exit codes for failures of a local job that are not the job's own exit code.
+EXIT_CODES = {
+    "timeout": 124,  # as coreutils' timeout(1)
+    "memory limit": 125,
+    "trap": 126,
+    "invalid module": 65,  # EX_DATAERR
+    "invalid argument": 64,  # EX_USAGE
+    "executor error": 70,  # EX_SOFTWARE
+}
+
+log = logging.getLogger("edge")
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(os.environ.get("DEPARROW_EDGE_DATA", str(Path(base) / "deparrow-edge")))
+
+
+def _post_json(url: str, body: dict[str, Any], timeout_s: float = 15.0) -> dict[str, Any]:
+    req = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+            data: dict[str, Any] = json.loads(resp.read())
+            return data
+    except urllib.error.HTTPError as e:
+        try:
+            message = json.loads(e.read()).get("error") or e.reason
+        except (ValueError, AttributeError):
+            message = e.reason
+        raise click.ClickException(f"the hub refused enrollment ({e.code}): {message}") from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise click.ClickException(f"cannot reach the hub at {url}: {reason}") from None
+
+
+def enroll(hub: str, token: str, name: str, config_path: Path) -> dict[str, Any]:
+    from edge.resources import machine
+
+    info = machine()
+    answer = _post_json(
+        hub.rstrip("/") + "/api/v1/nodes/enroll",
+        {"token": token, "name": name, "engines": ["wasm"], **info},
+    )
+    config = {
+        "hub": hub,
+        "node_id": answer["node_id"],
+        "node_secret": answer["node_secret"],
+        "owner": answer["owner"],
+        "mqtt": answer["mqtt"],
+        "heartbeat_interval_s": answer["heartbeat_interval_s"],
+    }
+    config_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = config_path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(config, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, config_path)  # a crash mid-write never leaves half a config
+    return config
+
+
+def load_config(path: Path) -> dict[str, Any] | None:
+    if not path.exists():
+        return None
+    try:
+        data: dict[str, Any] = json.loads(path.read_text())
+    except ValueError as e:
+        raise click.ClickException(f"{path} is not valid JSON ({e}); remove it to re-enroll") from None
+    for key in ("node_id", "node_secret", "mqtt"):
+        if key not in data:
+            raise click.ClickException(f"{path} lacks {key!r}; remove it to re-enroll")
+    return data
+
+
+def run_node(config: dict[str, Any], workers: int, max_cpu: float | None) -> None:
+    from edge.executors.wasm3 import Wasm3Executor
+    from edge.mqtt_paho import PahoMqtt
+    from edge.resources import Offered
+    from edge.session import Session
+
+    stopping = []
+
+    def stop(*_: Any) -> None:
+        stopping.append(True)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    mqtt = PahoMqtt(config["mqtt"]["url"])
+    with Wasm3Executor(workers=workers) as executor:
+        session = Session(config, mqtt, executor, Offered(max_cpu=max_cpu), log=log.info)
+        try:
+            session.start()
+        except ConnectionError as e:
+            raise click.ClickException(str(e)) from None
+        click.echo(
+            f"node {config['node_id']} online at {config['mqtt']['url']}; "
+            f"earning for {config['owner']}. Ctrl-C stops.",
+            err=True,
+        )
+        try:
+            while not stopping:
+                session.step()
+                mqtt.wait(0.05)
+        finally:
+            session.stop()
+            click.echo(
+                f"node {config['node_id']} stopped: {session.runner.completed} jobs completed, "
+                f"{session.runner.failed} failed",
+                err=True,
+            )
+
+
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--hub", envvar="DEPARROW_HUB", help="Hub URL, e.g. http://127.0.0.1:8765")
+@click.option("--token", envvar="DEPARROW_ENROLL_TOKEN", help="Enrollment token from the hub.")
+@click.option("--name", default=None, help="Name shown on the hub (default: host name).")
+@click.option(
+    "--data-dir", type=click.Path(path_type=Path), default=None,
+    help="Where the node keeps its identity (default ~/.local/share/deparrow-edge).",
+)
+@click.option("--workers", default=1, show_default=True, help="Wasm worker processes.")
+@click.option("--max-cpu", type=float, default=None, help="CPU-equivalents to offer at most.")
+@click.option("-v", "--verbose", is_flag=True, help="Log every message.")
+@click.pass_context
+def main(
+    ctx: click.Context, hub: str | None, token: str | None, name: str | None,
+    data_dir: Path | None, workers: int, max_cpu: float | None, verbose: bool,
+) -> None:
+    """Run a DEparrow node: enroll with a hub once, then run jobs while this machine is idle.
+
+    \b
+    edge-run --hub http://HUB:8765 --token dpe_...   start (and on first run, enroll) a node
+    edge-run job fib.wasm --invoke fib -- 25        run one job locally, no hub
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(name)s %(message)s",
+    )
+    if verbose:
+        log.setLevel(logging.INFO)
+    if workers < 1:
+        raise click.BadParameter("must be at least 1", param_hint="--workers")
+    config_path = (data_dir or default_data_dir()) / "node.json"
+    config = load_config(config_path)
+    if config is not None and hub and config.get("hub") != hub and token:
+        config = None  # a new hub and a new token: enroll again
+    if config is None:
+        if not hub or not token:
+            raise click.UsageError(
+                "this node is not enrolled yet: pass --hub URL --token TOKEN "
+                "(create a token on the hub with 'deparrow node token')"
+            )
+        import socket
+
+        config = enroll(hub, token, name or socket.gethostname(), config_path)
+        click.echo(f"enrolled as {config['node_id']} (identity in {config_path})", err=True)
+    run_node(config, workers, max_cpu)
+
+
+def _parse_env(values: tuple[str, ...]) -> dict[str, str]:
+    env = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--env")
+        env[key] = value
+    return env
+
+
+@main.command("job", context_settings={"ignore_unknown_options": False})
+@click.argument("module", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("args", nargs=-1)
+@click.option("--input", "input_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="File fed to the job's stdin.")
+@click.option("--env", "env", multiple=True, metavar="K=V", help="Environment variable (repeat).")
+@click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds.")
+@click.option("--memory", type=int, default=64, show_default=True, help="Memory cap, MiB.")
+@click.option("--invoke", default=None, metavar="FUNC",
+              help="Call this exported function with integer ARGS and print what it returns.")
+def job_cmd(
+    module: Path, args: tuple[str, ...], input_path: Path | None, env: tuple[str, ...],
+    timeout: float, memory: int, invoke: str | None,
+) -> None:
+    """Run one Wasm job locally: its stdout is ours, its exit code is ours.
+
+    Arguments after `--` go to the job (argv for a WASI program, integers for --invoke).
+    """
+    from edge.executors.wasm3 import Wasm3Executor
+
+    def fail(message: str, code: int) -> None:
+        click.echo(f"edge-run: {message}", err=True)
+        sys.exit(code)
+
+    if timeout <= 0:
+        fail("--timeout must be more than 0 seconds", 2)
+    if memory <= 0:
+        fail("--memory must be at least 1 MiB", 2)
+    try:
+        data = module.read_bytes()
+    except OSError as e:
+        fail(f"cannot read {module}: {e.strerror}", 66)
+    stdin = b""
+    if input_path is not None:
+        try:
+            stdin = input_path.read_bytes()
+        except OSError as e:
+            fail(f"cannot read {input_path}: {e.strerror}", 66)
+    try:
+        env_map = _parse_env(env)
+    except click.BadParameter as e:
+        fail(e.format_message(), 2)
+    spec = {
+        "job_id": module.stem,
+        "module": data,
+        "entrypoint": invoke or "_start",
+        "args": list(args),
+        "env": env_map,
+        "stdin": stdin,
+        "timeout_s": timeout,
+        "memory_mb": memory,
+    }
+    started = time.monotonic()
+    with Wasm3Executor(workers=1) as executor:
+        outcome = executor.run(spec)
+    sys.stdout.buffer.write(outcome.get("stdout") or b"")
+    sys.stdout.flush()
+    sys.stderr.buffer.write(outcome.get("stderr") or b"")
+    sys.stderr.flush()
+    if outcome["status"] != "completed":
+        error = outcome.get("error") or "failed"
+        kind = error.split(":", 1)[0]
+        log.debug("failed after %.3fs", time.monotonic() - started)
+        fail(error, EXIT_CODES.get(kind, 1))
+    if invoke is not None and outcome.get("returns") is not None:
+        click.echo(" ".join(str(v) for v in outcome["returns"]))
+    sys.exit(int(outcome.get("exit_code") or 0))
+
+
+if __name__ == "__main__":
+    main()

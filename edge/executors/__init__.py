@@ -1,0 +1,1 @@
+"""Job executors: each backend its own module, imported only on machines that have it."""

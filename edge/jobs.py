@@ -1,0 +1,124 @@
+# The node's job state machine: assignment -> accepted -> running -> completed | failed.
+#
+# Duplicates are harmless: an assignment seen before is ignored, or its cached result is sent
+# again if the hub missed it. The executor is passed in (submit/poll/cancel), so this module runs
+# on MicroPython with whatever executor the board has.
+
+from edge import compat, protocol
+
+RESULT_CACHE = 16  # finished results kept to answer a re-sent assignment
+
+
+class JobRunner:
+    def __init__(self, node_id, secret, executor, publish, slots=1, log=None):
+        self.node_id = node_id
+        self.secret = secret
+        self.executor = executor
+        self.publish = publish  # publish(kind, msg): the session sends it on our topics
+        self.slots = slots
+        self.log = log or (lambda *a: None)
+        self.running = {}  # job_id -> {"attempt", "handle"}
+        self.done = []  # [(job_id, attempt, result msg)], oldest first
+        self.completed = 0
+        self.failed = 0
+
+    def busy(self):
+        return len(self.running) >= self.slots
+
+    def running_ids(self):
+        return list(self.running.keys())
+
+    def _cached(self, job_id, attempt):
+        for jid, att, msg in self.done:
+            if jid == job_id and att == attempt:
+                return msg
+        return None
+
+    def _event(self, job_id, attempt, state, detail=None):
+        self.publish(protocol.EVENT, protocol.event(self.node_id, job_id, attempt, state, detail))
+
+    def on_assign(self, msg):
+        job_id = msg.get("job_id")
+        attempt = msg.get("attempt")
+        if not isinstance(job_id, str) or not isinstance(attempt, int):
+            self.log("assignment without job_id/attempt dropped")
+            return "dropped"
+        cached = self._cached(job_id, attempt)
+        if cached is not None:
+            self.publish(protocol.RESULT, cached)
+            return "resent"
+        current = self.running.get(job_id)
+        if current is not None and current["attempt"] == attempt:
+            return "duplicate"
+        if self.busy():
+            self._event(job_id, attempt, protocol.REJECTED, "node busy")
+            return "rejected"
+        engine = msg.get("engine") or {}
+        if engine.get("type") not in self.executor.engines:
+            self._event(job_id, attempt, protocol.REJECTED, "engine not available here")
+            return "rejected"
+        try:
+            module = compat.b64decode(msg.get("module_b64") or "")
+            stdin = compat.b64decode(msg.get("stdin_b64") or "")
+        except Exception:
+            return self._finish_now(job_id, attempt, "invalid module: not base64")
+        if compat.hexlify(compat.sha256(module).digest()) != msg.get("module_sha256"):
+            return self._finish_now(job_id, attempt, "invalid module: sha256 does not match")
+        job = {
+            "job_id": job_id,
+            "module": module,
+            "entrypoint": engine.get("entrypoint") or "_start",
+            "args": engine.get("args") or [],
+            "env": engine.get("env") or {},
+            "stdin": stdin,
+            "timeout_s": msg.get("timeout_s") or 60,
+            "memory_mb": msg.get("memory_mb") or 64,
+        }
+        self._event(job_id, attempt, protocol.ACCEPTED)
+        handle = self.executor.submit(job)
+        self.running[job_id] = {"attempt": attempt, "handle": handle}
+        self._event(job_id, attempt, protocol.RUNNING)
+        self.log("job " + job_id + " running")
+        return "accepted"
+
+    def _finish_now(self, job_id, attempt, error):
+        outcome = {"status": "failed", "exit_code": None, "error": error, "wall_ms": 0, "cpu_ms": 0}
+        self._finish(job_id, attempt, outcome)
+        return "failed"
+
+    def _finish(self, job_id, attempt, outcome):
+        msg = protocol.result(self.node_id, self.secret, job_id, attempt, outcome)
+        self.done.append((job_id, attempt, msg))
+        if len(self.done) > RESULT_CACHE:
+            self.done.pop(0)
+        if msg["state"] == protocol.COMPLETED:
+            self.completed += 1
+        else:
+            self.failed += 1
+        self.publish(protocol.RESULT, msg)
+        detail = (": " + msg["error"]) if msg["error"] else ""
+        self.log("job " + job_id + " " + msg["state"] + detail)
+
+    def on_cancel(self, msg):
+        job_id = msg.get("job_id")
+        current = self.running.pop(job_id, None)
+        if current is None:
+            return "unknown"
+        self.executor.cancel(current["handle"])
+        self._event(job_id, current["attempt"], protocol.CANCELLED)
+        return "cancelled"
+
+    def poll(self):
+        """Collect finished jobs; returns how many finished."""
+        finished = 0
+        for job_id in list(self.running.keys()):
+            current = self.running[job_id]
+            outcome = self.executor.poll(current["handle"])
+            if outcome is None:
+                continue
+            del self.running[job_id]
+            finished += 1
+            if outcome.get("status") == "cancelled":
+                continue
+            self._finish(job_id, current["attempt"], outcome)
+        return finished

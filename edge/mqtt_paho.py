@@ -1,0 +1,115 @@
+"""MQTT adapter for CPython nodes: paho-mqtt behind the small interface edge/session.py uses.
+
+paho runs its network loop in a thread and reconnects on its own; this adapter re-subscribes
+after a reconnect and tells the session (reconnected()) so it announces itself again. QoS 1
+messages published while the broker is away are queued by paho and sent on reconnect.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from urllib.parse import urlsplit
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+
+class PahoMqtt:
+    def __init__(self, url: str, connect_timeout_s: float = 30.0) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("mqtt", "tcp") or not parts.hostname:
+            raise ValueError(f"MQTT URL must look like mqtt://host:port, got {url!r}")
+        self.host = parts.hostname
+        self.port = parts.port or 1883
+        self.connect_timeout_s = connect_timeout_s
+        self._inbox: collections.deque[tuple[str, bytes]] = collections.deque()
+        self._subs: list[str] = []
+        self._connected = threading.Event()
+        self._connects = 0
+        self._seen_connects = 0
+        self._lock = threading.Lock()
+        self.client: mqtt.Client | None = None
+
+    def connect(self, client_id, username, password, will_topic, will_payload):  # type: ignore[no-untyped-def]
+        c = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            clean_session=True,
+        )
+        if username:
+            c.username_pw_set(username, password)
+        c.will_set(will_topic, will_payload, qos=1, retain=True)
+        c.reconnect_delay_set(min_delay=1, max_delay=30)
+        c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
+        c.on_message = self._on_message
+        self.client = c
+        deadline = time.monotonic() + self.connect_timeout_s
+        while True:
+            try:
+                c.connect(self.host, self.port, keepalive=30)
+                break
+            except OSError as e:
+                if time.monotonic() > deadline:
+                    raise ConnectionError(
+                        f"cannot reach the MQTT broker at {self.host}:{self.port}: {e}"
+                    ) from e
+                time.sleep(0.5)
+        c.loop_start()
+        if not self._connected.wait(max(1.0, deadline - time.monotonic())):
+            raise ConnectionError(f"the MQTT broker at {self.host}:{self.port} refused us")
+        with self._lock:
+            self._seen_connects = self._connects
+
+    def _on_connect(self, client, _userdata, _flags, rc, _props):  # type: ignore[no-untyped-def]
+        if rc.is_failure:
+            return
+        for topic in self._subs:
+            client.subscribe(topic, qos=1)
+        with self._lock:
+            self._connects += 1
+        self._connected.set()
+
+    def _on_disconnect(self, *_args):  # type: ignore[no-untyped-def]
+        self._connected.clear()
+
+    def _on_message(self, _client, _userdata, msg):  # type: ignore[no-untyped-def]
+        self._inbox.append((msg.topic, bytes(msg.payload)))
+
+    def subscribe(self, topic: str) -> None:
+        self._subs.append(topic)
+        assert self.client is not None
+        self.client.subscribe(topic, qos=1)
+
+    def publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
+        assert self.client is not None
+        self.client.publish(topic, payload, qos=qos, retain=retain)
+
+    def poll(self) -> list[tuple[str, bytes]]:
+        out = []
+        while self._inbox:
+            out.append(self._inbox.popleft())
+        return out
+
+    def wait(self, timeout_s: float) -> None:
+        """Sleep until a message arrives or timeout_s passes (keeps the node loop cheap)."""
+        deadline = time.monotonic() + timeout_s
+        while not self._inbox and time.monotonic() < deadline:
+            time.sleep(0.005)
+
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def reconnected(self) -> bool:
+        with self._lock:
+            if self._connects > self._seen_connects:
+                self._seen_connects = self._connects
+                return True
+        return False
+
+    def disconnect(self) -> None:
+        if self.client is not None:
+            self.client.disconnect()
+            self.client.loop_stop()

@@ -1,0 +1,244 @@
+# The wire contract between nodes, agents and the hub: topics, message shapes, signing.
+#
+# This is the one module of edge/ the hub imports, so both sides speak one definition.
+# It stays in the MicroPython subset: no typing, no dataclasses, no f-string tricks.
+# docs/protocol.md is the prose version of this file; change both together.
+
+from edge import compat
+
+VERSION = 1
+PREFIX = "dp/v1"
+
+# Node -> hub (a node may publish only under its own nodes/<id>/ prefix).
+HELLO = "hello"  # QoS 1: capabilities, once per connection
+HEARTBEAT = "heartbeat"  # QoS 0: state + offered resources, every interval
+STATUS = "status"  # QoS 1, retained: online/offline (the last will says offline)
+EVENT = "event"  # QoS 1: a job changed state on this node
+RESULT = "result"  # QoS 1: a job's signed result
+NODE_OUT = (HELLO, HEARTBEAT, STATUS, EVENT, RESULT)
+
+# Hub -> node.
+ASSIGN = "assign"  # QoS 1: run this job
+CANCEL = "cancel"  # QoS 1: stop this job
+NODE_IN = (ASSIGN, CANCEL)
+
+# Agent <-> hub.
+SUBMIT = "submit"  # agent -> hub, QoS 1
+REPLY = "reply"  # hub -> agent, QoS 1
+
+# Node states reported in heartbeats.
+IDLE = "idle"
+BUSY = "busy"
+SUSPENDED = "suspended"
+OFFLINE = "offline"
+ONLINE = "online"
+
+# Job events a node reports, in order.
+ACCEPTED = "accepted"
+RUNNING = "running"
+COMPLETED = "completed"
+FAILED = "failed"
+CANCELLED = "cancelled"
+REJECTED = "rejected"  # the node cannot take it (busy, engine missing); the hub requeues
+
+# Payload size limits the hub enforces (bytes); larger messages are logged and dropped.
+MAX_HEARTBEAT = 16 * 1024
+MAX_EVENT = 16 * 1024
+MAX_RESULT = 2 * 1024 * 1024
+MAX_SUBMIT = 8 * 1024 * 1024
+
+
+def node_topic(node_id, kind):
+    return PREFIX + "/nodes/" + node_id + "/" + kind
+
+
+def agent_topic(agent_id, kind):
+    return PREFIX + "/agents/" + agent_id + "/" + kind
+
+
+def parse_topic(topic):
+    """Split 'dp/v1/nodes/<id>/<kind>' into ('nodes', id, kind); None when foreign."""
+    parts = topic.split("/")
+    if len(parts) != 5 or parts[0] + "/" + parts[1] != PREFIX:
+        return None
+    if parts[2] not in ("nodes", "agents") or not parts[3]:
+        return None
+    return parts[2], parts[3], parts[4]
+
+
+def encode(msg):
+    return compat.json_dumps(msg)
+
+
+def decode(payload):
+    """Bytes -> dict; raises ValueError naming the problem."""
+    try:
+        msg = compat.json_loads(payload)
+    except Exception as e:  # MicroPython raises plain ValueError, CPython JSONDecodeError
+        raise ValueError("payload is not JSON: " + str(e))
+    if not isinstance(msg, dict):
+        raise ValueError("payload must be a JSON object")
+    return msg
+
+
+# --- node -> hub -------------------------------------------------------------
+
+
+def hello(node_id, engines, resources, version, running=()):
+    """running: jobs still running from before a reconnect (the hub requeues the others)."""
+    return {
+        "v": VERSION,
+        "node_id": node_id,
+        "engines": list(engines),
+        "resources": resources,
+        "version": version,
+        "running": list(running),
+    }
+
+
+def heartbeat(node_id, seq, state, resources, running):
+    """resources: {"cpu": cores offered, "memory_mb": RAM offered, "gpu": n, "load": 0..1}"""
+    return {
+        "v": VERSION,
+        "node_id": node_id,
+        "seq": seq,
+        "ts": compat.time_ms(),
+        "state": state,
+        "resources": resources,
+        "running": list(running),
+    }
+
+
+def status(node_id, state):
+    return {"v": VERSION, "node_id": node_id, "state": state}
+
+
+def event(node_id, job_id, attempt, state, detail=None):
+    msg = {
+        "v": VERSION,
+        "node_id": node_id,
+        "job_id": job_id,
+        "attempt": attempt,
+        "state": state,
+        "ts": compat.time_ms(),
+    }
+    if detail:
+        msg["detail"] = detail
+    return msg
+
+
+def result_digest(stdout, returns):
+    """sha256 hex over what the job produced: its stdout, then its returned values."""
+    h = compat.sha256(stdout)
+    if returns:
+        h.update(b"\x00" + ",".join([str(r) for r in returns]).encode())
+    return compat.hexlify(h.digest())
+
+
+def signing_string(job_id, attempt, node_id, state, exit_code, digest, wall_ms, cpu_ms):
+    # A fixed field order instead of canonical JSON: both interpreters build it the same way.
+    return "|".join(
+        [
+            "v1",
+            job_id,
+            str(attempt),
+            node_id,
+            state,
+            str(exit_code),
+            digest,
+            str(wall_ms),
+            str(cpu_ms),
+        ]
+    ).encode()
+
+
+def result(node_id, secret, job_id, attempt, outcome):
+    """Build the signed result message from an executor outcome dict.
+
+    outcome: {"status", "exit_code", "stdout" (bytes), "stderr" (bytes), "returns",
+    "error", "wall_ms", "cpu_ms"}.
+    """
+    stdout = outcome.get("stdout") or b""
+    returns = outcome.get("returns")
+    state = COMPLETED if outcome["status"] == COMPLETED else FAILED
+    exit_code = outcome.get("exit_code")
+    if exit_code is None:
+        exit_code = -1
+    wall_ms = int(outcome.get("wall_ms") or 0)
+    cpu_ms = int(outcome.get("cpu_ms") or 0)
+    digest = result_digest(stdout, returns)
+    sig = compat.hmac_sha256_hex(
+        secret,
+        signing_string(job_id, attempt, node_id, state, exit_code, digest, wall_ms, cpu_ms),
+    )
+    return {
+        "v": VERSION,
+        "node_id": node_id,
+        "job_id": job_id,
+        "attempt": attempt,
+        "state": state,
+        "exit_code": exit_code,
+        "stdout_b64": compat.b64encode(stdout),
+        "stderr_b64": compat.b64encode(outcome.get("stderr") or b""),
+        "returns": returns,
+        "error": outcome.get("error"),
+        "wall_ms": wall_ms,
+        "cpu_ms": cpu_ms,
+        "digest": digest,
+        "sig": sig,
+    }
+
+
+def verify_result(secret, msg, stdout):
+    """True when msg's digest matches stdout/returns and its HMAC matches secret."""
+    digest = result_digest(stdout, msg.get("returns"))
+    if digest != msg.get("digest"):
+        return False
+    expected = compat.hmac_sha256_hex(
+        secret,
+        signing_string(
+            msg["job_id"],
+            msg["attempt"],
+            msg["node_id"],
+            msg["state"],
+            msg["exit_code"],
+            digest,
+            msg["wall_ms"],
+            msg["cpu_ms"],
+        ),
+    )
+    return compat.compare_digest(expected, msg.get("sig") or "")
+
+
+# --- hub -> node -------------------------------------------------------------
+
+
+def assign(job_id, attempt, engine, module_b64, module_sha256, stdin_b64, timeout_s, memory_mb):
+    """engine: {"type": "wasm", "entrypoint", "args", "env"}."""
+    return {
+        "v": VERSION,
+        "job_id": job_id,
+        "attempt": attempt,
+        "engine": engine,
+        "module_b64": module_b64,
+        "module_sha256": module_sha256,
+        "stdin_b64": stdin_b64,
+        "timeout_s": timeout_s,
+        "memory_mb": memory_mb,
+    }
+
+
+def cancel(job_id, attempt):
+    return {"v": VERSION, "job_id": job_id, "attempt": attempt}
+
+
+# --- agent <-> hub -----------------------------------------------------------
+
+
+def submit(request_id, token, spec):
+    """An agent's job submission; token is the agent's API token (checked by the hub)."""
+    return {"v": VERSION, "request_id": request_id, "token": token, "spec": spec}
+
+
+def reply(request_id, ok, body):
+    return {"v": VERSION, "request_id": request_id, "ok": ok, "body": body}

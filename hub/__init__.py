@@ -1,0 +1,1 @@
+"""DEparrow hub: REST API, credit ledger, scheduler, MQTT bridge, dashboard."""

@@ -1,0 +1,339 @@
+"""REST API v1: request decoding, auth checks, and the mapping of domain errors to statuses.
+
+Handlers stay thin: they decode with msgspec, call the ledger/jobs/store, and encode views.
+Domain errors become HTTP statuses only here.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import msgspec
+from aiohttp import web
+
+from hub import auth, openapi
+from hub.auth import AuthError, Identity
+from hub.jobs import JobError, JobNotFound, NotAllowed, wallet_of
+from hub.ledger import InsufficientFunds, LedgerError, format_micro
+from hub.models import (
+    BlobView,
+    CreateUser,
+    EnrollmentTokenView,
+    EnrollRequest,
+    EnrollResponse,
+    JobSpec,
+    MqttCredentials,
+    SubmitResponse,
+    TokenRequest,
+    TokenResponse,
+    UserCreated,
+    WalletView,
+    error_field,
+)
+
+T = TypeVar("T")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _services(request: web.Request) -> Any:
+    from hub.app import SERVICES
+
+    return request.app[SERVICES]
+
+
+def json_response(obj: Any, status: int = 200) -> web.Response:
+    return web.Response(
+        body=msgspec.json.encode(obj), status=status, content_type="application/json"
+    )
+
+
+def error(status: int, message: str, **extra: Any) -> web.Response:
+    body = {"error": message}
+    body.update({k: v for k, v in extra.items() if v is not None})
+    return json_response(body, status)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except AuthError as e:
+        return error(401, str(e))
+    except InsufficientFunds as e:
+        return error(402, str(e), shortfall=format_micro(e.shortfall))
+    except JobNotFound as e:
+        return error(404, str(e))
+    except NotAllowed as e:
+        return error(403, str(e))
+    except JobError as e:
+        return error(400, str(e), field=e.field)
+    except LedgerError as e:
+        return error(400, str(e))
+    except msgspec.ValidationError as e:
+        return error(400, f"invalid request: {e}", field=error_field(str(e)))
+    except msgspec.DecodeError as e:
+        return error(400, f"request body is not valid JSON: {e}")
+
+
+async def decode_body(request: web.Request, type_: type[T]) -> T:
+    body = await request.read()
+    if not body:
+        raise msgspec.ValidationError("request body is empty; send a JSON object")
+    return msgspec.json.decode(body, type=type_)
+
+
+def identity(request: web.Request) -> Identity:
+    services = _services(request)
+    return auth.verify(
+        services.config.jwt_secret, auth.bearer(request.headers.get("Authorization"))
+    )
+
+
+def require_admin(request: web.Request) -> Identity:
+    who = identity(request)
+    if not who.is_admin:
+        raise NotAllowed("only an admin may do this")
+    return who
+
+
+# --- auth and users -------------------------------------------------------------------
+async def exchange_token(request: web.Request) -> web.Response:
+    services = _services(request)
+    req = await decode_body(request, TokenRequest)
+    user = services.store.user_by_token(req.token)
+    if user is None:
+        raise AuthError("unknown API token")
+    token, exp = auth.issue(
+        services.config.jwt_secret, user["id"], user["role"], services.config.jwt_ttl_s
+    )
+    return json_response(TokenResponse(jwt=token, expires_at=exp, user=user["id"],
+                                       role=user["role"]))
+
+
+async def create_user(request: web.Request) -> web.Response:
+    require_admin(request)
+    req = await decode_body(request, CreateUser)
+    user_id, token, grant = _services(request).create_user(req.name, req.role)
+    return json_response(
+        UserCreated(id=user_id, name=req.name, role=req.role, token=token,
+                    welcome_grant=format_micro(grant)),
+        201,
+    )
+
+
+# --- wallet ---------------------------------------------------------------------------
+async def wallet(request: web.Request) -> web.Response:
+    who = identity(request)
+    services = _services(request)
+    account = wallet_of(who.user_id)
+    balance = services.ledger.balance(account)
+    held = services.ledger.held_for(account)
+    return json_response(WalletView(owner=who.user_id, balance=format_micro(balance),
+                                    held=format_micro(held), balance_micro=balance,
+                                    held_micro=held))
+
+
+# --- blobs and jobs -------------------------------------------------------------------
+async def upload_blob(request: web.Request) -> web.Response:
+    identity(request)
+    services = _services(request)
+    data = await request.read()
+    limit = services.config.max_module_bytes
+    if not data:
+        return error(400, "empty upload: send the file's bytes as the request body")
+    if len(data) > limit:
+        return error(413, f"upload of {len(data)} bytes is over the {limit}-byte limit")
+    digest = services.store.put_blob(data)
+    return json_response(BlobView(ref="sha256:" + digest, size=len(data)), 201)
+
+
+async def submit_job(request: web.Request) -> web.Response:
+    who = identity(request)
+    services = _services(request)
+    spec = await decode_body(request, JobSpec)
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not (0 < len(key) <= 128):
+        return error(400, "Idempotency-Key must be 1 to 128 characters", field="Idempotency-Key")
+    job = services.jobs.submit(who.user_id, spec, submit_key=key)
+    if services.bridge is not None:
+        services.bridge.dispatch()
+    from hub import views
+
+    views.notify(request.app, "job", {"id": job["id"], "state": job["state"]})
+    return json_response(
+        SubmitResponse(id=job["id"], state=job["state"], hold=format_micro(int(job["hold"])),
+                       max_price=format_micro(int(job["hold"]))),
+        201,
+    )
+
+
+def _own_job(request: web.Request) -> Any:
+    who = identity(request)
+    services = _services(request)
+    job_id = request.match_info["job_id"]
+    job = services.store.job(job_id)
+    if job is None:
+        raise JobNotFound(f"no job {job_id}")
+    if job["owner"] != who.user_id and not who.is_admin:
+        raise NotAllowed(f"job {job_id} is not yours")
+    return job
+
+
+async def get_job(request: web.Request) -> web.Response:
+    job = _own_job(request)
+    # Re-read after the check so a result that just landed is included.
+    return json_response(_services(request).jobs.view(job))
+
+
+async def list_jobs(request: web.Request) -> web.Response:
+    who = identity(request)
+    services = _services(request)
+    state = request.query.get("state")
+    try:
+        limit = min(500, max(1, int(request.query.get("limit", "50"))))
+    except ValueError:
+        return error(400, "limit must be an integer", field="limit")
+    owner = None if who.is_admin and request.query.get("all") == "1" else who.user_id
+    rows = services.store.jobs(owner=owner, state=state, limit=limit)
+    return json_response({"jobs": [services.jobs.view(r) for r in rows]})
+
+
+async def cancel_job(request: web.Request) -> web.Response:
+    who = identity(request)
+    services = _services(request)
+    job, node = services.jobs.cancel(who.user_id, request.match_info["job_id"], who.is_admin)
+    if node and services.bridge is not None:
+        services.bridge.cancel_on_node(node, job["id"], int(job["attempt"]))
+    return json_response(services.jobs.view(job))
+
+
+# --- nodes ----------------------------------------------------------------------------
+def _public_mqtt_url(request: web.Request) -> str:
+    services = _services(request)
+    if services.config.mqtt_public_url:
+        return str(services.config.mqtt_public_url)
+    parts = urlsplit(services.mqtt_url)
+    host = parts.hostname or "127.0.0.1"
+    if host in ("0.0.0.0", "::", "127.0.0.1", "localhost"):
+        # Tell the node to reach the broker the way it reached us.
+        host = request.url.host or host
+    return f"mqtt://{host}:{parts.port or 1883}"
+
+
+async def create_enrollment_token(request: web.Request) -> web.Response:
+    who = identity(request)
+    services = _services(request)
+    token, exp = services.store.create_enrollment_token(
+        who.user_id, services.config.enrollment_ttl_s
+    )
+    hub_url = f"{request.url.scheme}://{request.url.host}:{request.url.port}"
+    return json_response(
+        EnrollmentTokenView(token=token, expires_at=int(exp),
+                            command=f"edge-run --hub {hub_url} --token {token}"),
+        201,
+    )
+
+
+async def enroll_node(request: web.Request) -> web.Response:
+    import time
+
+    services = _services(request)
+    req = await decode_body(request, EnrollRequest)
+    row = services.store.enrollment_token(req.token)
+    if row is None:
+        raise AuthError("unknown enrollment token: create one with 'deparrow node token'")
+    if row["used_by"] is not None:
+        raise AuthError("enrollment token was already used; create a new one")
+    if row["expires_at"] < time.time():
+        raise AuthError("enrollment token expired; create a new one")
+    password = secrets.token_urlsafe(24)
+    try:
+        node_id, secret = services.store.create_node(
+            token=req.token, owner=row["owner"], name=req.name, engines=req.engines,
+            arch=req.arch, cpu=req.cpu, memory_mb=req.memory_mb, mqtt_password=password,
+        )
+    except ValueError as e:
+        raise AuthError(str(e)) from None
+    services.ledger.open_account(wallet_of(row["owner"]), "wallet", row["owner"])
+    return json_response(
+        EnrollResponse(
+            node_id=node_id, node_secret=secret, owner=row["owner"],
+            mqtt=MqttCredentials(url=_public_mqtt_url(request), username=node_id,
+                                 password=password, client_id=node_id),
+            heartbeat_interval_s=services.config.heartbeat_interval_s,
+        ),
+        201,
+    )
+
+
+async def list_nodes(request: web.Request) -> web.Response:
+    who = identity(request)
+    services = _services(request)
+    owner = None if who.is_admin else who.user_id
+    from hub.views import node_view
+
+    return json_response({"nodes": [node_view(n) for n in services.store.nodes(owner)]})
+
+
+async def ledger_audit(request: web.Request) -> web.Response:
+    require_admin(request)
+    ledger = _services(request).ledger
+    audit = ledger.audit()
+    return json_response({
+        "balanced": audit.balanced,
+        "total": format_micro(audit.total),
+        "by_kind": {k: format_micro(v) for k, v in audit.by_kind.items()},
+        "mismatches": [m.account for m in audit.mismatches],
+        "negatives": [a for a, _ in audit.negatives],
+        "unbalanced_entries": list(audit.unbalanced_entries),
+        "stranded_holds": list(audit.stranded_holds),
+        "entries": audit.entries,
+        "accounts": [
+            {"id": a["id"], "kind": a["kind"], "owner": a["owner"],
+             "balance": format_micro(int(a["balance"]))}
+            for a in ledger.accounts()
+        ],
+    })
+
+
+# --- status ---------------------------------------------------------------------------
+async def status(request: web.Request) -> web.Response:
+    services = _services(request)
+    nodes = services.store.nodes()
+    online = [n for n in nodes if n["state"] != "offline"]
+    bridge = services.bridge
+    return json_response({
+        "hub": "ok",
+        "broker": {
+            "url": services.mqtt_url,
+            "connected": bool(bridge and bridge.connected),
+            "kind": services.broker.kind if services.broker else "external",
+        },
+        "nodes": {"total": len(nodes), "online": len(online)},
+        "version": 1,
+    })
+
+
+async def openapi_doc(request: web.Request) -> web.Response:
+    return json_response(openapi.document())
+
+
+def add_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_post("/api/v1/auth/token", exchange_token)
+    r.add_post("/api/v1/users", create_user)
+    r.add_get("/api/v1/wallet", wallet)
+    r.add_post("/api/v1/blobs", upload_blob)
+    r.add_post("/api/v1/jobs", submit_job)
+    r.add_get("/api/v1/jobs", list_jobs)
+    r.add_get("/api/v1/jobs/{job_id}", get_job)
+    r.add_post("/api/v1/jobs/{job_id}/cancel", cancel_job)
+    r.add_post("/api/v1/enrollment-tokens", create_enrollment_token)
+    r.add_post("/api/v1/nodes/enroll", enroll_node)
+    r.add_get("/api/v1/nodes", list_nodes)
+    r.add_get("/api/v1/ledger/audit", ledger_audit)
+    r.add_get("/api/v1/status", status)
+    r.add_get("/api/v1/openapi.json", openapi_doc)

@@ -1,0 +1,137 @@
+"""The hub application factory: services opened and closed in cleanup_ctx, routes in one place."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp_jinja2
+import jinja2
+from aiohttp import web
+
+from hub import api, views
+from hub.broker import ChildBroker, choose, free_port
+from hub.config import HubConfig
+from hub.db import Database
+from hub.jobs import Jobs, wallet_of
+from hub.ledger import MICRO, Ledger
+from hub.scheduler import Scheduler
+from hub.store import Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Services:
+    config: HubConfig
+    db: Database
+    store: Store
+    ledger: Ledger
+    jobs: Jobs
+    scheduler: Scheduler
+    bridge: Any = None  # hub.bridge.Bridge once connected
+    broker: ChildBroker | None = None
+    mqtt_url: str = ""
+    admin_token: str | None = None
+    listeners: list[Any] = field(default_factory=list)
+
+    def create_user(self, name: str, role: str) -> tuple[str, str, int]:
+        """A user and their wallet, with the welcome grant. Returns (id, token, grant µc)."""
+        user_id, token = self.store.create_user(name, role)
+        grant = self.config.welcome_grant_credits * MICRO
+        with self.db.transaction():
+            self.ledger.open_account(wallet_of(user_id), "wallet", user_id)
+            if grant > 0:
+                self.ledger.grant("welcome:" + user_id, wallet_of(user_id), grant, "welcome grant")
+        return user_id, token, grant
+
+
+SERVICES = web.AppKey("services", Services)
+
+
+def open_services(config: HubConfig) -> Services:
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    db = Database(config.db_path)
+    ledger = Ledger(db)
+    ledger.ensure_mint()
+    store = Store(db)
+    jobs = Jobs(config, db, store, ledger)
+    scheduler = Scheduler(config, store, jobs)
+    return Services(config, db, store, ledger, jobs, scheduler)
+
+
+def bootstrap_admin(services: Services) -> None:
+    """First start: create the admin user and keep its token in the data directory."""
+    if any(u["role"] == "admin" for u in services.store.users()):
+        path = services.config.admin_token_path
+        services.admin_token = path.read_text().strip() if path.exists() else None
+        return
+    _, token, _ = services.create_user("admin", "admin")
+    path = services.config.admin_token_path
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    services.admin_token = token
+    log.info("created the admin user; its API token is in %s", path)
+
+
+async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
+    from hub.bridge import Bridge  # paho is only needed once the hub really runs
+
+    services = app[SERVICES]
+    config = services.config
+    if config.mqtt_url is None:
+        kind = choose(config.broker)
+        port = config.broker_port or free_port(config.host)
+        services.broker = ChildBroker(kind, config.host, port, config.data_dir / "broker")
+        services.broker.start()
+        services.mqtt_url = services.broker.url
+    else:
+        services.mqtt_url = config.mqtt_url
+    bridge = Bridge(
+        services.mqtt_url,
+        services.store,
+        services.jobs,
+        services.scheduler,
+        tick_s=min(1.0, config.heartbeat_interval_s / 2),
+        on_change=lambda kind, data: views.notify(app, kind, data),
+    )
+    try:
+        await bridge.start()
+    except Exception:
+        if services.broker is not None:
+            services.broker.stop()
+        raise
+    services.bridge = bridge
+    bridge.resend_assignments()
+    try:
+        yield
+    finally:
+        await bridge.stop()
+        if services.broker is not None:
+            services.broker.stop()
+        services.db.close()
+
+
+def create_app(config: HubConfig, services: Services | None = None) -> web.Application:
+    config = config.with_secret()
+    app = web.Application(
+        middlewares=[api.error_middleware],
+        client_max_size=config.max_module_bytes * 2 + 1024 * 1024,
+    )
+    services = services or open_services(config)
+    bootstrap_admin(services)
+    app[SERVICES] = services
+    aiohttp_jinja2.setup(
+        app,
+        loader=jinja2.FileSystemLoader(str(Path(__file__).parent / "templates")),
+        autoescape=True,
+    )
+    api.add_routes(app)
+    views.add_routes(app)
+    app.cleanup_ctx.append(_services_ctx)
+    return app

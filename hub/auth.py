@@ -1,0 +1,63 @@
+"""Who is calling: API tokens are exchanged for short-lived JWTs, which every request carries.
+
+Roles: user, admin (issue 5 adds agent and node). Only the token's hash is stored.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import jwt
+
+ALGORITHM = "HS256"
+ISSUER = "deparrow-hub"
+
+
+class AuthError(Exception):
+    """Missing, malformed, expired or forged credentials; the message says which."""
+
+
+@dataclass(frozen=True)
+class Identity:
+    user_id: str
+    role: str
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+
+def issue(secret: str, user_id: str, role: str, ttl_s: int) -> tuple[str, int]:
+    now = int(time.time())
+    exp = now + ttl_s
+    token = jwt.encode(
+        {"sub": user_id, "role": role, "iat": now, "exp": exp, "iss": ISSUER},
+        secret,
+        algorithm=ALGORITHM,
+    )
+    return token, exp
+
+
+def verify(secret: str, token: str) -> Identity:
+    try:
+        claims = jwt.decode(
+            token, secret, algorithms=[ALGORITHM], issuer=ISSUER, options={"require": ["exp"]}
+        )
+    except jwt.ExpiredSignatureError:
+        raise AuthError("token expired: exchange your API token for a new one") from None
+    except jwt.InvalidTokenError as e:
+        raise AuthError(f"invalid token: {e}") from None
+    sub, role = claims.get("sub"), claims.get("role")
+    if not isinstance(sub, str) or not isinstance(role, str):
+        raise AuthError("invalid token: missing subject or role")
+    return Identity(sub, role)
+
+
+def bearer(header: str | None) -> str:
+    if not header:
+        raise AuthError("missing Authorization header: send 'Authorization: Bearer <jwt>'")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        raise AuthError("Authorization header must be 'Bearer <jwt>'")
+    return value.strip()

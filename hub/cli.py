@@ -1,0 +1,402 @@
+"""deparrow: run the hub, submit jobs, read wallets and nodes, run the demo.
+
+A thin layer over hub.client and hub.app: errors become one clear line and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from hub.client import Client, HubError
+from hub.config import HubConfig, default_data_dir
+
+DEFAULT_HUB = "http://127.0.0.1:8765"
+
+
+def _default_token() -> str | None:
+    path = default_data_dir() / "admin-token"
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def die(message: str, code: int = 1) -> NoReturn:
+    click.echo(f"deparrow: {message}", err=True)
+    sys.exit(code)
+
+
+def emit(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, sort_keys=True))
+
+
+class Ctx:
+    def __init__(self, hub: str, token: str | None) -> None:
+        self.hub = hub
+        self.token = token
+
+    def client(self) -> Client:
+        return Client(self.hub, self.token or _default_token())
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--hub", envvar="DEPARROW_HUB", default=DEFAULT_HUB, show_default=True,
+              help="Hub URL (env DEPARROW_HUB).")
+@click.option("--token", envvar="DEPARROW_TOKEN", default=None,
+              help="API token (env DEPARROW_TOKEN; default: the local hub's admin token).")
+@click.pass_context
+def main(ctx: click.Context, hub: str, token: str | None) -> None:
+    """DEparrow: idle machines run other people's WebAssembly jobs for credits."""
+    ctx.obj = Ctx(hub, token)
+
+
+def run_cli(fn: Any) -> Any:
+    """Turn HubError into one line on stderr."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except HubError as e:
+            extra = ""
+            if e.body.get("field"):
+                extra = f" (field: {e.body['field']})"
+            die(f"{e}{extra}", 1)
+
+    return wrapper
+
+
+# --- hub -------------------------------------------------------------------------------
+@main.command("hub")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8765, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Database, keys and broker files (default ~/.local/share/deparrow).")
+@click.option("--mqtt", "mqtt_url", default=None, metavar="mqtt://HOST:PORT",
+              help="Use this broker instead of starting one.")
+@click.option("--broker", type=click.Choice(["auto", "mosquitto", "embedded"]), default="auto",
+              show_default=True, help="Which broker to start when --mqtt is not given.")
+@click.option("--broker-port", default=1883, show_default=True, type=click.IntRange(0, 65535),
+              help="Port of the broker the hub starts (0: any free port).")
+@click.option("--mqtt-public-url", default=None, help="Broker URL to give nodes.")
+@click.option("--welcome-grant", default=100, show_default=True, type=click.IntRange(0),
+              help="Credits each new account receives.")
+@click.option("--heartbeat", default=5.0, show_default=True, type=click.FloatRange(0.1, 3600),
+              help="Seconds between node heartbeats.")
+@click.option("-v", "--verbose", is_flag=True)
+def hub_cmd(host: str, port: int, data_dir: Path | None, mqtt_url: str | None, broker: str,
+            broker_port: int, mqtt_public_url: str | None, welcome_grant: int,
+            heartbeat: float, verbose: bool) -> None:
+    """Run the hub: REST API, ledger, scheduler, MQTT bridge and web page."""
+    from aiohttp import web
+
+    from hub.app import SERVICES, create_app
+    from hub.bridge import parse_mqtt_url
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if mqtt_url:
+        try:
+            parse_mqtt_url(mqtt_url)
+        except ValueError as e:
+            die(str(e), 2)
+    config = HubConfig(
+        data_dir=data_dir or default_data_dir(), host=host, port=port, mqtt_url=mqtt_url,
+        broker=broker, broker_port=broker_port, mqtt_public_url=mqtt_public_url,
+        welcome_grant_credits=welcome_grant, heartbeat_interval_s=heartbeat,
+    )
+    try:
+        app = create_app(config)
+    except Exception as e:  # a database we cannot open, a disk we cannot write
+        die(f"cannot start the hub: {e}")
+    services = app[SERVICES]
+
+    async def announce(_app: web.Application) -> None:
+        url = f"http://{host}:{port}"
+        click.echo(f"DEparrow hub on {url}  (web page: {url}/)", err=True)
+        click.echo(f"  MQTT broker: {services.mqtt_url}"
+                   f" ({services.broker.kind if services.broker else 'external'})", err=True)
+        click.echo(f"  data: {config.data_dir}", err=True)
+        click.echo(f"  admin token: {config.admin_token_path}", err=True)
+        click.echo("  add a node:  deparrow node token   (prints the edge-run command)", err=True)
+
+    app.on_startup.append(announce)
+    try:
+        web.run_app(app, host=host, port=port, print=None, handle_signals=True)
+    except OSError as e:
+        die(f"cannot listen: {e}")
+    except (ConnectionError, RuntimeError) as e:
+        die(str(e))
+
+
+# --- jobs ------------------------------------------------------------------------------
+@main.group("job")
+def job_group() -> None:
+    """Submit jobs and read their results."""
+
+
+def _print_job(job: dict[str, Any]) -> None:
+    click.echo(f"job {job['id']}  {job['name']}  {job['state']}")
+    if job.get("node"):
+        click.echo(f"  node:   {job['node']} (attempt {job['attempt']})")
+    click.echo(f"  hold:   {job['hold']} credits" + (f", cost {job['cost']}" if job.get("cost")
+                                                      is not None else ""))
+    if job.get("reason"):
+        click.echo(f"  reason: {job['reason']}")
+    result = job.get("result")
+    if result:
+        if result.get("returns") is not None:
+            click.echo(f"  returns: {' '.join(str(v) for v in result['returns'])}")
+        if result.get("exit_code") is not None:
+            click.echo(f"  exit code: {result['exit_code']}")
+        if result.get("error"):
+            click.echo(f"  error:  {result['error']}")
+        if result.get("stdout"):
+            click.echo("  stdout:")
+            for line in result["stdout"].splitlines()[:50]:
+                click.echo("    " + line)
+        click.echo(f"  time:   {result['wall_ms']} ms wall, {result['cpu_ms']} ms CPU")
+
+
+def _ref(client: Client, value: str) -> str:
+    if value.startswith(("example:", "sha256:", "base64:")):
+        return value
+    try:
+        data = Path(value).read_bytes()
+    except OSError as e:
+        die(f"cannot read {value}: {e.strerror}", 66)
+    return client.upload(data)
+
+
+@job_group.command("run")
+@click.argument("module")
+@click.argument("args", nargs=-1)
+@click.option("--invoke", default=None, metavar="FUNC", help="Exported function to call.")
+@click.option("--input", "input_path", default=None, help="File for the job's stdin.")
+@click.option("--env", multiple=True, metavar="K=V")
+@click.option("--timeout", default=60, show_default=True, type=click.IntRange(1))
+@click.option("--cpu", default=1.0, show_default=True, type=float)
+@click.option("--memory", default=64, show_default=True, type=click.IntRange(1), help="MiB.")
+@click.option("--priority", type=click.Choice(["normal", "high"]), default="normal")
+@click.option("--name", default=None)
+@click.option("--wait", is_flag=True, help="Wait for the result and print it.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+@run_cli
+def job_run(obj: Ctx, module: str, args: tuple[str, ...], invoke: str | None,
+            input_path: str | None, env: tuple[str, ...], timeout: int, cpu: float, memory: int,
+            priority: str, name: str | None, wait: bool, as_json: bool) -> None:
+    """Submit MODULE (a .wasm file or example:NAME) to the network.
+
+    Arguments after `--` go to the job. The price is computed by the hub; the maximum is held
+    from your wallet until the job settles.
+    """
+    client = obj.client()
+    env_map = {}
+    for item in env:
+        k, sep, v = item.partition("=")
+        if not sep or not k:
+            die(f"--env {item!r} is not KEY=VALUE", 2)
+        env_map[k] = v
+    spec: dict[str, Any] = {
+        "name": name or Path(module.split(":")[-1]).stem,
+        "engine": {"type": "wasm", "module": _ref(client, module),
+                   "entrypoint": invoke or "_start", "args": list(args), "env": env_map},
+        "resources": {"cpu": cpu, "memory_mb": memory},
+        "timeout": timeout,
+        "priority": priority,
+    }
+    if input_path:
+        spec["input"] = _ref(client, input_path)
+    submitted = client.submit(spec)
+    if not wait:
+        if as_json:
+            emit(submitted)
+        else:
+            click.echo(f"submitted {submitted['id']}: {submitted['hold']} credits held")
+        return
+    if not as_json:
+        click.echo(f"submitted {submitted['id']}: {submitted['hold']} credits held; waiting…",
+                   err=True)
+    job = client.wait(submitted["id"], timeout_s=timeout + 120)
+    if as_json:
+        emit(job)
+    else:
+        _print_job(job)
+    if job["state"] != "completed":
+        sys.exit(1)
+
+
+@job_group.command("get")
+@click.argument("job_id")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+@run_cli
+def job_get(obj: Ctx, job_id: str, as_json: bool) -> None:
+    """Show a job: state, result, cost, node, timings."""
+    job = obj.client().job(job_id)
+    emit(job) if as_json else _print_job(job)
+
+
+@job_group.command("list")
+@click.option("--state", default=None)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+@run_cli
+def job_list(obj: Ctx, state: str | None, as_json: bool) -> None:
+    """My jobs, newest first."""
+    jobs = obj.client().jobs(state=state)
+    if as_json:
+        emit(jobs)
+        return
+    if not jobs:
+        click.echo("no jobs")
+    for j in jobs:
+        click.echo(f"{j['id']}  {j['state']:<10} {j['name']:<16} cost {j['cost'] or '-'}")
+
+
+@job_group.command("cancel")
+@click.argument("job_id")
+@click.pass_obj
+@run_cli
+def job_cancel(obj: Ctx, job_id: str) -> None:
+    """Cancel a job and release its hold (safe to repeat)."""
+    job = obj.client().cancel(job_id)
+    click.echo(f"job {job['id']} {job['state']}")
+
+
+# --- wallet, nodes, users, status ------------------------------------------------------
+@main.command("wallet")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+@run_cli
+def wallet_cmd(obj: Ctx, as_json: bool) -> None:
+    """My balance and the credits held for running jobs."""
+    w = obj.client().wallet()
+    if as_json:
+        emit(w)
+    else:
+        click.echo(f"balance: {w['balance']} credits ({w['held']} held for jobs)")
+
+
+@main.group("node")
+def node_group() -> None:
+    """Nodes: list them, create enrollment tokens."""
+
+
+@node_group.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+@run_cli
+def node_list(obj: Ctx, as_json: bool) -> None:
+    """Nodes I own (all nodes for an admin)."""
+    nodes = obj.client().nodes()
+    if as_json:
+        emit(nodes)
+        return
+    if not nodes:
+        click.echo("no nodes; add one with: deparrow node token")
+    for n in nodes:
+        click.echo(f"{n['id']}  {n['state']:<8} {n['name']:<20} {n['cpu']:g} CPU "
+                   f"{n['memory_mb']} MB  earned {n['earned']}")
+
+
+@node_group.command("token")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+@run_cli
+def node_token(obj: Ctx, as_json: bool) -> None:
+    """Create a single-use enrollment token and print the edge-run command that uses it."""
+    t = obj.client().enrollment_token()
+    if as_json:
+        emit(t)
+    else:
+        click.echo(t["command"])
+
+
+@main.group("user")
+def user_group() -> None:
+    """Users (admin)."""
+
+
+@user_group.command("create")
+@click.argument("name")
+@click.option("--admin", is_flag=True, help="Give the user the admin role.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+@run_cli
+def user_create(obj: Ctx, name: str, admin: bool, as_json: bool) -> None:
+    """Create a user and print its API token (shown once)."""
+    u = obj.client().create_user(name, "admin" if admin else "user")
+    if as_json:
+        emit(u)
+    else:
+        click.echo(f"user {u['id']} ({u['name']}), welcome grant {u['welcome_grant']} credits")
+        click.echo(f"token: {u['token']}")
+
+
+@main.command("status")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def status_cmd(obj: Ctx, as_json: bool) -> None:
+    """Is everything up? One line per check; exit 1 when any fails."""
+    client = obj.client()
+    report: dict[str, Any] = {"hub": obj.hub}
+    ok = True
+    lines = []
+    try:
+        st = client.status()
+        lines.append(f"ok    hub reachable at {obj.hub}")
+        report["hub_ok"] = True
+        broker = st["broker"]
+        report["broker"] = broker
+        if broker["connected"]:
+            lines.append(f"ok    broker reachable at {broker['url']} ({broker['kind']})")
+        else:
+            ok = False
+            lines.append(f"FAIL  broker at {broker['url']} is not connected to the hub")
+        report["nodes"] = st["nodes"]
+        lines.append(f"ok    nodes online: {st['nodes']['online']} of {st['nodes']['total']}")
+    except HubError as e:
+        ok = False
+        report["hub_ok"] = False
+        lines.append(f"FAIL  hub: {e}")
+    if report.get("hub_ok"):
+        try:
+            w = client.wallet()
+            report["wallet"] = w
+            lines.append(f"ok    my balance: {w['balance']} credits ({w['held']} held)")
+        except HubError as e:
+            ok = False
+            lines.append(f"FAIL  my balance: {e}")
+    report["ok"] = ok
+    if as_json:
+        emit(report)
+    else:
+        click.echo("\n".join(lines))
+    sys.exit(0 if ok else 1)
+
+
+@main.command("demo")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--keep", is_flag=True, help="Keep the temporary data directory.")
+@click.option("--broker", type=click.Choice(["auto", "mosquitto", "embedded"]), default="auto")
+def demo_cmd(as_json: bool, keep: bool, broker: str) -> None:
+    """Run the whole loop on this machine: a hub, two nodes, a user, the example jobs."""
+    from hub.demo import run_demo
+
+    ok = run_demo(as_json=as_json, keep=keep, broker=broker,
+                  echo=(lambda s: click.echo(s, err=True)) if as_json else click.echo)
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main(prog_name=os.path.basename(sys.argv[0]) or "deparrow")

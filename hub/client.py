@@ -1,0 +1,125 @@
+"""A small synchronous client for the hub's REST API, used by the CLI and the demo."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+
+class HubError(Exception):
+    """The hub answered with an error (status and message), or could not be reached."""
+
+    def __init__(self, message: str, status: int = 0, body: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = body or {}
+
+
+class Client:
+    def __init__(self, hub: str, token: str | None = None, timeout_s: float = 30.0) -> None:
+        self.hub = hub.rstrip("/")
+        self.token = token
+        self.timeout_s = timeout_s
+        self._jwt: str | None = None
+        self._jwt_exp = 0
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        raw: bytes | None = None,
+        auth: bool = True,
+        headers: dict[str, str] | None = None,
+    ) -> Any:
+        hdrs = dict(headers or {})
+        data = None
+        if raw is not None:
+            data = raw
+            hdrs["Content-Type"] = "application/octet-stream"
+        elif body is not None:
+            data = json.dumps(body).encode()
+            hdrs["Content-Type"] = "application/json"
+        if auth:
+            hdrs["Authorization"] = "Bearer " + self.jwt()
+        req = urllib.request.Request(self.hub + path, data=data, method=method, headers=hdrs)
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+                payload = resp.read()
+        except urllib.error.HTTPError as e:
+            try:
+                err = json.loads(e.read())
+            except ValueError:
+                err = {"error": str(e.reason)}
+            raise HubError(str(err.get("error") or e.reason), e.code, err) from None
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise HubError(f"cannot reach the hub at {self.hub}: {reason}") from None
+        return json.loads(payload) if payload else None
+
+    def jwt(self) -> str:
+        if self._jwt and time.time() < self._jwt_exp - 30:
+            return self._jwt
+        if not self.token:
+            raise HubError("no API token: pass --token or set DEPARROW_TOKEN")
+        answer = self.request("POST", "/api/v1/auth/token", {"token": self.token}, auth=False)
+        self._jwt, self._jwt_exp = answer["jwt"], int(answer["expires_at"])
+        return str(self._jwt)
+
+    # --- calls ---------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        result: dict[str, Any] = self.request("GET", "/api/v1/status", auth=False)
+        return result
+
+    def wallet(self) -> dict[str, Any]:
+        result: dict[str, Any] = self.request("GET", "/api/v1/wallet")
+        return result
+
+    def upload(self, data: bytes) -> str:
+        return str(self.request("POST", "/api/v1/blobs", raw=data)["ref"])
+
+    def submit(self, spec: dict[str, Any], idempotency_key: str | None = None) -> dict[str, Any]:
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
+        result: dict[str, Any] = self.request("POST", "/api/v1/jobs", spec, headers=headers)
+        return result
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.request("GET", f"/api/v1/jobs/{job_id}")
+        return result
+
+    def jobs(self, state: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        q = f"?limit={limit}" + (f"&state={state}" if state else "")
+        return list(self.request("GET", "/api/v1/jobs" + q)["jobs"])
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.request("POST", f"/api/v1/jobs/{job_id}/cancel")
+        return result
+
+    def nodes(self) -> list[dict[str, Any]]:
+        return list(self.request("GET", "/api/v1/nodes")["nodes"])
+
+    def enrollment_token(self) -> dict[str, Any]:
+        result: dict[str, Any] = self.request("POST", "/api/v1/enrollment-tokens")
+        return result
+
+    def create_user(self, name: str, role: str = "user") -> dict[str, Any]:
+        result: dict[str, Any] = self.request("POST", "/api/v1/users", {"name": name, "role": role})
+        return result
+
+    def wait(self, job_id: str, timeout_s: float = 300.0, poll_s: float = 0.1) -> dict[str, Any]:
+        """Poll until the job is completed, failed or cancelled."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            job = self.job(job_id)
+            if job["state"] in ("completed", "failed", "cancelled"):
+                return job
+            if time.monotonic() > deadline:
+                raise HubError(
+                    f"job {job_id} still {job['state']} after {timeout_s:g}s"
+                    + (f" ({job['reason']})" if job.get("reason") else "")
+                )
+            time.sleep(poll_s)

@@ -1,0 +1,59 @@
+"""Hub configuration: one frozen object built by the CLI (or a test) and handed to create_app."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(os.environ.get("DEPARROW_DATA", str(Path(base) / "deparrow")))
+
+
+@dataclass(frozen=True)
+class HubConfig:
+    data_dir: Path = field(default_factory=default_data_dir)
+    host: str = "127.0.0.1"
+    port: int = 8765
+    # None: the hub starts its own broker (Mosquitto when on PATH, else embedded amqtt).
+    mqtt_url: str | None = None
+    # What nodes are told to connect to; None derives it from the host a node used to reach us.
+    mqtt_public_url: str | None = None
+    broker: str = "auto"  # auto | mosquitto | embedded (only when mqtt_url is None)
+    broker_port: int = 1883  # where the hub's own broker listens (0: any free port)
+    jwt_secret: str = ""
+    jwt_ttl_s: int = 3600
+    welcome_grant_credits: int = 100
+    heartbeat_interval_s: float = 5.0
+    # A node missing this many beats is offline and its assigned jobs go back to the queue.
+    missed_beats_offline: int = 3
+    max_module_bytes: int = 4 * 1024 * 1024
+    max_input_bytes: int = 4 * 1024 * 1024
+    max_timeout_s: int = 24 * 3600
+    # Extra time past a job's timeout before the hub gives up waiting for a node's result.
+    result_grace_s: float = 30.0
+    enrollment_ttl_s: int = 24 * 3600
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "hub.sqlite"
+
+    @property
+    def admin_token_path(self) -> Path:
+        return self.data_dir / "admin-token"
+
+    def with_secret(self) -> HubConfig:
+        """Fill in a JWT secret that survives restarts (kept in the data directory)."""
+        if self.jwt_secret:
+            return self
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        path = self.data_dir / "jwt-secret"
+        if not path.exists():
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32))
+        secret = path.read_text().strip()
+        return HubConfig(**{**self.__dict__, "jwt_secret": secret})

@@ -1,0 +1,249 @@
+"""The hub's one SQLite connection: durable settings, explicit transactions, recorded migrations.
+
+One writer: every module of the hub shares this connection and writes only inside
+`transaction()`, which starts with BEGIN IMMEDIATE so the write lock is taken up front (a
+second process, such as the CLI, waits on busy_timeout instead of failing half-way).
+Transactions nest: an inner `transaction()` joins the outer one through a SAVEPOINT, so a
+service can wrap its own row updates and several ledger calls in one atomic unit, and an
+inner failure that the caller catches undoes only the inner part.
+
+Schema changes are migrations recorded per component (`ledger`, `store`, ...) in
+`schema_migrations`, so components number their migrations independently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+Params = Sequence[Any] | Mapping[str, Any]
+Migration = tuple[int, str, str]
+
+
+class MigrationError(Exception):
+    """The database's recorded schema does not match the migrations this code carries."""
+
+
+class TransactionConflict(RuntimeError):
+    """A transaction was entered from another task or thread while one was open.
+
+    The connection is shared, so the second caller would silently join (and could roll back)
+    the first one's transaction. It happens when code awaits inside `with db.transaction()`;
+    finish the database work before awaiting.
+    """
+
+
+def split_sql(script: str) -> list[str]:
+    """Split a SQL script into complete statements (trigger bodies stay whole).
+
+    `executescript` would commit any open transaction first, so migrations run their
+    statements one by one inside our own BEGIN IMMEDIATE instead.
+    """
+    statements: list[str] = []
+    buf = ""
+    for piece in script.split(";"):
+        buf += piece + ";"
+        if sqlite3.complete_statement(buf):
+            if _has_sql(buf):
+                statements.append(buf.strip())
+            buf = ""
+    if _has_sql(buf):
+        statements.append(buf.strip())
+    return statements
+
+
+def _has_sql(text: str) -> bool:
+    lines = [line.split("--", 1)[0] for line in text.splitlines()]
+    return bool("".join(lines).replace(";", "").strip())
+
+
+def _current_owner() -> tuple[int, object]:
+    try:
+        task: object = asyncio.current_task()
+    except RuntimeError:  # no running event loop in this thread
+        task = None
+    return threading.get_ident(), task
+
+
+class Database:
+    """The one SQLite connection of the hub. Rows come back as `sqlite3.Row`."""
+
+    def __init__(self, path: str | Path, *, busy_timeout_ms: int = 5000) -> None:
+        self.path = str(path)
+        # isolation_level=None: the sqlite3 module never opens transactions on its own; we
+        # issue BEGIN IMMEDIATE / SAVEPOINT ourselves. check_same_thread=False is safe because
+        # all writes happen on the hub's event-loop thread (enforced in transaction()).
+        self._conn = sqlite3.connect(
+            self.path,
+            isolation_level=None,
+            check_same_thread=False,
+            timeout=busy_timeout_ms / 1000,
+        )
+        self._conn.row_factory = sqlite3.Row
+        self._conn.execute("PRAGMA journal_mode = WAL")
+        self._conn.execute("PRAGMA synchronous = FULL")  # a commit survives power loss
+        self._conn.execute("PRAGMA foreign_keys = ON")
+        self._conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+        self._depth = 0
+        self._owner: tuple[int, object] | None = None
+        self._closed = False
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        return self._conn
+
+    @property
+    def in_transaction(self) -> bool:
+        return self._depth > 0
+
+    def __enter__(self) -> Database:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._conn.close()
+
+    # --- transactions -------------------------------------------------------------------
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK when the block raises.
+
+        Re-entrant: a nested call joins the outer transaction as a SAVEPOINT. Only the
+        outermost block commits; an exception leaving a nested block rolls back that block's
+        writes and propagates.
+        """
+        owner = _current_owner()
+        if self._depth == 0:
+            self._conn.execute("BEGIN IMMEDIATE")
+            self._depth, self._owner = 1, owner
+            try:
+                yield self._conn
+            except BaseException:
+                self._finish_outer("ROLLBACK")
+                raise
+            self._finish_outer("COMMIT")
+            return
+        if owner != self._owner:
+            raise TransactionConflict(
+                "a database transaction is already open in another task or thread; "
+                "do not await (or hand work to threads) inside `with db.transaction()`"
+            )
+        self._depth += 1
+        name = f"sp{self._depth}"
+        self._conn.execute(f"SAVEPOINT {name}")
+        try:
+            yield self._conn
+        except BaseException:
+            self._conn.execute(f"ROLLBACK TO {name}")
+            self._conn.execute(f"RELEASE {name}")
+            raise
+        else:
+            self._conn.execute(f"RELEASE {name}")
+        finally:
+            self._depth -= 1
+
+    def _finish_outer(self, statement: str) -> None:
+        try:
+            self._conn.execute(statement)
+        except BaseException:
+            # A failed COMMIT (disk full, I/O error) may leave the transaction open.
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+            raise
+        finally:
+            self._depth, self._owner = 0, None
+
+    # --- reads --------------------------------------------------------------------------
+    def query(self, sql: str, params: Params = ()) -> list[sqlite3.Row]:
+        rows: list[sqlite3.Row] = self._conn.execute(sql, params).fetchall()
+        return rows
+
+    def query_one(self, sql: str, params: Params = ()) -> sqlite3.Row | None:
+        row: sqlite3.Row | None = self._conn.execute(sql, params).fetchone()
+        return row
+
+    # --- migrations ---------------------------------------------------------------------
+    def migrate(self, component: str, migrations: Sequence[Migration]) -> list[int]:
+        """Apply the component's migrations above its recorded version; return those applied.
+
+        Each migration runs in its own transaction together with its record in
+        `schema_migrations`, so a failed migration leaves no trace and can be retried.
+        """
+        if not component or not isinstance(component, str):
+            raise MigrationError("a migration component needs a non-empty name")
+        last = 0
+        for version, _name, _sql in migrations:
+            if isinstance(version, bool) or not isinstance(version, int) or version <= last:
+                raise MigrationError(
+                    f"{component} migrations must have increasing positive integer versions;"
+                    f" got {version!r} after {last}"
+                )
+            last = version
+        known = {version: name for version, name, _sql in migrations}
+        with self.transaction() as c:
+            c.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " component TEXT NOT NULL,"
+                " version INTEGER NOT NULL,"
+                " name TEXT NOT NULL,"
+                " applied_at REAL NOT NULL,"
+                " PRIMARY KEY (component, version))"
+            )
+            recorded = self._recorded(component)
+        for version, name in recorded.items():
+            if version not in known:
+                raise MigrationError(
+                    f"the database has {component} migration {version} ({name!r}) that this"
+                    f" version of deparrow does not know; upgrade deparrow or use another"
+                    f" data directory"
+                )
+            if known[version] != name:
+                raise MigrationError(
+                    f"{component} migration {version} is recorded as {name!r} but this code"
+                    f" calls it {known[version]!r}; migrations must never be renumbered"
+                )
+        applied: list[int] = []
+        for version, name, sql in migrations:
+            if version in recorded:
+                continue
+            with self.transaction() as c:
+                # Re-check under the write lock: another process may have just applied it.
+                if version in self._recorded(component):
+                    continue
+                for statement in split_sql(sql):
+                    c.execute(statement)
+                c.execute(
+                    "INSERT INTO schema_migrations (component, version, name, applied_at)"
+                    " VALUES (?, ?, ?, ?)",
+                    (component, version, name, time.time()),
+                )
+            applied.append(version)
+        return applied
+
+    def _recorded(self, component: str) -> dict[int, str]:
+        rows = self.query(
+            "SELECT version, name FROM schema_migrations WHERE component = ? ORDER BY version",
+            (component,),
+        )
+        return {int(r["version"]): str(r["name"]) for r in rows}
+
+    def schema_version(self, component: str) -> int:
+        """The highest recorded migration of a component (0 when none)."""
+        try:
+            row = self.query_one(
+                "SELECT MAX(version) AS v FROM schema_migrations WHERE component = ?",
+                (component,),
+            )
+        except sqlite3.OperationalError:  # no migration ever ran here
+            return 0
+        return int(row["v"]) if row is not None and row["v"] is not None else 0

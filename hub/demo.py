@@ -1,0 +1,197 @@
+"""`deparrow demo`: the whole loop on one machine, checked.
+
+A hub on embedded defaults in a temporary directory, two edge nodes owned by one user, a
+second user who submits every example job; then each result is compared with its expected
+output, and the ledger is audited. Exit 0 only when every job is right and the books balance.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import wasm_jobs
+
+from hub.broker import free_port
+from hub.client import Client, HubError
+
+
+class Proc:
+    def __init__(self, name: str, cmd: list[str], log_path: Path) -> None:
+        self.name = name
+        self.log_path = log_path
+        with open(log_path, "ab") as log:
+            self.p = subprocess.Popen(
+                cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True
+            )
+
+    def alive(self) -> bool:
+        return self.p.poll() is None
+
+    def tail(self, n: int = 15) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.p.poll() is None:
+            self.p.send_signal(signal.SIGTERM)
+            try:
+                self.p.wait(10)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait(5)
+
+
+def _wait_for(what: str, check: Callable[[], bool], timeout_s: float, procs: list[Proc]) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for p in procs:
+            if not p.alive():
+                raise RuntimeError(f"{p.name} exited early:\n{p.tail()}")
+        try:
+            if check():
+                return
+        except HubError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"timed out waiting for {what}")
+
+
+def spec_for(name: str, entry: dict[str, Any]) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "name": name,
+        "engine": {"type": "wasm", "module": "example:" + name,
+                   "entrypoint": entry.get("entrypoint", "_start"),
+                   "args": [str(a) for a in entry.get("args", [])],
+                   "env": entry.get("env", {})},
+        "resources": {"cpu": 1, "memory_mb": 64},
+        "timeout": 30,
+    }
+    if entry.get("stdin"):
+        import base64
+
+        spec["input"] = "base64:" + base64.b64encode(
+            wasm_jobs.path(entry["stdin"]).read_bytes()).decode()
+    return spec
+
+
+def check_result(entry: dict[str, Any], job: dict[str, Any]) -> str | None:
+    """None when the job did what its manifest expects; else what differs."""
+    if job["state"] != "completed":
+        return f"state {job['state']}: {job.get('reason') or ''}"
+    expected = entry.get("expected", {})
+    result = job["result"] or {}
+    for key in ("stdout", "returns", "exit_code"):
+        if key in expected and expected[key] is not None and result.get(key) != expected[key]:
+            return f"{key} is {result.get(key)!r}, expected {expected[key]!r}"
+    return None
+
+
+def run_demo(as_json: bool, keep: bool, broker: str, echo: Callable[[str], None]) -> bool:
+    tmp = Path(tempfile.mkdtemp(prefix="deparrow-demo-"))
+    procs: list[Proc] = []
+    report: dict[str, Any] = {"jobs": [], "balances": {}, "ledger_balanced": False,
+                              "data_dir": str(tmp)}
+    ok = False
+    try:
+        port = free_port()
+        hub_url = f"http://127.0.0.1:{port}"
+        echo(f"starting a hub on {hub_url} (data in {tmp})")
+        hub = Proc("hub", [sys.executable, "-m", "hub.cli", "hub", "--port", str(port),
+                           "--data-dir", str(tmp / "hub"), "--broker", broker,
+                           "--broker-port", "0", "--heartbeat", "1"], tmp / "hub.log")
+        procs.append(hub)
+        token_path = tmp / "hub" / "admin-token"
+        admin = Client(hub_url, None)
+        _wait_for("the hub", lambda: token_path.exists() and admin.status()["broker"]["connected"],
+                  60, procs)
+        admin.token = token_path.read_text().strip()
+        status = admin.status()
+        report["broker"] = status["broker"]["kind"]
+        echo(f"hub up; MQTT broker: {status['broker']['kind']} at {status['broker']['url']}")
+
+        owner = admin.create_user("node-owner")
+        alice = admin.create_user("alice")
+        owner_client = Client(hub_url, owner["token"])
+        alice_client = Client(hub_url, alice["token"])
+        echo(f"users: alice ({alice['id']}, welcome grant {alice['welcome_grant']} credits), "
+             f"node-owner ({owner['id']})")
+        for i in (1, 2):
+            token = owner_client.enrollment_token()["token"]
+            procs.append(Proc(f"node {i}", [
+                sys.executable, "-m", "edge.cli", "--hub", hub_url, "--token", token,
+                "--name", f"demo-node-{i}", "--data-dir", str(tmp / f"node{i}"),
+            ], tmp / f"node{i}.log"))
+        _wait_for("two nodes online",
+                  lambda: sum(n["state"] != "offline" for n in owner_client.nodes()) == 2,
+                  60, procs)
+        echo("two nodes online")
+
+        examples = wasm_jobs.examples()
+        submitted = []
+        for name, entry in examples:
+            job = alice_client.submit(spec_for(name, entry))
+            submitted.append((name, entry, job["id"]))
+            echo(f"submitted {name:<8} {job['id']}  hold {job['hold']} credits")
+        all_right = True
+        for name, entry, job_id in submitted:
+            job = alice_client.wait(job_id, timeout_s=120)
+            problem = check_result(entry, job)
+            all_right &= problem is None
+            result = job.get("result") or {}
+            shown = (" ".join(map(str, result["returns"])) if result.get("returns") is not None
+                     else (result.get("stdout") or "").strip())
+            report["jobs"].append({
+                "id": job_id, "name": name, "state": job["state"], "node": job["node"],
+                "result": shown, "stdout": result.get("stdout"),
+                "returns": result.get("returns"), "exit_code": result.get("exit_code"),
+                "cost": job["cost"], "correct": problem is None, "problem": problem,
+            })
+            mark = "ok " if problem is None else "BAD"
+            echo(f"{mark} {name:<8} {job['state']:<9} on {job['node']}  cost {job['cost']}  "
+                 f"-> {shown[:70]}" + (f"  [{problem}]" if problem else ""))
+
+        nodes = owner_client.nodes()
+        report["nodes"] = [{"id": n["id"], "name": n["name"], "earned": n["earned"]}
+                           for n in nodes]
+        for n in nodes:
+            echo(f"node {n['name']} ({n['id']}) earned {n['earned']} credits")
+        audit = admin.request("GET", "/api/v1/ledger/audit")
+        for acct in audit["accounts"]:
+            report["balances"][acct["id"]] = acct["balance"]
+        report["balances_by_user"] = {
+            "alice": alice_client.wallet()["balance"],
+            "node-owner": owner_client.wallet()["balance"],
+        }
+        report["ledger_balanced"] = bool(audit["balanced"])
+        echo(f"balances: alice {report['balances_by_user']['alice']}, node-owner "
+             f"{report['balances_by_user']['node-owner']}, mint {report['balances'].get('mint')}")
+        echo("ledger " + ("balanced: all accounts sum to zero" if audit["balanced"]
+                          else f"NOT balanced: {audit}"))
+        ok = all_right and bool(audit["balanced"])
+    except (HubError, RuntimeError) as e:
+        report["error"] = str(e)
+        echo(f"demo failed: {e}")
+    finally:
+        for p in reversed(procs):
+            p.stop()
+        if not keep and ok:
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif not ok:
+            echo(f"logs kept in {tmp}")
+    report["ok"] = ok
+    if as_json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+    else:
+        echo("demo " + ("passed" if ok else "FAILED"))
+    return ok

@@ -1,0 +1,55 @@
+"""The credit rules in one place: what a job costs and what a node earns.
+
+Amounts are integer micro-credits (1 credit = 1,000,000 µc). docs/economy.md explains each
+rule with a worked example; change both together.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hub.ledger import MICRO
+
+SECONDS_PER_HOUR = 3600
+MILLI = 1000  # CPU is specified in milli-CPUs (1000 = one CPU-equivalent)
+
+
+@dataclass(frozen=True)
+class Rates:
+    cpu_credits_per_hour: int = 10  # paid to the node owner per CPU-equivalent hour
+    gpu_credits_per_hour: int = 50
+    uptime_credits_per_day: int = 100
+    referral_credits: int = 500
+    high_priority_multiplier: int = 2
+
+
+RATES = Rates()
+
+
+def _cpu_cost(cpu_milli: int, seconds: int, rates: Rates) -> int:
+    # Integer arithmetic, rounded down: 1 CPU for 1 s is 2777 µc at 10 credits/hour.
+    return cpu_milli * seconds * rates.cpu_credits_per_hour * MICRO // (MILLI * SECONDS_PER_HOUR)
+
+
+def billable_seconds(wall_ms: int, timeout_s: int) -> int:
+    """Pro rata by the second: started seconds count, never beyond the job's timeout."""
+    seconds = max(1, -(-wall_ms // 1000))
+    return min(seconds, timeout_s)
+
+
+def node_pay(cpu_milli: int, wall_ms: int, timeout_s: int, rates: Rates = RATES) -> int:
+    """What the node owner earns for running a job that used wall_ms of its time."""
+    return _cpu_cost(cpu_milli, billable_seconds(wall_ms, timeout_s), rates)
+
+
+def job_charge(
+    cpu_milli: int, wall_ms: int, timeout_s: int, priority: str, rates: Rates = RATES
+) -> int:
+    """What the submitter pays for actual use (high priority costs more)."""
+    mult = rates.high_priority_multiplier if priority == "high" else 1
+    return node_pay(cpu_milli, wall_ms, timeout_s, rates) * mult
+
+
+def max_price(cpu_milli: int, timeout_s: int, priority: str, rates: Rates = RATES) -> int:
+    """The hold placed at submission: the charge if the job ran for its whole timeout."""
+    return job_charge(cpu_milli, timeout_s * 1000, timeout_s, priority, rates)

@@ -1,0 +1,331 @@
+"""The job lifecycle: admission (price + hold), assignment, events, results, settlement.
+
+Each step is one database transaction that changes the job row and moves credits together,
+and each is idempotent: a duplicated MQTT message or a retried request finds the job already
+past that step and changes nothing. No aiohttp and no MQTT here: the API and the bridge call in.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import sqlite3
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import wasm_jobs
+
+from edge import protocol
+from hub import economy
+from hub.config import HubConfig
+from hub.db import Database
+from hub.ledger import Ledger, format_micro
+from hub.models import JobSpec
+from hub.store import Store, new_id
+
+
+class JobError(Exception):
+    """A request about a job that cannot be honoured; the message says why."""
+
+    field: str | None = None
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class JobNotFound(JobError):
+    pass
+
+
+class NotAllowed(JobError):
+    pass
+
+
+def wallet_of(user_id: str) -> str:
+    return "wallet:" + user_id
+
+
+REVENUE = "revenue"
+
+
+@dataclass(frozen=True)
+class Assignment:
+    node_id: str
+    message: dict[str, Any]
+
+
+class Jobs:
+    def __init__(self, config: HubConfig, db: Database, store: Store, ledger: Ledger) -> None:
+        self.config = config
+        self.db = db
+        self.store = store
+        self.ledger = ledger
+        ledger.open_account(REVENUE, "revenue")
+
+    # --- references --------------------------------------------------------------
+    def resolve_ref(self, ref: str, field: str, limit: int) -> str:
+        """Turn a module/input reference into the sha256 of a stored blob."""
+        kind, _, value = ref.partition(":")
+        if kind == "sha256":
+            if not self.store.has_blob(value):
+                raise JobError(f"{field}: no uploaded blob {ref}; upload it first", field)
+            return value
+        if kind == "base64":
+            try:
+                data = base64.b64decode("".join(value.split()), validate=True)
+            except (binascii.Error, ValueError) as e:
+                raise JobError(f"{field}: not valid base64 ({e})", field) from None
+        elif kind == "example":
+            examples = wasm_jobs.manifest()
+            if value not in examples:
+                names = ", ".join(sorted(examples))
+                raise JobError(f"{field}: no example job {value!r} (have: {names})", field)
+            data = wasm_jobs.path(examples[value]["module"]).read_bytes()
+        else:  # the pattern in models.py already excludes this
+            raise JobError(f"{field}: unknown reference {ref!r}", field)
+        if len(data) > limit:
+            raise JobError(f"{field}: {len(data)} bytes is over the {limit}-byte limit", field)
+        return self.store.put_blob(data)
+
+    # --- admission ----------------------------------------------------------------
+    def submit(self, owner: str, spec: JobSpec, submit_key: str | None = None) -> sqlite3.Row:
+        """Validate, price on the server, hold the maximum, queue. InsufficientFunds: nothing
+        is stored. A retried submission with the same key returns the first job."""
+        if submit_key:
+            existing = self.store.job_by_submit_key(owner, submit_key)
+            if existing is not None:
+                return existing
+        if spec.timeout > self.config.max_timeout_s:
+            raise JobError(
+                f"timeout: {spec.timeout}s is over the hub's {self.config.max_timeout_s}s limit",
+                "timeout",
+            )
+        if spec.resources.gpu:
+            raise JobError("resources.gpu: GPU jobs are not supported yet", "resources.gpu")
+        module = self.resolve_ref(spec.engine.module, "engine.module", self.config.max_module_bytes)
+        stdin = (
+            self.resolve_ref(spec.input, "input", self.config.max_input_bytes)
+            if spec.input
+            else None
+        )
+        price = economy.max_price(spec.cpu_milli, spec.timeout, spec.priority)
+        job_id = new_id("j")
+        with self.db.transaction() as c:
+            self.ledger.place_hold(job_id, wallet_of(owner), price)
+            c.execute(
+                "INSERT INTO jobs (id, owner, name, spec, state, priority, cpu_milli, memory_mb,"
+                " timeout_s, module_sha256, input_sha256, hold, submitted_at, submit_key, reason)"
+                " VALUES (?,?,?,?,'queued',?,?,?,?,?,?,?,?,?,?)",
+                (
+                    job_id,
+                    owner,
+                    spec.name,
+                    msgspec.json.encode(spec).decode(),
+                    spec.priority,
+                    spec.cpu_milli,
+                    spec.resources.memory_mb,
+                    spec.timeout,
+                    module,
+                    stdin,
+                    price,
+                    time.time(),
+                    owner + ":" + submit_key if submit_key else None,
+                    "waiting for an idle node",
+                ),
+            )
+        row = self.store.job(job_id)
+        assert row is not None
+        return row
+
+    # --- assignment ---------------------------------------------------------------
+    def assign(self, job: sqlite3.Row, node_id: str) -> Assignment | None:
+        """Mark a queued job assigned to node_id and build the assign message."""
+        attempt = int(job["attempt"]) + 1
+        with self.db.transaction() as c:
+            cur = c.execute(
+                "UPDATE jobs SET state = 'assigned', node = ?, attempt = ?, assigned_at = ?,"
+                " reason = NULL WHERE id = ? AND state = 'queued'",
+                (node_id, attempt, time.time(), job["id"]),
+            )
+            if cur.rowcount != 1:
+                return None
+        return Assignment(node_id, self.assign_message(job["id"]))
+
+    def assign_message(self, job_id: str) -> dict[str, Any]:
+        job = self.store.job(job_id)
+        assert job is not None
+        spec = msgspec.json.decode(job["spec"], type=JobSpec)
+        module = self.store.blob(job["module_sha256"]) or b""
+        stdin = self.store.blob(job["input_sha256"]) if job["input_sha256"] else None
+        engine = {
+            "type": spec.engine.type,
+            "entrypoint": spec.engine.entrypoint,
+            "args": list(spec.engine.args),
+            "env": dict(spec.engine.env),
+        }
+        msg: dict[str, Any] = protocol.assign(
+            job_id,
+            int(job["attempt"]),
+            engine,
+            base64.b64encode(module).decode(),
+            job["module_sha256"],
+            base64.b64encode(stdin).decode() if stdin is not None else None,
+            int(job["timeout_s"]),
+            int(job["memory_mb"]),
+        )
+        return msg
+
+    # --- node reports -------------------------------------------------------------
+    def on_event(self, node_id: str, msg: dict[str, Any]) -> bool:
+        """A node says a job is accepted/running. Stale or foreign events change nothing."""
+        if msg.get("state") == protocol.REJECTED:
+            job = self.store.job(str(msg.get("job_id")))
+            if job is None or job["node"] != node_id or job["attempt"] != msg.get("attempt"):
+                return False
+            why = f"node {node_id} turned it down ({msg.get('detail') or 'no reason'})"
+            return self.requeue(job, why + "; waiting for another")
+        if msg.get("state") not in (protocol.ACCEPTED, protocol.RUNNING):
+            return False
+        with self.db.transaction() as c:
+            cur = c.execute(
+                "UPDATE jobs SET state = 'running', started_at = COALESCE(started_at, ?)"
+                " WHERE id = ? AND node = ? AND attempt = ? AND state IN ('assigned', 'running')",
+                (time.time(), msg.get("job_id"), node_id, msg.get("attempt")),
+            )
+            return cur.rowcount == 1
+
+    def on_result(self, node_id: str, msg: dict[str, Any]) -> str:
+        """Verify and settle a node's result. Returns what happened, for the log."""
+        job = self.store.job(str(msg.get("job_id")))
+        node = self.store.node(node_id)
+        if job is None or node is None:
+            return "ignored: unknown job or node"
+        if job["node"] != node_id or job["attempt"] != msg.get("attempt"):
+            return "ignored: not this node's current attempt"
+        if job["state"] not in ("assigned", "running"):
+            return "ignored: job already " + str(job["state"])
+        try:
+            stdout = base64.b64decode(msg.get("stdout_b64") or "", validate=True)
+            stderr = base64.b64decode(msg.get("stderr_b64") or "", validate=True)
+        except (binascii.Error, ValueError):
+            return "dropped: result output is not base64"
+        if not protocol.verify_result(node["secret"], msg, stdout):
+            return "dropped: result signature does not verify"
+        now = time.time()
+        observed_ms = int((now - float(job["assigned_at"] or now)) * 1000)
+        # Bill the smaller of what the node reports and what the hub observed.
+        wall_ms = max(0, min(int(msg["wall_ms"]), observed_ms))
+        result = {
+            "exit_code": msg.get("exit_code"),
+            "stdout": stdout.decode("utf-8", "replace"),
+            "stderr": stderr.decode("utf-8", "replace"),
+            "returns": msg.get("returns"),
+            "error": msg.get("error"),
+            "digest": msg.get("digest"),
+            "wall_ms": int(msg["wall_ms"]),
+            "cpu_ms": int(msg["cpu_ms"]),
+        }
+        if msg["state"] == protocol.COMPLETED:
+            self._settle(job, node, wall_ms, result)
+            return "settled"
+        self._fail(job, str(msg.get("error") or "failed"), result)
+        return "refunded"
+
+    def _settle(
+        self, job: sqlite3.Row, node: sqlite3.Row, wall_ms: int, result: dict[str, Any]
+    ) -> None:
+        timeout = int(job["timeout_s"])
+        pay = economy.node_pay(int(job["cpu_milli"]), wall_ms, timeout)
+        charge = economy.job_charge(int(job["cpu_milli"]), wall_ms, timeout, job["priority"])
+        payouts = [(wallet_of(node["owner"]), pay)]
+        if charge > pay:
+            payouts.append((REVENUE, charge - pay))
+        payouts = [(a, n) for a, n in payouts if n > 0]
+        with self.db.transaction() as c:
+            cur = c.execute(
+                "UPDATE jobs SET state = 'completed', cost = ?, result = ?, finished_at = ?,"
+                " reason = NULL WHERE id = ? AND state IN ('assigned', 'running')",
+                (charge, json.dumps(result), time.time(), job["id"]),
+            )
+            if cur.rowcount != 1:
+                return
+            self.ledger.close_hold(job["id"], payouts, reason="job completed " + job["id"])
+            c.execute("UPDATE nodes SET earned = earned + ? WHERE id = ?", (pay, node["id"]))
+
+    def _fail(self, job: sqlite3.Row, reason: str, result: dict[str, Any] | None) -> None:
+        with self.db.transaction() as c:
+            cur = c.execute(
+                "UPDATE jobs SET state = 'failed', cost = 0, result = ?, finished_at = ?,"
+                " reason = ? WHERE id = ? AND state NOT IN ('completed', 'failed', 'cancelled')",
+                (json.dumps(result) if result else None, time.time(), reason, job["id"]),
+            )
+            if cur.rowcount != 1:
+                return
+            self.ledger.refund_hold(job["id"], reason="job failed " + job["id"] + ": " + reason)
+
+    def fail(self, job_id: str, reason: str) -> None:
+        job = self.store.job(job_id)
+        if job is not None:
+            self._fail(job, reason, None)
+
+    def requeue(self, job: sqlite3.Row, reason: str) -> bool:
+        """Put an assigned job back in the queue (its node went away); the hold stays."""
+        with self.db.transaction() as c:
+            cur = c.execute(
+                "UPDATE jobs SET state = 'queued', node = NULL, reason = ?, assigned_at = NULL,"
+                " started_at = NULL"
+                " WHERE id = ? AND attempt = ? AND state IN ('assigned', 'running')",
+                (reason, job["id"], job["attempt"]),
+            )
+            return cur.rowcount == 1
+
+    def cancel(self, user_id: str, job_id: str, is_admin: bool) -> tuple[sqlite3.Row, str | None]:
+        """Cancel and refund. Repeating it is harmless. Returns (job, node to tell or None)."""
+        job = self.store.job(job_id)
+        if job is None:
+            raise JobNotFound(f"no job {job_id}")
+        if job["owner"] != user_id and not is_admin:
+            raise NotAllowed(f"job {job_id} is not yours")
+        node = job["node"] if job["state"] in ("assigned", "running") else None
+        with self.db.transaction() as c:
+            cur = c.execute(
+                "UPDATE jobs SET state = 'cancelled', cost = 0, finished_at = ?,"
+                " reason = 'cancelled by its owner'"
+                " WHERE id = ? AND state IN ('queued', 'assigned', 'running')",
+                (time.time(), job_id),
+            )
+            if cur.rowcount == 1:
+                self.ledger.refund_hold(job_id, reason="job cancelled " + job_id)
+            else:
+                node = None
+        row = self.store.job(job_id)
+        assert row is not None
+        return row, node
+
+    # --- views ----------------------------------------------------------------------
+    def view(self, job: sqlite3.Row) -> dict[str, Any]:
+        result = json.loads(job["result"]) if job["result"] else None
+        return {
+            "id": job["id"],
+            "name": job["name"],
+            "state": job["state"],
+            "owner": job["owner"],
+            "node": job["node"],
+            "attempt": job["attempt"],
+            "priority": job["priority"],
+            "hold": format_micro(int(job["hold"])),
+            "cost": format_micro(int(job["cost"])) if job["cost"] is not None else None,
+            "reason": job["reason"],
+            "timings": {
+                "submitted_at": job["submitted_at"],
+                "assigned_at": job["assigned_at"],
+                "started_at": job["started_at"],
+                "finished_at": job["finished_at"],
+            },
+            "result": result,
+            "spec": json.loads(job["spec"]),
+        }

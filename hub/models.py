@@ -1,0 +1,192 @@
+"""Domain and API types of the hub (msgspec Structs). A leaf: imports nothing of the hub.
+
+API request/response shapes live here; storage rows stay in hub/store.py.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[\w.\- ]+$")]
+EnvKey = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z_][\w]*$")]
+Arg = Annotated[str, msgspec.Meta(max_length=4096)]
+
+# A module or input reference: "sha256:<hex>" (uploaded blob), "base64:<data>" (inline) or
+# "example:<name>" (a job shipped in wasm-jobs/).
+REF_PATTERN = r"^(sha256:[0-9a-f]{64}|base64:[A-Za-z0-9+/=\s]*|example:[\w\-]+)$"
+Ref = Annotated[str, msgspec.Meta(pattern=REF_PATTERN)]
+
+JOB_STATES = ("queued", "assigned", "running", "completed", "failed", "cancelled")
+TERMINAL_STATES = ("completed", "failed", "cancelled")
+
+
+class Engine(msgspec.Struct, forbid_unknown_fields=True):
+    type: Literal["wasm"]
+    module: Ref
+    entrypoint: Annotated[str, msgspec.Meta(min_length=1, max_length=256)] = "_start"
+    args: Annotated[list[Arg], msgspec.Meta(max_length=256)] = []
+    env: dict[EnvKey, Annotated[str, msgspec.Meta(max_length=4096)]] = {}
+
+
+class Resources(msgspec.Struct, forbid_unknown_fields=True):
+    # CPU-equivalents; 0.001 granularity (stored as milli-CPUs).
+    cpu: Annotated[float, msgspec.Meta(gt=0, le=256)] = 1.0
+    memory_mb: Annotated[int, msgspec.Meta(ge=1, le=1024 * 1024)] = 64
+    gpu: Annotated[int, msgspec.Meta(ge=0, le=64)] = 0
+
+
+class JobSpec(msgspec.Struct, forbid_unknown_fields=True):
+    engine: Engine
+    name: Name = "job"
+    type: Literal["batch"] = "batch"
+    resources: Resources = msgspec.field(default_factory=Resources)
+    timeout: Annotated[int, msgspec.Meta(ge=1)] = 60
+    priority: Literal["normal", "high"] = "normal"
+    input: Ref | None = None  # fed to the job's stdin
+    constraints: dict[str, str] = {}
+
+    @property
+    def cpu_milli(self) -> int:
+        return max(1, round(self.resources.cpu * 1000))
+
+
+class JobTimings(msgspec.Struct):
+    submitted_at: float
+    assigned_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+
+
+class JobResult(msgspec.Struct):
+    exit_code: int | None
+    stdout: str
+    stderr: str
+    returns: list[int] | None
+    error: str | None
+    digest: str | None
+    wall_ms: int
+    cpu_ms: int
+
+
+class JobView(msgspec.Struct):
+    id: str
+    name: str
+    state: str
+    owner: str
+    node: str | None
+    attempt: int
+    priority: str
+    hold: str  # credits, as a decimal string
+    cost: str | None
+    reason: str | None  # why it is queued or why it failed, in words
+    timings: JobTimings
+    result: JobResult | None
+    spec: dict[str, Any]
+
+
+class SubmitResponse(msgspec.Struct):
+    id: str
+    state: str
+    hold: str
+    max_price: str
+
+
+class WalletView(msgspec.Struct):
+    owner: str
+    balance: str
+    held: str
+    balance_micro: int
+    held_micro: int
+
+
+class TokenRequest(msgspec.Struct, forbid_unknown_fields=True):
+    token: Annotated[str, msgspec.Meta(min_length=8, max_length=256)]
+
+
+class TokenResponse(msgspec.Struct):
+    jwt: str
+    expires_at: int
+    user: str
+    role: str
+
+
+class CreateUser(msgspec.Struct, forbid_unknown_fields=True):
+    name: Name
+    role: Literal["user", "admin"] = "user"
+
+
+class UserCreated(msgspec.Struct):
+    id: str
+    name: str
+    role: str
+    token: str
+    welcome_grant: str
+
+
+class EnrollmentTokenView(msgspec.Struct):
+    token: str
+    expires_at: int
+    command: str
+
+
+class EnrollRequest(msgspec.Struct, forbid_unknown_fields=True):
+    token: Annotated[str, msgspec.Meta(min_length=8, max_length=256)]
+    name: Name = "node"
+    engines: list[Annotated[str, msgspec.Meta(max_length=32)]] = msgspec.field(
+        default_factory=lambda: ["wasm"]
+    )
+    arch: Annotated[str, msgspec.Meta(max_length=64)] = ""
+    cpu: Annotated[float, msgspec.Meta(ge=0, le=4096)] = 1.0
+    memory_mb: Annotated[int, msgspec.Meta(ge=0)] = 0
+
+
+class MqttCredentials(msgspec.Struct):
+    url: str
+    username: str
+    password: str
+    client_id: str
+
+
+class EnrollResponse(msgspec.Struct):
+    node_id: str
+    node_secret: str
+    owner: str
+    mqtt: MqttCredentials
+    heartbeat_interval_s: float
+
+
+class NodeView(msgspec.Struct):
+    id: str
+    name: str
+    owner: str
+    state: str
+    engines: list[str]
+    arch: str
+    cpu: float
+    memory_mb: int
+    last_seen: float | None
+    running: list[str]
+    earned: str
+
+
+class ErrorBody(msgspec.Struct):
+    error: str
+    field: str | None = None
+    shortfall: str | None = None
+
+
+class BlobView(msgspec.Struct):
+    ref: str
+    size: int
+
+
+_FIELD_RE = re.compile(r"(?:at|in) `\$\.?([^`]*)`")
+
+
+def error_field(message: str) -> str | None:
+    """msgspec says 'Expected ... - at `$.engine.module`'; pull out 'engine.module'."""
+    m = _FIELD_RE.search(message)
+    return m.group(1) or None if m else None

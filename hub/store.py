@@ -1,0 +1,254 @@
+"""Storage rows for users, tokens, nodes, jobs and blobs (the ledger keeps its own tables).
+
+Plain SQL over the hub's one Database; callers compose these calls inside db.transaction()
+with ledger movements so a job's state and its credits change together or not at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import sqlite3
+import time
+from typing import Any
+
+from hub.db import Database
+
+MIGRATIONS: list[tuple[int, str, str]] = [
+    (
+        1,
+        "users, tokens, nodes, jobs, blobs",
+        """
+        CREATE TABLE users (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            role TEXT NOT NULL CHECK (role IN ('user', 'admin', 'agent')),
+            token_hash TEXT NOT NULL UNIQUE,
+            created_at REAL NOT NULL
+        );
+        CREATE TABLE enrollment_tokens (
+            token_hash TEXT PRIMARY KEY,
+            owner TEXT NOT NULL REFERENCES users(id),
+            created_at REAL NOT NULL,
+            expires_at REAL NOT NULL,
+            used_by TEXT
+        );
+        CREATE TABLE nodes (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            owner TEXT NOT NULL REFERENCES users(id),
+            secret TEXT NOT NULL,
+            mqtt_username TEXT NOT NULL,
+            mqtt_password_hash TEXT NOT NULL,
+            engines TEXT NOT NULL,
+            arch TEXT NOT NULL,
+            cpu REAL NOT NULL,
+            memory_mb INTEGER NOT NULL,
+            state TEXT NOT NULL DEFAULT 'offline',
+            resources TEXT NOT NULL DEFAULT '{}',
+            running TEXT NOT NULL DEFAULT '[]',
+            last_seen REAL,
+            last_seq INTEGER NOT NULL DEFAULT -1,
+            earned INTEGER NOT NULL DEFAULT 0,
+            created_at REAL NOT NULL
+        );
+        CREATE TABLE blobs (
+            sha256 TEXT PRIMARY KEY,
+            size INTEGER NOT NULL,
+            data BLOB NOT NULL,
+            created_at REAL NOT NULL
+        );
+        CREATE TABLE jobs (
+            id TEXT PRIMARY KEY,
+            owner TEXT NOT NULL REFERENCES users(id),
+            name TEXT NOT NULL,
+            spec TEXT NOT NULL,
+            state TEXT NOT NULL,
+            node TEXT REFERENCES nodes(id),
+            attempt INTEGER NOT NULL DEFAULT 0,
+            priority TEXT NOT NULL,
+            cpu_milli INTEGER NOT NULL,
+            memory_mb INTEGER NOT NULL,
+            timeout_s INTEGER NOT NULL,
+            module_sha256 TEXT NOT NULL REFERENCES blobs(sha256),
+            input_sha256 TEXT REFERENCES blobs(sha256),
+            hold INTEGER NOT NULL,
+            cost INTEGER,
+            reason TEXT,
+            result TEXT,
+            submitted_at REAL NOT NULL,
+            assigned_at REAL,
+            started_at REAL,
+            finished_at REAL,
+            submit_key TEXT UNIQUE
+        );
+        CREATE INDEX jobs_state ON jobs(state, priority, submitted_at);
+        CREATE INDEX jobs_owner ON jobs(owner, submitted_at);
+        CREATE INDEX jobs_node ON jobs(node, state);
+        """,
+    ),
+]
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def new_id(prefix: str) -> str:
+    return prefix + "_" + secrets.token_hex(8)
+
+
+class Store:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        db.migrate("store", MIGRATIONS)
+
+    # --- users -------------------------------------------------------------
+    def create_user(self, name: str, role: str) -> tuple[str, str]:
+        """Returns (user id, API token). Only the token's hash is stored."""
+        user_id = new_id("u")
+        token = "dpt_" + secrets.token_urlsafe(24)
+        with self.db.transaction() as c:
+            c.execute(
+                "INSERT INTO users (id, name, role, token_hash, created_at) VALUES (?,?,?,?,?)",
+                (user_id, name, role, token_hash(token), time.time()),
+            )
+        return user_id, token
+
+    def user_by_token(self, token: str) -> sqlite3.Row | None:
+        return self.db.query_one("SELECT * FROM users WHERE token_hash = ?", (token_hash(token),))
+
+    def user(self, user_id: str) -> sqlite3.Row | None:
+        return self.db.query_one("SELECT * FROM users WHERE id = ?", (user_id,))
+
+    def users(self) -> list[sqlite3.Row]:
+        return self.db.query("SELECT * FROM users ORDER BY created_at")
+
+    # --- enrollment ----------------------------------------------------------
+    def create_enrollment_token(self, owner: str, ttl_s: int) -> tuple[str, float]:
+        token = "dpe_" + secrets.token_urlsafe(24)
+        now = time.time()
+        with self.db.transaction() as c:
+            c.execute(
+                "INSERT INTO enrollment_tokens (token_hash, owner, created_at, expires_at)"
+                " VALUES (?,?,?,?)",
+                (token_hash(token), owner, now, now + ttl_s),
+            )
+        return token, now + ttl_s
+
+    def enrollment_token(self, token: str) -> sqlite3.Row | None:
+        return self.db.query_one(
+            "SELECT * FROM enrollment_tokens WHERE token_hash = ?", (token_hash(token),)
+        )
+
+    def create_node(
+        self,
+        *,
+        token: str,
+        owner: str,
+        name: str,
+        engines: list[str],
+        arch: str,
+        cpu: float,
+        memory_mb: int,
+        mqtt_password: str,
+    ) -> tuple[str, str]:
+        """Consume the enrollment token and register the node: returns (node id, secret)."""
+        node_id = new_id("n")
+        secret = secrets.token_hex(32)
+        with self.db.transaction() as c:
+            cur = c.execute(
+                "UPDATE enrollment_tokens SET used_by = ? WHERE token_hash = ? AND used_by IS NULL",
+                (node_id, token_hash(token)),
+            )
+            if cur.rowcount != 1:
+                raise ValueError("enrollment token was already used")
+            c.execute(
+                "INSERT INTO nodes (id, name, owner, secret, mqtt_username, mqtt_password_hash,"
+                " engines, arch, cpu, memory_mb, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    node_id,
+                    name,
+                    owner,
+                    secret,
+                    node_id,
+                    token_hash(mqtt_password),
+                    json.dumps(engines),
+                    arch,
+                    cpu,
+                    memory_mb,
+                    time.time(),
+                ),
+            )
+        return node_id, secret
+
+    # --- nodes ---------------------------------------------------------------
+    def node(self, node_id: str) -> sqlite3.Row | None:
+        return self.db.query_one("SELECT * FROM nodes WHERE id = ?", (node_id,))
+
+    def nodes(self, owner: str | None = None) -> list[sqlite3.Row]:
+        if owner is None:
+            return self.db.query("SELECT * FROM nodes ORDER BY created_at")
+        return self.db.query("SELECT * FROM nodes WHERE owner = ? ORDER BY created_at", (owner,))
+
+    def update_node(self, node_id: str, **fields: Any) -> None:
+        cols = ", ".join(f"{k} = ?" for k in fields)
+        with self.db.transaction() as c:
+            c.execute(f"UPDATE nodes SET {cols} WHERE id = ?", (*fields.values(), node_id))
+
+    # --- blobs ---------------------------------------------------------------
+    def put_blob(self, data: bytes) -> str:
+        digest = hashlib.sha256(data).hexdigest()
+        with self.db.transaction() as c:
+            c.execute(
+                "INSERT OR IGNORE INTO blobs (sha256, size, data, created_at) VALUES (?,?,?,?)",
+                (digest, len(data), data, time.time()),
+            )
+        return digest
+
+    def blob(self, digest: str) -> bytes | None:
+        row = self.db.query_one("SELECT data FROM blobs WHERE sha256 = ?", (digest,))
+        return bytes(row["data"]) if row else None
+
+    def has_blob(self, digest: str) -> bool:
+        return self.db.query_one("SELECT 1 FROM blobs WHERE sha256 = ?", (digest,)) is not None
+
+    # --- jobs ----------------------------------------------------------------
+    def job(self, job_id: str) -> sqlite3.Row | None:
+        return self.db.query_one("SELECT * FROM jobs WHERE id = ?", (job_id,))
+
+    def job_by_submit_key(self, owner: str, key: str) -> sqlite3.Row | None:
+        return self.db.query_one(
+            "SELECT * FROM jobs WHERE submit_key = ?", (owner + ":" + key,)
+        )
+
+    def jobs(
+        self, owner: str | None = None, state: str | None = None, limit: int = 50
+    ) -> list[sqlite3.Row]:
+        where, params = [], []
+        if owner is not None:
+            where.append("owner = ?")
+            params.append(owner)
+        if state is not None:
+            where.append("state = ?")
+            params.append(state)
+        sql = "SELECT * FROM jobs"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY submitted_at DESC LIMIT ?"
+        return self.db.query(sql, (*params, limit))
+
+    def queued_jobs(self) -> list[sqlite3.Row]:
+        return self.db.query(
+            "SELECT * FROM jobs WHERE state = 'queued'"
+            " ORDER BY CASE priority WHEN 'high' THEN 0 ELSE 1 END, submitted_at"
+        )
+
+    def active_jobs(self) -> list[sqlite3.Row]:
+        return self.db.query("SELECT * FROM jobs WHERE state IN ('assigned', 'running')")
+
+    def jobs_on_node(self, node_id: str) -> list[sqlite3.Row]:
+        return self.db.query(
+            "SELECT * FROM jobs WHERE node = ? AND state IN ('assigned', 'running')", (node_id,)
+        )

@@ -1,0 +1,69 @@
+"""Server-rendered pages. This first page lists nodes, jobs and balances; the full dashboard
+(sign-in, live updates, charts) grows here."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import deque
+from typing import Any
+
+import aiohttp_jinja2
+from aiohttp import web
+
+from hub.ledger import format_micro
+
+EVENTS = web.AppKey("events", deque[dict[str, Any]])
+
+
+def notify(app: web.Application, kind: str, data: dict[str, Any]) -> None:
+    """Record a change (job or node state) for the page's latest-events list."""
+    events = app.get(EVENTS)
+    if events is None:
+        return
+    events.appendleft({"t": time.time(), "kind": kind, **data})
+
+
+def recent_events(app: web.Application, n: int) -> list[dict[str, Any]]:
+    events: deque[dict[str, Any]] = app[EVENTS]
+    return list(events)[:n]
+
+
+def node_view(n: Any) -> dict[str, Any]:
+    return {
+        "id": n["id"], "name": n["name"], "owner": n["owner"], "state": n["state"],
+        "engines": json.loads(n["engines"]), "arch": n["arch"], "cpu": n["cpu"],
+        "memory_mb": n["memory_mb"], "last_seen": n["last_seen"],
+        "running": json.loads(n["running"]), "earned": format_micro(int(n["earned"])),
+    }
+
+
+@aiohttp_jinja2.template("index.html")
+async def index(request: web.Request) -> dict[str, Any]:
+    from hub.app import SERVICES
+
+    services = request.app[SERVICES]
+    users = {u["id"]: u for u in services.store.users()}
+    balances = []
+    for row in services.ledger.accounts():
+        if row["kind"] == "hold" and row["balance"] == 0:
+            continue
+        owner = users.get(row["owner"]) if row["owner"] else None
+        balances.append({"account": row["id"], "kind": row["kind"],
+                         "name": owner["name"] if owner else "",
+                         "balance": format_micro(int(row["balance"]))})
+    audit = services.ledger.audit()
+    return {
+        "nodes": [node_view(n) for n in services.store.nodes()],
+        "jobs": [services.jobs.view(j) for j in services.store.jobs(limit=50)],
+        "balances": balances,
+        "balanced": audit.balanced,
+        "events": recent_events(request.app, 20),
+        "mqtt_url": services.mqtt_url,
+        "now": time.time(),
+    }
+
+
+def add_routes(app: web.Application) -> None:
+    app[EVENTS] = deque(maxlen=200)
+    app.router.add_get("/", index)

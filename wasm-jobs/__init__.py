@@ -1,0 +1,30 @@
+"""Example and benchmark WebAssembly jobs shipped with DEparrow."""
+
+import json
+from pathlib import Path
+from typing import Any
+
+_HERE = Path(__file__).resolve().parent
+
+
+def path(name: str) -> Path:
+    """The path of a module or input file shipped here, e.g. ``path("fib.wasm")``."""
+    p = _HERE / name
+    if not p.is_file():
+        raise FileNotFoundError(
+            f"no file {name!r} in {_HERE}; the modules are listed in jobs.json "
+            "and rebuilt by wasm-jobs/build.sh"
+        )
+    return p
+
+
+def manifest() -> dict[str, dict[str, Any]]:
+    """jobs.json: job name -> module, entrypoint, args, stdin, env, expected outcome, imports."""
+    with open(_HERE / "jobs.json", encoding="utf-8") as f:
+        jobs: dict[str, dict[str, Any]] = json.load(f)
+    return jobs
+
+
+def examples() -> list[tuple[str, dict[str, Any]]]:
+    """The jobs meant to be shown and run as examples (not the failure fixtures), in order."""
+    return [(name, job) for name, job in manifest().items() if job["example"]]
