@@ -499,7 +499,7 @@ class Ledger:
                 # The amount held at closing time is in the first entry; rebuild this request
                 # against it so an identical repeat compares equal.
                 held = -sum(a for acct, a in existing.legs if acct == account)
-                if held < 0:
+                if held <= 0 or paid > held:
                     raise IdempotencyConflict(key, existing.id, _describe(existing))
                 return self.post(key, reason, _close_legs(account, hold.wallet, held, clean), memo)
             if hold.closed:

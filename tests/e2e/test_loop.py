@@ -1,0 +1,104 @@
+"""The whole loop with real processes: a hub, real `edge-run` nodes, real wasm3 workers, on
+real Mosquitto and on the embedded broker."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import wasm_jobs
+from tests.conftest import HubProc, start_node, wait_until
+
+
+def spec(name: str, **over: Any) -> dict[str, Any]:
+    entry = wasm_jobs.manifest()[name]
+    s: dict[str, Any] = {
+        "name": name,
+        "engine": {"type": "wasm", "module": "example:" + name,
+                   "entrypoint": entry["entrypoint"], "args": entry["args"],
+                   "env": entry["env"]},
+        "timeout": 20,
+    }
+    s.update(over)
+    return s
+
+
+def finished(client: Any, job_id: str, timeout_s: float = 60) -> dict[str, Any]:
+    return client.wait(job_id, timeout_s=timeout_s)
+
+
+def test_jobs_run_on_a_real_node_and_pay_its_owner(hub: HubProc, tmp_path: Path) -> None:
+    owner_info, owner = hub.user("owner")
+    _, alice = hub.user("alice")
+    node = start_node(hub, owner, tmp_path, "laptop")
+    try:
+        fib = alice.submit(spec("fib"))
+        sieve = alice.submit(spec("sieve"))
+        job = finished(alice, fib["id"])
+        assert job["state"] == "completed", job
+        assert job["result"]["returns"] == [75025]
+        assert job["node"] == owner.nodes()[0]["id"]
+        job2 = finished(alice, sieve["id"])
+        assert job2["result"]["stdout"] == "primes below 100000: 9592\n"
+        assert job2["result"]["exit_code"] == 0
+        earned = owner.nodes()[0]["earned"]
+        assert earned == "0.005554"  # two jobs, one started second each: 2 × 2,777 µc
+        assert owner.wallet()["balance"] == "100.005554"
+        assert alice.wallet()["balance"] == "99.994446"
+        assert alice.wallet()["held"] == "0"
+        audit = hub.admin.request("GET", "/api/v1/ledger/audit")
+        assert audit["balanced"], audit
+    finally:
+        node.stop()
+
+
+def test_invalid_module_fails_and_refunds(hub: HubProc, tmp_path: Path) -> None:
+    _, owner = hub.user("owner")
+    _, alice = hub.user("alice")
+    node = start_node(hub, owner, tmp_path, "n1")
+    try:
+        bad = "base64:" + __import__("base64").b64encode(b"\x00asm\x01\x00\x00\x00garbage").decode()
+        job = alice.submit(spec("fib", engine={"type": "wasm", "module": bad}))
+        done = finished(alice, job["id"])
+        assert done["state"] == "failed"
+        assert done["reason"].startswith("invalid module: "), done["reason"]
+        assert done["cost"] == "0"
+        assert alice.wallet() == {**alice.wallet(), "balance": "100", "held": "0"}
+        assert owner.wallet()["balance"] == "100"
+    finally:
+        node.stop()
+
+
+def test_runaway_job_is_killed_and_the_node_keeps_serving(hub: HubProc, tmp_path: Path) -> None:
+    _, owner = hub.user("owner")
+    _, alice = hub.user("alice")
+    node = start_node(hub, owner, tmp_path, "n1")
+    try:
+        loop = alice.submit(spec("loop", timeout=2))
+        done = finished(alice, loop["id"])
+        assert done["state"] == "failed"
+        assert done["reason"].startswith("timeout"), done["reason"]
+        assert alice.wallet()["balance"] == "100"  # a timeout is not charged
+        fib = alice.submit(spec("fib"))
+        assert finished(alice, fib["id"])["result"]["returns"] == [75025]
+    finally:
+        node.stop()
+
+
+def test_node_restart_keeps_its_identity(hub: HubProc, tmp_path: Path) -> None:
+    _, owner = hub.user("owner")
+    node = start_node(hub, owner, tmp_path, "n1")
+    node_id = owner.nodes()[0]["id"]
+    node.stop()
+    wait_until("offline", lambda: owner.nodes()[0]["state"] == "offline", 10)
+    import sys
+
+    from tests.conftest import Proc
+
+    again = Proc([sys.executable, "-m", "edge.cli", "--data-dir", str(tmp_path / "n1")],
+                 tmp_path / "n1-again.log")
+    try:
+        wait_until("back online", lambda: owner.nodes()[0]["state"] == "idle", 20, (again,))
+        assert [n["id"] for n in owner.nodes()] == [node_id]
+    finally:
+        again.stop()
