@@ -93,7 +93,7 @@ def load_config(path: Path) -> dict[str, Any] | None:
     return data
 
 
-def run_node(config: dict[str, Any], workers: int, max_cpu: float | None) -> None:
+def run_node(config: dict[str, Any], max_cpu: float | None) -> None:
     from edge.executors.wasm3 import Wasm3Executor
     from edge.mqtt_paho import PahoMqtt
     from edge.resources import Offered
@@ -107,7 +107,8 @@ def run_node(config: dict[str, Any], workers: int, max_cpu: float | None) -> Non
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     mqtt = PahoMqtt(config["mqtt"]["url"])
-    with Wasm3Executor(workers=workers) as executor:
+    # One job at a time for now: the scheduler gives a node one job (issue 4 adds slots).
+    with Wasm3Executor(workers=1) as executor:
         session = Session(config, mqtt, executor, Offered(max_cpu=max_cpu), log=log.info)
         try:
             session.start()
@@ -139,13 +140,12 @@ def run_node(config: dict[str, Any], workers: int, max_cpu: float | None) -> Non
     "--data-dir", type=click.Path(path_type=Path), default=None,
     help="Where the node keeps its identity (default ~/.local/share/deparrow-edge).",
 )
-@click.option("--workers", default=1, show_default=True, help="Wasm worker processes.")
 @click.option("--max-cpu", type=float, default=None, help="CPU-equivalents to offer at most.")
 @click.option("-v", "--verbose", is_flag=True, help="Log every message.")
 @click.pass_context
 def main(
     ctx: click.Context, hub: str | None, token: str | None, name: str | None,
-    data_dir: Path | None, workers: int, max_cpu: float | None, verbose: bool,
+    data_dir: Path | None, max_cpu: float | None, verbose: bool,
 ) -> None:
     """Run a DEparrow node: enroll with a hub once, then run jobs while this machine is idle.
 
@@ -161,8 +161,6 @@ def main(
     )
     if verbose:
         log.setLevel(logging.INFO)
-    if workers < 1:
-        raise click.BadParameter("must be at least 1", param_hint="--workers")
     config_path = (data_dir or default_data_dir()) / "node.json"
     config = load_config(config_path)
     if config is not None and hub and config.get("hub") != hub and token:
@@ -177,7 +175,7 @@ def main(
 
         config = enroll(hub, token, name or socket.gethostname(), config_path)
         click.echo(f"enrolled as {config['node_id']} (identity in {config_path})", err=True)
-    run_node(config, workers, max_cpu)
+    run_node(config, max_cpu)
 
 
 def _parse_env(values: tuple[str, ...]) -> dict[str, str]:

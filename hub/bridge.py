@@ -172,13 +172,14 @@ class Bridge:
 
     def resend_assignments(self) -> int:
         """After a hub restart: assignments made but maybe never sent go out again; nodes
-        ignore ones they already have (same job id and attempt)."""
+        ignore ones they are running (same job id and attempt) and re-send finished results."""
         n = 0
         for job in self.store.active_jobs():
-            if job["state"] == "assigned":
-                msg = self.jobs.assign_message(job["id"])
-                self.publish(protocol.node_topic(job["node"], protocol.ASSIGN), msg)
-                n += 1
+            # Running ones too: a result sent while the hub was down was lost with its clean
+            # session; the node answers a re-sent assignment from its result cache.
+            msg = self.jobs.assign_message(job["id"])
+            self.publish(protocol.node_topic(job["node"], protocol.ASSIGN), msg)
+            n += 1
         return n
 
     def publish(self, topic: str, msg: dict[str, Any], qos: int = 1) -> None:
@@ -205,7 +206,7 @@ class Bridge:
             return self._drop(topic, "not a DEparrow topic")
         space, ident, kind = parsed
         limit = SIZE_LIMITS.get(kind)
-        if limit is None:
+        if limit is None or (space == "nodes" and kind not in wire.NODE_TYPES):
             return self._drop(topic, f"unknown message kind {kind!r}")
         if len(payload) > limit:
             return self._drop(topic, f"{len(payload)} bytes is over the {limit}-byte limit")
@@ -219,6 +220,8 @@ class Bridge:
             msg = msgspec.json.decode(payload, type=wire.NODE_TYPES[kind])
         except msgspec.DecodeError as e:
             return self._drop(topic, f"malformed {kind}: {e}")
+        if msg.v != protocol.VERSION:  # type: ignore[attr-defined]
+            return self._drop(topic, f"protocol version {msg.v} is not {protocol.VERSION}")  # type: ignore[attr-defined]
         if msg.node_id != ident:  # type: ignore[attr-defined]
             return self._drop(topic, "node_id in payload does not match the topic")
         node = self.store.node(ident)
@@ -228,7 +231,8 @@ class Bridge:
         now = time.time()
         if isinstance(msg, wire.Hello):
             self.store.update_node(
-                ident, state=protocol.IDLE, last_seen=now, engines=json.dumps(msg.engines)
+                ident, state=protocol.IDLE, last_seen=now, engines=json.dumps(msg.engines),
+                resources=json.dumps(msg.resources),
             )
             for job in self.store.jobs_on_node(ident):
                 if job["id"] not in msg.running:

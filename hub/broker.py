@@ -56,6 +56,15 @@ class ChildBroker:
 
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
+        with socket.socket() as probe:
+            try:
+                probe.bind((self.host, self.port))
+            except OSError:
+                raise RuntimeError(
+                    f"cannot start a broker on {self.host}:{self.port}: the port is in use "
+                    f"(a system Mosquitto?). Use it with --mqtt mqtt://{self.host}:{self.port}, "
+                    "or let the hub pick a free port with --broker-port 0"
+                ) from None
         logfile = open(self.workdir / f"{self.kind}.log", "ab")  # noqa: SIM115 - child owns it
         if self.kind == "mosquitto":
             exe = shutil.which("mosquitto")

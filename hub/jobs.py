@@ -133,7 +133,7 @@ class Jobs:
                     stdin,
                     price,
                     time.time(),
-                    owner + ":" + submit_key if submit_key else None,
+                    owner + ":" + submit_key if submit_key else None,  # one key space per owner
                     "waiting for an idle node",
                 ),
             )
@@ -187,6 +187,8 @@ class Jobs:
             if job is None or job["node"] != node_id or job["attempt"] != msg.get("attempt"):
                 return False
             why = f"node {node_id} turned it down ({msg.get('detail') or 'no reason'})"
+            # Not idle until its next heartbeat says so: no assign/reject ping-pong.
+            self.store.update_node(node_id, state=protocol.BUSY)
             return self.requeue(job, why + "; waiting for another")
         if msg.get("state") not in (protocol.ACCEPTED, protocol.RUNNING):
             return False

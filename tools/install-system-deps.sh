@@ -15,6 +15,7 @@ command -v wasm-ld >/dev/null || need+=(lld)
 compgen -G "/usr/lib/llvm-*/lib/clang/*/lib/wasi/libclang_rt.builtins-wasm32.a" >/dev/null \
   || need+=(libclang-rt-14-dev-wasm32)
 command -v openssl >/dev/null || need+=(openssl)
+command -v curl >/dev/null || need+=(curl)
 
 if [ ${#need[@]} -eq 0 ]; then
   exit 0

@@ -1,0 +1,66 @@
+"""`edge-run job` as a person runs it: stdout, exit codes, one clear line on failure."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import wasm_jobs
+
+EDGE = [sys.executable, "-m", "edge.cli", "job"]
+
+
+def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*EDGE, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def job(name: str) -> str:
+    return str(wasm_jobs.path(name + ".wasm"))
+
+
+def test_invoke_prints_returned_values() -> None:
+    out = run(job("fib"), "--invoke", "fib", "--", "25")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "75025\n"
+
+
+def test_wasi_program_gets_args_env_and_stdin(tmp_path: Path) -> None:
+    out = run(job("hello"), "--env", "NAME=parrot", "--", "a", "b")
+    assert out.returncode == 0, out.stderr
+    assert "args=a b" in out.stdout and "NAME=parrot" in out.stdout
+    data = tmp_path / "in.bin"
+    data.write_bytes(b"abc")
+    out = run(job("sha256"), "--input", str(data))
+    assert out.stdout == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad  -\n"
+
+
+def test_job_exit_code_is_ours() -> None:
+    out = run(job("exit3"))
+    assert out.returncode == 3 and out.stdout == "bye\n"
+    out = run(job("sieve"), "--", "many")
+    assert out.returncode == 2 and out.stdout == "" and out.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "prefix"),
+    [
+        ((job("loop"), "--timeout", "1"), 124, "edge-run: timeout: "),
+        ((job("grow"), "--memory", "32"), 125, "edge-run: memory limit: "),
+        ((job("trap"),), 126, "edge-run: trap: "),
+        ((str(Path(__file__)),), 65, "edge-run: invalid module: "),
+        ((job("fib"), "--invoke", "nope"), 65, "edge-run: invalid module: "),
+        ((job("fib"), "--invoke", "fib", "--", "x"), 64, "edge-run: invalid argument"),
+        (("/no/such.wasm",), 66, "edge-run: cannot read /no/such.wasm"),
+        ((job("fib"), "--timeout", "0"), 2, "edge-run: --timeout"),
+        ((job("hello"), "--env", "NOEQUALS"), 2, "edge-run: "),
+    ],
+)
+def test_failures_are_one_line_without_traceback(args: tuple[str, ...], code: int,
+                                                 prefix: str) -> None:
+    out = run(*args)
+    assert out.returncode == code, (out.returncode, out.stderr)
+    # None of these jobs writes to stderr itself: the reason must be the only line.
+    assert out.stderr.count("\n") == 1 and out.stderr.startswith(prefix), out.stderr
