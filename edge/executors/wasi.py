@@ -15,17 +15,17 @@ MicroPython build can reuse it with its own wasm3 binding.
 try:
     import struct
 except ImportError:  # pragma: no cover - MicroPython names it ustruct on old ports
-    import ustruct as struct
+    import ustruct as struct  # type: ignore[no-redef]
 
 try:
     import time as _time
 except ImportError:  # pragma: no cover
-    import utime as _time
+    import utime as _time  # type: ignore[no-redef]
 
 try:
     from os import urandom as _urandom
 except ImportError:  # pragma: no cover - boards without os.urandom
-    _urandom = None
+    _urandom = None  # type: ignore[assignment]
 
 MODULE = "wasi_snapshot_preview1"
 
@@ -119,7 +119,7 @@ class Wasi:
         self.stdin_pos = 0
         self.stdout = stdout if stdout is not None else CappedBuffer(1 << 20)
         self.stderr = stderr if stderr is not None else CappedBuffer(64 << 10)
-        self.t0 = _monotonic_ns()
+        self.exit_code = None  # set by proc_exit
 
     # -- memory helpers ------------------------------------------------------------------
     def _mem(self):
@@ -249,8 +249,13 @@ class Wasi:
         if not 0 <= fd <= 2:
             return EBADF
         rights = RIGHTS_STDIN if fd == 0 else RIGHTS_STDOUT
-        # fdstat: filetype u8, pad, flags u16, pad, rights_base u64, rights_inheriting u64
-        self._put(self._mem(), stat_ptr, "<BxHxxxxQQ", FILETYPE_CHARACTER_DEVICE, 0, rights, 0)
+        # fdstat (24 bytes): filetype u8 @0, flags u16 @2, rights_base @8, inheriting @16.
+        # Field by field: MicroPython's struct has no "x" padding.
+        m = self._mem()
+        self._check(m, stat_ptr, 24)
+        m[stat_ptr : stat_ptr + 24] = bytes(24)
+        self._put(m, stat_ptr, "<B", FILETYPE_CHARACTER_DEVICE)
+        self._put(m, stat_ptr + 8, "<QQ", rights, 0)
         return SUCCESS
 
     def fd_fdstat_set_flags(self, fd, flags):
@@ -264,6 +269,9 @@ class Wasi:
 
     # -- process -------------------------------------------------------------------------
     def proc_exit(self, code):
+        # Remembered as well as raised: wasm3 replaces the exception with its own error when
+        # the exit happens inside a start function (run by find_function).
+        self.exit_code = code
         raise ProcExit(code)
 
     def sched_yield(self):
@@ -285,7 +293,8 @@ class Wasi:
             for base, userdata, tag in subs:
                 if tag != EVENTTYPE_CLOCK:
                     continue
-                clock_id, timeout, _prec, flags = self._get(m, base + 16, "<IxxxxQQH")
+                (clock_id,) = self._get(m, base + 16, "<I")
+                timeout, _precision, flags = self._get(m, base + 24, "<QQH")
                 now = self._now(clock_id)
                 if now is None:
                     now = _monotonic_ns()
@@ -301,8 +310,11 @@ class Wasi:
             ready = [(u, EVENTTYPE_CLOCK) for u in wake[1]]
         m = self._mem()
         for i, (userdata, tag) in enumerate(ready):
-            # event: userdata u64, error u16, type u8, pad, fd_readwrite{nbytes u64, flags u16}
-            self._put(m, out_ptr + 32 * i, "<QHBxxxxxQH", userdata, 0, tag, 0, 0)
+            # event (32 bytes): userdata u64 @0, error u16 @8, type u8 @10, fd_readwrite @16
+            at = out_ptr + 32 * i
+            self._check(m, at, 32)
+            m[at : at + 32] = bytes(32)
+            self._put(m, at, "<QHB", userdata, 0, tag)
         self._put(m, nevents_ptr, "<I", len(ready))
         return SUCCESS
 
@@ -312,7 +324,7 @@ class Wasi:
         mask = [c == "i" for c in sig[sig.index("(") + 1 : -1]]
 
         def call(*args):
-            args = [a & 0xFFFFFFFF if u else a for a, u in zip(args, mask)]
+            args = [a & 0xFFFFFFFF if u else a for a, u in zip(args, mask)]  # noqa: B905 - MicroPython zip has no strict
             if not faults_are_errno:
                 return fn(*args)
             try:

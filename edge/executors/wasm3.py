@@ -20,6 +20,7 @@ and the answer read as it arrives. run() waits with select() on the worker's pip
 wakes for the answer or for the deadline, whichever comes first.
 """
 
+import contextlib
 import os
 import select
 import signal
@@ -73,16 +74,17 @@ class _Handle:
 
     def __repr__(self):
         state = "done" if self.outcome else "running" if self.worker else "queued"
-        return "<wasm3 job %s %s>" % (self.job_id, state)
+        return f"<wasm3 job {self.job_id} {state}>"
 
 
 class _Worker:
     """One worker process and the node's end of its pipes and output files."""
 
     def __init__(self):
-        self.out_file = tempfile.TemporaryFile()
-        self.err_file = tempfile.TemporaryFile()
-        self.diag_file = tempfile.TemporaryFile()
+        # they live as long as the worker, closed in close_files()
+        self.out_file = tempfile.TemporaryFile()  # noqa: SIM115
+        self.err_file = tempfile.TemporaryFile()  # noqa: SIM115
+        self.diag_file = tempfile.TemporaryFile()  # noqa: SIM115
         out_fd, err_fd = self.out_file.fileno(), self.err_file.fileno()
         flags, paths = _worker_command()
         env = dict(os.environ)
@@ -93,10 +95,23 @@ class _Worker:
         env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
         self.spawned = time.monotonic()
         self.proc = subprocess.Popen(
-            [sys.executable, *flags, "-m", "edge.executors.worker",
-             "--stdout-fd", str(out_fd), "--stderr-fd", str(err_fd)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.diag_file,
-            pass_fds=(out_fd, err_fd), env=env, start_new_session=True, bufsize=0,
+            [
+                sys.executable,
+                *flags,
+                "-m",
+                "edge.executors.worker",
+                "--stdout-fd",
+                str(out_fd),
+                "--stderr-fd",
+                str(err_fd),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.diag_file,
+            pass_fds=(out_fd, err_fd),
+            env=env,
+            start_new_session=True,
+            bufsize=0,
         )
         self.pid = self.proc.pid
         self.wfd = self.proc.stdin.fileno()
@@ -149,10 +164,13 @@ class _Worker:
         while len(self.rbuf) >= 4:
             size = int.from_bytes(self.rbuf[:4], "big")
             if size > MAX_FRAME:
-                raise ValueError("worker sent a %d-byte frame" % size)
+                raise ValueError(f"worker sent a {size}-byte frame")
             if len(self.rbuf) < 4 + size:
                 break
-            frames.append(decode(bytes(self.rbuf[4 : 4 + size]))[0])
+            header = decode(bytes(self.rbuf[4 : 4 + size]))[0]
+            if not isinstance(header, dict):
+                raise ValueError("frame is not an object")
+            frames.append(header)
             del self.rbuf[: 4 + size]
         return frames, eof
 
@@ -163,10 +181,10 @@ class _Worker:
         notes = []
         if len(out) > stdout_cap:
             out = out[:stdout_cap]
-            notes.append("[deparrow: stdout truncated at %d bytes]\n" % stdout_cap)
+            notes.append(f"[deparrow: stdout truncated at {stdout_cap} bytes]\n")
         if len(err) > stderr_cap:
             err = err[:stderr_cap]
-            notes.append("[deparrow: stderr truncated at %d bytes]\n" % stderr_cap)
+            notes.append(f"[deparrow: stderr truncated at {stderr_cap} bytes]\n")
         if notes:
             err = err + "".join(notes).encode()
         return out, err
@@ -182,10 +200,8 @@ class _Worker:
     def kill(self):
         """SIGKILL and reap; returns the worker's total CPU milliseconds (or None)."""
         if not self.dead:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         return self.reap(block=True)
 
     def reap(self, block=False):
@@ -206,18 +222,13 @@ class _Worker:
 
     def retire(self):
         """No more jobs: closing stdin lets the worker exit on its own."""
-        try:
+        with contextlib.suppress(OSError):
             self.proc.stdin.close()
-        except OSError:
-            pass
 
     def close_files(self):
-        for f in (self.proc.stdin, self.proc.stdout, self.out_file, self.err_file,
-                  self.diag_file):
-            try:
+        for f in (self.proc.stdin, self.proc.stdout, self.out_file, self.err_file, self.diag_file):
+            with contextlib.suppress(OSError):
                 f.close()
-            except OSError:
-                pass
 
     def death(self):
         """How it died, in words, for an "executor error"."""
@@ -225,13 +236,13 @@ class _Worker:
         if os.WIFSIGNALED(status):
             sig = os.WTERMSIG(status)
             try:
-                what = "killed by %s" % signal.Signals(sig).name
+                what = f"killed by {signal.Signals(sig).name}"
             except ValueError:
-                what = "killed by signal %d" % sig
+                what = f"killed by signal {sig}"
         else:
-            what = "exited with code %d" % os.waitstatus_to_exitcode(status)
+            what = f"exited with code {os.waitstatus_to_exitcode(status)}"
         tail = self.diag_tail() if not self.diag_file.closed else ""
-        return what + (" (%s)" % tail if tail else "")
+        return what + (f" ({tail})" if tail else "")
 
 
 class Wasm3Executor:
@@ -239,8 +250,14 @@ class Wasm3Executor:
 
     engines = ("wasm",)
 
-    def __init__(self, workers=1, jobs_per_worker=50, memory_mb_default=64,
-                 stdout_cap=1 << 20, stderr_cap=64 << 10):
+    def __init__(
+        self,
+        workers=1,
+        jobs_per_worker=50,
+        memory_mb_default=64,
+        stdout_cap=1 << 20,
+        stderr_cap=64 << 10,
+    ):
         self.max_workers = max(1, int(workers))
         self.jobs_per_worker = max(1, int(jobs_per_worker))
         self.memory_mb_default = memory_mb_default
@@ -329,10 +346,8 @@ class Wasm3Executor:
         self.close()
 
     def __del__(self):
-        try:
+        with contextlib.suppress(Exception):
             self.close()
-        except Exception:
-            pass
 
     def prestart(self, n=None):
         """Start workers now (all `workers` by default) instead of at the first submit."""
@@ -341,8 +356,7 @@ class Wasm3Executor:
 
     def stats(self):
         """Worker pids and job counts, for tests and the node's status page."""
-        return [{"pid": w.pid, "jobs": w.jobs, "busy": w.handle is not None}
-                for w in self.workers]
+        return [{"pid": w.pid, "jobs": w.jobs, "busy": w.handle is not None} for w in self.workers]
 
     # -- the machinery -------------------------------------------------------------------
     def _pump(self):
@@ -351,11 +365,11 @@ class Wasm3Executor:
             worker.flush()
             try:
                 frames, eof = worker.receive()
-            except (ValueError, UnicodeError) as e:  # garbage on the pipe: treat as dead
-                frames, eof = [], True
-                worker.broken = str(e)
-            for frame in frames:
-                self._on_frame(worker, frame)
+                for frame in frames:
+                    self._on_frame(worker, frame)
+            except Exception as e:  # garbage on the pipe: the worker is as good as dead
+                eof = True
+                worker.broken = f"unreadable answer ({e})"
             handle = worker.handle
             if eof:
                 self._on_death(worker)
@@ -363,9 +377,15 @@ class Wasm3Executor:
                 cpu = self._kill(worker)
                 out, err = self._output(worker)
                 worker.close_files()
-                self._finish(handle, "failed",
-                             "timeout: job exceeded its %gs limit" % handle.timeout_s,
-                             out, err, self._elapsed_ms(handle), cpu)
+                self._finish(
+                    handle,
+                    "failed",
+                    f"timeout: job exceeded its {handle.timeout_s:g}s limit",
+                    out,
+                    err,
+                    self._elapsed_ms(handle),
+                    cpu,
+                )
         for worker in list(self.retiring):
             worker.reap()
             if worker.dead:
@@ -383,8 +403,15 @@ class Wasm3Executor:
                     worker = _Worker()
                 except OSError as e:
                     handle = self.queue.pop(0)
-                    self._finish(handle, "failed", "executor error: cannot start a worker: %s"
-                                 % e, b"", b"", 0, 0)
+                    self._finish(
+                        handle,
+                        "failed",
+                        f"executor error: cannot start a worker: {e}",
+                        b"",
+                        b"",
+                        0,
+                        0,
+                    )
                     continue
                 self.workers.append(worker)
                 self.keep = max(self.keep, len(self.workers))
@@ -434,18 +461,28 @@ class Wasm3Executor:
         if kind != "result" or worker.handle is None:
             return
         handle = worker.handle
-        worker.handle = None
+        status, error = frame.get("status"), frame.get("error")
+        exit_code, returns = frame.get("exit_code"), frame.get("returns")
+        if (
+            status not in ("completed", "failed")
+            or not isinstance(error, (str, type(None)))
+            or not isinstance(exit_code, (int, type(None)))
+            or not isinstance(returns, (list, type(None)))
+        ):
+            raise ValueError("malformed result")
+        wall_ms, cpu_ms = int(frame.get("wall_ms") or 0), int(frame.get("cpu_ms") or 0)
         worker.cpu_mark_ms = int(frame.get("cpu_total_ms") or worker.cpu_mark_ms)
+        worker.handle = None
         out, err = self._output(worker)
         outcome = {
-            "status": frame.get("status", "failed"),
-            "exit_code": frame.get("exit_code"),
+            "status": status,
+            "exit_code": exit_code,
             "stdout": out,
             "stderr": err,
-            "returns": frame.get("returns"),
-            "error": frame.get("error"),
-            "wall_ms": int(frame.get("wall_ms") or 0),
-            "cpu_ms": int(frame.get("cpu_ms") or 0),
+            "returns": returns,
+            "error": error,
+            "wall_ms": wall_ms,
+            "cpu_ms": cpu_ms,
         }
         handle.worker = None
         handle.outcome = outcome
@@ -470,9 +507,9 @@ class Wasm3Executor:
         cpu = self._job_cpu(worker)
         status = worker.status or 0
         if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGXCPU:
-            error = "timeout: job exceeded its %gs limit (CPU time)" % handle.timeout_s
+            error = f"timeout: job exceeded its {handle.timeout_s:g}s limit (CPU time)"
         else:
-            error = "executor error: worker process %s" % worker.death()
+            error = f"executor error: worker process {worker.death()}"
             if worker.broken:
                 error += ": " + worker.broken
         worker.close_files()
@@ -517,4 +554,3 @@ class Wasm3Executor:
             "wall_ms": wall_ms,
             "cpu_ms": cpu_ms,
         }
-

@@ -29,7 +29,7 @@ import time
 try:
     import resource
 except ImportError:  # pragma: no cover - not POSIX
-    resource = None
+    resource = None  # type: ignore[assignment]
 
 from edge.executors import wasi
 
@@ -158,13 +158,13 @@ class ModuleInfo:
                 size, start = uleb(b, pos + 1)
                 end = start + size
                 if end > len(b):
-                    raise InvalidModule("section %d runs past the end of the module" % sid)
+                    raise InvalidModule(f"section {sid} runs past the end of the module")
                 if sid:
                     self.sections[sid] = (start, end)
                     self._section(sid, start)
                 pos = end
         except (IndexError, UnicodeError, struct.error) as e:
-            raise InvalidModule("malformed section (%s)" % e) from None
+            raise InvalidModule(f"malformed section ({e})") from None
 
     def _section(self, sid, pos):
         b = self.b
@@ -195,7 +195,7 @@ class ModuleInfo:
                     pos += 2
                     self.imported_globals += 1
                 else:
-                    raise InvalidModule("unknown import kind %d" % kind)
+                    raise InvalidModule(f"unknown import kind {kind}")
         elif sid == 5:
             n, pos = uleb(b, pos)
             if n:
@@ -268,11 +268,11 @@ def scan_grows(b, pos, end):
         elif op == 0xFC:
             sub, pos = uleb(b, pos)
             if sub > 17:
-                raise Unsupported("opcode 0xfc %d" % sub)
+                raise Unsupported(f"opcode 0xfc {sub}")
             for _ in range(_FC_LEBS.get(sub, 0)):
                 _, pos = uleb(b, pos)
         else:
-            raise Unsupported("opcode 0x%02x" % op)
+            raise Unsupported(f"opcode 0x{op:02x}")
     return found
 
 
@@ -300,7 +300,11 @@ def cap_memory(info, cap_pages):
     mem_start, mem_end = info.sections[5]
     n, _ = uleb(b, mem_start)
     new_mem = (
-        enc_uleb(n) + bytes([flags | 1]) + enc_uleb(lo) + enc_uleb(limit) + bytes(b[entry_end:mem_end])
+        enc_uleb(n)
+        + bytes([flags | 1])
+        + enc_uleb(lo)
+        + enc_uleb(limit)
+        + bytes(b[entry_end:mem_end])
     )
     out = {5: new_mem}
     hooked = False
@@ -322,7 +326,7 @@ def cap_memory(info, cap_pages):
         flag_idx = info.imported_globals + info.global_count
         call = b"\x10" + enc_uleb(hook_idx)
         new_bodies = []
-        for (body, body_end), sites in zip(bodies, grows):
+        for (body, body_end), sites in zip(bodies, grows, strict=True):
             parts, last = [], body
             for start, stop in sites:
                 parts += [bytes(b[last:start]), call]
@@ -336,10 +340,16 @@ def cap_memory(info, cap_pages):
         over = b"\x41\x7f\x0f" if own_max is not None and own_max <= cap_pages else set_flag(1)
         hook = (
             b"\x01\x01\x7f"  # one local: i32 (the result of memory.grow)
-            + b"\x20\x00\xad\x3f\x00\xad\x7c\x42" + enc_sleb(limit) + b"\x56"  # d + size > limit
-            + b"\x04\x40" + over + b"\x0b"
+            + b"\x20\x00\xad\x3f\x00\xad\x7c\x42"
+            + enc_sleb(limit)
+            + b"\x56"  # d + size > limit
+            + b"\x04\x40"
+            + over
+            + b"\x0b"
             + b"\x20\x00\x40\x00\x22\x01\x41\x7f\x46"  # grow; == -1 ?
-            + b"\x04\x40" + set_flag(2) + b"\x0b"
+            + b"\x04\x40"
+            + set_flag(2)
+            + b"\x0b"
             + b"\x20\x01\x0b"
         )
         new_bodies.append(enc_uleb(len(hook)) + hook)
@@ -436,10 +446,10 @@ def convert_args(func, args):
     types = list(func.arg_types)
     if len(args) != len(types):
         raise JobFailed(
-            "invalid argument: %s expects %d argument(s), got %d" % (name, len(types), len(args))
+            f"invalid argument: {name} expects {len(types)} argument(s), got {len(args)}"
         )
     out = []
-    for i, (text, code) in enumerate(zip(args, types)):
+    for i, (text, code) in enumerate(zip(args, types, strict=True)):
         kind, bits = _ARG_KINDS.get(code, ("?", 0))
         where = "%s expects %s for parameter %d (%s)"
         if bits == 0:
@@ -447,7 +457,7 @@ def convert_args(func, args):
                 out.append(float(text))
             except ValueError:
                 raise JobFailed(
-                    "invalid argument: %r: " % text + where % (name, "a number", i + 1, kind)
+                    f"invalid argument: {text!r}: " + where % (name, "a number", i + 1, kind)
                 ) from None
             continue
         try:
@@ -457,11 +467,11 @@ def convert_args(func, args):
                 v = int(str(text).strip(), 10)
             except ValueError:
                 raise JobFailed(
-                    "invalid argument: %r: " % text + where % (name, "an integer", i + 1, kind)
+                    f"invalid argument: {text!r}: " + where % (name, "an integer", i + 1, kind)
                 ) from None
         if not -(1 << (bits - 1)) <= v < (1 << bits):
             raise JobFailed(
-                "invalid argument: %r: " % text
+                f"invalid argument: {text!r}: "
                 + where % (name, "an integer that fits", i + 1, kind)
             )
         out.append(v - (1 << bits) if v >= 1 << (bits - 1) else v)
@@ -473,34 +483,37 @@ def _mib(pages):
 
 
 def prepare(module, entrypoint, cap_pages):
-    """Checks the module before wasm3 sees it; returns (bytes to load, its exports, imports)."""
+    """Checks the module before wasm3 sees it.
+    Returns (bytes to load, exports, function imports, whether memory.grow is hooked)."""
     try:
         info = ModuleInfo(module)
     except InvalidModule as e:
-        raise JobFailed("invalid module: %s" % e) from None
+        raise JobFailed(f"invalid module: {e}") from None
     exp = info.exports.get(entrypoint)
     if exp is None or exp[0] != 0:
         have = sorted(n for n, (k, _) in info.exports.items() if k == 0)
         raise JobFailed(
-            "invalid module: no exported function %r (it exports: %s)"
-            % (entrypoint, ", ".join(have) or "no functions")
+            "invalid module: no exported function {!r} (it exports: {})".format(
+                entrypoint, ", ".join(have) or "no functions"
+            )
         )
     funcs = [(m, n) for m, n, k in info.imports if k == 0]
-    others = ["%s.%s (%s)" % (m, n, IMPORT_KINDS.get(k, "?")) for m, n, k in info.imports if k]
+    others = ["{}.{} ({})".format(m, n, IMPORT_KINDS.get(k, "?")) for m, n, k in info.imports if k]
     missing = wasi.missing_imports(funcs) + others
     if missing:
         raise JobFailed(
-            "invalid module: unsupported import %s (this executor provides WASI preview1 "
-            "args, environ, clocks, random, stdio and proc_exit, no files or sockets)"
-            % ", ".join(missing)
+            "invalid module: unsupported import {} (this executor provides WASI preview1 "
+            "args, environ, clocks, random, stdio and proc_exit, no files or sockets)".format(
+                ", ".join(missing)
+            )
         )
     if info.memory is not None and info.memory[1] > cap_pages:
         raise JobFailed(
-            "memory limit: job exceeded %s (the module asks for %s of initial memory)"
-            % (_mib(cap_pages), _mib(info.memory[1]))
+            f"memory limit: job exceeded {_mib(cap_pages)} "
+            f"(the module asks for {_mib(info.memory[1])} of initial memory)"
         )
-    data, _hooked = cap_memory(info, cap_pages)
-    return data, info.exports, funcs
+    data, hooked = cap_memory(info, cap_pages)
+    return data, info.exports, funcs, hooked
 
 
 def run_job(job, blobs, out_fd, err_fd):
@@ -515,14 +528,16 @@ def run_job(job, blobs, out_fd, err_fd):
     stderr = CappedFile(err_fd, int(job["stderr_cap"]))
     result = {"status": "failed", "exit_code": None, "returns": None, "error": None}
     module = state = None
+    hooked = False
     try:
-        data, exports, imports = prepare(blobs.get("module", b""), entry, cap_pages)
+        data, exports, imports, hooked = prepare(blobs.get("module", b""), entry, cap_pages)
         env = wasm3.Environment()
         runtime = env.new_runtime(WASM_STACK_BYTES)
         state = wasi.Wasi(
             lambda: runtime.get_memory(0),
-            args=[job.get("job_id") or "job", *job.get("args", [])] if entry == "_start" else
-            [job.get("job_id") or "job"],
+            args=[job.get("job_id") or "job", *job.get("args", [])]
+            if entry == "_start"
+            else [job.get("job_id") or "job"],
             env=job.get("env") or {},
             stdin=blobs.get("stdin", b""),
             stdout=stdout,
@@ -533,8 +548,8 @@ def run_job(job, blobs, out_fd, err_fd):
             try:
                 module = env.parse_module(data)
                 runtime.load(module)
-            except RuntimeError as e:
-                raise JobFailed("invalid module: %s" % e) from None
+            except RuntimeError as e:  # a start function may trap, too
+                raise JobFailed(_explain(str(e), None, memory_mb)) from None
             wanted = set(n for _, n in imports)
             for name, sig, fn in state.functions():
                 if name in wanted:
@@ -561,11 +576,12 @@ def run_job(job, blobs, out_fd, err_fd):
     except JobFailed as e:
         result["error"] = str(e)
     except MemoryError:
-        result["error"] = "memory limit: job exceeded %d MiB (the host ran out of memory)" % memory_mb
+        result["error"] = f"memory limit: job exceeded {memory_mb} MiB (the host ran out of memory)"
     except RuntimeError as e:
-        result["error"] = _explain(str(e), module, memory_mb)
-    result["stdout_truncated"] = stdout.size > stdout.cap
-    result["stderr_truncated"] = stderr.size > stderr.cap
+        if state is not None and state.exit_code is not None:
+            result.update(status="completed", exit_code=state.exit_code)
+        else:
+            result["error"] = _explain(str(e), module if hooked else None, memory_mb)
     result["wall_ms"] = int((time.perf_counter() - t0) * 1000)
     result["cpu_ms"] = int((time.process_time() - c0) * 1000)
     return result
@@ -580,9 +596,9 @@ def _explain(message, module, memory_mb):
         except RuntimeError:
             flag = 0
     if flag == 1:
-        return "memory limit: job exceeded %d MiB (memory.grow past the cap)" % memory_mb
+        return f"memory limit: job exceeded {memory_mb} MiB (memory.grow past the cap)"
     if flag == 2 or "memory allocation failed" in message or "out of memory" in message:
-        return "memory limit: job exceeded %d MiB (the host could not allocate more)" % memory_mb
+        return f"memory limit: job exceeded {memory_mb} MiB (the host could not allocate more)"
     if message.startswith("[trap] "):
         return "trap: " + message[len("[trap] ") :]
     # Anything else wasm3 says while compiling lazily is about the module's code.
@@ -611,8 +627,12 @@ def serve(reader, out, out_fd, err_fd):
         try:
             result = run_job(job, blobs, out_fd, err_fd)
         except Exception as e:  # a bug here must still answer the node, not hang it
-            result = {"status": "failed", "exit_code": None, "returns": None,
-                      "error": "executor error: %s: %s" % (type(e).__name__, e)}
+            result = {
+                "status": "failed",
+                "exit_code": None,
+                "returns": None,
+                "error": f"executor error: {type(e).__name__}: {e}",
+            }
         result.update(type="result", cpu_total_ms=_cpu_ms())
         del blobs
         _write_all(out, encode(result))
@@ -624,7 +644,7 @@ def _cpu_ms():
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    opts = dict(zip(argv[::2], argv[1::2]))
+    opts = dict(zip(argv[::2], argv[1::2], strict=False))
     out_fd, err_fd = int(opts["--stdout-fd"]), int(opts["--stderr-fd"])
     # Our stdout carries frames; move it aside so nothing else can write into it.
     if resource is not None:

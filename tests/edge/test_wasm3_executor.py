@@ -43,11 +43,18 @@ def wasm(tmp_path_factory: pytest.TempPathFactory) -> Build:
             else:
                 if not shutil.which("clang"):
                     pytest.skip("clang not installed (Debian packages: clang lld wasi-libc)")
-                cmd = ["clang", "--target=wasm32-wasi", "-O2", "-Wl,--strip-all",
-                       "-o", str(target), str(c)]
+                cmd = [
+                    "clang",
+                    "--target=wasm32-wasi",
+                    "-O2",
+                    "-Wl,--strip-all",
+                    "-o",
+                    str(target),
+                    str(c),
+                ]
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode:
-                pytest.skip("cannot build %s: %s" % (name, done.stderr.strip()[-300:]))
+                pytest.skip(f"cannot build {name}: {done.stderr.strip()[-300:]}")
         return target.read_bytes()
 
     return build
@@ -60,10 +67,19 @@ def ex() -> Iterator[Wasm3Executor]:
         yield executor
 
 
-def job(module: bytes, entrypoint: str = "_start", args: list[str] | None = None,
-        **extra: Any) -> dict[str, Any]:
-    spec = {"job_id": "t", "module": module, "entrypoint": entrypoint, "args": args or [],
-            "env": {}, "stdin": b"", "timeout_s": 10, "memory_mb": 64}
+def job(
+    module: bytes, entrypoint: str = "_start", args: list[str] | None = None, **extra: Any
+) -> dict[str, Any]:
+    spec = {
+        "job_id": "t",
+        "module": module,
+        "entrypoint": entrypoint,
+        "args": args or [],
+        "env": {},
+        "stdin": b"",
+        "timeout_s": 10,
+        "memory_mb": 64,
+    }
     spec.update(extra)
     return spec
 
@@ -75,7 +91,7 @@ def wait(ex: Wasm3Executor, handle: Any, limit_s: float = 10) -> dict[str, Any]:
         if outcome is not None:
             return outcome
         time.sleep(0.005)
-    raise AssertionError("no outcome within %ss" % limit_s)
+    raise AssertionError(f"no outcome within {limit_s}s")
 
 
 def alive(pid: int) -> bool:
@@ -94,16 +110,33 @@ def test_invoke_returns_values(ex: Wasm3Executor, wasm: Build) -> None:
     assert ex.run(job(calc, "mul64", [str(2**31), "4"]))["returns"] == [2**33]
     assert ex.run(job(calc, "divmod", ["7", "2"]))["returns"] == [3, 1]
     assert ex.run(job(calc, "nothing"))["returns"] == []
-    assert set(out) == {"status", "exit_code", "stdout", "stderr", "returns", "error",
-                        "wall_ms", "cpu_ms"}
+    assert set(out) == {
+        "status",
+        "exit_code",
+        "stdout",
+        "stderr",
+        "returns",
+        "error",
+        "wall_ms",
+        "cpu_ms",
+    }
 
 
 def test_wasi_program_gets_args_env_stdin(ex: Wasm3Executor, wasm: Build) -> None:
-    out = ex.run(job(wasm("wasi_echo"), args=["a b", "c"], env={"WHO": "parrot"},
-                     stdin=b"hello stdin", job_id="echo-1"))
+    out = ex.run(
+        job(
+            wasm("wasi_echo"),
+            args=["a b", "c"],
+            env={"WHO": "parrot"},
+            stdin=b"hello stdin",
+            job_id="echo-1",
+        )
+    )
     assert out["status"] == "completed" and out["exit_code"] == 0, out
-    assert out["stdout"] == (b"argc=3 argv0=echo-1 [a b] [c]\nWHO=parrot\n"
-                             b"stdin=HELLO STDIN (11 bytes)\ntime_ok=1 random_ok=1\n")
+    assert out["stdout"] == (
+        b"argc=3 argv0=echo-1 [a b] [c]\nWHO=parrot\n"
+        b"stdin=HELLO STDIN (11 bytes)\ntime_ok=1 random_ok=1 slept_ok=1 tty=1\n"
+    )
     assert out["stderr"] == b"done\n"
     assert out["returns"] is None
 
@@ -132,11 +165,11 @@ def test_unsupported_import_is_named(ex: Wasm3Executor, wasm: Build) -> None:
     out = ex.run(job(wasm("files")))
     assert out["status"] == "failed"
     assert out["error"].startswith(
-        "invalid module: unsupported import wasi_snapshot_preview1.path_open"), out["error"]
+        "invalid module: unsupported import wasi_snapshot_preview1.path_open"
+    ), out["error"]
 
 
-def test_timeout_kills_the_worker_and_the_executor_goes_on(ex: Wasm3Executor,
-                                                           wasm: Build) -> None:
+def test_timeout_kills_the_worker_and_the_executor_goes_on(ex: Wasm3Executor, wasm: Build) -> None:
     ex.run(job(wasm("calc"), "add", ["1", "1"]))  # a warm worker, so start-up is not timed
     handle = ex.submit(job(wasm("spin"), "spin", timeout_s=1))
     t0 = time.monotonic()
@@ -287,9 +320,17 @@ def test_example_jobs(ex: Wasm3Executor, name: str) -> None:
     stdin = (WASM_JOBS / spec["stdin"]).read_bytes() if spec.get("stdin") else b""
     expected = spec["expected"]
     timeout_s = 1 if expected.get("error") == "timeout" else 10
-    out = ex.run(job((WASM_JOBS / spec["module"]).read_bytes(), spec["entrypoint"],
-                     spec["args"], env=spec["env"], stdin=stdin, timeout_s=timeout_s,
-                     memory_mb=32))
+    out = ex.run(
+        job(
+            (WASM_JOBS / spec["module"]).read_bytes(),
+            spec["entrypoint"],
+            spec["args"],
+            env=spec["env"],
+            stdin=stdin,
+            timeout_s=timeout_s,
+            memory_mb=32,
+        )
+    )
     if "error" in expected:
         assert out["status"] == "failed"
         assert out["error"].startswith(expected["error"] + ": "), out["error"]
