@@ -86,7 +86,9 @@ def load_config(path: Path) -> dict[str, Any] | None:
     try:
         data: dict[str, Any] = json.loads(path.read_text())
     except ValueError as e:
-        raise click.ClickException(f"{path} is not valid JSON ({e}); remove it to re-enroll") from None
+        raise click.ClickException(
+            f"{path} is not valid JSON ({e}); remove it to re-enroll"
+        ) from None
     for key in ("node_id", "node_secret", "mqtt"):
         if key not in data:
             raise click.ClickException(f"{path} lacks {key!r}; remove it to re-enroll")
@@ -137,15 +139,22 @@ def run_node(config: dict[str, Any], max_cpu: float | None) -> None:
 @click.option("--token", envvar="DEPARROW_ENROLL_TOKEN", help="Enrollment token from the hub.")
 @click.option("--name", default=None, help="Name shown on the hub (default: host name).")
 @click.option(
-    "--data-dir", type=click.Path(path_type=Path), default=None,
+    "--data-dir",
+    type=click.Path(path_type=Path),
+    default=None,
     help="Where the node keeps its identity (default ~/.local/share/deparrow-edge).",
 )
 @click.option("--max-cpu", type=float, default=None, help="CPU-equivalents to offer at most.")
 @click.option("-v", "--verbose", is_flag=True, help="Log every message.")
 @click.pass_context
 def main(
-    ctx: click.Context, hub: str | None, token: str | None, name: str | None,
-    data_dir: Path | None, max_cpu: float | None, verbose: bool,
+    ctx: click.Context,
+    hub: str | None,
+    token: str | None,
+    name: str | None,
+    data_dir: Path | None,
+    max_cpu: float | None,
+    verbose: bool,
 ) -> None:
     """Run a DEparrow node: enroll with a hub once, then run jobs while this machine is idle.
 
@@ -191,16 +200,29 @@ def _parse_env(values: tuple[str, ...]) -> dict[str, str]:
 @main.command("job", context_settings={"ignore_unknown_options": False})
 @click.argument("module", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("args", nargs=-1)
-@click.option("--input", "input_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="File fed to the job's stdin.")
+@click.option(
+    "--input",
+    "input_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="File fed to the job's stdin.",
+)
 @click.option("--env", "env", multiple=True, metavar="K=V", help="Environment variable (repeat).")
 @click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds.")
 @click.option("--memory", type=int, default=64, show_default=True, help="Memory cap, MiB.")
-@click.option("--invoke", default=None, metavar="FUNC",
-              help="Call this exported function with integer ARGS and print what it returns.")
+@click.option(
+    "--invoke",
+    default=None,
+    metavar="FUNC",
+    help="Call this exported function with integer ARGS and print what it returns.",
+)
 def job_cmd(
-    module: Path, args: tuple[str, ...], input_path: Path | None, env: tuple[str, ...],
-    timeout: float, memory: int, invoke: str | None,
+    module: Path,
+    args: tuple[str, ...],
+    input_path: Path | None,
+    env: tuple[str, ...],
+    timeout: float,
+    memory: int,
+    invoke: str | None,
 ) -> None:
     """Run one Wasm job locally: its stdout is ours, its exit code is ours.
 

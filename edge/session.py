@@ -73,7 +73,10 @@ class Session:
         self.seq += 1
         self.last_beat = compat.ticks_ms()
         msg = protocol.heartbeat(
-            self.node_id, self.seq, self.state(), self.offered(self.runner.busy()),
+            self.node_id,
+            self.seq,
+            self.state(),
+            self.offered(self.runner.busy()),
             self.runner.running_ids(),
         )
         self._publish_kind(protocol.HEARTBEAT, msg)

@@ -109,8 +109,9 @@ async def exchange_token(request: web.Request) -> web.Response:
     token, exp = auth.issue(
         services.config.jwt_secret, user["id"], user["role"], services.config.jwt_ttl_s
     )
-    return json_response(TokenResponse(jwt=token, expires_at=exp, user=user["id"],
-                                       role=user["role"]))
+    return json_response(
+        TokenResponse(jwt=token, expires_at=exp, user=user["id"], role=user["role"])
+    )
 
 
 async def create_user(request: web.Request) -> web.Response:
@@ -118,8 +119,9 @@ async def create_user(request: web.Request) -> web.Response:
     req = await decode_body(request, CreateUser)
     user_id, token, grant = _services(request).create_user(req.name, req.role)
     return json_response(
-        UserCreated(id=user_id, name=req.name, role=req.role, token=token,
-                    welcome_grant=format_micro(grant)),
+        UserCreated(
+            id=user_id, name=req.name, role=req.role, token=token, welcome_grant=format_micro(grant)
+        ),
         201,
     )
 
@@ -131,9 +133,15 @@ async def wallet(request: web.Request) -> web.Response:
     account = wallet_of(who.user_id)
     balance = services.ledger.balance(account)
     held = services.ledger.held_for(account)
-    return json_response(WalletView(owner=who.user_id, balance=format_micro(balance),
-                                    held=format_micro(held), balance_micro=balance,
-                                    held_micro=held))
+    return json_response(
+        WalletView(
+            owner=who.user_id,
+            balance=format_micro(balance),
+            held=format_micro(held),
+            balance_micro=balance,
+            held_micro=held,
+        )
+    )
 
 
 # --- blobs and jobs -------------------------------------------------------------------
@@ -164,8 +172,12 @@ async def submit_job(request: web.Request) -> web.Response:
 
     views.notify(request.app, "job", {"id": job["id"], "state": job["state"]})
     return json_response(
-        SubmitResponse(id=job["id"], state=job["state"], hold=format_micro(int(job["hold"])),
-                       max_price=format_micro(int(job["hold"]))),
+        SubmitResponse(
+            id=job["id"],
+            state=job["state"],
+            hold=format_micro(int(job["hold"])),
+            max_price=format_micro(int(job["hold"])),
+        ),
         201,
     )
 
@@ -231,8 +243,9 @@ async def create_enrollment_token(request: web.Request) -> web.Response:
     )
     hub_url = f"{request.url.scheme}://{request.url.host}:{request.url.port}"
     return json_response(
-        EnrollmentTokenView(token=token, expires_at=int(exp),
-                            command=f"edge-run --hub {hub_url} --token {token}"),
+        EnrollmentTokenView(
+            token=token, expires_at=int(exp), command=f"edge-run --hub {hub_url} --token {token}"
+        ),
         201,
     )
 
@@ -252,17 +265,29 @@ async def enroll_node(request: web.Request) -> web.Response:
     password = secrets.token_urlsafe(24)
     try:
         node_id, secret = services.store.create_node(
-            token=req.token, owner=row["owner"], name=req.name, engines=req.engines,
-            arch=req.arch, cpu=req.cpu, memory_mb=req.memory_mb, mqtt_password=password,
+            token=req.token,
+            owner=row["owner"],
+            name=req.name,
+            engines=req.engines,
+            arch=req.arch,
+            cpu=req.cpu,
+            memory_mb=req.memory_mb,
+            mqtt_password=password,
         )
     except ValueError as e:
         raise AuthError(str(e)) from None
     services.ledger.open_account(wallet_of(row["owner"]), "wallet", row["owner"])
     return json_response(
         EnrollResponse(
-            node_id=node_id, node_secret=secret, owner=row["owner"],
-            mqtt=MqttCredentials(url=_public_mqtt_url(request), username=node_id,
-                                 password=password, client_id=node_id),
+            node_id=node_id,
+            node_secret=secret,
+            owner=row["owner"],
+            mqtt=MqttCredentials(
+                url=_public_mqtt_url(request),
+                username=node_id,
+                password=password,
+                client_id=node_id,
+            ),
             heartbeat_interval_s=services.config.heartbeat_interval_s,
         ),
         201,
@@ -282,21 +307,27 @@ async def ledger_audit(request: web.Request) -> web.Response:
     require_admin(request)
     ledger = _services(request).ledger
     audit = ledger.audit()
-    return json_response({
-        "balanced": audit.balanced,
-        "total": format_micro(audit.total),
-        "by_kind": {k: format_micro(v) for k, v in audit.by_kind.items()},
-        "mismatches": [m.account for m in audit.mismatches],
-        "negatives": [a for a, _ in audit.negatives],
-        "unbalanced_entries": list(audit.unbalanced_entries),
-        "stranded_holds": list(audit.stranded_holds),
-        "entries": audit.entries,
-        "accounts": [
-            {"id": a["id"], "kind": a["kind"], "owner": a["owner"],
-             "balance": format_micro(int(a["balance"]))}
-            for a in ledger.accounts()
-        ],
-    })
+    return json_response(
+        {
+            "balanced": audit.balanced,
+            "total": format_micro(audit.total),
+            "by_kind": {k: format_micro(v) for k, v in audit.by_kind.items()},
+            "mismatches": [m.account for m in audit.mismatches],
+            "negatives": [a for a, _ in audit.negatives],
+            "unbalanced_entries": list(audit.unbalanced_entries),
+            "stranded_holds": list(audit.stranded_holds),
+            "entries": audit.entries,
+            "accounts": [
+                {
+                    "id": a["id"],
+                    "kind": a["kind"],
+                    "owner": a["owner"],
+                    "balance": format_micro(int(a["balance"])),
+                }
+                for a in ledger.accounts()
+            ],
+        }
+    )
 
 
 # --- status ---------------------------------------------------------------------------
@@ -305,16 +336,18 @@ async def status(request: web.Request) -> web.Response:
     nodes = services.store.nodes()
     online = [n for n in nodes if n["state"] != "offline"]
     bridge = services.bridge
-    return json_response({
-        "hub": "ok",
-        "broker": {
-            "url": services.mqtt_url,
-            "connected": bool(bridge and bridge.connected),
-            "kind": services.broker.kind if services.broker else "external",
-        },
-        "nodes": {"total": len(nodes), "online": len(online)},
-        "version": 1,
-    })
+    return json_response(
+        {
+            "hub": "ok",
+            "broker": {
+                "url": services.mqtt_url,
+                "connected": bool(bridge and bridge.connected),
+                "kind": services.broker.kind if services.broker else "external",
+            },
+            "nodes": {"total": len(nodes), "online": len(online)},
+            "version": 1,
+        }
+    )
 
 
 async def openapi_doc(request: web.Request) -> web.Response:

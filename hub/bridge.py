@@ -231,7 +231,10 @@ class Bridge:
         now = time.time()
         if isinstance(msg, wire.Hello):
             self.store.update_node(
-                ident, state=protocol.IDLE, last_seen=now, engines=json.dumps(msg.engines),
+                ident,
+                state=protocol.IDLE,
+                last_seen=now,
+                engines=json.dumps(msg.engines),
                 resources=json.dumps(msg.resources),
             )
             for job in self.store.jobs_on_node(ident):
@@ -295,16 +298,20 @@ class Bridge:
         try:
             spec = msgspec.convert(req.spec, type=JobSpec)
         except msgspec.ValidationError as e:
-            return answer(False, {"error": f"invalid job spec: {e}", "field": error_field(str(e)),
-                                  "status": 400})
+            return answer(
+                False,
+                {"error": f"invalid job spec: {e}", "field": error_field(str(e)), "status": 400},
+            )
         try:
             job = self.jobs.submit(agent_id, spec, submit_key="mqtt:" + req.request_id)
         except InsufficientFunds as e:
-            return answer(False, {"error": str(e), "shortfall": format_micro(e.shortfall),
-                                  "status": 402})
+            return answer(
+                False, {"error": str(e), "shortfall": format_micro(e.shortfall), "status": 402}
+            )
         except JobError as e:
             return answer(False, {"error": str(e), "field": e.field, "status": 400})
         self._changed("job", {"id": job["id"], "state": job["state"]})
         self.dispatch()
-        return answer(True, {"id": job["id"], "state": job["state"],
-                             "hold": format_micro(int(job["hold"]))})
+        return answer(
+            True, {"id": job["id"], "state": job["state"], "hold": format_micro(int(job["hold"]))}
+        )

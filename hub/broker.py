@@ -84,7 +84,10 @@ class ChildBroker:
         else:
             cmd = [sys.executable, "-m", "hub.broker", self.host, str(self.port)]
         self.proc = subprocess.Popen(
-            cmd, stdout=logfile, stderr=logfile, stdin=subprocess.DEVNULL,
+            cmd,
+            stdout=logfile,
+            stderr=logfile,
+            stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
         logfile.close()

@@ -47,10 +47,19 @@ class Ctx:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--hub", envvar="DEPARROW_HUB", default=DEFAULT_HUB, show_default=True,
-              help="Hub URL (env DEPARROW_HUB).")
-@click.option("--token", envvar="DEPARROW_TOKEN", default=None,
-              help="API token (env DEPARROW_TOKEN; default: the local hub's admin token).")
+@click.option(
+    "--hub",
+    envvar="DEPARROW_HUB",
+    default=DEFAULT_HUB,
+    show_default=True,
+    help="Hub URL (env DEPARROW_HUB).",
+)
+@click.option(
+    "--token",
+    envvar="DEPARROW_TOKEN",
+    default=None,
+    help="API token (env DEPARROW_TOKEN; default: the local hub's admin token).",
+)
 @click.pass_context
 def main(ctx: click.Context, hub: str, token: str | None) -> None:
     """DEparrow: idle machines run other people's WebAssembly jobs for credits."""
@@ -78,40 +87,86 @@ def run_cli(fn: Any) -> Any:
 @main.command("hub")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8765, show_default=True, type=click.IntRange(0, 65535))
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Database, keys and broker files (default ~/.local/share/deparrow).")
-@click.option("--mqtt", "mqtt_url", default=None, metavar="mqtt://HOST:PORT",
-              help="Use this broker instead of starting one.")
-@click.option("--broker", type=click.Choice(["auto", "mosquitto", "embedded"]), default="auto",
-              show_default=True, help="Which broker to start when --mqtt is not given.")
-@click.option("--broker-port", default=1883, show_default=True, type=click.IntRange(0, 65535),
-              help="Port of the broker the hub starts (0: any free port).")
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Database, keys and broker files (default ~/.local/share/deparrow).",
+)
+@click.option(
+    "--mqtt",
+    "mqtt_url",
+    default=None,
+    metavar="mqtt://HOST:PORT",
+    help="Use this broker instead of starting one.",
+)
+@click.option(
+    "--broker",
+    type=click.Choice(["auto", "mosquitto", "embedded"]),
+    default="auto",
+    show_default=True,
+    help="Which broker to start when --mqtt is not given.",
+)
+@click.option(
+    "--broker-port",
+    default=1883,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="Port of the broker the hub starts (0: any free port).",
+)
 @click.option("--mqtt-public-url", default=None, help="Broker URL to give nodes.")
-@click.option("--welcome-grant", default=100, show_default=True, type=click.IntRange(0),
-              help="Credits each new account receives.")
-@click.option("--heartbeat", default=5.0, show_default=True, type=click.FloatRange(0.1, 3600),
-              help="Seconds between node heartbeats.")
+@click.option(
+    "--welcome-grant",
+    default=100,
+    show_default=True,
+    type=click.IntRange(0),
+    help="Credits each new account receives.",
+)
+@click.option(
+    "--heartbeat",
+    default=5.0,
+    show_default=True,
+    type=click.FloatRange(0.1, 3600),
+    help="Seconds between node heartbeats.",
+)
 @click.option("-v", "--verbose", is_flag=True)
-def hub_cmd(host: str, port: int, data_dir: Path | None, mqtt_url: str | None, broker: str,
-            broker_port: int, mqtt_public_url: str | None, welcome_grant: int,
-            heartbeat: float, verbose: bool) -> None:
+def hub_cmd(
+    host: str,
+    port: int,
+    data_dir: Path | None,
+    mqtt_url: str | None,
+    broker: str,
+    broker_port: int,
+    mqtt_public_url: str | None,
+    welcome_grant: int,
+    heartbeat: float,
+    verbose: bool,
+) -> None:
     """Run the hub: REST API, ledger, scheduler, MQTT bridge and web page."""
     from aiohttp import web
 
     from hub.app import SERVICES, create_app
     from hub.bridge import parse_mqtt_url
 
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
     if mqtt_url:
         try:
             parse_mqtt_url(mqtt_url)
         except ValueError as e:
             die(str(e), 2)
     config = HubConfig(
-        data_dir=data_dir or default_data_dir(), host=host, port=port, mqtt_url=mqtt_url,
-        broker=broker, broker_port=broker_port, mqtt_public_url=mqtt_public_url,
-        welcome_grant_credits=welcome_grant, heartbeat_interval_s=heartbeat,
+        data_dir=data_dir or default_data_dir(),
+        host=host,
+        port=port,
+        mqtt_url=mqtt_url,
+        broker=broker,
+        broker_port=broker_port,
+        mqtt_public_url=mqtt_public_url,
+        welcome_grant_credits=welcome_grant,
+        heartbeat_interval_s=heartbeat,
     )
     try:
         app = create_app(config)
@@ -122,8 +177,11 @@ def hub_cmd(host: str, port: int, data_dir: Path | None, mqtt_url: str | None, b
     async def announce(_app: web.Application) -> None:
         url = f"http://{host}:{port}"
         click.echo(f"DEparrow hub on {url}  (web page: {url}/)", err=True)
-        click.echo(f"  MQTT broker: {services.mqtt_url}"
-                   f" ({services.broker.kind if services.broker else 'external'})", err=True)
+        click.echo(
+            f"  MQTT broker: {services.mqtt_url}"
+            f" ({services.broker.kind if services.broker else 'external'})",
+            err=True,
+        )
         click.echo(f"  data: {config.data_dir}", err=True)
         click.echo(f"  admin token: {config.admin_token_path}", err=True)
         click.echo("  add a node:  deparrow node token   (prints the edge-run command)", err=True)
@@ -147,8 +205,10 @@ def _print_job(job: dict[str, Any]) -> None:
     click.echo(f"job {job['id']}  {job['name']}  {job['state']}")
     if job.get("node"):
         click.echo(f"  node:   {job['node']} (attempt {job['attempt']})")
-    click.echo(f"  hold:   {job['hold']} credits" + (f", cost {job['cost']}" if job.get("cost")
-                                                      is not None else ""))
+    click.echo(
+        f"  hold:   {job['hold']} credits"
+        + (f", cost {job['cost']}" if job.get("cost") is not None else "")
+    )
     if job.get("reason"):
         click.echo(f"  reason: {job['reason']}")
     result = job.get("result")
@@ -191,9 +251,21 @@ def _ref(client: Client, value: str) -> str:
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
 @run_cli
-def job_run(obj: Ctx, module: str, args: tuple[str, ...], invoke: str | None,
-            input_path: str | None, env: tuple[str, ...], timeout: int, cpu: float, memory: int,
-            priority: str, name: str | None, wait: bool, as_json: bool) -> None:
+def job_run(
+    obj: Ctx,
+    module: str,
+    args: tuple[str, ...],
+    invoke: str | None,
+    input_path: str | None,
+    env: tuple[str, ...],
+    timeout: int,
+    cpu: float,
+    memory: int,
+    priority: str,
+    name: str | None,
+    wait: bool,
+    as_json: bool,
+) -> None:
     """Submit MODULE (a .wasm file or example:NAME) to the network.
 
     Arguments after `--` go to the job. The price is computed by the hub; the maximum is held
@@ -208,8 +280,13 @@ def job_run(obj: Ctx, module: str, args: tuple[str, ...], invoke: str | None,
         env_map[k] = v
     spec: dict[str, Any] = {
         "name": name or Path(module.split(":")[-1]).stem,
-        "engine": {"type": "wasm", "module": _ref(client, module),
-                   "entrypoint": invoke or "_start", "args": list(args), "env": env_map},
+        "engine": {
+            "type": "wasm",
+            "module": _ref(client, module),
+            "entrypoint": invoke or "_start",
+            "args": list(args),
+            "env": env_map,
+        },
         "resources": {"cpu": cpu, "memory_mb": memory},
         "timeout": timeout,
         "priority": priority,
@@ -224,8 +301,9 @@ def job_run(obj: Ctx, module: str, args: tuple[str, ...], invoke: str | None,
             click.echo(f"submitted {submitted['id']}: {submitted['hold']} credits held")
         return
     if not as_json:
-        click.echo(f"submitted {submitted['id']}: {submitted['hold']} credits held; waiting…",
-                   err=True)
+        click.echo(
+            f"submitted {submitted['id']}: {submitted['hold']} credits held; waiting…", err=True
+        )
     job = client.wait(submitted["id"], timeout_s=timeout + 120)
     if as_json:
         emit(job)
@@ -305,8 +383,10 @@ def node_list(obj: Ctx, as_json: bool) -> None:
     if not nodes:
         click.echo("no nodes; add one with: deparrow node token")
     for n in nodes:
-        click.echo(f"{n['id']}  {n['state']:<8} {n['name']:<20} {n['cpu']:g} CPU "
-                   f"{n['memory_mb']} MB  earned {n['earned']}")
+        click.echo(
+            f"{n['id']}  {n['state']:<8} {n['name']:<20} {n['cpu']:g} CPU "
+            f"{n['memory_mb']} MB  earned {n['earned']}"
+        )
 
 
 @node_group.command("token")
@@ -393,8 +473,12 @@ def demo_cmd(as_json: bool, keep: bool, broker: str) -> None:
     """Run the whole loop on this machine: a hub, two nodes, a user, the example jobs."""
     from hub.demo import run_demo
 
-    ok = run_demo(as_json=as_json, keep=keep, broker=broker,
-                  echo=(lambda s: click.echo(s, err=True)) if as_json else click.echo)
+    ok = run_demo(
+        as_json=as_json,
+        keep=keep,
+        broker=broker,
+        echo=(lambda s: click.echo(s, err=True)) if as_json else click.echo,
+    )
     sys.exit(0 if ok else 1)
 
 

@@ -70,18 +70,22 @@ def _wait_for(what: str, check: Callable[[], bool], timeout_s: float, procs: lis
 def spec_for(name: str, entry: dict[str, Any]) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "name": name,
-        "engine": {"type": "wasm", "module": "example:" + name,
-                   "entrypoint": entry.get("entrypoint", "_start"),
-                   "args": [str(a) for a in entry.get("args", [])],
-                   "env": entry.get("env", {})},
+        "engine": {
+            "type": "wasm",
+            "module": "example:" + name,
+            "entrypoint": entry.get("entrypoint", "_start"),
+            "args": [str(a) for a in entry.get("args", [])],
+            "env": entry.get("env", {}),
+        },
         "resources": {"cpu": 1, "memory_mb": 64},
         "timeout": 30,
     }
     if entry.get("stdin"):
         import base64
 
-        spec["input"] = "base64:" + base64.b64encode(
-            wasm_jobs.path(entry["stdin"]).read_bytes()).decode()
+        spec["input"] = (
+            "base64:" + base64.b64encode(wasm_jobs.path(entry["stdin"]).read_bytes()).decode()
+        )
     return spec
 
 
@@ -100,21 +104,46 @@ def check_result(entry: dict[str, Any], job: dict[str, Any]) -> str | None:
 def run_demo(as_json: bool, keep: bool, broker: str, echo: Callable[[str], None]) -> bool:
     tmp = Path(tempfile.mkdtemp(prefix="deparrow-demo-"))
     procs: list[Proc] = []
-    report: dict[str, Any] = {"jobs": [], "balances": {}, "ledger_balanced": False,
-                              "data_dir": str(tmp)}
+    report: dict[str, Any] = {
+        "jobs": [],
+        "balances": {},
+        "ledger_balanced": False,
+        "data_dir": str(tmp),
+    }
     ok = False
     try:
         port = free_port()
         hub_url = f"http://127.0.0.1:{port}"
         echo(f"starting a hub on {hub_url} (data in {tmp})")
-        hub = Proc("hub", [sys.executable, "-m", "hub.cli", "hub", "--port", str(port),
-                           "--data-dir", str(tmp / "hub"), "--broker", broker,
-                           "--broker-port", "0", "--heartbeat", "1"], tmp / "hub.log")
+        hub = Proc(
+            "hub",
+            [
+                sys.executable,
+                "-m",
+                "hub.cli",
+                "hub",
+                "--port",
+                str(port),
+                "--data-dir",
+                str(tmp / "hub"),
+                "--broker",
+                broker,
+                "--broker-port",
+                "0",
+                "--heartbeat",
+                "1",
+            ],
+            tmp / "hub.log",
+        )
         procs.append(hub)
         token_path = tmp / "hub" / "admin-token"
         admin = Client(hub_url, None)
-        _wait_for("the hub", lambda: token_path.exists() and admin.status()["broker"]["connected"],
-                  60, procs)
+        _wait_for(
+            "the hub",
+            lambda: token_path.exists() and admin.status()["broker"]["connected"],
+            60,
+            procs,
+        )
         admin.token = token_path.read_text().strip()
         status = admin.status()
         report["broker"] = status["broker"]["kind"]
@@ -124,17 +153,37 @@ def run_demo(as_json: bool, keep: bool, broker: str, echo: Callable[[str], None]
         alice = admin.create_user("alice")
         owner_client = Client(hub_url, owner["token"])
         alice_client = Client(hub_url, alice["token"])
-        echo(f"users: alice ({alice['id']}, welcome grant {alice['welcome_grant']} credits), "
-             f"node-owner ({owner['id']})")
+        echo(
+            f"users: alice ({alice['id']}, welcome grant {alice['welcome_grant']} credits), "
+            f"node-owner ({owner['id']})"
+        )
         for i in (1, 2):
             token = owner_client.enrollment_token()["token"]
-            procs.append(Proc(f"node {i}", [
-                sys.executable, "-m", "edge.cli", "--hub", hub_url, "--token", token,
-                "--name", f"demo-node-{i}", "--data-dir", str(tmp / f"node{i}"),
-            ], tmp / f"node{i}.log"))
-        _wait_for("two nodes online",
-                  lambda: sum(n["state"] != "offline" for n in owner_client.nodes()) == 2,
-                  60, procs)
+            procs.append(
+                Proc(
+                    f"node {i}",
+                    [
+                        sys.executable,
+                        "-m",
+                        "edge.cli",
+                        "--hub",
+                        hub_url,
+                        "--token",
+                        token,
+                        "--name",
+                        f"demo-node-{i}",
+                        "--data-dir",
+                        str(tmp / f"node{i}"),
+                    ],
+                    tmp / f"node{i}.log",
+                )
+            )
+        _wait_for(
+            "two nodes online",
+            lambda: sum(n["state"] != "offline" for n in owner_client.nodes()) == 2,
+            60,
+            procs,
+        )
         echo("two nodes online")
 
         examples = wasm_jobs.examples()
@@ -149,21 +198,34 @@ def run_demo(as_json: bool, keep: bool, broker: str, echo: Callable[[str], None]
             problem = check_result(entry, job)
             all_right &= problem is None
             result = job.get("result") or {}
-            shown = (" ".join(map(str, result["returns"])) if result.get("returns") is not None
-                     else (result.get("stdout") or "").strip())
-            report["jobs"].append({
-                "id": job_id, "name": name, "state": job["state"], "node": job["node"],
-                "result": shown, "stdout": result.get("stdout"),
-                "returns": result.get("returns"), "exit_code": result.get("exit_code"),
-                "cost": job["cost"], "correct": problem is None, "problem": problem,
-            })
+            shown = (
+                " ".join(map(str, result["returns"]))
+                if result.get("returns") is not None
+                else (result.get("stdout") or "").strip()
+            )
+            report["jobs"].append(
+                {
+                    "id": job_id,
+                    "name": name,
+                    "state": job["state"],
+                    "node": job["node"],
+                    "result": shown,
+                    "stdout": result.get("stdout"),
+                    "returns": result.get("returns"),
+                    "exit_code": result.get("exit_code"),
+                    "cost": job["cost"],
+                    "correct": problem is None,
+                    "problem": problem,
+                }
+            )
             mark = "ok " if problem is None else "BAD"
-            echo(f"{mark} {name:<8} {job['state']:<9} on {job['node']}  cost {job['cost']}  "
-                 f"-> {shown[:70]}" + (f"  [{problem}]" if problem else ""))
+            echo(
+                f"{mark} {name:<8} {job['state']:<9} on {job['node']}  cost {job['cost']}  "
+                f"-> {shown[:70]}" + (f"  [{problem}]" if problem else "")
+            )
 
         nodes = owner_client.nodes()
-        report["nodes"] = [{"id": n["id"], "name": n["name"], "earned": n["earned"]}
-                           for n in nodes]
+        report["nodes"] = [{"id": n["id"], "name": n["name"], "earned": n["earned"]} for n in nodes]
         for n in nodes:
             echo(f"node {n['name']} ({n['id']}) earned {n['earned']} credits")
         audit = admin.request("GET", "/api/v1/ledger/audit")
@@ -174,10 +236,18 @@ def run_demo(as_json: bool, keep: bool, broker: str, echo: Callable[[str], None]
             "node-owner": owner_client.wallet()["balance"],
         }
         report["ledger_balanced"] = bool(audit["balanced"])
-        echo(f"balances: alice {report['balances_by_user']['alice']}, node-owner "
-             f"{report['balances_by_user']['node-owner']}, mint {report['balances'].get('mint')}")
-        echo("ledger " + ("balanced: all accounts sum to zero" if audit["balanced"]
-                          else f"NOT balanced: {audit}"))
+        echo(
+            f"balances: alice {report['balances_by_user']['alice']}, node-owner "
+            f"{report['balances_by_user']['node-owner']}, mint {report['balances'].get('mint')}"
+        )
+        echo(
+            "ledger "
+            + (
+                "balanced: all accounts sum to zero"
+                if audit["balanced"]
+                else f"NOT balanced: {audit}"
+            )
+        )
         ok = all_right and bool(audit["balanced"])
     except (HubError, RuntimeError) as e:
         report["error"] = str(e)

@@ -9,10 +9,20 @@ import msgspec
 from hub import models
 
 _TYPES: list[Any] = [
-    models.JobSpec, models.SubmitResponse, models.JobView, models.WalletView,
-    models.TokenRequest, models.TokenResponse, models.CreateUser, models.UserCreated,
-    models.EnrollmentTokenView, models.EnrollRequest, models.EnrollResponse, models.NodeView,
-    models.ErrorBody, models.BlobView,
+    models.JobSpec,
+    models.SubmitResponse,
+    models.JobView,
+    models.WalletView,
+    models.TokenRequest,
+    models.TokenResponse,
+    models.CreateUser,
+    models.UserCreated,
+    models.EnrollmentTokenView,
+    models.EnrollRequest,
+    models.EnrollResponse,
+    models.NodeView,
+    models.ErrorBody,
+    models.BlobView,
 ]
 
 
@@ -24,8 +34,14 @@ def _json(name: str) -> dict[str, Any]:
     return {"content": {"application/json": {"schema": _ref(name)}}}
 
 
-def _op(summary: str, ok: str | None, status: int = 200, body: str | None = None,
-        errors: tuple[int, ...] = (400, 401), auth: bool = True) -> dict[str, Any]:
+def _op(
+    summary: str,
+    ok: str | None,
+    status: int = 200,
+    body: str | None = None,
+    errors: tuple[int, ...] = (400, 401),
+    auth: bool = True,
+) -> dict[str, Any]:
     op: dict[str, Any] = {"summary": summary, "responses": {}}
     op["responses"][str(status)] = (
         {"description": "OK", **_json(ok)} if ok else {"description": "OK"}
@@ -45,55 +61,116 @@ def document() -> dict[str, Any]:
     )
     job_id = [{"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}]
     paths: dict[str, Any] = {
-        "/api/v1/auth/token": {"post": _op("Exchange an API token for a JWT", "TokenResponse",
-                                           body="TokenRequest", auth=False)},
-        "/api/v1/users": {"post": _op("Create a user (admin); returns its API token",
-                                      "UserCreated", 201, "CreateUser", (400, 401, 403))},
+        "/api/v1/auth/token": {
+            "post": _op(
+                "Exchange an API token for a JWT", "TokenResponse", body="TokenRequest", auth=False
+            )
+        },
+        "/api/v1/users": {
+            "post": _op(
+                "Create a user (admin); returns its API token",
+                "UserCreated",
+                201,
+                "CreateUser",
+                (400, 401, 403),
+            )
+        },
         "/api/v1/wallet": {"get": _op("My balance and held credits", "WalletView")},
-        "/api/v1/blobs": {"post": {
-            **_op("Upload a module or input (raw bytes); returns its sha256 reference",
-                  "BlobView", 201, errors=(400, 401, 413)),
-            "requestBody": {"required": True, "content": {"application/octet-stream": {
-                "schema": {"type": "string", "format": "binary"}}}},
-        }},
+        "/api/v1/blobs": {
+            "post": {
+                **_op(
+                    "Upload a module or input (raw bytes); returns its sha256 reference",
+                    "BlobView",
+                    201,
+                    errors=(400, 401, 413),
+                ),
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/octet-stream": {
+                            "schema": {"type": "string", "format": "binary"}
+                        }
+                    },
+                },
+            }
+        },
         "/api/v1/jobs": {
             "post": {
-                **_op("Submit a job: priced on the server, the maximum is held before queueing",
-                      "SubmitResponse", 201, "JobSpec", (400, 401, 402)),
-                "parameters": [{"name": "Idempotency-Key", "in": "header", "required": False,
-                                "schema": {"type": "string", "maxLength": 128}}],
+                **_op(
+                    "Submit a job: priced on the server, the maximum is held before queueing",
+                    "SubmitResponse",
+                    201,
+                    "JobSpec",
+                    (400, 401, 402),
+                ),
+                "parameters": [
+                    {
+                        "name": "Idempotency-Key",
+                        "in": "header",
+                        "required": False,
+                        "schema": {"type": "string", "maxLength": 128},
+                    }
+                ],
             },
-            "get": {**_op("My jobs, newest first", None), "parameters": [
-                {"name": "state", "in": "query", "schema": {"type": "string"}},
-                {"name": "limit", "in": "query", "schema": {"type": "integer"}},
-                {"name": "all", "in": "query", "schema": {"type": "string", "enum": ["1"]}},
-            ]},
+            "get": {
+                **_op("My jobs, newest first", None),
+                "parameters": [
+                    {"name": "state", "in": "query", "schema": {"type": "string"}},
+                    {"name": "limit", "in": "query", "schema": {"type": "integer"}},
+                    {"name": "all", "in": "query", "schema": {"type": "string", "enum": ["1"]}},
+                ],
+            },
         },
-        "/api/v1/jobs/{job_id}": {"get": {**_op("A job: state, result, cost, node, timings",
-                                                "JobView", errors=(401, 403, 404)),
-                                          "parameters": job_id}},
-        "/api/v1/jobs/{job_id}/cancel": {"post": {
-            **_op("Cancel a job and release its hold (repeating it is harmless)", "JobView",
-                  errors=(401, 403, 404)), "parameters": job_id}},
-        "/api/v1/enrollment-tokens": {"post": _op(
-            "Create a single-use token that enrolls one node to my wallet",
-            "EnrollmentTokenView", 201)},
-        "/api/v1/nodes/enroll": {"post": _op(
-            "Enroll a node: returns its id, secret and MQTT credentials", "EnrollResponse",
-            201, "EnrollRequest", auth=False)},
+        "/api/v1/jobs/{job_id}": {
+            "get": {
+                **_op(
+                    "A job: state, result, cost, node, timings", "JobView", errors=(401, 403, 404)
+                ),
+                "parameters": job_id,
+            }
+        },
+        "/api/v1/jobs/{job_id}/cancel": {
+            "post": {
+                **_op(
+                    "Cancel a job and release its hold (repeating it is harmless)",
+                    "JobView",
+                    errors=(401, 403, 404),
+                ),
+                "parameters": job_id,
+            }
+        },
+        "/api/v1/enrollment-tokens": {
+            "post": _op(
+                "Create a single-use token that enrolls one node to my wallet",
+                "EnrollmentTokenView",
+                201,
+            )
+        },
+        "/api/v1/nodes/enroll": {
+            "post": _op(
+                "Enroll a node: returns its id, secret and MQTT credentials",
+                "EnrollResponse",
+                201,
+                "EnrollRequest",
+                auth=False,
+            )
+        },
         "/api/v1/nodes": {"get": _op("Nodes (mine; all for an admin)", None)},
-        "/api/v1/status": {"get": _op("Hub, broker and node counts", None, errors=(),
-                                      auth=False)},
+        "/api/v1/status": {"get": _op("Hub, broker and node counts", None, errors=(), auth=False)},
         "/api/v1/openapi.json": {"get": _op("This document", None, errors=(), auth=False)},
     }
     return {
         "openapi": "3.1.0",
-        "info": {"title": "DEparrow hub API", "version": "1",
-                 "description": "Amounts are decimal strings of credits (6 decimals)."},
+        "info": {
+            "title": "DEparrow hub API",
+            "version": "1",
+            "description": "Amounts are decimal strings of credits (6 decimals).",
+        },
         "paths": paths,
         "components": {
             "schemas": components,
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
-                                           "bearerFormat": "JWT"}},
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}
+            },
         },
     }

@@ -219,9 +219,7 @@ class Store:
         return self.db.query_one("SELECT * FROM jobs WHERE id = ?", (job_id,))
 
     def job_by_submit_key(self, owner: str, key: str) -> sqlite3.Row | None:
-        return self.db.query_one(
-            "SELECT * FROM jobs WHERE submit_key = ?", (owner + ":" + key,)
-        )
+        return self.db.query_one("SELECT * FROM jobs WHERE submit_key = ?", (owner + ":" + key,))
 
     def jobs(
         self, owner: str | None = None, state: str | None = None, limit: int = 50

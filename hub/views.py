@@ -31,10 +31,17 @@ def recent_events(app: web.Application, n: int) -> list[dict[str, Any]]:
 
 def node_view(n: Any) -> dict[str, Any]:
     return {
-        "id": n["id"], "name": n["name"], "owner": n["owner"], "state": n["state"],
-        "engines": json.loads(n["engines"]), "arch": n["arch"], "cpu": n["cpu"],
-        "memory_mb": n["memory_mb"], "last_seen": n["last_seen"],
-        "running": json.loads(n["running"]), "earned": format_micro(int(n["earned"])),
+        "id": n["id"],
+        "name": n["name"],
+        "owner": n["owner"],
+        "state": n["state"],
+        "engines": json.loads(n["engines"]),
+        "arch": n["arch"],
+        "cpu": n["cpu"],
+        "memory_mb": n["memory_mb"],
+        "last_seen": n["last_seen"],
+        "running": json.loads(n["running"]),
+        "earned": format_micro(int(n["earned"])),
     }
 
 
@@ -49,9 +56,14 @@ async def index(request: web.Request) -> dict[str, Any]:
         if row["kind"] == "hold" and row["balance"] == 0:
             continue
         owner = users.get(row["owner"]) if row["owner"] else None
-        balances.append({"account": row["id"], "kind": row["kind"],
-                         "name": owner["name"] if owner else "",
-                         "balance": format_micro(int(row["balance"]))})
+        balances.append(
+            {
+                "account": row["id"],
+                "kind": row["kind"],
+                "name": owner["name"] if owner else "",
+                "balance": format_micro(int(row["balance"])),
+            }
+        )
     audit = services.ledger.audit()
     return {
         "nodes": [node_view(n) for n in services.store.nodes()],

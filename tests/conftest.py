@@ -60,8 +60,14 @@ class Proc:
     def __init__(self, cmd: list[str], log: Path, env: dict[str, str] | None = None) -> None:
         self.log = log
         self.fh = open(log, "ab")  # noqa: SIM115
-        self.p = subprocess.Popen(cmd, stdout=self.fh, stderr=self.fh, stdin=subprocess.DEVNULL,
-                                  env={**os.environ, **(env or {})}, start_new_session=True)
+        self.p = subprocess.Popen(
+            cmd,
+            stdout=self.fh,
+            stderr=self.fh,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -112,18 +118,34 @@ class HubProc:
         return u, Client(self.url, u["token"])
 
 
-def start_hub(tmp_path: Path, mqtt_url: str | None = None, broker: str = "auto",
-              extra: tuple[str, ...] = ()) -> HubProc:
+def start_hub(
+    tmp_path: Path, mqtt_url: str | None = None, broker: str = "auto", extra: tuple[str, ...] = ()
+) -> HubProc:
     port = free_port()
     data = tmp_path / "hub"
-    cmd = [sys.executable, "-m", "hub.cli", "hub", "--port", str(port), "--data-dir", str(data),
-           "--heartbeat", "0.5", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "hub.cli",
+        "hub",
+        "--port",
+        str(port),
+        "--data-dir",
+        str(data),
+        "--heartbeat",
+        "0.5",
+        *extra,
+    ]
     cmd += ["--mqtt", mqtt_url] if mqtt_url else ["--broker", broker, "--broker-port", "0"]
     proc = Proc(cmd, tmp_path / "hub.log")
     url = f"http://127.0.0.1:{port}"
     probe = Client(url)
-    wait_until("the hub to answer", lambda: (data / "admin-token").exists()
-               and probe.status()["broker"]["connected"], 30, (proc,))
+    wait_until(
+        "the hub to answer",
+        lambda: (data / "admin-token").exists() and probe.status()["broker"]["connected"],
+        30,
+        (proc,),
+    )
     return HubProc(url, data, proc)
 
 
@@ -136,9 +158,27 @@ def hub(tmp_path: Path, broker_url: str) -> Iterator[HubProc]:
 
 def start_node(hub: HubProc, owner: Client, tmp_path: Path, name: str = "node") -> Proc:
     token = owner.enrollment_token()["token"]
-    proc = Proc([sys.executable, "-m", "edge.cli", "--hub", hub.url, "--token", token,
-                 "--name", name, "--data-dir", str(tmp_path / name), "-v"],
-                tmp_path / f"{name}.log")
-    wait_until(f"{name} online", lambda: any(n["name"] == name and n["state"] == "idle"
-                                             for n in owner.nodes()), 30, (proc,))
+    proc = Proc(
+        [
+            sys.executable,
+            "-m",
+            "edge.cli",
+            "--hub",
+            hub.url,
+            "--token",
+            token,
+            "--name",
+            name,
+            "--data-dir",
+            str(tmp_path / name),
+            "-v",
+        ],
+        tmp_path / f"{name}.log",
+    )
+    wait_until(
+        f"{name} online",
+        lambda: any(n["name"] == name and n["state"] == "idle" for n in owner.nodes()),
+        30,
+        (proc,),
+    )
     return proc

@@ -25,8 +25,11 @@ def commands(group: click.Group, prefix: str) -> list[str]:
 
 
 def test_every_cli_command_is_in_the_readme() -> None:
-    missing = [c for c in commands(hub_main, "deparrow") + commands(edge_main, "edge-run")
-               if c not in README]
+    missing = [
+        c
+        for c in commands(hub_main, "deparrow") + commands(edge_main, "edge-run")
+        if c not in README
+    ]
     assert not missing, f"undocumented commands: {missing}"
 
 

@@ -5,13 +5,18 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from decimal import Decimal
 
 import wasm_jobs
 
 
 def test_demo_json_reports_every_job_completed_and_the_ledger_balanced() -> None:
-    out = subprocess.run([sys.executable, "-m", "hub.cli", "demo", "--json"],
-                         capture_output=True, text=True, timeout=240)
+    out = subprocess.run(
+        [sys.executable, "-m", "hub.cli", "demo", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(out.stdout)
     names = [name for name, _ in wasm_jobs.examples()]
@@ -20,5 +25,5 @@ def test_demo_json_reports_every_job_completed_and_the_ledger_balanced() -> None
         assert job["state"] == "completed" and job["correct"], job
         assert job["id"].startswith("j_") and job["cost"] is not None
     assert report["ledger_balanced"] is True
-    assert sum(float(v) for v in report["balances"].values()) == 0
+    assert sum(Decimal(v) for v in report["balances"].values()) == 0
     assert len({j["node"] for j in report["jobs"]}) >= 1

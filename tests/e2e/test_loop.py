@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import wasm_jobs
+
 from tests.conftest import HubProc, start_node, wait_until
 
 
@@ -14,9 +15,13 @@ def spec(name: str, **over: Any) -> dict[str, Any]:
     entry = wasm_jobs.manifest()[name]
     s: dict[str, Any] = {
         "name": name,
-        "engine": {"type": "wasm", "module": "example:" + name,
-                   "entrypoint": entry["entrypoint"], "args": entry["args"],
-                   "env": entry["env"]},
+        "engine": {
+            "type": "wasm",
+            "module": "example:" + name,
+            "entrypoint": entry["entrypoint"],
+            "args": entry["args"],
+            "env": entry["env"],
+        },
         "timeout": 20,
     }
     s.update(over)
@@ -28,7 +33,7 @@ def finished(client: Any, job_id: str, timeout_s: float = 60) -> dict[str, Any]:
 
 
 def test_jobs_run_on_a_real_node_and_pay_its_owner(hub: HubProc, tmp_path: Path) -> None:
-    owner_info, owner = hub.user("owner")
+    _, owner = hub.user("owner")
     _, alice = hub.user("alice")
     node = start_node(hub, owner, tmp_path, "laptop")
     try:
@@ -42,7 +47,7 @@ def test_jobs_run_on_a_real_node_and_pay_its_owner(hub: HubProc, tmp_path: Path)
         assert job2["result"]["stdout"] == "primes below 100000: 9592\n"
         assert job2["result"]["exit_code"] == 0
         earned = owner.nodes()[0]["earned"]
-        assert earned == "0.005554"  # two jobs, one started second each: 2 × 2,777 µc
+        assert earned == "0.005554"  # two jobs, one started second each: 2 x 2,777 µc
         assert owner.wallet()["balance"] == "100.005554"
         assert alice.wallet()["balance"] == "99.994446"
         assert alice.wallet()["held"] == "0"
@@ -95,8 +100,10 @@ def test_node_restart_keeps_its_identity(hub: HubProc, tmp_path: Path) -> None:
 
     from tests.conftest import Proc
 
-    again = Proc([sys.executable, "-m", "edge.cli", "--data-dir", str(tmp_path / "n1")],
-                 tmp_path / "n1-again.log")
+    again = Proc(
+        [sys.executable, "-m", "edge.cli", "--data-dir", str(tmp_path / "n1")],
+        tmp_path / "n1-again.log",
+    )
     try:
         wait_until("back online", lambda: owner.nodes()[0]["state"] == "idle", 20, (again,))
         assert [n["id"] for n in owner.nodes()] == [node_id]

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 import wasm_jobs
 
 EDGE = [sys.executable, "-m", "edge.cli", "job"]
@@ -58,8 +57,9 @@ def test_job_exit_code_is_ours() -> None:
         ((job("hello"), "--env", "NOEQUALS"), 2, "edge-run: "),
     ],
 )
-def test_failures_are_one_line_without_traceback(args: tuple[str, ...], code: int,
-                                                 prefix: str) -> None:
+def test_failures_are_one_line_without_traceback(
+    args: tuple[str, ...], code: int, prefix: str
+) -> None:
     out = run(*args)
     assert out.returncode == code, (out.returncode, out.stderr)
     # None of these jobs writes to stderr itself: the reason must be the only line.

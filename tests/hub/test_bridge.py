@@ -20,8 +20,11 @@ from edge import protocol
 from hub.bridge import parse_mqtt_url
 from tests.conftest import HubProc, wait_until
 
-FIB = {"name": "fib", "engine": {"type": "wasm", "module": "example:fib", "entrypoint": "fib",
-                                 "args": ["20"]}, "timeout": 10}
+FIB = {
+    "name": "fib",
+    "engine": {"type": "wasm", "module": "example:fib", "entrypoint": "fib", "args": ["20"]},
+    "timeout": 10,
+}
 
 
 class FakeNode:
@@ -29,17 +32,21 @@ class FakeNode:
 
     def __init__(self, hub: HubProc, owner: Any) -> None:
         token = owner.enrollment_token()["token"]
-        self.creds = hub.admin.request("POST", "/api/v1/nodes/enroll",
-                                       {"token": token, "name": "fake"}, auth=False)
+        self.creds = hub.admin.request(
+            "POST", "/api/v1/nodes/enroll", {"token": token, "name": "fake"}, auth=False
+        )
         self.id = self.creds["node_id"]
         self.secret = self.creds["node_secret"]
         self.inbox: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue()
         host, port = parse_mqtt_url(self.creds["mqtt"]["url"])
-        self.c = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2,
-                             client_id=self.id)
+        self.c = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=self.id)
         self.c.username_pw_set(self.id, self.creds["mqtt"]["password"])
-        self.c.will_set(protocol.node_topic(self.id, "status"),
-                        protocol.encode(protocol.status(self.id, "offline")), 1, True)
+        self.c.will_set(
+            protocol.node_topic(self.id, "status"),
+            protocol.encode(protocol.status(self.id, "offline")),
+            1,
+            True,
+        )
         self.c.on_message = lambda _c, _u, m: self.inbox.put((m.topic, json.loads(m.payload)))
         self.c.connect(host, port)
         self.c.loop_start()
@@ -64,8 +71,9 @@ class FakeNode:
 
     def beat(self, state: str = "idle") -> None:
         self.state = state
-        self.send("heartbeat", protocol.heartbeat(self.id, 1, state,
-                                                  {"cpu": 2, "memory_mb": 512}, []))
+        self.send(
+            "heartbeat", protocol.heartbeat(self.id, 1, state, {"cpu": 2, "memory_mb": 512}, [])
+        )
 
     def next(self, kind: str, timeout_s: float = 10) -> dict[str, Any]:
         deadline = time.monotonic() + timeout_s
@@ -78,14 +86,28 @@ class FakeNode:
                 return msg
         raise AssertionError(f"no {kind} message within {timeout_s}s")
 
-    def result(self, assign: dict[str, Any], stdout: bytes = b"", returns: Any = None,
-               status: str = "completed", error: str | None = None,
-               secret: str | None = None) -> dict[str, Any]:
-        outcome = {"status": status, "exit_code": 0 if status == "completed" else None,
-                   "stdout": stdout, "stderr": b"", "returns": returns, "error": error,
-                   "wall_ms": 1200, "cpu_ms": 1100}
-        return protocol.result(self.id, secret or self.secret, assign["job_id"],
-                               assign["attempt"], outcome)
+    def result(
+        self,
+        assign: dict[str, Any],
+        stdout: bytes = b"",
+        returns: Any = None,
+        status: str = "completed",
+        error: str | None = None,
+        secret: str | None = None,
+    ) -> dict[str, Any]:
+        outcome = {
+            "status": status,
+            "exit_code": 0 if status == "completed" else None,
+            "stdout": stdout,
+            "stderr": b"",
+            "returns": returns,
+            "error": error,
+            "wall_ms": 1200,
+            "cpu_ms": 1100,
+        }
+        return protocol.result(
+            self.id, secret or self.secret, assign["job_id"], assign["attempt"], outcome
+        )
 
     def close(self) -> None:
         self.beating = False
@@ -95,8 +117,8 @@ class FakeNode:
 
 @pytest.fixture
 def setup(hub: HubProc) -> Any:
-    owner, owner_c = hub.user("owner")
-    alice, alice_c = hub.user("alice")
+    _, owner_c = hub.user("owner")
+    _, alice_c = hub.user("alice")
     node = FakeNode(hub, owner_c)
     wait_until("node idle", lambda: owner_c.nodes()[0]["state"] == "idle")
     yield hub, node, owner_c, alice_c
@@ -120,8 +142,9 @@ def test_assignment_result_settlement_exactly_once(setup: Any) -> None:
     res = node.result(assign, returns=[6765])
     for _ in range(3):  # QoS 1 may deliver twice; a retrying node may send again
         node.send("result", res)
-    done = wait_until("completed", lambda: (j := alice.job(job["id"]))["state"] == "completed"
-                      and j)
+    done = wait_until(
+        "completed", lambda: (j := alice.job(job["id"]))["state"] == "completed" and j
+    )
     assert done["result"]["returns"] == [6765]
     # 2 billable seconds of 1 CPU at 10 credits/hour = 5,555 µc.
     assert done["cost"] == "0.005555"
@@ -145,7 +168,7 @@ def test_failed_result_refunds(setup: Any) -> None:
 
 
 def test_forged_and_malformed_messages_are_dropped(setup: Any) -> None:
-    hub, node, owner, alice = setup
+    hub, node, _owner, alice = setup
     job = alice.submit(FIB)
     assign = node.next("assign")
     # Wrong secret, tampered output, and garbage: none may settle or crash the hub.
@@ -173,7 +196,7 @@ def test_forged_and_malformed_messages_are_dropped(setup: Any) -> None:
 
 
 def test_busy_node_gets_nothing_and_offline_node_loses_its_job(setup: Any) -> None:
-    hub, node, owner, alice = setup
+    _hub, node, owner, alice = setup
     node.beat("busy")
     wait_until("busy", lambda: owner.nodes()[0]["state"] == "busy")
     job = alice.submit(FIB)
@@ -190,8 +213,9 @@ def test_busy_node_gets_nothing_and_offline_node_loses_its_job(setup: Any) -> No
     node.c.loop_stop()
     sock.close()
     wait_until("offline", lambda: owner.nodes()[0]["state"] == "offline", 15)
-    requeued = wait_until("requeued", lambda: (j := alice.job(job["id"]))["state"] == "queued"
-                          and j)
+    requeued = wait_until(
+        "requeued", lambda: (j := alice.job(job["id"]))["state"] == "queued" and j
+    )
     assert "offline" in requeued["reason"]
     assert alice.wallet()["held"] != "0"  # still held for the next attempt
 

@@ -17,9 +17,22 @@ def test_every_node_message_round_trips() -> None:
         "heartbeat": protocol.heartbeat("n_1", 3, "idle", {"cpu": 2.0, "memory_mb": 100}, []),
         "status": protocol.status("n_1", "offline"),
         "event": protocol.event("n_1", "j_1", 1, "running"),
-        "result": protocol.result("n_1", SECRET, "j_1", 2, {
-            "status": "completed", "exit_code": 0, "stdout": b"hi\n", "stderr": b"",
-            "returns": [5], "error": None, "wall_ms": 10, "cpu_ms": 9}),
+        "result": protocol.result(
+            "n_1",
+            SECRET,
+            "j_1",
+            2,
+            {
+                "status": "completed",
+                "exit_code": 0,
+                "stdout": b"hi\n",
+                "stderr": b"",
+                "returns": [5],
+                "error": None,
+                "wall_ms": 10,
+                "cpu_ms": 9,
+            },
+        ),
     }
     assert set(msgs) == set(protocol.NODE_OUT)
     for kind, msg in msgs.items():
@@ -38,14 +51,27 @@ def test_submit_round_trips() -> None:
 
 
 def test_result_signature_covers_output_and_usage() -> None:
-    outcome = {"status": "completed", "exit_code": 0, "stdout": b"42\n", "stderr": b"",
-               "returns": None, "error": None, "wall_ms": 1000, "cpu_ms": 900}
+    outcome = {
+        "status": "completed",
+        "exit_code": 0,
+        "stdout": b"42\n",
+        "stderr": b"",
+        "returns": None,
+        "error": None,
+        "wall_ms": 1000,
+        "cpu_ms": 900,
+    }
     msg = protocol.result("n_1", SECRET, "j_1", 1, outcome)
     assert protocol.verify_result(SECRET, msg, b"42\n")
     assert not protocol.verify_result(SECRET, msg, b"43\n")
     assert not protocol.verify_result("cd" * 32, msg, b"42\n")
-    for field, value in [("wall_ms", 999999), ("attempt", 2), ("state", "failed"),
-                         ("exit_code", 1), ("node_id", "n_2")]:
+    for field, value in [
+        ("wall_ms", 999999),
+        ("attempt", 2),
+        ("state", "failed"),
+        ("exit_code", 1),
+        ("node_id", "n_2"),
+    ]:
         assert not protocol.verify_result(SECRET, {**msg, field: value}, b"42\n"), field
 
 
@@ -57,14 +83,24 @@ def test_hand_written_hmac_matches_the_library() -> None:
         expected = compat.hmac_sha256_hex("key", b"message")
         compat._hmac = None  # as on a board without the hmac module
         assert compat.hmac_sha256_hex("key", b"message") == expected
-        assert compat.hmac_sha256_hex("k" * 100, b"m") == (compat._hmac or __import__(
-            "hmac")).new(b"k" * 100, b"m", "sha256").hexdigest()
+        assert (
+            compat.hmac_sha256_hex("k" * 100, b"m")
+            == (compat._hmac or __import__("hmac")).new(b"k" * 100, b"m", "sha256").hexdigest()
+        )
     finally:
         compat._hmac = saved
 
 
-@pytest.mark.parametrize("topic", ["dp/v1/nodes//hello", "dp/v2/nodes/n/hello", "x",
-                                   "dp/v1/things/n/hello", "dp/v1/nodes/n/hello/extra"])
+@pytest.mark.parametrize(
+    "topic",
+    [
+        "dp/v1/nodes//hello",
+        "dp/v2/nodes/n/hello",
+        "x",
+        "dp/v1/things/n/hello",
+        "dp/v1/nodes/n/hello/extra",
+    ],
+)
 def test_foreign_topics_are_rejected(topic: str) -> None:
     assert protocol.parse_topic(topic) is None
 
