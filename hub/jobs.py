@@ -221,8 +221,11 @@ class Jobs:
         observed_ms = int((now - float(job["assigned_at"] or now)) * 1000)
         # Bill the smaller of what the node reports and what the hub observed.
         wall_ms = max(0, min(int(msg["wall_ms"]), observed_ms))
+        exit_code = msg.get("exit_code")
+        if msg["state"] != protocol.COMPLETED and exit_code == -1:
+            exit_code = None  # the job never exited: -1 is the wire's "no exit code"
         result = {
-            "exit_code": msg.get("exit_code"),
+            "exit_code": exit_code,
             "stdout": stdout.decode("utf-8", "replace"),
             "stderr": stderr.decode("utf-8", "replace"),
             "returns": msg.get("returns"),

@@ -103,7 +103,7 @@ class WalletView(msgspec.Struct):
 
 
 class TokenRequest(msgspec.Struct, forbid_unknown_fields=True):
-    token: Annotated[str, msgspec.Meta(min_length=8, max_length=256)]
+    token: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 
 
 class TokenResponse(msgspec.Struct):
