@@ -124,7 +124,9 @@ def run_node(config: dict[str, Any], max_cpu: float | None) -> None:
         try:
             while not stopping:
                 session.step()
-                mqtt.wait(0.05)
+                # A running job finishes in its worker: look again soon rather than at the
+                # next message, so a result is not held back by the idle poll interval.
+                mqtt.wait(0.002 if session.runner.running else 0.05)
         finally:
             session.stop()
             click.echo(

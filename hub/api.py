@@ -166,11 +166,11 @@ async def submit_job(request: web.Request) -> web.Response:
     if key is not None and not (0 < len(key) <= 128):
         return error(400, "Idempotency-Key must be 1 to 128 characters", field="Idempotency-Key")
     job = services.jobs.submit(who.user_id, spec, submit_key="rest:" + key if key else None)
-    if services.bridge is not None:
-        services.bridge.dispatch()
     from hub import views
 
     views.notify(request.app, "job", {"id": job["id"], "state": job["state"]})
+    if services.bridge is not None:
+        services.bridge.dispatch()
     return json_response(
         SubmitResponse(
             id=job["id"],

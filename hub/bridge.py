@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -38,6 +39,12 @@ SIZE_LIMITS = {
     protocol.RESULT: protocol.MAX_RESULT,
     protocol.SUBMIT: protocol.MAX_SUBMIT,
 }
+
+
+def _no_delay(_client: Any, _userdata: Any, sock: Any) -> None:
+    """Small QoS 1 messages and their acks must not wait out Nagle + delayed ACK (~40 ms)."""
+    if isinstance(sock, socket.socket):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def parse_mqtt_url(url: str) -> tuple[str, int]:
@@ -77,6 +84,7 @@ class Bridge:
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.client.on_disconnect = self._on_disconnect
+        self.client.on_socket_open = _no_delay
 
     # --- lifecycle -----------------------------------------------------------------
     async def start(self, timeout_s: float = 15.0) -> None:

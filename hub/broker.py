@@ -77,6 +77,7 @@ class ChildBroker:
                 "allow_anonymous true\n"
                 "persistence false\n"
                 "max_packet_size 16777216\n"
+                "set_tcp_nodelay true\n"
                 "log_dest stderr\n"
                 "log_type error\nlog_type warning\nlog_type notice\n"
             )

@@ -195,7 +195,7 @@ class Jobs:
         with self.db.transaction() as c:
             cur = c.execute(
                 "UPDATE jobs SET state = 'running', started_at = COALESCE(started_at, ?)"
-                " WHERE id = ? AND node = ? AND attempt = ? AND state IN ('assigned', 'running')",
+                " WHERE id = ? AND node = ? AND attempt = ? AND state = 'assigned'",
                 (time.time(), msg.get("job_id"), node_id, msg.get("attempt")),
             )
             return cur.rowcount == 1

@@ -1,15 +1,12 @@
-"""WASI preview1, the subset a sandboxed batch job needs, as host functions for wasm3.
-
-A job gets argv, environ, stdin (fd 0, from bytes), stdout and stderr (fds 1 and 2, captured
-with a cap), clocks, random bytes and proc_exit. There is no filesystem and no network: no
-directory is preopened, and a module that imports anything else (path_open, sock_*...) is
-refused before it runs (see `missing_imports`), so "unsupported" is said once, up front,
-instead of surfacing as a strange errno deep inside the program.
-
-Pure Python over a `memory()` callable that returns the instance's linear memory as a
-writable buffer (pywasm3: `runtime.get_memory(0)`), fetched again on every call because
-memory.grow may move it. No CPython-only modules beyond feature-detected ones, so a
-MicroPython build can reuse it with its own wasm3 binding.
+"""WASI preview1, the subset a sandboxed batch job needs, as host functions for wasm3: a job
+gets argv, environ, stdin (fd 0, from bytes), stdout and stderr (fds 1 and 2, captured with a
+cap), clocks, random bytes and proc_exit. There is no filesystem and no network: no directory
+is preopened, and a module that imports anything else (path_open, sock_*...) is refused before
+it runs (see `missing_imports`), so "unsupported" is said once, up front, instead of surfacing
+as a strange errno deep inside the program. Pure Python over a `memory()` callable that
+returns the instance's linear memory as a writable buffer (pywasm3: `runtime.get_memory(0)`),
+fetched again on every call because memory.grow may move it; no CPython-only modules beyond
+feature-detected ones, so a MicroPython build can reuse it with its own wasm3 binding.
 """
 
 try:

@@ -1,59 +1,23 @@
-"""Runs WebAssembly jobs with wasm3 in reusable worker processes.
-
-pywasm3 cannot be interrupted (no fuel, no timeout, the GIL held for the whole call), leaks
-~68 KiB per runtime and has no WASI, so a job never runs in the node's process: it runs in a
-worker (`edge/executors/worker.py`) that the node SIGKILLs at the job's wall-clock timeout,
-recycles after `jobs_per_worker` jobs and replaces when it dies. What a worker enforces
-inside (memory cap, CPU backstop, WASI) is described there; this module is the node's side.
-
-Why `subprocess` running `python -m edge.executors.worker` rather than multiprocessing:
-- nothing of the node's `__main__` is re-imported (spawn and forkserver do that), so a node
-  started from any script, the CLI or an asyncio app behaves the same;
-- the wire is plain length-prefixed frames of JSON plus raw bytes on two pipes, read
-  non-blocking here: a worker that dies or babbles mid-frame cannot block or crash the node,
-  and no pickle from a process that runs untrusted code is ever loaded;
-- the worker gets exactly the fds it needs (pass_fds) and its own session, so a terminal's
-  Ctrl-C reaches the node, which then stops its workers itself.
-
+"""The wasm3 executor, the node's side: `Wasm3Executor` queues jobs and runs each in a
+reusable worker process (`workerproc.py` starts one, `worker.py` is what runs in it), which it
+SIGKILLs at the job's wall-clock timeout, recycles after `jobs_per_worker` jobs and replaces
+when it dies, so an uninterruptible, leaky wasm3 call can never hang or bloat the node.
 submit() and poll() never wait on a worker: the job frame is written as the pipe accepts it
-and the answer read as it arrives. run() waits with select() on the worker's pipe, so it
-wakes for the answer or for the deadline, whichever comes first.
+and the answer read as it arrives, so one loop can drive many jobs. run() waits with select()
+on the worker's pipe, so it wakes for the answer or for the deadline, whichever comes first.
+Nothing here imports wasm3: only the workers load it, never the node's own process.
 """
 
 import contextlib
 import os
 import select
 import signal
-import subprocess
-import sys
-import tempfile
 import time
 
-from edge.executors.worker import decode, encode
+from edge.executors.framing import encode
+from edge.executors.workerproc import WorkerProcess
 
 DEFAULT_TIMEOUT_S = 60.0
-MAX_FRAME = 1 << 20  # answers carry no job output, so any larger frame is a broken worker
-_PKG_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-_worker_argv = None
-
-
-def _worker_command():
-    """How to start a worker. With `-S` and an explicit path to edge and to wasm3 a worker
-    starts in ~45 ms instead of ~75 (site and an editable install's finder cost the rest)."""
-    global _worker_argv
-    if _worker_argv is None:
-        paths, flags = [_PKG_ROOT], []
-        try:
-            import importlib.util
-
-            spec = importlib.util.find_spec("wasm3")  # finds it without loading it
-            if spec is not None and spec.origin and os.path.isfile(spec.origin):
-                paths.append(os.path.dirname(spec.origin))
-                flags = ["-S"]
-        except (ImportError, ValueError):
-            pass
-        _worker_argv = (flags, paths)
-    return _worker_argv
 
 
 class _Handle:
@@ -75,174 +39,6 @@ class _Handle:
     def __repr__(self):
         state = "done" if self.outcome else "running" if self.worker else "queued"
         return f"<wasm3 job {self.job_id} {state}>"
-
-
-class _Worker:
-    """One worker process and the node's end of its pipes and output files."""
-
-    def __init__(self):
-        # they live as long as the worker, closed in close_files()
-        self.out_file = tempfile.TemporaryFile()  # noqa: SIM115
-        self.err_file = tempfile.TemporaryFile()  # noqa: SIM115
-        self.diag_file = tempfile.TemporaryFile()  # noqa: SIM115
-        out_fd, err_fd = self.out_file.fileno(), self.err_file.fileno()
-        flags, paths = _worker_command()
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [*paths, env.get("PYTHONPATH")]))
-        # one malloc arena and no dynamic mmap threshold: the address-space limit the worker
-        # sets per job then measures the job, not glibc's bookkeeping
-        env.setdefault("MALLOC_ARENA_MAX", "1")
-        env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
-        self.spawned = time.monotonic()
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                *flags,
-                "-m",
-                "edge.executors.worker",
-                "--stdout-fd",
-                str(out_fd),
-                "--stderr-fd",
-                str(err_fd),
-            ],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self.diag_file,
-            pass_fds=(out_fd, err_fd),
-            env=env,
-            start_new_session=True,
-            bufsize=0,
-        )
-        self.pid = self.proc.pid
-        self.wfd = self.proc.stdin.fileno()
-        self.rfd = self.proc.stdout.fileno()
-        os.set_blocking(self.wfd, False)
-        os.set_blocking(self.rfd, False)
-        self.wbuf = bytearray()
-        self.rbuf = bytearray()
-        self.ready_at = None
-        self.cpu_mark_ms = 0  # the worker's own CPU clock at its last answer
-        self.jobs = 0
-        self.handle = None
-        self.dead = False
-        self.status = None  # the wait status once reaped
-        self.cpu_total_ms = None
-        self.broken = None  # why the node gave up on its pipe, if it did
-
-    # -- pipes ---------------------------------------------------------------------------
-    def send(self, frame):
-        self.wbuf += frame
-        self.flush()
-
-    def flush(self):
-        while self.wbuf and not self.dead:
-            try:
-                n = os.write(self.wfd, self.wbuf)
-            except BlockingIOError:
-                return
-            except OSError:  # EPIPE: it died; the read side will tell
-                self.wbuf.clear()
-                return
-            del self.wbuf[:n]
-
-    def receive(self):
-        """Frames that arrived, and whether the pipe reached EOF (the worker is gone)."""
-        eof = False
-        while True:
-            try:
-                chunk = os.read(self.rfd, 1 << 16)
-            except BlockingIOError:
-                break
-            except OSError:
-                eof = True
-                break
-            if not chunk:
-                eof = True
-                break
-            self.rbuf += chunk
-        frames = []
-        while len(self.rbuf) >= 4:
-            size = int.from_bytes(self.rbuf[:4], "big")
-            if size > MAX_FRAME:
-                raise ValueError(f"worker sent a {size}-byte frame")
-            if len(self.rbuf) < 4 + size:
-                break
-            header = decode(bytes(self.rbuf[4 : 4 + size]))[0]
-            if not isinstance(header, dict):
-                raise ValueError("frame is not an object")
-            frames.append(header)
-            del self.rbuf[: 4 + size]
-        return frames, eof
-
-    # -- output files --------------------------------------------------------------------
-    def output(self, stdout_cap, stderr_cap):
-        out = os.pread(self.out_file.fileno(), stdout_cap + 1, 0)
-        err = os.pread(self.err_file.fileno(), stderr_cap + 1, 0)
-        notes = []
-        if len(out) > stdout_cap:
-            out = out[:stdout_cap]
-            notes.append(f"[deparrow: stdout truncated at {stdout_cap} bytes]\n")
-        if len(err) > stderr_cap:
-            err = err[:stderr_cap]
-            notes.append(f"[deparrow: stderr truncated at {stderr_cap} bytes]\n")
-        if notes:
-            err = err + "".join(notes).encode()
-        return out, err
-
-    def diag_tail(self, n=400):
-        fd = self.diag_file.fileno()
-        size = os.fstat(fd).st_size
-        text = os.pread(fd, n, max(0, size - n)).decode("utf-8", "replace").strip()
-        lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("  ")]
-        return lines[-1] if lines else ""
-
-    # -- life and death ------------------------------------------------------------------
-    def kill(self):
-        """SIGKILL and reap; returns the worker's total CPU milliseconds (or None)."""
-        if not self.dead:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGKILL)
-        return self.reap(block=True)
-
-    def reap(self, block=False):
-        if self.status is None:
-            try:
-                pid, status, usage = os.wait4(self.pid, 0 if block else os.WNOHANG)
-            except ChildProcessError:
-                pid, status, usage = self.pid, 0, None
-            if pid == 0:
-                return None
-            self.status = status
-            self.proc.returncode = os.waitstatus_to_exitcode(status)
-            self.dead = True
-            self.cpu_total_ms = (
-                int((usage.ru_utime + usage.ru_stime) * 1000) if usage is not None else None
-            )
-        return self.cpu_total_ms
-
-    def retire(self):
-        """No more jobs: closing stdin lets the worker exit on its own."""
-        with contextlib.suppress(OSError):
-            self.proc.stdin.close()
-
-    def close_files(self):
-        for f in (self.proc.stdin, self.proc.stdout, self.out_file, self.err_file, self.diag_file):
-            with contextlib.suppress(OSError):
-                f.close()
-
-    def death(self):
-        """How it died, in words, for an "executor error"."""
-        status = self.status or 0
-        if os.WIFSIGNALED(status):
-            sig = os.WTERMSIG(status)
-            try:
-                what = f"killed by {signal.Signals(sig).name}"
-            except ValueError:
-                what = f"killed by signal {sig}"
-        else:
-            what = f"exited with code {os.waitstatus_to_exitcode(status)}"
-        tail = self.diag_tail() if not self.diag_file.closed else ""
-        return what + (f" ({tail})" if tail else "")
 
 
 class Wasm3Executor:
@@ -292,11 +88,7 @@ class Wasm3Executor:
             self.queue.remove(handle)
             self._finish(handle, "cancelled", None, b"", b"", 0, 0)
             return
-        worker = handle.worker
-        cpu = self._kill(worker)
-        out, err = self._output(worker)
-        worker.close_files()
-        self._finish(handle, "cancelled", None, out, err, self._elapsed_ms(handle), cpu)
+        self._abort(handle.worker, handle, "cancelled", None)
         self._replenish()
 
     def run(self, job):
@@ -374,18 +166,8 @@ class Wasm3Executor:
             if eof:
                 self._on_death(worker)
             elif handle is not None and now >= handle.deadline():
-                cpu = self._kill(worker)
-                out, err = self._output(worker)
-                worker.close_files()
-                self._finish(
-                    handle,
-                    "failed",
-                    f"timeout: job exceeded its {handle.timeout_s:g}s limit",
-                    out,
-                    err,
-                    self._elapsed_ms(handle),
-                    cpu,
-                )
+                error = f"timeout: job exceeded its {handle.timeout_s:g}s limit"
+                self._abort(worker, handle, "failed", error)
         for worker in list(self.retiring):
             worker.reap()
             if worker.dead:
@@ -400,18 +182,10 @@ class Wasm3Executor:
                 if len(self.workers) >= self.max_workers:
                     return
                 try:
-                    worker = _Worker()
+                    worker = WorkerProcess()
                 except OSError as e:
-                    handle = self.queue.pop(0)
-                    self._finish(
-                        handle,
-                        "failed",
-                        f"executor error: cannot start a worker: {e}",
-                        b"",
-                        b"",
-                        0,
-                        0,
-                    )
+                    error = f"executor error: cannot start a worker: {e}"
+                    self._finish(self.queue.pop(0), "failed", error, b"", b"", 0, 0)
                     continue
                 self.workers.append(worker)
                 self.keep = max(self.keep, len(self.workers))
@@ -422,7 +196,7 @@ class Wasm3Executor:
     def _replenish(self):
         while not self.closed and len(self.workers) < self.keep:
             try:
-                self.workers.append(_Worker())
+                self.workers.append(WorkerProcess())
             except OSError:
                 return
 
@@ -474,18 +248,7 @@ class Wasm3Executor:
         worker.cpu_mark_ms = int(frame.get("cpu_total_ms") or worker.cpu_mark_ms)
         worker.handle = None
         out, err = self._output(worker)
-        outcome = {
-            "status": status,
-            "exit_code": exit_code,
-            "stdout": out,
-            "stderr": err,
-            "returns": returns,
-            "error": error,
-            "wall_ms": wall_ms,
-            "cpu_ms": cpu_ms,
-        }
-        handle.worker = None
-        handle.outcome = outcome
+        self._finish(handle, status, error, out, err, wall_ms, cpu_ms, exit_code, returns)
         if worker.jobs >= self.jobs_per_worker:
             self.workers.remove(worker)
             worker.retire()
@@ -504,7 +267,7 @@ class Wasm3Executor:
             worker.close_files()
             return
         out, err = self._output(worker)
-        cpu = self._job_cpu(worker)
+        cpu = worker.job_cpu_ms()
         status = worker.status or 0
         if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGXCPU:
             error = f"timeout: job exceeded its {handle.timeout_s:g}s limit (CPU time)"
@@ -515,18 +278,15 @@ class Wasm3Executor:
         worker.close_files()
         self._finish(handle, "failed", error, out, err, self._elapsed_ms(handle), cpu)
 
-    def _kill(self, worker):
-        """Kill a busy worker (timeout, cancel); returns the CPU its job used, in ms."""
+    def _abort(self, worker, handle, status, error):
+        """Kill the busy worker of a job (timeout, cancel) and end the job with what it wrote."""
         if worker in self.workers:
             self.workers.remove(worker)
         worker.kill()
-        return self._job_cpu(worker)
-
-    @staticmethod
-    def _job_cpu(worker):
-        if worker.cpu_total_ms is None:
-            return 0
-        return max(0, worker.cpu_total_ms - worker.cpu_mark_ms)
+        cpu = worker.job_cpu_ms()
+        out, err = self._output(worker)
+        worker.close_files()
+        self._finish(handle, status, error, out, err, self._elapsed_ms(handle), cpu)
 
     def _output(self, worker):
         try:
@@ -539,17 +299,19 @@ class Wasm3Executor:
         begin = handle.started or handle.dispatched
         return int((time.monotonic() - begin) * 1000) if begin else 0
 
-    def _finish(self, handle, status, error, out, err, wall_ms, cpu_ms):
+    def _finish(
+        self, handle, status, error, out, err, wall_ms, cpu_ms, exit_code=None, returns=None
+    ):
         if handle.worker is not None and handle.worker.handle is handle:
             handle.worker.handle = None
         handle.worker = None
         handle.job = None
         handle.outcome = {
             "status": status,
-            "exit_code": None,
+            "exit_code": exit_code,
             "stdout": out,
             "stderr": err,
-            "returns": None,
+            "returns": returns,
             "error": error,
             "wall_ms": wall_ms,
             "cpu_ms": cpu_ms,
