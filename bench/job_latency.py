@@ -23,11 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import wasm_jobs  # noqa: E402
-
 from edge.executors.wasm3 import Wasm3Executor  # noqa: E402
-from hub.broker import free_port  # noqa: E402
-from hub.client import Client  # noqa: E402
-from hub.demo import Proc, _wait_for  # noqa: E402
+from hub.localnet import LocalHub  # noqa: E402
 
 SPEC = {
     "name": "fib20",
@@ -75,66 +72,13 @@ def main() -> None:
     local_ms = baseline(args.jobs)
     say(f"baseline: fib(20) on a warm local executor: {local_ms:.1f} ms median")
     tmp = Path(tempfile.mkdtemp(prefix="deparrow-bench-"))
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    procs = [
-        Proc(
-            "hub",
-            [
-                sys.executable,
-                "-m",
-                "hub.cli",
-                "hub",
-                "--port",
-                str(port),
-                "--data-dir",
-                str(tmp / "hub"),
-                "--broker",
-                args.broker,
-                "--broker-port",
-                "0",
-                "--heartbeat",
-                "1",
-                "--welcome-grant",
-                "100000",
-            ],
-            tmp / "hub.log",
-        )
-    ]
+    hub = LocalHub(tmp / "hub", broker=args.broker, extra=["--welcome-grant", "100000"])
+    procs = [hub.proc]
     try:
-        token_path = tmp / "hub" / "admin-token"
-        probe = Client(url)
-        _wait_for(
-            "hub", lambda: token_path.exists() and probe.status()["broker"]["connected"], 60, procs
-        )
-        admin = Client(url, token_path.read_text().strip())
-        user = admin.create_user("bench")
-        client = Client(url, user["token"])
+        admin = hub.admin
+        _, client = hub.user("bench")
         for i in range(args.nodes):
-            tok = client.enrollment_token()["token"]
-            procs.append(
-                Proc(
-                    f"node{i}",
-                    [
-                        sys.executable,
-                        "-m",
-                        "edge.cli",
-                        "--hub",
-                        url,
-                        "--token",
-                        tok,
-                        "--data-dir",
-                        str(tmp / f"n{i}"),
-                    ],
-                    tmp / f"n{i}.log",
-                )
-            )
-        _wait_for(
-            "nodes",
-            lambda: sum(n["state"] == "idle" for n in client.nodes()) == args.nodes,
-            60,
-            procs,
-        )
+            procs.append(hub.start_node(client, tmp / f"n{i}", f"n{i}", verbose=False))
         client.wait(client.submit(SPEC)["id"])  # warm up
         seq = []
         for _ in range(args.jobs):

@@ -9,62 +9,14 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import wasm_jobs
-
-from hub.broker import free_port
-from hub.client import Client, HubError
-
-
-class Proc:
-    def __init__(self, name: str, cmd: list[str], log_path: Path) -> None:
-        self.name = name
-        self.log_path = log_path
-        with open(log_path, "ab") as log:
-            self.p = subprocess.Popen(
-                cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True
-            )
-
-    def alive(self) -> bool:
-        return self.p.poll() is None
-
-    def tail(self, n: int = 15) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        if self.p.poll() is None:
-            self.p.send_signal(signal.SIGTERM)
-            try:
-                self.p.wait(10)
-            except subprocess.TimeoutExpired:
-                self.p.kill()
-                self.p.wait(5)
-
-
-def _wait_for(what: str, check: Callable[[], bool], timeout_s: float, procs: list[Proc]) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        for p in procs:
-            if not p.alive():
-                raise RuntimeError(f"{p.name} exited early:\n{p.tail()}")
-        try:
-            if check():
-                return
-        except HubError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"timed out waiting for {what}")
+from hub.client import HubError
+from hub.localnet import LocalHub, Proc, wait_for
 
 
 def spec_for(name: str, entry: dict[str, Any]) -> dict[str, Any]:
@@ -112,76 +64,28 @@ def run_demo(as_json: bool, keep: bool, broker: str, echo: Callable[[str], None]
     }
     ok = False
     try:
-        port = free_port()
-        hub_url = f"http://127.0.0.1:{port}"
-        echo(f"starting a hub on {hub_url} (data in {tmp})")
-        hub = Proc(
-            "hub",
-            [
-                sys.executable,
-                "-m",
-                "hub.cli",
-                "hub",
-                "--port",
-                str(port),
-                "--data-dir",
-                str(tmp / "hub"),
-                "--broker",
-                broker,
-                "--broker-port",
-                "0",
-                "--heartbeat",
-                "1",
-            ],
-            tmp / "hub.log",
-        )
-        procs.append(hub)
-        token_path = tmp / "hub" / "admin-token"
-        admin = Client(hub_url, None)
-        _wait_for(
-            "the hub",
-            lambda: token_path.exists() and admin.status()["broker"]["connected"],
-            60,
-            procs,
-        )
-        admin.token = token_path.read_text().strip()
-        status = admin.status()
+        echo(f"starting a hub (data in {tmp})")
+        hub = LocalHub(tmp / "hub", broker=broker, heartbeat_s=1.0)
+        procs.append(hub.proc)
+        status = hub.admin.status()
         report["broker"] = status["broker"]["kind"]
-        echo(f"hub up; MQTT broker: {status['broker']['kind']} at {status['broker']['url']}")
-
-        owner = admin.create_user("node-owner")
-        alice = admin.create_user("alice")
-        owner_client = Client(hub_url, owner["token"])
-        alice_client = Client(hub_url, alice["token"])
+        echo(
+            f"hub up on {hub.url}; MQTT broker: {status['broker']['kind']}"
+            f" at {status['broker']['url']}"
+        )
+        admin = hub.admin
+        owner, owner_client = hub.user("node-owner")
+        alice, alice_client = hub.user("alice")
         echo(
             f"users: alice ({alice['id']}, welcome grant {alice['welcome_grant']} credits), "
             f"node-owner ({owner['id']})"
         )
         for i in (1, 2):
-            token = owner_client.enrollment_token()["token"]
-            procs.append(
-                Proc(
-                    f"node {i}",
-                    [
-                        sys.executable,
-                        "-m",
-                        "edge.cli",
-                        "--hub",
-                        hub_url,
-                        "--token",
-                        token,
-                        "--name",
-                        f"demo-node-{i}",
-                        "--data-dir",
-                        str(tmp / f"node{i}"),
-                    ],
-                    tmp / f"node{i}.log",
-                )
-            )
-        _wait_for(
+            procs.append(hub.start_node(owner_client, tmp / f"node{i}", f"demo-node-{i}"))
+        wait_for(
             "two nodes online",
             lambda: sum(n["state"] != "offline" for n in owner_client.nodes()) == 2,
-            60,
+            30,
             procs,
         )
         echo("two nodes online")

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgspec
-import wasm_jobs
 
+import wasm_jobs
 from edge import protocol
 from hub import economy
 from hub.config import HubConfig

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from hub import localnet
 from hub.broker import ChildBroker, free_port
-from hub.client import Client, HubError
+from hub.client import Client
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,99 +51,23 @@ def broker_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     broker.stop()
 
 
-class Proc:
+def Proc(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> localnet.Proc:
     """A child process with its output in a file, stopped by PID."""
-
-    def __init__(self, cmd: list[str], log: Path, env: dict[str, str] | None = None) -> None:
-        self.log = log
-        self.fh = open(log, "ab")  # noqa: SIM115
-        self.p = subprocess.Popen(
-            cmd,
-            stdout=self.fh,
-            stderr=self.fh,
-            stdin=subprocess.DEVNULL,
-            env={**os.environ, **(env or {})},
-            start_new_session=True,
-        )
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self) -> int:
-        if self.p.poll() is None:
-            self.p.terminate()
-            try:
-                self.p.wait(10)
-            except subprocess.TimeoutExpired:
-                self.p.kill()
-                self.p.wait(5)
-        self.fh.close()
-        return self.p.returncode
-
-    def kill(self) -> None:
-        self.p.kill()
-        self.p.wait(5)
-        self.fh.close()
+    return localnet.Proc(log.stem, cmd, log, env)
 
 
-def wait_until(what: str, check, timeout_s: float = 30.0, procs: tuple[Proc, ...] = ()):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    last = None
-    while time.monotonic() < deadline:
-        for p in procs:
-            if p.p.poll() is not None:
-                raise AssertionError(f"process exited early ({p.p.returncode}):\n{p.output()}")
-        try:
-            last = check()
-            if last:
-                return last
-        except HubError as e:
-            last = e
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
-
-
-class HubProc:
-    def __init__(self, url: str, data_dir: Path, proc: Proc) -> None:
-        self.url = url
-        self.data_dir = data_dir
-        self.proc = proc
-        self.admin = Client(url, (data_dir / "admin-token").read_text().strip())
-
-    def user(self, name: str) -> tuple[dict, Client]:  # type: ignore[type-arg]
-        u = self.admin.create_user(name)
-        return u, Client(self.url, u["token"])
+wait_until = localnet.wait_for
+HubProc = localnet.LocalHub
 
 
 def start_hub(
     tmp_path: Path, mqtt_url: str | None = None, broker: str = "auto", extra: tuple[str, ...] = ()
-) -> HubProc:
-    port = free_port()
-    data = tmp_path / "hub"
-    cmd = [
-        sys.executable,
-        "-m",
-        "hub.cli",
-        "hub",
-        "--port",
-        str(port),
-        "--data-dir",
-        str(data),
-        "--heartbeat",
-        "0.5",
-        *extra,
-    ]
-    cmd += ["--mqtt", mqtt_url] if mqtt_url else ["--broker", broker, "--broker-port", "0"]
-    proc = Proc(cmd, tmp_path / "hub.log")
-    url = f"http://127.0.0.1:{port}"
-    probe = Client(url)
-    wait_until(
-        "the hub to answer",
-        lambda: (data / "admin-token").exists() and probe.status()["broker"]["connected"],
-        30,
-        (proc,),
-    )
-    return HubProc(url, data, proc)
+) -> localnet.LocalHub:
+    """A real hub process on a free port; heartbeats every 0.5 s so liveness tests are quick."""
+    return localnet.LocalHub(
+        tmp_path / "hub", mqtt_url=mqtt_url, broker=broker, heartbeat_s=0.5, extra=extra,
+        log_path=tmp_path / "hub.log",
+    )  # fmt: skip
 
 
 @pytest.fixture
@@ -156,29 +77,7 @@ def hub(tmp_path: Path, broker_url: str) -> Iterator[HubProc]:
     h.proc.stop()
 
 
-def start_node(hub: HubProc, owner: Client, tmp_path: Path, name: str = "node") -> Proc:
-    token = owner.enrollment_token()["token"]
-    proc = Proc(
-        [
-            sys.executable,
-            "-m",
-            "edge.cli",
-            "--hub",
-            hub.url,
-            "--token",
-            token,
-            "--name",
-            name,
-            "--data-dir",
-            str(tmp_path / name),
-            "-v",
-        ],
-        tmp_path / f"{name}.log",
-    )
-    wait_until(
-        f"{name} online",
-        lambda: any(n["name"] == name and n["state"] == "idle" for n in owner.nodes()),
-        30,
-        (proc,),
-    )
-    return proc
+def start_node(
+    hub: localnet.LocalHub, owner: Client, tmp_path: Path, name: str = "node"
+) -> localnet.Proc:
+    return hub.start_node(owner, tmp_path / name, name, wait_s=30)

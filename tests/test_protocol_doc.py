@@ -22,9 +22,9 @@ from typing import Any
 
 import msgspec
 import pytest
-import wasm_jobs
 from aiohttp import web
 
+import wasm_jobs
 from edge import compat, protocol
 from hub import api, bridge, models, wire
 from hub.bridge import parse_mqtt_url

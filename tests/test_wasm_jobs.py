@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import wasm3
+
 import wasm_jobs
 
 JOBS_DIR = Path(wasm_jobs.__file__).resolve().parent

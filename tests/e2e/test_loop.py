@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import wasm_jobs
-
 from tests.conftest import HubProc, start_node, wait_until
 
 

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 import wasm_jobs
 
 EDGE = [sys.executable, "-m", "edge.cli", "job"]

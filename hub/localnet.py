@@ -1,0 +1,146 @@
+"""A whole network on one machine: a hub process and edge-run node processes, started and
+stopped by PID. The demo, the benchmarks and the tests all build on it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from hub.broker import free_port
+from hub.client import Client, HubError
+
+T = TypeVar("T")
+
+
+class Proc:
+    """A child process with its output in a log file."""
+
+    def __init__(
+        self, name: str, cmd: list[str], log_path: Path, env: dict[str, str] | None = None
+    ) -> None:
+        self.name = name
+        self.log_path = log_path
+        with open(log_path, "ab") as log:
+            self.p = subprocess.Popen(
+                cmd,
+                stdout=log,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, **(env or {})},
+                start_new_session=True,
+            )
+
+    def alive(self) -> bool:
+        return self.p.poll() is None
+
+    def output(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def tail(self, n: int = 15) -> str:
+        return "\n".join(self.output().splitlines()[-n:])
+
+    def stop(self) -> int:
+        """SIGTERM, then SIGKILL after 10 s; returns the exit code."""
+        if self.p.poll() is None:
+            self.p.send_signal(signal.SIGTERM)
+            try:
+                self.p.wait(10)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait(5)
+        return int(self.p.returncode)
+
+    def kill(self) -> None:
+        """SIGKILL: no clean shutdown, as in a crash or power loss."""
+        self.p.kill()
+        self.p.wait(5)
+
+
+def wait_for(
+    what: str, check: Callable[[], T], timeout_s: float = 30.0, procs: Sequence[Proc] = ()
+) -> T:
+    """Poll check() until it returns something true; fail early when a process dies."""
+    deadline = time.monotonic() + timeout_s
+    last: object = None
+    while time.monotonic() < deadline:
+        for p in procs:
+            if not p.alive():
+                raise RuntimeError(f"{p.name} exited early ({p.p.returncode}):\n{p.tail()}")
+        try:
+            value = check()
+            if value:
+                return value
+            last = value
+        except HubError as e:
+            last = e
+        time.sleep(0.05)
+    raise RuntimeError(f"timed out after {timeout_s:g}s waiting for {what} (last: {last!r})")
+
+
+class LocalHub:
+    """`deparrow hub` as a child process on a free port, with its admin client."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        mqtt_url: str | None = None,
+        broker: str = "auto",
+        heartbeat_s: float = 1.0,
+        extra: Sequence[str] = (),
+        log_path: Path | None = None,
+    ) -> None:
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [
+            sys.executable, "-m", "hub.cli", "hub", "--port", str(self.port),
+            "--data-dir", str(data_dir), "--heartbeat", str(heartbeat_s), *extra,
+        ]  # fmt: skip
+        cmd += ["--mqtt", mqtt_url] if mqtt_url else ["--broker", broker, "--broker-port", "0"]
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.proc = Proc("hub", cmd, log_path or data_dir.parent / f"{data_dir.name}.log")
+        token_path = data_dir / "admin-token"
+        probe = Client(self.url)
+        wait_for(
+            "the hub to answer",
+            lambda: token_path.exists() and probe.status()["broker"]["connected"],
+            60,
+            [self.proc],
+        )
+        self.admin = Client(self.url, token_path.read_text().strip())
+
+    def user(self, name: str) -> tuple[dict[str, Any], Client]:
+        """A new user (with the welcome grant) and a client acting as them."""
+        u = self.admin.create_user(name)
+        return u, Client(self.url, u["token"])
+
+    def start_node(
+        self, owner: Client, data_dir: Path, name: str, wait_s: float = 60, verbose: bool = True
+    ) -> Proc:
+        """Enroll and start an edge-run node for owner; returns once it is idle."""
+        token = owner.enrollment_token()["token"]
+        cmd = [
+            sys.executable, "-m", "edge.cli", "--hub", self.url, "--token", token,
+            "--name", name, "--data-dir", str(data_dir), *(["-v"] if verbose else []),
+        ]  # fmt: skip
+        proc = Proc(name, cmd, data_dir.parent / f"{name}.log")
+        wait_for(
+            f"node {name} to come online",
+            lambda: any(n["name"] == name and n["state"] == "idle" for n in owner.nodes()),
+            wait_s,
+            [proc, self.proc],
+        )
+        return proc
+
+    def stop(self) -> int:
+        return self.proc.stop()
