@@ -46,6 +46,7 @@ class JobRunner:
         cached = self._cached(job_id, attempt)
         if cached is not None:
             self.publish(protocol.RESULT, cached)
+            self.log("job " + job_id + " assigned again: result re-sent")
             return "resent"
         current = self.running.get(job_id)
         if current is not None and current["attempt"] == attempt:

@@ -107,6 +107,9 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
             services.broker.stop()
         raise
     services.bridge = bridge
+    # Nodes kept running while the hub was away: give each a full liveness window to be heard
+    # before it is judged offline, instead of judging it by a heartbeat from before the restart.
+    services.store.touch_nodes()
     bridge.resend_assignments()
     try:
         yield

@@ -197,6 +197,10 @@ class Store:
         with self.db.transaction() as c:
             c.execute(f"UPDATE nodes SET {cols} WHERE id = ?", (*fields.values(), node_id))
 
+    def touch_nodes(self) -> None:
+        with self.db.transaction() as c:
+            c.execute("UPDATE nodes SET last_seen = ? WHERE state != 'offline'", (time.time(),))
+
     # --- blobs ---------------------------------------------------------------
     def put_blob(self, data: bytes) -> str:
         digest = hashlib.sha256(data).hexdigest()

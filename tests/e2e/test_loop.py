@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import wasm_jobs
-from tests.conftest import HubProc, start_node, wait_until
+from tests.conftest import HubProc, start_hub, start_node, wait_until
 
 
 def spec(name: str, **over: Any) -> dict[str, Any]:
@@ -108,3 +108,32 @@ def test_node_restart_keeps_its_identity(hub: HubProc, tmp_path: Path) -> None:
         assert [n["id"] for n in owner.nodes()] == [node_id]
     finally:
         again.stop()
+
+
+def test_hub_killed_mid_job_settles_once_after_restart(tmp_path: Path, mosquitto: str) -> None:
+    """SIGKILL the hub while a node runs a job: the node's result is lost with the hub's
+    session; the restarted hub re-sends the assignment, the node answers from its result
+    cache, and the job settles exactly once without running twice."""
+    hub = start_hub(tmp_path, mqtt_url=mosquitto)
+    _, owner = hub.user("owner")
+    _, alice = hub.user("alice")
+    node = start_node(hub, owner, tmp_path, "n1")
+    try:
+        job = alice.submit(spec("sieve", engine={**spec("sieve")["engine"], "args": ["30000000"]}))
+        wait_until("running", lambda: alice.job(job["id"])["state"] == "running", 20)
+        hub.proc.kill()
+        wait_until("the node to finish", lambda: "completed" in node.output(), 60, (node,))
+        hub2 = start_hub(tmp_path, mqtt_url=mosquitto)
+        alice.hub = owner.hub = hub2.url
+        done = alice.wait(job["id"], timeout_s=30)
+        assert done["state"] == "completed" and done["attempt"] == 1, done
+        assert done["result"]["stdout"] == "primes below 30000000: 1857859\n"
+        assert node.output().count("running") == 1  # ran once
+        assert "result re-sent" in node.output()
+        cost = done["cost"]
+        assert owner.nodes()[0]["earned"] == cost
+        audit = hub2.admin.request("GET", "/api/v1/ledger/audit")
+        assert audit["balanced"], audit
+        hub2.stop()
+    finally:
+        node.stop()
