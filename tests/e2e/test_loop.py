@@ -137,3 +137,23 @@ def test_hub_killed_mid_job_settles_once_after_restart(tmp_path: Path, mosquitto
         hub2.stop()
     finally:
         node.stop()
+
+
+def test_node_killed_mid_job_the_job_moves_to_another_node(hub: HubProc, tmp_path: Path) -> None:
+    _, owner = hub.user("owner")
+    _, alice = hub.user("alice")
+    first = start_node(hub, owner, tmp_path, "first")
+    job = alice.submit(spec("sieve", engine={**spec("sieve")["engine"], "args": ["30000000"]}))
+    wait_until("running", lambda: alice.job(job["id"])["state"] == "running", 20)
+    first.kill()  # SIGKILL: the broker's last will tells the hub
+    second = start_node(hub, owner, tmp_path, "second")
+    try:
+        done = alice.wait(job["id"], timeout_s=60)
+        assert done["state"] == "completed" and done["attempt"] == 2, done
+        names = {n["id"]: n["name"] for n in owner.nodes()}
+        assert names[done["node"]] == "second"
+        assert done["result"]["stdout"] == "primes below 30000000: 1857859\n"
+        assert alice.wallet()["held"] == "0"
+        assert hub.admin.request("GET", "/api/v1/ledger/audit")["balanced"]
+    finally:
+        second.stop()
