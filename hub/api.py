@@ -6,8 +6,11 @@ Domain errors become HTTP statuses only here.
 
 from __future__ import annotations
 
+import csv
+import io
 import secrets
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -17,18 +20,29 @@ from aiohttp import web
 from hub import auth, openapi
 from hub.auth import AuthError, Identity
 from hub.jobs import JobError, JobNotFound, NotAllowed, wallet_of
-from hub.ledger import InsufficientFunds, LedgerError, format_micro
+from hub.ledger import (
+    IdempotencyConflict,
+    InsufficientFunds,
+    InvalidAmount,
+    LedgerError,
+    UnknownAccount,
+    credits_to_micro,
+    format_micro,
+)
 from hub.models import (
     BlobView,
     CreateUser,
     EnrollmentTokenView,
     EnrollRequest,
     EnrollResponse,
+    HistoryItem,
     JobSpec,
     MqttCredentials,
     SubmitResponse,
     TokenRequest,
     TokenResponse,
+    TransferRequest,
+    TransferResponse,
     UserCreated,
     WalletView,
     error_field,
@@ -70,8 +84,12 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error(403, str(e))
     except JobError as e:
         return error(400, str(e), field=e.field)
+    except IdempotencyConflict as e:
+        return error(409, f"{e}: that Idempotency-Key was used for a different request")
+    except UnknownAccount as e:
+        return error(404, str(e))
     except LedgerError as e:
-        return error(400, str(e))
+        return error(400, str(e), field="amount" if isinstance(e, InvalidAmount) else None)
     except msgspec.ValidationError as e:
         return error(400, f"invalid request: {e}", field=error_field(str(e)))
     except msgspec.DecodeError as e:
@@ -142,6 +160,68 @@ async def wallet(request: web.Request) -> web.Response:
             held_micro=held,
         )
     )
+
+
+async def wallet_history(request: web.Request) -> web.StreamResponse:
+    who = identity(request)
+    ledger = _services(request).ledger
+    try:
+        limit = min(1000, max(1, int(request.query.get("limit", "50"))))
+        before = int(request.query["before"]) if "before" in request.query else None
+    except ValueError:
+        return error(400, "limit and before must be integers", field="limit")
+    rows = ledger.history(wallet_of(who.user_id), limit=limit, before_entry_id=before)
+    items = [
+        HistoryItem(entry=r.entry_id, at=r.created_at, reason=r.reason,
+                    amount=format_micro(r.amount), balance_after=format_micro(r.balance_after),
+                    counterparties=list(r.counterparties))
+        for r in rows
+    ]  # fmt: skip
+    if request.query.get("format") == "csv":
+        buf = io.StringIO()
+        out = csv.writer(buf)
+        out.writerow(["entry", "time_utc", "reason", "amount", "balance_after", "counterparties"])
+        for i in items:
+            when = datetime.fromtimestamp(i.at, UTC).isoformat(timespec="seconds")
+            out.writerow([i.entry, when, i.reason, i.amount, i.balance_after,
+                          " ".join(i.counterparties)])  # fmt: skip
+        return web.Response(
+            text=buf.getvalue(), content_type="text/csv",
+            headers={"Content-Disposition": 'attachment; filename="wallet-history.csv"'},
+        )  # fmt: skip
+    next_before = items[-1].entry if len(items) == limit else None
+    return json_response({"items": items, "next_before": next_before})
+
+
+async def wallet_transfer(request: web.Request) -> web.Response:
+    who = identity(request)
+    services = _services(request)
+    key = request.headers.get("Idempotency-Key")
+    if not key or len(key) > 128:
+        return error(
+            400, "an Idempotency-Key header (1 to 128 characters) is required: retrying with "
+            "the same key never moves credits twice", field="Idempotency-Key",
+        )  # fmt: skip
+    req = await decode_body(request, TransferRequest)
+    amount = credits_to_micro(req.amount)
+    if amount <= 0:
+        return error(400, f"amount must be more than 0 credits, not {req.amount}", field="amount")
+    if req.to == who.user_id:
+        return error(400, "you cannot transfer to yourself", field="to")
+    if services.store.user(req.to) is None:
+        return error(404, f"no user or agent {req.to}", field="to")
+    src, dst = wallet_of(who.user_id), wallet_of(req.to)
+    services.ledger.open_account(dst, "wallet", req.to)
+    entry = services.ledger.transfer(
+        f"transfer:{who.user_id}:{key}", src, dst, amount, f"transfer to {req.to}",
+        memo={"memo": req.memo} if req.memo else None,
+    )  # fmt: skip
+    return json_response(
+        TransferResponse(entry=entry.id, to=req.to, amount=format_micro(amount),
+                         balance=format_micro(services.ledger.balance(src)),
+                         replayed=entry.replayed),
+        200 if entry.replayed else 201,
+    )  # fmt: skip
 
 
 # --- blobs and jobs -------------------------------------------------------------------
@@ -359,6 +439,8 @@ def add_routes(app: web.Application) -> None:
     r.add_post("/api/v1/auth/token", exchange_token)
     r.add_post("/api/v1/users", create_user)
     r.add_get("/api/v1/wallet", wallet)
+    r.add_get("/api/v1/wallet/history", wallet_history)
+    r.add_post("/api/v1/wallet/transfer", wallet_transfer)
     r.add_post("/api/v1/blobs", upload_blob)
     r.add_post("/api/v1/jobs", submit_job)
     r.add_get("/api/v1/jobs", list_jobs)

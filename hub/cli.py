@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -352,17 +352,92 @@ def job_cancel(obj: Ctx, job_id: str) -> None:
 
 
 # --- wallet, nodes, users, status ------------------------------------------------------
-@main.command("wallet")
+@main.group("wallet", invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True)
-@click.pass_obj
-@run_cli
-def wallet_cmd(obj: Ctx, as_json: bool) -> None:
-    """My balance and the credits held for running jobs."""
-    w = obj.client().wallet()
+@click.pass_context
+def wallet_group(ctx: click.Context, as_json: bool) -> None:
+    """My balance and the credits held for running jobs; history and transfers."""
+    if ctx.invoked_subcommand is not None:
+        return
+    try:
+        w = ctx.obj.client().wallet()
+    except HubError as e:
+        die(str(e))
     if as_json:
         emit(w)
     else:
         click.echo(f"balance: {w['balance']} credits ({w['held']} held for jobs)")
+
+
+@wallet_group.command("history")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 1000))
+@click.option("--csv", "as_csv", is_flag=True, help="CSV statement (for a spreadsheet).")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+@run_cli
+def wallet_history(obj: Ctx, limit: int, as_csv: bool, as_json: bool) -> None:
+    """Every movement of my wallet, newest first, with its reason."""
+    client = obj.client()
+    if as_csv:
+        click.echo(client.history_csv(limit), nl=False)
+        return
+    page = client.history(limit)
+    if as_json:
+        emit(page)
+        return
+    if not page["items"]:
+        click.echo("no movements yet")
+    for i in page["items"]:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(i["at"]))
+        click.echo(f"{when}  {i['amount']:>14}  = {i['balance_after']:>14}  {i['reason']}")
+
+
+@wallet_group.command("transfer")
+@click.argument("to")
+@click.argument("amount")
+@click.option("--memo", default="", help="A note the recipient sees.")
+@click.option("--key", default=None, help="Idempotency key (default: a new one); reuse it to "
+              "retry safely.")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+@run_cli
+def wallet_transfer(obj: Ctx, to: str, amount: str, memo: str, key: str | None,
+                    as_json: bool) -> None:  # fmt: skip
+    """Send AMOUNT credits (e.g. 2.5) to the user or agent TO (its id, u_...)."""
+    import uuid
+
+    r = obj.client().transfer(to, amount, key or str(uuid.uuid4()), memo)
+    if as_json:
+        emit(r)
+    else:
+        again = " (already done: this key was used before)" if r["replayed"] else ""
+        click.echo(f"sent {r['amount']} credits to {r['to']}{again}; balance {r['balance']}")
+
+
+@main.group("ledger")
+def ledger_group() -> None:
+    """The books (admin)."""
+
+
+@ledger_group.command("audit")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+@run_cli
+def ledger_audit(obj: Ctx, as_json: bool) -> None:
+    """Check the books; exit 0 only when every account sums to zero and nothing is off."""
+    a = obj.client().audit()
+    if as_json:
+        emit({k: v for k, v in a.items() if k != "accounts"})
+    else:
+        click.echo(f"entries: {a['entries']}, accounts: {len(a['accounts'])}")
+        for kind, total in sorted(a["by_kind"].items()):
+            click.echo(f"  {kind:<8} {total:>16}")
+        click.echo(f"  {'sum':<8} {a['total']:>16}")
+        for what in ("mismatches", "negatives", "unbalanced_entries", "stranded_holds"):
+            if a[what]:
+                click.echo(f"  {what.replace('_', ' ')}: {a[what]}")
+        click.echo("balanced" if a["balanced"] else "NOT BALANCED")
+    sys.exit(0 if a["balanced"] else 1)
 
 
 @main.group("node")
@@ -483,4 +558,4 @@ def demo_cmd(as_json: bool, keep: bool, broker: str) -> None:
 
 
 if __name__ == "__main__":
-    main(prog_name=os.path.basename(sys.argv[0]) or "deparrow")
+    main(prog_name="deparrow")

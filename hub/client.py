@@ -26,6 +26,20 @@ class Client:
         self._jwt: str | None = None
         self._jwt_exp = 0
 
+    def request_text(self, method: str, path: str) -> str:
+        req = urllib.request.Request(
+            self.hub + path, method=method, headers={"Authorization": "Bearer " + self.jwt()}
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+                return str(resp.read().decode())
+        except urllib.error.HTTPError as e:
+            raise HubError(str(e.reason), e.code) from None
+        except (urllib.error.URLError, OSError) as e:
+            raise HubError(
+                f"cannot reach the hub at {self.hub}: {getattr(e, 'reason', e)}"
+            ) from None
+
     def request(
         self,
         method: str,
@@ -77,6 +91,25 @@ class Client:
 
     def wallet(self) -> dict[str, Any]:
         result: dict[str, Any] = self.request("GET", "/api/v1/wallet")
+        return result
+
+    def history(self, limit: int = 50, before: int | None = None) -> dict[str, Any]:
+        q = f"?limit={limit}" + (f"&before={before}" if before is not None else "")
+        result: dict[str, Any] = self.request("GET", "/api/v1/wallet/history" + q)
+        return result
+
+    def history_csv(self, limit: int = 1000) -> str:
+        return self.request_text("GET", f"/api/v1/wallet/history?format=csv&limit={limit}")
+
+    def transfer(self, to: str, amount: str, key: str, memo: str = "") -> dict[str, Any]:
+        result: dict[str, Any] = self.request(
+            "POST", "/api/v1/wallet/transfer", {"to": to, "amount": amount, "memo": memo},
+            headers={"Idempotency-Key": key},
+        )  # fmt: skip
+        return result
+
+    def audit(self) -> dict[str, Any]:
+        result: dict[str, Any] = self.request("GET", "/api/v1/ledger/audit")
         return result
 
     def upload(self, data: bytes) -> str:

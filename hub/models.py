@@ -102,6 +102,29 @@ class WalletView(msgspec.Struct):
     held_micro: int
 
 
+class TransferRequest(msgspec.Struct, forbid_unknown_fields=True):
+    to: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]  # a user or agent id
+    amount: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]  # credits, e.g. "2.5"
+    memo: Annotated[str, msgspec.Meta(max_length=200)] = ""
+
+
+class TransferResponse(msgspec.Struct):
+    entry: int
+    to: str
+    amount: str
+    balance: str
+    replayed: bool
+
+
+class HistoryItem(msgspec.Struct):
+    entry: int
+    at: float
+    reason: str
+    amount: str
+    balance_after: str
+    counterparties: list[str]
+
+
 class TokenRequest(msgspec.Struct, forbid_unknown_fields=True):
     token: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 

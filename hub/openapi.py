@@ -76,6 +76,46 @@ def document() -> dict[str, Any]:
             )
         },
         "/api/v1/wallet": {"get": _op("My balance and held credits", "WalletView")},
+        "/api/v1/wallet/history": {
+            "get": {
+                **_op("My wallet's movements, newest first (?format=csv for a statement)", None),
+                "parameters": [
+                    {"name": "limit", "in": "query", "schema": {"type": "integer"}},
+                    {"name": "before", "in": "query", "schema": {"type": "integer"}},
+                    {
+                        "name": "format",
+                        "in": "query",
+                        "schema": {"type": "string", "enum": ["csv"]},
+                    },
+                ],
+            }
+        },
+        "/api/v1/wallet/transfer": {
+            "post": {
+                **_op(
+                    "Send credits to another user or agent; retry with the same key is harmless",
+                    "TransferResponse",
+                    201,
+                    "TransferRequest",
+                    (400, 401, 402, 404, 409),
+                ),
+                "parameters": [
+                    {
+                        "name": "Idempotency-Key",
+                        "in": "header",
+                        "required": True,
+                        "schema": {"type": "string", "maxLength": 128},
+                    }
+                ],
+            }
+        },
+        "/api/v1/ledger/audit": {
+            "get": _op(
+                "Check the books (admin): totals per account kind, zero sum, invariants",
+                None,
+                errors=(401, 403),
+            )
+        },
         "/api/v1/blobs": {
             "post": {
                 **_op(

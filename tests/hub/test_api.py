@@ -205,3 +205,88 @@ async def test_audit_is_admin_only(api: Any) -> None:
     admin = await login(api, api.services.admin_token)
     audit = await (await api.get("/api/v1/ledger/audit", headers=admin)).json()
     assert audit["balanced"] is True and audit["total"] == "0"
+
+
+async def test_transfer_history_and_csv(api: Any) -> None:
+    alice_id, alice = await new_user(api, "alice")
+    bob_id, bob = await new_user(api, "bob")
+    key = {**alice, "Idempotency-Key": "t-1"}
+    r = await api.post("/api/v1/wallet/transfer", json={"to": bob_id, "amount": "2.5"}, headers=key)
+    assert r.status == 201, await r.text()
+    assert (await r.json())["balance"] == "7.5"
+    # The same request retried: same answer, moved once.
+    r = await api.post("/api/v1/wallet/transfer", json={"to": bob_id, "amount": "2.5"}, headers=key)
+    assert r.status == 200 and (await r.json())["replayed"] is True
+    # The same key for something else: refused.
+    r = await api.post("/api/v1/wallet/transfer", json={"to": bob_id, "amount": "3"}, headers=key)
+    assert r.status == 409
+    bob_w = await (await api.get("/api/v1/wallet", headers=bob)).json()
+    assert bob_w["balance"] == "12.5"
+    hist = await (await api.get("/api/v1/wallet/history", headers=bob)).json()
+    assert [i["amount"] for i in hist["items"]] == ["2.5", "10"]
+    assert hist["items"][0]["reason"] == f"transfer to {bob_id}"
+    assert hist["items"][0]["counterparties"] == [f"wallet:{alice_id}"]
+    r = await api.get("/api/v1/wallet/history?format=csv", headers=bob)
+    assert r.content_type == "text/csv"
+    lines = (await r.text()).splitlines()
+    assert lines[0].startswith("entry,time_utc,reason,amount,balance_after")
+    assert lines[1].split(",")[3:5] == ["2.5", "12.5"]
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "status", "needle"),
+    [
+        ({"to": "BOB", "amount": "-1"}, {"Idempotency-Key": "k"}, 400, "more than 0"),
+        ({"to": "BOB", "amount": "0"}, {"Idempotency-Key": "k"}, 400, "more than 0"),
+        ({"to": "BOB", "amount": "0.0000001"}, {"Idempotency-Key": "k"}, 400, "6 decimals"),
+        ({"to": "BOB", "amount": "1e30"}, {"Idempotency-Key": "k"}, 400, "over the limit"),
+        ({"to": "BOB", "amount": "ten"}, {"Idempotency-Key": "k"}, 400, "not a number"),
+        ({"to": "BOB", "amount": 5}, {"Idempotency-Key": "k"}, 400, "Expected `str`"),
+        ({"to": "BOB", "amount": "11"}, {"Idempotency-Key": "k"}, 402, "short by 1"),
+        ({"to": "u_nobody", "amount": "1"}, {"Idempotency-Key": "k"}, 404, "no user"),
+        ({"to": "ME", "amount": "1"}, {"Idempotency-Key": "k"}, 400, "yourself"),
+        ({"to": "BOB", "amount": "1"}, {}, 400, "Idempotency-Key"),
+    ],
+)
+async def test_bad_transfers_are_refused_and_change_nothing(
+    api: Any, body: dict, headers: dict, status: int, needle: str
+) -> None:
+    me, auth = await new_user(api, "alice")
+    bob, _ = await new_user(api, "bob")
+    body = {k: (bob if v == "BOB" else me if v == "ME" else v) for k, v in body.items()}
+    before = api.services.ledger.audit()
+    r = await api.post("/api/v1/wallet/transfer", json=body, headers={**auth, **headers})
+    assert r.status == status, await r.text()
+    assert needle in (await r.json())["error"]
+    after = api.services.ledger.audit()
+    assert after.entries == before.entries and after.balanced
+
+
+async def test_500_concurrent_transfers_balance(api: Any) -> None:
+    import asyncio
+
+    users = [await new_user(api, f"u{i}") for i in range(5)]
+    ids = [u for u, _ in users]
+
+    async def send(n: int) -> int:
+        src_id, auth = users[n % 5]
+        dst = ids[(n + 1 + n // 5) % 5]
+        if dst == src_id:
+            dst = ids[(n + 2) % 5]
+        r = await api.post(
+            "/api/v1/wallet/transfer",
+            json={"to": dst, "amount": "0.01"},
+            headers={**auth, "Idempotency-Key": f"c-{n}"},
+        )
+        return int(r.status)
+
+    statuses = await asyncio.gather(*(send(n) for n in range(500)))
+    assert statuses.count(201) == 500
+    audit = api.services.ledger.audit()
+    assert audit.balanced and audit.total == 0
+    total = 0
+    for _, auth in users:
+        total += int(
+            (await (await api.get("/api/v1/wallet", headers=auth)).json())["balance_micro"]
+        )
+    assert total == 5 * 10_000_000  # transfers only move credits between these wallets

@@ -1,0 +1,47 @@
+"""The deparrow CLI against a real hub process, as a person types it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import start_hub
+
+
+def cli(hub_url: str, token: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "hub.cli", "--hub", hub_url, "--token", token, *args],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+def test_wallet_transfer_history_audit_and_status(tmp_path: Path, mosquitto: str) -> None:
+    hub = start_hub(tmp_path, mqtt_url=mosquitto)
+    try:
+        admin = hub.admin.token or ""
+        alice = json.loads(cli(hub.url, admin, "user", "create", "alice", "--json").stdout)
+        bob = json.loads(cli(hub.url, admin, "user", "create", "bob", "--json").stdout)
+        out = cli(hub.url, alice["token"], "wallet", "transfer", bob["id"], "1.25", "--key", "k1")
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == f"sent 1.25 credits to {bob['id']}; balance 98.75"
+        again = cli(hub.url, alice["token"], "wallet", "transfer", bob["id"], "1.25", "--key", "k1")
+        assert "already done" in again.stdout
+        bad = cli(hub.url, alice["token"], "wallet", "transfer", bob["id"], "0")
+        assert bad.returncode == 1 and bad.stderr.startswith("deparrow: amount must be more")
+        assert cli(hub.url, bob["token"], "wallet").stdout.startswith("balance: 101.25 credits")
+        hist = cli(hub.url, bob["token"], "wallet", "history")
+        assert "1.25" in hist.stdout and "welcome grant" in hist.stdout
+        csv = cli(hub.url, bob["token"], "wallet", "history", "--csv").stdout.splitlines()
+        assert csv[0].startswith("entry,") and len(csv) == 3
+        audit = cli(hub.url, admin, "ledger", "audit")
+        assert audit.returncode == 0 and audit.stdout.strip().endswith("balanced"), audit.stdout
+        assert cli(hub.url, alice["token"], "ledger", "audit").returncode == 1  # not an admin
+        status = cli(hub.url, alice["token"], "status")
+        assert status.returncode == 0
+        assert [line.split()[0] for line in status.stdout.splitlines()] == ["ok"] * 4
+        nobody = cli(hub.url, "dpt_wrong", "wallet")
+        assert nobody.returncode == 1 and "unknown API token" in nobody.stderr
+    finally:
+        hub.stop()
