@@ -135,7 +135,10 @@ async def exchange_token(request: web.Request) -> web.Response:
 async def create_user(request: web.Request) -> web.Response:
     require_admin(request)
     req = await decode_body(request, CreateUser)
-    user_id, token, grant = _services(request).create_user(req.name, req.role)
+    services = _services(request)
+    if req.referred_by is not None and services.store.user(req.referred_by) is None:
+        return error(400, f"referred_by: no user {req.referred_by}", field="referred_by")
+    user_id, token, grant = services.create_user(req.name, req.role, req.referred_by)
     return json_response(
         UserCreated(
             id=user_id, name=req.name, role=req.role, token=token, welcome_grant=format_micro(grant)

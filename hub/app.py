@@ -39,9 +39,11 @@ class Services:
     admin_token: str | None = None
     listeners: list[Any] = field(default_factory=list)
 
-    def create_user(self, name: str, role: str) -> tuple[str, str, int]:
+    def create_user(
+        self, name: str, role: str, referred_by: str | None = None
+    ) -> tuple[str, str, int]:
         """A user and their wallet, with the welcome grant. Returns (id, token, grant µc)."""
-        user_id, token = self.store.create_user(name, role)
+        user_id, token = self.store.create_user(name, role, referred_by)
         grant = self.config.welcome_grant_credits * MICRO
         with self.db.transaction():
             self.ledger.open_account(wallet_of(user_id), "wallet", user_id)

@@ -22,7 +22,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge import protocol
-from hub import wire
+from hub import economy, wire
 from hub.jobs import JobError, Jobs
 from hub.ledger import InsufficientFunds, format_micro
 from hub.models import JobSpec, error_field
@@ -252,6 +252,13 @@ class Bridge:
             self.dispatch()
             return "hello"
         if isinstance(msg, wire.Heartbeat):
+            if node["state"] in (protocol.IDLE, protocol.BUSY) and node["last_seen"]:
+                # Availability since the previous beat; suspended time and gaps don't pay.
+                gap = economy.counted_gap_ms(
+                    int((now - float(node["last_seen"])) * 1000),
+                    int(self.scheduler.offline_after_s() * 1000),
+                )
+                self.jobs.accrue_uptime(ident, gap)
             self.store.update_node(
                 ident,
                 state=msg.state,

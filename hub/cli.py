@@ -485,12 +485,18 @@ def user_group() -> None:
 @user_group.command("create")
 @click.argument("name")
 @click.option("--admin", is_flag=True, help="Give the user the admin role.")
+@click.option(
+    "--referred-by",
+    default=None,
+    metavar="USER_ID",
+    help="Who invited them (earns a bonus when their first node proves real).",
+)
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
 @run_cli
-def user_create(obj: Ctx, name: str, admin: bool, as_json: bool) -> None:
+def user_create(obj: Ctx, name: str, admin: bool, referred_by: str | None, as_json: bool) -> None:
     """Create a user and print its API token (shown once)."""
-    u = obj.client().create_user(name, "admin" if admin else "user")
+    u = obj.client().create_user(name, "admin" if admin else "user", referred_by)
     if as_json:
         emit(u)
     else:

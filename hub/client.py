@@ -139,8 +139,13 @@ class Client:
         result: dict[str, Any] = self.request("POST", "/api/v1/enrollment-tokens")
         return result
 
-    def create_user(self, name: str, role: str = "user") -> dict[str, Any]:
-        result: dict[str, Any] = self.request("POST", "/api/v1/users", {"name": name, "role": role})
+    def create_user(
+        self, name: str, role: str = "user", referred_by: str | None = None
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"name": name, "role": role}
+        if referred_by:
+            body["referred_by"] = referred_by
+        result: dict[str, Any] = self.request("POST", "/api/v1/users", body)
         return result
 
     def wait(self, job_id: str, timeout_s: float = 300.0, poll_s: float = 0.1) -> dict[str, Any]:

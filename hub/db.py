@@ -17,9 +17,10 @@ import asyncio
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 Params = Sequence[Any] | Mapping[str, Any]
@@ -64,15 +65,41 @@ def _has_sql(text: str) -> bool:
 
 
 def _current_owner() -> tuple[int, object]:
-    try:
-        task: object = asyncio.current_task()
-    except RuntimeError:  # no running event loop in this thread
-        task = None
+    # _get_running_loop() instead of catching current_task()'s RuntimeError: this runs on
+    # every transaction() and raising costs more than the rest of it outside a loop.
+    loop = asyncio._get_running_loop()
+    task = asyncio.current_task(loop) if loop is not None else None
     return threading.get_ident(), task
+
+
+class _Transaction:
+    """What `Database.transaction()` returns; the work is done by the Database."""
+
+    __slots__ = ("db", "savepoint")
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.savepoint: str | None = None
+
+    def __enter__(self) -> sqlite3.Connection:
+        return self.db._enter(self)
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.db._exit(self, exc_type is not None)
 
 
 class Database:
     """The one SQLite connection of the hub. Rows come back as `sqlite3.Row`."""
+
+    # Statements kept prepared by the sqlite3 module (its default is 128). The ledger's
+    # statements are a few dozen, but IN (...) lists and multi-row VALUES vary with their
+    # length, and a miss costs a full re-prepare on the write path.
+    STATEMENT_CACHE = 512
 
     def __init__(self, path: str | Path, *, busy_timeout_ms: int = 5000) -> None:
         self.path = str(path)
@@ -84,6 +111,7 @@ class Database:
             isolation_level=None,
             check_same_thread=False,
             timeout=busy_timeout_ms / 1000,
+            cached_statements=self.STATEMENT_CACHE,
         )
         self._conn.row_factory = sqlite3.Row
         self._conn.execute("PRAGMA journal_mode = WAL")
@@ -114,47 +142,55 @@ class Database:
             self._conn.close()
 
     # --- transactions -------------------------------------------------------------------
-    @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self) -> AbstractContextManager[sqlite3.Connection]:
         """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK when the block raises.
 
         Re-entrant: a nested call joins the outer transaction as a SAVEPOINT. Only the
         outermost block commits; an exception leaving a nested block rolls back that block's
         writes and propagates.
         """
+        # A small class rather than @contextmanager: the ledger enters two or three of these
+        # per movement, and the generator machinery was a measurable share of its cost.
+        return _Transaction(self)
+
+    def _enter(self, tx: _Transaction) -> sqlite3.Connection:
         owner = _current_owner()
         if self._depth == 0:
             self._conn.execute("BEGIN IMMEDIATE")
             self._depth, self._owner = 1, owner
-            try:
-                yield self._conn
-            except BaseException:
-                self._finish_outer("ROLLBACK")
-                raise
-            self._finish_outer("COMMIT")
-            return
+            tx.savepoint = None
+            return self._conn
         if owner != self._owner:
             raise TransactionConflict(
                 "a database transaction is already open in another task or thread; "
                 "do not await (or hand work to threads) inside `with db.transaction()`"
             )
-        self._depth += 1
-        name = f"sp{self._depth}"
+        name = f"sp{self._depth + 1}"
         self._conn.execute(f"SAVEPOINT {name}")
+        self._depth += 1
+        tx.savepoint = name
+        return self._conn
+
+    def _exit(self, tx: _Transaction, failed: bool) -> None:
+        name = tx.savepoint
+        if name is None:
+            self._finish_outer("ROLLBACK" if failed else "COMMIT")
+            return
         try:
-            yield self._conn
-        except BaseException:
-            self._conn.execute(f"ROLLBACK TO {name}")
-            self._conn.execute(f"RELEASE {name}")
-            raise
-        else:
-            self._conn.execute(f"RELEASE {name}")
+            if not failed:
+                self._conn.execute(f"RELEASE {name}")
+            elif self._conn.in_transaction:
+                self._conn.execute(f"ROLLBACK TO {name}")
+                self._conn.execute(f"RELEASE {name}")
+            # else: SQLite already rolled the whole transaction back (SQLITE_FULL, IOERR...);
+            # there is no savepoint left, and the original error is the one to report.
         finally:
             self._depth -= 1
 
     def _finish_outer(self, statement: str) -> None:
         try:
-            self._conn.execute(statement)
+            if statement == "COMMIT" or self._conn.in_transaction:
+                self._conn.execute(statement)
         except BaseException:
             # A failed COMMIT (disk full, I/O error) may leave the transaction open.
             if self._conn.in_transaction:

@@ -31,6 +31,33 @@ def _cpu_cost(cpu_milli: int, seconds: int, rates: Rates) -> int:
     return cpu_milli * seconds * rates.cpu_credits_per_hour * MICRO // (MILLI * SECONDS_PER_HOUR)
 
 
+MS_PER_DAY = 86_400_000
+# Uptime is paid out once a node has this much unpaid (a minute at the default rate), so the
+# ledger sees a payout a minute per node rather than one per heartbeat.
+UPTIME_PAYOUT_MIN_MS = 60_000
+
+
+def uptime_due(uptime_ms: int, paid: int, rates: Rates = RATES) -> int:
+    """Uptime pay owed: all availability so far at the daily rate, less what was paid.
+
+    Computed from totals rather than per beat, so rounding never loses or adds a micro-credit
+    however the availability is sliced."""
+    earned = uptime_ms * rates.uptime_credits_per_day * MICRO // MS_PER_DAY
+    return max(0, earned - paid)
+
+
+def counted_gap_ms(gap_ms: int, offline_after_ms: int) -> int:
+    """A heartbeat pays for the time since the previous one, unless the node was silent long
+    enough to be offline: gaps don't pay."""
+    return gap_ms if 0 <= gap_ms <= offline_after_ms else 0
+
+
+def gpu_pay(gpus: int, wall_ms: int, timeout_s: int, rates: Rates = RATES) -> int:
+    """+50 credits per GPU-hour while a GPU job runs (pro rata by the started second)."""
+    seconds = billable_seconds(wall_ms, timeout_s)
+    return gpus * seconds * rates.gpu_credits_per_hour * MICRO // SECONDS_PER_HOUR
+
+
 def billable_seconds(wall_ms: int, timeout_s: int) -> int:
     """Pro rata by the second: started seconds count, never beyond the job's timeout."""
     seconds = max(1, -(-wall_ms // 1000))

@@ -22,7 +22,7 @@ from edge import protocol
 from hub import economy
 from hub.config import HubConfig
 from hub.db import Database
-from hub.ledger import Ledger, format_micro
+from hub.ledger import MICRO, Ledger, format_micro
 from hub.models import JobSpec
 from hub.store import Store, new_id
 
@@ -260,6 +260,55 @@ class Jobs:
                 return
             self.ledger.close_hold(job["id"], payouts, reason="job completed " + job["id"])
             c.execute("UPDATE nodes SET earned = earned + ? WHERE id = ?", (pay, node["id"]))
+            first = c.execute(
+                "UPDATE nodes SET proved_at = ? WHERE id = ? AND proved_at IS NULL",
+                (time.time(), node["id"]),
+            )
+            if first.rowcount == 1:
+                self._referral_bonus(node)
+
+    def _referral_bonus(self, node: sqlite3.Row) -> None:
+        """+500 to whoever referred this node's owner, when the node proves real (its first
+        completed, signature-verified job). Once per node, never to the owner themselves."""
+        owner = self.store.user(node["owner"])
+        referrer = owner["referred_by"] if owner is not None else None
+        if not referrer or referrer == node["owner"] or self.store.user(referrer) is None:
+            return
+        amount = economy.RATES.referral_credits * MICRO
+        self.ledger.open_account(wallet_of(referrer), "wallet", referrer)
+        self.ledger.grant(
+            "referral:" + node["id"],
+            wallet_of(referrer),
+            amount,
+            f"referral bonus: node {node['id']} of {node['owner']} ran its first job",
+        )
+
+    def accrue_uptime(self, node_id: str, gap_ms: int) -> int:
+        """Count gap_ms of availability; pay the owner what is due once it is worth a payout.
+        Returns what was paid (µc). The payout's key is the amount paid before it, so a replay
+        of the same step can never pay twice."""
+        if gap_ms <= 0:
+            return 0
+        with self.db.transaction() as c:
+            c.execute("UPDATE nodes SET uptime_ms = uptime_ms + ? WHERE id = ?", (gap_ms, node_id))
+            node = self.store.node(node_id)
+            assert node is not None
+            due = economy.uptime_due(int(node["uptime_ms"]), int(node["uptime_paid"]))
+            threshold = economy.uptime_due(economy.UPTIME_PAYOUT_MIN_MS, 0)
+            if due < max(1, threshold):
+                return 0
+            self.ledger.open_account(wallet_of(node["owner"]), "wallet", node["owner"])
+            self.ledger.grant(
+                f"uptime:{node_id}:{node['uptime_paid']}",
+                wallet_of(node["owner"]),
+                due,
+                f"uptime of node {node_id}",
+            )
+            c.execute(
+                "UPDATE nodes SET uptime_paid = uptime_paid + ?, earned = earned + ? WHERE id = ?",
+                (due, due, node_id),
+            )
+            return due
 
     def _fail(self, job: sqlite3.Row, reason: str, result: dict[str, Any] | None) -> None:
         with self.db.transaction() as c:

@@ -139,6 +139,8 @@ class TokenResponse(msgspec.Struct):
 class CreateUser(msgspec.Struct, forbid_unknown_fields=True):
     name: Name
     role: Literal["user", "admin"] = "user"
+    # Who invited this user: paid a referral bonus when the user's first node proves real.
+    referred_by: Annotated[str, msgspec.Meta(max_length=64)] | None = None
 
 
 class UserCreated(msgspec.Struct):
@@ -193,6 +195,7 @@ class NodeView(msgspec.Struct):
     last_seen: float | None
     running: list[str]
     earned: str
+    uptime_s: int
 
 
 class ErrorBody(msgspec.Struct):

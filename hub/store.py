@@ -88,6 +88,16 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         CREATE INDEX jobs_node ON jobs(node, state);
         """,
     ),
+    (
+        2,
+        "uptime and referral accounting",
+        """
+        ALTER TABLE nodes ADD COLUMN uptime_ms INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE nodes ADD COLUMN uptime_paid INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE nodes ADD COLUMN proved_at REAL;
+        ALTER TABLE users ADD COLUMN referred_by TEXT REFERENCES users(id);
+        """,
+    ),
 ]
 
 
@@ -105,14 +115,15 @@ class Store:
         db.migrate("store", MIGRATIONS)
 
     # --- users -------------------------------------------------------------
-    def create_user(self, name: str, role: str) -> tuple[str, str]:
+    def create_user(self, name: str, role: str, referred_by: str | None = None) -> tuple[str, str]:
         """Returns (user id, API token). Only the token's hash is stored."""
         user_id = new_id("u")
         token = "dpt_" + secrets.token_urlsafe(24)
         with self.db.transaction() as c:
             c.execute(
-                "INSERT INTO users (id, name, role, token_hash, created_at) VALUES (?,?,?,?,?)",
-                (user_id, name, role, token_hash(token), time.time()),
+                "INSERT INTO users (id, name, role, token_hash, created_at, referred_by)"
+                " VALUES (?,?,?,?,?,?)",
+                (user_id, name, role, token_hash(token), time.time(), referred_by),
             )
         return user_id, token
 

@@ -42,6 +42,7 @@ def node_view(n: Any) -> dict[str, Any]:
         "last_seen": n["last_seen"],
         "running": json.loads(n["running"]),
         "earned": format_micro(int(n["earned"])),
+        "uptime_s": int(n["uptime_ms"]) // 1000,
     }
 
 

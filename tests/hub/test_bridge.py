@@ -266,3 +266,19 @@ def test_hub_restart_keeps_state(tmp_path: Path, mosquitto: str) -> None:
     assert alice.wallet()["held"] == job["hold"]
     assert audit(hub2)["balanced"]
     hub2.proc.stop()
+
+
+def test_uptime_counts_heartbeats_not_gaps(setup: Any) -> None:
+    _hub, node, owner, _alice = setup
+    time.sleep(2.2)
+    up = owner.nodes()[0]["uptime_s"]
+    assert 1 <= up <= 3, up
+    node.beating = False  # silent past the offline threshold (1.5 s)
+    wait_until("offline", lambda: owner.nodes()[0]["state"] == "offline", 10)
+    time.sleep(1.0)
+    node.beating = True
+    node.beat()
+    threading.Thread(target=node._beats, daemon=True).start()
+    time.sleep(1.2)
+    after = owner.nodes()[0]["uptime_s"]
+    assert after - up <= 2, (up, after)  # the silent stretch was not paid

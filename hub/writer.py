@@ -1,0 +1,204 @@
+"""Group commit for the hub's one writer: many ledger movements, one COMMIT, one fsync.
+
+With synchronous=FULL every COMMIT waits for an fsync of the WAL, which caps single-movement
+commits at a few thousand per second whatever the CPU. The Writer lifts that cap without
+weakening it: callers hand it a function of the connection, a single task collects everything
+queued (up to `max_batch`), runs the batch in ONE `BEGIN IMMEDIATE` transaction with each
+function in its own SAVEPOINT, commits once, and only then resolves the callers' futures. So:
+
+- an acknowledged result is durable: `await writer.run(fn)` returns after the COMMIT that
+  stored fn's writes, never before;
+- a function that raises (InsufficientFunds, IdempotencyConflict, a bug) rolls back only its
+  own savepoint; its caller gets that exception, with its type, and the rest of the batch
+  commits;
+- if BEGIN or COMMIT fails, nothing of the batch is stored and every caller in it gets the
+  error.
+
+Invariant that keeps the hub's synchronous callers safe: a batch runs from BEGIN to COMMIT
+inside one step of the event loop, with no await while its transaction is open. Code elsewhere
+in the hub that calls `db.transaction()` directly (on the loop thread) therefore never sees the
+batch's transaction open: it runs before or after a batch, never inside one. For the same
+reason `fn` must be plain synchronous code that neither awaits nor ends the transaction itself
+(no COMMIT/ROLLBACK); a coroutine function is refused with TypeError.
+
+Batching needs no timer: while one batch commits the loop is blocked, and whatever the hub
+queues meanwhile forms the next batch. When idle the writer task awaits an Event (no polling).
+
+Cancellation: a caller cancelled before its batch starts is dropped and nothing of it runs. A
+caller cancelled after its batch committed has had its effect stored; its idempotency key makes
+a retry harmless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import sqlite3
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from hub.db import Database
+
+T = TypeVar("T")
+
+_Item = tuple[Callable[[sqlite3.Connection], Any], "asyncio.Future[Any]"]
+
+
+class WriterClosed(RuntimeError):
+    """The writer is not running (not started, stopping, or stopped): nothing was done."""
+
+
+class BatchAborted(RuntimeError):
+    """The batch's transaction was lost before COMMIT, so nothing of this call was stored."""
+
+
+@dataclass(frozen=True)
+class WriterStats:
+    batches: int  # committed batches
+    calls: int  # functions run in committed batches (whether they raised or not)
+    largest: int  # most functions in one batch
+
+    @property
+    def batch_mean(self) -> float:
+        return self.calls / self.batches if self.batches else 0.0
+
+
+class Writer:
+    """The single task that writes through `db`, committing queued work in batches."""
+
+    def __init__(self, db: Database, max_batch: int = 512) -> None:
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be a positive integer, not {max_batch!r}")
+        self.db = db
+        self.max_batch = max_batch
+        self._queue: deque[_Item] = deque()
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._batches = 0
+        self._calls = 0
+        self._largest = 0
+
+    @property
+    def stats(self) -> WriterStats:
+        return WriterStats(self._batches, self._calls, self._largest)
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._closing and not self._task.done()
+
+    async def start(self) -> None:
+        if self._task is not None:
+            raise RuntimeError("this Writer was started already; create a new one")
+        self._wakeup = asyncio.Event()
+        self._task = asyncio.create_task(self._serve(), name="hub-writer")
+
+    async def stop(self) -> None:
+        """Stop accepting work, commit everything already queued, then end the task."""
+        if self._task is None:
+            return
+        self._closing = True
+        assert self._wakeup is not None
+        self._wakeup.set()
+        await self._task
+
+    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run fn(conn) in the next batch; return its result once the batch is committed.
+
+        fn's exception is re-raised here when fn fails (only fn's writes are undone); the
+        COMMIT's exception when the batch could not be stored.
+        """
+        if not self.running:
+            raise WriterClosed("the ledger writer is not running; the hub is starting or stopping")
+        assert self._wakeup is not None
+        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._queue.append((fn, fut))
+        self._wakeup.set()
+        return await fut
+
+    # --- the writer task ------------------------------------------------------------------
+    async def _serve(self) -> None:
+        assert self._wakeup is not None
+        try:
+            while True:
+                if not self._queue:
+                    if self._closing:
+                        return
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                n = min(len(self._queue), self.max_batch)
+                self._commit([self._queue.popleft() for _ in range(n)])
+                # Let the callers just acknowledged (and the rest of the hub) run; they queue
+                # the next batch meanwhile. Without this a full queue would starve the loop.
+                await asyncio.sleep(0)
+        finally:
+            # Reached normally only once drained; on a crash or cancellation nobody may be
+            # left waiting for an answer that will never come.
+            self._closing = True
+            while self._queue:
+                _, fut = self._queue.popleft()
+                if not fut.done():
+                    fut.set_exception(WriterClosed("the ledger writer stopped; nothing was done"))
+
+    def _commit(self, batch: list[_Item]) -> None:
+        """One transaction for the batch; resolve the futures after COMMIT. No awaits here."""
+        live = [(fn, fut) for fn, fut in batch if not fut.done()]  # done = cancelled
+        if not live:
+            return
+        conn = self.db.conn
+        outcomes: list[tuple[asyncio.Future[Any], BaseException | None, Any]] = []
+        try:
+            with self.db.transaction():
+                for fn, fut in live:
+                    try:
+                        with self.db.transaction() as c:
+                            result = fn(c)
+                            if inspect.isawaitable(result):
+                                _discard(result)
+                                raise TypeError(
+                                    "Writer.run() takes a synchronous function of the"
+                                    " connection; it got one returning an awaitable"
+                                )
+                    except Exception as e:
+                        outcomes.append((fut, e, None))
+                    else:
+                        outcomes.append((fut, None, result))
+                    if not conn.in_transaction:
+                        # SQLite rolled the whole transaction back (disk full, I/O error) or
+                        # fn ended it itself. Running on would autocommit later functions
+                        # one by one, outside the batch: stop, and fail the whole batch.
+                        error = outcomes[-1][1]
+                        raise BatchAborted(
+                            "the write transaction ended before COMMIT"
+                            + (f" ({type(error).__name__}: {error})" if error else "")
+                            + "; nothing of this batch was stored, retry with the same key"
+                        )
+        except Exception as e:  # BEGIN, COMMIT or the batch itself failed: nothing stored
+            for _, fut in live:
+                if not fut.done():
+                    fut.set_exception(e)
+            return
+        except BaseException as e:  # KeyboardInterrupt, SystemExit...: rolled back, re-raise
+            for _, fut in live:
+                if not fut.done():
+                    fut.set_exception(BatchAborted(f"the writer was interrupted: {e!r}"))
+            raise
+        self._batches += 1
+        self._calls += len(live)
+        self._largest = max(self._largest, len(live))
+        for fut, error, result in outcomes:
+            if fut.done():
+                continue
+            if error is not None:
+                fut.set_exception(error)
+            else:
+                fut.set_result(result)
+
+
+def _discard(awaitable: object) -> None:
+    close = getattr(awaitable, "close", None)
+    if callable(close):  # a coroutine never awaited would warn at garbage collection
+        close()
