@@ -119,19 +119,22 @@ async def batched(
     failures: list[str] = []
     acked = 0
 
+    names = [f"wallet:{i}" for i in range(accounts)]
+
     async def client(worker: int) -> None:
         nonlocal acked
-        rng = random.Random(worker)
+        rnd = random.Random(worker).random
         i = 0
         while time.perf_counter() < deadline:
-            src, dst = rng.sample(range(accounts), 2)
+            s = int(rnd() * accounts)
+            src, dst = names[s], names[(s + 1 + int(rnd() * (accounts - 1))) % accounts]
             key = f"bench:{worker}:{i}"
-            amount = rng.randint(1, 1000)
+            amount = 1 + int(rnd() * 1000)
             i += 1
             t = time.perf_counter()
             try:
                 await writer.run(
-                    lambda c: ledger.transfer(key, f"wallet:{src}", f"wallet:{dst}", amount, "bench")
+                    lambda c, k=key, s=src, d=dst, a=amount: ledger.transfer(k, s, d, a, "bench")
                 )
             except Exception as e:
                 failures.append(f"{type(e).__name__}: {e}")

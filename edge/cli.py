@@ -123,7 +123,12 @@ def run_node(config: dict[str, Any], max_cpu: float | None) -> None:
         )
         try:
             while not stopping:
-                session.step()
+                try:
+                    session.step()
+                except Exception:  # keep serving; a fault here must not take the node down
+                    log.exception("node loop error; continuing")
+                    time.sleep(1.0)
+                    continue
                 # A running job finishes in its worker: look again soon rather than at the
                 # next message, so a result is not held back by the idle poll interval.
                 mqtt.wait(0.002 if session.runner.running else 0.05)
@@ -174,7 +179,12 @@ def main(
         log.setLevel(logging.INFO)
     config_path = (data_dir or default_data_dir()) / "node.json"
     config = load_config(config_path)
-    if config is not None and hub and config.get("hub") != hub and token:
+    if config is not None and hub and config.get("hub") != hub:
+        if not token:
+            raise click.UsageError(
+                f"this node is enrolled with {config.get('hub')}, not {hub}: pass --token to "
+                f"enroll with {hub} (or use --data-dir for a second identity)"
+            )
         config = None  # a new hub and a new token: enroll again
     if config is None:
         if not hub or not token:
@@ -209,7 +219,13 @@ def _parse_env(values: tuple[str, ...]) -> dict[str, str]:
     help="File fed to the job's stdin.",
 )
 @click.option("--env", "env", multiple=True, metavar="K=V", help="Environment variable (repeat).")
-@click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds.")
+@click.option(
+    "--timeout",
+    type=float,
+    default=60.0,
+    show_default=True,
+    help="Seconds before the job is killed.",
+)
 @click.option("--memory", type=int, default=64, show_default=True, help="Memory cap, MiB.")
 @click.option(
     "--invoke",
@@ -236,10 +252,10 @@ def job_cmd(
         click.echo(f"edge-run: {message}", err=True)
         sys.exit(code)
 
-    if timeout <= 0:
-        fail("--timeout must be more than 0 seconds", 2)
-    if memory <= 0:
-        fail("--memory must be at least 1 MiB", 2)
+    if not (0 < timeout <= 7 * 86400):  # also refuses nan and inf
+        fail("--timeout must be more than 0 and at most 604800 seconds", 2)
+    if not (0 < memory <= 1024 * 1024):
+        fail("--memory must be between 1 and 1048576 MiB", 2)
     try:
         data = module.read_bytes()
     except OSError as e:

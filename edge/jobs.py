@@ -9,6 +9,34 @@ from edge import compat, protocol
 RESULT_CACHE = 16  # finished results kept to answer a re-sent assignment
 
 
+def _check_assignment(msg, engine):
+    """What is wrong with an assignment's shape, or None. A malformed one fails its job
+    instead of reaching the executor (or crashing the node)."""
+    if not isinstance(engine, dict):
+        return "engine must be an object"
+    args = engine.get("args") or []
+    if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+        return "engine.args must be a list of strings"
+    env = engine.get("env") or {}
+    if not isinstance(env, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in env.items()
+    ):
+        return "engine.env must map strings to strings"
+    entry = engine.get("entrypoint") or "_start"
+    if not isinstance(entry, str):
+        return "engine.entrypoint must be a string"
+    for key, top in (("timeout_s", 7 * 86400), ("memory_mb", 1024 * 1024)):
+        value = msg.get(key)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= top
+        ):
+            return key + " must be a number between 0 and " + str(top)
+    for key in ("module_b64", "stdin_b64", "module_sha256"):
+        if msg.get(key) is not None and not isinstance(msg.get(key), str):
+            return key + " must be a string"
+    return None
+
+
 class JobRunner:
     def __init__(self, node_id, secret, executor, publish, slots=1, log=None):
         self.node_id = node_id
@@ -54,7 +82,10 @@ class JobRunner:
         if self.busy():
             self._event(job_id, attempt, protocol.REJECTED, "node busy")
             return "rejected"
-        engine = msg.get("engine") or {}
+        engine = msg.get("engine")
+        problem = _check_assignment(msg, engine)
+        if problem:
+            return self._finish_now(job_id, attempt, "invalid assignment: " + problem)
         if engine.get("type") not in self.executor.engines:
             self._event(job_id, attempt, protocol.REJECTED, "engine not available here")
             return "rejected"

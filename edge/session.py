@@ -104,7 +104,11 @@ class Session:
             self.log("reconnected to the broker")
             self.announce()
         for topic, payload in self.mqtt.poll():
-            self.handle(topic, payload)
+            try:
+                self.handle(topic, payload)
+            except Exception as e:  # one bad message must never stop the node
+                self.dropped += 1
+                self.log("error handling a message on " + topic + ": " + repr(e))
         if self.runner.poll():
             self.heartbeat()  # idle again: the hub can send the next job now
         now = compat.ticks_ms()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import secrets
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -19,7 +20,7 @@ from aiohttp import web
 
 from hub import auth, openapi
 from hub.auth import AuthError, Identity
-from hub.jobs import JobError, JobNotFound, NotAllowed, wallet_of
+from hub.jobs import JobConflict, JobError, JobNotFound, NotAllowed, wallet_of
 from hub.ledger import (
     IdempotencyConflict,
     InsufficientFunds,
@@ -30,6 +31,7 @@ from hub.ledger import (
     format_micro,
 )
 from hub.models import (
+    JOB_STATES,
     BlobView,
     CreateUser,
     EnrollmentTokenView,
@@ -48,6 +50,7 @@ from hub.models import (
     error_field,
 )
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -80,6 +83,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error(402, str(e), shortfall=format_micro(e.shortfall))
     except JobNotFound as e:
         return error(404, str(e))
+    except JobConflict as e:
+        return error(409, str(e))
     except NotAllowed as e:
         return error(403, str(e))
     except JobError as e:
@@ -94,6 +99,15 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error(400, f"invalid request: {e}", field=error_field(str(e)))
     except msgspec.DecodeError as e:
         return error(400, f"request body is not valid JSON: {e}")
+    except web.HTTPException as e:
+        if e.status < 400 or not request.path.startswith("/api/"):
+            raise
+        message = {
+            404: f"no such endpoint: {request.method} {request.path} (see /api/v1/openapi.json)",
+            405: f"{request.method} is not allowed on {request.path}",
+            413: f"request body is over the hub's {request.app._client_max_size} byte limit",
+        }.get(e.status, e.reason)
+        return error(e.status, message)
 
 
 async def decode_body(request: web.Request, type_: type[T]) -> T:
@@ -170,9 +184,12 @@ async def wallet_history(request: web.Request) -> web.StreamResponse:
     ledger = _services(request).ledger
     try:
         limit = min(1000, max(1, int(request.query.get("limit", "50"))))
+    except ValueError:
+        return error(400, "limit must be an integer", field="limit")
+    try:
         before = int(request.query["before"]) if "before" in request.query else None
     except ValueError:
-        return error(400, "limit and before must be integers", field="limit")
+        return error(400, "before must be an entry number", field="before")
     rows = ledger.history(wallet_of(who.user_id), limit=limit, before_entry_id=before)
     items = [
         HistoryItem(entry=r.entry_id, at=r.created_at, reason=r.reason,
@@ -253,7 +270,10 @@ async def submit_job(request: web.Request) -> web.Response:
 
     views.notify(request.app, "job", {"id": job["id"], "state": job["state"]})
     if services.bridge is not None:
-        services.bridge.dispatch()
+        try:
+            services.bridge.dispatch()
+        except Exception:  # the job is queued and paid for; the next tick assigns it
+            log.exception("dispatch after submitting %s failed", job["id"])
     return json_response(
         SubmitResponse(
             id=job["id"],
@@ -273,20 +293,20 @@ def _own_job(request: web.Request) -> Any:
     if job is None:
         raise JobNotFound(f"no job {job_id}")
     if job["owner"] != who.user_id and not who.is_admin:
-        raise NotAllowed(f"job {job_id} is not yours")
+        raise JobNotFound(f"no job {job_id}")  # someone else's job: don't confirm it exists
     return job
 
 
 async def get_job(request: web.Request) -> web.Response:
-    job = _own_job(request)
-    # Re-read after the check so a result that just landed is included.
-    return json_response(_services(request).jobs.view(job))
+    return json_response(_services(request).jobs.view(_own_job(request)))
 
 
 async def list_jobs(request: web.Request) -> web.Response:
     who = identity(request)
     services = _services(request)
     state = request.query.get("state")
+    if state is not None and state not in JOB_STATES:
+        return error(400, f"state must be one of {', '.join(JOB_STATES)}", field="state")
     try:
         limit = min(500, max(1, int(request.query.get("limit", "50"))))
     except ValueError:

@@ -23,7 +23,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from edge import protocol
 from hub import economy, wire
-from hub.jobs import JobError, Jobs
+from hub.jobs import JobConflict, JobError, Jobs
 from hub.ledger import InsufficientFunds, format_micro
 from hub.models import JobSpec, error_field
 from hub.scheduler import Scheduler
@@ -243,7 +243,7 @@ class Bridge:
                 state=protocol.IDLE,
                 last_seen=now,
                 engines=json.dumps(msg.engines),
-                resources=json.dumps(msg.resources),
+                resources=msgspec.json.encode(msg.resources).decode(),
             )
             for job in self.store.jobs_on_node(ident):
                 if job["id"] not in msg.running:
@@ -252,21 +252,26 @@ class Bridge:
             self.dispatch()
             return "hello"
         if isinstance(msg, wire.Heartbeat):
-            if node["state"] in (protocol.IDLE, protocol.BUSY) and node["last_seen"]:
-                # Availability since the previous beat; suspended time and gaps don't pay.
-                gap = economy.counted_gap_ms(
-                    int((now - float(node["last_seen"])) * 1000),
-                    int(self.scheduler.offline_after_s() * 1000),
+            # One transaction: the uptime credited and the last_seen it was measured from move
+            # together, so no beat can be paid twice.
+            with self.store.db.transaction():
+                if node["state"] in (protocol.IDLE, protocol.BUSY) and node["last_seen"]:
+                    # Availability since the previous beat; suspended time and gaps don't pay.
+                    gap = economy.counted_gap_ms(
+                        int((now - float(node["last_seen"])) * 1000),
+                        int(self.scheduler.offline_after_s() * 1000),
+                    )
+                    self.jobs.accrue_uptime(ident, gap)
+                self.store.update_node(
+                    ident,
+                    state=msg.state,
+                    last_seen=now,
+                    resources=msgspec.json.encode(msg.resources).decode(),
+                    running=json.dumps(msg.running),
+                    last_seq=msg.seq,
                 )
-                self.jobs.accrue_uptime(ident, gap)
-            self.store.update_node(
-                ident,
-                state=msg.state,
-                last_seen=now,
-                resources=msgspec.json.encode(msg.resources).decode(),
-                running=json.dumps(msg.running),
-                last_seq=msg.seq,
-            )
+            if msg.state == protocol.IDLE:
+                self._requeue_lost(ident, msg.running, now)
             if node["state"] != msg.state:
                 self._changed("node", {"id": ident, "state": msg.state})
             if msg.state == protocol.IDLE:
@@ -296,6 +301,16 @@ class Bridge:
             return outcome
         return self._drop(topic, "unhandled")
 
+    def _requeue_lost(self, node_id: str, running: list[str], now: float) -> None:
+        """An idle node that does not list a job the hub gave it well before this beat never
+        got it (or lost it): put the job back in the queue instead of waiting out its timeout."""
+        grace = 3 * self.scheduler.config.heartbeat_interval_s
+        for job in self.store.jobs_on_node(node_id):
+            if job["id"] in running or now - float(job["assigned_at"] or now) < grace:
+                continue
+            if self.jobs.requeue(job, f"node {node_id} is idle without it; waiting for another"):
+                log.warning("job %s requeued: node %s reports idle without it", job["id"], node_id)
+
     def _on_submit(self, topic: str, agent_id: str, payload: bytes | bytearray) -> str:
         try:
             req = msgspec.json.decode(payload, type=wire.Submit)
@@ -323,6 +338,8 @@ class Bridge:
             return answer(
                 False, {"error": str(e), "shortfall": format_micro(e.shortfall), "status": 402}
             )
+        except JobConflict as e:
+            return answer(False, {"error": str(e), "status": 409})
         except JobError as e:
             return answer(False, {"error": str(e), "field": e.field, "status": 400})
         self._changed("job", {"id": job["id"], "state": job["state"]})

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import re
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -21,6 +24,8 @@ DEFAULT_HUB = "http://127.0.0.1:8765"
 
 
 def _default_token() -> str | None:
+    """The local hub's admin token: used only when talking to the local hub at its default
+    address, so a token for one hub is never silently sent to another."""
     path = default_data_dir() / "admin-token"
     try:
         return path.read_text().strip() or None
@@ -43,7 +48,10 @@ class Ctx:
         self.token = token
 
     def client(self) -> Client:
-        return Client(self.hub, self.token or _default_token())
+        token = self.token
+        if token is None and self.hub.rstrip("/") == DEFAULT_HUB:
+            token = _default_token()
+        return Client(self.hub, token)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -76,7 +84,7 @@ def run_cli(fn: Any) -> Any:
             return fn(*args, **kwargs)
         except HubError as e:
             extra = ""
-            if e.body.get("field"):
+            if e.body.get("field") and not str(e).startswith(str(e.body["field"])):
                 extra = f" (field: {e.body['field']})"
             die(f"{e}{extra}", 1)
 
@@ -174,8 +182,15 @@ def hub_cmd(
         die(f"cannot start the hub: {e}")
     services = app[SERVICES]
 
-    async def announce(_app: web.Application) -> None:
+    def announce(_message: str) -> None:
+        # run_app calls this once the listening socket is bound, so nothing is claimed early.
         url = f"http://{host}:{port}"
+        default = data_dir is None and port == 8765 and host == "127.0.0.1"
+        cli = (
+            "deparrow"
+            if default
+            else f"deparrow --hub {url} --token $(cat {config.admin_token_path})"
+        )
         click.echo(f"DEparrow hub on {url}  (web page: {url}/)", err=True)
         click.echo(
             f"  MQTT broker: {services.mqtt_url}"
@@ -184,14 +199,15 @@ def hub_cmd(
         )
         click.echo(f"  data: {config.data_dir}", err=True)
         click.echo(f"  admin token: {config.admin_token_path}", err=True)
-        click.echo("  add a node:  deparrow node token   (prints the edge-run command)", err=True)
+        click.echo(f"  add a node:  {cli} node token   (prints the edge-run command)", err=True)
 
-    app.on_startup.append(announce)
     try:
-        web.run_app(app, host=host, port=port, print=None, handle_signals=True)
+        web.run_app(app, host=host, port=port, print=announce, handle_signals=True)
+    except ConnectionError as e:  # the broker (an OSError too, so it comes first)
+        die(str(e))
     except OSError as e:
-        die(f"cannot listen: {e}")
-    except (ConnectionError, RuntimeError) as e:
+        die(f"cannot listen on {host}:{port}: {e.strerror or e}")
+    except RuntimeError as e:
         die(str(e))
 
 
@@ -209,9 +225,9 @@ def _print_job(job: dict[str, Any]) -> None:
         f"  hold:   {job['hold']} credits"
         + (f", cost {job['cost']}" if job.get("cost") is not None else "")
     )
-    if job.get("reason"):
-        click.echo(f"  reason: {job['reason']}")
     result = job.get("result")
+    if job.get("reason") and not (result and result.get("error") == job["reason"]):
+        click.echo(f"  reason: {job['reason']}")
     if result:
         if result.get("returns") is not None:
             click.echo(f"  returns: {' '.join(str(v) for v in result['returns'])}")
@@ -224,6 +240,12 @@ def _print_job(job: dict[str, Any]) -> None:
             for line in result["stdout"].splitlines()[:50]:
                 click.echo("    " + line)
         click.echo(f"  time:   {result['wall_ms']} ms wall, {result['cpu_ms']} ms CPU")
+
+
+def _job_name(module: str) -> str:
+    """A job name from a file or example name, in the characters the hub accepts."""
+    stem = Path(module.split(":")[-1]).stem
+    return re.sub(r"[^\w.\- ]+", "-", stem).strip("-")[:128] or "job"
 
 
 def _ref(client: Client, value: str) -> str:
@@ -240,10 +262,24 @@ def _ref(client: Client, value: str) -> str:
 @click.argument("module")
 @click.argument("args", nargs=-1)
 @click.option("--invoke", default=None, metavar="FUNC", help="Exported function to call.")
-@click.option("--input", "input_path", default=None, help="File for the job's stdin.")
-@click.option("--env", multiple=True, metavar="K=V")
-@click.option("--timeout", default=60, show_default=True, type=click.IntRange(1))
-@click.option("--cpu", default=1.0, show_default=True, type=float)
+@click.option(
+    "--input", "input_path", default=None, metavar="FILE", help="File fed to the job's stdin."
+)
+@click.option("--env", multiple=True, metavar="K=V", help="Environment variable (repeat).")
+@click.option(
+    "--timeout",
+    default=60,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Seconds; the hold is priced on it.",
+)
+@click.option(
+    "--cpu",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(0, 256, min_open=True),
+    help="CPU-equivalents (billed at least 1).",
+)
 @click.option("--memory", default=64, show_default=True, type=click.IntRange(1), help="MiB.")
 @click.option("--priority", type=click.Choice(["normal", "high"]), default="normal")
 @click.option("--name", default=None)
@@ -271,6 +307,8 @@ def job_run(
     Arguments after `--` go to the job. The price is computed by the hub; the maximum is held
     from your wallet until the job settles.
     """
+    if not math.isfinite(cpu):
+        die("--cpu must be a number of CPUs, like 1 or 0.5", 2)
     client = obj.client()
     env_map = {}
     for item in env:
@@ -279,7 +317,7 @@ def job_run(
             die(f"--env {item!r} is not KEY=VALUE", 2)
         env_map[k] = v
     spec: dict[str, Any] = {
-        "name": name or Path(module.split(":")[-1]).stem,
+        "name": name or _job_name(module),
         "engine": {
             "type": "wasm",
             "module": _ref(client, module),
@@ -293,7 +331,8 @@ def job_run(
     }
     if input_path:
         spec["input"] = _ref(client, input_path)
-    submitted = client.submit(spec)
+    # A key per invocation: if the answer is lost and the request retried, one job, one hold.
+    submitted = client.submit(spec, idempotency_key=str(uuid.uuid4()))
     if not wait:
         if as_json:
             emit(submitted)
@@ -311,6 +350,7 @@ def job_run(
         _print_job(job)
     if job["state"] != "completed":
         sys.exit(1)
+    sys.exit(int((job.get("result") or {}).get("exit_code") or 0))  # the job's own exit code
 
 
 @job_group.command("get")
@@ -347,8 +387,13 @@ def job_list(obj: Ctx, state: str | None, as_json: bool) -> None:
 @run_cli
 def job_cancel(obj: Ctx, job_id: str) -> None:
     """Cancel a job and release its hold (safe to repeat)."""
-    job = obj.client().cancel(job_id)
-    click.echo(f"job {job['id']} {job['state']}")
+    client = obj.client()
+    before = client.job(job_id)["state"]
+    job = client.cancel(job_id)
+    if before in ("completed", "failed", "cancelled"):
+        click.echo(f"job {job['id']} was already {before}; nothing to cancel")
+    else:
+        click.echo(f"job {job['id']} cancelled; its hold of {job['hold']} credits is released")
 
 
 # --- wallet, nodes, users, status ------------------------------------------------------
@@ -403,7 +448,7 @@ def wallet_history(obj: Ctx, limit: int, as_csv: bool, as_json: bool) -> None:
 @run_cli
 def wallet_transfer(obj: Ctx, to: str, amount: str, memo: str, key: str | None,
                     as_json: bool) -> None:  # fmt: skip
-    """Send AMOUNT credits (e.g. 2.5) to the user or agent TO (its id, u_...)."""
+    """Send AMOUNT credits to the user or agent TO (an id like u_...)."""
     import uuid
 
     r = obj.client().transfer(to, amount, key or str(uuid.uuid4()), memo)
@@ -457,6 +502,8 @@ def node_list(obj: Ctx, as_json: bool) -> None:
         return
     if not nodes:
         click.echo("no nodes; add one with: deparrow node token")
+    else:
+        click.echo(f"{'node':<18}  {'state':<8} {'name':<20} resources          earned")
     for n in nodes:
         click.echo(
             f"{n['id']}  {n['state']:<8} {n['name']:<20} {n['cpu']:g} CPU "

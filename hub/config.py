@@ -35,6 +35,8 @@ class HubConfig:
     max_timeout_s: int = 24 * 3600
     # Extra time past a job's timeout before the hub gives up waiting for a node's result.
     result_grace_s: float = 30.0
+    # A job no node has taken within this long fails and its hold is refunded.
+    queue_ttl_s: float = 3600.0
     enrollment_ttl_s: int = 24 * 3600
 
     @property

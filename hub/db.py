@@ -117,6 +117,11 @@ class Database:
         self._conn.execute("PRAGMA journal_mode = WAL")
         self._conn.execute("PRAGMA synchronous = FULL")  # a commit survives power loss
         self._conn.execute("PRAGMA foreign_keys = ON")
+        # Savepoint and statement journals in memory: they only serve rollbacks inside an
+        # open transaction (crash recovery never reads them), and once one outgrew 64 KiB
+        # SQLite moved it to a file in /var/tmp for the rest of the transaction, costing a
+        # write() per journaled page on every savepoint of a writer batch.
+        self._conn.execute("PRAGMA temp_store = MEMORY")
         self._conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
         self._depth = 0
         self._owner: tuple[int, object] | None = None

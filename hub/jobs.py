@@ -45,6 +45,10 @@ class NotAllowed(JobError):
     pass
 
 
+class JobConflict(JobError):
+    """An idempotency key reused for a different request."""
+
+
 def wallet_of(user_id: str) -> str:
     return "wallet:" + user_id
 
@@ -98,6 +102,11 @@ class Jobs:
         if submit_key:
             existing = self.store.job_by_submit_key(owner, submit_key)
             if existing is not None:
+                if msgspec.json.decode(existing["spec"], type=JobSpec) != spec:
+                    raise JobConflict(
+                        "that idempotency key was used for a different job: "
+                        f"{existing['id']}; use a new key for a new job"
+                    )
                 return existing
         if spec.timeout > self.config.max_timeout_s:
             raise JobError(
@@ -107,6 +116,12 @@ class Jobs:
         if spec.resources.gpu:
             raise JobError("resources.gpu: GPU jobs are not supported yet", "resources.gpu")
         module = self.resolve_ref(spec.engine.module, "engine.module", self.config.max_module_bytes)
+        head = self.store.blob_head(module, 4)
+        if head != b"\0asm":
+            raise JobError(
+                "engine.module: not a WebAssembly module (it does not start with \\0asm)",
+                "engine.module",
+            )
         stdin = (
             self.resolve_ref(spec.input, "input", self.config.max_input_bytes)
             if spec.input
@@ -260,18 +275,21 @@ class Jobs:
                 return
             self.ledger.close_hold(job["id"], payouts, reason="job completed " + job["id"])
             c.execute("UPDATE nodes SET earned = earned + ? WHERE id = ?", (pay, node["id"]))
-            first = c.execute(
-                "UPDATE nodes SET proved_at = ? WHERE id = ? AND proved_at IS NULL",
-                (time.time(), node["id"]),
-            )
-            if first.rowcount == 1:
-                self._referral_bonus(node)
+            if job["owner"] != node["owner"]:
+                first = c.execute(
+                    "UPDATE nodes SET proved_at = ? WHERE id = ? AND proved_at IS NULL",
+                    (time.time(), node["id"]),
+                )
+                if first.rowcount == 1:
+                    self._referral_bonus(node, job["owner"])
 
-    def _referral_bonus(self, node: sqlite3.Row) -> None:
+    def _referral_bonus(self, node: sqlite3.Row, job_owner: str) -> None:
         """+500 to whoever referred this node's owner, when the node proves real (its first
         completed, signature-verified job). Once per node, never to the owner themselves."""
         owner = self.store.user(node["owner"])
         referrer = owner["referred_by"] if owner is not None else None
+        if job_owner == node["owner"]:
+            return  # a node proves real on someone else's work, not its owner's own jobs
         if not referrer or referrer == node["owner"] or self.store.user(referrer) is None:
             return
         amount = economy.RATES.referral_credits * MICRO
@@ -343,7 +361,7 @@ class Jobs:
         if job is None:
             raise JobNotFound(f"no job {job_id}")
         if job["owner"] != user_id and not is_admin:
-            raise NotAllowed(f"job {job_id} is not yours")
+            raise JobNotFound(f"no job {job_id}")  # someone else's: don't confirm it exists
         node = job["node"] if job["state"] in ("assigned", "running") else None
         with self.db.transaction() as c:
             cur = c.execute(

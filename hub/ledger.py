@@ -84,13 +84,28 @@ MIGRATIONS: list[tuple[int, str, str]] = [
 
 _SELECT_ACCOUNT = "SELECT kind, balance FROM accounts WHERE id = ?"
 _HOLD_CLOSED = "SELECT 1 FROM holds WHERE account_id = ? AND closed_entry_id IS NOT NULL"
+_INSERT_ENTRY = "INSERT INTO entries (idem_key, reason, memo, created_at) VALUES (?, ?, ?, ?)"
+# Adds ?1 to account ?2's balance only if every rule of post() holds for it; otherwise it
+# changes no row. (The CASE makes SQLite look at `holds` only for holds receiving credits.)
+_APPLY_CHANGE = """
+    UPDATE accounts SET balance = balance + ?1
+    WHERE id = ?2
+      AND (kind = 'mint' OR balance + ?1 >= 0)
+      AND typeof(balance + ?1) = 'integer' AND balance + ?1 >= -9223372036854775807
+      AND CASE WHEN ?1 > 0 AND kind = 'hold'
+          THEN NOT EXISTS (SELECT 1 FROM holds
+                           WHERE account_id = ?2 AND closed_entry_id IS NOT NULL)
+          ELSE 1 END
+"""
 _MULTI_ROW_LEGS = 64  # up to this many legs go in one INSERT (3 parameters per leg)
+_INSERT_POSTINGS = {
+    n: "INSERT INTO postings (entry_id, account_id, amount) VALUES " + ", ".join(["(?, ?, ?)"] * n)
+    for n in range(1, _MULTI_ROW_LEGS + 1)
+}
 
 
-def _insert_postings_sql(legs: int) -> str:
-    return "INSERT INTO postings (entry_id, account_id, amount) VALUES " + ", ".join(
-        ["(?, ?, ?)"] * legs
-    )
+class _TakeCarefulPath(Exception):
+    """Internal: the optimistic write met something unusual; redo it with every check first."""
 
 
 # --- errors -------------------------------------------------------------------------------
@@ -355,7 +370,67 @@ class Ledger:
         memo: dict[str, Any] | None,
         memo_json: str | None,
     ) -> Entry:
-        """`post` after its arguments were checked: legs well-formed, non-zero, balanced."""
+        """`post` after its arguments were checked: legs well-formed, non-zero, balanced.
+
+        The common case (a new key, known accounts, enough funds) takes the optimistic path:
+        four statements that write and let SQLite report what the checks need. Anything
+        else undoes that attempt and goes the careful way, which checks everything in a fixed
+        order before writing and raises the precise error.
+        """
+        try:
+            with self.db.transaction() as c:
+                now = self.clock()
+                entry_id = self._write_optimistic(c, idem_key, reason, legs, memo_json, now)
+        except _TakeCarefulPath:
+            return self._post_checked(idem_key, reason, legs, memo, memo_json)
+        return Entry(entry_id, idem_key, reason, tuple(legs), now, memo, replayed=False)
+
+    def _write_optimistic(
+        self,
+        c: sqlite3.Connection,
+        idem_key: str,
+        reason: str,
+        legs: list[Leg],
+        memo_json: str | None,
+        now: float,
+    ) -> int:
+        """Write a new entry, letting SQLite verify each rule as it writes; raise
+        _TakeCarefulPath (the caller's savepoint then undoes the writes) on anything unusual.
+
+        It verifies the same rules as `_post_checked`, and no fewer: the key is new (else the
+        UNIQUE index refuses the insert), and each balance UPDATE applies only when the
+        account exists, stays at or above zero unless it is the mint, stays an int64 (SQLite
+        turns an overflowing sum into a REAL), and is not a closed hold receiving credits
+        (see _APPLY_CHANGE); so an update that changed no row means some rule failed.
+        """
+        try:
+            cur = c.execute(_INSERT_ENTRY, (idem_key, reason, memo_json, now))
+        except sqlite3.IntegrityError:  # the key was used before: a replay or a conflict
+            raise _TakeCarefulPath from None
+        entry_id = cur.lastrowid
+        assert entry_id is not None
+        if len(legs) == 2 and legs[0][0] != legs[1][0]:  # a transfer: one change per account
+            changes = sorted(legs)
+        else:
+            net: dict[str, int] = {}
+            for account, amount in legs:
+                net[account] = net.get(account, 0) + amount
+            changes = sorted(net.items())
+        for account, change in changes:
+            if c.execute(_APPLY_CHANGE, (change, account)).rowcount != 1:
+                raise _TakeCarefulPath
+        _insert_postings(c, entry_id, legs)
+        return entry_id
+
+    def _post_checked(
+        self,
+        idem_key: str,
+        reason: str,
+        legs: list[Leg],
+        memo: dict[str, Any] | None,
+        memo_json: str | None,
+    ) -> Entry:
+        """Check everything before writing; raise the first problem found."""
         with self.db.transaction() as c:
             existing = self._entry_by_key(idem_key)
             if existing is not None:
@@ -386,21 +461,9 @@ class Ledger:
                     raise HoldError(f"{account} is closed; credits cannot be moved into it")
                 new_balances.append((after, account))
             now = self.clock()
-            entry_id = c.execute(
-                "INSERT INTO entries (idem_key, reason, memo, created_at) VALUES (?, ?, ?, ?)",
-                (idem_key, reason, memo_json, now),
-            ).lastrowid
+            entry_id = c.execute(_INSERT_ENTRY, (idem_key, reason, memo_json, now)).lastrowid
             assert entry_id is not None
-            if len(legs) <= _MULTI_ROW_LEGS:
-                params: list[object] = []
-                for account, amount in legs:
-                    params += (entry_id, account, amount)
-                c.execute(_insert_postings_sql(len(legs)), params)
-            else:
-                c.executemany(
-                    "INSERT INTO postings (entry_id, account_id, amount) VALUES (?, ?, ?)",
-                    [(entry_id, account, amount) for account, amount in legs],
-                )
+            _insert_postings(c, entry_id, legs)
             for update in new_balances:
                 c.execute("UPDATE accounts SET balance = ? WHERE id = ?", update)
         return Entry(entry_id, idem_key, reason, tuple(legs), now, memo, replayed=False)
@@ -692,6 +755,19 @@ class Ledger:
             created_at=float(row["created_at"]),
             memo=_memo_load(row["memo"]),
             replayed=True,
+        )
+
+
+def _insert_postings(c: sqlite3.Connection, entry_id: int, legs: list[Leg]) -> None:
+    n = len(legs)
+    if n <= _MULTI_ROW_LEGS:
+        params: list[object] = []
+        for account, amount in legs:
+            params += (entry_id, account, amount)
+        c.execute(_INSERT_POSTINGS[n], params)
+    else:
+        c.executemany(
+            _INSERT_POSTINGS[1], [(entry_id, account, amount) for account, amount in legs]
         )
 
 

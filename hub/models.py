@@ -50,7 +50,9 @@ class JobSpec(msgspec.Struct, forbid_unknown_fields=True):
 
     @property
     def cpu_milli(self) -> int:
-        return max(1, round(self.resources.cpu * 1000))
+        """CPU-equivalents billed, in milli-CPUs: at least one whole CPU, since a node gives a
+        job a core of its own (it runs one job at a time)."""
+        return max(1000, round(self.resources.cpu * 1000))
 
 
 class JobTimings(msgspec.Struct):
@@ -212,7 +214,16 @@ class BlobView(msgspec.Struct):
 _FIELD_RE = re.compile(r"(?:at|in) `\$\.?([^`]*)`")
 
 
+_MISSING_RE = re.compile(r"missing required field `([^`]*)`")
+
+
 def error_field(message: str) -> str | None:
-    """msgspec says 'Expected ... - at `$.engine.module`'; pull out 'engine.module'."""
+    """msgspec says 'Expected ... - at `$.engine.module`'; pull out 'engine.module'.
+    For a missing field ('Object missing required field `module` - at `$.engine`') the
+    field itself is the answer: 'engine.module'."""
     m = _FIELD_RE.search(message)
-    return m.group(1) or None if m else None
+    path = m.group(1) if m else ""
+    missing = _MISSING_RE.search(message)
+    if missing:
+        path = f"{path}.{missing.group(1)}" if path else missing.group(1)
+    return path or None

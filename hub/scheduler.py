@@ -20,11 +20,26 @@ from hub.store import Store
 log = logging.getLogger(__name__)
 
 
+def _misfit(job: sqlite3.Row, node: sqlite3.Row) -> str | None:
+    """None when node can run job; else what it lacks, in words."""
+    engine = json.loads(job["spec"])["engine"]["type"]
+    if engine not in json.loads(node["engines"]):
+        return f"no online node runs the {engine} engine"
+    cpu, mem = _offered(node)
+    if cpu < job["cpu_milli"] / 1000:
+        return f"no online node offers {job['cpu_milli'] / 1000:g} CPUs"
+    if mem < job["memory_mb"]:
+        return f"no online node offers {job['memory_mb']} MB of RAM"
+    return None
+
+
 def _offered(node: sqlite3.Row) -> tuple[float, int]:
-    res = json.loads(node["resources"] or "{}")
-    cpu = float(res.get("cpu", node["cpu"]))
-    mem = int(res.get("memory_mb", node["memory_mb"]))
-    return cpu, mem
+    """CPU and RAM the node offers now (validated by hub/wire.py before it was stored)."""
+    try:
+        res = json.loads(node["resources"] or "{}")
+        return float(res.get("cpu", node["cpu"])), int(res.get("memory_mb", node["memory_mb"]))
+    except (TypeError, ValueError):
+        return 0.0, 0
 
 
 class Scheduler:
@@ -41,42 +56,33 @@ class Scheduler:
         if not queued:
             return []
         online = [n for n in self.store.nodes() if n["state"] != protocol.OFFLINE]
-        nodes = [n for n in online if n["state"] == protocol.IDLE]
         busy = {j["node"] for j in self.store.active_jobs()}
-        free = [n for n in nodes if n["id"] not in busy]
+        free = [n for n in online if n["state"] == protocol.IDLE and n["id"] not in busy]
         out: list[Assignment] = []
         for job in queued:
-            spec = json.loads(job["spec"])
-            engine = spec["engine"]["type"]
-            cpu_needed = job["cpu_milli"] / 1000
-            mem_needed = int(job["memory_mb"])
-            pick = None
-            why = "no node is online"
-            if online:
-                why = "every node is busy or its owner is using it"
-            for node in free:
-                cpu, mem = _offered(node)
-                if engine not in json.loads(node["engines"]):
-                    why = f"no idle node runs the {engine} engine"
-                    continue
-                if cpu < cpu_needed:
-                    why = f"no idle node offers {cpu_needed:g} CPUs"
-                    continue
-                if mem < mem_needed:
-                    why = f"no idle node offers {mem_needed} MB of RAM"
-                    continue
-                pick = node
-                break
+            pick = next((n for n in free if _misfit(job, n) is None), None)
             if pick is None:
-                if job["reason"] != why:
-                    with self.store.db.transaction() as c:
-                        c.execute("UPDATE jobs SET reason = ? WHERE id = ?", (why, job["id"]))
+                self._explain(job, online)
                 continue
             assignment = self.jobs.assign(job, pick["id"])
             if assignment is not None:
                 out.append(assignment)
                 free.remove(pick)
         return out
+
+    def _explain(self, job: sqlite3.Row, online: list[sqlite3.Row]) -> None:
+        """Say why a job waits, naming what does not fit when no online node could run it."""
+        if not online:
+            why = "no node is online"
+        else:
+            misfits = [_misfit(job, n) for n in online]
+            if all(m is not None for m in misfits):
+                why = str(misfits[0])
+            else:
+                why = "every node that can run it is busy or its owner is using it"
+        if job["reason"] != why:
+            with self.store.db.transaction() as c:
+                c.execute("UPDATE jobs SET reason = ? WHERE id = ?", (why, job["id"]))
 
     def sweep(self, now: float | None = None) -> list[str]:
         """Mark silent nodes offline, requeue their jobs, fail jobs past timeout + grace.
@@ -89,6 +95,12 @@ class Scheduler:
             if node["last_seen"] is None or now - node["last_seen"] > self.offline_after_s():
                 self.node_offline(node["id"], "missed heartbeats")
                 gone.append(node["id"])
+        for job in self.store.queued_jobs():
+            if now - job["submitted_at"] > self.config.queue_ttl_s:
+                self.jobs.fail(
+                    job["id"],
+                    f"no node could run it within {self.config.queue_ttl_s:g}s: {job['reason']}",
+                )
         for job in self.store.active_jobs():
             started = job["assigned_at"] or job["submitted_at"]
             if now - started > job["timeout_s"] + self.config.result_grace_s:

@@ -226,6 +226,11 @@ class Store:
         row = self.db.query_one("SELECT data FROM blobs WHERE sha256 = ?", (digest,))
         return bytes(row["data"]) if row else None
 
+    def blob_head(self, digest: str, n: int) -> bytes:
+        row = self.db.query_one("SELECT substr(data, 1, ?) AS h FROM blobs WHERE sha256 = ?",
+                                (n, digest))  # fmt: skip
+        return bytes(row["h"]) if row else b""
+
     def has_blob(self, digest: str) -> bool:
         return self.db.query_one("SELECT 1 FROM blobs WHERE sha256 = ?", (digest,)) is not None
 

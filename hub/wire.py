@@ -12,62 +12,68 @@ from typing import Annotated, Any
 import msgspec
 
 Id = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
-Count = Annotated[int, msgspec.Meta(ge=0)]
-
-
-class Hello(msgspec.Struct):
-    v: int
-    node_id: Id
-    engines: list[Annotated[str, msgspec.Meta(max_length=32)]]
-    resources: dict[str, Any]
-    version: str
-    running: list[Id] = []
+# Every integer is bounded: SQLite stores 64-bit integers, and a node must not be able to make
+# the hub fail half-way through handling its message.
+Count = Annotated[int, msgspec.Meta(ge=0, le=2**53)]
+Int = Annotated[int, msgspec.Meta(ge=-(2**53), le=2**53)]
+Version = Annotated[int, msgspec.Meta(ge=0, le=1000)]
 
 
 class OfferedResources(msgspec.Struct):
-    cpu: Annotated[float, msgspec.Meta(ge=0)] = 0.0
-    memory_mb: Count = 0
-    gpu: Count = 0
-    load: float = 0.0
+    cpu: Annotated[float, msgspec.Meta(ge=0, le=4096)] = 0.0
+    memory_mb: Annotated[int, msgspec.Meta(ge=0, le=2**40)] = 0
+    gpu: Annotated[int, msgspec.Meta(ge=0, le=64)] = 0
+    load: Annotated[float, msgspec.Meta(ge=0, le=1024)] = 0.0
+
+
+class Hello(msgspec.Struct):
+    v: Version
+    node_id: Id
+    engines: list[Annotated[str, msgspec.Meta(max_length=32)]]
+    resources: OfferedResources
+    version: Annotated[str, msgspec.Meta(max_length=64)]
+    running: Annotated[list[Id], msgspec.Meta(max_length=64)] = []
 
 
 class Heartbeat(msgspec.Struct):
-    v: int
+    v: Version
     node_id: Id
     seq: Count
-    ts: int
+    ts: Int
     state: Annotated[str, msgspec.Meta(pattern="^(idle|busy|suspended)$")]
     resources: OfferedResources
-    running: list[Id]
+    running: Annotated[list[Id], msgspec.Meta(max_length=64)]
 
 
 class Status(msgspec.Struct):
-    v: int
+    v: Version
     node_id: Id
     state: Annotated[str, msgspec.Meta(pattern="^(online|offline)$")]
 
 
 class Event(msgspec.Struct):
-    v: int
+    v: Version
     node_id: Id
     job_id: Id
     attempt: Count
-    state: str
-    ts: int
-    detail: str | None = None
+    state: Annotated[str, msgspec.Meta(max_length=32)]
+    ts: Int
+    detail: Annotated[str, msgspec.Meta(max_length=1024)] | None = None
 
 
 class Result(msgspec.Struct):
-    v: int
+    v: Version
     node_id: Id
     job_id: Id
     attempt: Count
     state: Annotated[str, msgspec.Meta(pattern="^(completed|failed)$")]
-    exit_code: int
+    exit_code: Int
     stdout_b64: str
     stderr_b64: str
-    returns: list[int] | None
-    error: str | None
+    # i64/u64 results (msgspec bounds them to 64 bits) are stored inside JSON text, not in an
+    # integer column.
+    returns: Annotated[list[int], msgspec.Meta(max_length=64)] | None
+    error: Annotated[str, msgspec.Meta(max_length=4096)] | None
     wall_ms: Count
     cpu_ms: Count
     digest: Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{64}$")]
@@ -75,7 +81,7 @@ class Result(msgspec.Struct):
 
 
 class Submit(msgspec.Struct):
-    v: int
+    v: Version
     request_id: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
     token: Annotated[str, msgspec.Meta(min_length=8, max_length=256)]
     spec: dict[str, Any]

@@ -397,7 +397,9 @@ def test_shell_agent_submits_and_reads_the_reply(tmp_path: Path, mosquitto: str)
         assert again["ok"] and again["body"]["id"] == job_id
 
         bad = submit(SPEC='{"engine":{}}')
-        assert not bad["ok"] and bad["body"]["status"] == 400 and bad["body"]["field"] == "engine"
+        assert (
+            not bad["ok"] and bad["body"]["status"] == 400 and bad["body"]["field"] == "engine.type"
+        )
         assert set(bad["body"]) == set(ex["reply-400"]["body"])
         wrong = submit(API_TOKEN="dpt_wrong-token")
         assert wrong["body"] == ex["reply-401"]["body"]
