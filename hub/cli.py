@@ -137,6 +137,13 @@ def run_cli(fn: Any) -> Any:
     type=click.FloatRange(0.1, 3600),
     help="Seconds between node heartbeats.",
 )
+@click.option(
+    "--queue-ttl",
+    default=3600.0,
+    show_default=True,
+    type=click.FloatRange(1, 30 * 86400),
+    help="Seconds a job may wait for a node before it fails and is refunded.",
+)
 @click.option("-v", "--verbose", is_flag=True)
 def hub_cmd(
     host: str,
@@ -148,6 +155,7 @@ def hub_cmd(
     mqtt_public_url: str | None,
     welcome_grant: int,
     heartbeat: float,
+    queue_ttl: float,
     verbose: bool,
 ) -> None:
     """Run the hub: REST API, ledger, scheduler, MQTT bridge and web page."""
@@ -175,6 +183,7 @@ def hub_cmd(
         mqtt_public_url=mqtt_public_url,
         welcome_grant_credits=welcome_grant,
         heartbeat_interval_s=heartbeat,
+        queue_ttl_s=queue_ttl,
     )
     try:
         app = create_app(config)

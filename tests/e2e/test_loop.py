@@ -157,3 +157,33 @@ def test_node_killed_mid_job_the_job_moves_to_another_node(hub: HubProc, tmp_pat
         assert hub.admin.request("GET", "/api/v1/ledger/audit")["balanced"]
     finally:
         second.stop()
+
+
+def test_malformed_assignment_fails_its_job_and_the_node_lives(
+    hub: HubProc, tmp_path: Path
+) -> None:
+    import json
+
+    import paho.mqtt.publish as publish
+
+    from edge import protocol
+    from hub.bridge import parse_mqtt_url
+
+    _, owner = hub.user("owner")
+    _, alice = hub.user("alice")
+    node = start_node(hub, owner, tmp_path, "n1")
+    try:
+        node_id = owner.nodes()[0]["id"]
+        host, port = parse_mqtt_url(hub.admin.status()["broker"]["url"])
+        for bad in ({"job_id": "j_1", "attempt": 1, "engine": "wasm"}, b"\xff not json",
+                    {"job_id": "j_2", "attempt": 1, "engine": {"type": "wasm"},
+                     "timeout_s": "soon"}):  # fmt: skip
+            payload = bad if isinstance(bad, bytes) else json.dumps(bad)
+            publish.single(protocol.node_topic(node_id, "assign"), payload, qos=1,
+                           hostname=host, port=port)  # fmt: skip
+        job = alice.submit(spec("fib"))
+        assert alice.wait(job["id"], timeout_s=30)["result"]["returns"] == [75025]
+        assert node.alive()
+        assert "invalid assignment: engine must be an object" in node.output()
+    finally:
+        node.stop()

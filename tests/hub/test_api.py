@@ -292,3 +292,31 @@ async def test_500_concurrent_transfers_balance(api: Any) -> None:
             (await (await api.get("/api/v1/wallet", headers=auth)).json())["balance_micro"]
         )
     assert total == 5 * 10_000_000  # transfers only move credits between these wallets
+
+
+async def test_not_wasm_is_refused_at_submission(api: Any) -> None:
+    _, auth = await new_user(api)
+    spec = {**FIB, "engine": {**FIB["engine"], "module": "base64:aGVsbG8="}}  # "hello"
+    r = await api.post("/api/v1/jobs", json=spec, headers=auth)
+    assert r.status == 400
+    body = await r.json()
+    assert body["field"] == "engine.module" and "not a WebAssembly module" in body["error"]
+
+
+async def test_reused_submit_key_for_another_job_is_409(api: Any) -> None:
+    _, auth = await new_user(api)
+    headers = {**auth, "Idempotency-Key": "same"}
+    assert (await api.post("/api/v1/jobs", json=FIB, headers=headers)).status == 201
+    other = {**FIB, "timeout": 11}
+    r = await api.post("/api/v1/jobs", json=other, headers=headers)
+    assert r.status == 409 and "different job" in (await r.json())["error"]
+
+
+async def test_unknown_api_paths_answer_json(api: Any) -> None:
+    r = await api.get("/api/v1/nope")
+    assert r.status == 404 and "no such endpoint" in (await r.json())["error"]
+    r = await api.delete("/api/v1/wallet")
+    assert r.status == 405 and "not allowed" in (await r.json())["error"]
+    _, auth = await new_user(api)
+    r = await api.get("/api/v1/jobs?state=bogus", headers=auth)
+    assert r.status == 400 and "queued" in (await r.json())["error"]

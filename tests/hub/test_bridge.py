@@ -282,3 +282,41 @@ def test_uptime_counts_heartbeats_not_gaps(setup: Any) -> None:
     time.sleep(1.2)
     after = owner.nodes()[0]["uptime_s"]
     assert after - up <= 2, (up, after)  # the silent stretch was not paid
+
+
+def test_out_of_range_numbers_are_dropped_and_pay_nothing(setup: Any) -> None:
+    hub, node, owner, _alice = setup
+    node.beating = False
+    time.sleep(0.3)
+    before = owner.nodes()[0]
+    huge = protocol.heartbeat(node.id, 2**63, "idle", {"cpu": 2, "memory_mb": 512}, [])
+    for _ in range(20):
+        node.send("heartbeat", huge)
+    node.send("event", {**protocol.event(node.id, "j_x", 1, "running"), "attempt": 10**30})
+    bad_hello = protocol.hello(node.id, ["wasm"], {"cpu": "x"}, "t")
+    node.send("hello", bad_hello)
+    time.sleep(0.5)
+    after = owner.nodes()[0]
+    assert after["uptime_s"] == before["uptime_s"] and after["earned"] == before["earned"]
+    log = hub.proc.output()
+    assert log.count("malformed heartbeat") >= 20 and "malformed event" in log
+    assert "malformed hello" in log and "Traceback" not in log
+
+
+def test_a_job_no_node_can_run_says_why_and_is_refunded(tmp_path: Path, mosquitto: str) -> None:
+    from tests.conftest import start_hub
+
+    hub = start_hub(tmp_path, mqtt_url=mosquitto, extra=("--queue-ttl", "2"))
+    try:
+        _, owner = hub.user("owner")
+        _, alice = hub.user("alice")
+        node = FakeNode(hub, owner)
+        job = alice.submit({**FIB, "resources": {"cpu": 8}})
+        wait_until("a reason", lambda: "CPU" in (alice.job(job["id"])["reason"] or ""))
+        assert alice.job(job["id"])["reason"] == "no online node offers 8 CPUs"
+        done = wait_until("failed", lambda: (j := alice.job(job["id"]))["state"] == "failed" and j)
+        assert done["reason"].startswith("no node could run it within 2s: no online node offers")
+        assert alice.wallet() == {**alice.wallet(), "balance": "100", "held": "0"}
+        node.close()
+    finally:
+        hub.stop()
