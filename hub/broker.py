@@ -10,15 +10,36 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import pwd
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+
+def die_with_parent(sig: int) -> Callable[[], None]:
+    """A preexec_fn: the child gets sig when this process dies, even by SIGKILL, so a crash
+    never leaves an orphan broker or node behind (Linux prctl PR_SET_PDEATHSIG; else no-op)."""
+    parent = os.getpid()
+
+    def arm() -> None:
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, sig)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            return
+        if os.getppid() != parent:  # the parent died before the signal was armed
+            os._exit(1)
+
+    return arm
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -76,6 +97,9 @@ class ChildBroker:
                 f"listener {self.port} {self.host}\n"
                 "allow_anonymous true\n"
                 "persistence false\n"
+                # Run as whoever runs the hub: a root-started mosquitto would otherwise switch
+                # to its own user, which also drops the die-with-the-hub signal.
+                f"user {pwd.getpwuid(os.getuid()).pw_name}\n"
                 "max_packet_size 16777216\n"
                 "set_tcp_nodelay true\n"
                 "log_dest stderr\n"
@@ -90,6 +114,7 @@ class ChildBroker:
             stderr=logfile,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
+            preexec_fn=die_with_parent(signal.SIGTERM),
         )
         logfile.close()
         wait_port(self.host, self.port, 15.0, self.proc)

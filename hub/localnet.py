@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from hub.broker import free_port
+from hub.broker import die_with_parent, free_port
 from hub.client import Client, HubError
 
 T = TypeVar("T")
@@ -34,6 +34,7 @@ class Proc:
                 stdin=subprocess.DEVNULL,
                 env={**os.environ, **(env or {})},
                 start_new_session=True,
+                preexec_fn=die_with_parent(signal.SIGTERM),
             )
 
     def alive(self) -> bool:

@@ -76,6 +76,7 @@ class WorkerProcess:
             pass_fds=(out_fd, err_fd),
             env=env,
             start_new_session=True,
+            preexec_fn=_die_with_node,
             bufsize=0,
         )
         self.pid = self.proc.pid
@@ -202,3 +203,17 @@ class WorkerProcess:
             what = f"exited with code {os.waitstatus_to_exitcode(status)}"
         tail = self.diag_tail() if not self.diag_file.closed else ""
         return what + (f" ({tail})" if tail else "")
+
+
+def _die_with_node() -> None:
+    """preexec_fn: the worker is SIGKILLed when the node dies, even by SIGKILL, so a crashed
+    node never leaves a job spinning (Linux prctl PR_SET_PDEATHSIG; elsewhere a no-op)."""
+    parent = os.getppid()  # in the child, before exec: the node
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:
+        os._exit(1)
