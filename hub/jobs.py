@@ -130,7 +130,9 @@ class Jobs:
         price = economy.max_price(spec.cpu_milli, spec.timeout, spec.priority)
         job_id = new_id("j")
         with self.db.transaction() as c:
-            self.ledger.place_hold(job_id, wallet_of(owner), price)
+            self.ledger.place_hold(
+                job_id, wallet_of(owner), price, reason=f"hold for job {job_id} ({spec.name})"
+            )
             c.execute(
                 "INSERT INTO jobs (id, owner, name, spec, state, priority, cpu_milli, memory_mb,"
                 " timeout_s, module_sha256, input_sha256, hold, submitted_at, submit_key, reason)"
