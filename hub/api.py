@@ -231,11 +231,16 @@ async def wallet_transfer(request: web.Request) -> web.Response:
     if services.store.user(req.to) is None:
         return error(404, f"no user or agent {req.to}", field="to")
     src, dst = wallet_of(who.user_id), wallet_of(req.to)
-    services.ledger.open_account(dst, "wallet", req.to)
-    entry = services.ledger.transfer(
-        f"transfer:{who.user_id}:{key}", src, dst, amount, f"transfer to {req.to}",
-        memo={"memo": req.memo} if req.memo else None,
-    )  # fmt: skip
+    ledger = services.ledger
+    ledger.open_account(dst, "wallet", req.to)
+    memo = {"memo": req.memo} if req.memo else None
+    # Through the writer: concurrent transfers share one durable commit, and the answer is
+    # sent only once that commit is on disk.
+    entry = await services.writer.run(
+        lambda _c: ledger.transfer(
+            f"transfer:{who.user_id}:{key}", src, dst, amount, f"transfer to {req.to}", memo=memo
+        )
+    )
     return json_response(
         TransferResponse(entry=entry.id, to=req.to, amount=format_micro(amount),
                          balance=format_micro(services.ledger.balance(src)),

@@ -34,6 +34,7 @@ class Services:
     jobs: Jobs
     scheduler: Scheduler
     bridge: Any = None  # hub.bridge.Bridge once connected
+    writer: Any = None  # hub.writer.Writer: group commit for API-initiated movements
     broker: ChildBroker | None = None
     mqtt_url: str = ""
     admin_token: str | None = None
@@ -83,9 +84,12 @@ def bootstrap_admin(services: Services) -> None:
 
 async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
     from hub.bridge import Bridge  # paho is only needed once the hub really runs
+    from hub.writer import Writer
 
     services = app[SERVICES]
     config = services.config
+    services.writer = Writer(services.db)
+    await services.writer.start()
     if config.mqtt_url is None:
         kind = choose(config.broker)
         port = config.broker_port or free_port(config.host)
@@ -117,6 +121,7 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await bridge.stop()
+        await services.writer.stop()  # drains: every accepted movement is committed first
         if services.broker is not None:
             services.broker.stop()
         services.db.close()
