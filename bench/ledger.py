@@ -30,6 +30,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from hub.db import Database  # noqa: E402
-from hub.ledger import MICRO, Ledger  # noqa: E402
+from hub.ledger import MICRO, Entry, Ledger  # noqa: E402
 from hub.writer import Writer  # noqa: E402
 
 FUNDS = 10**9 * MICRO  # per wallet: no bench transfer can run short
@@ -121,6 +122,9 @@ async def batched(
 
     names = [f"wallet:{i}" for i in range(accounts)]
 
+    def pay(key: str, src: str, dst: str, amount: int) -> Callable[[sqlite3.Connection], Entry]:
+        return lambda c: ledger.transfer(key, src, dst, amount, "bench")
+
     async def client(worker: int) -> None:
         nonlocal acked
         rnd = random.Random(worker).random
@@ -133,9 +137,7 @@ async def batched(
             i += 1
             t = time.perf_counter()
             try:
-                await writer.run(
-                    lambda c, k=key, s=src, d=dst, a=amount: ledger.transfer(k, s, d, a, "bench")
-                )
+                await writer.run(pay(key, src, dst, amount))
             except Exception as e:
                 failures.append(f"{type(e).__name__}: {e}")
                 continue

@@ -154,8 +154,8 @@ class Database:
         outermost block commits; an exception leaving a nested block rolls back that block's
         writes and propagates.
         """
-        # A small class rather than @contextmanager: the ledger enters two or three of these
-        # per movement, and the generator machinery was a measurable share of its cost.
+        # A small class rather than @contextmanager: a transfer through the writer enters two
+        # of these, and the generator machinery cost about 2% of it.
         return _Transaction(self)
 
     def _enter(self, tx: _Transaction) -> sqlite3.Connection:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import sqlite3
+import types
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,7 +52,11 @@ class WriterClosed(RuntimeError):
 
 
 class BatchAborted(RuntimeError):
-    """The batch's transaction was lost before COMMIT, so nothing of this call was stored."""
+    """The batch's transaction ended before its COMMIT: the call was not acknowledged.
+
+    When SQLite rolled the transaction back itself (disk full, I/O error) nothing of the batch
+    was stored; retrying with the same idempotency key is right in every case.
+    """
 
 
 @dataclass(frozen=True)
@@ -156,7 +161,7 @@ class Writer:
                     try:
                         with self.db.transaction() as c:
                             result = fn(c)
-                            if inspect.isawaitable(result):
+                            if _is_awaitable(result):
                                 _discard(result)
                                 raise TypeError(
                                     "Writer.run() takes a synchronous function of the"
@@ -172,9 +177,9 @@ class Writer:
                         # one by one, outside the batch: stop, and fail the whole batch.
                         error = outcomes[-1][1]
                         raise BatchAborted(
-                            "the write transaction ended before COMMIT"
+                            "the write transaction ended before the batch's COMMIT"
                             + (f" ({type(error).__name__}: {error})" if error else "")
-                            + "; nothing of this batch was stored, retry with the same key"
+                            + "; the movement was not acknowledged: retry with the same key"
                         )
         except Exception as e:  # BEGIN, COMMIT or the batch itself failed: nothing stored
             for _, fut in live:
@@ -196,6 +201,13 @@ class Writer:
                 fut.set_exception(error)
             else:
                 fut.set_result(result)
+
+
+def _is_awaitable(value: object) -> bool:
+    """inspect.isawaitable without its slow isinstance(..., Awaitable), run once per call."""
+    return hasattr(type(value), "__await__") or (
+        isinstance(value, types.GeneratorType) and inspect.isawaitable(value)
+    )
 
 
 def _discard(awaitable: object) -> None:

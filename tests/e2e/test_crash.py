@@ -73,7 +73,13 @@ def test_sigkill_mid_stream_loses_no_acknowledged_movement(tmp_path: Path, mosqu
         assert {id(c): c.wallet()["balance"] for _, c in users} == balances
         # Wallets hold exactly what the acknowledged history says (welcome grants + moves).
         for u, c in users:
-            total = sum(Decimal(i["amount"]) for i in c.history(limit=1000)["items"])
+            total, before = Decimal(0), None
+            while True:  # every page of the history
+                page = c.history(limit=1000, before=before)
+                total += sum(Decimal(i["amount"]) for i in page["items"])
+                before = page["next_before"]
+                if before is None:
+                    break
             assert total == Decimal(c.wallet()["balance"]), u
         # Jobs that had settled stay settled, paid once; the rest finish or were refunded.
         alice = users[0][1]
