@@ -76,6 +76,7 @@ class Bridge:
         self._tasks: list[asyncio.Task[None]] = []
         self._connected = asyncio.Event()
         self._stopping = False
+        self._resent: dict[str, float] = {}
         self.client = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=f"deparrow-hub-{int(time.time() * 1000) % 10**9}",
@@ -187,6 +188,7 @@ class Bridge:
             # session; the node answers a re-sent assignment from its result cache.
             msg = self.jobs.assign_message(job["id"])
             self.publish(protocol.node_topic(job["node"], protocol.ASSIGN), msg)
+            self._resent[job["id"]] = time.time()
             n += 1
         return n
 
@@ -271,7 +273,7 @@ class Bridge:
                     last_seq=msg.seq,
                 )
             if msg.state == protocol.IDLE:
-                self._requeue_lost(ident, msg.running, now)
+                self._redeliver_lost(ident, msg.running, now)
             if node["state"] != msg.state:
                 self._changed("node", {"id": ident, "state": msg.state})
             if msg.state == protocol.IDLE:
@@ -301,15 +303,23 @@ class Bridge:
             return outcome
         return self._drop(topic, "unhandled")
 
-    def _requeue_lost(self, node_id: str, running: list[str], now: float) -> None:
-        """An idle node that does not list a job the hub gave it well before this beat never
-        got it (or lost it): put the job back in the queue instead of waiting out its timeout."""
+    def _redeliver_lost(self, node_id: str, running: list[str], now: float) -> None:
+        """An idle node that does not list a job the hub gave it a while ago either never got
+        the assignment or finished it and its result was lost. Sending the same assignment
+        again (same attempt) settles both: the node runs it, or answers from its result cache.
+        Rate-limited per job, so a slow network sees one re-send per grace period."""
         grace = 3 * self.scheduler.config.heartbeat_interval_s
         for job in self.store.jobs_on_node(node_id):
             if job["id"] in running or now - float(job["assigned_at"] or now) < grace:
                 continue
-            if self.jobs.requeue(job, f"node {node_id} is idle without it; waiting for another"):
-                log.warning("job %s requeued: node %s reports idle without it", job["id"], node_id)
+            if now - self._resent.get(job["id"], 0.0) < grace:
+                continue
+            self._resent[job["id"]] = now
+            log.warning("job %s: node %s is idle without it; sending it again", job["id"], node_id)
+            self.publish(protocol.node_topic(node_id, protocol.ASSIGN),
+                         self.jobs.assign_message(job["id"]))  # fmt: skip
+        if len(self._resent) > 10_000:
+            self._resent.clear()
 
     def _on_submit(self, topic: str, agent_id: str, payload: bytes | bytearray) -> str:
         try:
