@@ -236,10 +236,8 @@ async def wallet_transfer(request: web.Request) -> web.Response:
     memo = {"memo": req.memo} if req.memo else None
     # Through the writer: concurrent transfers share one durable commit, and the answer is
     # sent only once that commit is on disk.
-    entry = await services.writer.run(
-        lambda _c: ledger.transfer(
-            f"transfer:{who.user_id}:{key}", src, dst, amount, f"transfer to {req.to}", memo=memo
-        )
+    entry = await services.writer.transfer(
+        f"transfer:{who.user_id}:{key}", src, dst, amount, f"transfer to {req.to}", memo=memo
     )
     return json_response(
         TransferResponse(entry=entry.id, to=req.to, amount=format_micro(amount),

@@ -88,7 +88,7 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
 
     services = app[SERVICES]
     config = services.config
-    services.writer = Writer(services.db)
+    services.writer = Writer(services.db, ledger=services.ledger)
     await services.writer.start()
     if config.mqtt_url is None:
         kind = choose(config.broker)

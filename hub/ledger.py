@@ -20,9 +20,9 @@ import json
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import Any, NamedTuple
 
 from hub.db import Database
 
@@ -97,6 +97,24 @@ _APPLY_CHANGE = """
                            WHERE account_id = ?2 AND closed_entry_id IS NOT NULL)
           ELSE 1 END
 """
+_INSERT_ENTRY_WITH_ID = (
+    "INSERT INTO entries (id, idem_key, reason, memo, created_at) VALUES (?, ?, ?, ?, ?)"
+)
+# One statement whatever the number of ids (a JSON array in one parameter), so the statement
+# cache keeps it prepared; holds receiving credits need to know whether they are closed.
+_SELECT_ACCOUNTS_JSON = """
+    SELECT a.id, a.kind, a.balance,
+           CASE WHEN a.kind = 'hold' THEN EXISTS (
+               SELECT 1 FROM holds h WHERE h.account_id = a.id AND h.closed_entry_id IS NOT NULL)
+           ELSE 0 END
+    FROM accounts a WHERE a.id IN (SELECT value FROM json_each(?1))
+"""
+_SELECT_ENTRIES_JSON = """
+    SELECT e.id, e.idem_key, e.reason, e.memo, e.created_at, p.account_id, p.amount
+    FROM entries e LEFT JOIN postings p ON p.entry_id = e.id
+    WHERE e.idem_key IN (SELECT value FROM json_each(?1))
+    ORDER BY e.id, p.id
+"""
 _MULTI_ROW_LEGS = 64  # up to this many legs go in one INSERT (3 parameters per leg)
 _INSERT_POSTINGS = {
     n: "INSERT INTO postings (entry_id, account_id, amount) VALUES " + ", ".join(["(?, ?, ?)"] * n)
@@ -153,6 +171,17 @@ class SameAccount(LedgerError):
 
 class HoldError(LedgerError):
     """A hold cannot be placed or closed as asked (closed already, wrong wallet, overpaid)."""
+
+
+class TransferRequest(NamedTuple):
+    """The arguments of one `Ledger.transfer`, for `Ledger.transfer_many`."""
+
+    idem_key: str
+    src: str
+    dst: str
+    amount: int
+    reason: str
+    memo: dict[str, Any] | None = None
 
 
 # --- amounts ------------------------------------------------------------------------------
@@ -477,16 +506,134 @@ class Ledger:
         reason: str,
         memo: dict[str, Any] | None = None,
     ) -> Entry:
-        _check_positive(amount)
-        if src == dst:
-            raise SameAccount(f"cannot transfer from {src} to itself; choose another recipient")
-        # The checks post() would make, spelled out for two legs (this is the hot path): a
-        # positive amount within limits gives two non-zero legs that balance by construction.
-        _check_text(idem_key, "idempotency key", 256)
-        _check_text(reason, "reason", 500)
-        _check_text(src, "account id", 200)
-        _check_text(dst, "account id", 200)
-        return self._post(idem_key, reason, [(src, -amount), (dst, amount)], memo, _memo_json(memo))
+        legs, memo_json = _check_transfer(idem_key, src, dst, amount, reason, memo)
+        return self._post(idem_key, reason, legs, memo, memo_json)
+
+    def transfer_many(self, requests: Sequence[TransferRequest]) -> list[Entry | Exception]:
+        """Apply transfers in order, as `transfer` called once per request would.
+
+        Each request gets its own result: the Entry (replayed=True for a key posted before,
+        in an earlier transaction or earlier in `requests`) or the exception `transfer` would
+        have raised, with the same type and message; refused requests change nothing. The
+        accepted ones are written together, with no savepoint per request: the rules of
+        `_post_checked` are applied in Python to balances read once, in request order, then
+        entries and postings are inserted with executemany and each touched account's
+        balance is updated once. If writing fails, nothing of this call is stored and the
+        error propagates.
+        """
+        results: list[Any] = []  # an Entry or an exception per request, once decided
+        checked: list[tuple[int, str, str, int, list[Leg], dict[str, Any] | None, str | None]] = []
+        accounts: set[str] = set()
+        keys: set[str] = set()
+        for i, r in enumerate(requests):
+            try:
+                legs, memo_json = _check_transfer(
+                    r.idem_key, r.src, r.dst, r.amount, r.reason, r.memo
+                )
+            except Exception as e:
+                results.append(e)
+                continue
+            results.append(None)
+            checked.append((i, r.idem_key, r.reason, r.amount, legs, r.memo, memo_json))
+            accounts.add(r.src)
+            accounts.add(r.dst)
+            keys.add(r.idem_key)
+        if not checked:
+            return results
+        with self.db.transaction() as c:
+            # account -> [kind, balance, closed hold]
+            state: dict[str, list[Any]] = {
+                row[0]: [row[1], int(row[2]), bool(row[3])]
+                for row in c.execute(_SELECT_ACCOUNTS_JSON, (json.dumps(sorted(accounts)),))
+            }
+            known: dict[str, Entry] = {}
+            for row in c.execute(_SELECT_ENTRIES_JSON, (json.dumps(sorted(keys)),)):
+                key = row[1]
+                prior = known.get(key)
+                leg = () if row[5] is None else ((str(row[5]), int(row[6])),)
+                if prior is None:
+                    known[key] = Entry(
+                        id=int(row[0]),
+                        idem_key=str(key),
+                        reason=str(row[2]),
+                        legs=leg,
+                        created_at=float(row[4]),
+                        memo=_memo_load(row[3]),
+                        replayed=True,
+                    )
+                else:
+                    known[key] = replace(prior, legs=prior.legs + leg)
+            top = c.execute("SELECT MAX(id) FROM entries").fetchone()[0]
+            next_id = 1 if top is None else int(top) + 1
+            if next_id + len(checked) > _INT64_MAX:  # SQLite would pick random ids: go slow
+                for i, key, reason, _, legs, memo, memo_json in checked:
+                    try:
+                        results[i] = self._post_checked(key, reason, legs, memo, memo_json)
+                    except Exception as e:
+                        results[i] = e
+                return results
+            now = self.clock()
+            entry_rows: list[tuple[int, str, str, str | None, float]] = []
+            posting_rows: list[tuple[int, str, int]] = []
+            touched: set[str] = set()
+            for i, key, reason, _, legs, memo, memo_json in checked:
+                try:
+                    existing = known.get(key)
+                    if existing is not None:
+                        _require_same(existing, reason, legs)
+                        results[i] = existing
+                        continue
+                    (src, debit), (dst, credit) = legs
+                    # The order of _post_checked: unknown accounts first, then each account's
+                    # rules, accounts sorted by id.
+                    order = (src, debit), (dst, credit)
+                    if dst < src:
+                        order = (dst, credit), (src, debit)
+                    for account, _change in order:
+                        if account not in state:
+                            raise UnknownAccount(account)
+                    for account, change in order:
+                        kind, balance, closed = state[account]
+                        after = balance + change
+                        if kind != "mint" and after < 0:
+                            raise InsufficientFunds(account, -change, balance)
+                        if abs(after) > _INT64_MAX:
+                            raise InvalidAmount(
+                                f"{account} would exceed the largest storable balance"
+                            )
+                        if kind == "hold" and change > 0 and closed:
+                            raise HoldError(f"{account} is closed; credits cannot be moved into it")
+                except Exception as e:
+                    results[i] = e
+                    continue
+                state[src][1] += debit
+                state[dst][1] += credit
+                touched.add(src)
+                touched.add(dst)
+                entry_id = next_id
+                next_id += 1
+                entry_rows.append((entry_id, key, reason, memo_json, now))
+                posting_rows.append((entry_id, src, debit))
+                posting_rows.append((entry_id, dst, credit))
+                results[i] = Entry(entry_id, key, reason, tuple(legs), now, memo, replayed=False)
+                # A later request with this key replays what the database would return.
+                known[key] = Entry(
+                    entry_id,
+                    key,
+                    reason,
+                    tuple(legs),
+                    float(now),
+                    _memo_load(memo_json),
+                    replayed=True,
+                )
+            if entry_rows:
+                c.executemany(_INSERT_ENTRY_WITH_ID, entry_rows)
+                c.executemany(_INSERT_POSTINGS[1], posting_rows)
+                c.executemany(
+                    "UPDATE accounts SET balance = ? WHERE id = ?",
+                    [(state[account][1], account) for account in sorted(touched)],
+                )
+        return results
 
     def grant(
         self,
@@ -798,6 +945,22 @@ def _check_text(value: object, what: str, max_len: int) -> None:
         raise LedgerError(f"{what} must be a non-empty string")
     if len(value) > max_len:
         raise LedgerError(f"{what} is longer than {max_len} characters")
+
+
+def _check_transfer(
+    idem_key: str, src: str, dst: str, amount: int, reason: str, memo: dict[str, Any] | None
+) -> tuple[list[Leg], str | None]:
+    """The checks of `transfer`, in its order: (legs, memo as JSON) or the first problem."""
+    _check_positive(amount)
+    if src == dst:
+        raise SameAccount(f"cannot transfer from {src} to itself; choose another recipient")
+    # The checks post() would make, spelled out for two legs (this is the hot path): a
+    # positive amount within limits gives two non-zero legs that balance by construction.
+    _check_text(idem_key, "idempotency key", 256)
+    _check_text(reason, "reason", 500)
+    _check_text(src, "account id", 200)
+    _check_text(dst, "account id", 200)
+    return [(src, -amount), (dst, amount)], _memo_json(memo)
 
 
 def _check_positive(amount: object, what: str = "amount", allow_zero: bool = False) -> int:

@@ -41,10 +41,12 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from hub.db import Database
+from hub.ledger import Entry, Ledger, TransferRequest
 
 T = TypeVar("T")
 
-_Item = tuple[Callable[[sqlite3.Connection], Any], "asyncio.Future[Any]"]
+# A generic function of the connection, or a transfer for Ledger.transfer_many.
+_Item = tuple[Callable[[sqlite3.Connection], Any] | TransferRequest, "asyncio.Future[Any]"]
 
 
 class WriterClosed(RuntimeError):
@@ -73,10 +75,13 @@ class WriterStats:
 class Writer:
     """The single task that writes through `db`, committing queued work in batches."""
 
-    def __init__(self, db: Database, max_batch: int = 512) -> None:
+    def __init__(self, db: Database, max_batch: int = 512, ledger: Ledger | None = None) -> None:
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be a positive integer, not {max_batch!r}")
+        if ledger is not None and ledger.db is not db:
+            raise ValueError("the ledger must write through the writer's database")
         self.db = db
+        self._ledger = ledger  # for transfer(); made on first use when not given
         self.max_batch = max_batch
         self._queue: deque[_Item] = deque()
         self._wakeup: asyncio.Event | None = None
@@ -123,6 +128,31 @@ class Writer:
         self._wakeup.set()
         return await fut
 
+    async def transfer(
+        self,
+        idem_key: str,
+        src: str,
+        dst: str,
+        amount: int,
+        reason: str,
+        memo: dict[str, Any] | None = None,
+    ) -> Entry:
+        """`Ledger.transfer` in the next batch; the Entry once the batch is committed.
+
+        Same results and exceptions as `ledger.transfer(...)` run through `run()`, but
+        consecutive queued transfers are applied together by `Ledger.transfer_many`, without
+        a savepoint each: much less work per transfer.
+        """
+        if not self.running:
+            raise WriterClosed("the ledger writer is not running; the hub is starting or stopping")
+        if self._ledger is None:
+            self._ledger = Ledger(self.db)  # migrations already applied: only checks them
+        assert self._wakeup is not None
+        fut: asyncio.Future[Entry] = asyncio.get_running_loop().create_future()
+        self._queue.append((TransferRequest(idem_key, src, dst, amount, reason, memo), fut))
+        self._wakeup.set()
+        return await fut
+
     # --- the writer task ------------------------------------------------------------------
     async def _serve(self) -> None:
         assert self._wakeup is not None
@@ -157,20 +187,32 @@ class Writer:
         outcomes: list[tuple[asyncio.Future[Any], BaseException | None, Any]] = []
         try:
             with self.db.transaction():
-                for fn, fut in live:
-                    try:
-                        with self.db.transaction() as c:
-                            result = fn(c)
-                            if _is_awaitable(result):
-                                _discard(result)
-                                raise TypeError(
-                                    "Writer.run() takes a synchronous function of the"
-                                    " connection; it got one returning an awaitable"
-                                )
-                    except Exception as e:
-                        outcomes.append((fut, e, None))
+                i, n = 0, len(live)
+                while i < n:
+                    fn, fut = live[i]
+                    if isinstance(fn, TransferRequest):
+                        # A run of consecutive transfers: one set-based step, in queue order.
+                        j = i + 1
+                        while j < n and isinstance(live[j][0], TransferRequest):
+                            j += 1
+                        group = live[i:j]
+                        i = j
+                        self._transfer_group(group, outcomes)
                     else:
-                        outcomes.append((fut, None, result))
+                        i += 1
+                        try:
+                            with self.db.transaction() as c:
+                                result = fn(c)
+                                if _is_awaitable(result):
+                                    _discard(result)
+                                    raise TypeError(
+                                        "Writer.run() takes a synchronous function of the"
+                                        " connection; it got one returning an awaitable"
+                                    )
+                        except Exception as e:
+                            outcomes.append((fut, e, None))
+                        else:
+                            outcomes.append((fut, None, result))
                     if not conn.in_transaction:
                         # SQLite rolled the whole transaction back (disk full, I/O error) or
                         # fn ended it itself. Running on would autocommit later functions
@@ -201,6 +243,32 @@ class Writer:
                 fut.set_exception(error)
             else:
                 fut.set_result(result)
+
+    def _transfer_group(
+        self,
+        group: list[_Item],
+        outcomes: list[tuple[asyncio.Future[Any], BaseException | None, Any]],
+    ) -> None:
+        """Apply consecutive transfers with Ledger.transfer_many; one outcome per transfer.
+
+        transfer_many works inside its own savepoint: if it fails as a whole (a database
+        error), nothing of the group is kept and each of its callers gets that error.
+        """
+        assert self._ledger is not None
+        requests: list[TransferRequest] = []
+        for req, _ in group:
+            assert isinstance(req, TransferRequest)
+            requests.append(req)
+        try:
+            results = self._ledger.transfer_many(requests)
+        except Exception as e:
+            outcomes.extend((fut, e, None) for _, fut in group)
+            return
+        for (_, fut), result in zip(group, results, strict=True):
+            if isinstance(result, Exception):
+                outcomes.append((fut, result, None))
+            else:
+                outcomes.append((fut, None, result))
 
 
 def _is_awaitable(value: object) -> bool:

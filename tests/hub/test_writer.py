@@ -13,6 +13,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -22,9 +23,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hub.db import Database, TransactionConflict
-from hub.ledger import MICRO, Entry, IdempotencyConflict, InsufficientFunds, Ledger
+from hub.ledger import (
+    MAX_AMOUNT,
+    MICRO,
+    Entry,
+    IdempotencyConflict,
+    InsufficientFunds,
+    Ledger,
+    TransferRequest,
+)
 from hub.writer import BatchAborted, Writer, WriterClosed
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -301,11 +312,14 @@ CHILD = textwrap.dedent(
                 key, amount = f"c{n}-{i}", rnd.randint(1, MICRO // 4)
                 i += 1
                 try:
-                    await writer.run(
-                        lambda c, k=key, s=src, d=dst, a=amount: ledger.transfer(
-                            k, s, d, a, "crash test"
+                    if sys.argv[3] == "transfer":
+                        await writer.transfer(key, src, dst, amount, "crash test")
+                    else:
+                        await writer.run(
+                            lambda c, k=key, s=src, d=dst, a=amount: ledger.transfer(
+                                k, s, d, a, "crash test"
+                            )
                         )
-                    )
                 except LedgerError:
                     print("refused", key, src, dst, amount, flush=True)
                 else:
@@ -318,12 +332,13 @@ CHILD = textwrap.dedent(
 )
 
 
-def test_acknowledged_transfers_survive_sigkill(tmp_path: Path) -> None:
+@pytest.mark.parametrize("path", ["run", "transfer"])
+def test_acknowledged_transfers_survive_sigkill(tmp_path: Path, path: str) -> None:
     script = tmp_path / "stream.py"
     script.write_text(CHILD)
-    path = tmp_path / "crash.sqlite"
+    db_file = tmp_path / "crash.sqlite"
     child = subprocess.Popen(
-        [sys.executable, str(script), str(path), str(ROOT)],
+        [sys.executable, str(script), str(db_file), str(ROOT), path],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
@@ -354,7 +369,7 @@ def test_acknowledged_transfers_survive_sigkill(tmp_path: Path) -> None:
     refused = {f[1] for f in complete if f[0] == "refused"}
     assert len(acked) >= 3000 and refused  # the run mixed refusals into the batches
 
-    db = Database(path)  # the hub restarts on the same file
+    db = Database(db_file)  # the hub restarts on the same file
     try:
         ledger = Ledger(db)
         audit = ledger.audit()
@@ -383,3 +398,144 @@ def test_acknowledged_transfers_survive_sigkill(tmp_path: Path) -> None:
         assert ledger.audit() == before
     finally:
         db.close()
+
+
+# --- the set-based path for transfers ---------------------------------------------------------
+ACCOUNTS = [
+    U1,
+    U2,
+    U3,
+    "wallet:rich",
+    "wallet:ghost",
+    "mint",
+    "hold:open",
+    "hold:shut",
+    "revenue:r",
+]
+KEYS = [f"k{i}" for i in range(6)] + ["fund:u1", "fund:rich:0"]
+
+
+def _template(path: Path) -> None:
+    """A ledger with funded, empty, huge and unknown wallets, an open and a closed hold."""
+    db = Database(path)
+    led = Ledger(db, clock=lambda: 1000.0)
+    for owner in ("u1", "u2", "u3", "rich"):
+        led.open_account("wallet:" + owner, "wallet", owner)
+    led.open_account("revenue:r", "revenue")
+    led.grant("fund:u1", U1, 100 * MICRO, "test funds")
+    for i in range(9):  # close to the int64 limit: overflows are reachable
+        led.grant(f"fund:rich:{i}", "wallet:rich", MAX_AMOUNT, "test funds")
+    led.place_hold("open", U1, 5 * MICRO)
+    led.place_hold("shut", U1, 5 * MICRO)
+    led.refund_hold("shut")
+    db.close()
+
+
+def _copy(template: Path, path: Path) -> tuple[Database, Ledger]:
+    src, dst = sqlite3.connect(template), sqlite3.connect(path)
+    src.backup(dst)
+    src.close()
+    dst.close()
+    db = Database(path)
+    return db, Ledger(db, clock=lambda: 2000.0)
+
+
+def _outcome(result: object) -> object:
+    if isinstance(result, Exception):
+        return (type(result), str(result), getattr(result, "__dict__", None))
+    return result
+
+
+def _dump(db: Database) -> tuple[list[tuple[Any, ...]], ...]:
+    return tuple(
+        [tuple(r) for r in db.query(sql)]
+        for sql in (
+            "SELECT id, kind, owner, balance FROM accounts ORDER BY id",
+            "SELECT * FROM entries ORDER BY id",
+            "SELECT * FROM postings ORDER BY id",
+        )
+    )
+
+
+_requests = st.builds(
+    TransferRequest,
+    idem_key=st.sampled_from(KEYS) | st.sampled_from(["", " ", "x" * 257]),
+    src=st.sampled_from(ACCOUNTS),
+    dst=st.sampled_from(ACCOUNTS),
+    amount=st.sampled_from([1, 2 * MICRO, 50 * MICRO, 101 * MICRO, MAX_AMOUNT])
+    | st.integers(-3, 3)
+    | st.integers(1, 200 * MICRO)
+    | st.sampled_from([MAX_AMOUNT + 1, True, 1.5]),
+    reason=st.sampled_from(["pay", "other", "test funds"]) | st.just(""),
+    memo=st.none() | st.sampled_from([{"a": 1}, {"b": [1, 2]}]),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_requests, max_size=25))
+def test_transfer_many_equals_transfer_one_by_one(requests: list[TransferRequest]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        _template(d / "t.sqlite")
+        db1, one_by_one = _copy(d / "t.sqlite", d / "a.sqlite")
+        db2, at_once = _copy(d / "t.sqlite", d / "b.sqlite")
+        try:
+            expected: list[object] = []
+            for r in requests:
+                try:
+                    expected.append(one_by_one.transfer(*r))
+                except Exception as e:
+                    expected.append(e)
+            with db2.transaction():
+                got = at_once.transfer_many(requests)
+            assert [_outcome(g) for g in got] == [_outcome(e) for e in expected]
+            assert _dump(db2) == _dump(db1)
+            assert at_once.audit().balanced
+        finally:
+            db1.close()
+            db2.close()
+
+
+async def test_writer_transfer_mixes_with_run_in_queue_order(
+    ledger: Ledger, writer: Writer, db_path: Path
+) -> None:
+    seen: list[int] = []
+
+    def balance_of_u2(c: Any) -> int:
+        b = ledger.balance(U2)
+        seen.append(b)
+        return b
+
+    calls = [
+        writer.transfer("t1", U1, U2, 10 * MICRO, "pay"),
+        writer.transfer("t2", U1, U2, 10 * MICRO, "pay"),
+        writer.run(balance_of_u2),
+        writer.transfer("t3", U2, U3, 25 * MICRO, "pay"),  # short: 20 then
+        writer.transfer("t1", U1, U2, 10 * MICRO, "pay"),  # a replay
+        writer.transfer("t1", U1, U2, 11 * MICRO, "pay"),  # a conflict
+        writer.run(pay(ledger, "t4", U2, U3, 5 * MICRO)),
+        writer.transfer("t5", U2, U3, 15 * MICRO, "pay"),
+    ]
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    assert writer.stats.batches == 1
+    assert seen == [20 * MICRO]
+    assert isinstance(results[0], Entry) and not results[0].replayed
+    assert isinstance(results[3], InsufficientFunds) and results[3].available == 20 * MICRO
+    assert isinstance(results[4], Entry) and results[4].replayed
+    assert results[4].id == results[0].id
+    assert isinstance(results[5], IdempotencyConflict)
+    assert isinstance(results[7], Entry)
+    assert ledger.balance(U2) == 0 and ledger.balance(U3) == 20 * MICRO
+    for key in ("t1", "t2", "t4", "t5"):
+        assert stored(db_path, key) == 1
+    assert stored(db_path, "t3") == 0
+
+
+async def test_writer_transfer_is_acknowledged_after_commit(
+    ledger: Ledger, writer: Writer, db_path: Path
+) -> None:
+    entry = await writer.transfer("ack", U1, U2, MICRO, "pay")
+    assert stored(db_path, "ack") == 1 and not entry.replayed
+    with pytest.raises(InsufficientFunds):
+        await writer.transfer("nope", U2, U3, 2 * MICRO, "pay")
+    assert stored(db_path, "nope") == 0
