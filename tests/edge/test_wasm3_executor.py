@@ -38,11 +38,13 @@ def wasm(tmp_path_factory: pytest.TempPathFactory) -> Build:
             wat, c = FIXTURES / (name + ".wat"), FIXTURES / (name + ".c")
             if wat.exists():
                 if not shutil.which("wat2wasm"):
-                    pytest.skip("wat2wasm not installed (Debian package: wabt)")
+                    pytest.fail("wat2wasm not installed: run `make test` (Debian package: wabt)")
                 cmd = ["wat2wasm", str(wat), "-o", str(target)]
             else:
                 if not shutil.which("clang"):
-                    pytest.skip("clang not installed (Debian packages: clang lld wasi-libc)")
+                    pytest.fail(
+                        "clang not installed: run `make test` (Debian: clang lld wasi-libc)"
+                    )
                 cmd = [
                     "clang",
                     "--target=wasm32-wasi",
@@ -54,7 +56,7 @@ def wasm(tmp_path_factory: pytest.TempPathFactory) -> Build:
                 ]
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode:
-                pytest.skip(f"cannot build {name}: {done.stderr.strip()[-300:]}")
+                pytest.fail(f"cannot build {name}: {done.stderr.strip()[-300:]}")
         return target.read_bytes()
 
     return build
