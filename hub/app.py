@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,6 @@ class Services:
     broker: ChildBroker | None = None
     mqtt_url: str = ""
     admin_token: str | None = None
-    listeners: list[Any] = field(default_factory=list)
 
     def create_user(
         self, name: str, role: str, referred_by: str | None = None

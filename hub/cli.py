@@ -19,6 +19,7 @@ import click
 
 from hub.client import Client, HubError
 from hub.config import HubConfig, default_data_dir
+from hub.models import TERMINAL_STATES
 
 DEFAULT_HUB = "http://127.0.0.1:8765"
 
@@ -399,7 +400,7 @@ def job_cancel(obj: Ctx, job_id: str) -> None:
     client = obj.client()
     before = client.job(job_id)["state"]
     job = client.cancel(job_id)
-    if before in ("completed", "failed", "cancelled"):
+    if before in TERMINAL_STATES:
         click.echo(f"job {job['id']} was already {before}; nothing to cancel")
     else:
         click.echo(f"job {job['id']} cancelled; its hold of {job['hold']} credits is released")

@@ -8,6 +8,8 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+from hub.models import TERMINAL_STATES
+
 
 class HubError(Exception):
     """The hub answered with an error (status and message), or could not be reached."""
@@ -153,7 +155,7 @@ class Client:
         deadline = time.monotonic() + timeout_s
         while True:
             job = self.job(job_id)
-            if job["state"] in ("completed", "failed", "cancelled"):
+            if job["state"] in TERMINAL_STATES:
                 return job
             if time.monotonic() > deadline:
                 raise HubError(

@@ -11,6 +11,7 @@ import json
 import logging
 import sqlite3
 import time
+from typing import NamedTuple
 
 from edge import protocol
 from hub.config import HubConfig
@@ -20,26 +21,36 @@ from hub.store import Store
 log = logging.getLogger(__name__)
 
 
-def _misfit(job: sqlite3.Row, node: sqlite3.Row) -> str | None:
+class Offer(NamedTuple):
+    """What one online node can take, parsed once per scheduling pass."""
+
+    id: str
+    idle: bool
+    engines: frozenset[str]
+    cpu: float
+    memory_mb: int
+
+
+def offer(node: sqlite3.Row) -> Offer:
+    try:  # validated by hub/wire.py before it was stored; a bad row offers nothing
+        res = json.loads(node["resources"] or "{}")
+        cpu = float(res.get("cpu", node["cpu"]))
+        mem = int(res.get("memory_mb", node["memory_mb"]))
+        engines = frozenset(json.loads(node["engines"]))
+    except (TypeError, ValueError):
+        cpu, mem, engines = 0.0, 0, frozenset()
+    return Offer(node["id"], node["state"] == protocol.IDLE, engines, cpu, mem)
+
+
+def _misfit(engine: str, job: sqlite3.Row, node: Offer) -> str | None:
     """None when node can run job; else what it lacks, in words."""
-    engine = json.loads(job["spec"])["engine"]["type"]
-    if engine not in json.loads(node["engines"]):
+    if engine not in node.engines:
         return f"no online node runs the {engine} engine"
-    cpu, mem = _offered(node)
-    if cpu < job["cpu_milli"] / 1000:
+    if node.cpu < job["cpu_milli"] / 1000:
         return f"no online node offers {job['cpu_milli'] / 1000:g} CPUs"
-    if mem < job["memory_mb"]:
+    if node.memory_mb < job["memory_mb"]:
         return f"no online node offers {job['memory_mb']} MB of RAM"
     return None
-
-
-def _offered(node: sqlite3.Row) -> tuple[float, int]:
-    """CPU and RAM the node offers now (validated by hub/wire.py before it was stored)."""
-    try:
-        res = json.loads(node["resources"] or "{}")
-        return float(res.get("cpu", node["cpu"])), int(res.get("memory_mb", node["memory_mb"]))
-    except (TypeError, ValueError):
-        return 0.0, 0
 
 
 class Scheduler:
@@ -55,27 +66,28 @@ class Scheduler:
         queued = self.store.queued_jobs()
         if not queued:
             return []
-        online = [n for n in self.store.nodes() if n["state"] != protocol.OFFLINE]
+        online = [offer(n) for n in self.store.nodes() if n["state"] != protocol.OFFLINE]
         busy = {j["node"] for j in self.store.active_jobs()}
-        free = [n for n in online if n["state"] == protocol.IDLE and n["id"] not in busy]
+        free = [n for n in online if n.idle and n.id not in busy]
         out: list[Assignment] = []
         for job in queued:
-            pick = next((n for n in free if _misfit(job, n) is None), None)
+            engine = json.loads(job["spec"])["engine"]["type"]
+            pick = next((n for n in free if _misfit(engine, job, n) is None), None)
             if pick is None:
-                self._explain(job, online)
+                self._explain(engine, job, online)
                 continue
-            assignment = self.jobs.assign(job, pick["id"])
+            assignment = self.jobs.assign(job, pick.id)
             if assignment is not None:
                 out.append(assignment)
                 free.remove(pick)
         return out
 
-    def _explain(self, job: sqlite3.Row, online: list[sqlite3.Row]) -> None:
+    def _explain(self, engine: str, job: sqlite3.Row, online: list[Offer]) -> None:
         """Say why a job waits, naming what does not fit when no online node could run it."""
         if not online:
             why = "no node is online"
         else:
-            misfits = [_misfit(job, n) for n in online]
+            misfits = [_misfit(engine, job, n) for n in online]
             if all(m is not None for m in misfits):
                 why = str(misfits[0])
             else:

@@ -3,10 +3,16 @@ real Mosquitto and on the embedded broker."""
 
 from __future__ import annotations
 
+import base64
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 import wasm_jobs
+from hub.client import Client
+from hub.localnet import Proc
 from tests.conftest import HubProc, start_hub, start_node, wait_until
 
 
@@ -31,62 +37,57 @@ def finished(client: Any, job_id: str, timeout_s: float = 60) -> dict[str, Any]:
     return client.wait(job_id, timeout_s=timeout_s)
 
 
-def test_jobs_run_on_a_real_node_and_pay_its_owner(hub: HubProc, tmp_path: Path) -> None:
-    _, owner = hub.user("owner")
-    _, alice = hub.user("alice")
-    node = start_node(hub, owner, tmp_path, "laptop")
-    try:
-        fib = alice.submit(spec("fib"))
-        sieve = alice.submit(spec("sieve"))
-        job = finished(alice, fib["id"])
-        assert job["state"] == "completed", job
-        assert job["result"]["returns"] == [75025]
-        assert job["node"] == owner.nodes()[0]["id"]
-        job2 = finished(alice, sieve["id"])
-        assert job2["result"]["stdout"] == "primes below 100000: 9592\n"
-        assert job2["result"]["exit_code"] == 0
-        earned = owner.nodes()[0]["earned"]
-        assert earned == "0.005554"  # two jobs, one started second each: 2 x 2,777 µc
-        assert owner.wallet()["balance"] == "100.005554"
-        assert alice.wallet()["balance"] == "99.994446"
-        assert alice.wallet()["held"] == "0"
-        audit = hub.admin.request("GET", "/api/v1/ledger/audit")
-        assert audit["balanced"], audit
-    finally:
-        node.stop()
-
-
-def test_invalid_module_fails_and_refunds(hub: HubProc, tmp_path: Path) -> None:
+@pytest.fixture
+def one_node(hub: HubProc, tmp_path: Path) -> Iterator[tuple[Client, Client, Proc]]:
+    """(node owner, a submitter, the owner's running edge-run node), stopped afterwards."""
     _, owner = hub.user("owner")
     _, alice = hub.user("alice")
     node = start_node(hub, owner, tmp_path, "n1")
-    try:
-        bad = "base64:" + __import__("base64").b64encode(b"\x00asm\x01\x00\x00\x00garbage").decode()
-        job = alice.submit(spec("fib", engine={"type": "wasm", "module": bad}))
-        done = finished(alice, job["id"])
-        assert done["state"] == "failed"
-        assert done["reason"].startswith("invalid module: "), done["reason"]
-        assert done["cost"] == "0"
-        assert alice.wallet() == {**alice.wallet(), "balance": "100", "held": "0"}
-        assert owner.wallet()["balance"] == "100"
-    finally:
-        node.stop()
+    yield owner, alice, node
+    node.stop()
 
 
-def test_runaway_job_is_killed_and_the_node_keeps_serving(hub: HubProc, tmp_path: Path) -> None:
-    _, owner = hub.user("owner")
-    _, alice = hub.user("alice")
-    node = start_node(hub, owner, tmp_path, "n1")
-    try:
-        loop = alice.submit(spec("loop", timeout=2))
-        done = finished(alice, loop["id"])
-        assert done["state"] == "failed"
-        assert done["reason"].startswith("timeout"), done["reason"]
-        assert alice.wallet()["balance"] == "100"  # a timeout is not charged
-        fib = alice.submit(spec("fib"))
-        assert finished(alice, fib["id"])["result"]["returns"] == [75025]
-    finally:
-        node.stop()
+def test_jobs_run_on_a_real_node_and_pay_its_owner(hub: HubProc, one_node: Any) -> None:
+    owner, alice, _node = one_node
+    fib = alice.submit(spec("fib"))
+    sieve = alice.submit(spec("sieve"))
+    job = finished(alice, fib["id"])
+    assert job["state"] == "completed", job
+    assert job["result"]["returns"] == [75025]
+    assert job["node"] == owner.nodes()[0]["id"]
+    job2 = finished(alice, sieve["id"])
+    assert job2["result"]["stdout"] == "primes below 100000: 9592\n"
+    assert job2["result"]["exit_code"] == 0
+    earned = owner.nodes()[0]["earned"]
+    assert earned == "0.005554"  # two jobs, one started second each: 2 x 2,777 µc
+    assert owner.wallet()["balance"] == "100.005554"
+    assert alice.wallet()["balance"] == "99.994446"
+    assert alice.wallet()["held"] == "0"
+    audit = hub.admin.request("GET", "/api/v1/ledger/audit")
+    assert audit["balanced"], audit
+
+
+def test_invalid_module_fails_and_refunds(one_node: Any) -> None:
+    owner, alice, _node = one_node
+    bad = "base64:" + base64.b64encode(b"\x00asm\x01\x00\x00\x00garbage").decode()
+    job = alice.submit(spec("fib", engine={"type": "wasm", "module": bad}))
+    done = finished(alice, job["id"])
+    assert done["state"] == "failed"
+    assert done["reason"].startswith("invalid module: "), done["reason"]
+    assert done["cost"] == "0"
+    assert alice.wallet() == {**alice.wallet(), "balance": "100", "held": "0"}
+    assert owner.wallet()["balance"] == "100"
+
+
+def test_runaway_job_is_killed_and_the_node_keeps_serving(one_node: Any) -> None:
+    _owner, alice, _node = one_node
+    loop = alice.submit(spec("loop", timeout=2))
+    done = finished(alice, loop["id"])
+    assert done["state"] == "failed"
+    assert done["reason"].startswith("timeout"), done["reason"]
+    assert alice.wallet()["balance"] == "100"  # a timeout is not charged
+    fib = alice.submit(spec("fib"))
+    assert finished(alice, fib["id"])["result"]["returns"] == [75025]
 
 
 def test_node_restart_keeps_its_identity(hub: HubProc, tmp_path: Path) -> None:
