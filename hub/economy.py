@@ -52,6 +52,10 @@ def counted_gap_ms(gap_ms: int, offline_after_ms: int) -> int:
     return gap_ms if 0 <= gap_ms <= offline_after_ms else 0
 
 
+# The same threshold in micro-credits (69,444 µc at 100 credits/day).
+UPTIME_PAYOUT_MIN = max(1, uptime_due(UPTIME_PAYOUT_MIN_MS, 0))
+
+
 def gpu_pay(gpus: int, wall_ms: int, timeout_s: int, rates: Rates = RATES) -> int:
     """+50 credits per GPU-hour while a GPU job runs (pro rata by the started second)."""
     seconds = billable_seconds(wall_ms, timeout_s)

@@ -314,8 +314,7 @@ class Jobs:
             node = self.store.node(node_id)
             assert node is not None
             due = economy.uptime_due(int(node["uptime_ms"]), int(node["uptime_paid"]))
-            threshold = economy.uptime_due(economy.UPTIME_PAYOUT_MIN_MS, 0)
-            if due < max(1, threshold):
+            if due < economy.UPTIME_PAYOUT_MIN:
                 return 0
             self.ledger.open_account(wallet_of(node["owner"]), "wallet", node["owner"])
             self.ledger.grant(
