@@ -216,7 +216,8 @@ def test_busy_node_gets_nothing_and_offline_node_loses_its_job(setup: Any) -> No
     requeued = wait_until(
         "requeued", lambda: (j := alice.job(job["id"]))["state"] == "queued" and j
     )
-    assert "offline" in requeued["reason"]
+    # The requeue says why; the next scheduling pass may already say what it waits for.
+    assert "offline" in requeued["reason"] or requeued["reason"] == "no node is online"
     assert alice.wallet()["held"] != "0"  # still held for the next attempt
 
 
