@@ -1,6 +1,6 @@
 """Durable ledger throughput: acknowledged transfers per second against raw SQLite commits.
 
-    python bench/ledger.py [--json] [--seconds 3] [--concurrency 256] [--accounts 1000]
+    python bench/ledger.py [--json] [--seconds 3] [--concurrency 512] [--accounts 1000]
 
 One run measures, each in a fresh database file in one temporary directory (same filesystem,
 same durability: WAL, synchronous=FULL):
@@ -205,7 +205,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--json", action="store_true", help="only the JSON line on stdout")
     p.add_argument("--seconds", type=float, default=3.0, help="per measured phase (default 3)")
-    p.add_argument("--concurrency", type=int, default=256, help="concurrent clients (256)")
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=512,
+        help="concurrent clients (512, as in the 500-client HTTP test)",
+    )
     p.add_argument("--accounts", type=int, default=1000, help="wallets to move between (1000)")
     p.add_argument("--max-batch", type=int, default=512, help="Writer max_batch (512)")
     p.add_argument("--no-single", action="store_true", help="skip the one-commit-per-transfer run")

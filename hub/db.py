@@ -14,6 +14,7 @@ Schema changes are migrations recorded per component (`ledger`, `store`, ...) in
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 import threading
 import time
@@ -22,6 +23,8 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 Params = Sequence[Any] | Mapping[str, Any]
 Migration = tuple[int, str, str]
@@ -126,6 +129,7 @@ class Database:
         self._depth = 0
         self._owner: tuple[int, object] | None = None
         self._closed = False
+        self._checkpointer: _Checkpointer | None = None
 
     @property
     def conn(self) -> sqlite3.Connection:
@@ -143,8 +147,35 @@ class Database:
 
     def close(self) -> None:
         if not self._closed:
+            self.stop_checkpointer()
             self._closed = True
             self._conn.close()
+
+    # --- checkpoints --------------------------------------------------------------------
+    def start_checkpointer(self, interval_s: float = 0.2) -> None:
+        """Move WAL checkpoints off the commit path, into a thread of their own.
+
+        By default the connection that commits past 1000 WAL pages runs the checkpoint
+        itself: it copies the WAL into the database file and fsyncs it before its COMMIT
+        returns. A writer whose batches dirty a thousand pages paid that on nearly every
+        commit. With the checkpointer, this connection never checkpoints; a second
+        connection runs PASSIVE checkpoints every interval_s in a thread (sqlite3 releases
+        the GIL while it works), which never block the writer and never change what a
+        COMMIT guarantees: the WAL is fsynced at each commit either way.
+        """
+        if self._checkpointer is not None or self._closed:
+            return
+        self._checkpointer = _Checkpointer(self.path, interval_s)
+        self._conn.execute("PRAGMA wal_autocheckpoint = 0")
+
+    def stop_checkpointer(self) -> None:
+        """Stop the thread after a last checkpoint; this connection checkpoints again."""
+        cp, self._checkpointer = self._checkpointer, None
+        if cp is None:
+            return
+        cp.stop()
+        if not self._closed:
+            self._conn.execute("PRAGMA wal_autocheckpoint = 1000")
 
     # --- transactions -------------------------------------------------------------------
     def transaction(self) -> AbstractContextManager[sqlite3.Connection]:
@@ -288,3 +319,39 @@ class Database:
         except sqlite3.OperationalError:  # no migration ever ran here
             return 0
         return int(row["v"]) if row is not None and row["v"] is not None else 0
+
+
+class _Checkpointer:
+    """A thread with its own connection running PASSIVE WAL checkpoints on a timer."""
+
+    def __init__(self, path: str, interval_s: float) -> None:
+        if interval_s <= 0:
+            raise ValueError(f"interval_s must be positive, not {interval_s!r}")
+        self.interval_s = interval_s
+        self.checkpoints = 0
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._conn.execute("PRAGMA synchronous = FULL")
+        self._thread = threading.Thread(target=self._run, name="sqlite-checkpoint", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.wait(self.interval_s):
+                self._checkpoint()
+            self._checkpoint()
+        except sqlite3.Error as e:  # reported by stop(); commits go on: the WAL just grows
+            self.error = e
+        finally:
+            self._conn.close()
+
+    def _checkpoint(self) -> None:
+        self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        self.checkpoints += 1
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        if self.error is not None:
+            log.warning("WAL checkpoints failed (the WAL file grew instead): %s", self.error)

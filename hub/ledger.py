@@ -575,57 +575,50 @@ class Ledger:
             now = self.clock()
             entry_rows: list[tuple[int, str, str, str | None, float]] = []
             posting_rows: list[tuple[int, str, int]] = []
-            touched: set[str] = set()
-            for i, key, reason, _, legs, memo, memo_json in checked:
-                try:
-                    existing = known.get(key)
-                    if existing is not None:
+            # Keys written earlier in this call: a later request with one replays what the
+            # database would return. Kept as rows; an Entry is built only for such a replay.
+            fresh: dict[str, tuple[int, str, tuple[Leg, ...], str | None]] = {}
+            for i, key, reason, amount, legs, memo, memo_json in checked:
+                existing = known.get(key)
+                if existing is None and key in fresh:
+                    entry_id, f_reason, f_legs, f_memo = fresh[key]
+                    existing = Entry(
+                        entry_id, key, f_reason, f_legs, now, _memo_load(f_memo), replayed=True
+                    )
+                    known[key] = existing
+                if existing is not None:
+                    try:
                         _require_same(existing, reason, legs)
+                    except Exception as e:
+                        results[i] = e
+                    else:
                         results[i] = existing
-                        continue
-                    (src, debit), (dst, credit) = legs
-                    # The order of _post_checked: unknown accounts first, then each account's
-                    # rules, accounts sorted by id.
-                    order = (src, debit), (dst, credit)
-                    if dst < src:
-                        order = (dst, credit), (src, debit)
-                    for account, _change in order:
-                        if account not in state:
-                            raise UnknownAccount(account)
-                    for account, change in order:
-                        kind, balance, closed = state[account]
-                        after = balance + change
-                        if kind != "mint" and after < 0:
-                            raise InsufficientFunds(account, -change, balance)
-                        if abs(after) > _INT64_MAX:
-                            raise InvalidAmount(
-                                f"{account} would exceed the largest storable balance"
-                            )
-                        if kind == "hold" and change > 0 and closed:
-                            raise HoldError(f"{account} is closed; credits cannot be moved into it")
-                except Exception as e:
-                    results[i] = e
                     continue
-                state[src][1] += debit
-                state[dst][1] += credit
-                touched.add(src)
-                touched.add(dst)
+                (src, _), (dst, _) = legs
+                # The order of _post_checked: unknown accounts first, then each account's
+                # rules, accounts sorted by id. The src side is the only one that can run
+                # short; the dst side can overflow or be a closed hold.
+                s_state = state.get(src)
+                d_state = state.get(dst)
+                if s_state is None or d_state is None:
+                    unknown = [a for a, st in ((src, s_state), (dst, d_state)) if st is None]
+                    results[i] = UnknownAccount(min(unknown))
+                    continue
+                problem = _transfer_problem(src, s_state, dst, d_state, amount)
+                if problem is not None:
+                    results[i] = problem
+                    continue
+                s_state[1] -= amount
+                d_state[1] += amount
                 entry_id = next_id
                 next_id += 1
+                legs_t = tuple(legs)
                 entry_rows.append((entry_id, key, reason, memo_json, now))
-                posting_rows.append((entry_id, src, debit))
-                posting_rows.append((entry_id, dst, credit))
-                results[i] = Entry(entry_id, key, reason, tuple(legs), now, memo, replayed=False)
-                # A later request with this key replays what the database would return.
-                known[key] = Entry(
-                    entry_id,
-                    key,
-                    reason,
-                    tuple(legs),
-                    float(now),
-                    _memo_load(memo_json),
-                    replayed=True,
-                )
+                posting_rows.append((entry_id, src, -amount))
+                posting_rows.append((entry_id, dst, amount))
+                results[i] = Entry(entry_id, key, reason, legs_t, now, memo, replayed=False)
+                fresh[key] = (entry_id, reason, legs_t, memo_json)
+            touched = {account for _, account, _ in posting_rows}
             if entry_rows:
                 c.executemany(_INSERT_ENTRY_WITH_ID, entry_rows)
                 c.executemany(_INSERT_POSTINGS[1], posting_rows)
@@ -933,6 +926,27 @@ def _require_same(existing: Entry, reason: str, legs: Sequence[Leg]) -> None:
         )
     if sorted(existing.legs) != sorted(legs):
         raise IdempotencyConflict(existing.idem_key, existing.id, _describe(existing))
+
+
+def _transfer_problem(
+    src: str, s_state: list[Any], dst: str, d_state: list[Any], amount: int
+) -> Exception | None:
+    """What `_post_checked` would raise for moving amount from src to dst, or None.
+
+    The states are [kind, balance, closed hold]; the checks run per account sorted by id.
+    """
+    sides = [(src, s_state, -amount), (dst, d_state, amount)]
+    if dst < src:
+        sides.reverse()
+    for account, (kind, balance, closed), change in sides:
+        after = balance + change
+        if kind != "mint" and after < 0:
+            return InsufficientFunds(account, -change, balance)
+        if abs(after) > _INT64_MAX:
+            return InvalidAmount(f"{account} would exceed the largest storable balance")
+        if kind == "hold" and change > 0 and closed:
+            return HoldError(f"{account} is closed; credits cannot be moved into it")
+    return None
 
 
 def _describe(entry: Entry) -> str:

@@ -103,6 +103,7 @@ class Writer:
         if self._task is not None:
             raise RuntimeError("this Writer was started already; create a new one")
         self._wakeup = asyncio.Event()
+        self.db.start_checkpointer()  # checkpoints run beside the batches, not in a COMMIT
         self._task = asyncio.create_task(self._serve(), name="hub-writer")
 
     async def stop(self) -> None:
@@ -112,7 +113,10 @@ class Writer:
         self._closing = True
         assert self._wakeup is not None
         self._wakeup.set()
-        await self._task
+        try:
+            await self._task
+        finally:
+            self.db.stop_checkpointer()
 
     async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run fn(conn) in the next batch; return its result once the batch is committed.

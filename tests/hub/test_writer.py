@@ -539,3 +539,34 @@ async def test_writer_transfer_is_acknowledged_after_commit(
     with pytest.raises(InsufficientFunds):
         await writer.transfer("nope", U2, U3, 2 * MICRO, "pay")
     assert stored(db_path, "nope") == 0
+
+
+# --- checkpoints off the commit path -------------------------------------------------------
+async def test_checkpoints_run_beside_the_writer_and_keep_the_wal_bounded(
+    ledger: Ledger, db_path: Path
+) -> None:
+    wal = Path(str(db_path) + "-wal")
+    conn = ledger.db.conn
+    w = Writer(ledger.db)
+    await w.start()
+    # The writer's connection no longer checkpoints inside its COMMITs...
+    assert conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+    for round_ in range(20):
+        await asyncio.gather(*(w.transfer(f"cp{round_}:{i}", U1, U2, 1, "pay") for i in range(200)))
+        await asyncio.sleep(0.03)
+    checkpointer = ledger.db._checkpointer
+    assert checkpointer is not None and checkpointer.checkpoints > 0
+    await w.stop()
+    # ...the thread did, so the WAL was reset and reused rather than growing with every batch:
+    # 4000 entries with their postings and index pages are far more than this.
+    assert wal.stat().st_size < 4 * 1024 * 1024
+    assert ledger.db._checkpointer is None
+    assert conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 1000
+    assert ledger.balance(U2) == 4000 and ledger.audit().balanced
+    # Every acknowledged transfer is in the database file's view from a fresh connection.
+    other = sqlite3.connect(db_path)
+    try:
+        n = other.execute("SELECT COUNT(*) FROM entries WHERE idem_key LIKE 'cp%'").fetchone()[0]
+    finally:
+        other.close()
+    assert n == 4000
