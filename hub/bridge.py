@@ -166,6 +166,10 @@ class Bridge:
             try:
                 for node_id in self.scheduler.sweep():
                     self._changed("node", {"id": node_id, "state": protocol.OFFLINE})
+                for node_id, job_id, attempt in self.jobs.bill_services():
+                    log.info("service job %s stopped: its owner cannot pay on", job_id)
+                    self.cancel_on_node(node_id, job_id, attempt)
+                    self._changed("job", {"id": job_id, "state": "cancelled"})
                 self.dispatch()
             except Exception:
                 log.exception("scheduler tick failed")

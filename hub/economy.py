@@ -84,3 +84,8 @@ def job_charge(
 def max_price(cpu_milli: int, timeout_s: int, priority: str, rates: Rates = RATES) -> int:
     """The hold placed at submission: the charge if the job ran for its whole timeout."""
     return job_charge(cpu_milli, timeout_s * 1000, timeout_s, priority, rates)
+
+
+def period_price(cpu_milli: int, period_s: int, priority: str, rates: Rates = RATES) -> int:
+    """A service job's charge for one whole billing period (and what is held for the next)."""
+    return job_charge(cpu_milli, period_s * 1000, period_s, priority, rates)

@@ -22,7 +22,7 @@ from edge import protocol
 from hub import economy
 from hub.config import HubConfig
 from hub.db import Database
-from hub.ledger import MICRO, Ledger, format_micro
+from hub.ledger import MICRO, InsufficientFunds, Ledger, format_micro, hold_id
 from hub.models import JobSpec
 from hub.store import Store, new_id
 
@@ -108,11 +108,11 @@ class Jobs:
                         f"{existing['id']}; use a new key for a new job"
                     )
                 return existing
-        if spec.timeout > self.config.max_timeout_s:
-            raise JobError(
-                f"timeout: {spec.timeout}s is over the hub's {self.config.max_timeout_s}s limit",
-                "timeout",
-            )
+        service = spec.type == "service"
+        limit = self.config.max_service_s if service else self.config.max_timeout_s
+        if spec.timeout > limit:
+            what = "a service's lifetime limit" if service else "limit"
+            raise JobError(f"timeout: {spec.timeout}s is over the hub's {limit}s {what}", "timeout")
         if spec.resources.gpu:
             raise JobError("resources.gpu: GPU jobs are not supported yet", "resources.gpu")
         module = self.resolve_ref(spec.engine.module, "engine.module", self.config.max_module_bytes)
@@ -127,7 +127,11 @@ class Jobs:
             if spec.input
             else None
         )
-        price = economy.max_price(spec.cpu_milli, spec.timeout, spec.priority)
+        if service:  # one period held ahead (or the whole lifetime, when shorter)
+            period = min(spec.timeout, self.config.service_period_s)
+            price = economy.period_price(spec.cpu_milli, period, spec.priority)
+        else:
+            price = economy.max_price(spec.cpu_milli, spec.timeout, spec.priority)
         job_id = new_id("j")
         with self.db.transaction() as c:
             self.ledger.place_hold(
@@ -135,8 +139,8 @@ class Jobs:
             )
             c.execute(
                 "INSERT INTO jobs (id, owner, name, spec, state, priority, cpu_milli, memory_mb,"
-                " timeout_s, module_sha256, input_sha256, hold, submitted_at, submit_key, reason)"
-                " VALUES (?,?,?,?,'queued',?,?,?,?,?,?,?,?,?,?)",
+                " timeout_s, module_sha256, input_sha256, hold, submitted_at, submit_key, reason,"
+                " kind) VALUES (?,?,?,?,'queued',?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     job_id,
                     owner,
@@ -152,6 +156,7 @@ class Jobs:
                     time.time(),
                     owner + ":" + submit_key if submit_key else None,  # one key space per owner
                     "waiting for an idle node",
+                    spec.type,
                 ),
             )
         row = self.store.job(job_id)
@@ -211,8 +216,9 @@ class Jobs:
             return False
         with self.db.transaction() as c:
             cur = c.execute(
-                "UPDATE jobs SET state = 'running', started_at = COALESCE(started_at, ?)"
-                " WHERE id = ? AND node = ? AND attempt = ? AND state = 'assigned'",
+                "UPDATE jobs SET state = 'running', started_at = COALESCE(started_at, ?1),"
+                " period_start = CASE kind WHEN 'service' THEN COALESCE(period_start, ?1) END"
+                " WHERE id = ?2 AND node = ?3 AND attempt = ?4 AND state = 'assigned'",
                 (time.time(), msg.get("job_id"), node_id, msg.get("attempt")),
             )
             return cur.rowcount == 1
@@ -251,6 +257,13 @@ class Jobs:
             "wall_ms": int(msg["wall_ms"]),
             "cpu_ms": int(msg["cpu_ms"]),
         }
+        if job["kind"] == "service" and (
+            msg["state"] == protocol.COMPLETED or msg.get("error") == "timeout"
+        ):
+            # A service that ends, or reaches the end of its lifetime, pays for the part of
+            # the current period it ran; earlier periods were paid as they ended.
+            self._settle_service(job, node, wall_ms, result, now)
+            return "settled"
         if msg["state"] == protocol.COMPLETED:
             self._settle(job, node, wall_ms, result)
             return "settled"
@@ -284,6 +297,157 @@ class Jobs:
                 )
                 if first.rowcount == 1:
                     self._referral_bonus(node, job["owner"])
+
+    # --- service jobs: billed per period ------------------------------------------
+    def _period_s(self, job: sqlite3.Row) -> int:
+        return min(int(job["timeout_s"]), self.config.service_period_s)
+
+    def _service_split(self, job: sqlite3.Row, ran_ms: int) -> tuple[int, int]:
+        """(node pay, charge) for ran_ms of the current period, capped at a whole period."""
+        period = self._period_s(job)
+        ran_ms = max(0, min(ran_ms, period * 1000))
+        if ran_ms == 0:
+            return 0, 0
+        cpu = int(job["cpu_milli"])
+        return (
+            economy.node_pay(cpu, ran_ms, period),
+            economy.job_charge(cpu, ran_ms, period, job["priority"]),
+        )
+
+    def _payouts(self, node: sqlite3.Row, pay: int, charge: int) -> list[tuple[str, int]]:
+        payouts = [(wallet_of(node["owner"]), pay), (REVENUE, charge - pay)]
+        return [(a, n) for a, n in payouts if n > 0]
+
+    def _close_service(
+        self,
+        job: sqlite3.Row,
+        node_id: str,
+        ran_ms: int,
+        why: str,
+        result: dict[str, Any] | None = None,
+    ) -> None:
+        """Inside the caller's transaction: pay the current period up to ran_ms, refund the
+        rest of the hold, add the charge to the job's cost. The job row's state is the
+        caller's (it has already moved it, which makes this run once)."""
+        node = self.store.node(node_id)
+        pay, charge = self._service_split(job, ran_ms) if node is not None else (0, 0)
+        c = self.db.conn
+        payouts = self._payouts(node, pay, charge) if node is not None else []
+        self.ledger.close_hold(job["id"], payouts, reason=f"service job {job['id']} {why}")
+        c.execute(
+            "UPDATE jobs SET cost = COALESCE(cost, 0) + ?, period_start = NULL,"
+            " result = COALESCE(?, result) WHERE id = ?",
+            (charge, json.dumps(result) if result else None, job["id"]),
+        )
+        if node is not None and pay:
+            c.execute("UPDATE nodes SET earned = earned + ? WHERE id = ?", (pay, node_id))
+
+    def _settle_service(
+        self,
+        job: sqlite3.Row,
+        node: sqlite3.Row,
+        wall_ms: int,
+        result: dict[str, Any],
+        now: float,
+    ) -> None:
+        # The smaller of the node's word (its run's wall time, less the periods already
+        # paid) and what the hub saw since the current period began.
+        since = float(job["period_start"] or now)
+        ran_ms = min(
+            int((now - since) * 1000),
+            wall_ms - int(job["periods_billed"]) * self._period_s(job) * 1000,
+        )
+        with self.db.transaction() as c:
+            cur = c.execute(
+                "UPDATE jobs SET state = 'completed', finished_at = ?, reason = NULL"
+                " WHERE id = ? AND state IN ('assigned', 'running')",
+                (now, job["id"]),
+            )
+            if cur.rowcount != 1:
+                return
+            self._close_service(job, node["id"], ran_ms, "ended", result)
+
+    def bill_services(self, now: float | None = None) -> list[tuple[str, str, int]]:
+        """Bill every whole period that running service jobs have completed by `now`.
+
+        Each period is one transaction: the next period is held first (a top-up of the job's
+        hold), then the period that ended is paid out of the hold to the node's owner. When
+        the owner's wallet cannot hold the next period, the period that ended is paid, the
+        rest refunded, and the job stops. Returns (node, job, attempt) of stopped jobs, for
+        the bridge to send a cancel. Idempotent: a period is billed once, keyed by its number.
+        """
+        now = time.time() if now is None else now
+        stopped: list[tuple[str, str, int]] = []
+        for row in self.store.running_services():
+            period = self._period_s(row)
+            job: sqlite3.Row | None = row
+            while job is not None and now - float(job["period_start"]) >= period:
+                if self._bill_period(job, now):
+                    stopped.append((str(job["node"]), str(job["id"]), int(job["attempt"])))
+                    break
+                billed = job["periods_billed"]
+                job = self.store.job(job["id"])
+                if job is not None and (
+                    job["state"] != "running"
+                    or job["period_start"] is None
+                    or job["periods_billed"] == billed  # nothing billed: don't spin
+                ):
+                    job = None
+        return stopped
+
+    def _bill_period(self, job: sqlite3.Row, now: float) -> bool:
+        """Bill the job's current period, which has ended. True when the job had to stop."""
+        n = int(job["periods_billed"])
+        period = self._period_s(job)
+        node = self.store.node(job["node"])
+        if node is None:
+            return False
+        pay, charge = self._service_split(job, period * 1000)
+        price = economy.period_price(int(job["cpu_milli"]), period, job["priority"])
+        wallet = wallet_of(job["owner"])
+        with self.db.transaction() as c:
+            cur = c.execute(
+                "UPDATE jobs SET periods_billed = periods_billed + 1,"
+                " period_start = period_start + ? WHERE id = ? AND state = 'running'"
+                " AND periods_billed = ?",
+                (period, job["id"], n),
+            )
+            if cur.rowcount != 1:
+                return False  # billed already (a replay) or ended meanwhile
+            try:
+                with self.db.transaction():
+                    self.ledger.place_hold(
+                        job["id"],
+                        wallet,
+                        price,
+                        idem_key=f"hold:{job['id']}:period:{n + 1}",
+                        reason=f"hold for period {n + 2} of service job {job['id']}",
+                    )
+            except InsufficientFunds as e:
+                c.execute(
+                    "UPDATE jobs SET state = 'cancelled', finished_at = ?, reason = ? WHERE id = ?",
+                    (
+                        now,
+                        f"stopped after {n + 1} paid period(s): the next costs"
+                        f" {format_micro(price)} credits and the wallet has"
+                        f" {format_micro(e.available)}",
+                        job["id"],
+                    ),
+                )
+                self._close_service(job, node["id"], period * 1000, f"stopped: {e}")
+                return True
+            self.ledger.post(
+                f"service:{job['id']}:period:{n}",
+                f"service job {job['id']}: period {n + 1} ({period}s)",
+                [(hold_id(job["id"]), -charge), *self._payouts(node, pay, charge)],
+                {"job_id": job["id"], "period": n + 1},
+            )
+            c.execute(
+                "UPDATE jobs SET cost = COALESCE(cost, 0) + ?, hold = hold + ? WHERE id = ?",
+                (charge, price, job["id"]),
+            )
+            c.execute("UPDATE nodes SET earned = earned + ? WHERE id = ?", (pay, node["id"]))
+        return False
 
     def _referral_bonus(self, node: sqlite3.Row, job_owner: str) -> None:
         """+500 to whoever referred this node's owner, when the node proves real (its first
@@ -332,7 +496,8 @@ class Jobs:
     def _fail(self, job: sqlite3.Row, reason: str, result: dict[str, Any] | None) -> None:
         with self.db.transaction() as c:
             cur = c.execute(
-                "UPDATE jobs SET state = 'failed', cost = 0, result = ?, finished_at = ?,"
+                "UPDATE jobs SET state = 'failed', cost = COALESCE(cost, 0), result = ?,"
+                " finished_at = ?,"
                 " reason = ? WHERE id = ? AND state NOT IN ('completed', 'failed', 'cancelled')",
                 (json.dumps(result) if result else None, time.time(), reason, job["id"]),
             )
@@ -350,7 +515,7 @@ class Jobs:
         with self.db.transaction() as c:
             cur = c.execute(
                 "UPDATE jobs SET state = 'queued', node = NULL, reason = ?, assigned_at = NULL,"
-                " started_at = NULL"
+                " started_at = NULL, period_start = NULL"
                 " WHERE id = ? AND attempt = ? AND state IN ('assigned', 'running')",
                 (reason, job["id"], job["attempt"]),
             )
@@ -364,17 +529,22 @@ class Jobs:
         if job["owner"] != user_id and not is_admin:
             raise JobNotFound(f"no job {job_id}")  # someone else's: don't confirm it exists
         node = job["node"] if job["state"] in ("assigned", "running") else None
+        now = time.time()
         with self.db.transaction() as c:
             cur = c.execute(
-                "UPDATE jobs SET state = 'cancelled', cost = 0, finished_at = ?,"
+                "UPDATE jobs SET state = 'cancelled', cost = COALESCE(cost, 0), finished_at = ?,"
                 " reason = 'cancelled by its owner'"
                 " WHERE id = ? AND state IN ('queued', 'assigned', 'running')",
-                (time.time(), job_id),
+                (now, job_id),
             )
-            if cur.rowcount == 1:
-                self.ledger.refund_hold(job_id, reason="job cancelled " + job_id)
-            else:
+            if cur.rowcount != 1:
                 node = None
+            elif job["kind"] == "service" and job["period_start"] is not None and node:
+                # The service ran until now: its current period is paid up to this second.
+                ran_ms = int((now - float(job["period_start"])) * 1000)
+                self._close_service(job, node, ran_ms, "cancelled by its owner")
+            else:
+                self.ledger.refund_hold(job_id, reason="job cancelled " + job_id)
         row = self.store.job(job_id)
         assert row is not None
         return row, node
@@ -401,4 +571,18 @@ class Jobs:
             },
             "result": result,
             "spec": json.loads(job["spec"]),
+            "billing": self._billing_view(job),
+        }
+
+    def _billing_view(self, job: sqlite3.Row) -> dict[str, Any] | None:
+        if job["kind"] != "service":
+            return None
+        period = self._period_s(job)
+        return {
+            "period_s": period,
+            "periods_billed": job["periods_billed"],
+            "period_start": job["period_start"],
+            "period_price": format_micro(
+                economy.period_price(int(job["cpu_milli"]), period, job["priority"])
+            ),
         }

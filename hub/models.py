@@ -41,7 +41,11 @@ class Resources(msgspec.Struct, forbid_unknown_fields=True):
 class JobSpec(msgspec.Struct, forbid_unknown_fields=True):
     engine: Engine
     name: Name = "job"
-    type: Literal["batch"] = "batch"
+    # batch: runs to completion, held at its maximum price, settled at actual use.
+    # service: runs until cancelled or its timeout (its lifetime), billed per period (an
+    # hour by default): one period is held ahead, paid at the period's end, and the job stops
+    # when the owner's wallet cannot hold the next one.
+    type: Literal["batch", "service"] = "batch"
     resources: Resources = msgspec.field(default_factory=Resources)
     timeout: Annotated[int, msgspec.Meta(ge=1)] = 60
     priority: Literal["normal", "high"] = "normal"
@@ -87,6 +91,14 @@ class JobView(msgspec.Struct):
     timings: JobTimings
     result: JobResult | None
     spec: dict[str, Any]
+    billing: ServiceBilling | None = None  # service jobs only
+
+
+class ServiceBilling(msgspec.Struct):
+    period_s: int  # how often the job is billed (3600: per hour)
+    periods_billed: int  # whole periods paid so far
+    period_start: float | None  # start of the current, unpaid period (None: not running)
+    period_price: str  # credits per period
 
 
 class SubmitResponse(msgspec.Struct):

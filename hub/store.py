@@ -98,6 +98,17 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         ALTER TABLE users ADD COLUMN referred_by TEXT REFERENCES users(id);
         """,
     ),
+    (
+        3,
+        "service jobs billed per period",
+        """
+        ALTER TABLE jobs ADD COLUMN kind TEXT NOT NULL DEFAULT 'batch'
+            CHECK (kind IN ('batch', 'service'));
+        ALTER TABLE jobs ADD COLUMN period_start REAL;
+        ALTER TABLE jobs ADD COLUMN periods_billed INTEGER NOT NULL DEFAULT 0;
+        CREATE INDEX jobs_kind_state ON jobs(kind, state);
+        """,
+    ),
 ]
 
 
@@ -265,6 +276,12 @@ class Store:
 
     def active_jobs(self) -> list[sqlite3.Row]:
         return self.db.query("SELECT * FROM jobs WHERE state IN ('assigned', 'running')")
+
+    def running_services(self) -> list[sqlite3.Row]:
+        return self.db.query(
+            "SELECT * FROM jobs WHERE kind = 'service' AND state = 'running'"
+            " AND period_start IS NOT NULL"
+        )
 
     def jobs_on_node(self, node_id: str) -> list[sqlite3.Row]:
         return self.db.query(
