@@ -43,7 +43,7 @@ def service_spec(**over: Any) -> JobSpec:
     raw = {
         "type": "service",
         "engine": {"type": "wasm", "module": "example:loop", "entrypoint": "_start"},
-        "timeout": 7 * 86400,
+        "timeout": 5 * 86400,
         **over,
     }
     return msgspec.convert(raw, JobSpec)
