@@ -23,7 +23,7 @@ from hub import economy
 from hub.config import HubConfig
 from hub.db import Database
 from hub.ledger import MICRO, InsufficientFunds, Ledger, format_micro, hold_id
-from hub.models import JobSpec
+from hub.models import DockerEngine, JobSpec, WasmEngine
 from hub.store import Store, new_id
 
 
@@ -54,6 +54,22 @@ def wallet_of(user_id: str) -> str:
 
 
 REVENUE = "revenue"
+
+
+def engine_message(spec: JobSpec) -> dict[str, Any]:
+    """The `engine` object of an assign message (docs/protocol.md), per engine type."""
+    e = spec.engine
+    if isinstance(e, WasmEngine):
+        return {"type": "wasm", "entrypoint": e.entrypoint, "args": list(e.args), "env": e.env}
+    msg: dict[str, Any] = {
+        "type": "docker" if isinstance(e, DockerEngine) else "native",
+        "command": list(e.command),
+        "env": dict(e.env),
+        "network": e.network,
+    }
+    if isinstance(e, DockerEngine):
+        msg.update(image=e.image, pids=e.pids)
+    return msg
 
 
 @dataclass(frozen=True)
@@ -115,13 +131,16 @@ class Jobs:
             raise JobError(f"timeout: {spec.timeout}s is over the hub's {limit}s {what}", "timeout")
         if spec.resources.gpu:
             raise JobError("resources.gpu: GPU jobs are not supported yet", "resources.gpu")
-        module = self.resolve_ref(spec.engine.module, "engine.module", self.config.max_module_bytes)
-        head = self.store.blob_head(module, 4)
-        if head != b"\0asm":
-            raise JobError(
-                "engine.module: not a WebAssembly module (it does not start with \\0asm)",
-                "engine.module",
-            )
+        module: str | None = None
+        if isinstance(spec.engine, WasmEngine):
+            limit = self.config.max_module_bytes
+            module = self.resolve_ref(spec.engine.module, "engine.module", limit)
+            head = self.store.blob_head(module, 4)
+            if head != b"\0asm":
+                raise JobError(
+                    "engine.module: not a WebAssembly module (it does not start with \\0asm)",
+                    "engine.module",
+                )
         stdin = (
             self.resolve_ref(spec.input, "input", self.config.max_input_bytes)
             if spec.input
@@ -181,19 +200,14 @@ class Jobs:
         job = self.store.job(job_id)
         assert job is not None
         spec = msgspec.json.decode(job["spec"], type=JobSpec)
-        module = self.store.blob(job["module_sha256"]) or b""
+        module = self.store.blob(job["module_sha256"]) if job["module_sha256"] else None
         stdin = self.store.blob(job["input_sha256"]) if job["input_sha256"] else None
-        engine = {
-            "type": spec.engine.type,
-            "entrypoint": spec.engine.entrypoint,
-            "args": list(spec.engine.args),
-            "env": dict(spec.engine.env),
-        }
+        engine = engine_message(spec)
         msg: dict[str, Any] = protocol.assign(
             job_id,
             int(job["attempt"]),
             engine,
-            base64.b64encode(module).decode(),
+            base64.b64encode(module).decode() if module is not None else None,
             job["module_sha256"],
             base64.b64encode(stdin).decode() if stdin is not None else None,
             int(job["timeout_s"]),

@@ -23,12 +23,39 @@ JOB_STATES = ("queued", "assigned", "running", "completed", "failed", "cancelled
 TERMINAL_STATES = ("completed", "failed", "cancelled")
 
 
-class Engine(msgspec.Struct, forbid_unknown_fields=True):
-    type: Literal["wasm"]
+EnvMap = dict[EnvKey, Annotated[str, msgspec.Meta(max_length=4096)]]
+# A container image reference as `docker pull` takes it: name[:tag][@digest], lower case.
+IMAGE_PATTERN = r"^[a-z0-9][a-z0-9._\-/]*(:[\w][\w.\-]{0,127})?(@sha256:[0-9a-f]{64})?$"
+
+
+class WasmEngine(msgspec.Struct, forbid_unknown_fields=True, tag="wasm", tag_field="type"):
+    """A WebAssembly module run by wasm3 (or wasmtime) on any node, boards included."""
+
     module: Ref
     entrypoint: Annotated[str, msgspec.Meta(min_length=1, max_length=256)] = "_start"
     args: Annotated[list[Arg], msgspec.Meta(max_length=256)] = []
-    env: dict[EnvKey, Annotated[str, msgspec.Meta(max_length=4096)]] = {}
+    env: EnvMap = {}
+
+
+class DockerEngine(msgspec.Struct, forbid_unknown_fields=True, tag="docker", tag_field="type"):
+    """A container on a full machine whose owner runs the Docker executor."""
+
+    image: Annotated[str, msgspec.Meta(min_length=1, max_length=256, pattern=IMAGE_PATTERN)]
+    command: Annotated[list[Arg], msgspec.Meta(max_length=256)] = []  # [] = the image's own
+    env: EnvMap = {}
+    network: bool = False  # runs only on nodes whose owner allows network access
+    pids: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 256
+
+
+class NativeEngine(msgspec.Struct, forbid_unknown_fields=True, tag="native", tag_field="type"):
+    """A command run in a sandbox, on nodes whose owner turned the native executor on."""
+
+    command: Annotated[list[Arg], msgspec.Meta(min_length=1, max_length=256)]
+    env: EnvMap = {}
+    network: bool = False
+
+
+Engine = WasmEngine | DockerEngine | NativeEngine
 
 
 class Resources(msgspec.Struct, forbid_unknown_fields=True):

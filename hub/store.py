@@ -109,6 +109,47 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         CREATE INDEX jobs_kind_state ON jobs(kind, state);
         """,
     ),
+    (
+        4,
+        "jobs without a module (docker and native engines)",
+        # SQLite cannot drop NOT NULL in place: rebuild the table, same columns and order.
+        """
+        CREATE TABLE jobs_new (
+            id TEXT PRIMARY KEY,
+            owner TEXT NOT NULL REFERENCES users(id),
+            name TEXT NOT NULL,
+            spec TEXT NOT NULL,
+            state TEXT NOT NULL,
+            node TEXT REFERENCES nodes(id),
+            attempt INTEGER NOT NULL DEFAULT 0,
+            priority TEXT NOT NULL,
+            cpu_milli INTEGER NOT NULL,
+            memory_mb INTEGER NOT NULL,
+            timeout_s INTEGER NOT NULL,
+            module_sha256 TEXT REFERENCES blobs(sha256),
+            input_sha256 TEXT REFERENCES blobs(sha256),
+            hold INTEGER NOT NULL,
+            cost INTEGER,
+            reason TEXT,
+            result TEXT,
+            submitted_at REAL NOT NULL,
+            assigned_at REAL,
+            started_at REAL,
+            finished_at REAL,
+            submit_key TEXT UNIQUE,
+            kind TEXT NOT NULL DEFAULT 'batch' CHECK (kind IN ('batch', 'service')),
+            period_start REAL,
+            periods_billed INTEGER NOT NULL DEFAULT 0
+        );
+        INSERT INTO jobs_new SELECT * FROM jobs;
+        DROP TABLE jobs;
+        ALTER TABLE jobs_new RENAME TO jobs;
+        CREATE INDEX jobs_state ON jobs(state, priority, submitted_at);
+        CREATE INDEX jobs_owner ON jobs(owner, submitted_at);
+        CREATE INDEX jobs_node ON jobs(node, state);
+        CREATE INDEX jobs_kind_state ON jobs(kind, state);
+        """,
+    ),
 ]
 
 

@@ -81,7 +81,11 @@ async def test_submit_prices_on_server_and_holds(api: Any) -> None:
     ("spec", "field"),
     [
         ({"engine": {"type": "wasm"}}, "engine"),
-        ({"engine": {"type": "docker", "module": "example:fib"}}, "engine.type"),
+        ({"engine": {"type": "cobol", "module": "example:fib"}}, "engine.type"),
+        ({"engine": {"type": "docker", "module": "example:fib"}}, "engine"),
+        ({"engine": {"type": "docker"}}, "engine.image"),
+        ({"engine": {"type": "docker", "image": "Bad Image!"}}, "engine.image"),
+        ({"engine": {"type": "native", "command": []}}, "engine.command"),
         ({**FIB, "timeout": 0}, "timeout"),
         ({**FIB, "timeout": "ten"}, "timeout"),
         ({**FIB, "resources": {"cpu": -1}}, "resources.cpu"),
