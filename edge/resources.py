@@ -8,6 +8,8 @@ from typing import Any
 
 import psutil
 
+from edge.idle import IdleGate, Monitor, Preferences
+
 
 def machine() -> dict[str, Any]:
     return {
@@ -18,22 +20,27 @@ def machine() -> dict[str, Any]:
 
 
 class Offered:
-    """Callable for the session: the CPU and RAM we offer right now.
+    """Callable for the session: `offered(busy) -> {"cpu", "memory_mb", "gpu", "load"}`, what
+    we offer right now, as the idle gate decides it (edge/idle.py): all usable cores, the
+    preferences' share of RAM and the GPUs while the owner is idle; nothing while the node is
+    suspended (owner active, outside the hours, on battery). Without a gate it offers
+    everything (no idle preferences). `max_cpu` and `max_memory_mb` cap the numbers further."""
 
-    Offers one CPU-equivalent per idle core (a job runs on one core), and the RAM that is
-    available; issue-4 preferences (idle-only, caps, hours) will shape these numbers.
-    """
-
-    def __init__(self, max_cpu: float | None = None, max_memory_mb: int | None = None) -> None:
+    def __init__(
+        self,
+        max_cpu: float | None = None,
+        max_memory_mb: int | None = None,
+        gate: IdleGate | None = None,
+    ) -> None:
         self.max_cpu = max_cpu
         self.max_memory_mb = max_memory_mb
-        psutil.cpu_percent(None)  # prime the counter so the first reading is meaningful
+        self.gate = gate or IdleGate(Preferences.permissive(), Monitor(gpus=0))
 
     def __call__(self, busy: bool) -> dict[str, Any]:
-        cores = float(os.cpu_count() or 1)
-        load = psutil.cpu_percent(None) / 100.0
-        mem = int(psutil.virtual_memory().available // (1024 * 1024))
-        cpu = cores if self.max_cpu is None else min(cores, self.max_cpu)
+        offer = self.gate.decide().offer  # the monitor reads at most once a second
+        cpu, mem = float(offer["cpu"]), int(offer["memory_mb"])
+        if self.max_cpu is not None:
+            cpu = min(cpu, self.max_cpu)
         if self.max_memory_mb is not None:
             mem = min(mem, self.max_memory_mb)
-        return {"cpu": cpu, "memory_mb": mem, "gpu": 0, "load": round(load, 3)}
+        return {"cpu": cpu, "memory_mb": mem, "gpu": int(offer["gpu"]), "load": offer["load"]}

@@ -32,9 +32,19 @@ class _Handle:
         self.dispatched = None  # handed to a worker (which may still be starting)
         self.started = None  # the worker had it and was ready: the job's clock starts
         self.outcome = None
+        self.suspended_by = set()  # why it is stopped ("idle", "throttle"...); empty: runs
+        self.paused_at = None  # when its worker was stopped (SIGSTOP), while it is
+        self.paused_s = 0.0  # stopped time so far: neither timed out nor billed
+
+    def paused(self, now=None):
+        """Seconds this job has spent stopped, including a pause still going on."""
+        if self.paused_at is None:
+            return self.paused_s
+        return self.paused_s + ((now or time.monotonic()) - self.paused_at)
 
     def deadline(self):
-        return (self.started or self.dispatched) + self.timeout_s
+        # a stopped job's clock stops too: the owner's use of the machine is not its time
+        return (self.started or self.dispatched) + self.timeout_s + self.paused()
 
     def __repr__(self):
         state = "done" if self.outcome else "running" if self.worker else "queued"
@@ -141,6 +151,50 @@ class Wasm3Executor:
         with contextlib.suppress(Exception):
             self.close()
 
+    def suspend(self, handle, reason="idle"):
+        """Stop a job for `reason` (SIGSTOP of the worker running it; a queued job is not
+        started). Its timeout and wall time stop counting until resume(). Reasons stack: a job
+        stopped for "idle" and for "throttle" runs again only when both are lifted."""
+        if handle.outcome is not None:
+            return False
+        first = not handle.suspended_by
+        handle.suspended_by.add(reason)
+        worker = handle.worker
+        if first and worker is not None and not worker.dead:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker.pid, signal.SIGSTOP)
+            handle.paused_at = time.monotonic()
+        return True
+
+    def resume(self, handle, reason="idle"):
+        """Lift one reason for stopping a job; with none left it continues (SIGCONT)."""
+        if reason not in handle.suspended_by:
+            return False
+        handle.suspended_by.discard(reason)
+        if handle.suspended_by:
+            return True
+        self._continue(handle)
+        if handle.outcome is None:
+            self._pump()  # a queued job may start now
+        return True
+
+    def _continue(self, handle):
+        if handle.paused_at is not None:
+            handle.paused_s += time.monotonic() - handle.paused_at
+            handle.paused_at = None
+            worker = handle.worker
+            if worker is not None and not worker.dead:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker.pid, signal.SIGCONT)
+
+    def active(self):
+        """Jobs not finished yet: running on a worker, then queued."""
+        return [w.handle for w in self.workers if w.handle is not None] + list(self.queue)
+
+    def job_pids(self):
+        """Pids of the worker processes running a job now (for the idle monitor and signals)."""
+        return [w.pid for w in self.workers if w.handle is not None and not w.dead]
+
     def prestart(self, n=None):
         """Start workers now (all `workers` by default) instead of at the first submit."""
         self.keep = min(self.max_workers, self.max_workers if n is None else int(n))
@@ -177,6 +231,9 @@ class Wasm3Executor:
 
     def _dispatch(self):
         while self.queue:
+            handle = next((h for h in self.queue if not h.suspended_by), None)
+            if handle is None:
+                break  # all queued jobs are suspended: none starts while the owner is active
             worker = next((w for w in self.workers if w.handle is None and not w.dead), None)
             if worker is None:
                 if len(self.workers) >= self.max_workers:
@@ -185,11 +242,12 @@ class Wasm3Executor:
                     worker = WorkerProcess()
                 except OSError as e:
                     error = f"executor error: cannot start a worker: {e}"
-                    self._finish(self.queue.pop(0), "failed", error, b"", b"", 0, 0)
+                    self.queue.remove(handle)
+                    self._finish(handle, "failed", error, b"", b"", 0, 0)
                     continue
                 self.workers.append(worker)
                 self.keep = max(self.keep, len(self.workers))
-            handle = self.queue.pop(0)
+            self.queue.remove(handle)
             self._start(worker, handle)
         self._replenish()
 
@@ -245,6 +303,8 @@ class Wasm3Executor:
         ):
             raise ValueError("malformed result")
         wall_ms, cpu_ms = int(frame.get("wall_ms") or 0), int(frame.get("cpu_ms") or 0)
+        # the worker's clock ran on while it was stopped; that time is not the job's
+        wall_ms = max(0, wall_ms - int(handle.paused_s * 1000))
         worker.cpu_mark_ms = int(frame.get("cpu_total_ms") or worker.cpu_mark_ms)
         worker.handle = None
         out, err = self._output(worker)
@@ -297,11 +357,17 @@ class Wasm3Executor:
     @staticmethod
     def _elapsed_ms(handle):
         begin = handle.started or handle.dispatched
-        return int((time.monotonic() - begin) * 1000) if begin else 0
+        if not begin:
+            return 0
+        now = time.monotonic()
+        return max(0, int((now - begin - handle.paused(now)) * 1000))
 
     def _finish(
         self, handle, status, error, out, err, wall_ms, cpu_ms, exit_code=None, returns=None
     ):
+        if handle.suspended_by:  # finished while stopped: its worker must go on to the next job
+            handle.suspended_by.clear()
+            self._continue(handle)
         if handle.worker is not None and handle.worker.handle is handle:
             handle.worker.handle = None
         handle.worker = None
