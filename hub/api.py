@@ -6,10 +6,13 @@ Domain errors become HTTP statuses only here.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import csv
 import io
 import logging
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -49,6 +52,7 @@ from hub.models import (
     WalletView,
     error_field,
 )
+from hub.store import token_hash
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -409,6 +413,38 @@ async def list_nodes(request: web.Request) -> web.Response:
     return json_response({"nodes": [node_view(n) for n in services.store.nodes(owner)]})
 
 
+async def get_node(request: web.Request) -> web.Response:
+    """One node as the hub sees it (state, credits earned). The node itself asks with HTTP
+    Basic (its node id and MQTT password, from node.json) for its own page; a user with a
+    JWT sees their own nodes, an admin any."""
+    services = _services(request)
+    node_id = request.match_info["node_id"]
+    node = services.store.node(node_id)
+    scheme, _, value = (request.headers.get("Authorization") or "").partition(" ")
+    if scheme.lower() == "basic":
+        try:
+            pair = base64.b64decode(value.strip(), validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError):
+            raise AuthError("Basic credentials must be base64 of 'node_id:password'") from None
+        user, _, password = pair.partition(":")
+        if (
+            node is None
+            or user != node_id
+            or not secrets.compare_digest(token_hash(password), node["mqtt_password_hash"])
+        ):
+            raise AuthError(
+                f"node {node_id} with this password is unknown here: use the node id and MQTT "
+                "password from node.json, or re-enroll if the hub's database was reset"
+            )
+    else:
+        who = identity(request)
+        if node is None or (node["owner"] != who.user_id and not who.is_admin):
+            return error(404, f"no node {node_id}")  # someone else's: don't confirm it exists
+    from hub.views import node_view
+
+    return json_response(node_view(node))
+
+
 async def ledger_audit(request: web.Request) -> web.Response:
     require_admin(request)
     ledger = _services(request).ledger
@@ -445,8 +481,11 @@ async def status(request: web.Request) -> web.Response:
     return json_response(
         {
             "hub": "ok",
+            # The hub's clock, for clients to measure their skew (`deparrow network diagnose`).
+            "time": time.time(),
             "broker": {
                 "url": services.mqtt_url,
+                "public_url": _public_mqtt_url(request),
                 "connected": bool(bridge and bridge.connected),
                 "kind": services.broker.kind if services.broker else "external",
             },
@@ -475,6 +514,7 @@ def add_routes(app: web.Application) -> None:
     r.add_post("/api/v1/enrollment-tokens", create_enrollment_token)
     r.add_post("/api/v1/nodes/enroll", enroll_node)
     r.add_get("/api/v1/nodes", list_nodes)
+    r.add_get("/api/v1/nodes/{node_id}", get_node)
     r.add_get("/api/v1/ledger/audit", ledger_audit)
     r.add_get("/api/v1/status", status)
     r.add_get("/api/v1/openapi.json", openapi_doc)

@@ -60,6 +60,7 @@ def document() -> dict[str, Any]:
         _TYPES, ref_template="#/components/schemas/{name}"
     )
     job_id = [{"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}]
+    node_id = [{"name": "node_id", "in": "path", "required": True, "schema": {"type": "string"}}]
     paths: dict[str, Any] = {
         "/api/v1/auth/token": {
             "post": _op(
@@ -196,7 +197,26 @@ def document() -> dict[str, Any]:
             )
         },
         "/api/v1/nodes": {"get": _op("Nodes (mine; all for an admin)", None)},
-        "/api/v1/status": {"get": _op("Hub, broker and node counts", None, errors=(), auth=False)},
+        "/api/v1/nodes/{node_id}": {
+            "get": {
+                **_op(
+                    "One node: state and credits earned. The node itself authenticates with "
+                    "HTTP Basic (node id, MQTT password); users with their JWT",
+                    "NodeView",
+                    errors=(401, 404),
+                ),
+                "security": [{"bearer": []}, {"nodeBasic": []}],
+                "parameters": node_id,
+            }
+        },
+        "/api/v1/status": {
+            "get": _op(
+                "Hub, broker (and its public URL), node counts, the hub's time",
+                None,
+                errors=(),
+                auth=False,
+            )
+        },
         "/api/v1/openapi.json": {"get": _op("This document", None, errors=(), auth=False)},
     }
     return {
@@ -210,7 +230,8 @@ def document() -> dict[str, Any]:
         "components": {
             "schemas": components,
             "securitySchemes": {
-                "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}
+                "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"},
+                "nodeBasic": {"type": "http", "scheme": "basic"},
             },
         },
     }
