@@ -95,9 +95,32 @@ def load_config(path: Path) -> dict[str, Any] | None:
     return data
 
 
-def run_node(config: dict[str, Any], max_cpu: float | None) -> None:
+def load_preferences(path: Path) -> dict[str, Any]:
+    """The owner's preferences file (--config): one JSON object."""
+    try:
+        data = json.loads(path.read_text())
+    except OSError as e:
+        raise click.ClickException(f"cannot read {path}: {e.strerror}") from None
+    except ValueError as e:
+        raise click.ClickException(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise click.ClickException(
+            f'{path} must hold a JSON object of preferences, like {{"max_cpu_percent": 50}}'
+        )
+    return data
+
+
+def run_node(
+    config: dict[str, Any],
+    max_cpu: float | None,
+    dashboard: tuple[str, int] | None = None,
+    data_dir: Path | None = None,
+) -> None:
+    """dashboard: (host, port) of the node's page, None for none."""
+    from edge.dashboard import start_dashboard
     from edge.executors.wasm3 import Wasm3Executor
     from edge.mqtt_paho import PahoMqtt
+    from edge.outbox import Outbox
     from edge.resources import Offered
     from edge.session import Session
 
@@ -109,12 +132,22 @@ def run_node(config: dict[str, Any], max_cpu: float | None) -> None:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     mqtt = PahoMqtt(config["mqtt"]["url"])
+    page, warning = start_dashboard(config, *dashboard, data_dir) if dashboard else (None, None)
+    if warning:  # the node runs on without its page
+        click.echo(f"edge-run: warning: {warning}", err=True)
+    elif page is not None:
+        click.echo(f"node page: {page.url}", err=True)
     # One job at a time for now: the scheduler gives a node one job (issue 4 adds slots).
     with Wasm3Executor(workers=1) as executor:
-        session = Session(config, mqtt, executor, Offered(max_cpu=max_cpu), log=log.info)
+        outbox = Outbox(str((data_dir or default_data_dir()) / "outbox.log"), log=log.warning)
+        session = Session(
+            config, mqtt, executor, Offered(max_cpu=max_cpu), log=log.info, outbox=outbox
+        )
         try:
             session.start()
         except ConnectionError as e:
+            if page is not None:
+                page.stop()
             raise click.ClickException(str(e)) from None
         click.echo(
             f"node {config['node_id']} online at {config['mqtt']['url']}; "
@@ -129,10 +162,14 @@ def run_node(config: dict[str, Any], max_cpu: float | None) -> None:
                     log.exception("node loop error; continuing")
                     time.sleep(1.0)
                     continue
+                if page is not None:
+                    page.status.observe(session, mqtt)  # cheap; never raises
                 # A running job finishes in its worker: look again soon rather than at the
                 # next message, so a result is not held back by the idle poll interval.
                 mqtt.wait(0.002 if session.runner.running else 0.05)
         finally:
+            if page is not None:
+                page.stop()
             session.stop()
             click.echo(
                 f"node {config['node_id']} stopped: {session.runner.completed} jobs completed, "
@@ -152,6 +189,29 @@ def run_node(config: dict[str, Any], max_cpu: float | None) -> None:
     help="Where the node keeps its identity (default ~/.local/share/deparrow-edge).",
 )
 @click.option("--max-cpu", type=float, default=None, help="CPU-equivalents to offer at most.")
+@click.option(
+    "--config",
+    "prefs_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    metavar="FILE",
+    help="Preferences file: a JSON object (when and how much to contribute).",
+)
+@click.option(
+    "--dashboard-port",
+    type=click.IntRange(0, 65535),
+    default=8080,
+    show_default=True,
+    envvar="DEPARROW_DASHBOARD_PORT",
+    help="Port of this node's page (state, jobs, credits); 0 turns it off. If the port is "
+    "taken, the node runs without its page (env DEPARROW_DASHBOARD_PORT).",
+)
+@click.option(
+    "--dashboard-host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address the node's page listens on (0.0.0.0: reachable from the network).",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log every message.")
 @click.pass_context
 def main(
@@ -161,6 +221,9 @@ def main(
     name: str | None,
     data_dir: Path | None,
     max_cpu: float | None,
+    prefs_path: Path | None,
+    dashboard_port: int,
+    dashboard_host: str,
     verbose: bool,
 ) -> None:
     """Run a DEparrow node: enroll with a hub once, then run jobs while this machine is idle.
@@ -168,7 +231,9 @@ def main(
     \b
     edge-run --hub http://HUB:8765 --token dpe_...   start (and on first run, enroll) a node
     edge-run job fib.wasm --invoke fib -- 25        run one job locally, no hub
+    edge-run diagnose                               check DNS, hub, broker, login, clock
     """
+    ctx.obj = {"data_dir": data_dir}
     if ctx.invoked_subcommand is not None:
         return
     logging.basicConfig(
@@ -177,6 +242,8 @@ def main(
     )
     if verbose:
         log.setLevel(logging.INFO)
+    # Read before enrolling: a broken preferences file must not cost an enrollment token.
+    preferences = load_preferences(prefs_path) if prefs_path is not None else None
     config_path = (data_dir or default_data_dir()) / "node.json"
     config = load_config(config_path)
     if config is not None and hub and config.get("hub") != hub:
@@ -196,7 +263,61 @@ def main(
 
         config = enroll(hub, token, name or socket.gethostname(), config_path)
         click.echo(f"enrolled as {config['node_id']} (identity in {config_path})", err=True)
-    run_node(config, max_cpu)
+    if preferences is not None:
+        config["preferences"] = preferences  # for this run; node.json keeps the identity only
+    page = (dashboard_host, dashboard_port) if dashboard_port else None
+    run_node(config, max_cpu, page, config_path.parent)
+
+
+@main.command("diagnose")
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="The node's directory (default: as for edge-run).",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(0.1, 120),
+    default=5.0,
+    show_default=True,
+    help="Seconds each check may take.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.pass_obj
+def diagnose_cmd(obj: dict[str, Any] | None, data_dir: Path | None, timeout: float,
+                 as_json: bool) -> None:  # fmt: skip
+    """Check this node's network: DNS, the hub, its broker, the node's login, clock, latency.
+
+    One line per check, with a hint on each failure; exit 0 only when all pass. Uses the
+    hub URL and MQTT credentials in node.json; the running node is not disturbed.
+    """
+    from edge.diagnose import node_checks, passed
+
+    data_dir = data_dir or (obj or {}).get("data_dir") or default_data_dir()
+    config_path = data_dir / "node.json"
+    config = load_config(config_path)
+    if config is None:
+        raise click.ClickException(
+            f"no node.json in {data_dir}: this node is not enrolled yet "
+            "(edge-run --hub URL --token TOKEN), or pass --data-dir"
+        )
+    try:
+        checks = node_checks(config, str(config_path), timeout_s=timeout)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    ok = passed(checks)
+    if as_json:
+        body = {"node_id": config["node_id"], "ok": ok, "checks": [c.as_dict() for c in checks]}
+        click.echo(json.dumps(body, indent=2))
+    else:
+        for c in checks:
+            click.echo(c.line())
+        failed = sum(1 for c in checks if not c.ok)
+        click.echo(
+            "all checks passed" if ok else f"{failed} of {len(checks)} checks failed", err=True
+        )
+    sys.exit(0 if ok else 1)
 
 
 def _parse_env(values: tuple[str, ...]) -> dict[str, str]:

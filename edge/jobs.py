@@ -1,12 +1,14 @@
 # The node's job state machine: assignment -> accepted -> running -> completed | failed.
 #
 # Duplicates are harmless: an assignment seen before is ignored, or its cached result is sent
-# again if the hub missed it. The executor is passed in (submit/poll/cancel), so this module runs
-# on MicroPython with whatever executor the board has.
+# again if the hub missed it. The executor is passed in (submit/poll/cancel, and suspend/resume
+# where it can stop a job), so this module runs on MicroPython with whatever executor the board
+# has. publish(kind, msg) belongs to the session, which queues what the broker cannot take yet.
 
 from edge import compat, protocol
 
 RESULT_CACHE = 16  # finished results kept to answer a re-sent assignment
+OWNER_ACTIVE = "owner is using the machine"  # why assignments are turned down while held
 
 
 def _check_assignment(msg, engine):
@@ -49,6 +51,7 @@ class JobRunner:
         self.done = []  # [(job_id, attempt, result msg)], oldest first
         self.completed = 0
         self.failed = 0
+        self.held = None  # why the owner's activity stops our jobs now, or None
 
     def busy(self):
         return len(self.running) >= self.slots
@@ -79,6 +82,9 @@ class JobRunner:
         current = self.running.get(job_id)
         if current is not None and current["attempt"] == attempt:
             return "duplicate"
+        if self.held is not None:
+            self._event(job_id, attempt, protocol.REJECTED, OWNER_ACTIVE)
+            return "rejected"
         if self.busy():
             self._event(job_id, attempt, protocol.REJECTED, "node busy")
             return "rejected"
@@ -130,6 +136,28 @@ class JobRunner:
         self.publish(protocol.RESULT, msg)
         detail = (": " + msg["error"]) if msg["error"] else ""
         self.log("job " + job_id + " " + msg["state"] + detail)
+
+    def hold(self, why):
+        """The owner needs the machine: stop running jobs (where the executor can) and turn
+        new assignments down until release()."""
+        self.held = why or OWNER_ACTIVE
+        self._each_running("suspend")
+
+    def release(self):
+        self.held = None
+        self._each_running("resume")
+
+    def _each_running(self, verb):
+        act = getattr(self.executor, verb, None)
+        if act is None:
+            if verb == "suspend" and self.running:
+                self.log("this executor cannot suspend jobs: they run on")
+            return
+        for job_id in list(self.running.keys()):
+            try:
+                act(self.running[job_id]["handle"])
+            except Exception as e:  # a job that ended meanwhile; the next poll collects it
+                self.log("could not " + verb + " job " + job_id + ": " + repr(e))
 
     def on_cancel(self, msg):
         job_id = msg.get("job_id")

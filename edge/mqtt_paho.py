@@ -1,8 +1,12 @@
 """MQTT adapter for CPython nodes: paho-mqtt behind the small interface edge/session.py uses.
 
-paho runs its network loop in a thread and reconnects on its own; this adapter re-subscribes
-after a reconnect and tells the session (reconnected()) so it announces itself again. QoS 1
-messages published while the broker is away are queued by paho and sent on reconnect.
+paho runs its network loop in a thread and reconnects on its own, waiting 1 s, then twice as
+long after each failed attempt up to `max_backoff_s`; this adapter re-subscribes after a
+reconnect and tells the session (reconnected()) so it announces itself again.
+
+While the broker is away, publish() returns False instead of handing the message to paho: paho's
+queue lives in this process and dies with it, the session's outbox is a file. publish() returns
+paho's MQTTMessageInfo otherwise, and delivered() says when the broker acknowledged it.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import collections
 import socket
 import threading
 import time
+from typing import Literal
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
@@ -24,13 +29,23 @@ def _no_delay(_client, _userdata, sock):  # type: ignore[no-untyped-def]
 
 
 class PahoMqtt:
-    def __init__(self, url: str, connect_timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        connect_timeout_s: float = 30.0,
+        min_backoff_s: int = 1,
+        max_backoff_s: int = 30,
+    ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("mqtt", "tcp") or not parts.hostname:
             raise ValueError(f"MQTT URL must look like mqtt://host:port, got {url!r}")
         self.host = parts.hostname
         self.port = parts.port or 1883
         self.connect_timeout_s = connect_timeout_s
+        if not 1 <= min_backoff_s <= max_backoff_s:
+            raise ValueError("reconnect backoff must satisfy 1 <= min_backoff_s <= max_backoff_s")
+        self.min_backoff_s = min_backoff_s
+        self.max_backoff_s = max_backoff_s
         self._inbox: collections.deque[tuple[str, bytes]] = collections.deque()
         self._subs: list[str] = []
         self._connected = threading.Event()
@@ -48,7 +63,7 @@ class PahoMqtt:
         if username:
             c.username_pw_set(username, password)
         c.will_set(will_topic, will_payload, qos=1, retain=True)
-        c.reconnect_delay_set(min_delay=1, max_delay=30)
+        c.reconnect_delay_set(min_delay=self.min_backoff_s, max_delay=self.max_backoff_s)
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
@@ -91,9 +106,25 @@ class PahoMqtt:
         assert self.client is not None
         self.client.subscribe(topic, qos=1)
 
-    def publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
-        assert self.client is not None
-        self.client.publish(topic, payload, qos=qos, retain=retain)
+    def publish(
+        self, topic: str, payload: bytes, qos: int, retain: bool
+    ) -> mqtt.MQTTMessageInfo | Literal[False]:
+        """A receipt for delivered(), or False when the message did not go out (no broker)."""
+        if self.client is None or not self._connected.is_set():
+            return False
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            # The connection went between the check and the send. paho keeps a QoS 1 copy to
+            # send on reconnect, and the caller queues its own: the hub drops the duplicate.
+            return False
+        return info
+
+    def delivered(self, receipt: mqtt.MQTTMessageInfo) -> bool:
+        """True once the broker acknowledged the message (PUBACK for QoS 1)."""
+        try:
+            return bool(receipt.is_published())
+        except (ValueError, RuntimeError):  # paho refused it: never delivered
+            return False
 
     def poll(self) -> list[tuple[str, bytes]]:
         out = []

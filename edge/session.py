@@ -2,19 +2,33 @@
 #
 # Adapters are passed in, so this file runs on MicroPython as well as CPython:
 #   mqtt:      connect(client_id, user, password, will_topic, will_payload), subscribe(topic),
-#              publish(topic, payload, qos, retain), poll() -> [(topic, payload)],
-#              reconnected() -> True once after the connection came back, disconnect()
-#   executor:  engines, submit(job), poll(handle), cancel(handle)
+#              publish(topic, payload, qos, retain) -> False (or raises OSError) when the
+#              message did not go out, else a receipt (anything, None included),
+#              poll() -> [(topic, payload)], reconnected() -> True once after the connection
+#              came back, disconnect(); optional: connected() -> bool, delivered(receipt) ->
+#              True once the broker acknowledged a QoS 1 message (without it, a publish that
+#              returned counts as delivered, as with umqtt.simple's blocking publish)
+#   executor:  engines, submit(job), poll(handle), cancel(handle); optional suspend(handle),
+#              resume(handle)
 #   offered:   callable(busy) -> {"cpu", "memory_mb", "gpu", "load"} (what we offer now)
+#   outbox:    edge.outbox.Outbox, durable (a file) where the node has storage; default in memory
+#   gate:      callable() -> (allowed, why): may jobs run now? (the owner's idle preferences)
+#
+# Offline operation: events and results that the broker cannot take go to the outbox, and
+# results always pass through it (written and synced before they are sent, removed once the
+# broker acknowledged them), so a crash or a power cut loses no finished work. After every
+# (re)connect the outbox is sent, oldest first, before `hello`: hello's `running` list makes
+# the hub requeue every job of ours it does not name, so a result must reach it first.
 
 from edge import compat, protocol
 from edge.jobs import JobRunner
+from edge.outbox import Outbox
 
 VERSION = "0.1.0"
 
 
 class Session:
-    def __init__(self, config, mqtt, executor, offered, log=None):
+    def __init__(self, config, mqtt, executor, offered, log=None, outbox=None, gate=None):
         """config: {"node_id", "node_secret", "mqtt": {...}, "heartbeat_interval_s"}"""
         self.config = config
         self.node_id = config["node_id"]
@@ -27,16 +41,88 @@ class Session:
         self.runner = JobRunner(
             self.node_id, config["node_secret"], executor, self._publish_kind, log=self.log
         )
+        self.outbox = outbox if outbox is not None else Outbox(None, log=self.log)
+        self.gate = gate
+        self.allowed = True  # what the gate said last
+        self.why = ""
         self.dropped = 0
+        self._inflight = {}  # outbox seq -> receipt, handed to the broker, not acknowledged yet
+        self._hello_due = False  # announced, but hello waits for the outbox to drain
 
     def topic(self, kind):
         return protocol.node_topic(self.node_id, kind)
 
-    def _publish_kind(self, kind, msg):
-        qos = 0 if kind == protocol.HEARTBEAT else 1
-        self.mqtt.publish(self.topic(kind), protocol.encode(msg), qos, False)
+    # -- sending -------------------------------------------------------------------------
+    def connected(self):
+        check = getattr(self.mqtt, "connected", None)
+        return True if check is None else bool(check())
 
+    def _send(self, topic, payload, qos, retain):
+        """Hand one message to the MQTT adapter: a receipt, or False when it did not go out."""
+        if not self.connected():
+            return False
+        try:
+            receipt = self.mqtt.publish(topic, payload, qos, retain)
+        except OSError as e:
+            self.log("publish on " + topic + " failed: " + repr(e))
+            return False
+        if receipt is False:
+            return False
+        return True if receipt is None else receipt
+
+    def _publish_kind(self, kind, msg):
+        topic = self.topic(kind)
+        payload = protocol.encode(msg)
+        if kind not in (protocol.EVENT, protocol.RESULT):
+            # Heartbeats (QoS 0) and hellos are stale once the broker is back: never queued.
+            self._send(topic, payload, 0 if kind == protocol.HEARTBEAT else 1, False)
+            return
+        result = kind == protocol.RESULT
+        if not result and not len(self.outbox):
+            # An event while the outbox is empty goes straight out; queued only if it cannot.
+            if self._send(topic, payload, 1, False) is not False:
+                return
+            self.log("broker unreachable: " + kind + " queued in the outbox")
+        try:
+            self.outbox.append(topic, payload, 1, result)
+        except (OSError, ValueError) as e:  # storage failed: the runner's cache still has it
+            self.log("outbox write failed (" + repr(e) + "): sending " + kind + " unqueued")
+            self._send(topic, payload, 1, False)
+            return
+        self.flush()
+
+    def flush(self):
+        """Send queued messages in order; forget those the broker acknowledged. Returns True
+        when every queued message has been handed to the broker."""
+        if not len(self.outbox):
+            return True
+        if not self.connected():
+            return False
+        delivered = getattr(self.mqtt, "delivered", None)
+        for seq in self.outbox.pending():
+            receipt = self._inflight.get(seq)
+            if receipt is not None:
+                if delivered(receipt):
+                    del self._inflight[seq]
+                    self.outbox.done(seq)
+                continue
+            try:
+                topic, payload, qos = self.outbox.get(seq)
+            except OSError as e:
+                self.log("outbox read failed: " + repr(e))
+                return False
+            receipt = self._send(topic, payload, qos, False)
+            if receipt is False:
+                return False  # the connection went again: the rest waits for the next one
+            if delivered is None or receipt is True:
+                self.outbox.done(seq)
+            else:
+                self._inflight[seq] = receipt
+        return True
+
+    # -- lifecycle -------------------------------------------------------------------------
     def start(self):
+        self.check_gate()  # so the first hello and heartbeat already tell the truth
         creds = self.config["mqtt"]
         self.mqtt.connect(
             creds.get("client_id") or self.node_id,
@@ -50,13 +136,25 @@ class Session:
         self.announce()
 
     def announce(self):
-        """Sent at every (re)connect: online status, then capabilities and running jobs."""
-        self.mqtt.publish(
+        """Sent at every (re)connect: online status, what we queued while away, then
+        capabilities and running jobs."""
+        self._inflight = {}  # unacknowledged before the break: send them again (the hub
+        # drops duplicates)
+        self._send(
             self.topic(protocol.STATUS),
             protocol.encode(protocol.status(self.node_id, protocol.ONLINE)),
             1,
             True,
         )
+        if len(self.outbox):
+            self.log("sending " + str(len(self.outbox)) + " queued messages")
+        self._hello_due = True
+        self._hello()
+
+    def _hello(self):
+        if not self.flush():
+            return  # hello would requeue the jobs whose results are still queued
+        self._hello_due = False
         res = self.offered(False)
         self._publish_kind(
             protocol.HELLO,
@@ -67,6 +165,8 @@ class Session:
         self.heartbeat()
 
     def state(self):
+        if not self.allowed:
+            return protocol.SUSPENDED
         return protocol.BUSY if self.runner.busy() else protocol.IDLE
 
     def heartbeat(self):
@@ -76,10 +176,33 @@ class Session:
             self.node_id,
             self.seq,
             self.state(),
-            self.offered(self.runner.busy()),
+            self.offered(self.runner.busy() or not self.allowed),
             self.runner.running_ids(),
         )
         self._publish_kind(protocol.HEARTBEAT, msg)
+
+    def check_gate(self):
+        """Ask the gate whether jobs may run; on a change, stop or continue them and tell the
+        hub at once."""
+        if self.gate is None:
+            return
+        try:
+            allowed, why = self.gate()
+        except Exception as e:  # a broken reading must not stop the node: keep the last answer
+            self.log("idle gate failed: " + repr(e))
+            return
+        allowed = bool(allowed)
+        self.why = why
+        if allowed == self.allowed:
+            return
+        self.allowed = allowed
+        if allowed:
+            self.log("jobs may run again: " + str(why))
+            self.runner.release()
+        else:
+            self.log("owner active (" + str(why) + "): jobs suspended, new ones turned down")
+            self.runner.hold(why)
+        self.heartbeat()
 
     def handle(self, topic, payload):
         if topic == self.topic(protocol.ASSIGN) or topic == self.topic(protocol.CANCEL):
@@ -103,21 +226,37 @@ class Session:
         if self.mqtt.reconnected():
             self.log("reconnected to the broker")
             self.announce()
+        self.check_gate()
         for topic, payload in self.mqtt.poll():
             try:
                 self.handle(topic, payload)
             except Exception as e:  # one bad message must never stop the node
                 self.dropped += 1
                 self.log("error handling a message on " + topic + ": " + repr(e))
-        if self.runner.poll():
+        finished = self.runner.poll()
+        if self._hello_due:
+            self._hello()
+        else:
+            self.flush()
+        if finished:
             self.heartbeat()  # idle again: the hub can send the next job now
         now = compat.ticks_ms()
         if self.last_beat is None or compat.ticks_diff(now, self.last_beat) >= self.interval_ms:
             self.heartbeat()
 
-    def stop(self):
+    def stop(self, drain_ms=2000):
+        """Say goodbye. Waits up to drain_ms for the broker to acknowledge what is queued; the
+        rest stays in the outbox for the next start."""
+        began = compat.ticks_ms()
+        while len(self.outbox) and self.connected():
+            self.flush()
+            if not len(self.outbox) or compat.ticks_diff(compat.ticks_ms(), began) >= drain_ms:
+                break
+            compat.sleep_ms(20)
+        if len(self.outbox):
+            self.log("stopping with " + str(len(self.outbox)) + " messages queued")
         try:
-            self.mqtt.publish(
+            self._send(
                 self.topic(protocol.STATUS),
                 protocol.encode(protocol.status(self.node_id, protocol.OFFLINE)),
                 1,
@@ -125,3 +264,4 @@ class Session:
             )
         finally:
             self.mqtt.disconnect()
+            self.outbox.close()
