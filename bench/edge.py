@@ -200,7 +200,8 @@ def node_figures(tmp: Path) -> dict[str, Any]:
         for i in range(3):
             seen.clear()
             t = time.perf_counter()
-            cmd = [sys.executable, "-m", "edge.cli", "--data-dir", str(node_dir)]
+            cmd = [sys.executable, "-m", "edge.cli", "--data-dir", str(node_dir), "--always-run",
+                   "--dashboard-port", "0"]  # fmt: skip
             again = Proc(f"node-{i}", cmd, tmp / f"cold-{i}.log")
             try:
                 wait_for("the first heartbeat", seen.is_set, 30, [again])

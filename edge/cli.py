@@ -105,9 +105,87 @@ def load_preferences(path: Path) -> dict[str, Any]:
         raise click.ClickException(f"{path} is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise click.ClickException(
-            f'{path} must hold a JSON object of preferences, like {{"max_cpu_percent": 50}}'
+            f'{path} must hold a JSON object of preferences, like {{"idle": {{"hours": '
+            f'"22:00-07:00"}}}}'
         )
+    try:
+        check_preferences(data)
+    except ValueError as e:
+        raise click.ClickException(f"{path}: {e}") from None
     return data
+
+
+PREFERENCE_KEYS = ("idle", "always_run", "wasm_engine", "docker", "native")
+
+
+def check_preferences(prefs: dict[str, Any]) -> None:
+    """ValueError naming the first bad key of the preferences (docs/edge.md lists them)."""
+    from edge.idle import Preferences
+
+    for key in prefs:
+        if key not in PREFERENCE_KEYS:
+            raise ValueError(f"{key!r} is not a preference; known: {', '.join(PREFERENCE_KEYS)}")
+    Preferences.from_dict(prefs.get("idle"), where="idle")
+    if not isinstance(prefs.get("always_run", False), bool):
+        raise ValueError("always_run must be true or false")
+    if prefs.get("wasm_engine", "wasm3") not in ("wasm3", "wasmtime"):
+        raise ValueError('wasm_engine must be "wasm3" or "wasmtime"')
+    for section, allowed in (
+        ("docker", ("enabled", "url", "allow_network")),
+        ("native", ("enabled", "allow_network", "allow_unsandboxed")),
+    ):
+        value = prefs.get(section, {})
+        if not isinstance(value, dict):
+            raise ValueError(f'{section} must be an object like {{"enabled": true}}')
+        for key, item in value.items():
+            if key not in allowed:
+                raise ValueError(
+                    f"{section}.{key} is not a preference; known: {', '.join(allowed)}"
+                )
+            if key != "url" and not isinstance(item, bool):
+                raise ValueError(f"{section}.{key} must be true or false")
+        if "url" in value and not isinstance(value["url"], str):
+            raise ValueError(f"{section}.url must be a string like unix:///run/podman/podman.sock")
+
+
+def build_executors(config: dict[str, Any]) -> Any:
+    """The node's executors from its preferences: wasm always, docker and native when the
+    owner turned them on. A docker engine that does not answer is left out with a warning."""
+    from edge.executors.router import ExecutorRouter
+
+    prefs = config.get("preferences") or {}
+    if prefs.get("wasm_engine") == "wasmtime":
+        from edge.executors.wasmtime_exec import WasmtimeExecutor
+
+        executors: dict[str, Any] = {"wasm": WasmtimeExecutor()}
+    else:
+        from edge.executors.wasm3 import Wasm3Executor
+
+        executors = {"wasm": Wasm3Executor(workers=1)}
+    docker = prefs.get("docker") or {}
+    if docker.get("enabled"):
+        from edge.executors.docker import DockerExecutor, JobError
+
+        ex = DockerExecutor(
+            docker.get("url"), allow_network=bool(docker.get("allow_network")),
+            node=config["node_id"],
+        )  # fmt: skip
+        try:
+            ex.remove_leftovers()  # also checks that the engine answers
+            executors["docker"] = ex
+        except JobError as e:
+            ex.close()
+            click.echo(f"edge-run: warning: docker jobs off: {e}", err=True)
+    native = prefs.get("native") or {}
+    if native.get("enabled"):
+        from edge.executors.native import NativeExecutor
+
+        executors["native"] = NativeExecutor(
+            enabled=True,
+            allow_network=bool(native.get("allow_network")),
+            allow_unsandboxed=bool(native.get("allow_unsandboxed")),
+        )
+    return ExecutorRouter(executors)
 
 
 def run_node(
@@ -118,7 +196,7 @@ def run_node(
 ) -> None:
     """dashboard: (host, port) of the node's page, None for none."""
     from edge.dashboard import start_dashboard
-    from edge.executors.wasm3 import Wasm3Executor
+    from edge.idle import IdleGate, Monitor, Preferences
     from edge.mqtt_paho import PahoMqtt
     from edge.outbox import Outbox
     from edge.resources import Offered
@@ -137,11 +215,24 @@ def run_node(
         click.echo(f"edge-run: warning: {warning}", err=True)
     elif page is not None:
         click.echo(f"node page: {page.url}", err=True)
-    # One job at a time for now: the scheduler gives a node one job (issue 4 adds slots).
-    with Wasm3Executor(workers=1) as executor:
+    prefs = config.get("preferences") or {}
+    idle = (
+        Preferences.permissive()
+        if prefs.get("always_run")
+        else Preferences.from_dict(prefs.get("idle"), where="idle")
+    )
+    # One job at a time for now: the scheduler gives a node one job.
+    with build_executors(config) as executor:
+        gate = IdleGate(idle, Monitor(exclude=executor.job_pids), executor=executor)
         outbox = Outbox(str((data_dir or default_data_dir()) / "outbox.log"), log=log.warning)
         session = Session(
-            config, mqtt, executor, Offered(max_cpu=max_cpu), log=log.info, outbox=outbox
+            config,
+            mqtt,
+            executor,
+            Offered(max_cpu=max_cpu, gate=gate),
+            log=log.info,
+            outbox=outbox,
+            gate=gate,
         )
         try:
             session.start()
@@ -212,6 +303,13 @@ def run_node(
     show_default=True,
     help="Address the node's page listens on (0.0.0.0: reachable from the network).",
 )
+@click.option(
+    "--always-run",
+    is_flag=True,
+    envvar="DEPARROW_ALWAYS_RUN",
+    help="Run jobs even while this machine's owner is using it (default: only when idle, as "
+    'the preferences\' "idle" section says).',
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log every message.")
 @click.pass_context
 def main(
@@ -224,6 +322,7 @@ def main(
     prefs_path: Path | None,
     dashboard_port: int,
     dashboard_host: str,
+    always_run: bool,
     verbose: bool,
 ) -> None:
     """Run a DEparrow node: enroll with a hub once, then run jobs while this machine is idle.
@@ -265,6 +364,8 @@ def main(
         click.echo(f"enrolled as {config['node_id']} (identity in {config_path})", err=True)
     if preferences is not None:
         config["preferences"] = preferences  # for this run; node.json keeps the identity only
+    if always_run:
+        config["preferences"] = {**(config.get("preferences") or {}), "always_run": True}
     page = (dashboard_host, dashboard_port) if dashboard_port else None
     run_node(config, max_cpu, page, config_path.parent)
 

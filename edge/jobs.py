@@ -33,6 +33,14 @@ def _check_assignment(msg, engine):
             isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= top
         ):
             return key + " must be a number between 0 and " + str(top)
+    command = engine.get("command") or []
+    if not isinstance(command, list) or not all(isinstance(a, str) for a in command):
+        return "engine.command must be a list of strings"
+    if engine.get("image") is not None and not isinstance(engine.get("image"), str):
+        return "engine.image must be a string"
+    pids = engine.get("pids")
+    if pids is not None and (isinstance(pids, bool) or not isinstance(pids, int) or pids < 1):
+        return "engine.pids must be a positive integer"
     for key in ("module_b64", "stdin_b64", "module_sha256"):
         if msg.get(key) is not None and not isinstance(msg.get(key), str):
             return key + " must be a string"
@@ -96,22 +104,34 @@ class JobRunner:
             self._event(job_id, attempt, protocol.REJECTED, "engine not available here")
             return "rejected"
         try:
-            module = compat.b64decode(msg.get("module_b64") or "")
             stdin = compat.b64decode(msg.get("stdin_b64") or "")
         except Exception:
-            return self._finish_now(job_id, attempt, "invalid module: not base64")
-        if compat.hexlify(compat.sha256(module).digest()) != msg.get("module_sha256"):
-            return self._finish_now(job_id, attempt, "invalid module: sha256 does not match")
+            return self._finish_now(job_id, attempt, "invalid assignment: stdin is not base64")
         job = {
             "job_id": job_id,
-            "module": module,
-            "entrypoint": engine.get("entrypoint") or "_start",
-            "args": engine.get("args") or [],
+            "engine": engine.get("type"),
             "env": engine.get("env") or {},
             "stdin": stdin,
             "timeout_s": msg.get("timeout_s") or 60,
             "memory_mb": msg.get("memory_mb") or 64,
         }
+        if engine.get("type") == "wasm":
+            try:
+                module = compat.b64decode(msg.get("module_b64") or "")
+            except Exception:
+                return self._finish_now(job_id, attempt, "invalid module: not base64")
+            if compat.hexlify(compat.sha256(module).digest()) != msg.get("module_sha256"):
+                return self._finish_now(job_id, attempt, "invalid module: sha256 does not match")
+            job["module"] = module
+            job["entrypoint"] = engine.get("entrypoint") or "_start"
+            job["args"] = engine.get("args") or []
+        else:  # docker and native: a command (and an image), no module
+            job["command"] = engine.get("command") or []
+            job["network"] = engine.get("network") is True
+            if engine.get("image") is not None:
+                job["image"] = engine.get("image")
+            if engine.get("pids") is not None:
+                job["pids"] = engine.get("pids")
         self._event(job_id, attempt, protocol.ACCEPTED)
         handle = self.executor.submit(job)
         self.running[job_id] = {"attempt": attempt, "handle": handle}

@@ -133,6 +133,9 @@ class LocalHub:
         cmd = [
             sys.executable, "-m", "edge.cli", "--hub", self.url, "--token", token,
             "--name", name, "--data-dir", str(data_dir), *(["-v"] if verbose else []),
+            # A local network shares this machine with its own hub and tests: the nodes run
+            # whatever the owner does, and several nodes cannot all have the page on 8080.
+            "--always-run", "--dashboard-port", "0",
         ]  # fmt: skip
         proc = Proc(name, cmd, data_dir.parent / f"{name}.log")
         wait_for(

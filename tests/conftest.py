@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +14,13 @@ from hub.broker import ChildBroker, free_port
 from hub.client import Client
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# Nodes started by tests share this 2-core machine with the hub, the broker and pytest itself:
+# under idle-only preferences they would (rightly) wait for an owner who is never idle. The
+# idle gate has its own tests (tests/edge/test_idle.py, tests/e2e/test_offline.py). And many
+# nodes cannot all serve their page on port 8080: tests that want the page ask for a port.
+os.environ.setdefault("DEPARROW_ALWAYS_RUN", "1")
+os.environ.setdefault("DEPARROW_DASHBOARD_PORT", "0")
 
 
 def require_mosquitto() -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 EDGE = Path(__file__).resolve().parents[2] / "edge"
-CORE = ["compat", "protocol", "jobs", "session"]
+CORE = ["compat", "protocol", "jobs", "session", "outbox"]
 FORBIDDEN = {"psutil", "docker", "wasm3", "paho", "typing", "dataclasses", "msgspec", "click"}
 
 
