@@ -9,6 +9,8 @@ test: deps venv lint typecheck pytest
 
 deps:
 	@tools/install-system-deps.sh
+	@tools/install-podman.sh        # podman's Docker API service + a local busybox image
+	@tools/install-bubblewrap.sh    # the native executor's sandbox
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
