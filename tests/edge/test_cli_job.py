@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -65,3 +67,40 @@ def test_failures_are_one_line_without_traceback(
     assert out.returncode == code, (out.returncode, out.stderr)
     # None of these jobs writes to stderr itself: the reason must be the only line.
     assert out.stderr.count("\n") == 1 and out.stderr.startswith(prefix), out.stderr
+
+
+# --- hostile modules through `edge-run job` (the executor's own tests cover each as well) ---
+@pytest.fixture(scope="module")
+def fixture_wasm(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """name -> path of tests/edge/fixtures/<name>.wat built with wat2wasm."""
+    out = tmp_path_factory.mktemp("cli-wasm")
+
+    def build(name: str) -> str:
+        if not shutil.which("wat2wasm"):
+            pytest.fail("wat2wasm not installed: run `make test` (Debian package: wabt)")
+        target = out / (name + ".wasm")
+        wat = Path(__file__).parent / "fixtures" / (name + ".wat")
+        subprocess.run(["wat2wasm", str(wat), "-o", str(target)], check=True)
+        return str(target)
+
+    return build
+
+
+def test_stack_overflow_is_a_trap(fixture_wasm: Any) -> None:
+    out = run(fixture_wasm("calc"), "--invoke", "recurse", "--", "100000000")
+    assert out.returncode == 126 and out.stderr == "edge-run: trap: stack overflow\n", out.stderr
+
+
+def test_missing_import_names_it(fixture_wasm: Any) -> None:
+    out = run(fixture_wasm("files"))
+    assert out.returncode == 65, out.stderr
+    assert out.stderr.startswith(
+        "edge-run: invalid module: unsupported import wasi_snapshot_preview1.path_open"
+    ), out.stderr
+
+
+def test_huge_output_is_capped_with_a_note(fixture_wasm: Any) -> None:
+    out = run(fixture_wasm("flood"))
+    assert out.returncode == 0, out.stderr
+    assert 0 < len(out.stdout) <= (1 << 20) and set(out.stdout) == {"x"}
+    assert "stdout truncated at" in out.stderr
