@@ -12,7 +12,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -24,6 +24,9 @@ EXIT_CODES = {
     "invalid module": 65,  # EX_DATAERR
     "invalid argument": 64,  # EX_USAGE
     "executor error": 70,  # EX_SOFTWARE
+    "image not found": 66,  # EX_NOINPUT
+    "docker engine unreachable at": 69,  # EX_UNAVAILABLE
+    "network not allowed": 77,  # EX_NOPERM
 }
 
 log = logging.getLogger("edge")
@@ -432,8 +435,15 @@ def _parse_env(values: tuple[str, ...]) -> dict[str, str]:
 
 
 @main.command("job", context_settings={"ignore_unknown_options": False})
-@click.argument("module", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("target")
 @click.argument("args", nargs=-1)
+@click.option(
+    "--engine",
+    type=click.Choice(["wasm3", "wasmtime", "docker", "native"]),
+    default="wasm3",
+    show_default=True,
+    help="wasm3/wasmtime: TARGET is a .wasm file; docker: an image; native: a command.",
+)
 @click.option(
     "--input",
     "input_path",
@@ -453,24 +463,34 @@ def _parse_env(values: tuple[str, ...]) -> dict[str, str]:
     "--invoke",
     default=None,
     metavar="FUNC",
-    help="Call this exported function with integer ARGS and print what it returns.",
+    help="Wasm: call this exported function with integer ARGS and print what it returns.",
 )
+@click.option("--network", is_flag=True, help="docker/native: let the job use the network.")
+@click.option("--docker-url", default=None, help="Docker API (default $DOCKER_HOST or Podman's).")
 def job_cmd(
-    module: Path,
+    target: str,
     args: tuple[str, ...],
+    engine: str,
     input_path: Path | None,
     env: tuple[str, ...],
     timeout: float,
     memory: int,
     invoke: str | None,
+    network: bool,
+    docker_url: str | None,
 ) -> None:
-    """Run one Wasm job locally: its stdout is ours, its exit code is ours.
+    """Run one job locally: its stdout is ours, its exit code is ours.
 
-    Arguments after `--` go to the job (argv for a WASI program, integers for --invoke).
+    \b
+    edge-run job fib.wasm --invoke fib -- 25
+    edge-run job --engine docker localhost/deparrow/busybox -- sh -c 'echo hi'
+    edge-run job --engine native -- sh -c 'echo hi'     (TARGET is the command)
+
+    Arguments after `--` go to the job (argv for a WASI program, integers for --invoke, the
+    command line in a container or sandbox).
     """
-    from edge.executors.wasm3 import Wasm3Executor
 
-    def fail(message: str, code: int) -> None:
+    def fail(message: str, code: int) -> NoReturn:
         click.echo(f"edge-run: {message}", err=True)
         sys.exit(code)
 
@@ -478,10 +498,10 @@ def job_cmd(
         fail("--timeout must be more than 0 and at most 604800 seconds", 2)
     if not (0 < memory <= 1024 * 1024):
         fail("--memory must be between 1 and 1048576 MiB", 2)
-    try:
-        data = module.read_bytes()
-    except OSError as e:
-        fail(f"cannot read {module}: {e.strerror}", 66)
+    if invoke is not None and engine in ("docker", "native"):
+        fail("--invoke calls a Wasm export; it does not apply to --engine " + engine, 2)
+    if network and engine not in ("docker", "native"):
+        fail("--network applies to --engine docker or native; Wasm jobs have no network", 2)
     stdin = b""
     if input_path is not None:
         try:
@@ -492,18 +512,47 @@ def job_cmd(
         env_map = _parse_env(env)
     except click.BadParameter as e:
         fail(e.format_message(), 2)
-    spec = {
-        "job_id": module.stem,
-        "module": data,
-        "entrypoint": invoke or "_start",
-        "args": list(args),
+    spec: dict[str, Any] = {
+        "job_id": "local",
         "env": env_map,
         "stdin": stdin,
         "timeout_s": timeout,
         "memory_mb": memory,
     }
+    executor: Any
+    if engine in ("wasm3", "wasmtime"):
+        try:
+            data = Path(target).read_bytes()
+        except OSError as e:
+            fail(f"cannot read {target}: {e.strerror}", 66)
+        spec.update(module=data, entrypoint=invoke or "_start", args=list(args))
+        if engine == "wasmtime":
+            try:
+                from edge.executors.wasmtime_exec import WasmtimeExecutor
+            except ImportError as e:
+                fail(
+                    f"the wasmtime engine is not installed ({e}): pip install 'deparrow[full]'", 69
+                )
+            executor = WasmtimeExecutor()
+        else:
+            from edge.executors.wasm3 import Wasm3Executor
+
+            executor = Wasm3Executor(workers=1)
+    elif engine == "docker":
+        from edge.executors.docker import DockerExecutor
+
+        spec.update(image=target, command=list(args), network=network)
+        executor = DockerExecutor(docker_url, allow_network=network)
+    else:
+        from edge.executors.native import NativeExecutor
+
+        spec.update(command=[target, *args], network=network)
+        try:
+            executor = NativeExecutor(enabled=True, allow_network=network)
+        except Exception as e:  # no sandbox here: say so, never run unsandboxed silently
+            fail(str(e), 69)
     started = time.monotonic()
-    with Wasm3Executor(workers=1) as executor:
+    with executor:
         outcome = executor.run(spec)
     sys.stdout.buffer.write(outcome.get("stdout") or b"")
     sys.stdout.flush()
@@ -511,7 +560,9 @@ def job_cmd(
     sys.stderr.flush()
     if outcome["status"] != "completed":
         error = outcome.get("error") or "failed"
-        kind = error.split(":", 1)[0]
+        kind = error.split(":", 1)[0].split(" (", 1)[0]
+        if kind.startswith("docker engine unreachable at"):
+            kind = "docker engine unreachable at"
         log.debug("failed after %.3fs", time.monotonic() - started)
         fail(error, EXIT_CODES.get(kind, 1))
     if invoke is not None and outcome.get("returns") is not None:

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 import wasm_jobs
+from tests.edge.test_docker_executor import IMAGE, api  # noqa: F401
 
 EDGE = [sys.executable, "-m", "edge.cli", "job"]
 
@@ -104,3 +105,21 @@ def test_huge_output_is_capped_with_a_note(fixture_wasm: Any) -> None:
     assert out.returncode == 0, out.stderr
     assert 0 < len(out.stdout) <= (1 << 20) and set(out.stdout) == {"x"}
     assert "stdout truncated at" in out.stderr
+
+
+# --- other engines --------------------------------------------------------------------------
+def test_a_container_job(api: Any) -> None:  # noqa: F811 (the podman fixture)
+    out = run("--engine", "docker", IMAGE, "--env", "WHO=box", "--", "sh", "-c",
+              'echo "hi $WHO"; exit 4', timeout=120)  # fmt: skip
+    assert out.returncode == 4 and out.stdout == "hi box\n", out.stderr
+
+
+def test_docker_problems_are_one_line() -> None:
+    out = run("--engine", "docker", "--docker-url", "unix:///nonexistent.sock", IMAGE)
+    assert out.returncode == 69, out.stderr
+    assert out.stderr.startswith("edge-run: docker engine unreachable at unix:///nonexistent.sock")
+    assert out.stderr.count("\n") == 1
+    out = run("--engine", "docker", "--invoke", "fib", IMAGE)
+    assert out.returncode == 2 and "--invoke calls a Wasm export" in out.stderr
+    out = run(job("fib"), "--network")
+    assert out.returncode == 2 and "Wasm jobs have no network" in out.stderr
