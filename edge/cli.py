@@ -23,6 +23,7 @@ EXIT_CODES = {
     "trap": 126,
     "invalid module": 65,  # EX_DATAERR
     "invalid argument": 64,  # EX_USAGE
+    "gas limit": 124,  # like a timeout: the job used up its budget
     "executor error": 70,  # EX_SOFTWARE
     "image not found": 66,  # EX_NOINPUT
     "docker engine unreachable at": 69,  # EX_UNAVAILABLE
@@ -465,6 +466,12 @@ def _parse_env(values: tuple[str, ...]) -> dict[str, str]:
     metavar="FUNC",
     help="Wasm: call this exported function with integer ARGS and print what it returns.",
 )
+@click.option(
+    "--gas",
+    type=click.IntRange(1),
+    default=None,
+    help="wasm3: gas budget for a module instrumented with metering.usegas.",
+)
 @click.option("--network", is_flag=True, help="docker/native: let the job use the network.")
 @click.option("--docker-url", default=None, help="Docker API (default $DOCKER_HOST or Podman's).")
 def job_cmd(
@@ -476,6 +483,7 @@ def job_cmd(
     timeout: float,
     memory: int,
     invoke: str | None,
+    gas: int | None,
     network: bool,
     docker_url: str | None,
 ) -> None:
@@ -525,7 +533,7 @@ def job_cmd(
             data = Path(target).read_bytes()
         except OSError as e:
             fail(f"cannot read {target}: {e.strerror}", 66)
-        spec.update(module=data, entrypoint=invoke or "_start", args=list(args))
+        spec.update(module=data, entrypoint=invoke or "_start", args=list(args), gas=gas)
         if engine == "wasmtime":
             try:
                 from edge.executors.wasmtime_exec import WasmtimeExecutor

@@ -38,6 +38,9 @@ def _check_assignment(msg, engine):
         return "engine.command must be a list of strings"
     if engine.get("image") is not None and not isinstance(engine.get("image"), str):
         return "engine.image must be a string"
+    gas = msg.get("gas")
+    if gas is not None and (isinstance(gas, bool) or not isinstance(gas, int) or gas < 1):
+        return "gas must be a positive integer"
     pids = engine.get("pids")
     if pids is not None and (isinstance(pids, bool) or not isinstance(pids, int) or pids < 1):
         return "engine.pids must be a positive integer"
@@ -125,6 +128,8 @@ class JobRunner:
             job["module"] = module
             job["entrypoint"] = engine.get("entrypoint") or "_start"
             job["args"] = engine.get("args") or []
+            if msg.get("gas") is not None:
+                job["gas"] = msg.get("gas")
         else:  # docker and native: a command (and an image), no module
             job["command"] = engine.get("command") or []
             job["network"] = engine.get("network") is True

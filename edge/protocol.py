@@ -213,9 +213,12 @@ def verify_result(secret, msg, stdout):
 # --- hub -> node -------------------------------------------------------------
 
 
-def assign(job_id, attempt, engine, module_b64, module_sha256, stdin_b64, timeout_s, memory_mb):
-    """engine: {"type": "wasm", "entrypoint", "args", "env"}."""
-    return {
+def assign(
+    job_id, attempt, engine, module_b64, module_sha256, stdin_b64, timeout_s, memory_mb, gas=None
+):
+    """engine: {"type": "wasm", "entrypoint", "args", "env"} (or docker/native, no module).
+    gas: a budget for a wasm module instrumented with metering.usegas; None: unmetered."""
+    msg = {
         "v": VERSION,
         "job_id": job_id,
         "attempt": attempt,
@@ -226,6 +229,9 @@ def assign(job_id, attempt, engine, module_b64, module_sha256, stdin_b64, timeou
         "timeout_s": timeout_s,
         "memory_mb": memory_mb,
     }
+    if gas is not None:
+        msg["gas"] = gas
+    return msg
 
 
 def cancel(job_id, attempt):

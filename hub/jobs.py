@@ -132,6 +132,8 @@ class Jobs:
         if spec.resources.gpu:
             raise JobError("resources.gpu: GPU jobs are not supported yet", "resources.gpu")
         module: str | None = None
+        if spec.gas is not None and not isinstance(spec.engine, WasmEngine):
+            raise JobError("gas: a gas budget applies to wasm jobs only", "gas")
         if isinstance(spec.engine, WasmEngine):
             limit = self.config.max_module_bytes
             module = self.resolve_ref(spec.engine.module, "engine.module", limit)
@@ -212,6 +214,7 @@ class Jobs:
             base64.b64encode(stdin).decode() if stdin is not None else None,
             int(job["timeout_s"]),
             int(job["memory_mb"]),
+            spec.gas,
         )
         return msg
 

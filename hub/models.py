@@ -77,6 +77,8 @@ class JobSpec(msgspec.Struct, forbid_unknown_fields=True):
     timeout: Annotated[int, msgspec.Meta(ge=1)] = 60
     priority: Literal["normal", "high"] = "normal"
     input: Ref | None = None  # fed to the job's stdin
+    # A gas budget for a wasm module instrumented with metering.usegas (docs/edge.md).
+    gas: Annotated[int, msgspec.Meta(ge=1, le=10**15)] | None = None
     constraints: dict[str, str] = {}
 
     @property

@@ -27,6 +27,12 @@ from edge.executors.wasmbin import IMPORT_KINDS, InvalidModule, ModuleInfo
 WASM_STACK_BYTES = 1 << 20
 PAGE = 65536
 AS_SLACK = 64 << 20
+# Gas metering: a module instrumented to call `metering.usegas(i32)` (as wasm-instrument's
+# gas_metering pass emits) reports its cost as it runs; wasm3 sums it and traps "Out of gas"
+# past the module's gasLimit, which pywasm3 expresses in units of 10,000 gas.
+GAS_IMPORT = ("metering", "usegas")
+GAS_SCALE = 10_000
+UNMETERED = 10**18  # an instrumented module run without a gas budget
 
 
 class JobFailed(Exception):
@@ -142,7 +148,7 @@ def prepare(module, entrypoint, cap_pages):
         )
     funcs = [(m, n) for m, n, k in info.imports if k == 0]
     others = ["{}.{} ({})".format(m, n, IMPORT_KINDS.get(k, "?")) for m, n, k in info.imports if k]
-    missing = wasi.missing_imports(funcs) + others
+    missing = wasi.missing_imports([f for f in funcs if f != GAS_IMPORT]) + others
     if missing:
         raise JobFailed(
             "invalid module: unsupported import {} (this executor provides WASI preview1 "
@@ -174,6 +180,7 @@ def run_job(job, blobs, out_fd, err_fd):
     hooked = False
     try:
         data, exports, imports, hooked = prepare(blobs.get("module", b""), entry, cap_pages)
+        metered = GAS_IMPORT in imports
         env = wasm3.Environment()
         runtime = env.new_runtime(WASM_STACK_BYTES)
         state = wasi.Wasi(
@@ -190,6 +197,9 @@ def run_job(job, blobs, out_fd, err_fd):
         try:
             try:
                 module = env.parse_module(data)
+                if metered:  # wasm3 counts what the module reports through metering.usegas
+                    gas = job.get("gas")
+                    module.gasLimit = (int(gas) if gas else UNMETERED) / GAS_SCALE
                 runtime.load(module)
             except RuntimeError as e:  # a start function may trap, too
                 raise JobFailed(_explain(str(e), None, memory_mb)) from None
@@ -224,13 +234,15 @@ def run_job(job, blobs, out_fd, err_fd):
         if state is not None and state.exit_code is not None:
             result.update(status="completed", exit_code=state.exit_code)
         else:
-            result["error"] = _explain(str(e), module if hooked else None, memory_mb)
+            result["error"] = _explain(
+                str(e), module if hooked else None, memory_mb, job.get("gas")
+            )
     result["wall_ms"] = int((time.perf_counter() - t0) * 1000)
     result["cpu_ms"] = int((time.process_time() - c0) * 1000)
     return result
 
 
-def _explain(message, module, memory_mb):
+def _explain(message, module, memory_mb, gas=None):
     """wasm3's RuntimeError, as one of the executor's error kinds."""
     flag = 0
     if module is not None:
@@ -242,6 +254,8 @@ def _explain(message, module, memory_mb):
         return f"memory limit: job exceeded {memory_mb} MiB (memory.grow past the cap)"
     if flag == 2 or "memory allocation failed" in message or "out of memory" in message:
         return f"memory limit: job exceeded {memory_mb} MiB (the host could not allocate more)"
+    if message.startswith("[trap] Out of gas") and gas:
+        return f"gas limit: job used more than its {gas} units of gas"
     if message.startswith("[trap] "):
         return "trap: " + message[len("[trap] ") :]
     # Anything else wasm3 says while compiling lazily is about the module's code.

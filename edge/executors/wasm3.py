@@ -270,6 +270,7 @@ class Wasm3Executor:
             "memory_mb": int(job.get("memory_mb") or self.memory_mb_default),
             "stdout_cap": self.stdout_cap,
             "stderr_cap": self.stderr_cap,
+            "gas": job.get("gas"),  # for modules instrumented with metering.usegas
         }
         blobs = {"module": bytes(job.get("module") or b""), "stdin": bytes(job.get("stdin") or b"")}
         handle.job = None  # the module bytes now live in the frame only

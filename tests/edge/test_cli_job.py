@@ -100,6 +100,15 @@ def test_missing_import_names_it(fixture_wasm: Any) -> None:
     ), out.stderr
 
 
+def test_gas_budget(fixture_wasm: Any) -> None:
+    metered = fixture_wasm("metered")
+    out = run(metered, "--invoke", "spin", "--gas", "1000", "--", "50")
+    assert out.returncode == 0 and out.stdout == "50\n", out.stderr
+    out = run(metered, "--invoke", "spin", "--gas", "1000", "--", "1000000")
+    assert out.returncode == 124, out.stderr
+    assert out.stderr == "edge-run: gas limit: job used more than its 1000 units of gas\n"
+
+
 def test_huge_output_is_capped_with_a_note(fixture_wasm: Any) -> None:
     out = run(fixture_wasm("flood"))
     assert out.returncode == 0, out.stderr

@@ -284,6 +284,17 @@ def test_workers_run_jobs_side_by_side(wasm: Build) -> None:
         assert handles[0].pid != handles[1].pid
 
 
+def test_gas_metering_for_instrumented_modules(ex: Wasm3Executor, wasm: Build) -> None:
+    metered = wasm("metered")
+    # Within budget (50 turns x 10 gas), and without a budget at all, it runs.
+    assert ex.run(job(metered, "spin", ["50"], gas=1000))["returns"] == [50]
+    assert ex.run(job(metered, "spin", ["100000"]))["returns"] == [100000]
+    out = ex.run(job(metered, "spin", ["100000"], gas=1000))
+    assert out["status"] == "failed"
+    assert out["error"] == "gas limit: job used more than its 1000 units of gas"
+    assert ex.run(job(wasm("calc"), "add", ["2", "3"]))["returns"] == [5]  # next job runs
+
+
 def test_stdout_cap_truncates_with_a_note(wasm: Build) -> None:
     with Wasm3Executor(stdout_cap=100_000) as ex:
         out = ex.run(job(wasm("flood")))

@@ -110,3 +110,17 @@ def test_migration_4_keeps_every_job(tmp_path: Path) -> None:
     indexes = {r["name"] for r in db.query("SELECT name FROM sqlite_master WHERE type='index'")}
     assert {"jobs_state", "jobs_owner", "jobs_node", "jobs_kind_state"} <= indexes
     db.close()
+
+
+def test_a_gas_budget_travels_with_a_wasm_job_only(services: Services) -> None:
+    from hub.jobs import JobError
+
+    user, _, _ = services.create_user("user", "user")
+    spec = {"engine": {"type": "wasm", "module": "example:fib", "entrypoint": "fib"}, "gas": 5000}
+    job = services.jobs.submit(user, msgspec.convert(spec, JobSpec))
+    assert services.jobs.assign_message(job["id"])["gas"] == 5000
+    plain = {"engine": {"type": "wasm", "module": "example:fib", "entrypoint": "fib"}}
+    job = services.jobs.submit(user, msgspec.convert(plain, JobSpec))
+    assert "gas" not in services.jobs.assign_message(job["id"])
+    with pytest.raises(JobError, match="wasm jobs only"):
+        services.jobs.submit(user, msgspec.convert({**DOCKER, "gas": 10}, JobSpec))
