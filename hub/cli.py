@@ -145,6 +145,13 @@ def run_cli(fn: Any) -> Any:
     type=click.FloatRange(1, 30 * 86400),
     help="Seconds a job may wait for a node before it fails and is refunded.",
 )
+@click.option(
+    "--service-period",
+    default=3600,
+    show_default=True,
+    type=click.IntRange(1, 86400),
+    help="Seconds per billing period of service jobs (the rule bills per hour).",
+)
 @click.option("-v", "--verbose", is_flag=True)
 def hub_cmd(
     host: str,
@@ -157,6 +164,7 @@ def hub_cmd(
     welcome_grant: int,
     heartbeat: float,
     queue_ttl: float,
+    service_period: int,
     verbose: bool,
 ) -> None:
     """Run the hub: REST API, ledger, scheduler, MQTT bridge and web page."""
@@ -185,6 +193,7 @@ def hub_cmd(
         welcome_grant_credits=welcome_grant,
         heartbeat_interval_s=heartbeat,
         queue_ttl_s=queue_ttl,
+        service_period_s=service_period,
     )
     try:
         app = create_app(config)
