@@ -158,14 +158,18 @@ def build_executors(config: dict[str, Any]) -> Any:
     from edge.executors.router import ExecutorRouter
 
     prefs = config.get("preferences") or {}
+    executors: dict[str, Any] = {}
     if prefs.get("wasm_engine") == "wasmtime":
-        from edge.executors.wasmtime_exec import WasmtimeExecutor
+        try:
+            from edge.executors.wasmtime_exec import WasmtimeExecutor
 
-        executors: dict[str, Any] = {"wasm": WasmtimeExecutor()}
-    else:
+            executors["wasm"] = WasmtimeExecutor()
+        except (ImportError, RuntimeError) as e:  # WasmtimeUnavailable: not installed here
+            click.echo(f"edge-run: warning: wasmtime unavailable ({e}); using wasm3", err=True)
+    if "wasm" not in executors:
         from edge.executors.wasm3 import Wasm3Executor
 
-        executors = {"wasm": Wasm3Executor(workers=1)}
+        executors["wasm"] = Wasm3Executor(workers=1)
     docker = prefs.get("docker") or {}
     if docker.get("enabled"):
         from edge.executors.docker import DockerExecutor, JobError
@@ -182,13 +186,16 @@ def build_executors(config: dict[str, Any]) -> Any:
             click.echo(f"edge-run: warning: docker jobs off: {e}", err=True)
     native = prefs.get("native") or {}
     if native.get("enabled"):
-        from edge.executors.native import NativeExecutor
+        from edge.executors.native import NativeDisabled, NativeExecutor, SandboxUnavailable
 
-        executors["native"] = NativeExecutor(
-            enabled=True,
-            allow_network=bool(native.get("allow_network")),
-            allow_unsandboxed=bool(native.get("allow_unsandboxed")),
-        )
+        try:
+            executors["native"] = NativeExecutor(
+                enabled=True,
+                allow_network=bool(native.get("allow_network")),
+                allow_unsandboxed=bool(native.get("allow_unsandboxed")),
+            )
+        except (NativeDisabled, SandboxUnavailable) as e:
+            click.echo(f"edge-run: warning: native jobs off: {e}", err=True)
     return ExecutorRouter(executors)
 
 

@@ -1,0 +1,118 @@
+"""The native executor's sandbox, apart from the executor's bookkeeping (`native.py`): the
+bubblewrap command line, the rlimits a job's process sets on itself before it runs, and the
+/proc reading that finds a job's processes and counts a user's. Linux only, as bwrap is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import signal
+from typing import Any
+
+NOBODY = 65534
+DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
+SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+# what programs read from /etc: the dynamic loader's cache, alternatives' links, users' names
+ETC = (
+    "/etc/ld.so.cache",
+    "/etc/ld.so.conf",
+    "/etc/ld.so.conf.d",
+    "/etc/alternatives",
+    "/etc/localtime",
+    "/etc/passwd",
+    "/etc/group",
+    "/etc/nsswitch.conf",
+    "/etc/hosts",
+)
+ETC_NET = ("/etc/resolv.conf", "/etc/gai.conf", "/etc/ssl", "/etc/ca-certificates")
+
+
+def visible(path: str) -> bool:
+    """Whether a host path (symlinks resolved) is inside the folders a sandbox shows."""
+    return any(path == d or path.startswith(d + "/") for d in SYSTEM_DIRS)
+
+
+def bwrap_argv(bwrap: str, network: bool, tmp_bytes: int) -> list[str]:
+    """bwrap and its options, up to the `--` before the job's command."""
+    argv = [bwrap, "--unshare-all", "--unshare-user", "--disable-userns"]
+    argv += ["--share-net"] if network else []
+    argv += ["--die-with-parent", "--cap-drop", "ALL"]
+    for path in SYSTEM_DIRS:
+        if os.path.islink(path):  # merged /usr: /bin -> usr/bin and the like
+            argv += ["--symlink", os.readlink(path), path]
+        elif os.path.isdir(path):
+            argv += ["--ro-bind", path, path]
+    for path in ETC + (ETC_NET if network else ()):
+        argv += ["--ro-bind-try", path, path]
+    argv += ["--proc", "/proc", "--dev", "/dev", "--size", str(tmp_bytes), "--tmpfs", "/tmp"]
+    # nothing but /tmp stays writable: bwrap's own root and /dev are tmpfs too
+    argv += ["--remount-ro", "/dev", "--remount-ro", "/", "--chdir", "/tmp", "--"]
+    return argv
+
+
+def limiter(limits: list[tuple[int, int, int]]) -> Any:
+    """preexec_fn: SIGKILL when the node dies, then the job's rlimits (soft, hard). It runs
+    in the forked child after the switch to the job's user (which would clear the death
+    signal), and allocates nothing once RLIMIT_AS, set last, is below what the child maps."""
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux: --die-with-parent still covers the sandbox
+        prctl = None
+    limits = sorted(limits, key=lambda item: item[0] == resource.RLIMIT_AS)
+
+    def apply() -> None:
+        if prctl is not None:
+            prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        for which, soft, hard in limits:
+            resource.setrlimit(which, (soft, hard))
+
+    return apply
+
+
+def exited(pid: int) -> bool:
+    """Whether the process has exited, without reaping it."""
+    try:
+        info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return True
+    return info is not None
+
+
+def count_processes(uid: int) -> int:
+    """Processes (zombies too) whose real user is `uid`, as RLIMIT_NPROC counts them. From
+    /proc/PID/status: a process that switched users is not dumpable, and its /proc entry
+    then belongs to root whoever runs it."""
+    n, want = 0, str(uid).encode()
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError), open(f"/proc/{name}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Uid:"):
+                    n += line.split()[1] == want
+                    break
+    return n
+
+
+def descendants(root: int) -> list[int]:
+    """Every process below `root`, parents before children (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(name))
+    out, todo = [], [root]
+    while todo:
+        kids = children.get(todo.pop(0), [])
+        out += kids
+        todo += kids
+    return out
