@@ -205,10 +205,16 @@ class WorkerProcess:
         return what + (f" ({tail})" if tail else "")
 
 
+JOB_NICENESS = 19  # jobs yield the CPU to anything the owner runs, as BOINC's do
+
+
 def _die_with_node() -> None:
     """preexec_fn: the worker is SIGKILLed when the node dies, even by SIGKILL, so a crashed
-    node never leaves a job spinning (Linux prctl PR_SET_PDEATHSIG; elsewhere a no-op)."""
+    node never leaves a job spinning (Linux prctl PR_SET_PDEATHSIG; elsewhere a no-op). It
+    also runs at the lowest CPU priority: the owner's programs always come first."""
     parent = os.getppid()  # in the child, before exec: the node
+    with contextlib.suppress(OSError):
+        os.nice(JOB_NICENESS)
     try:
         import ctypes
 

@@ -518,3 +518,15 @@ def test_gpu_detection_on_this_machine() -> None:
     assert isinstance(gpus, list) and all(isinstance(g, Gpu) for g in gpus)
     if not os.path.exists("/dev/nvidiactl"):
         assert gpus == []  # no NVIDIA driver here: nothing offered, no error
+
+
+def test_job_workers_run_at_the_lowest_cpu_priority() -> None:
+    import psutil
+
+    from edge.executors.wasm3 import Wasm3Executor
+
+    with Wasm3Executor(workers=1) as ex:
+        ex.prestart()
+        pids = [w["pid"] for w in ex.stats()]
+        assert pids
+        assert all(psutil.Process(pid).nice() == 19 for pid in pids)
