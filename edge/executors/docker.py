@@ -97,6 +97,7 @@ class _Handle:
         self.job_id = job_id
         self.state = "starting"  # -> running <-> paused -> done
         self.container: str | None = None
+        self.pid: int | None = None  # the container's first process, on this machine
         self.outcome: Outcome | None = None
         self.want_cancel = False
         self.want_paused = False
@@ -182,6 +183,11 @@ class DockerExecutor:
         if handle.outcome is None:
             handle.want_cancel = True
             handle.wake()
+
+    def job_pids(self) -> list[int]:
+        """Host pids of running containers' first processes (their children are found by
+        the idle monitor), so their CPU counts as this node's, not the owner's."""
+        return [h.pid for h in self.handles if h.pid and h.outcome is None]
 
     def suspend(self, handle: _Handle) -> None:
         """Freeze the job's processes (container pause); its timeout clock stops too."""
@@ -332,6 +338,10 @@ class _Job:
         self.started = time.monotonic()
         self.next_stats = self.started + min(0.2, self.ex.stats_interval_s)
         api.start(handle.container)  # on Podman it returns once the job has begun
+        try:  # the container's first process: the idle monitor must not take it for the owner
+            handle.pid = int(api.inspect_container(handle.container)["State"]["Pid"]) or None
+        except Exception:  # a pid is a nicety; the job runs without it
+            handle.pid = None
         handle.state = "running"
         sock.setblocking(False)
         if not self.stdin:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import docker
+import psutil
 import pytest
 
 from edge.executors.docker import (
@@ -253,6 +254,9 @@ def test_suspend_and_resume(executor: DockerExecutor, api: Any, node: str) -> No
     # must not count: it finishes as if never paused.
     handle = executor.submit(sh("echo one; sleep 1; echo two", timeout_s=4))
     wait_for(lambda: handle.state == "running")
+    # Its process is ours, not the owner's: the idle monitor is told so.
+    [pid] = executor.job_pids()
+    assert psutil.Process(pid).name() in ("sh", "busybox")
     executor.suspend(handle)
     wait_for(lambda: handle.state == "paused")
     [c] = containers(api, node)
