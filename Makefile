@@ -3,9 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: test deps venv lint typecheck pytest demo wasm clean
+.PHONY: test deps venv edge-native lint typecheck pytest demo wasm clean
 
-test: deps venv lint typecheck pytest
+test: deps venv edge-native lint typecheck pytest
 
 deps:
 	@tools/install-system-deps.sh
@@ -19,6 +19,12 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
+
+# MicroPython nodes: the wasm3-run job runner (C, from pywasm3's source package) and
+# micropython-lib's umqtt.simple; both cached, both instant when up to date.
+edge-native: venv
+	PATH="$(abspath $(BIN)):$$PATH" tools/build-wasm3-runner.sh
+	$(BIN)/python tools/fetch-umqtt.py
 
 venv: $(VENV)/.installed
 

@@ -1,0 +1,307 @@
+"""A DEparrow node on MicroPython (the unix port, or a board with a filesystem and os.system):
+
+    micropython edge/mp_main.py --data-dir DIR [--hub URL --token TOKEN] [options]
+
+It runs the same edge core as `edge-run` (edge/session.py, edge/jobs.py, edge/protocol.py)
+with MicroPython's adapters: umqtt.simple for MQTT (edge/mqtt_umqtt.py; tools/fetch-umqtt.py
+installs it in edge/native/lib) and wasm3-run for jobs (edge/executors/wasm3_cli.py;
+tools/build-wasm3-runner.sh builds it). Its identity is DIR/node.json, the file `edge-run`
+writes at enrollment, so a node enrolled by `edge-run --data-dir DIR` runs here unchanged;
+given --hub and --token instead, it enrolls itself (with MicroPython's `requests`).
+The same file runs on CPython too (paho-mqtt then stands in for umqtt). See
+docs/edge-micropython.md.
+"""
+
+import sys
+
+try:
+    import os
+except ImportError:  # pragma: no cover
+    import uos as os  # type: ignore[no-redef]
+
+
+def _root():
+    here = __file__ if __file__.startswith("/") else os.getcwd() + "/" + __file__
+    return here[: here.rfind("/edge/")] if "/edge/" in here else "."
+
+
+ROOT = _root()
+# Run as a script, this file's own directory comes first on the path: edge/ is a package,
+# not a place to import from. The repository root and the MicroPython libraries go there.
+while ROOT + "/edge" in sys.path:
+    sys.path.remove(ROOT + "/edge")
+for _p in (ROOT + "/edge/native/lib", ROOT):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+from edge import compat  # noqa: E402 - after the path is set
+from edge.executors.wasm3_cli import Wasm3CliExecutor  # noqa: E402
+from edge.outbox import Outbox  # noqa: E402
+from edge.session import Session  # noqa: E402
+
+USAGE = """usage: micropython edge/mp_main.py --data-dir DIR [--hub URL --token TOKEN] [options]
+  --data-dir DIR      the node's identity (DIR/node.json) and job files (DIR/jobs)
+  --hub URL           enroll with this hub when DIR/node.json does not exist yet
+  --token TOKEN       the enrollment token (from 'deparrow node token')
+  --name NAME         the node's name on the hub (default: mp-node)
+  --cpu N             CPU-equivalents to offer (default 1)
+  --memory-mb N       RAM to offer, MiB (default: MemAvailable from /proc/meminfo, else 64)
+  --runner PATH       the wasm3-run program (default: edge/native/bin/wasm3-run)
+  --stdout-cap BYTES  keep at most this much of a job's stdout (default 65536)
+  --exit-after N      stop after N jobs have finished (for tests and measurements)
+  -v                  log every job and connection event"""
+
+
+class UsageError(Exception):
+    pass
+
+
+def parse_args(argv):
+    opts = {"name": "mp-node", "cpu": 1.0, "stdout_cap": 65536, "verbose": False}
+    numbers = {"--cpu": float, "--memory-mb": int, "--stdout-cap": int, "--exit-after": int}
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a in ("-h", "--help"):
+            raise UsageError("")
+        if a == "-v":
+            opts["verbose"] = True
+            i += 1
+            continue
+        if a not in ("--data-dir", "--hub", "--token", "--name", "--runner") and a not in numbers:
+            raise UsageError("unknown option " + a)
+        if i + 1 >= len(argv):
+            raise UsageError(a + " needs a value")
+        value = argv[i + 1]
+        key = a[2:].replace("-", "_")
+        if a in numbers:
+            try:
+                value = numbers[a](value)
+            except ValueError:
+                raise UsageError(a + " takes a number, not " + repr(value)) from None
+            if value < 0 or (a != "--exit-after" and value == 0):
+                raise UsageError(a + " must be more than 0")
+        opts[key] = value
+        i += 2
+    if "data_dir" not in opts:
+        raise UsageError("--data-dir is required")
+    return opts
+
+
+def _read(path):
+    with open(path) as f:
+        return f.read()
+
+
+def memory_available_mb():
+    try:
+        for line in _read("/proc/meminfo").split("\n"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) // 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 64
+
+
+def load_config(path):
+    """node.json as edge-run writes it; a ValueError names what is wrong."""
+    try:
+        text = _read(path)
+    except OSError:
+        return None
+    try:
+        config = compat.json_loads(text)
+    except ValueError as e:
+        raise ValueError(
+            path + " is not valid JSON (" + str(e) + "); remove it to re-enroll"
+        ) from None
+    if not isinstance(config, dict):
+        raise ValueError(path + " is not a JSON object; remove it to re-enroll")
+    for key in ("node_id", "node_secret", "mqtt"):
+        if key not in config:
+            raise ValueError(path + " lacks " + repr(key) + "; remove it to re-enroll")
+    mqtt = config["mqtt"]
+    if not isinstance(mqtt, dict) or not isinstance(mqtt.get("url"), str):
+        raise ValueError(path + ": mqtt.url is missing; remove it to re-enroll")
+    if not isinstance(config["node_id"], str) or not isinstance(config["node_secret"], str):
+        raise ValueError(path + ": node_id and node_secret must be strings")
+    return config
+
+
+def _post_json(url, body):
+    try:
+        import requests  # MicroPython's (frozen in the unix port; `mip install requests`)
+    except ImportError:
+        requests = None
+    data = compat.json_dumps(body)
+    if requests is not None:
+        resp = requests.post(url, data=data, headers={"Content-Type": "application/json"})
+        try:
+            status, text = resp.status_code, resp.content
+        finally:
+            resp.close()
+    else:  # CPython without requests
+        import urllib.error
+        import urllib.request
+
+        req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=15) as r:
+                status, text = r.status, r.read()
+        except urllib.error.HTTPError as e:
+            status, text = e.code, e.read()
+    try:
+        answer = compat.json_loads(text)
+    except ValueError:
+        answer = {}
+    if not 200 <= status < 300:
+        raise ValueError(
+            "the hub refused enrollment (" + str(status) + "): " + str(answer.get("error") or text)
+        )
+    return answer
+
+
+def enroll(hub, token, name, cpu, memory_mb, path):
+    try:
+        arch = _read("/proc/sys/kernel/arch").strip()
+    except OSError:
+        arch = ""
+    try:
+        answer = _post_json(
+            hub.rstrip("/") + "/api/v1/nodes/enroll",
+            {"token": token, "name": name, "engines": ["wasm"], "arch": arch, "cpu": cpu,
+             "memory_mb": memory_mb},
+        )  # fmt: skip
+    except OSError as e:
+        raise ValueError("cannot reach the hub at " + hub + ": " + repr(e)) from None
+    config = {
+        "hub": hub,
+        "node_id": answer["node_id"],
+        "node_secret": answer["node_secret"],
+        "owner": answer["owner"],
+        "mqtt": answer["mqtt"],
+        "heartbeat_interval_s": answer["heartbeat_interval_s"],
+    }
+    tmp = path + ".tmp"
+    os.system("umask 077 && : > '" + tmp.replace("'", "'\"'\"'") + "'")  # the secret is 0600
+    with open(tmp, "w") as f:
+        f.write(compat.json_dumps(config).decode())
+    os.rename(tmp, path)  # a crash mid-write never leaves half a config
+    return config
+
+
+class Offered:
+    """What this node offers in heartbeats: fixed CPU, the RAM the kernel says is available."""
+
+    def __init__(self, cpu, memory_mb=None):
+        self.cpu = cpu
+        self.memory_mb = memory_mb
+
+    def __call__(self, busy):
+        mem = self.memory_mb or memory_available_mb()
+        try:
+            load = float(_read("/proc/loadavg").split()[0]) / max(1.0, self.cpu)
+        except (OSError, ValueError, IndexError):
+            load = 0.0
+        return {"cpu": self.cpu, "memory_mb": mem, "gpu": 0, "load": min(1.0, round(load, 3))}
+
+
+def make_mqtt(url, log):
+    try:
+        from edge.mqtt_umqtt import UmqttMqtt
+    except ImportError:  # CPython: umqtt.simple needs MicroPython's u-modules
+        from edge.mqtt_paho import PahoMqtt
+
+        return PahoMqtt(url)
+    return UmqttMqtt(url, log=log)
+
+
+def main(argv):
+    try:
+        opts = parse_args(argv)
+    except UsageError as e:
+        print(("mp_main: " + str(e) + "\n" if str(e) else "") + USAGE)
+        return 2 if str(e) else 0
+    verbose = opts["verbose"]
+
+    def log(msg):
+        if verbose:
+            print(str(compat.time_ms()) + " " + msg)
+
+    data_dir = opts["data_dir"].rstrip("/") or "/"
+    path = data_dir + "/node.json"
+    try:
+        if not _exists(data_dir):
+            os.mkdir(data_dir)
+        config = load_config(path)
+        if config is None:
+            if not opts.get("hub") or not opts.get("token"):
+                raise ValueError(
+                    "this node is not enrolled yet: pass --hub URL --token TOKEN "
+                    "(create a token on the hub with 'deparrow node token')"
+                )
+            mem = opts.get("memory_mb") or memory_available_mb()
+            config = enroll(opts["hub"], opts["token"], opts["name"], opts["cpu"], mem, path)
+            print("mp_main: enrolled as " + config["node_id"] + " (identity in " + path + ")")
+        mqtt = make_mqtt(config["mqtt"]["url"], log)
+        executor = Wasm3CliExecutor(
+            data_dir + "/jobs", runner=opts.get("runner"), stdout_cap=opts["stdout_cap"]
+        )
+    except (ValueError, OSError) as e:  # RunnerMissing is an OSError
+        print("mp_main: " + str(e))
+        return 1
+    # results and events wait in a file while the broker is away, as with edge-run
+    try:
+        outbox = Outbox(data_dir + "/outbox.log", log=log)
+    except (OSError, ValueError) as e:
+        print("mp_main: cannot open " + data_dir + "/outbox.log: " + str(e))
+        executor.close()
+        return 1
+    offered = Offered(opts["cpu"], opts.get("memory_mb"))
+    session = Session(config, mqtt, executor, offered, log, outbox=outbox)
+    try:
+        session.start()
+    except OSError as e:  # MqttUnavailable; paho's ConnectionError is an OSError too
+        print("mp_main: " + str(e))
+        executor.close()
+        return 1
+    print("mp_main: node " + config["node_id"] + " online at " + config["mqtt"]["url"])
+    exit_after = opts.get("exit_after")
+    runner = session.runner
+    try:
+        while not exit_after or runner.completed + runner.failed < exit_after:
+            try:
+                session.step()
+            except MemoryError:
+                raise
+            except Exception as e:  # keep serving: one fault must not take the node down
+                print("mp_main: node loop error: " + repr(e))
+                compat.sleep_ms(1000)
+                continue
+            # a running job ends in its own process: look again soon
+            mqtt.wait(0.002 if runner.running else 0.05)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        executor.close()
+        try:
+            session.stop()
+        except Exception as e:
+            print("mp_main: could not say goodbye to the broker: " + repr(e))
+        print(
+            "mp_main: node " + config["node_id"] + " stopped: " + str(runner.completed)
+            + " jobs completed, " + str(runner.failed) + " failed"
+        )  # fmt: skip
+    return 0
+
+
+def _exists(path):
+    try:
+        os.stat(path)
+        return True
+    except OSError:
+        return False
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,277 @@
+/* wasm3-run, part two: the module and the call's arguments, read before wasm3 sees them
+ * as edge/executors/wasmbin.py and runner.convert_args read them for the CPython
+ * executor, so both refuse the same modules and arguments in the same words. */
+
+#include "wasm3run.h"
+
+/* ------------------------------------------------------------------------------------------ */
+/* Reading the module before wasm3 sees it (edge/executors/wasmbin.py, in C)                   */
+
+struct ModuleInfo info;
+
+const char *const KINDS[4] = {"function", "table", "memory", "global"};
+
+static void bad_section(void) { fail("invalid module: malformed section (index out of range)"); }
+
+static uint8_t byte_at(size_t pos) {
+    if (pos >= info.n) bad_section();
+    return info.b[pos];
+}
+
+static uint64_t uleb(size_t *pos) {
+    uint64_t result = 0;
+    unsigned shift = 0;
+    for (;;) {
+        if (*pos >= info.n) fail("invalid module: truncated LEB128 number");
+        uint8_t c = info.b[(*pos)++];
+        if (shift < 64) result |= (uint64_t)(c & 0x7F) << shift;
+        shift += 7;
+        if (!(c & 0x80)) return result;
+    }
+}
+
+static Str read_name(size_t *pos) {
+    uint64_t n = uleb(pos);
+    if (*pos + n > info.n) fail("invalid module: truncated name");
+    Str s = {info.b + *pos, (uint32_t)n};
+    *pos += n;
+    return s;
+}
+
+static void read_limits(size_t *pos, uint32_t *lo, uint32_t *hi, int *has_hi) {
+    uint8_t flags = byte_at((*pos)++);
+    *lo = (uint32_t)uleb(pos);
+    *has_hi = flags & 1;
+    if (*has_hi) *hi = (uint32_t)uleb(pos);
+}
+
+void *grow_array(void *p, uint32_t count, size_t size) {
+    if ((count & (count - 1)) == 0) { /* 0, 1, 2, 4...: double */
+        p = realloc(p, (count ? 2 * (size_t)count : 4) * size);
+        if (!p) failf("memory limit: job exceeded %llu MiB (the host could not allocate more)",
+                      (unsigned long long)job.memory_mb);
+    }
+    return p;
+}
+
+void read_module(const uint8_t *b, size_t n) {
+    info.b = b;
+    info.n = n;
+    if (n < 8 || memcmp(b, "\0asm", 4) != 0)
+        fail("invalid module: not a WebAssembly binary (no \\0asm magic)");
+    if (memcmp(b + 4, "\x01\0\0\0", 4) != 0)
+        fail("invalid module: unsupported WebAssembly binary version");
+    size_t pos = 8;
+    while (pos < n) {
+        uint8_t sid = b[pos];
+        size_t start = pos + 1;
+        uint64_t size = uleb(&start);
+        if (start + size > n) failf("invalid module: section %u runs past the end of the module", sid);
+        size_t p = start;
+        if (sid == 2) {
+            uint64_t count = uleb(&p);
+            for (uint64_t i = 0; i < count; i++) {
+                Import im;
+                im.mod = read_name(&p);
+                im.name = read_name(&p);
+                im.kind = byte_at(p++);
+                uint32_t lo, hi;
+                int has_hi;
+                if (im.kind == 0) uleb(&p);
+                else if (im.kind == 1) p++, read_limits(&p, &lo, &hi, &has_hi);
+                else if (im.kind == 2) read_limits(&p, &lo, &hi, &has_hi);
+                else if (im.kind == 3) p += 2;
+                else failf("invalid module: unknown import kind %u", im.kind);
+                info.imports = grow_array(info.imports, info.nimports, sizeof(Import));
+                info.imports[info.nimports++] = im;
+            }
+        } else if (sid == 5) {
+            if (uleb(&p)) {
+                info.has_memory = 1;
+                read_limits(&p, &info.mem_min, &info.mem_max, &info.has_max);
+            }
+        } else if (sid == 7) {
+            uint64_t count = uleb(&p);
+            for (uint64_t i = 0; i < count; i++) {
+                Export ex;
+                ex.name = read_name(&p);
+                ex.kind = byte_at(p++);
+                ex.index = (uint32_t)uleb(&p);
+                /* a later export of the same name wins, as in the Python reader's dict */
+                uint32_t j = 0;
+                while (j < info.nexports && !(info.exports[j].name.n == ex.name.n &&
+                                              !memcmp(info.exports[j].name.p, ex.name.p, ex.name.n)))
+                    j++;
+                if (j == info.nexports) {
+                    info.exports = grow_array(info.exports, info.nexports, sizeof(Export));
+                    info.nexports++;
+                }
+                info.exports[j] = ex;
+            }
+        }
+        pos = start + size;
+    }
+}
+
+const Export *find_export(Str name) {
+    for (uint32_t i = 0; i < info.nexports; i++)
+        if (info.exports[i].name.n == name.n && !memcmp(info.exports[i].name.p, name.p, name.n))
+            return &info.exports[i];
+    return NULL;
+}
+
+int cmp_names(const void *a, const void *b) {
+    const Str *x = *(const Str *const *)a, *y = *(const Str *const *)b;
+    int c = memcmp(x->p, y->p, x->n < y->n ? x->n : y->n);
+    return c ? c : (x->n > y->n) - (x->n < y->n);
+}
+
+/* Python's repr() of a string, for the messages that quote what the submitter gave. */
+void repr(Sb *b, Str s) {
+    static const char hex[] = "0123456789abcdef";
+    int dq = memchr(s.p, '\'', s.n) && !memchr(s.p, '"', s.n);
+    char q = dq ? '"' : '\'';
+    sb_raw(b, &q, 1);
+    for (uint32_t i = 0; i < s.n; i++) {
+        unsigned c = s.p[i];
+        if (c == '\\' || c == (unsigned)q) {
+            char e[2] = {'\\', (char)c};
+            sb_raw(b, e, 2);
+        } else if (c == '\n') sb_str(b, "\\n");
+        else if (c == '\r') sb_str(b, "\\r");
+        else if (c == '\t') sb_str(b, "\\t");
+        else if (c < 0x20 || c == 0x7f) {
+            char e[4] = {'\\', 'x', hex[c >> 4], hex[c & 15]};
+            sb_raw(b, e, 4);
+        } else sb_raw(b, (const char *)&s.p[i], 1);
+    }
+    sb_raw(b, &q, 1);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Arguments of an invoked function, as runner.convert_args reads them                          */
+
+static int py_space(unsigned c) { return c == ' ' || (c >= 9 && c <= 13) || (c >= 0x1c && c <= 0x1f); }
+
+static Str strip(Str s) {
+    while (s.n && py_space(s.p[0])) s.p++, s.n--;
+    while (s.n && py_space(s.p[s.n - 1])) s.n--;
+    return s;
+}
+
+static int digit_value(unsigned c) {
+    if (c >= '0' && c <= '9') return (int)(c - '0');
+    if (c >= 'a' && c <= 'z') return (int)(c - 'a' + 10);
+    if (c >= 'A' && c <= 'Z') return (int)(c - 'A' + 10);
+    return 99;
+}
+
+/* int(text, 0), falling back to int(text, 10) (which allows leading zeros): 0 when it is not
+ * an integer. The magnitude saturates well above any wasm integer. */
+static int parse_int(Str text, int *neg, unsigned __int128 *mag) {
+    Str s = strip(text);
+    size_t i = 0;
+    int base = 10;
+    *neg = 0;
+    *mag = 0;
+    if (i < s.n && (s.p[i] == '+' || s.p[i] == '-')) *neg = s.p[i++] == '-';
+    if (i + 1 < s.n && s.p[i] == '0') {
+        unsigned c = s.p[i + 1] | 0x20;
+        base = c == 'x' ? 16 : c == 'o' ? 8 : c == 'b' ? 2 : 10;
+        if (base != 10) {
+            i += 2;
+            if (i < s.n && s.p[i] == '_') i++; /* Python allows 0x_1f */
+        }
+    }
+    if (i >= s.n) return 0;
+    int prev_digit = 0;
+    for (; i < s.n; i++) {
+        unsigned c = s.p[i];
+        if (c == '_') {
+            if (!prev_digit || i + 1 >= s.n) return 0;
+            prev_digit = 0;
+            continue;
+        }
+        int d = digit_value(c);
+        if (d >= base) return 0;
+        if (*mag < ((unsigned __int128)1 << 100)) *mag = *mag * (unsigned)base + (unsigned)d;
+        prev_digit = 1;
+    }
+    return prev_digit;
+}
+
+static int parse_float(Str text, double *out) {
+    Str s = strip(text);
+    char buf[512];
+    size_t n = 0;
+    if (!s.n || s.n >= sizeof buf) return 0;
+    for (size_t i = 0; i < s.n; i++) {
+        unsigned c = s.p[i];
+        if (c == 'x' || c == 'X' || c == '(' || c == 0) return 0; /* no hex floats, no nan(...) */
+        if (c == '_') {                                            /* only between digits */
+            if (!i || i + 1 >= s.n || digit_value(s.p[i - 1]) > 9 || digit_value(s.p[i + 1]) > 9)
+                return 0;
+            continue;
+        }
+        buf[n++] = (char)c;
+    }
+    buf[n] = 0;
+    char *end;
+    errno = 0;
+    *out = strtod(buf, &end);
+    return end == buf + n;
+}
+
+static const char *type_name(M3ValueType t) {
+    return t == c_m3Type_i32 ? "i32" : t == c_m3Type_i64 ? "i64" : t == c_m3Type_f32 ? "f32" : "f64";
+}
+
+static void arg_error(Str text, const char *fname, const char *what, uint32_t i, M3ValueType t) {
+    Sb b = {errbuf, sizeof errbuf, 0};
+    sb_str(&b, "invalid argument: ");
+    repr(&b, text);
+    snprintf(errbuf + b.len, sizeof errbuf - b.len, ": %s expects %s for parameter %u (%s)", fname,
+             what, i + 1, type_name(t));
+    fail(errbuf);
+}
+
+void convert_args(IM3Function f, uint64_t *vals) {
+    const char *fname = m3_GetFunctionName(f);
+    uint32_t want = m3_GetArgCount(f);
+    if (want != job.nargs)
+        failf("invalid argument: %s expects %u argument(s), got %u", fname, want, job.nargs);
+    if (want > MAX_VALUES) failf("invalid module: %s takes more than %d parameters", fname, MAX_VALUES);
+    for (uint32_t i = 0; i < want; i++) {
+        M3ValueType t = m3_GetArgType(f, i);
+        Str text = job.args[i];
+        vals[i] = 0;
+        if (t == c_m3Type_f32 || t == c_m3Type_f64) {
+            double d = 0;
+            if (!parse_float(text, &d)) arg_error(text, fname, "a number", i, t);
+            if (t == c_m3Type_f32) {
+                float fl = (float)d;
+                memcpy(&vals[i], &fl, sizeof fl);
+            } else memcpy(&vals[i], &d, sizeof d);
+            continue;
+        }
+        int neg, bits = t == c_m3Type_i32 ? 32 : 64;
+        unsigned __int128 mag;
+        if (!parse_int(text, &neg, &mag)) arg_error(text, fname, "an integer", i, t);
+        unsigned __int128 top = (unsigned __int128)1 << bits, half = top >> 1;
+        if (neg ? mag > half : mag >= top) arg_error(text, fname, "an integer that fits", i, t);
+        uint64_t v = neg ? (uint64_t)(0 - (uint64_t)mag) : (uint64_t)mag;
+        vals[i] = bits == 32 ? (uint64_t)(uint32_t)v : v;
+    }
+}
+
+void sb_double(Sb *b, double d) {
+    char tmp[40];
+    if (isnan(d)) sb_str(b, "NaN");
+    else if (isinf(d)) sb_str(b, d > 0 ? "Infinity" : "-Infinity");
+    else {
+        snprintf(tmp, sizeof tmp, "%.17g", d);
+        sb_str(b, tmp);
+        if (!strpbrk(tmp, ".e")) sb_str(b, ".0"); /* stays a float when read back */
+    }
+}
+
