@@ -132,8 +132,8 @@ def check_preferences(prefs: dict[str, Any]) -> None:
     Preferences.from_dict(prefs.get("idle"), where="idle")
     if not isinstance(prefs.get("always_run", False), bool):
         raise ValueError("always_run must be true or false")
-    if prefs.get("wasm_engine", "wasm3") not in ("wasm3", "wasmtime"):
-        raise ValueError('wasm_engine must be "wasm3" or "wasmtime"')
+    if prefs.get("wasm_engine", "wasm3") not in ("wasm3", "wasmtime", "wasm3-run"):
+        raise ValueError('wasm_engine must be "wasm3", "wasmtime" or "wasm3-run"')
     for section, allowed in (
         ("docker", ("enabled", "url", "allow_network")),
         ("native", ("enabled", "allow_network", "allow_unsandboxed")),
@@ -166,6 +166,15 @@ def build_executors(config: dict[str, Any]) -> Any:
             executors["wasm"] = WasmtimeExecutor()
         except (ImportError, RuntimeError) as e:  # WasmtimeUnavailable: not installed here
             click.echo(f"edge-run: warning: wasmtime unavailable ({e}); using wasm3", err=True)
+    if prefs.get("wasm_engine") == "wasm3-run":  # the runner MicroPython nodes use
+        from edge.executors.wasm3_cli import Wasm3CliExecutor
+
+        try:
+            workdir = Path(str(config.get("data_dir") or default_data_dir())) / "jobs"
+            workdir.mkdir(parents=True, exist_ok=True)
+            executors["wasm"] = Wasm3CliExecutor(str(workdir))
+        except (OSError, RuntimeError) as e:  # not built: tools/build-wasm3-runner.sh
+            click.echo(f"edge-run: warning: wasm3-run unavailable ({e}); using wasm3", err=True)
     if "wasm" not in executors:
         from edge.executors.wasm3 import Wasm3Executor
 
