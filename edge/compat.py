@@ -22,6 +22,11 @@ except ImportError:  # pragma: no cover
     import utime as _time
 
 try:
+    import os as _os
+except ImportError:  # pragma: no cover
+    import uos as _os
+
+try:
     import hmac as _hmac  # CPython; micropython-lib also provides it
 except ImportError:  # pragma: no cover
     _hmac = None
@@ -113,3 +118,12 @@ def compare_digest(a, b):
     for x, y in zip(a, b):
         diff |= x ^ y
     return diff == 0
+
+
+def path_exists(path):
+    """os.path.exists, which MicroPython's os lacks."""
+    try:
+        _os.stat(path)
+        return True
+    except OSError:
+        return False

@@ -231,7 +231,7 @@ def main(argv):
     data_dir = opts["data_dir"].rstrip("/") or "/"
     path = data_dir + "/node.json"
     try:
-        if not _exists(data_dir):
+        if not compat.path_exists(data_dir):
             os.mkdir(data_dir)
         config = load_config(path)
         if config is None:
@@ -293,14 +293,6 @@ def main(argv):
             + " jobs completed, " + str(runner.failed) + " failed"
         )  # fmt: skip
     return 0
-
-
-def _exists(path):
-    try:
-        os.stat(path)
-        return True
-    except OSError:
-        return False
 
 
 if __name__ == "__main__":

@@ -32,14 +32,6 @@ MAX_PAYLOAD = 16 * 1024 * 1024
 CHUNK = 4096
 
 
-def _exists(path):
-    try:
-        os.stat(path)
-        return True
-    except OSError:
-        return False
-
-
 def _sync(f):
     f.flush()
     # CPython needs fsync for the data to reach the disk; MicroPython's flush() already syncs
@@ -136,7 +128,7 @@ def peek(path):
     def record(seq, qos, keep, topic, off, plen, check):
         found[seq] = (topic, off, plen, qos)
 
-    if not _exists(path):
+    if not compat.path_exists(path):
         return []
     out = []
     with open(path, "rb") as f:
@@ -293,8 +285,8 @@ class Outbox:
     def _recover(self):
         """Finish or undo a rewrite a crash interrupted."""
         tmp = self.path + ".tmp"
-        if _exists(tmp):
-            if _exists(self.path):
+        if compat.path_exists(tmp):
+            if compat.path_exists(self.path):
                 os.remove(tmp)  # the rewrite never got to replace the file: it is partial
             else:
                 os.rename(tmp, self.path)  # the old file was removed: tmp is complete
@@ -310,7 +302,7 @@ class Outbox:
             if seq >= self.next_seq:
                 self.next_seq = seq + 1
 
-        if not _exists(self.path):
+        if not compat.path_exists(self.path):
             return  # a fresh outbox
         with open(self.path, "rb") as f:
             good, problem = _scan(f, record, ack)

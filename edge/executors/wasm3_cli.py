@@ -33,14 +33,6 @@ class RunnerMissing(OSError):
     """wasm3-run is not where the executor looked: the node cannot run wasm jobs."""
 
 
-def _exists(path):
-    try:
-        os.stat(path)
-        return True
-    except OSError:
-        return False
-
-
 def _is_file(path):
     try:
         return os.stat(path)[0] & 0o170000 == 0o100000
@@ -133,7 +125,7 @@ def _makedirs(path):
     at = ""
     for part in path.split("/"):
         at = at + "/" + part if at or path.startswith("/") else part
-        if part and not _exists(at):
+        if part and not compat.path_exists(at):
             os.mkdir(at)
 
 
@@ -190,7 +182,7 @@ class Wasm3CliExecutor:
         self.running = []
         self.closed = False
         self.seq = 0
-        self.have_proc = _exists("/proc/self/stat")
+        self.have_proc = compat.path_exists("/proc/self/stat")
         _makedirs(self.workdir)
         self._clean()
 
@@ -200,7 +192,7 @@ class Wasm3CliExecutor:
         (suspend) when it died: that one is killed here."""
         for name in os.listdir(self.workdir):
             path = self.workdir + "/" + name
-            if not (name.startswith("j") and _exists(path + "/job")):
+            if not (name.startswith("j") and compat.path_exists(path + "/job")):
                 continue
             old = _Handle(name, path, 0)
             try:  # noqa: SIM105
@@ -230,7 +222,7 @@ class Wasm3CliExecutor:
     def poll(self, handle):
         if handle.outcome is not None:
             return handle.outcome
-        if _exists(handle.dir + "/result.json"):
+        if compat.path_exists(handle.dir + "/result.json"):
             self._collect(handle)
             return handle.outcome
         now = compat.ticks_ms()
@@ -238,7 +230,7 @@ class Wasm3CliExecutor:
             return None
         handle.checked = now
         if not self._alive(handle):
-            if _exists(handle.dir + "/result.json"):  # it finished just now
+            if compat.path_exists(handle.dir + "/result.json"):  # it finished just now
                 self._collect(handle)
             else:
                 self._end(handle, "failed", self._death(handle))
