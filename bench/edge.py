@@ -192,6 +192,9 @@ def node_figures(tmp: Path) -> dict[str, Any]:
         seen = threading.Event()
         sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
         sub.on_message = lambda *_: seen.set()
+        creds = config["mqtt"]
+        if creds.get("username"):  # the broker checks logins: listen as the node itself
+            sub.username_pw_set(creds["username"], creds.get("password"))
         sub.connect(host, int(port))
         sub.subscribe(protocol.node_topic(config["node_id"], protocol.HEARTBEAT), qos=0)
         sub.loop_start()
