@@ -229,6 +229,10 @@ class Wasm3Executor:
                 self.retiring.remove(worker)
         self._dispatch()
 
+    def _new_worker(self):
+        """A started worker process (the wasmtime executor starts its own program here)."""
+        return WorkerProcess()
+
     def _dispatch(self):
         while self.queue:
             handle = next((h for h in self.queue if not h.suspended_by), None)
@@ -239,7 +243,7 @@ class Wasm3Executor:
                 if len(self.workers) >= self.max_workers:
                     return
                 try:
-                    worker = WorkerProcess()
+                    worker = self._new_worker()
                 except OSError as e:
                     error = f"executor error: cannot start a worker: {e}"
                     self.queue.remove(handle)
@@ -254,7 +258,7 @@ class Wasm3Executor:
     def _replenish(self):
         while not self.closed and len(self.workers) < self.keep:
             try:
-                self.workers.append(WorkerProcess())
+                self.workers.append(self._new_worker())
             except OSError:
                 return
 

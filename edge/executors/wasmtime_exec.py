@@ -18,13 +18,10 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
-import subprocess
-import sys
-import tempfile
 from typing import Any
 
 from edge.executors.wasm3 import Wasm3Executor, _Handle
-from edge.executors.workerproc import _PKG_ROOT, WorkerProcess, _die_with_node
+from edge.executors.workerproc import _PKG_ROOT, WorkerProcess
 
 WORKER_MODULE = "edge.executors.wasmtime_worker"
 MAX_TIMEOUT_S = 7 * 86400
@@ -67,43 +64,7 @@ class WasmtimeWorker(WorkerProcess):
     the wasm3 worker and has no parameter for it.)"""
 
     def __init__(self) -> None:
-        self.out_file = tempfile.TemporaryFile()  # noqa: SIM115 - closed in close_files()
-        self.err_file = tempfile.TemporaryFile()  # noqa: SIM115
-        self.diag_file = tempfile.TemporaryFile()  # noqa: SIM115
-        out_fd, err_fd = self.out_file.fileno(), self.err_file.fileno()
-        flags, paths = _worker_command()
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [*paths, env.get("PYTHONPATH")]))
-        env.setdefault("MALLOC_ARENA_MAX", "1")
-        argv = [sys.executable, *flags, "-m", WORKER_MODULE]
-        argv += ["--stdout-fd", str(out_fd), "--stderr-fd", str(err_fd)]
-        self.proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self.diag_file,
-            pass_fds=(out_fd, err_fd),
-            env=env,
-            start_new_session=True,
-            preexec_fn=_die_with_node,
-            bufsize=0,
-        )
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.pid = self.proc.pid
-        self.wfd = self.proc.stdin.fileno()
-        self.rfd = self.proc.stdout.fileno()
-        os.set_blocking(self.wfd, False)
-        os.set_blocking(self.rfd, False)
-        self.wbuf = bytearray()
-        self.rbuf = bytearray()
-        self.ready_at = None
-        self.cpu_mark_ms = 0
-        self.jobs = 0
-        self.handle = None
-        self.dead = False
-        self.status = None
-        self.cpu_total_ms = None
-        self.broken = None
+        super().__init__(WORKER_MODULE, _worker_command(), pin_mmap=False)
 
 
 def check_job(job: Any) -> str | None:
@@ -180,34 +141,3 @@ class WasmtimeExecutor(Wasm3Executor):
 
     def _new_worker(self) -> WorkerProcess:
         return WasmtimeWorker()
-
-    # The two places Wasm3Executor starts a worker, with `_new_worker()` in place of its
-    # `WorkerProcess()`; otherwise the same code (see the lead's note in the report).
-    def _dispatch(self) -> None:
-        while self.queue:
-            handle = next((h for h in self.queue if not h.suspended_by), None)
-            if handle is None:
-                break  # all queued jobs are suspended: none starts while the owner is active
-            worker = next((w for w in self.workers if w.handle is None and not w.dead), None)
-            if worker is None:
-                if len(self.workers) >= self.max_workers:
-                    return
-                try:
-                    worker = self._new_worker()
-                except OSError as e:
-                    error = f"executor error: cannot start a worker: {e}"
-                    self.queue.remove(handle)
-                    self._finish(handle, "failed", error, b"", b"", 0, 0)
-                    continue
-                self.workers.append(worker)
-                self.keep = max(self.keep, len(self.workers))
-            self.queue.remove(handle)
-            self._start(worker, handle)
-        self._replenish()
-
-    def _replenish(self) -> None:
-        while not self.closed and len(self.workers) < self.keep:
-            try:
-                self.workers.append(self._new_worker())
-            except OSError:
-                return

@@ -46,25 +46,28 @@ def _worker_command():
 class WorkerProcess:
     """One worker process and the node's end of its pipes and output files."""
 
-    def __init__(self):
+    def __init__(self, module="edge.executors.worker", command=None, pin_mmap=True):
+        """module: the worker program; command: (interpreter flags, PYTHONPATH entries), by
+        default those that find wasm3; pin_mmap: fix glibc's mmap threshold (see below)."""
         # they live as long as the worker, closed in close_files()
         self.out_file = tempfile.TemporaryFile()  # noqa: SIM115
         self.err_file = tempfile.TemporaryFile()  # noqa: SIM115
         self.diag_file = tempfile.TemporaryFile()  # noqa: SIM115
         out_fd, err_fd = self.out_file.fileno(), self.err_file.fileno()
-        flags, paths = _worker_command()
+        flags, paths = command or _worker_command()
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [*paths, env.get("PYTHONPATH")]))
         # one malloc arena and no dynamic mmap threshold: the address-space limit the worker
         # sets per job then measures the job, not glibc's bookkeeping
         env.setdefault("MALLOC_ARENA_MAX", "1")
-        env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
+        if pin_mmap:
+            env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
         self.proc = subprocess.Popen(
             [
                 sys.executable,
                 *flags,
                 "-m",
-                "edge.executors.worker",
+                module,
                 "--stdout-fd",
                 str(out_fd),
                 "--stderr-fd",
