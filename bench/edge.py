@@ -275,8 +275,10 @@ def main(argv: list[str] | None = None) -> int:
             continue
         met = value <= target
         ok = ok and met
-        goal = f"target <= {target:g}" + (f", aim <= {aim:g}" if aim is not None else "")
-        say(f"{key:32} {value:>9}  ({goal}: {'met' if met else 'MISSED'})")
+        verdict = f"target <= {target:g} {'met' if met else 'MISSED'}"
+        if aim is not None:
+            verdict += f"; aim <= {aim:g} {'met' if value <= aim else 'not yet'}"
+        say(f"{key:32} {value:>9}  ({verdict})")
     for engine in ("wasm3", "wasmtime", "native_c"):
         say(f"{engine:10} {json.dumps(result.get(engine))}")
     result["ok"] = ok
