@@ -387,6 +387,9 @@ async def enroll_node(request: web.Request) -> web.Response:
     except ValueError as e:
         raise AuthError(str(e)) from None
     services.ledger.open_account(wallet_of(row["owner"]), "wallet", row["owner"])
+    # The node connects as soon as it has the answer: the hub's own broker must know it by then.
+    if not await services.broker_accepts(node_id, password):
+        log.warning("the broker has not taken node %s's login yet; the node retries", node_id)
     return json_response(
         EnrollResponse(
             node_id=node_id,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -13,7 +15,7 @@ import aiohttp_jinja2
 import jinja2
 from aiohttp import web
 
-from hub import api, views
+from hub import api, mqtt_auth, views
 from hub.broker import ChildBroker, choose, free_port
 from hub.config import HubConfig
 from hub.db import Database
@@ -23,6 +25,10 @@ from hub.scheduler import Scheduler
 from hub.store import Store
 
 log = logging.getLogger(__name__)
+
+# How often the hub's own broker's logins are compared with the store, besides the changes
+# made through Services (enrollment, new users): a node revoked by any path loses its login.
+BROKER_SYNC_S = 10.0
 
 
 @dataclass
@@ -38,6 +44,25 @@ class Services:
     broker: ChildBroker | None = None
     mqtt_url: str = ""
     admin_token: str | None = None
+    hub_login: mqtt_auth.Account | None = None  # the hub's own, on its own broker
+
+    def sync_broker(self) -> bool:
+        """Give the hub's own broker the logins and ACLs the store says (the hub, every node
+        not revoked, every user); a no-op for an outside broker. True when they changed."""
+        broker = self.broker
+        if broker is None or not broker.auth or self.hub_login is None:
+            return False
+        nodes, users = self.store.broker_logins()
+        return broker.write_auth(mqtt_auth.accounts(self.hub_login, nodes, users))
+
+    async def broker_accepts(self, username: str, password: str) -> bool:
+        """Sync the broker's logins and wait until it accepts this one (it reloads them in
+        the background): whoever is handed these credentials can connect at once."""
+        broker = self.broker
+        if broker is None or not broker.auth:
+            return True
+        self.sync_broker()
+        return await asyncio.to_thread(broker.wait_accepts, username, password)
 
     def create_user(
         self, name: str, role: str, referred_by: str | None = None
@@ -49,6 +74,7 @@ class Services:
             self.ledger.open_account(wallet_of(user_id), "wallet", user_id)
             if grant > 0:
                 self.ledger.grant("welcome:" + user_id, wallet_of(user_id), grant, "welcome grant")
+        self.sync_broker()  # the user id and API token are an agent's broker login
         return user_id, token, grant
 
 
@@ -81,6 +107,15 @@ def bootstrap_admin(services: Services) -> None:
     log.info("created the admin user; its API token is in %s", path)
 
 
+async def _keep_broker_in_sync(services: Services) -> None:
+    while True:
+        await asyncio.sleep(BROKER_SYNC_S)
+        try:
+            services.sync_broker()
+        except Exception:  # a full disk, say: the broker keeps the logins it has
+            log.exception("could not update the broker's logins")
+
+
 async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
     from hub.bridge import Bridge  # paho is only needed once the hub really runs
     from hub.writer import Writer
@@ -89,10 +124,25 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
     config = services.config
     services.writer = Writer(services.db, ledger=services.ledger)
     await services.writer.start()
+    hub_password: str | None = None
     if config.mqtt_url is None:
+        # Our own broker: logins and ACLs are ours to keep. An outside one (--mqtt) is the
+        # operator's, and the hub logs in to it anonymously.
         kind = choose(config.broker)
         port = config.broker_port or free_port(config.host)
-        services.broker = ChildBroker(kind, config.host, port, config.data_dir / "broker")
+        hub_password = mqtt_auth.hub_password(config.data_dir)
+        services.hub_login = mqtt_auth.hub_account(mqtt_auth.hash_password(hub_password))
+        services.broker = ChildBroker(
+            kind, config.host, port, config.data_dir / "broker", auth=True
+        )
+        services.sync_broker()
+        stale = services.store.logins_without_broker_hash()
+        if stale:
+            log.warning(
+                "%d nodes or users date from before broker logins and cannot log in to the "
+                "hub's broker: enroll those nodes again (users: create new ones)",
+                stale,
+            )
         services.broker.start()
         services.mqtt_url = services.broker.url
     else:
@@ -105,6 +155,8 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
         tick_s=min(1.0, config.heartbeat_interval_s / 2),
         on_change=lambda kind, data: views.notify(app, kind, data),
     )
+    if hub_password is not None:
+        bridge.client.username_pw_set(mqtt_auth.HUB_USER, hub_password)
     try:
         await bridge.start()
     except Exception:
@@ -116,9 +168,13 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
     # before it is judged offline, instead of judging it by a heartbeat from before the restart.
     services.store.touch_nodes()
     bridge.resend_assignments()
+    resync = asyncio.create_task(_keep_broker_in_sync(services))
     try:
         yield
     finally:
+        resync.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await resync
         await bridge.stop()
         await services.writer.stop()  # drains: every accepted movement is committed first
         if services.broker is not None:

@@ -44,6 +44,15 @@ def user_checks(
         split_mqtt_url(mqtt_url)
     if mqtt_password is not None and not mqtt_username:
         raise ValueError("an MQTT password needs an MQTT user name (--mqtt-username)")
+    if mqtt_username is None and token:
+        # The hub's own broker takes a user's id and API token as its login.
+        try:
+            who = Client(hub_url, timeout_s=timeout_s).request(
+                "POST", "/api/v1/auth/token", {"token": token}, auth=False
+            )
+            mqtt_username, mqtt_password = str(who["user"]), token
+        except Exception:  # the hub checks below say what is wrong, one line each
+            pass
     hints = Hints(
         hub="check --hub (env DEPARROW_HUB)",
         mqtt=(

@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from hub.db import Database
+from hub.mqtt_auth import hash_password
 
 MIGRATIONS: list[tuple[int, str, str]] = [
     (
@@ -150,6 +151,18 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         CREATE INDEX jobs_kind_state ON jobs(kind, state);
         """,
     ),
+    (
+        5,
+        "broker logins: Mosquitto password hashes, revoked nodes",
+        # broker_hash: the MQTT password (a user's: their API token) in Mosquitto's $7$ format,
+        # written when the plaintext exists (enrollment, user creation). NULL for rows made
+        # before this migration: those logins cannot be rebuilt and stay out of the broker.
+        """
+        ALTER TABLE nodes ADD COLUMN broker_hash TEXT;
+        ALTER TABLE nodes ADD COLUMN revoked_at REAL;
+        ALTER TABLE users ADD COLUMN broker_hash TEXT;
+        """,
+    ),
 ]
 
 
@@ -168,14 +181,16 @@ class Store:
 
     # --- users -------------------------------------------------------------
     def create_user(self, name: str, role: str, referred_by: str | None = None) -> tuple[str, str]:
-        """Returns (user id, API token). Only the token's hash is stored."""
+        """Returns (user id, API token). Only hashes of the token are stored: sha256 for the
+        API, and Mosquitto's for the broker, where the token is the user's MQTT password."""
         user_id = new_id("u")
         token = "dpt_" + secrets.token_urlsafe(24)
+        broker_hash = hash_password(token)
         with self.db.transaction() as c:
             c.execute(
-                "INSERT INTO users (id, name, role, token_hash, created_at, referred_by)"
-                " VALUES (?,?,?,?,?,?)",
-                (user_id, name, role, token_hash(token), time.time(), referred_by),
+                "INSERT INTO users (id, name, role, token_hash, created_at, referred_by,"
+                " broker_hash) VALUES (?,?,?,?,?,?,?)",
+                (user_id, name, role, token_hash(token), time.time(), referred_by, broker_hash),
             )
         return user_id, token
 
@@ -220,6 +235,7 @@ class Store:
         """Consume the enrollment token and register the node: returns (node id, secret)."""
         node_id = new_id("n")
         secret = secrets.token_hex(32)
+        broker_hash = hash_password(mqtt_password)  # PBKDF2: outside the write lock
         with self.db.transaction() as c:
             cur = c.execute(
                 "UPDATE enrollment_tokens SET used_by = ? WHERE token_hash = ? AND used_by IS NULL",
@@ -229,7 +245,8 @@ class Store:
                 raise ValueError("enrollment token was already used")
             c.execute(
                 "INSERT INTO nodes (id, name, owner, secret, mqtt_username, mqtt_password_hash,"
-                " engines, arch, cpu, memory_mb, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                " broker_hash, engines, arch, cpu, memory_mb, created_at)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     node_id,
                     name,
@@ -237,6 +254,7 @@ class Store:
                     secret,
                     node_id,
                     token_hash(mqtt_password),
+                    broker_hash,
                     json.dumps(engines),
                     arch,
                     cpu,
@@ -259,6 +277,39 @@ class Store:
         cols = ", ".join(f"{k} = ?" for k in fields)
         with self.db.transaction() as c:
             c.execute(f"UPDATE nodes SET {cols} WHERE id = ?", (*fields.values(), node_id))
+
+    def revoke_node(self, node_id: str) -> bool:
+        """Take the node's broker login away (its history stays). False if no such node."""
+        with self.db.transaction() as c:
+            cur = c.execute(
+                "UPDATE nodes SET revoked_at = ?, state = 'offline' WHERE id = ?"
+                " AND revoked_at IS NULL",
+                (time.time(), node_id),
+            )
+        return cur.rowcount == 1
+
+    def broker_logins(self) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+        """(node id, hash) of every node that may use the broker, (user id, hash) of users."""
+        nodes = self.db.query(
+            "SELECT id, broker_hash FROM nodes WHERE broker_hash IS NOT NULL"
+            " AND revoked_at IS NULL ORDER BY created_at, id"
+        )
+        users = self.db.query(
+            "SELECT id, broker_hash FROM users WHERE broker_hash IS NOT NULL"
+            " ORDER BY created_at, id"
+        )
+        return (
+            [(str(r["id"]), str(r["broker_hash"])) for r in nodes],
+            [(str(r["id"]), str(r["broker_hash"])) for r in users],
+        )
+
+    def logins_without_broker_hash(self) -> int:
+        """Nodes and users from before broker logins: they cannot log in to the hub's broker."""
+        row = self.db.query_one(
+            "SELECT (SELECT count(*) FROM nodes WHERE broker_hash IS NULL AND revoked_at IS NULL)"
+            " + (SELECT count(*) FROM users WHERE broker_hash IS NULL) AS n"
+        )
+        return int(row["n"]) if row is not None else 0
 
     def touch_nodes(self) -> None:
         with self.db.transaction() as c:

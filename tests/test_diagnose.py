@@ -85,7 +85,7 @@ def hub(tmp_path: Path, broker: ChildBroker) -> Iterator[LocalHub]:
 
 @pytest.fixture
 def locked_broker(tmp_path: Path) -> Iterator[str]:
-    """Mosquitto that lets in only alice/secret: the hub's own broker allows anonymous logins,
+    """Mosquitto that lets in only alice/secret: the hub's own broker knows its users' logins,
     so refused credentials are tested here."""
     require_mosquitto()
     work = tmp_path / "locked"
@@ -177,9 +177,12 @@ def test_refused_mqtt_login_is_reported(hub: LocalHub, locked_broker: str) -> No
     assert good.returncode == 0, good.stdout
     assert status_of(lines(good.stdout)["MQTT round trip"]) == OK
 
-    anonymous = deparrow(hub.url, token, "network", "diagnose", "--mqtt", locked_broker)
-    assert anonymous.returncode == 1
-    assert "MQTT login as anonymous: refused" in anonymous.stdout
+    # Without --mqtt-username the login is the hub's own: the user's id and API token, which
+    # this other broker does not know.
+    as_user = deparrow(hub.url, token, "network", "diagnose", "--mqtt", locked_broker)
+    assert as_user.returncode == 1
+    assert lines(as_user.stdout)["MQTT login"].startswith(f"{FAIL}  MQTT login as u_")
+    assert ": refused by the broker" in as_user.stdout
 
 
 def test_bad_inputs_are_named(hub: LocalHub) -> None:

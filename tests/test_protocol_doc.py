@@ -234,9 +234,10 @@ def test_documented_http_paths_exist() -> None:
 
 
 # --- the shell recipes against a real hub ------------------------------------------------------
-def test_shell_node_runs_a_job_and_is_paid(tmp_path: Path, mosquitto: str) -> None:
+def test_shell_node_runs_a_job_and_is_paid(tmp_path: Path) -> None:
     require_tools()
-    hub = start_hub(tmp_path, mqtt_url=mosquitto)
+    # The hub's own Mosquitto: the recipes run under its logins and ACLs.
+    hub = start_hub(tmp_path, broker="mosquitto")
     proc: Proc | None = None
     try:
         owner_user, owner = hub.user("owner")
@@ -274,7 +275,11 @@ def test_shell_node_runs_a_job_and_is_paid(tmp_path: Path, mosquitto: str) -> No
             )
         # The stand-in for a Wasm runtime: fib(20), taking 1.2 s of wall time. The pause before
         # the main loop proves the assignment waits for the inbox in the persistent session.
-        glue = "run_job() { sleep 1.2; EXIT_CODE=0; RETURNS=6765; }\nsleep 1\n"
+        # The node's broker password is kept for the test to speak as the node below.
+        glue = (
+            "run_job() { sleep 1.2; EXIT_CODE=0; RETURNS=6765; }\n"
+            'printf %s "$MQTT_PASSWORD" > "$WORK/mqtt-password"\nsleep 1\n'
+        )
         steps += ["connect", "announce", "heartbeats", "events", "sign", "result"]
         script = shell(steps, glue) + blocks("shell", "sh")["main-loop"]
         proc = Proc(["bash", "-c", script], tmp_path / "shell-node.log", env=env)
@@ -302,8 +307,9 @@ def test_shell_node_runs_a_job_and_is_paid(tmp_path: Path, mosquitto: str) -> No
         assert owner.nodes()[0]["state"] == "idle", proc.output()
 
         # The node's cached result, sent again (as for a re-sent assignment): nothing moves.
-        host, port = parse_mqtt_url(mosquitto)
-        broker = ["-h", host, "-p", str(port)]
+        host, port = parse_mqtt_url(hub.admin.status()["broker"]["url"])
+        password = (work / "mqtt-password").read_text()
+        broker = ["-h", host, "-p", str(port), "-u", node["id"], "-P", password]
         (cached,) = work.glob("result.*.json")
         subprocess.run(
             [
@@ -350,12 +356,12 @@ def test_shell_node_runs_a_job_and_is_paid(tmp_path: Path, mosquitto: str) -> No
         hub.proc.stop()
 
 
-def test_shell_agent_submits_and_reads_the_reply(tmp_path: Path, mosquitto: str) -> None:
+def test_shell_agent_submits_and_reads_the_reply(tmp_path: Path) -> None:
     require_tools()
-    hub = start_hub(tmp_path, mqtt_url=mosquitto)
+    hub = start_hub(tmp_path, broker="mosquitto")
     try:
         agent_user, agent = hub.user("agent-7")
-        host, port = parse_mqtt_url(mosquitto)
+        host, port = parse_mqtt_url(hub.admin.status()["broker"]["public_url"])
         env = {
             **os.environ,
             "MQTT_HOST": host,
@@ -368,7 +374,7 @@ def test_shell_agent_submits_and_reads_the_reply(tmp_path: Path, mosquitto: str)
             steps.append("agent-id")
         else:
             env["AGENT_ID"] = agent_user["id"]
-        steps.append("agent-request")
+        steps += ["agent-login", "agent-request"]
 
         def submit(**override: str) -> dict[str, Any]:
             lines = "".join(f"{k}={shlex.quote(v)}\n" for k, v in override.items())
@@ -410,5 +416,17 @@ def test_shell_agent_submits_and_reads_the_reply(tmp_path: Path, mosquitto: str)
 
         assert [j["id"] for j in agent.jobs()] == [job_id]
         assert Client(hub.url, agent_user["token"]).wallet()["held"] == "0.027777"
+
+        # Logged in with a token that is not the agent's: the broker refuses the login.
+        script = (
+            shell(["helpers", "agent-login", "agent-request"])
+            + blocks("shell", "sh")["agent-submit"]
+        )
+        refused = subprocess.run(
+            ["bash", "-c", script],
+            env={**env, "AGENT_ID": agent_user["id"], "API_TOKEN": "dpt_not-the-agents-token"},
+            cwd=tmp_path, capture_output=True, text=True, timeout=20,
+        )  # fmt: skip
+        assert refused.returncode != 0 and "not authorised" in refused.stderr, refused.stderr
     finally:
         hub.proc.stop()

@@ -248,9 +248,13 @@ def kill_group(p: Proc) -> None:
     p.p.wait(10)
 
 
-def publish_once(url: str, topic: str, payload: bytes) -> None:
+def publish_once(
+    url: str, topic: str, payload: bytes, login: tuple[str, str] | None = None
+) -> None:
     host, port = url.removeprefix("mqtt://").split(":")
     c = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2)
+    if login:
+        c.username_pw_set(*login)
     c.connect(host, int(port))
     c.loop_start()
     try:
@@ -362,6 +366,7 @@ def test_owner_activity_suspends_jobs_and_turns_new_ones_down(tmp_path: Path) ->
         events: list[dict[str, Any]] = []
         listener = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2)
         listener.on_message = lambda _c, _u, m: events.append(json.loads(m.payload))
+        listener.username_pw_set(node_id, config["mqtt"]["password"])  # its own topics only
         host, port = config["mqtt"]["url"].removeprefix("mqtt://").split(":")
         listener.connect(host, int(port))
         listener.subscribe(protocol.node_topic(node_id, protocol.EVENT), qos=1)
@@ -399,8 +404,9 @@ def test_owner_activity_suspends_jobs_and_turns_new_ones_down(tmp_path: Path) ->
                     base64.b64encode(module).decode(), hashlib.sha256(module).hexdigest(), None,
                     10, 64,
                 )  # fmt: skip
+                hub_login = ("deparrow-hub", (hub.data_dir / "mqtt-password").read_text().strip())
                 publish_once(config["mqtt"]["url"], protocol.node_topic(node_id, "assign"),
-                             json.dumps(assign).encode())  # fmt: skip
+                             json.dumps(assign).encode(), hub_login)  # fmt: skip
                 (refused,) = wait_for("the refusal", lambda: [
                     e for e in events if e["job_id"] == "j_direct"], 10)  # fmt: skip
                 assert refused["state"] == protocol.REJECTED
