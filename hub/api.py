@@ -142,6 +142,8 @@ async def exchange_token(request: web.Request) -> web.Response:
     user = services.store.user_by_token(req.token)
     if user is None:
         raise AuthError("unknown API token")
+    if user["broker_hash"] is None and services.store.fill_broker_hash(user["id"], req.token):
+        services.sync_broker()  # an account from before broker logins can now use MQTT
     token, exp = auth.issue(
         services.config.jwt_secret, user["id"], user["role"], services.config.jwt_ttl_s
     )

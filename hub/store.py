@@ -200,6 +200,17 @@ class Store:
     def user(self, user_id: str) -> sqlite3.Row | None:
         return self.db.query_one("SELECT * FROM users WHERE id = ?", (user_id,))
 
+    def fill_broker_hash(self, user_id: str, token: str) -> bool:
+        """A user from before broker logins (store migration 5) gets theirs the first time
+        their token is shown to the hub. True when one was written."""
+        broker_hash = hash_password(token)  # PBKDF2: outside the write lock
+        with self.db.transaction() as c:
+            cur = c.execute(
+                "UPDATE users SET broker_hash = ? WHERE id = ? AND broker_hash IS NULL",
+                (broker_hash, user_id),
+            )
+            return cur.rowcount == 1
+
     def users(self) -> list[sqlite3.Row]:
         return self.db.query("SELECT * FROM users ORDER BY created_at")
 

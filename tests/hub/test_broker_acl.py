@@ -32,6 +32,7 @@ from hub.app import open_services
 from hub.bridge import parse_mqtt_url
 from hub.broker import ChildBroker, free_port, mqtt_login
 from hub.config import HubConfig
+from hub.db import Database
 from hub.localnet import LocalHub
 from tests.conftest import require_mosquitto, start_hub, wait_until
 
@@ -429,3 +430,29 @@ def test_the_hub_password_is_made_once_and_kept_private(tmp_path: Path) -> None:
     os.truncate(tmp_path / "mqtt-password", 0)
     with pytest.raises(mqtt_auth.AuthFileError, match="delete it"):
         mqtt_auth.hub_password(tmp_path)
+
+
+def test_an_account_from_before_broker_logins_gets_one_at_its_next_sign_in(
+    tmp_path: Path,
+) -> None:
+    """Users created before store migration 5 have no broker hash; showing the hub their
+    token (as every CLI call does) gives them their MQTT login."""
+    hub = start_hub(tmp_path, broker="mosquitto")
+    try:
+        user, client = hub.user("old-timer")
+        with Database(hub.data_dir / "hub.sqlite") as db, db.transaction() as c:
+            c.execute("UPDATE users SET broker_hash = NULL WHERE id = ?", (user["id"],))
+        url = hub.admin.status()["broker"]["url"]
+        wait_until(  # the hub's 10 s resync drops the login
+            "the login to go",
+            lambda: mqtt_login(*parse_mqtt_url(url), user["id"], user["token"], 5) != 0,
+            30,
+        )
+        client.wallet()  # signs in: token -> JWT
+        wait_until(
+            "the login to work",
+            lambda: mqtt_login(*parse_mqtt_url(url), user["id"], user["token"], 5) == 0,
+            15,
+        )
+    finally:
+        hub.stop()
