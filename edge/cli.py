@@ -265,6 +265,13 @@ def run_node(
             f"earning for {config['owner']}. Ctrl-C stops.",
             err=True,
         )
+        if not prefs.get("always_run") and not idle.run_if_user_active:
+            click.echo(
+                f"jobs run only while you leave this machine alone ({idle.idle_time_to_run_s:g} s"
+                " without activity first); --always-run or a preferences file (docs/edge.md)"
+                " changes that",
+                err=True,
+            )
         try:
             while not stopping:
                 try:

@@ -522,10 +522,10 @@ def node_list(obj: Ctx, as_json: bool) -> None:
     if not nodes:
         click.echo("no nodes; add one with: deparrow node token")
     else:
-        click.echo(f"{'node':<18}  {'state':<8} {'name':<20} resources          earned")
+        click.echo(f"{'node':<18}  {'state':<9} {'name':<20} resources          earned")
     for n in nodes:
         click.echo(
-            f"{n['id']}  {n['state']:<8} {n['name']:<20} {n['cpu']:g} CPU "
+            f"{n['id']}  {n['state']:<9} {n['name']:<20} {n['cpu']:g} CPU "
             f"{n['memory_mb']} MB  earned {n['earned']}"
         )
 
