@@ -1,16 +1,27 @@
-"""The first scheduler: give each queued job to an eligible idle node.
+"""The scheduler: give each queued job to an eligible idle node.
 
 Eligible: online, idle (not busy, not suspended by its owner's activity), speaks the job's
 engine, offers enough CPU and RAM, and runs nothing else. High priority first, then oldest.
-When nothing fits, the job's `reason` says why, so the submitter is not left guessing.
+Among the nodes that fit, the most reputable and cheapest first when the registry records
+reputation and price, else the longest enrolled. When nothing fits, the job's `reason` says
+why, so the submitter is not left guessing.
+
+A pass decides first (`plan()`, which writes nothing) and then commits every decision in one
+transaction (`schedule()`). It is built for fleets: about O(nodes log nodes + jobs +
+distinct requirements x idle nodes), not O(nodes x jobs) as a scan per job was.
+`bench/market.py` measures it on 10,000 nodes and 10,000 queued jobs.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sqlite3
 import time
+from bisect import bisect_right
+from collections.abc import Sequence
+from itertools import accumulate
 from typing import NamedTuple
 
 from edge import protocol
@@ -31,14 +42,27 @@ class Offer(NamedTuple):
     memory_mb: int
 
 
-def offer(node: sqlite3.Row) -> Offer:
+@functools.lru_cache(maxsize=4096)
+def _capacity(
+    resources: str, engines: str, cpu: float, memory_mb: int
+) -> tuple[frozenset[str], float, int]:
+    """A node row's offer, parsed. Most nodes of a fleet offer the same few shapes, so the
+    JSON is parsed once per distinct shape rather than once per node and pass."""
     try:  # validated by hub/wire.py before it was stored; a bad row offers nothing
-        res = json.loads(node["resources"] or "{}")
-        cpu = float(res.get("cpu", node["cpu"]))
-        mem = int(res.get("memory_mb", node["memory_mb"]))
-        engines = frozenset(json.loads(node["engines"]))
-    except (TypeError, ValueError):
-        cpu, mem, engines = 0.0, 0, frozenset()
+        res = json.loads(resources or "{}")
+        return (
+            frozenset(json.loads(engines)),
+            float(res.get("cpu", cpu)),
+            int(res.get("memory_mb", memory_mb)),
+        )
+    except (TypeError, ValueError, AttributeError):
+        return frozenset(), 0.0, 0
+
+
+def offer(node: sqlite3.Row) -> Offer:
+    engines, cpu, mem = _capacity(
+        node["resources"], node["engines"], node["cpu"], node["memory_mb"]
+    )
     return Offer(node["id"], node["state"] == protocol.IDLE, engines, cpu, mem)
 
 
@@ -53,74 +77,236 @@ def _misfit(engine: str, job: sqlite3.Row, node: Offer) -> str | None:
     return None
 
 
+class Capabilities:
+    """Whether any online node, busy or not, could run a job: O(log n) per question.
+
+    Per engine, the nodes sorted by CPU (most first) with the running maximum of their RAM:
+    some node offers >= cpu and >= memory iff, among those with >= cpu, the most RAM does.
+    """
+
+    def __init__(self, online: Sequence[Offer]) -> None:
+        shapes: dict[str, list[tuple[float, int]]] = {}
+        for n in online:
+            for engine in n.engines:
+                shapes.setdefault(engine, []).append((n.cpu, n.memory_mb))
+        self._index: dict[str, tuple[list[float], list[int]]] = {}
+        for engine, nodes in shapes.items():
+            nodes.sort(key=lambda s: -s[0])
+            neg_cpu = [-cpu for cpu, _ in nodes]  # ascending, for bisect
+            most_ram = list(accumulate((mem for _, mem in nodes), max))
+            self._index[engine] = (neg_cpu, most_ram)
+
+    def fit(self, engine: str, cpu: float, memory_mb: int) -> bool:
+        index = self._index.get(engine)
+        if index is None:
+            return False
+        neg_cpu, most_ram = index
+        n = bisect_right(neg_cpu, -cpu)  # how many offer at least cpu
+        return n > 0 and most_ram[n - 1] >= memory_mb
+
+
+class _Free:
+    """The idle nodes of one pass, in order of preference, per engine.
+
+    A job takes the first node of its engine's list that fits and is not taken yet. Within a
+    pass nodes are only ever taken, never freed, so a node skipped for a requirement stays
+    unfit for it: a cursor per requirement (engine, CPU, RAM) resumes where the last job with
+    that requirement stopped. Each list is walked about once per distinct requirement.
+    """
+
+    def __init__(self, nodes: Sequence[Offer]) -> None:
+        self.nodes = nodes
+        self.left = len(nodes)
+        self._taken = bytearray(len(nodes))
+        self._by_engine: dict[str, list[int]] = {}
+        for i, n in enumerate(nodes):
+            for engine in n.engines:
+                self._by_engine.setdefault(engine, []).append(i)
+        self._cursor: dict[tuple[str, int, int], int] = {}
+
+    def pick(self, engine: str, cpu_milli: int, memory_mb: int) -> int | None:
+        """The index of the preferred free node for this requirement, or None."""
+        candidates = self._by_engine.get(engine)
+        if candidates is None or not self.left:
+            return None
+        key = (engine, cpu_milli, memory_mb)
+        cpu = cpu_milli / 1000
+        nodes, taken = self.nodes, self._taken
+        i = self._cursor.get(key, 0)
+        end = len(candidates)
+        while i < end:
+            c = candidates[i]
+            if not taken[c]:
+                n = nodes[c]
+                if n.cpu >= cpu and n.memory_mb >= memory_mb:
+                    break
+            i += 1
+        self._cursor[key] = i
+        return candidates[i] if i < end else None
+
+    def take(self, index: int) -> None:
+        self._taken[index] = 1
+        self.left -= 1
+
+
+def _preference(nodes: list[sqlite3.Row]) -> list[sqlite3.Row]:
+    """Nodes in the order jobs should go to them: higher reputation, then lower price, when the
+    registry records them (columns `reputation` and `price`); else enrollment order."""
+    if not nodes:
+        return nodes
+    cols = set(nodes[0].keys())
+    rep = "reputation" in cols
+    price = "price" in cols
+    if not (rep or price):
+        return nodes
+
+    def rank(n: sqlite3.Row) -> tuple[float, float]:
+        return (
+            -float(n["reputation"] or 0) if rep else 0.0,
+            float(n["price"] or 0) if price else 0.0,
+        )
+
+    return sorted(nodes, key=rank)  # stable: ties keep enrollment order
+
+
+class Plan(NamedTuple):
+    """A pass's decisions: (job, node id) to assign, (job, reason) for those that wait."""
+
+    assign: list[tuple[sqlite3.Row, str]]
+    wait: list[tuple[sqlite3.Row, str]]
+
+
 class Scheduler:
     def __init__(self, config: HubConfig, store: Store, jobs: Jobs) -> None:
         self.config = config
         self.store = store
         self.jobs = jobs
+        self._node_columns: str | None = None  # the registry's, read once (migrations ran)
+        self._node_filter = ""
 
     def offline_after_s(self) -> float:
         return self.config.heartbeat_interval_s * self.config.missed_beats_offline
 
-    def schedule(self) -> list[Assignment]:
-        queued = self.store.queued_jobs()
+    def plan(self) -> Plan:
+        """Decide, without writing anything: which queued job goes to which idle node, and
+        why each of the others waits. The matching half of a pass (bench/market.py times it
+        on its own)."""
+        queued = self.store.db.query(
+            "SELECT id, attempt, cpu_milli, memory_mb, reason,"
+            " json_extract(spec, '$.engine.type') AS engine"
+            " FROM jobs WHERE state = 'queued'"
+            " ORDER BY CASE priority WHEN 'high' THEN 0 ELSE 1 END, submitted_at"
+        )
+        plan = Plan([], [])
         if not queued:
-            return []
-        online = [offer(n) for n in self.store.nodes() if n["state"] != protocol.OFFLINE]
-        busy = {j["node"] for j in self.store.active_jobs()}
-        free = [n for n in online if n.idle and n.id not in busy]
-        out: list[Assignment] = []
+            return plan
+        online = [offer(n) for n in _preference(self._online_nodes())]
+        busy = {
+            r["node"]
+            for r in self.store.db.query(
+                "SELECT DISTINCT node FROM jobs WHERE state IN ('assigned', 'running')"
+            )
+        }
+        free = _Free([n for n in online if n.idle and n.id not in busy])
+        capable = Capabilities(online)
+        whys: dict[tuple[str, int, int], str] = {}
         for job in queued:
-            engine = json.loads(job["spec"])["engine"]["type"]
-            pick = next((n for n in free if _misfit(engine, job, n) is None), None)
-            if pick is None:
-                self._explain(engine, job, online)
+            engine = str(job["engine"] or "unknown")
+            cpu_milli, memory_mb = int(job["cpu_milli"]), int(job["memory_mb"])
+            pick = free.pick(engine, cpu_milli, memory_mb)
+            if pick is not None:
+                free.take(pick)
+                plan.assign.append((job, free.nodes[pick].id))
                 continue
-            assignment = self.jobs.assign(job, pick.id)
-            if assignment is not None:
-                out.append(assignment)
-                free.remove(pick)
+            key = (engine, cpu_milli, memory_mb)
+            why = whys.get(key)
+            if why is None:
+                why = whys[key] = self._why(engine, job, online, capable)
+            plan.wait.append((job, why))
+        return plan
+
+    def schedule(self) -> list[Assignment]:
+        """One pass over the queue: assign what fits, say why the rest waits, in one
+        transaction. The assignments are committed when this returns; the caller sends them."""
+        plan = self.plan()
+        out: list[Assignment] = []
+        if not (plan.assign or plan.wait):
+            return out
+        with self.store.db.transaction() as c:
+            for job, node_id in plan.assign:
+                assignment = self.jobs.assign(job, node_id)
+                if assignment is not None:  # None: no longer queued; the node waits a pass
+                    out.append(assignment)
+            for job, why in plan.wait:
+                if job["reason"] != why:
+                    c.execute("UPDATE jobs SET reason = ? WHERE id = ?", (why, job["id"]))
         return out
 
-    def _explain(self, engine: str, job: sqlite3.Row, online: list[Offer]) -> None:
-        """Say why a job waits, naming what does not fit when no online node could run it."""
+    def _online_nodes(self) -> list[sqlite3.Row]:
+        # Only what matching reads (and the optional preference columns): at fleet scale
+        # building rows of every column costs more than the matching.
+        if self._node_columns is None:
+            cols = {
+                r["name"]
+                for r in self.store.db.query("SELECT name FROM pragma_table_info('nodes')")
+            }
+            extra = "".join(", " + c for c in ("reputation", "price") if c in cols)
+            self._node_columns = "id, state, resources, engines, cpu, memory_mb" + extra
+            # A revoked node has lost its broker login; it gets nothing even if a stale state
+            # still says online.
+            self._node_filter = " AND revoked_at IS NULL" if "revoked_at" in cols else ""
+        return self.store.db.query(
+            f"SELECT {self._node_columns} FROM nodes WHERE state != ?{self._node_filter}"
+            " ORDER BY created_at",
+            (protocol.OFFLINE,),
+        )
+
+    def _why(
+        self, engine: str, job: sqlite3.Row, online: list[Offer], capable: Capabilities
+    ) -> str:
+        """Why a job waits, naming what does not fit when no online node could run it."""
         if not online:
-            why = "no node is online"
-        else:
-            misfits = [_misfit(engine, job, n) for n in online]
-            if all(m is not None for m in misfits):
-                why = str(misfits[0])
-            else:
-                why = "every node that can run it is busy or its owner is using it"
-        if job["reason"] != why:
-            with self.store.db.transaction() as c:
-                c.execute("UPDATE jobs SET reason = ? WHERE id = ?", (why, job["id"]))
+            return "no node is online"
+        if capable.fit(engine, job["cpu_milli"] / 1000, job["memory_mb"]):
+            return "every node that can run it is busy or its owner is using it"
+        return str(_misfit(engine, job, online[0]))
 
     def sweep(self, now: float | None = None) -> list[str]:
         """Mark silent nodes offline, requeue their jobs, fail jobs past timeout + grace.
-        Returns the ids of nodes that went offline."""
+        Returns the ids of nodes that went offline. Runs every tick: each question is one
+        query for the rows concerned, not a walk over every node and job."""
         now = time.time() if now is None else now
+        db = self.store.db
+        silent = db.query(
+            "SELECT id FROM nodes WHERE state != ? AND (last_seen IS NULL OR last_seen < ?)"
+            " ORDER BY created_at",
+            (protocol.OFFLINE, now - self.offline_after_s()),
+        )
         gone: list[str] = []
-        for node in self.store.nodes():
-            if node["state"] == protocol.OFFLINE:
-                continue
-            if node["last_seen"] is None or now - node["last_seen"] > self.offline_after_s():
-                self.node_offline(node["id"], "missed heartbeats")
-                gone.append(node["id"])
-        for job in self.store.queued_jobs():
-            if now - job["submitted_at"] > self.config.queue_ttl_s:
-                self.jobs.fail(
-                    job["id"],
-                    f"no node could run it within {self.config.queue_ttl_s:g}s: {job['reason']}",
-                )
-        for job in self.store.active_jobs():
-            started = job["assigned_at"] or job["submitted_at"]
-            if now - started > job["timeout_s"] + self.config.result_grace_s:
-                self.jobs.fail(
-                    job["id"],
-                    f"timeout: no result from node {job['node']} within "
-                    f"{job['timeout_s']}s (+{self.config.result_grace_s:g}s grace)",
-                )
+        for node in silent:
+            self.node_offline(node["id"], "missed heartbeats")
+            gone.append(node["id"])
+        stale = db.query(
+            "SELECT id, reason FROM jobs WHERE state = 'queued' AND submitted_at < ?"
+            " ORDER BY submitted_at",
+            (now - self.config.queue_ttl_s,),
+        )
+        for job in stale:
+            self.jobs.fail(
+                job["id"],
+                f"no node could run it within {self.config.queue_ttl_s:g}s: {job['reason']}",
+            )
+        late = db.query(
+            "SELECT id, node, timeout_s FROM jobs WHERE state IN ('assigned', 'running')"
+            " AND COALESCE(assigned_at, submitted_at) + timeout_s + ? < ?",
+            (self.config.result_grace_s, now),
+        )
+        for job in late:
+            self.jobs.fail(
+                job["id"],
+                f"timeout: no result from node {job['node']} within "
+                f"{job['timeout_s']}s (+{self.config.result_grace_s:g}s grace)",
+            )
         return gone
 
     def node_offline(self, node_id: str, why: str) -> None:
