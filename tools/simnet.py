@@ -18,16 +18,22 @@ For tests, benchmarks and demos. Each simulated node is what `edge-run` is on th
 Misbehaviour, drawn per job with the node's own seeded random generator:
 - `--fail P`: the job fails (`trap: simulated failure`); the hub refunds its submitter;
 - `--cheat P`: the node returns a wrong output, validly signed (only replicas catch that);
-- `--silent P`: the node freezes when the job arrives: its connection stays up but it sends
-  nothing, no heartbeat, no result, for `--silent-for` seconds (default: for good). Then it
-  wakes, sends what it held back (a result the hub no longer wants) and says hello again.
+- `--silent P`: the node freezes right after it took the job (its `accepted` and `running`
+  events went out): its connection stays up, so no last will fires, but it sends nothing, no
+  heartbeat, no result, for `--silent-for` seconds (default: for good). Then it wakes, sends
+  what it held back (a result the hub may no longer want) and says hello again.
+
+`--flood RATE` turns the nodes into a load generator: RATE heartbeats a second in all, for
+`--duration` seconds, as a fleet far larger than the connections would send them.
 
 `--token` takes the owner's API token (`dpt_...`: one enrollment token is made per node) or
 enrollment tokens (`dpe_...`, one per node, repeat the option). `--identities FILE` keeps the
 enrolled identities, so the next run reuses the same nodes instead of enrolling new ones.
 
 One process, one thread: every node's paho client is driven by one asyncio loop (socket
-readiness callbacks, no thread per node), which is what lets a laptop simulate thousands.
+readiness callbacks, no thread per node). Measured on a 2-core VM: 3,000 nodes connect in
+about a second and heartbeat once a second on 17% of a core (52 MiB); with a paho thread per
+node, 300 nodes took 10% of a core and 600 were not all connected after 90 s.
 Prints a progress line every few seconds (and `--json`: one JSON object per line, the last
 one the totals). The library: `SimNet` (asyncio) and `Background` (a SimNet on a thread of
 its own, for synchronous callers such as tests).
@@ -934,7 +940,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help="once online, send RATE heartbeats/s in all for --duration seconds (default 5), "
         "then stop: a much larger fleet's heartbeat load from these connections",
     )
-    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument(
+        "--seed", type=int, default=1, help="random seed: the same seed, the same misbehaviour"
+    )
     ap.add_argument("--every", type=float, default=5.0, metavar="S", help="progress interval")
     ap.add_argument("--json", action="store_true", help="JSON lines on stdout")
     ap.add_argument("-v", "--verbose", action="store_true", help="log each node's events")
