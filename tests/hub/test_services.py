@@ -19,6 +19,7 @@ from hub.config import HubConfig
 from hub.jobs import JobError, wallet_of
 from hub.ledger import MICRO
 from hub.models import JobSpec
+from tests.hub.test_earnings import add_node
 
 HOUR = 3600
 PRICE = 10 * MICRO  # one CPU for one hour
@@ -27,16 +28,6 @@ PRICE = 10 * MICRO  # one CPU for one hour
 @pytest.fixture
 def services(tmp_path: Path) -> Services:
     return open_services(HubConfig(data_dir=tmp_path, welcome_grant_credits=25))
-
-
-def add_node(s: Services, owner: str) -> Any:
-    token, _ = s.store.create_enrollment_token(owner, 60)
-    node_id, _ = s.store.create_node(
-        token=token, owner=owner, name="n", engines=["wasm"], arch="x", cpu=2, memory_mb=512,
-        mqtt_password="pw",
-    )  # fmt: skip
-    s.store.update_node(node_id, state="idle", last_seen=1.0)
-    return s.store.node(node_id)
 
 
 def service_spec(**over: Any) -> JobSpec:
