@@ -112,100 +112,13 @@ def load_preferences(path: Path) -> dict[str, Any]:
             f'{path} must hold a JSON object of preferences, like {{"idle": {{"hours": '
             f'"22:00-07:00"}}}}'
         )
+    from edge.preferences import check_preferences
+
     try:
         check_preferences(data)
     except ValueError as e:
         raise click.ClickException(f"{path}: {e}") from None
     return data
-
-
-PREFERENCE_KEYS = ("idle", "always_run", "wasm_engine", "docker", "native")
-
-
-def check_preferences(prefs: dict[str, Any]) -> None:
-    """ValueError naming the first bad key of the preferences (docs/edge.md lists them)."""
-    from edge.idle import Preferences
-
-    for key in prefs:
-        if key not in PREFERENCE_KEYS:
-            raise ValueError(f"{key!r} is not a preference; known: {', '.join(PREFERENCE_KEYS)}")
-    Preferences.from_dict(prefs.get("idle"), where="idle")
-    if not isinstance(prefs.get("always_run", False), bool):
-        raise ValueError("always_run must be true or false")
-    if prefs.get("wasm_engine", "wasm3") not in ("wasm3", "wasmtime", "wasm3-run"):
-        raise ValueError('wasm_engine must be "wasm3", "wasmtime" or "wasm3-run"')
-    for section, allowed in (
-        ("docker", ("enabled", "url", "allow_network")),
-        ("native", ("enabled", "allow_network", "allow_unsandboxed")),
-    ):
-        value = prefs.get(section, {})
-        if not isinstance(value, dict):
-            raise ValueError(f'{section} must be an object like {{"enabled": true}}')
-        for key, item in value.items():
-            if key not in allowed:
-                raise ValueError(
-                    f"{section}.{key} is not a preference; known: {', '.join(allowed)}"
-                )
-            if key != "url" and not isinstance(item, bool):
-                raise ValueError(f"{section}.{key} must be true or false")
-        if "url" in value and not isinstance(value["url"], str):
-            raise ValueError(f"{section}.url must be a string like unix:///run/podman/podman.sock")
-
-
-def build_executors(config: dict[str, Any]) -> Any:
-    """The node's executors from its preferences: wasm always, docker and native when the
-    owner turned them on. A docker engine that does not answer is left out with a warning."""
-    from edge.executors.router import ExecutorRouter
-
-    prefs = config.get("preferences") or {}
-    executors: dict[str, Any] = {}
-    if prefs.get("wasm_engine") == "wasmtime":
-        try:
-            from edge.executors.wasmtime_exec import WasmtimeExecutor
-
-            executors["wasm"] = WasmtimeExecutor()
-        except (ImportError, RuntimeError) as e:  # WasmtimeUnavailable: not installed here
-            click.echo(f"edge-run: warning: wasmtime unavailable ({e}); using wasm3", err=True)
-    if prefs.get("wasm_engine") == "wasm3-run":  # the runner MicroPython nodes use
-        from edge.executors.wasm3_cli import Wasm3CliExecutor
-
-        try:
-            workdir = Path(str(config.get("data_dir") or default_data_dir())) / "jobs"
-            workdir.mkdir(parents=True, exist_ok=True)
-            executors["wasm"] = Wasm3CliExecutor(str(workdir))
-        except (OSError, RuntimeError) as e:  # not built: tools/build-wasm3-runner.sh
-            click.echo(f"edge-run: warning: wasm3-run unavailable ({e}); using wasm3", err=True)
-    if "wasm" not in executors:
-        from edge.executors.wasm3 import Wasm3Executor
-
-        executors["wasm"] = Wasm3Executor(workers=1)
-    docker = prefs.get("docker") or {}
-    if docker.get("enabled"):
-        from edge.executors.docker import DockerExecutor, JobError
-
-        ex = DockerExecutor(
-            docker.get("url"), allow_network=bool(docker.get("allow_network")),
-            node=config["node_id"],
-        )  # fmt: skip
-        try:
-            ex.remove_leftovers()  # also checks that the engine answers
-            executors["docker"] = ex
-        except JobError as e:
-            ex.close()
-            click.echo(f"edge-run: warning: docker jobs off: {e}", err=True)
-    native = prefs.get("native") or {}
-    if native.get("enabled"):
-        from edge.executors.native import NativeDisabled, NativeExecutor, SandboxUnavailable
-
-        try:
-            executors["native"] = NativeExecutor(
-                enabled=True,
-                allow_network=bool(native.get("allow_network")),
-                allow_unsandboxed=bool(native.get("allow_unsandboxed")),
-            )
-        except (NativeDisabled, SandboxUnavailable) as e:
-            click.echo(f"edge-run: warning: native jobs off: {e}", err=True)
-    return ExecutorRouter(executors)
 
 
 def run_node(
@@ -219,6 +132,11 @@ def run_node(
     from edge.idle import IdleGate, Monitor, Preferences
     from edge.mqtt_paho import PahoMqtt
     from edge.outbox import Outbox
+    from edge.preferences import build_executors
+
+    def warn(message: str) -> None:
+        click.echo(f"edge-run: warning: {message}", err=True)
+
     from edge.resources import Offered
     from edge.session import Session
 
@@ -242,7 +160,7 @@ def run_node(
         else Preferences.from_dict(prefs.get("idle"), where="idle")
     )
     # One job at a time for now: the scheduler gives a node one job.
-    with build_executors(config) as executor:
+    with build_executors(config, warn) as executor:
         gate = IdleGate(idle, Monitor(exclude=executor.job_pids), executor=executor)
         outbox = Outbox(str((data_dir or default_data_dir()) / "outbox.log"), log=log.warning)
         session = Session(
