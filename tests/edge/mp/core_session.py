@@ -38,8 +38,20 @@ class World:
         self.hub.connect("hub-" + name, None, None, "dp/v1/test/hub-" + name, b"")
         self.hub.subscribe(protocol.node_topic(self.node_id, "+"))
         self.seen = []  # (kind, msg) the hub received
+        # paho subscribes in the background: a hello sent before the broker has the
+        # subscription would be missed for good. A message to ourselves proves it is in place.
+        probe = protocol.node_topic(self.node_id, "probe")
+        self.hub.publish(probe, b"{}", 1, False)
+        harness.eventually("the watcher's subscription", lambda: self._probed(probe), 20000)
         self.session = Session(config, make_mqtt(), EX, offered)
         self.session.start()
+
+    def _probed(self, probe):
+        for topic, _payload in self.hub.poll():
+            if topic == probe:
+                return True
+        compat.sleep_ms(5)
+        return False
 
     def step(self):
         self.session.step()
