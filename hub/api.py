@@ -43,6 +43,7 @@ from hub.models import (
     HistoryItem,
     JobSpec,
     MqttCredentials,
+    NodeTokenRequest,
     SubmitResponse,
     TokenRequest,
     TokenResponse,
@@ -121,11 +122,17 @@ async def decode_body(request: web.Request, type_: type[T]) -> T:
     return msgspec.json.decode(body, type=type_)
 
 
-def identity(request: web.Request) -> Identity:
+def identity(request: web.Request, node_ok: bool = False) -> Identity:
+    """Who is calling. A node's token is good only where node_ok says so (its own record):
+    it holds no wallet, owns no jobs and speaks for nobody else."""
     services = _services(request)
-    return auth.verify(
-        services.config.jwt_secret, auth.bearer(request.headers.get("Authorization"))
-    )
+    who = auth.verify(services.config.jwt_secret, auth.bearer(request.headers.get("Authorization")))
+    if who.is_node and not node_ok:
+        raise NotAllowed(
+            f"node {who.user_id}'s token may only read its own node record; "
+            "use a user's or agent's API token for this"
+        )
+    return who
 
 
 def require_admin(request: web.Request) -> Identity:
@@ -150,6 +157,29 @@ async def exchange_token(request: web.Request) -> web.Response:
     return json_response(
         TokenResponse(jwt=token, expires_at=exp, user=user["id"], role=user["role"])
     )
+
+
+def _node_password_ok(node: Any, password: str) -> bool:
+    return (
+        node is not None
+        and node["revoked_at"] is None
+        and secrets.compare_digest(token_hash(password), node["mqtt_password_hash"])
+    )
+
+
+async def exchange_node_token(request: web.Request) -> web.Response:
+    """A node's id and MQTT password (from its node.json) for a JWT with the node role."""
+    services = _services(request)
+    req = await decode_body(request, NodeTokenRequest)
+    if not _node_password_ok(services.store.node(req.node_id), req.password):
+        raise AuthError(
+            f"node {req.node_id} with this password is unknown here (or was removed): use the "
+            "node id and MQTT password from node.json, or enroll again"
+        )
+    token, exp = auth.issue(
+        services.config.jwt_secret, req.node_id, "node", services.config.jwt_ttl_s
+    )
+    return json_response(TokenResponse(jwt=token, expires_at=exp, user=req.node_id, role="node"))
 
 
 async def create_user(request: web.Request) -> web.Response:
@@ -415,7 +445,8 @@ async def list_nodes(request: web.Request) -> web.Response:
     owner = None if who.is_admin else who.user_id
     from hub.views import node_view
 
-    return json_response({"nodes": [node_view(n) for n in services.store.nodes(owner)]})
+    nodes = [node_view(n) for n in services.store.nodes(owner) if n["revoked_at"] is None]
+    return json_response({"nodes": nodes})
 
 
 async def get_node(request: web.Request) -> web.Response:
@@ -432,22 +463,52 @@ async def get_node(request: web.Request) -> web.Response:
         except (binascii.Error, UnicodeDecodeError):
             raise AuthError("Basic credentials must be base64 of 'node_id:password'") from None
         user, _, password = pair.partition(":")
-        if (
-            node is None
-            or user != node_id
-            or not secrets.compare_digest(token_hash(password), node["mqtt_password_hash"])
-        ):
+        if user != node_id or not _node_password_ok(node, password):
             raise AuthError(
-                f"node {node_id} with this password is unknown here: use the node id and MQTT "
-                "password from node.json, or re-enroll if the hub's database was reset"
+                f"node {node_id} with this password is unknown here (or was removed): use the "
+                "node id and MQTT password from node.json, or re-enroll if the hub's database "
+                "was reset"
             )
     else:
-        who = identity(request)
-        if node is None or (node["owner"] != who.user_id and not who.is_admin):
+        who = identity(request, node_ok=True)
+        if who.is_node:
+            if who.user_id != node_id:
+                raise NotAllowed(f"node {who.user_id} may read only its own record")
+        elif node is None or (node["owner"] != who.user_id and not who.is_admin):
             return error(404, f"no node {node_id}")  # someone else's: don't confirm it exists
+        if node is None:
+            return error(404, f"no node {node_id}")
     from hub.views import node_view
 
     return json_response(node_view(node))
+
+
+async def remove_node(request: web.Request) -> web.Response:
+    """The owner (or an admin) takes a node off the network: its broker login goes, its jobs
+    go back to the queue for other nodes, its history and earnings stay. Repeating it is
+    harmless."""
+    who = identity(request)
+    services = _services(request)
+    node_id = request.match_info["node_id"]
+    node = services.store.node(node_id)
+    if node is None or (node["owner"] != who.user_id and not who.is_admin):
+        return error(404, f"no node {node_id}")  # someone else's: don't confirm it exists
+    requeued = 0
+    if services.store.revoke_node(node_id):
+        running = services.store.jobs_on_node(node_id)
+        services.scheduler.node_offline(node_id, "its owner removed it")
+        requeued = len(running)
+        services.sync_broker()
+        if services.bridge is not None:
+            for job in running:
+                services.bridge.cancel_on_node(node_id, job["id"], int(job["attempt"]))
+            services.bridge.dispatch()
+        log.info("node %s removed by %s; %d job(s) requeued", node_id, who.user_id, requeued)
+    row = services.store.node(node_id)
+    assert row is not None
+    return json_response(
+        {"id": node_id, "removed": True, "removed_at": row["revoked_at"], "requeued": requeued}
+    )
 
 
 async def ledger_audit(request: web.Request) -> web.Response:
@@ -507,6 +568,7 @@ async def openapi_doc(request: web.Request) -> web.Response:
 def add_routes(app: web.Application) -> None:
     r = app.router
     r.add_post("/api/v1/auth/token", exchange_token)
+    r.add_post("/api/v1/auth/node-token", exchange_node_token)
     r.add_post("/api/v1/users", create_user)
     r.add_get("/api/v1/wallet", wallet)
     r.add_get("/api/v1/wallet/history", wallet_history)
@@ -520,6 +582,7 @@ def add_routes(app: web.Application) -> None:
     r.add_post("/api/v1/nodes/enroll", enroll_node)
     r.add_get("/api/v1/nodes", list_nodes)
     r.add_get("/api/v1/nodes/{node_id}", get_node)
+    r.add_delete("/api/v1/nodes/{node_id}", remove_node)
     r.add_get("/api/v1/ledger/audit", ledger_audit)
     r.add_get("/api/v1/status", status)
     r.add_get("/api/v1/openapi.json", openapi_doc)

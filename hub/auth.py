@@ -1,6 +1,8 @@
 """Who is calling: API tokens are exchanged for short-lived JWTs, which every request carries.
 
-Roles: user, admin (issue 5 adds agent and node). Only the token's hash is stored.
+Roles: user and agent (a wallet each), admin (sees and may do everything), and node (a node
+speaking for itself, from the credentials in its node.json: it may read its own record and
+nothing else). Only the hashes of API tokens and node passwords are stored.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import jwt
 
 ALGORITHM = "HS256"
 ISSUER = "deparrow-hub"
+ROLES = ("user", "agent", "node", "admin")
 
 
 class AuthError(Exception):
@@ -26,6 +29,10 @@ class Identity:
     @property
     def is_admin(self) -> bool:
         return self.role == "admin"
+
+    @property
+    def is_node(self) -> bool:
+        return self.role == "node"
 
 
 def issue(secret: str, user_id: str, role: str, ttl_s: int) -> tuple[str, int]:
@@ -51,6 +58,8 @@ def verify(secret: str, token: str) -> Identity:
     sub, role = claims.get("sub"), claims.get("role")
     if not isinstance(sub, str) or not isinstance(role, str):
         raise AuthError("invalid token: missing subject or role")
+    if role not in ROLES:
+        raise AuthError(f"invalid token: unknown role {role!r}")
     return Identity(sub, role)
 
 

@@ -460,6 +460,8 @@ class Bridge:
         node = self.store.node(ident)
         if node is None:
             return self._drop(topic, f"unknown node {ident}")
+        if node["revoked_at"] is not None:  # an outside broker may still let it speak
+            return self._drop(topic, f"node {ident} was removed by its owner")
         now = time.time()
         if isinstance(msg, wire.Hello):
             self.store.update_node(

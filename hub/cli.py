@@ -506,7 +506,7 @@ def ledger_audit(obj: Ctx, as_json: bool) -> None:
 
 @main.group("node")
 def node_group() -> None:
-    """Nodes: list them, create enrollment tokens."""
+    """Nodes: list them, create enrollment tokens, remove them."""
 
 
 @node_group.command("list")
@@ -541,6 +541,21 @@ def node_token(obj: Ctx, as_json: bool) -> None:
         emit(t)
     else:
         click.echo(t["command"])
+
+
+@node_group.command("remove")
+@click.argument("node_id")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+@run_cli
+def node_remove(obj: Ctx, node_id: str, as_json: bool) -> None:
+    """Take a node off the network: its login stops working and its jobs go to other nodes.
+    Its history and earnings stay. To bring the machine back, enroll it again."""
+    out = obj.client().remove_node(node_id)
+    if as_json:
+        emit(out)
+    else:
+        click.echo(f"removed {node_id}; {out['requeued']} job(s) went back to the queue")
 
 
 @main.group("user")

@@ -137,6 +137,10 @@ class Client:
     def nodes(self) -> list[dict[str, Any]]:
         return list(self.request("GET", "/api/v1/nodes")["nodes"])
 
+    def remove_node(self, node_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.request("DELETE", f"/api/v1/nodes/{node_id}")
+        return result
+
     def enrollment_token(self) -> dict[str, Any]:
         result: dict[str, Any] = self.request("POST", "/api/v1/enrollment-tokens")
         return result

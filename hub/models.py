@@ -179,6 +179,13 @@ class TokenResponse(msgspec.Struct):
     role: str
 
 
+class NodeTokenRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """A node signs in with the id and MQTT password from its node.json."""
+
+    node_id: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    password: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+
+
 class CreateUser(msgspec.Struct, forbid_unknown_fields=True):
     name: Name
     role: Literal["user", "admin"] = "user"

@@ -15,6 +15,7 @@ _TYPES: list[Any] = [
     models.WalletView,
     models.TokenRequest,
     models.TokenResponse,
+    models.NodeTokenRequest,
     models.CreateUser,
     models.UserCreated,
     models.EnrollmentTokenView,
@@ -65,6 +66,15 @@ def document() -> dict[str, Any]:
         "/api/v1/auth/token": {
             "post": _op(
                 "Exchange an API token for a JWT", "TokenResponse", body="TokenRequest", auth=False
+            )
+        },
+        "/api/v1/auth/node-token": {
+            "post": _op(
+                "A node's id and MQTT password (from node.json) for a JWT with the node role: "
+                "it may read its own node record and nothing else",
+                "TokenResponse",
+                body="NodeTokenRequest",
+                auth=False,
             )
         },
         "/api/v1/users": {
@@ -207,7 +217,16 @@ def document() -> dict[str, Any]:
                 ),
                 "security": [{"bearer": []}, {"nodeBasic": []}],
                 "parameters": node_id,
-            }
+            },
+            "delete": {
+                **_op(
+                    "Remove a node (its owner or an admin): its broker login goes, its jobs go "
+                    "back to the queue, its history stays. Repeating it is harmless",
+                    None,
+                    errors=(401, 403, 404),
+                ),
+                "parameters": node_id,
+            },
         },
         "/api/v1/status": {
             "get": _op(
