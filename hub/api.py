@@ -304,7 +304,14 @@ async def submit_job(request: web.Request) -> web.Response:
     key = request.headers.get("Idempotency-Key")
     if key is not None and not (0 < len(key) <= 128):
         return error(400, "Idempotency-Key must be 1 to 128 characters", field="Idempotency-Key")
-    job = services.jobs.submit(who.user_id, spec, submit_key="rest:" + key if key else None)
+    submit_key = "rest:" + key if key else None
+    writer = services.writer
+    if writer is not None and writer.running:
+        # Through the writer: concurrent submissions share one durable commit (the hold and
+        # the queued job), and the answer is sent only once that commit is on disk.
+        job = await writer.run(lambda _c: services.jobs.submit(who.user_id, spec, submit_key))
+    else:
+        job = services.jobs.submit(who.user_id, spec, submit_key=submit_key)
     from hub import views
 
     views.notify(request.app, "job", {"id": job["id"], "state": job["state"]})

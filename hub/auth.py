@@ -8,6 +8,7 @@ nothing else). Only the hashes of API tokens and node passwords are stored.
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import jwt
@@ -46,7 +47,24 @@ def issue(secret: str, user_id: str, role: str, ttl_s: int) -> tuple[str, int]:
     return token, exp
 
 
+# Verified tokens, so a busy client's every request does not pay for the signature check
+# again: (secret, token) -> (identity, expiry). Bounded; an expired entry is never used.
+_VERIFIED: OrderedDict[tuple[str, str], tuple[Identity, int]] = OrderedDict()
+_VERIFIED_MAX = 4096
+
+
 def verify(secret: str, token: str) -> Identity:
+    hit = _VERIFIED.get((secret, token))
+    if hit is not None and hit[1] > time.time():
+        return hit[0]
+    who, exp = _verify(secret, token)
+    _VERIFIED[(secret, token)] = (who, exp)
+    if len(_VERIFIED) > _VERIFIED_MAX:
+        _VERIFIED.popitem(last=False)
+    return who
+
+
+def _verify(secret: str, token: str) -> tuple[Identity, int]:
     try:
         claims = jwt.decode(
             token, secret, algorithms=[ALGORITHM], issuer=ISSUER, options={"require": ["exp"]}
@@ -60,7 +78,7 @@ def verify(secret: str, token: str) -> Identity:
         raise AuthError("invalid token: missing subject or role")
     if role not in ROLES:
         raise AuthError(f"invalid token: unknown role {role!r}")
-    return Identity(sub, role)
+    return Identity(sub, role), int(claims["exp"])
 
 
 def bearer(header: str | None) -> str:
