@@ -155,6 +155,7 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
         tick_s=min(1.0, config.heartbeat_interval_s / 2),
         on_change=lambda kind, data: views.notify(app, kind, data),
     )
+    bridge.writer = services.writer  # one durable commit for messages and API writes
     if hub_password is not None:
         bridge.client.username_pw_set(mqtt_auth.HUB_USER, hub_password)
     try:
