@@ -25,6 +25,13 @@ NODE_IN = (ASSIGN, CANCEL)
 # Agent <-> hub.
 SUBMIT = "submit"  # agent -> hub, QoS 1
 REPLY = "reply"  # hub -> agent, QoS 1
+# Service calls between agents, through the hub (hub/agents.py, docs/agents.md).
+INVOKE = "invoke"  # caller agent -> hub, QoS 1: call a service; the outcome comes on `reply`
+CALL = "call"  # hub -> serving agent, QoS 1: a paid call to answer before its deadline
+RESPONSE = "response"  # serving agent -> hub, QoS 1: the answer to a call
+NOTICE = "notice"  # hub -> agent and its owner, QoS 1: e.g. its service job was stopped
+AGENT_OUT = (SUBMIT, INVOKE, RESPONSE)
+AGENT_IN = (REPLY, CALL, NOTICE)
 
 # Node states reported in heartbeats.
 IDLE = "idle"
@@ -46,6 +53,7 @@ MAX_HEARTBEAT = 16 * 1024
 MAX_EVENT = 16 * 1024
 MAX_RESULT = 2 * 1024 * 1024
 MAX_SUBMIT = 8 * 1024 * 1024
+MAX_CALL = 256 * 1024  # invoke and response: a service's input or output travels inline
 
 
 def node_topic(node_id, kind):
@@ -248,3 +256,33 @@ def submit(request_id, token, spec):
 
 def reply(request_id, ok, body):
     return {"v": VERSION, "request_id": request_id, "ok": ok, "body": body}
+
+
+def invoke(request_id, token, service_id, input, timeout_s=None):
+    """A caller agent's service call; token is the caller's API token (it pays)."""
+    msg = {"v": VERSION, "request_id": request_id, "token": token, "service": service_id,
+           "input": input}  # fmt: skip
+    if timeout_s is not None:
+        msg["timeout_s"] = timeout_s
+    return msg
+
+
+def call(call_id, service_id, service, caller, input, price, deadline_ms):
+    """A call for the serving agent to answer before deadline_ms (ms since the epoch)."""
+    return {"v": VERSION, "call_id": call_id, "service_id": service_id, "service": service,
+            "caller": caller, "input": input, "price": price,
+            "deadline_ms": deadline_ms}  # fmt: skip
+
+
+def response(call_id, token, ok, output=None, error=None):
+    """The serving agent's answer: ok with an output, or not ok with an error message."""
+    msg = {"v": VERSION, "call_id": call_id, "token": token, "ok": ok}
+    if ok:
+        msg["output"] = output
+    else:
+        msg["error"] = error or "failed"
+    return msg
+
+
+def notice(agent_id, kind, message, ref=None):
+    return {"v": VERSION, "agent": agent_id, "kind": kind, "message": message, "ref": ref}

@@ -14,6 +14,12 @@ CANCEL: Final[str]
 NODE_IN: Final[tuple[str, ...]]
 SUBMIT: Final[str]
 REPLY: Final[str]
+INVOKE: Final[str]
+CALL: Final[str]
+RESPONSE: Final[str]
+NOTICE: Final[str]
+AGENT_OUT: Final[tuple[str, ...]]
+AGENT_IN: Final[tuple[str, ...]]
 IDLE: Final[str]
 BUSY: Final[str]
 SUSPENDED: Final[str]
@@ -29,6 +35,7 @@ MAX_HEARTBEAT: Final[int]
 MAX_EVENT: Final[int]
 MAX_RESULT: Final[int]
 MAX_SUBMIT: Final[int]
+MAX_CALL: Final[int]
 
 Msg = dict[str, Any]
 
@@ -68,3 +75,19 @@ def assign(
 def cancel(job_id: str, attempt: int) -> Msg: ...
 def submit(request_id: str, token: str, spec: Msg) -> Msg: ...
 def reply(request_id: str, ok: bool, body: Msg) -> Msg: ...
+def invoke(
+    request_id: str, token: str, service_id: str, input: Any, timeout_s: float | None = None
+) -> Msg: ...
+def call(
+    call_id: str,
+    service_id: str,
+    service: str,
+    caller: str,
+    input: Any,
+    price: str,
+    deadline_ms: int,
+) -> Msg: ...
+def response(
+    call_id: str, token: str, ok: bool, output: Any = None, error: str | None = None
+) -> Msg: ...
+def notice(agent_id: str, kind: str, message: str, ref: str | None = None) -> Msg: ...

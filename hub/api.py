@@ -366,8 +366,12 @@ async def cancel_job(request: web.Request) -> web.Response:
     who = identity(request)
     services = _services(request)
     job, node = services.jobs.cancel(who.user_id, request.match_info["job_id"], who.is_admin)
-    if node and services.bridge is not None:
-        services.bridge.cancel_on_node(node, job["id"], int(job["attempt"]))
+    stop = services.jobs.take_cancels()  # a verified job's replicas on their nodes
+    if node:
+        stop.append((node, job["id"], int(job["attempt"])))
+    if services.bridge is not None:
+        for node_id, job_id, attempt in stop:
+            services.bridge.cancel_on_node(node_id, job_id, attempt)
     return json_response(services.jobs.view(job))
 
 

@@ -15,7 +15,8 @@ import aiohttp_jinja2
 import jinja2
 from aiohttp import web
 
-from hub import api, mqtt_auth, views
+from hub import agents_api, api, mqtt_auth, views
+from hub.agents import Agents
 from hub.broker import ChildBroker, choose, free_port
 from hub.config import HubConfig
 from hub.db import Database
@@ -39,6 +40,7 @@ class Services:
     ledger: Ledger
     jobs: Jobs
     scheduler: Scheduler
+    agents: Agents
     bridge: Any = None  # hub.bridge.Bridge once connected
     writer: Any = None  # hub.writer.Writer: group commit for API-initiated movements
     broker: ChildBroker | None = None
@@ -89,7 +91,7 @@ def open_services(config: HubConfig) -> Services:
     store = Store(db)
     jobs = Jobs(config, db, store, ledger)
     scheduler = Scheduler(config, store, jobs)
-    return Services(config, db, store, ledger, jobs, scheduler)
+    return Services(config, db, store, ledger, jobs, scheduler, Agents(db, store, ledger))
 
 
 def bootstrap_admin(services: Services) -> None:
@@ -154,6 +156,7 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
         services.scheduler,
         tick_s=min(1.0, config.heartbeat_interval_s / 2),
         on_change=lambda kind, data: views.notify(app, kind, data),
+        agents=services.agents,
     )
     bridge.writer = services.writer  # one durable commit for messages and API writes
     if hub_password is not None:
@@ -169,6 +172,9 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
     # before it is judged offline, instead of judging it by a heartbeat from before the restart.
     services.store.touch_nodes()
     bridge.resend_assignments()
+    services.agents.attach(bridge.publish)
+    services.agents.tick()  # calls whose deadline passed while the hub was down: refunded
+    services.agents.resend_pending()
     resync = asyncio.create_task(_keep_broker_in_sync(services))
     try:
         yield
@@ -176,6 +182,7 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
         resync.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await resync
+        services.agents.attach(None)
         await bridge.stop()
         await services.writer.stop()  # drains: every accepted movement is committed first
         if services.broker is not None:
@@ -198,6 +205,7 @@ def create_app(config: HubConfig, services: Services | None = None) -> web.Appli
         autoescape=True,
     )
     api.add_routes(app)
+    agents_api.add_routes(app)
     views.add_routes(app)
     app.cleanup_ctx.append(_services_ctx)
     return app

@@ -39,6 +39,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from edge import protocol
 from hub import economy, wire
+from hub.agents import Agents
 from hub.jobs import JobConflict, JobError, Jobs
 from hub.ledger import InsufficientFunds, format_micro
 from hub.models import JobSpec, error_field
@@ -54,6 +55,8 @@ SIZE_LIMITS = {
     protocol.EVENT: protocol.MAX_EVENT,
     protocol.RESULT: protocol.MAX_RESULT,
     protocol.SUBMIT: protocol.MAX_SUBMIT,
+    protocol.INVOKE: protocol.MAX_CALL,
+    protocol.RESPONSE: protocol.MAX_CALL,
 }
 
 
@@ -101,6 +104,7 @@ class Bridge:
         tick_s: float = 1.0,
         on_change: Callable[[str, dict[str, Any]], None] | None = None,
         max_batch: int = 64,
+        agents: Agents | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, not {max_batch}")
@@ -108,6 +112,7 @@ class Bridge:
         self.store = store
         self.jobs = jobs
         self.scheduler = scheduler
+        self.agents = agents  # service calls between agents (hub/agents.py)
         self.tick_s = tick_s
         self.on_change = on_change
         self.max_batch = max_batch
@@ -269,6 +274,7 @@ class Bridge:
             return
         subs = [(protocol.node_topic("+", kind), 1) for kind in protocol.NODE_OUT]
         subs.append((protocol.agent_topic("+", protocol.SUBMIT), 1))
+        subs += [(protocol.agent_topic("+", k), 1) for k in (protocol.INVOKE, protocol.RESPONSE)]
         client.subscribe(subs)
         if self._reconnecting is not None or self._tasks:
             log.info("hub reconnected to the MQTT broker")
@@ -403,12 +409,22 @@ class Bridge:
         if topic == _TICK:
             self._tick_queued = False
             self._tick()
+            for node_id, job_id, attempt in self.jobs.take_cancels():
+                self.cancel_on_node(node_id, job_id, attempt)
             return "tick"
         if topic == _PASS:
             self._pass_queued = False
             self._pass_wanted = True
             return "pass"
-        return self.handle(topic, payload)
+        try:
+            outcome = self.handle(topic, payload)
+        except Exception:
+            self.jobs.take_cancels()  # decided in what is rolled back: they never happened
+            raise
+        # Replicas a verdict made useless (also any an API call left): stop them.
+        for node_id, job_id, attempt in self.jobs.take_cancels():
+            self.cancel_on_node(node_id, job_id, attempt)
+        return outcome
 
     async def _ticker(self) -> None:
         while True:
@@ -424,6 +440,8 @@ class Bridge:
             log.info("service job %s stopped: its owner cannot pay on", job_id)
             self.cancel_on_node(node_id, job_id, attempt)
             self._changed("job", {"id": job_id, "state": "cancelled"})
+        if self.agents is not None:
+            self.agents.tick()  # calls past their deadline are refunded
         self._pass_wanted = True
 
     def dispatch(self) -> None:
@@ -493,8 +511,10 @@ class Bridge:
         if len(payload) > limit:
             return self._drop(topic, f"{len(payload)} bytes is over the {limit}-byte limit")
         if space == "agents":
+            if kind in (protocol.INVOKE, protocol.RESPONSE) and self.agents is not None:
+                return self.agents.handle(ident, kind, payload)
             if kind != protocol.SUBMIT:
-                return self._drop(topic, "agents may only publish submit")
+                return self._drop(topic, "agents may only publish submit, invoke and response")
             return self._on_submit(topic, ident, payload)
         if not payload and kind == protocol.STATUS:
             return "ignored: retained status cleared"
@@ -522,7 +542,7 @@ class Bridge:
             )
             for job in self.store.jobs_on_node(ident):
                 if job["id"] not in msg.running:
-                    self.jobs.requeue(job, f"node {ident} restarted; waiting for another")
+                    self.jobs.node_failed(job, f"node {ident} restarted without it")
             self._changed("node", {"id": ident, "state": protocol.IDLE})
             self.dispatch()
             return "hello"

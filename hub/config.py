@@ -40,6 +40,9 @@ class HubConfig:
     result_grace_s: float = 30.0
     # A job no node has taken within this long fails and its hold is refunded.
     queue_ttl_s: float = 3600.0
+    # Attempts of a job its nodes may lose (offline, restarted, silent, executor broke) before
+    # it fails and is refunded; each lost attempt is retried on another node.
+    max_attempts: int = 3
     enrollment_ttl_s: int = 24 * 3600
 
     @property

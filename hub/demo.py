@@ -169,3 +169,51 @@ def run_demo(as_json: bool, keep: bool, broker: str, echo: Callable[[str], None]
     else:
         echo("demo " + ("passed" if ok else "FAILED"))
     return ok
+
+
+def run_agents_demo(as_json: bool, keep: bool, broker: str, echo: Callable[[str], None]) -> bool:
+    """`deparrow demo --agents`: a hub (service periods of 2 s) and two nodes, then the example
+    economy of examples/agents/ (deparrow.examples.economy): a seller of a Wasm-backed service,
+    a buyer, and an agent that pays for its own service job until it is broke. Ends with the
+    ledger audit; exit 0 only when the loop checked out and the books balance."""
+    from deparrow import DeparrowError
+    from deparrow.examples.economy import run_economy
+
+    tmp = Path(tempfile.mkdtemp(prefix="deparrow-agents-demo-"))
+    procs: list[Proc] = []
+    report: dict[str, Any] = {"ledger_balanced": False, "data_dir": str(tmp)}
+    ok = False
+    try:
+        echo(f"starting a hub (data in {tmp})")
+        hub = LocalHub(tmp / "hub", broker=broker, heartbeat_s=0.5,
+                       extra=("--service-period", "2"))  # fmt: skip
+        procs.append(hub.proc)
+        report["broker"] = hub.admin.status()["broker"]["kind"]
+        _, owner_client = hub.user("node-owner")
+        alice, _ = hub.user("alice")
+        for i in (1, 2):
+            procs.append(hub.start_node(owner_client, tmp / f"node{i}", f"demo-node-{i}"))
+        echo(f"hub up on {hub.url} ({report['broker']} broker), two nodes online")
+        report.update(run_economy(hub.url, alice["token"], echo))
+        audit = hub.admin.audit()
+        report["ledger_balanced"] = bool(audit["balanced"])
+        report["balances"] = {a["id"]: a["balance"] for a in audit["accounts"]}
+        echo("ledger " + ("balanced: all accounts sum to zero" if audit["balanced"]
+                          else f"NOT balanced: {audit}"))  # fmt: skip
+        ok = bool(report["ok"]) and report["ledger_balanced"]
+    except (HubError, RuntimeError, DeparrowError) as e:
+        report["error"] = str(e)
+        echo(f"demo failed: {e}")
+    finally:
+        for p in reversed(procs):
+            p.stop()
+        if not keep and ok:
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif not ok:
+            echo(f"logs kept in {tmp}")
+    report["ok"] = ok
+    if as_json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+    else:
+        echo("agents demo " + ("passed" if ok else "FAILED"))
+    return ok

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from hub.ledger import MICRO
 
+REVENUE = "revenue"  # the network's account: high-priority premiums, dissenting replicas' shares
 SECONDS_PER_HOUR = 3600
 MILLI = 1000  # CPU is specified in milli-CPUs (1000 = one CPU-equivalent)
 

@@ -19,11 +19,13 @@ import msgspec
 
 import wasm_jobs
 from edge import protocol
-from hub import economy
+from hub import economy, reputation, verification
 from hub.config import HubConfig
 from hub.db import Database
-from hub.ledger import MICRO, InsufficientFunds, Ledger, format_micro, hold_id
+from hub.economy import REVENUE
+from hub.ledger import MICRO, InsufficientFunds, Ledger, format_micro, hold_id, wallet_id
 from hub.models import DockerEngine, JobSpec, WasmEngine
+from hub.replicas import LIVE, Replicas
 from hub.store import Store, new_id
 
 
@@ -50,10 +52,7 @@ class JobConflict(JobError):
 
 
 def wallet_of(user_id: str) -> str:
-    return "wallet:" + user_id
-
-
-REVENUE = "revenue"
+    return wallet_id(user_id)
 
 
 def engine_message(spec: JobSpec) -> dict[str, Any]:
@@ -84,7 +83,15 @@ class Jobs:
         self.db = db
         self.store = store
         self.ledger = ledger
+        self.max_attempts = config.max_attempts
+        self.replicas = Replicas(db, store, ledger, self._proved)
         ledger.open_account(REVENUE, "revenue")
+
+    def take_cancels(self) -> list[tuple[str, str, int]]:
+        """(node, job, attempt) of replicas to stop on their nodes, decided since last asked:
+        send them once the transaction that decided them has committed."""
+        out, self.replicas.cancels = self.replicas.cancels, []
+        return out
 
     # --- references --------------------------------------------------------------
     def resolve_ref(self, ref: str, field: str, limit: int) -> str:
@@ -112,6 +119,35 @@ class Jobs:
         return self.store.put_blob(data)
 
     # --- admission ----------------------------------------------------------------
+    @staticmethod
+    def replicas_of(spec: JobSpec) -> int:
+        """k from `verify: {replicas: k}` (1 without it), or JobError saying what is wrong."""
+        if spec.verify is None:
+            return 1
+        k = spec.verify.replicas
+        top = verification.MAX_REPLICAS
+        if not 1 <= k <= top:
+            raise JobError(
+                f"verify.replicas: {k} is not between 1 and {top}; 3 is usual (2 of 3 must"
+                " agree), 5 tolerates two wrong nodes",
+                "verify.replicas",
+            )
+        if not isinstance(spec.engine, WasmEngine):
+            kind = "docker" if isinstance(spec.engine, DockerEngine) else "native"
+            raise JobError(
+                f"verify: only wasm jobs can be verified, not {kind}: replicas are compared"
+                f" byte for byte, and a {kind} job may read the clock, random numbers or the"
+                " network, so honest nodes would disagree. Drop `verify` or use a wasm module",
+                "verify",
+            )
+        if spec.type == "service":
+            raise JobError(
+                "verify: a service runs until stopped and has no single result to compare;"
+                " only batch jobs can be verified",
+                "verify",
+            )
+        return k
+
     def submit(self, owner: str, spec: JobSpec, submit_key: str | None = None) -> sqlite3.Row:
         """Validate, price on the server, hold the maximum, queue. InsufficientFunds: nothing
         is stored. A retried submission with the same key returns the first job."""
@@ -134,6 +170,7 @@ class Jobs:
         module: str | None = None
         if spec.gas is not None and not isinstance(spec.engine, WasmEngine):
             raise JobError("gas: a gas budget applies to wasm jobs only", "gas")
+        k = self.replicas_of(spec)
         if isinstance(spec.engine, WasmEngine):
             limit = self.config.max_module_bytes
             module = self.resolve_ref(spec.engine.module, "engine.module", limit)
@@ -151,35 +188,54 @@ class Jobs:
         if service:  # one period held ahead (or the whole lifetime, when shorter)
             period = min(spec.timeout, self.config.service_period_s)
             price = economy.period_price(spec.cpu_milli, period, spec.priority)
-        else:
-            price = economy.max_price(spec.cpu_milli, spec.timeout, spec.priority)
+        else:  # a verified job holds the maximum of each of its k replicas
+            price = k * economy.max_price(spec.cpu_milli, spec.timeout, spec.priority)
         job_id = new_id("j")
+        now = time.time()
+        insert = (
+            "INSERT INTO jobs (id, owner, name, spec, state, priority, cpu_milli, memory_mb,"
+            " timeout_s, module_sha256, input_sha256, hold, submitted_at, submit_key, reason,"
+            " kind, replicas, parent, replica)"
+            " VALUES (?,?,?,?,'queued',?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+        )
+
+        def values(
+            rid: str, hold: int, key: str | None, why: str, parent: str | None, n: int | None
+        ) -> tuple[Any, ...]:
+            return (
+                rid,
+                owner,
+                spec.name,
+                msgspec.json.encode(spec).decode(),
+                spec.priority,
+                spec.cpu_milli,
+                spec.resources.memory_mb,
+                spec.timeout,
+                module,
+                stdin,
+                hold,
+                now,
+                key,
+                why,
+                spec.type,
+                k if parent is None else 1,
+                parent,
+                n,
+            )
+
         with self.db.transaction() as c:
             self.ledger.place_hold(
                 job_id, wallet_of(owner), price, reason=f"hold for job {job_id} ({spec.name})"
             )
-            c.execute(
-                "INSERT INTO jobs (id, owner, name, spec, state, priority, cpu_milli, memory_mb,"
-                " timeout_s, module_sha256, input_sha256, hold, submitted_at, submit_key, reason,"
-                " kind) VALUES (?,?,?,?,'queued',?,?,?,?,?,?,?,?,?,?,?)",
-                (
-                    job_id,
-                    owner,
-                    spec.name,
-                    msgspec.json.encode(spec).decode(),
-                    spec.priority,
-                    spec.cpu_milli,
-                    spec.resources.memory_mb,
-                    spec.timeout,
-                    module,
-                    stdin,
-                    price,
-                    time.time(),
-                    owner + ":" + submit_key if submit_key else None,  # one key space per owner
-                    "waiting for an idle node",
-                    spec.type,
-                ),
-            )
+            key = owner + ":" + submit_key if submit_key else None  # one key space per owner
+            why = "waiting for an idle node"
+            if k > 1:
+                why = f"waiting for {k} idle nodes of distinct owners"
+            c.execute(insert, values(job_id, price, key, why, None, None))
+            if k > 1:
+                for n in range(1, k + 1):  # the replicas, placed by the scheduler
+                    rid = new_id("j")
+                    c.execute(insert, values(rid, 0, None, "waiting for an idle node", job_id, n))
         row = self.store.job(job_id)
         assert row is not None
         return row
@@ -196,6 +252,12 @@ class Jobs:
             )
             if cur.rowcount != 1:
                 return None
+            if job["parent"] is not None:  # a replica: its verified job is under way
+                c.execute(
+                    "UPDATE jobs SET state = 'running', assigned_at = ?, reason = NULL"
+                    " WHERE id = ? AND state = 'queued'",
+                    (time.time(), job["parent"]),
+                )
         return Assignment(node_id, self.assign_message(job["id"]))
 
     def assign_message(self, job_id: str) -> dict[str, Any]:
@@ -281,11 +343,18 @@ class Jobs:
             # the current period it ran; earlier periods were paid as they ended.
             self._settle_service(job, node, wall_ms, result, now)
             return "settled"
+        if msg["state"] == protocol.COMPLETED and job["parent"] is not None:
+            self.replicas.record(job, wall_ms, result, int(msg["exit_code"]), str(msg["digest"]))
+            return "replica recorded"
         if msg["state"] == protocol.COMPLETED:
             self._settle(job, node, wall_ms, result)
             return "settled"
-        self._fail(job, str(msg.get("error") or "failed"), result)
-        return "refunded"
+        error = str(msg.get("error") or "failed")
+        if verification.node_caused(error):  # the node's fault: another node may do better
+            self.node_failed(job, f"node {node_id} could not run it ({error})")
+            return "retrying: node error"
+        self._fail(job, error, result)
+        return "refunded" if job["parent"] is None else "replica failed"
 
     def _settle(
         self, job: sqlite3.Row, node: sqlite3.Row, wall_ms: int, result: dict[str, Any]
@@ -306,14 +375,23 @@ class Jobs:
             if cur.rowcount != 1:
                 return
             self.ledger.close_hold(job["id"], payouts, reason="job completed " + job["id"])
-            c.execute("UPDATE nodes SET earned = earned + ? WHERE id = ?", (pay, node["id"]))
-            if job["owner"] != node["owner"]:
-                first = c.execute(
-                    "UPDATE nodes SET proved_at = ? WHERE id = ? AND proved_at IS NULL",
-                    (time.time(), node["id"]),
-                )
-                if first.rowcount == 1:
-                    self._referral_bonus(node, job["owner"])
+            # What it earned and the reputation it gained: one statement on the hot path.
+            rep, weight = reputation.assignment("completed")
+            c.execute(
+                f"UPDATE nodes SET earned = earned + ?, {rep} WHERE id = ?",
+                (pay, weight, node["id"]),
+            )
+            self._proved(node, job["owner"])
+
+    def _proved(self, node: sqlite3.Row, job_owner: str) -> None:
+        """A node's first job for someone else, signed and paid: its referral bonus is due."""
+        if job_owner != node["owner"]:
+            first = self.db.conn.execute(
+                "UPDATE nodes SET proved_at = ? WHERE id = ? AND proved_at IS NULL",
+                (time.time(), node["id"]),
+            )
+            if first.rowcount == 1:
+                self._referral_bonus(node, job_owner)
 
     # --- service jobs: billed per period ------------------------------------------
     def _period_s(self, job: sqlite3.Row) -> int:
@@ -511,6 +589,21 @@ class Jobs:
             return due
 
     def _fail(self, job: sqlite3.Row, reason: str, result: dict[str, Any] | None) -> None:
+        if job["replicas"] > 1:  # a verified job: its replicas stop with it
+            with self.db.transaction():
+                self.replicas.end(job, "failed", reason)
+            return
+        if job["parent"] is not None:  # a replica: no hold of its own; the replicas decide
+            with self.db.transaction() as c:
+                cur = c.execute(
+                    "UPDATE jobs SET state = 'failed', cost = 0, result = ?, finished_at = ?,"
+                    " reason = ?, verdict = 'failed', paid = 0"
+                    " WHERE id = ? AND state IN ('queued', 'assigned', 'running')",
+                    (json.dumps(result) if result else None, time.time(), reason, job["id"]),
+                )
+                if cur.rowcount == 1:
+                    self.replicas.decide(str(job["parent"]))
+            return
         with self.db.transaction() as c:
             cur = c.execute(
                 "UPDATE jobs SET state = 'failed', cost = COALESCE(cost, 0), result = ?,"
@@ -526,6 +619,39 @@ class Jobs:
         job = self.store.job(job_id)
         if job is not None:
             self._fail(job, reason, None)
+
+    def node_failed(self, job: sqlite3.Row, why: str) -> bool:
+        """The node lost this attempt of the job (offline, restarted, silent past the timeout,
+        or its executor broke): not the job's fault. The node's reputation drops, and the job
+        goes back to the queue for another node, until `max_attempts` attempts were lost;
+        then it fails and its hold is refunded. Nobody was paid for a lost attempt, so the hold
+        covers every retry. False when the attempt had already ended (a replay)."""
+        row = self.store.job(job["id"])
+        if row is None or row["attempt"] != job["attempt"] or row["state"] not in LIVE[1:]:
+            return False
+        tries = json.loads(row["tries"] or "[]")
+        tries.append({"attempt": row["attempt"], "node": row["node"], "outcome": why,
+                      "at": time.time()})  # fmt: skip
+        lost = int(row["failures"]) + 1
+        with self.db.transaction() as c:
+            cur = c.execute(
+                "UPDATE jobs SET failures = ?, tries = ? WHERE id = ? AND attempt = ?"
+                " AND state IN ('assigned', 'running')",
+                (lost, json.dumps(tries), row["id"], row["attempt"]),
+            )
+            if cur.rowcount != 1:
+                return False
+            if row["node"] is not None:
+                reputation.record(c, str(row["node"]), "lost")
+            if lost >= self.max_attempts:
+                self._fail(row, f"{lost} attempts lost by their nodes, the last: {why}", None)
+            else:
+                self.requeue(
+                    row,
+                    f"{why}; retrying on another node"
+                    f" (attempt {lost + 1} of at most {self.max_attempts})",
+                )
+        return True
 
     def requeue(self, job: sqlite3.Row, reason: str) -> bool:
         """Put an assigned job back in the queue (its node went away); the hold stays."""
@@ -545,6 +671,17 @@ class Jobs:
             raise JobNotFound(f"no job {job_id}")
         if job["owner"] != user_id and not is_admin:
             raise JobNotFound(f"no job {job_id}")  # someone else's: don't confirm it exists
+        if job["parent"] is not None:
+            raise JobError(
+                f"{job_id} is replica {job['replica']} of job {job['parent']}:"
+                f" cancel {job['parent']}, which stops all its replicas"
+            )
+        if job["replicas"] > 1:
+            with self.db.transaction():
+                self.replicas.end(job, "cancelled", "cancelled by its owner")
+            row = self.store.job(job_id)
+            assert row is not None
+            return row, None
         node = job["node"] if job["state"] in ("assigned", "running") else None
         now = time.time()
         with self.db.transaction() as c:
@@ -569,6 +706,18 @@ class Jobs:
     # --- views ----------------------------------------------------------------------
     def view(self, job: sqlite3.Row) -> dict[str, Any]:
         result = json.loads(job["result"]) if job["result"] else None
+        verified = self.replicas.view(job)
+        reason = job["reason"]
+        if verified is not None and reason is None and job["state"] in LIVE:
+            # Under way: say why a replica still waits, if one does.
+            reason = next(
+                (
+                    f"replica {r['replica']}: {r['reason']}"
+                    for r in self.store.replicas(job["id"])
+                    if r["state"] == "queued" and r["reason"]
+                ),
+                None,
+            )
         return {
             "id": job["id"],
             "name": job["name"],
@@ -579,7 +728,7 @@ class Jobs:
             "priority": job["priority"],
             "hold": format_micro(int(job["hold"])),
             "cost": format_micro(int(job["cost"])) if job["cost"] is not None else None,
-            "reason": job["reason"],
+            "reason": reason,
             "timings": {
                 "submitted_at": job["submitted_at"],
                 "assigned_at": job["assigned_at"],
@@ -589,6 +738,13 @@ class Jobs:
             "result": result,
             "spec": json.loads(job["spec"]),
             "billing": self._billing_view(job),
+            "retries": {
+                "max_attempts": self.max_attempts,
+                "node_failures": job["failures"],
+                "history": json.loads(job["tries"] or "[]"),
+            },
+            "verification": verified,
+            "replica_of": job["parent"],
         }
 
     def _billing_view(self, job: sqlite3.Row) -> dict[str, Any] | None:

@@ -65,6 +65,15 @@ class Resources(msgspec.Struct, forbid_unknown_fields=True):
     gpu: Annotated[int, msgspec.Meta(ge=0, le=64)] = 0
 
 
+class Verify(msgspec.Struct, forbid_unknown_fields=True):
+    """Run the job on `replicas` nodes of distinct owners and take the majority's result.
+    The bounds (1..5) are checked by the hub with a message that says why (hub/jobs.py)."""
+
+    replicas: Annotated[
+        int, msgspec.Meta(description="1 to 5; a strict majority must agree (2 of 3, 3 of 5)")
+    ]
+
+
 class JobSpec(msgspec.Struct, forbid_unknown_fields=True):
     engine: Engine
     name: Name = "job"
@@ -80,6 +89,8 @@ class JobSpec(msgspec.Struct, forbid_unknown_fields=True):
     # A gas budget for a wasm module instrumented with metering.usegas (docs/edge.md).
     gas: Annotated[int, msgspec.Meta(ge=1, le=10**15)] | None = None
     constraints: dict[str, str] = {}
+    # Verification by replicas: deterministic (wasm) batch jobs only (docs/economy.md).
+    verify: Verify | None = None
 
     @property
     def cpu_milli(self) -> int:
@@ -121,6 +132,42 @@ class JobView(msgspec.Struct):
     result: JobResult | None
     spec: dict[str, Any]
     billing: ServiceBilling | None = None  # service jobs only
+    retries: Retries | None = None  # attempts its nodes lost, and how many may be lost
+    verification: Verification | None = None  # jobs with verify.replicas > 1 only
+    replica_of: str | None = None  # a replica: the verified job it belongs to
+
+
+class Try(msgspec.Struct):
+    attempt: int
+    node: str | None
+    outcome: str  # what ended it, in words
+    at: float
+
+
+class Retries(msgspec.Struct):
+    max_attempts: int  # attempts a job may lose to its nodes before it fails
+    node_failures: int  # attempts lost so far (node offline, restarted, silent, crashed)
+    history: list[Try]  # each lost attempt, oldest first
+
+
+class ReplicaView(msgspec.Struct):
+    job: str  # the replica's own id (GET /api/v1/jobs/<id> shows it)
+    replica: int  # 1..k
+    state: str
+    node: str | None
+    attempt: int
+    result_hash: str | None  # sha256 of its result (docs/protocol.md, "Verification")
+    verdict: str | None  # agreed | dissented | failed | no quorum | cancelled
+    paid: str | None  # credits its node's owner was paid
+    cost: str | None  # credits the submitter paid for it
+
+
+class Verification(msgspec.Struct):
+    replicas: int  # k
+    quorum: int  # results that must agree: a strict majority of k
+    outcome: str  # pending | agreed | no quorum | cancelled
+    result_hash: str | None  # the agreed result's hash
+    runs: list[ReplicaView]
 
 
 class ServiceBilling(msgspec.Struct):
@@ -246,6 +293,7 @@ class NodeView(msgspec.Struct):
     running: list[str]
     earned: str
     uptime_s: int
+    reputation: float | None = None  # 0..1, 0.5 for a new node (docs/economy.md)
 
 
 class ErrorBody(msgspec.Struct):

@@ -57,8 +57,10 @@ def _op(
 
 
 def document() -> dict[str, Any]:
+    from hub import agents_api  # imports hub.api, which imports this module
+
     _, components = msgspec.json.schema_components(
-        _TYPES, ref_template="#/components/schemas/{name}"
+        _TYPES + agents_api.API_TYPES, ref_template="#/components/schemas/{name}"
     )
     job_id = [{"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}]
     node_id = [{"name": "node_id", "in": "path", "required": True, "schema": {"type": "string"}}]
@@ -237,6 +239,7 @@ def document() -> dict[str, Any]:
             )
         },
         "/api/v1/openapi.json": {"get": _op("This document", None, errors=(), auth=False)},
+        **agents_api.openapi_paths(_op),
     }
     return {
         "openapi": "3.1.0",

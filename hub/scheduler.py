@@ -2,9 +2,9 @@
 
 Eligible: online, idle (not busy, not suspended by its owner's activity), speaks the job's
 engine, offers enough CPU and RAM, and runs nothing else. High priority first, then oldest.
-Among the nodes that fit, the most reputable and cheapest first when the registry records
-reputation and price, else the longest enrolled. When nothing fits, the job's `reason` says
-why, so the submitter is not left guessing.
+Among the nodes that fit, the most reputable first (hub/reputation.py), then the longest
+enrolled. The replicas of a verified job go to nodes of distinct owners. When nothing fits,
+the job's `reason` says why, so the submitter is not left guessing.
 
 A pass decides first (`plan()`, which writes nothing) and then commits every decision in one
 transaction (`schedule()`). It is built for fleets: about O(nodes log nodes + jobs +
@@ -40,6 +40,7 @@ class Offer(NamedTuple):
     engines: frozenset[str]
     cpu: float
     memory_mb: int
+    owner: str
 
 
 @functools.lru_cache(maxsize=4096)
@@ -63,7 +64,7 @@ def offer(node: sqlite3.Row) -> Offer:
     engines, cpu, mem = _capacity(
         node["resources"], node["engines"], node["cpu"], node["memory_mb"]
     )
-    return Offer(node["id"], node["state"] == protocol.IDLE, engines, cpu, mem)
+    return Offer(node["id"], node["state"] == protocol.IDLE, engines, cpu, mem, node["owner"])
 
 
 def _misfit(engine: str, job: sqlite3.Row, node: Offer) -> str | None:
@@ -144,29 +145,23 @@ class _Free:
         self._cursor[key] = i
         return candidates[i] if i < end else None
 
+    def pick_apart(
+        self, engine: str, cpu_milli: int, memory_mb: int, owners: set[str]
+    ) -> int | None:
+        """Like pick, for a replica: the preferred free node whose owner is not in `owners`
+        (the owners of its sibling replicas). A plain scan: verified jobs are few, and the
+        cursors of pick() must not skip nodes that were only unfit for this job's owners."""
+        cpu = cpu_milli / 1000
+        nodes, taken = self.nodes, self._taken
+        for c in self._by_engine.get(engine, ()):
+            n = nodes[c]
+            if not taken[c] and n.owner not in owners and n.cpu >= cpu and n.memory_mb >= memory_mb:
+                return c
+        return None
+
     def take(self, index: int) -> None:
         self._taken[index] = 1
         self.left -= 1
-
-
-def _preference(nodes: list[sqlite3.Row]) -> list[sqlite3.Row]:
-    """Nodes in the order jobs should go to them: higher reputation, then lower price, when the
-    registry records them (columns `reputation` and `price`); else enrollment order."""
-    if not nodes:
-        return nodes
-    cols = set(nodes[0].keys())
-    rep = "reputation" in cols
-    price = "price" in cols
-    if not (rep or price):
-        return nodes
-
-    def rank(n: sqlite3.Row) -> tuple[float, float]:
-        return (
-            -float(n["reputation"] or 0) if rep else 0.0,
-            float(n["price"] or 0) if price else 0.0,
-        )
-
-    return sorted(nodes, key=rank)  # stable: ties keep enrollment order
 
 
 class Plan(NamedTuple):
@@ -181,8 +176,6 @@ class Scheduler:
         self.config = config
         self.store = store
         self.jobs = jobs
-        self._node_columns: str | None = None  # the registry's, read once (migrations ran)
-        self._node_filter = ""
 
     def offline_after_s(self) -> float:
         return self.config.heartbeat_interval_s * self.config.missed_beats_offline
@@ -191,16 +184,17 @@ class Scheduler:
         """Decide, without writing anything: which queued job goes to which idle node, and
         why each of the others waits. The matching half of a pass (bench/market.py times it
         on its own)."""
+        # A verified job (replicas > 1) is never placed itself: its replicas are.
         queued = self.store.db.query(
-            "SELECT id, attempt, cpu_milli, memory_mb, reason,"
+            "SELECT id, attempt, cpu_milli, memory_mb, reason, parent,"
             " json_extract(spec, '$.engine.type') AS engine"
-            " FROM jobs WHERE state = 'queued'"
+            " FROM jobs WHERE state = 'queued' AND replicas = 1"
             " ORDER BY CASE priority WHEN 'high' THEN 0 ELSE 1 END, submitted_at"
         )
         plan = Plan([], [])
         if not queued:
             return plan
-        online = [offer(n) for n in _preference(self._online_nodes())]
+        online = [offer(n) for n in self._online_nodes()]
         busy = {
             r["node"]
             for r in self.store.db.query(
@@ -210,10 +204,20 @@ class Scheduler:
         free = _Free([n for n in online if n.idle and n.id not in busy])
         capable = Capabilities(online)
         whys: dict[tuple[str, int, int], str] = {}
+        apart: dict[str, set[str]] | None = None  # verified job -> owners of its replicas
         for job in queued:
             engine = str(job["engine"] or "unknown")
             cpu_milli, memory_mb = int(job["cpu_milli"]), int(job["memory_mb"])
-            pick = free.pick(engine, cpu_milli, memory_mb)
+            parent = job["parent"]
+            if parent is None:
+                pick = free.pick(engine, cpu_milli, memory_mb)
+            else:
+                if apart is None:
+                    apart = self._replica_owners()
+                owners = apart.setdefault(parent, set())
+                pick = free.pick_apart(engine, cpu_milli, memory_mb, owners)
+                if pick is not None:
+                    owners.add(free.nodes[pick].owner)
             if pick is not None:
                 free.take(pick)
                 plan.assign.append((job, free.nodes[pick].id))
@@ -222,8 +226,25 @@ class Scheduler:
             why = whys.get(key)
             if why is None:
                 why = whys[key] = self._why(engine, job, online, capable)
+            if parent is not None and why.startswith("every node"):
+                why = (
+                    "waiting for an idle node whose owner runs no other replica of job"
+                    f" {parent} (replicas go to nodes of distinct owners)"
+                )
             plan.wait.append((job, why))
         return plan
+
+    def _replica_owners(self) -> dict[str, set[str]]:
+        """For each verified job with a replica waiting: the owners of the nodes its other
+        replicas are on, or ended on. A replica never goes to a node of one of them."""
+        owners: dict[str, set[str]] = {}
+        for r in self.store.db.query(
+            "SELECT r.parent, n.owner FROM jobs r JOIN nodes n ON n.id = r.node"
+            " WHERE r.parent IN (SELECT DISTINCT parent FROM jobs"
+            " WHERE state = 'queued' AND parent IS NOT NULL)"
+        ):
+            owners.setdefault(str(r["parent"]), set()).add(str(r["owner"]))
+        return owners
 
     def schedule(self) -> list[Assignment]:
         """One pass over the queue: assign what fits, say why the rest waits, in one
@@ -243,21 +264,13 @@ class Scheduler:
         return out
 
     def _online_nodes(self) -> list[sqlite3.Row]:
-        # Only what matching reads (and the optional preference columns): at fleet scale
-        # building rows of every column costs more than the matching.
-        if self._node_columns is None:
-            cols = {
-                r["name"]
-                for r in self.store.db.query("SELECT name FROM pragma_table_info('nodes')")
-            }
-            extra = "".join(", " + c for c in ("reputation", "price") if c in cols)
-            self._node_columns = "id, state, resources, engines, cpu, memory_mb" + extra
-            # A revoked node has lost its broker login; it gets nothing even if a stale state
-            # still says online.
-            self._node_filter = " AND revoked_at IS NULL" if "revoked_at" in cols else ""
+        """Online, not revoked (a revoked node has lost its broker login; it gets nothing even
+        if a stale state still says online), in order of preference: the most reputable first,
+        then the longest enrolled. Only the columns matching reads: at fleet scale building
+        rows of every column costs more than the matching."""
         return self.store.db.query(
-            f"SELECT {self._node_columns} FROM nodes WHERE state != ?{self._node_filter}"
-            " ORDER BY created_at",
+            "SELECT id, state, resources, engines, cpu, memory_mb, owner FROM nodes"
+            " WHERE state != ? AND revoked_at IS NULL ORDER BY reputation DESC, created_at",
             (protocol.OFFLINE,),
         )
 
@@ -286,9 +299,9 @@ class Scheduler:
         for node in silent:
             self.node_offline(node["id"], "missed heartbeats")
             gone.append(node["id"])
-        stale = db.query(
-            "SELECT id, reason FROM jobs WHERE state = 'queued' AND submitted_at < ?"
-            " ORDER BY submitted_at",
+        stale = db.query(  # a verified job waits as long as its replicas do
+            "SELECT id, reason FROM jobs WHERE state = 'queued' AND replicas = 1"
+            " AND submitted_at < ? ORDER BY submitted_at",
             (now - self.config.queue_ttl_s,),
         )
         for job in stale:
@@ -296,21 +309,24 @@ class Scheduler:
                 job["id"],
                 f"no node could run it within {self.config.queue_ttl_s:g}s: {job['reason']}",
             )
-        late = db.query(
-            "SELECT id, node, timeout_s FROM jobs WHERE state IN ('assigned', 'running')"
+        late = db.query(  # a node that says nothing past the timeout has lost the attempt
+            "SELECT * FROM jobs WHERE state IN ('assigned', 'running') AND node IS NOT NULL"
             " AND COALESCE(assigned_at, submitted_at) + timeout_s + ? < ?",
             (self.config.result_grace_s, now),
         )
         for job in late:
-            self.jobs.fail(
-                job["id"],
-                f"timeout: no result from node {job['node']} within "
-                f"{job['timeout_s']}s (+{self.config.result_grace_s:g}s grace)",
+            why = (
+                f"no result from node {job['node']} within "
+                f"{job['timeout_s']}s (+{self.config.result_grace_s:g}s grace)"
             )
+            if job["kind"] == "service":  # its lifetime is over: not to be run again
+                self.jobs.fail(job["id"], "timeout: " + why)
+            else:
+                self.jobs.node_failed(job, why)
         return gone
 
     def node_offline(self, node_id: str, why: str) -> None:
         self.store.update_node(node_id, state=protocol.OFFLINE)
         for job in self.store.jobs_on_node(node_id):
-            if self.jobs.requeue(job, f"node {node_id} went offline ({why}); waiting for another"):
-                log.info("job %s requeued: node %s offline", job["id"], node_id)
+            if self.jobs.node_failed(job, f"node {node_id} went offline ({why})"):
+                log.info("job %s lost: node %s offline", job["id"], node_id)

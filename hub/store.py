@@ -163,6 +163,32 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         ALTER TABLE users ADD COLUMN broker_hash TEXT;
         """,
     ),
+    (
+        6,
+        "verification by replicas, retries, node reputation",
+        # A verified job (replicas = k > 1) holds the credits; its k replicas are job rows of
+        # their own (parent = the job, replica = 1..k, hold 0) that the scheduler places on
+        # nodes of distinct owners and that nodes run like any job. failures/tries: attempts
+        # lost to a node (offline, restarted, silent, crashed), retried up to a maximum.
+        """
+        ALTER TABLE jobs ADD COLUMN parent TEXT REFERENCES jobs(id);
+        ALTER TABLE jobs ADD COLUMN replica INTEGER;
+        ALTER TABLE jobs ADD COLUMN replicas INTEGER NOT NULL DEFAULT 1;
+        ALTER TABLE jobs ADD COLUMN result_hash TEXT;
+        ALTER TABLE jobs ADD COLUMN billed_ms INTEGER;
+        ALTER TABLE jobs ADD COLUMN verdict TEXT;
+        ALTER TABLE jobs ADD COLUMN paid INTEGER;
+        ALTER TABLE jobs ADD COLUMN failures INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE jobs ADD COLUMN tries TEXT NOT NULL DEFAULT '[]';
+        CREATE INDEX jobs_parent ON jobs(parent, replica) WHERE parent IS NOT NULL;
+        ALTER TABLE nodes ADD COLUMN reputation REAL NOT NULL DEFAULT 0.5;
+        ALTER TABLE nodes ADD COLUMN jobs_completed INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE nodes ADD COLUMN replicas_agreed INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE nodes ADD COLUMN replicas_dissented INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE nodes ADD COLUMN jobs_lost INTEGER NOT NULL DEFAULT 0;
+        CREATE INDEX nodes_preference ON nodes(reputation DESC, created_at);
+        """,
+    ),
 ]
 
 
@@ -365,20 +391,26 @@ class Store:
         if state is not None:
             where.append("state = ?")
             params.append(state)
-        sql = "SELECT * FROM jobs"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
+        where.append("parent IS NULL")  # a verified job's replicas show inside it
+        sql = "SELECT * FROM jobs WHERE " + " AND ".join(where)
         sql += " ORDER BY submitted_at DESC LIMIT ?"
         return self.db.query(sql, (*params, limit))
 
     def queued_jobs(self) -> list[sqlite3.Row]:
         return self.db.query(
-            "SELECT * FROM jobs WHERE state = 'queued'"
+            "SELECT * FROM jobs WHERE state = 'queued' AND replicas = 1"
             " ORDER BY CASE priority WHEN 'high' THEN 0 ELSE 1 END, submitted_at"
         )
 
     def active_jobs(self) -> list[sqlite3.Row]:
-        return self.db.query("SELECT * FROM jobs WHERE state IN ('assigned', 'running')")
+        """Jobs on a node now (a verified job is on none: its replicas are)."""
+        return self.db.query(
+            "SELECT * FROM jobs WHERE state IN ('assigned', 'running') AND node IS NOT NULL"
+        )
+
+    def replicas(self, job_id: str) -> list[sqlite3.Row]:
+        """The replicas of a verified job, in order."""
+        return self.db.query("SELECT * FROM jobs WHERE parent = ? ORDER BY replica", (job_id,))
 
     def running_services(self) -> list[sqlite3.Row]:
         return self.db.query(

@@ -1,8 +1,8 @@
 """simnet: N simulated nodes speaking the real protocol over a real broker.
 
     python tools/simnet.py --hub http://127.0.0.1:8765 --token dpt_... --nodes 20 \\
-        [--fail 0.01] [--cheat 0] [--silent 0 --silent-for 30] [--speed 10-50] [--wasm] \\
-        [--duration 60] [--identities sim.json] [--json]
+        [--fail 0.01] [--broken 0] [--cheat 0] [--silent 0 --silent-for 30] [--speed 10-50] \\
+        [--wasm] [--duration 60] [--identities sim.json] [--json]
 
 For tests, benchmarks and demos. Each simulated node is what `edge-run` is on the wire:
 
@@ -17,7 +17,10 @@ For tests, benchmarks and demos. Each simulated node is what `edge-run` is on th
 
 Misbehaviour, drawn per job with the node's own seeded random generator:
 - `--fail P`: the job fails (`trap: simulated failure`); the hub refunds its submitter;
+- `--broken P`: the node's executor breaks (`executor error: ...`): the node's fault, not the
+  job's, so the hub retries the job on another node;
 - `--cheat P`: the node returns a wrong output, validly signed (only replicas catch that);
+- `--repeat N`: every result is sent N times (QoS 1 is "at least once"): the hub pays once;
 - `--silent P`: the node freezes right after it took the job (its `accepted` and `running`
   events went out): its connection stays up, so no last will fires, but it sends nothing, no
   heartbeat, no result, for `--silent-for` seconds (default: for good). Then it wakes, sends
@@ -74,6 +77,7 @@ T = TypeVar("T")
 JobRunner: Any = edge_jobs.JobRunner
 VERSION = "simnet-0.1"
 FAILURE = "trap: simulated failure (simnet)"
+BROKEN = "executor error: simulated broken executor (simnet)"
 
 
 # --- what a node does -------------------------------------------------------------------
@@ -120,6 +124,8 @@ class Behaviour:
 
     fail: float = 0.0
     cheat: float = 0.0
+    broken: float = 0.0
+    repeat: int = 1  # copies of each result sent, as a flaky QoS 1 link may deliver them
     silent: float = 0.0
     silent_s: float = math.inf  # how long a node that froze stays silent
     speed: RunTime = field(default_factory=RunTime)
@@ -128,12 +134,16 @@ class Behaviour:
     memory_mb: int = 1024
 
     def __post_init__(self) -> None:
-        for name in ("fail", "cheat", "silent"):
+        for name in ("fail", "cheat", "broken", "silent"):
             p = getattr(self, name)
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"{name} is a probability: between 0 and 1, not {p!r}")
-        if self.fail + self.cheat > 1.0:
-            raise ValueError("fail + cheat must not exceed 1 (each job does one or the other)")
+        if self.fail + self.cheat + self.broken > 1.0:
+            raise ValueError("fail + cheat + broken must not exceed 1 (each job does one)")
+        if self.repeat < 1:
+            raise ValueError(
+                f"repeat is how many copies of a result to send: 1 or more, not {self.repeat!r}"
+            )
         if self.silent_s <= 0:
             raise ValueError("silent_s must be positive (math.inf: silent for good)")
 
@@ -144,6 +154,8 @@ class Stats:
     completed: int = 0  # honest results sent
     failed: int = 0
     cheated: int = 0
+    broken: int = 0  # results that blamed the node's executor
+    results: int = 0  # result messages sent, copies included (--repeat)
     silenced: int = 0  # times a node froze
     rejected: int = 0
     duplicates: int = 0  # assignments seen before (ignored or answered from the cache)
@@ -164,7 +176,7 @@ class _Run:
 
     def __init__(self, job: dict[str, Any], fate: str, wall_s: float) -> None:
         self.job = job
-        self.fate = fate  # ok | fail | cheat
+        self.fate = fate  # ok | fail | cheat | broken
         self.wall_s = wall_s
         self.started = time.monotonic()
         self.outcome: dict[str, Any] | None = None
@@ -196,7 +208,13 @@ class _SimExecutor:
     def submit(self, job: dict[str, Any]) -> _Run:
         node, b = self.node, self.node.behaviour
         roll = node.rng.random()
-        fate = "fail" if roll < b.fail else "cheat" if roll < b.fail + b.cheat else "ok"
+        fates = (("fail", b.fail), ("cheat", b.cheat), ("broken", b.broken))
+        fate, edge = "ok", 0.0
+        for name, p in fates:
+            edge += p
+            if roll < edge:
+                fate = name
+                break
         run = _Run(job, fate, b.speed.sample_s(node.rng))
         wasm = node.net.wasm
         if wasm is not None and job.get("engine") == "wasm":
@@ -220,11 +238,11 @@ class _SimExecutor:
 
 def _outcome(run: _Run, rng: random.Random, real: dict[str, Any] | None) -> dict[str, Any]:
     wall_ms = int(run.wall_s * 1000) if real is None else int(real.get("wall_ms") or 0)
-    if run.fate == "fail":
+    if run.fate in ("fail", "broken"):
         return {
             "status": "failed",
             "exit_code": None,
-            "error": FAILURE,
+            "error": FAILURE if run.fate == "fail" else BROKEN,
             "stdout": b"",
             "stderr": b"",
             "returns": None,
@@ -450,9 +468,16 @@ class SimNode:
     # -- sending ---------------------------------------------------------------------------
     def publish(self, kind: str, msg: dict[str, Any]) -> None:
         """What the state machine and the heartbeat send; QoS as docs/protocol.md says."""
-        self._send(
-            self.topic(kind), protocol.encode(msg), 0 if kind == protocol.HEARTBEAT else 1, False
-        )
+        copies = self.behaviour.repeat if kind == protocol.RESULT else 1
+        if kind == protocol.RESULT:
+            self.stats.results += copies
+        for _ in range(copies):
+            self._send(
+                self.topic(kind),
+                protocol.encode(msg),
+                0 if kind == protocol.HEARTBEAT else 1,
+                False,
+            )
 
     def _send(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
         if self.silent:  # frozen: what it would have sent waits (heartbeats are just lost)
@@ -525,6 +550,8 @@ class SimNode:
         if self.runner.poll():
             if run.fate == "fail":
                 self.stats.failed += 1
+            elif run.fate == "broken":
+                self.stats.broken += 1
             elif run.fate == "cheat":
                 self.stats.cheated += 1
             else:
@@ -879,6 +906,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "--cheat", type=float, default=0.0, help="P(a wrong but validly signed result), per job"
     )
     ap.add_argument(
+        "--broken", type=float, default=0.0, help="P(the node's executor breaks), per job"
+    )
+    ap.add_argument("--repeat", type=int, default=1, help="copies of each result sent (default 1)")
+    ap.add_argument(
         "--silent", type=float, default=0.0, help="P(the node freezes when a job arrives), per job"
     )
     ap.add_argument(
@@ -968,6 +999,8 @@ async def main_async(args: argparse.Namespace) -> int:
         behaviour = Behaviour(
             fail=args.fail,
             cheat=args.cheat,
+            broken=args.broken,
+            repeat=args.repeat,
             silent=args.silent,
             silent_s=args.silent_for,
             speed=RunTime(args.speed),

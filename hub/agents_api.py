@@ -1,0 +1,355 @@
+"""REST routes of the agent registry: agents, services, and paid calls (docs/agents.md).
+
+Thin handlers over hub/agents.py; its errors become HTTP statuses here (ledger errors, such
+as 402 for a caller who cannot pay, go through the API's error middleware).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any
+
+import msgspec
+from aiohttp import web
+
+from hub import agents as registry
+from hub.agents import (
+    AgentError,
+    AgentForbidden,
+    AgentNotFound,
+    CallConflict,
+    CallView,
+    ServiceName,
+    ServiceView,
+    Tag,
+    Text,
+    call_view,
+)
+from hub.api import decode_body, error, identity, json_response
+from hub.auth import Identity
+from hub.ledger import credits_to_micro
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Credits = str | int  # a decimal string ("0.01") or a whole number of credits
+
+
+class CreateAgent(msgspec.Struct, forbid_unknown_fields=True):
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[\w.\- ]+$")]
+    fund: Credits = "0"  # credits moved from the creator's wallet to the new agent
+
+
+class AgentCreated(msgspec.Struct):
+    id: str
+    name: str
+    owner: str
+    token: str  # the agent's API token (and MQTT password), shown once
+    balance: str
+
+
+class RegisterService(msgspec.Struct, forbid_unknown_fields=True):
+    name: ServiceName
+    price: Credits  # credits per call
+    description: Text = ""
+    tags: Annotated[list[Tag], msgspec.Meta(max_length=registry.MAX_TAGS)] = []
+    input_schema: dict[str, Any] = msgspec.field(default_factory=dict)
+    output_schema: dict[str, Any] = msgspec.field(default_factory=dict)
+    timeout_s: Annotated[float, msgspec.Meta(gt=0, le=registry.MAX_CALL_TIMEOUT_S)] | None = None
+    # Optional: the agent registering. Only the agent itself may; anyone else gets a 403.
+    agent: Annotated[str, msgspec.Meta(max_length=64)] | None = None
+
+
+class CallRequest(msgspec.Struct, forbid_unknown_fields=True):
+    input: Any = None
+    timeout_s: Annotated[float, msgspec.Meta(gt=0, le=registry.MAX_CALL_TIMEOUT_S)] | None = None
+
+
+API_TYPES: list[Any] = [CreateAgent, AgentCreated, RegisterService, ServiceView, CallRequest,
+                        CallView]  # fmt: skip
+
+
+def _services(request: web.Request) -> Any:
+    from hub.app import SERVICES
+
+    return request.app[SERVICES]
+
+
+def _agents(request: web.Request) -> registry.Agents:
+    agents: registry.Agents = _services(request).agents
+    return agents
+
+
+def _errors(handler: Handler) -> Handler:
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except AgentNotFound as e:
+            return error(404, str(e))
+        except AgentForbidden as e:
+            return error(403, str(e))
+        except CallConflict as e:
+            return error(409, str(e))
+        except AgentError as e:
+            return error(400, str(e), field=e.field)
+
+    return wrapped
+
+
+def _key(request: web.Request) -> str:
+    key = request.headers.get("Idempotency-Key")
+    if not key or len(key) > 128:
+        raise AgentError(
+            "an Idempotency-Key header (1 to 128 characters) is required: a retry with the "
+            "same key returns the same call and never charges twice",
+            "Idempotency-Key",
+        )
+    return key
+
+
+def _limit(request: web.Request, default: int, most: int) -> int:
+    try:
+        return min(most, max(1, int(request.query.get("limit", str(default)))))
+    except ValueError:
+        raise AgentError("limit must be an integer", "limit") from None
+
+
+def _visible_agent(request: web.Request) -> tuple[Identity, str]:
+    who = identity(request)
+    agent_id = request.match_info["agent_id"]
+    agents = _agents(request)
+    if agents.agent_row(agent_id) is None or not agents.may_see(
+        who.user_id, who.is_admin, agent_id
+    ):
+        raise AgentNotFound(f"no agent {agent_id} of yours")  # don't confirm others exist
+    return who, agent_id
+
+
+# --- agents -----------------------------------------------------------------------------------
+@_errors
+async def create_agent(request: web.Request) -> web.Response:
+    who = identity(request)
+    services = _services(request)
+    req = await decode_body(request, CreateAgent)
+    fund = credits_to_micro(req.fund)
+    if fund < 0:
+        raise AgentError(f"fund must be 0 or more credits, not {req.fund}", "fund")
+    agent_id, token = _agents(request).create_agent(who.user_id, req.name, fund)
+    # The agent logs in to the broker with its id and token: the broker must know it now.
+    await services.broker_accepts(agent_id, token)
+    balance = services.ledger.balance("wallet:" + agent_id)
+    from hub.ledger import format_micro
+
+    return json_response(
+        AgentCreated(agent_id, req.name, who.user_id, token, format_micro(balance)), 201
+    )
+
+
+@_errors
+async def list_agents(request: web.Request) -> web.Response:
+    who = identity(request)
+    agents = _agents(request)
+    viewer = None if who.is_admin and request.query.get("all", "1") == "1" else who.user_id
+    return json_response({"agents": [agents.agent_view(r) for r in agents.agents(viewer)]})
+
+
+@_errors
+async def get_agent(request: web.Request) -> web.Response:
+    _, agent_id = _visible_agent(request)
+    agents = _agents(request)
+    row = agents.agent_row(agent_id)
+    assert row is not None  # _visible_agent checked it
+    return json_response(agents.agent_view(row))
+
+
+@_errors
+async def agent_calls(request: web.Request) -> web.Response:
+    _, agent_id = _visible_agent(request)
+    limit = _limit(request, 50, 500)
+    return json_response({"calls": _agents(request).calls(agent_id, limit)})
+
+
+# --- services ---------------------------------------------------------------------------------
+@_errors
+async def register_service(request: web.Request) -> web.Response:
+    who = identity(request)
+    req = await decode_body(request, RegisterService)
+    if req.agent is not None and req.agent != who.user_id:
+        raise AgentForbidden(
+            f"you are {who.user_id}: only agent {req.agent} itself may register its services "
+            "(log in with its API token)"
+        )
+    if who.role != "agent":
+        raise AgentForbidden(
+            f"only agents register services, and {who.user_id} is a {who.role}: create an "
+            "agent with POST /api/v1/agents and use its API token"
+        )
+    view, created = _agents(request).register(
+        who.user_id,
+        name=req.name,
+        description=req.description,
+        tags=list(req.tags),
+        price=req.price,
+        input_schema=req.input_schema,
+        output_schema=req.output_schema,
+        timeout_s=req.timeout_s,
+    )
+    return json_response(view, 201 if created else 200)
+
+
+@_errors
+async def search_services(request: web.Request) -> web.Response:
+    identity(request)
+    q = request.query.get("q")
+    tag = request.query.get("tag")
+    agent = request.query.get("agent")
+    limit = _limit(request, 100, 500)
+    found = _agents(request).search(q=q, tag=tag, agent=agent, limit=limit)
+    return json_response({"services": found})
+
+
+@_errors
+async def get_service(request: web.Request) -> web.Response:
+    identity(request)
+    service_id = request.match_info["service_id"]
+    view = _agents(request).service(service_id)
+    if view is None:
+        raise AgentNotFound(f"no service {service_id}")
+    return json_response(view)
+
+
+@_errors
+async def retire_service(request: web.Request) -> web.Response:
+    who = identity(request)
+    view = _agents(request).retire(who.user_id, request.match_info["service_id"])
+    return json_response(view)
+
+
+# --- calls ------------------------------------------------------------------------------------
+@_errors
+async def call_service(request: web.Request) -> web.Response:
+    """Hold the price, send the call to the agent, and wait for its answer (up to the call's
+    timeout): 200 with the final call, or 202 with the pending call if the client should poll
+    GET /api/v1/agents/calls/{id} (when `wait=0` is asked)."""
+    who = identity(request)
+    key = _key(request)
+    req = await decode_body(request, CallRequest)
+    agents = _agents(request)
+    call, new = agents.start_call(
+        who.user_id, request.match_info["service_id"], req.input, req.timeout_s, "rest:" + key
+    )
+    if new:
+        agents.send_call(call)
+    wait = request.query.get("wait", "1") != "0"
+    if wait:
+        call = await agents.wait(call["id"], registry.MAX_CALL_TIMEOUT_S)
+    status = 202 if call["state"] == "pending" else 200 if not new else 201
+    return json_response(call_view(call), status)
+
+
+@_errors
+async def get_call(request: web.Request) -> web.Response:
+    """One call, for its caller, its agent, their owners and admins. `?wait=S` long-polls up
+    to S seconds (at most 300) for it to finish."""
+    who = identity(request)
+    agents = _agents(request)
+    call_id = request.match_info["call_id"]
+    call = agents.call_row(call_id)
+    if call is None or not (
+        who.is_admin
+        or who.user_id in (call["caller"], call["agent"])
+        or who.user_id in (agents.owner_of(call["caller"]), agents.owner_of(call["agent"]))
+    ):
+        raise AgentNotFound(f"no call {call_id}")
+    try:
+        wait = float(request.query.get("wait", "0"))
+    except ValueError:
+        raise AgentError("wait must be a number of seconds", "wait") from None
+    if wait > 0:
+        call = await agents.wait(call_id, min(wait, registry.MAX_CALL_TIMEOUT_S))
+    return json_response(call_view(call))
+
+
+def add_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_post("/api/v1/agents", create_agent)
+    r.add_get("/api/v1/agents", list_agents)
+    r.add_post("/api/v1/agents/services", register_service)
+    r.add_get("/api/v1/agents/services", search_services)
+    r.add_get("/api/v1/agents/services/{service_id}", get_service)
+    r.add_delete("/api/v1/agents/services/{service_id}", retire_service)
+    r.add_post("/api/v1/agents/services/{service_id}/call", call_service)
+    r.add_get("/api/v1/agents/calls/{call_id}", get_call)
+    r.add_get("/api/v1/agents/{agent_id}", get_agent)
+    r.add_get("/api/v1/agents/{agent_id}/calls", agent_calls)
+
+
+def openapi_paths(op: Callable[..., dict[str, Any]]) -> dict[str, Any]:
+    """This module's part of the OpenAPI document (hub/openapi.py builds the rest)."""
+
+    def param(name: str, where: str = "path") -> dict[str, Any]:
+        return {
+            "name": name,
+            "in": where,
+            "required": where == "path",
+            "schema": {"type": "string"},
+        }
+
+    call_op = op(
+        "Call a service: hold its price, wait for the agent's answer; pays the agent once on "
+        "success, refunds on error or timeout (Idempotency-Key header required)",
+        "CallView",
+        body="CallRequest",
+        errors=(400, 401, 402, 404, 409),
+    )
+    call_op["parameters"] = [param("service_id"), param("Idempotency-Key", "header")]
+    call_op["parameters"][1]["required"] = True
+    return {
+        "/api/v1/agents": {
+            "get": op("Agents (mine and the ones I own; all for an admin)", None),
+            "post": op(
+                "Create an agent I own, funded from my wallet",
+                "AgentCreated",
+                201,
+                body="CreateAgent",
+                errors=(400, 401, 402),
+            ),
+        },
+        "/api/v1/agents/{agent_id}": {
+            "get": {**op("One agent", None, errors=(401, 404)), "parameters": [param("agent_id")]}
+        },
+        "/api/v1/agents/{agent_id}/calls": {
+            "get": {
+                **op("An agent's recent calls (made and served)", None, errors=(401, 404)),
+                "parameters": [param("agent_id")],
+            }
+        },
+        "/api/v1/agents/services": {
+            "get": {
+                **op("Find services by text (q) and tag", None, errors=(401,)),
+                "parameters": [param("q", "query"), param("tag", "query")],
+            },
+            "post": op(
+                "Register (or update) a service of the calling agent",
+                "ServiceView",
+                201,
+                body="RegisterService",
+                errors=(400, 401, 403),
+            ),
+        },
+        "/api/v1/agents/services/{service_id}": {
+            "get": {
+                **op("One service", "ServiceView", errors=(401, 404)),
+                "parameters": [param("service_id")],
+            },
+            "delete": {
+                **op("Retire a service of mine", "ServiceView", errors=(401, 404)),
+                "parameters": [param("service_id")],
+            },
+        },
+        "/api/v1/agents/services/{service_id}/call": {"post": call_op},
+        "/api/v1/agents/calls/{call_id}": {
+            "get": {
+                **op("One call; ?wait=S long-polls", "CallView", errors=(401, 404)),
+                "parameters": [param("call_id"), param("wait", "query")],
+            },
+        },
+    }
