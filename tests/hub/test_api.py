@@ -196,13 +196,9 @@ async def test_openapi_and_page(api: Any) -> None:
     assert "/api/v1/jobs" in doc["paths"] and "JobSpec" in doc["components"]["schemas"]
     for path in doc["paths"]:
         assert any(r.resource.canonical == path for r in api.app.router.routes()), path
-    _, auth = await new_user(api)
-    job = await (
-        await api.post("/api/v1/jobs", json={**FIB, "name": "fib-20"}, headers=auth)
-    ).json()
-    page = await (await api.get("/")).text()
-    assert "DEparrow hub" in page and "fib-20" in page and job["id"] in page
-    assert "wallet:" in page and "balanced" in page
+    # The dashboard asks who you are first (its pages are tested in tests/web/).
+    r = await api.get("/", allow_redirects=False)
+    assert r.status == 303 and r.headers["Location"].startswith("/signin")
 
 
 async def test_audit_is_admin_only(api: Any) -> None:

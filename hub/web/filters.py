@@ -1,0 +1,75 @@
+"""Template filters: times, durations, sizes and query strings as a person reads them."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import jinja2
+
+
+def ago(t: float | None) -> str:
+    if not t:
+        return "—"
+    s = max(0.0, time.time() - float(t))
+    if s < 5:
+        return "just now"
+    if s < 60:
+        return f"{int(s)} s ago"
+    if s < 3600:
+        return f"{int(s // 60)} min ago"
+    if s < 86400:
+        return f"{int(s // 3600)} h ago"
+    return f"{int(s // 86400)} days ago"
+
+
+def when(t: float | None) -> str:
+    if not t:
+        return "—"
+    return datetime.fromtimestamp(float(t), UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def clock(t: float | None) -> str:
+    """A time of day to the tenth of a second (heartbeats come several a second)."""
+    if not t:
+        return "—"
+    return datetime.fromtimestamp(float(t), UTC).strftime("%H:%M:%S.%f")[:-5] + " UTC"
+
+
+def dur(s: float | None) -> str:
+    if s is None:
+        return "—"
+    s = float(s)
+    if s < 1:
+        return f"{s * 1000:.0f} ms"
+    if s < 60:
+        return f"{s:.1f} s"
+    if s < 3600:
+        return f"{int(s // 60)} min {int(s % 60)} s"
+    return f"{int(s // 3600)} h {int(s % 3600 // 60)} min"
+
+
+def mb(n: float | None) -> str:
+    n = float(n or 0)
+    return f"{n / 1024:.1f} GB" if n >= 1024 else f"{n:.0f} MB"
+
+
+def qs(params: dict[str, Any]) -> str:
+    return urlencode({k: v for k, v in params.items() if v})
+
+
+def install(env: jinja2.Environment, static_dir: Path) -> None:
+    env.filters.update(ago=ago, when=when, clock=clock, dur=dur, mb=mb, qs=qs)
+
+    # Cache-busting by file modification time: a new hub version never serves stale scripts.
+    def static(name: str) -> str:
+        try:
+            version = int((static_dir / name).stat().st_mtime)
+        except OSError:
+            version = 0
+        return f"/static/{name}?v={version}"
+
+    env.globals["static"] = static

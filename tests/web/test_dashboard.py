@@ -1,0 +1,308 @@
+"""The dashboard in a real browser: Debian's Chromium driven by Playwright, against a real hub
+process (with its own Mosquitto) and real edge-run nodes. Screenshots of every page go to
+artifacts/screenshots/.
+
+The tests share one hub and run in order, like a person's first session: Bob signs in,
+Alice adds a node from the Nodes page, Bob runs a job from the Jobs page and watches it
+and his wallet change live, then the forms are given bad input.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
+
+from hub import localnet
+from hub.ledger import MICRO, credits_to_micro, format_micro
+from tests.conftest import ROOT, require_mosquitto
+
+CHROMIUM = "/usr/bin/chromium"
+SHOTS = ROOT / "artifacts" / "screenshots"
+LIVE_MS = 30_000  # how long a live update may take to show (a job runs in well under this)
+
+
+def shot(page: Page, name: str) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+class Net:
+    def __init__(self, tmp: Path) -> None:
+        require_mosquitto()
+        self.tmp = tmp
+        self.hub = localnet.LocalHub(tmp / "hub", heartbeat_s=0.5, log_path=tmp / "hub.log")
+        self.alice, self.alice_client = self.hub.user("alice")
+        self.bob, self.bob_client = self.hub.user("bob")
+        self.nodes: list[localnet.Proc] = []
+
+    def stop(self) -> None:
+        for n in self.nodes:
+            n.stop()
+        self.hub.stop()
+
+
+@pytest.fixture(scope="module")
+def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
+    n = Net(tmp_path_factory.mktemp("web"))
+    yield n
+    n.stop()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    if not Path(CHROMIUM).exists():
+        pytest.fail(
+            f"{CHROMIUM} is missing: run `make test` (tools/install-system-deps.sh installs "
+            "Debian's chromium); the dashboard is tested in a real browser, never skipped"
+        )
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+def signed_in(browser: Browser, net: Net, token: str) -> tuple[BrowserContext, Page]:
+    ctx = browser.new_context(viewport={"width": 1280, "height": 860}, base_url=net.hub.url)
+    page = ctx.new_page()
+    page.goto("/signin")
+    page.fill("#token", token)
+    page.click("button[type=submit]")
+    expect(page.locator("header .user")).to_be_visible()
+    return ctx, page
+
+
+def mark(page: Page) -> None:
+    """Tag the document: a page that still has the tag later was updated, not reloaded."""
+    page.evaluate("window.__notReloaded = true")
+
+
+def not_reloaded(page: Page) -> bool:
+    return bool(page.evaluate("window.__notReloaded === true"))
+
+
+def test_sign_in(browser: Browser, net: Net) -> None:
+    ctx = browser.new_context(viewport={"width": 1280, "height": 860}, base_url=net.hub.url)
+    page = ctx.new_page()
+    page.goto("/wallet")  # not signed in: to the sign-in page, and back here afterwards
+    expect(page).to_have_url(re.compile(r"/signin\?next=(%2F|/)wallet"))
+    shot(page, "signin")
+    page.fill("#token", "dpe_this-is-an-enrollment-token")
+    page.click("button[type=submit]")
+    expect(page.locator("#token-error")).to_contain_text("API tokens start with dpt_")
+    page.fill("#token", "dpt_nobody-has-this-token")
+    page.click("button[type=submit]")
+    expect(page.locator("#token-error")).to_contain_text("does not know that token")
+    shot(page, "signin-error")
+    page.fill("#token", net.bob["token"])
+    page.click("button[type=submit]")
+    expect(page).to_have_url(re.compile(r"/wallet$"))
+    expect(page.locator("header .user")).to_contain_text("bob")
+    cookie = next(c for c in ctx.cookies() if c["name"] == "dp_session")
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+    assert page.evaluate("document.cookie") == ""  # scripts never see the session
+    page.click("text=Sign out")
+    expect(page.locator(".notice")).to_contain_text("signed out")
+    page.goto("/jobs")
+    expect(page).to_have_url(re.compile(r"/signin"))
+    ctx.close()
+
+
+def test_enroll_a_node_and_watch_it_appear(browser: Browser, net: Net) -> None:
+    ctx, page = signed_in(browser, net, net.alice["token"])
+    page.goto("/nodes")
+    expect(page.locator(".empty")).to_contain_text("Add a node")
+    shot(page, "nodes-empty")
+    page.click("#new-token")
+    command = page.locator("#enroll-command").inner_text().strip()
+    assert re.fullmatch(rf"edge-run --hub {re.escape(net.hub.url)} --token dpe_\S+", command)
+    mark(page)
+    shot(page, "nodes-enroll")
+    args = shlex.split(command)[1:]
+    node = localnet.Proc(
+        "browser-node",
+        [sys.executable, "-m", "edge.cli", *args, "--name", "alice-laptop",
+         "--data-dir", str(net.tmp / "alice-laptop"), "--always-run", "--dashboard-port", "0"],
+        net.tmp / "alice-laptop.log",
+    )  # fmt: skip
+    net.nodes.append(node)
+    row = page.locator("#nodes-table tr", has_text="alice-laptop")
+    expect(row).to_be_visible(timeout=LIVE_MS)
+    expect(row.locator(".pill")).to_have_text("idle", timeout=LIVE_MS)
+    assert not_reloaded(page), "the node should appear without reloading the page"
+    assert node.alive(), node.tail()
+    shot(page, "nodes")
+    row.locator("a").first.click()
+    expect(page.locator("h1")).to_contain_text("alice-laptop")
+    expect(page.locator("#beats tbody tr").first).to_be_visible(timeout=LIVE_MS)
+    page.wait_for_timeout(1500)  # a few more beats on the chart
+    shot(page, "node")
+    ctx.close()
+
+
+def test_submit_a_job_and_watch_it_complete_live(browser: Browser, net: Net) -> None:
+    ctx, wallet = signed_in(browser, net, net.bob["token"])
+    wallet.goto("/wallet")
+    balance = wallet.locator("#balance [data-bind=balance]")
+    expect(balance).to_have_text("100")
+    expect(wallet.locator("#wallet-chart[data-ready='1']")).to_be_attached()
+    spent_before = wallet.evaluate("dpCharts.wallet.plot.data[2].at(-1)")
+    assert spent_before == 0
+    mark(wallet)
+
+    page = ctx.new_page()
+    page.goto("/jobs")
+    expect(page.locator(".empty")).to_contain_text("No jobs yet")
+    page.click("#open-submit")
+    page.select_option("#example", "fib")
+    expect(page.locator("#args")).to_have_value("25")
+    page.fill("#args", "20")
+    page.click("#review-submit")
+    price = page.locator("#price")
+    expect(price).to_have_text("0.166666")  # 60 s at 10 credits/CPU-hour, before confirming
+    shot(page, "jobs-submit-review")
+    page.click("#confirm-submit")
+    expect(page).to_have_url(re.compile(r"/jobs/j_[0-9a-f]+\?submitted=1"))
+    mark(page)
+    state = page.locator(".stats [data-job-state]")
+    expect(state).to_have_text("completed", timeout=LIVE_MS)
+    expect(page.locator("#returns")).to_have_text("6765", timeout=LIVE_MS)  # fib(20)
+    assert not_reloaded(page), "the job page should follow the job without a reload"
+    shot(page, "job")
+
+    # Meanwhile the wallet page, untouched, shows the new balance and the day's spending.
+    expect(balance).not_to_have_text("100", timeout=LIVE_MS)
+    wallet.wait_for_function("dpCharts.wallet.plot.data[2].at(-1) > 0", timeout=LIVE_MS)
+    assert not_reloaded(wallet)
+    job = net.bob_client.job(page.url.split("/jobs/")[1].split("?")[0])
+    after = format_micro(100 * MICRO - credits_to_micro(job["cost"]))
+    expect(balance).to_have_text(after, timeout=LIVE_MS)
+    expect(wallet.locator("#history")).to_contain_text("job completed", timeout=LIVE_MS)
+    shot(wallet, "wallet")
+
+    page.goto("/jobs")
+    expect(page.locator("#jobs-table")).to_contain_text("completed")
+    shot(page, "jobs")
+    page.goto("/")
+    expect(page.locator("#recent-jobs, [data-region=recent]")).to_contain_text("fib")
+    page.wait_for_timeout(300)
+    shot(page, "dashboard")
+    ctx.close()
+
+
+def test_bad_input_shows_a_message_next_to_the_field(browser: Browser, net: Net) -> None:
+    ctx, page = signed_in(browser, net, net.bob["token"])
+    page.goto("/wallet")
+
+    def transfer(to: str, amount: str) -> None:
+        page.fill("#to", to)
+        page.fill("#amount", amount)
+        page.click("#review-transfer")
+
+    transfer(net.alice["id"], "lots")
+    expect(page.locator("#amount-error")).to_contain_text("not an amount of credits")
+    expect(page.locator("#amount")).to_have_class(re.compile("bad"))
+    shot(page, "wallet-error")
+    transfer(net.alice["id"], "1000000")
+    expect(page.locator("#amount-error")).to_contain_text("Too few credits")
+    transfer("u_0000000000000000", "1")
+    expect(page.locator("#to-error")).to_contain_text("No user or agent")
+    # Right: a review naming the recipient, then the transfer.
+    transfer("alice", "2.5")
+    expect(page.locator("#transfer-review")).to_contain_text("2.5 credits to alice")
+    page.click("#confirm-transfer")
+    expect(page.locator("#sent")).to_be_visible()
+    newest = page.locator("#history tbody tr").first
+    expect(newest).to_contain_text(f"transfer to {net.alice['id']}")
+
+    page.goto("/jobs#submit")
+    page.check("input[name=source][value=upload]")
+    not_wasm = net.tmp / "hello.c"
+    not_wasm.write_text("int main(void) { return 0; }\n")
+    page.set_input_files("#file", str(not_wasm))
+    page.click("#review-submit")
+    expect(page.locator("#module-error")).to_contain_text("hello.c is not a WebAssembly module")
+    page.set_input_files("#file", str(ROOT / "wasm-jobs" / "fib.wasm"))
+    page.fill("#entrypoint", "fib")
+    page.fill("#args", "10")
+    page.fill("#timeout", "soon")
+    page.click("#review-submit")
+    expect(page.locator("#timeout-error")).to_contain_text("not a whole number of seconds")
+    expect(page.locator("#module-error")).to_have_count(0)
+    page.fill("#timeout", "86400")
+    page.select_option("#priority", "high")
+    page.click("#review-submit")
+    expect(page.locator("#timeout-error")).to_contain_text("Too few credits")
+    shot(page, "jobs-submit-error")
+    ctx.close()
+
+
+def test_call_an_agent_service_from_the_console(browser: Browser, net: Net) -> None:
+    from deparrow import Agent
+
+    seller = Agent.create(net.hub.url, net.alice["token"], "shouty", fund="1")
+    seller.register_service(
+        "shout",
+        lambda inp: {"text": inp["text"].upper() + "!"},
+        price="0.5",
+        description="Says your text louder.",
+        tags=["text", "demo"],
+        input_schema={"type": "object", "properties": {"text": {"type": "string"}},
+                      "required": ["text"]},
+        output_schema={"type": "object", "properties": {"text": {"type": "string"}}},
+    )  # fmt: skip
+    seller.start()
+    try:
+        ctx, page = signed_in(browser, net, net.bob["token"])
+        page.goto("/agents")
+        expect(page.locator(".empty").first).to_contain_text("No agents of yours yet")
+        row = page.locator("#services-table tr", has_text="shout")
+        expect(row).to_contain_text("shouty")
+        shot(page, "agents")
+        before = page.locator("header [data-bind=balance]").inner_text()
+        row.locator("text=Call").click()
+        expect(page.locator("h1")).to_contain_text("shout")
+        page.fill("#input", "hello")
+        page.click("#send")
+        expect(page.locator("#input-error")).to_contain_text("That is not JSON")
+        page.fill("#input", '{"words": 3}')
+        page.click("#send")
+        expect(page.locator("#input-error")).to_contain_text("does not match the input schema")
+        page.fill("#input", '{"text": "hello agents"}')
+        page.click("#send")
+        reply = page.locator(".msg.agent").last
+        expect(reply).to_contain_text("HELLO AGENTS!")
+        expect(reply).to_contain_text("paid 0.5 credits")
+        after = page.locator("header [data-bind=balance]").inner_text()
+        assert credits_to_micro(before) - credits_to_micro(after) == MICRO // 2
+        shot(page, "agent-console")
+        ctx.close()
+
+        ctx, page = signed_in(browser, net, net.alice["token"])
+        page.goto("/agents")
+        agent_row = page.locator("#agents-table tr", has_text="shouty")
+        expect(agent_row).to_contain_text("1.5")  # funded with 1, earned 0.5
+        agent_row.locator("a").first.click()
+        expect(page.locator("#calls")).to_contain_text("served for")
+        shot(page, "agent")
+        ctx.close()
+    finally:
+        seller.close()
+
+
+def test_admin_sees_the_whole_network(browser: Browser, net: Net) -> None:
+    ctx, page = signed_in(browser, net, net.hub.admin.token or "")
+    page.goto("/nodes")
+    expect(page.locator("#nodes-table")).to_contain_text("alice")  # the owner column
+    page.goto("/jobs")
+    expect(page.locator("#jobs-table")).to_contain_text("bob")
+    page.goto("/")
+    expect(page.locator("h1")).to_have_text("The network")
+    expect(page.locator("#books")).to_contain_text("ledger balanced")
+    shot(page, "dashboard-admin")
+    ctx.close()
