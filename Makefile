@@ -11,6 +11,7 @@ deps:
 	@tools/install-system-deps.sh
 	@tools/install-podman.sh        # podman's Docker API service + a local busybox image
 	@tools/install-bubblewrap.sh    # the native executor's sandbox
+	@tools/install-image-deps.sh    # qemu, busybox, syslinux, mtools: the image tests
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)

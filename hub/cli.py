@@ -152,6 +152,13 @@ def run_cli(fn: Any) -> Any:
     type=click.IntRange(1, 86400),
     help="Seconds per billing period of service jobs (the rule bills per hour).",
 )
+@click.option(
+    "--max-attempts",
+    default=3,
+    show_default=True,
+    type=click.IntRange(1, 100),
+    help="Attempts of a job its nodes may lose (offline, silent, crashed) before it fails.",
+)
 @click.option("-v", "--verbose", is_flag=True)
 def hub_cmd(
     host: str,
@@ -165,6 +172,7 @@ def hub_cmd(
     heartbeat: float,
     queue_ttl: float,
     service_period: int,
+    max_attempts: int,
     verbose: bool,
 ) -> None:
     """Run the hub: REST API, ledger, scheduler, MQTT bridge and web page."""
@@ -194,6 +202,7 @@ def hub_cmd(
         heartbeat_interval_s=heartbeat,
         queue_ttl_s=queue_ttl,
         service_period_s=service_period,
+        max_attempts=max_attempts,
     )
     try:
         app = create_app(config)
@@ -730,15 +739,208 @@ def network_diagnose(
     sys.exit(0 if ok else 1)
 
 
+# --- board ------------------------------------------------------------------------------
+@main.group("board")
+def board_group() -> None:
+    """Board and PC images: write one to a card or stick, give it a node identity."""
+
+
+@board_group.command("flash")
+@click.argument("image", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("device", type=click.Path(path_type=Path))
+@click.option("--yes", is_flag=True, help="Do not ask before overwriting DEVICE.")
+@click.option("--no-verify", is_flag=True, help="Do not read the written image back.")
+def board_flash(image: Path, device: Path, yes: bool, no_verify: bool) -> None:
+    """Write IMAGE to DEVICE (an SD card, a USB stick, or a file).
+
+    Names the device, its size and model first; refuses a partition, a mounted disk, the
+    system disk, or one smaller than the image; asks before writing unless --yes.
+    """
+    from hub import board
+
+    try:
+        target = board.inspect_target(device)
+        size = board.check_fits(image, target)
+    except board.BoardError as e:
+        die(str(e), 2)
+    click.echo(f"image:  {image} ({board.human(size)})", err=True)
+    click.echo(f"target: {target.describe()}", err=True)
+    if not yes and not click.confirm(f"Everything on {device} will be lost. Write?", err=True):
+        die("nothing written", 1)
+    shown = [-1]
+
+    def progress(done: int, total: int) -> None:
+        pct = done * 100 // total
+        if pct != shown[0]:
+            shown[0] = pct
+            click.echo(f"\rwriting: {pct:3d}% ({board.human(done)})", err=True, nl=False)
+
+    try:
+        digest = board.flash(image, target, progress, verify=not no_verify)
+    except board.BoardError as e:
+        click.echo("", err=True)
+        die(str(e), 1)
+    checked = "written, synced and read back" if not no_verify else "written and synced"
+    click.echo(f"\n{device}: {checked} (sha256 {digest[:16]}…)", err=True)
+
+
+@board_group.command("provision")
+@click.argument("image", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--hub", "hub_url", required=True, help="The hub URL the board will use.")
+@click.option("--token", "token", required=True, help="Enrollment token (deparrow node token).")
+@click.option("--name", default=None, help="The node's name on the hub.")
+@click.option("--wifi-ssid", default=None, help="Wi-Fi network the board joins.")
+@click.option("--wifi-psk", default=None, help="Its passphrase (leave out for an open network).")
+@click.option("--arch", default=None, help="The board's CPU architecture (default: the image's).")
+@click.option("--cpu", type=click.FloatRange(0.1, 1024), default=None, help="CPUs it offers.")
+@click.option("--memory-mb", type=click.IntRange(16), default=None, help="RAM it offers, MiB.")
+@click.option("--json", "as_json", is_flag=True)
+def board_provision(image: Path, hub_url: str, token: str, name: str | None,
+                    wifi_ssid: str | None, wifi_psk: str | None, arch: str | None,
+                    cpu: float | None, memory_mb: int | None, as_json: bool) -> None:  # fmt: skip
+    """Enroll a board with the hub and write its identity onto IMAGE's boot partition.
+
+    Writes deparrow/node.json (and deparrow/wifi.json) on the FAT partition with mtools; the
+    image (a file, or a flashed card) boots straight into the network as that node.
+    """
+    from hub import board
+
+    try:
+        if wifi_psk is not None and wifi_ssid is None:
+            raise board.BoardError("--wifi-psk needs --wifi-ssid")
+        wifi = board.check_wifi(wifi_ssid, wifi_psk) if wifi_ssid is not None else None
+        done = board.provision(image, hub_url, token, name, wifi, arch, cpu, memory_mb)
+    except board.BoardError as e:
+        die(str(e), 1)
+    if as_json:
+        emit({"node_id": done.node_id, "owner": done.owner, "files": done.files,
+              "partition": done.partition.index, "replaced": done.replaced})  # fmt: skip
+        return
+    if done.replaced:
+        click.echo(f"replaced the identity of node {done.replaced}", err=True)
+    click.echo(
+        f"{image}: node {done.node_id} (owner {done.owner}) written to "
+        f"{done.partition.describe()}: {', '.join(done.files)}"
+    )
+
+
+@main.group("agent")
+def agent_group() -> None:
+    """Agents: create and fund them, find services, call one (docs/agents.md)."""
+
+
+@agent_group.command("create")
+@click.argument("name")
+@click.option("--fund", default="0", show_default=True, help="Credits moved from my wallet.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+@run_cli
+def agent_create(obj: Ctx, name: str, fund: str, as_json: bool) -> None:
+    """Create an agent I own and print its API token (shown once)."""
+    a = obj.client().request("POST", "/api/v1/agents", {"name": name, "fund": fund})
+    if as_json:
+        emit(a)
+    else:
+        click.echo(f"agent {a['id']} ({a['name']}), balance {a['balance']} credits")
+        click.echo(f"token: {a['token']}")
+
+
+@agent_group.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+@run_cli
+def agent_list(obj: Ctx, as_json: bool) -> None:
+    """My agents (all agents for an admin): balance, state, services, calls."""
+    agents = obj.client().request("GET", "/api/v1/agents")["agents"]
+    if as_json:
+        emit(agents)
+        return
+    if not agents:
+        click.echo("no agents; create one with: deparrow agent create NAME --fund 5")
+    for a in agents:
+        c = a["calls"]
+        click.echo(
+            f"{a['id']}  {a['state']:<8} {a['name']:<16} balance {a['balance']:<10} "
+            f"services {a['services']}  earned {c['earned']}  spent {c['spent']}"
+        )
+
+
+@agent_group.command("services")
+@click.argument("query", required=False)
+@click.option("--tag", default=None, help="Only services with this tag.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+@run_cli
+def agent_services(obj: Ctx, query: str | None, tag: str | None, as_json: bool) -> None:
+    """Find services by text (in name, description, tags) and tag; cheapest first."""
+    from urllib.parse import urlencode
+
+    params = urlencode({k: v for k, v in (("q", query), ("tag", tag)) if v})
+    found = obj.client().request("GET", "/api/v1/agents/services?" + params)["services"]
+    if as_json:
+        emit(found)
+        return
+    if not found:
+        click.echo("no services found")
+    for svc in found:
+        click.echo(
+            f"{svc['id']}  {svc['name']:<16} {svc['price']:>10} credits  by {svc['agent_name']}"
+            f" ({svc['agent']})  [{', '.join(svc['tags'])}]  {svc['description']}"
+        )
+
+
+@agent_group.command("call")
+@click.argument("service_id")
+@click.argument("input_json")
+@click.option("--timeout", type=click.FloatRange(0.1, 300), default=None, help="Seconds.")
+@click.option("--key", default=None, help="Idempotency key (default: a new one); reuse it to "
+              "retry without paying twice.")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+@run_cli
+def agent_call(
+    obj: Ctx, service_id: str, input_json: str, timeout: float | None, key: str | None,
+    as_json: bool,
+) -> None:  # fmt: skip
+    """Call a service with INPUT_JSON, paying its price from my wallet; print its output."""
+    try:
+        value = json.loads(input_json)
+    except ValueError as e:
+        die(f"INPUT_JSON is not JSON: {e}", 2)
+    body: dict[str, Any] = {"input": value}
+    if timeout is not None:
+        body["timeout_s"] = timeout
+    client = obj.client()
+    client.timeout_s = (timeout or 300) + 15
+    call = client.request(
+        "POST", f"/api/v1/agents/services/{service_id}/call", body,
+        headers={"Idempotency-Key": key or uuid.uuid4().hex},
+    )  # fmt: skip
+    if as_json:
+        emit(call)
+    elif call["state"] == "completed":
+        click.echo(json.dumps(call["output"]))
+        click.echo(f"paid {call['paid']} credits (call {call['id']})", err=True)
+    else:
+        die(f"call {call['id']} {call['state']}: {call['error']} (refunded)", 1)
+    if call["state"] != "completed":
+        sys.exit(1)
+
+
 @main.command("demo")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--keep", is_flag=True, help="Keep the temporary data directory.")
 @click.option("--broker", type=click.Choice(["auto", "mosquitto", "embedded"]), default="auto")
-def demo_cmd(as_json: bool, keep: bool, broker: str) -> None:
-    """Run the whole loop on this machine: a hub, two nodes, a user, the example jobs."""
-    from hub.demo import run_demo
+@click.option("--agents", is_flag=True, help="Run the agent economy instead (docs/agents.md).")
+def demo_cmd(as_json: bool, keep: bool, broker: str, agents: bool) -> None:
+    """Run the whole loop on this machine: a hub, two nodes, a user, the example jobs.
 
-    ok = run_demo(
+    With --agents: agents that sell a Wasm-backed service, buy it, and pay for their own
+    compute until one is broke and stopped; then the ledger audit.
+    """
+    from hub.demo import run_agents_demo, run_demo
+
+    ok = (run_agents_demo if agents else run_demo)(
         as_json=as_json,
         keep=keep,
         broker=broker,

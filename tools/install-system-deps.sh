@@ -3,6 +3,11 @@
 #   mosquitto                 the real MQTT broker the tests run against
 #   wabt clang lld wasi-libc  rebuild wasm-jobs/ and check the committed modules match
 #   libclang-rt-14-dev-wasm32
+#   chromium                  the real browser the dashboard tests (tests/web) drive with Playwright
+#   socat                     a virtual MicroPython board on a pty (tests/firmware)
+#   systemd                   systemd-analyze verify for `edge-run service` units (tests/edge/test_service.py)
+#   debootstrap               the local Debian base of the container images (tools/containers)
+#   gcc-multilib              the firmware's wasm engine compiled for a 32-bit target (tests/firmware)
 set -euo pipefail
 
 need=()
@@ -16,6 +21,12 @@ compgen -G "/usr/lib/llvm-*/lib/clang/*/lib/wasi/libclang_rt.builtins-wasm32.a" 
   || need+=(libclang-rt-14-dev-wasm32)
 command -v openssl >/dev/null || need+=(openssl)
 command -v curl >/dev/null || need+=(curl)
+command -v chromium >/dev/null || need+=(chromium)
+command -v socat >/dev/null || need+=(socat)
+command -v systemd-analyze >/dev/null || need+=(systemd)
+command -v debootstrap >/dev/null || need+=(debootstrap)
+[ -e /usr/include/x86_64-linux-gnu/gnu/stubs-32.h ] || [ "$(uname -m)" != x86_64 ] \
+  || need+=(gcc-multilib)
 
 if [ ${#need[@]} -eq 0 ]; then
   exit 0

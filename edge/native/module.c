@@ -167,13 +167,15 @@ static int digit_value(unsigned c) {
 }
 
 /* int(text, 0), falling back to int(text, 10) (which allows leading zeros): 0 when it is not
- * an integer. The magnitude saturates well above any wasm integer. */
-static int parse_int(Str text, int *neg, unsigned __int128 *mag) {
+ * an integer. *big is set when the magnitude is 2^64 or more (past any wasm integer); 64-bit
+ * arithmetic only, so 32-bit targets (the firmware's, firmware/wasm3) build this too. */
+static int parse_int(Str text, int *neg, uint64_t *mag, int *big) {
     Str s = strip(text);
     size_t i = 0;
     int base = 10;
     *neg = 0;
     *mag = 0;
+    *big = 0;
     if (i < s.n && (s.p[i] == '+' || s.p[i] == '-')) *neg = s.p[i++] == '-';
     if (i + 1 < s.n && s.p[i] == '0') {
         unsigned c = s.p[i + 1] | 0x20;
@@ -194,7 +196,8 @@ static int parse_int(Str text, int *neg, unsigned __int128 *mag) {
         }
         int d = digit_value(c);
         if (d >= base) return 0;
-        if (*mag < ((unsigned __int128)1 << 100)) *mag = *mag * (unsigned)base + (unsigned)d;
+        if (*mag > (UINT64_MAX - (unsigned)d) / (unsigned)base) *big = 1;
+        else *mag = *mag * (unsigned)base + (unsigned)d;
         prev_digit = 1;
     }
     return prev_digit;
@@ -254,11 +257,12 @@ void convert_args(IM3Function f, uint64_t *vals) {
             } else memcpy(&vals[i], &d, sizeof d);
             continue;
         }
-        int neg, bits = t == c_m3Type_i32 ? 32 : 64;
-        unsigned __int128 mag;
-        if (!parse_int(text, &neg, &mag)) arg_error(text, fname, "an integer", i, t);
-        unsigned __int128 top = (unsigned __int128)1 << bits, half = top >> 1;
-        if (neg ? mag > half : mag >= top) arg_error(text, fname, "an integer that fits", i, t);
+        int neg, big, bits = t == c_m3Type_i32 ? 32 : 64;
+        uint64_t mag;
+        if (!parse_int(text, &neg, &mag, &big)) arg_error(text, fname, "an integer", i, t);
+        uint64_t half = (uint64_t)1 << (bits - 1); /* fits: -half .. 2 * half - 1 */
+        int too_big = neg ? mag > half : (mag >= half && mag - half >= half); /* no overflow */
+        if (big || too_big) arg_error(text, fname, "an integer that fits", i, t);
         uint64_t v = neg ? (uint64_t)(0 - (uint64_t)mag) : (uint64_t)mag;
         vals[i] = bits == 32 ? (uint64_t)(uint32_t)v : v;
     }

@@ -1,0 +1,32 @@
+# ruff: noqa: F821 - include/require/package/module are given by MicroPython's manifest tool
+# The DEparrow node, frozen into MicroPython firmware (micropython-lib manifest conventions):
+#   make -C ports/esp32 BOARD=ESP32_GENERIC_S3 FROZEN_MANIFEST=path/to/firmware/manifest.py \
+#        USER_C_MODULES=path/to/firmware/micropython.cmake
+# (firmware/build.sh runs that). The frozen set is exactly what a board's node imports: the
+# edge core, its umqtt adapter, the board's start-up module and its wasm3 executor.
+# tests/firmware/test_firmware.py checks it against what a running node loads.
+
+# Everything the port freezes anyway (asyncio, network helpers, ...): keeps the board stock.
+include("$(PORT_DIR)/boards/manifest.py")
+
+# micropython-lib's MQTT client, the protocol level edge/mqtt_umqtt.py builds on.
+require("umqtt.simple")
+
+# The edge core, unchanged from the repository (MicroPython-subset code).
+package(
+    "edge",
+    files=(
+        "__init__.py",
+        "compat.py",
+        "protocol.py",
+        "jobs.py",
+        "session.py",
+        "outbox.py",
+        "mqtt_umqtt.py",
+    ),
+    base_path="..",
+)
+
+# The board: boot-time configuration and Wi-Fi, the node loop, the dpwasm3 executor.
+module("deparrow_board.py")
+module("wasm3_exec.py")
