@@ -30,6 +30,23 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         CREATE INDEX IF NOT EXISTS web_entries_created ON entries(created_at);
         """,
     ),
+    (
+        2,
+        "job pages list verified jobs, not their replicas: partial indexes",
+        # Every list and count says `parent IS NULL` (store migration 6 made replicas rows of
+        # their own); a partial index with that condition keeps them index-only.
+        """
+        DROP INDEX IF EXISTS web_jobs_submitted;
+        DROP INDEX IF EXISTS web_jobs_state_submitted;
+        DROP INDEX IF EXISTS web_jobs_owner_state;
+        CREATE INDEX IF NOT EXISTS web_jobs_top_submitted ON jobs(submitted_at)
+            WHERE parent IS NULL;
+        CREATE INDEX IF NOT EXISTS web_jobs_top_state_submitted ON jobs(state, submitted_at)
+            WHERE parent IS NULL;
+        CREATE INDEX IF NOT EXISTS web_jobs_top_owner_state ON jobs(owner, state, submitted_at)
+            WHERE parent IS NULL;
+        """,
+    ),
 ]
 
 PAGE_SIZE = 25
