@@ -116,6 +116,17 @@ async def test_jobs_page_pages_and_filters(hub: Any) -> None:
     assert "No jobs match" in await (await hub.get("/jobs?state=failed")).text()
 
 
+async def test_a_verified_job_is_listed_once_not_per_replica(hub: Any) -> None:
+    owner, token = user(hub, "dave")
+    job_id = await api_submit(hub, token, {**FIB, "verify": {"replicas": 3}})
+    db = hub.services.db
+    assert len(hub.services.store.replicas(job_id)) == 3  # three rows of their own...
+    page = queries.job_page(db, owner=owner)
+    assert [r["id"] for r in page.rows] == [job_id]  # ...one job on the page
+    assert sum(queries.job_counts(db, owner).values()) == 1
+    assert sum(sum(v) for v in queries.jobs_per_hour(db, owner)["series"].values()) == 1
+
+
 async def test_submit_form_shows_the_price_then_submits_once(hub: Any) -> None:
     user_id, token = user(hub, "dave")
     await sign_in(hub, token)
