@@ -29,6 +29,7 @@ from hub.db import Database
 from hub.ledger import Ledger
 from hub.store import Store
 from tests.conftest import ROOT, require_mosquitto, wait_until
+from tests.hub.conftest import login, new_user
 
 FIB_IN = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0}},
           "required": ["n"], "additionalProperties": False}  # fmt: skip
@@ -117,20 +118,6 @@ async def api(aiohttp_client: Any, tmp_path: Path) -> Any:
     client = await aiohttp_client(app)
     client.services = app[SERVICES]
     return client
-
-
-async def login(api: Any, token: str) -> dict[str, str]:
-    r = await api.post("/api/v1/auth/token", json={"token": token})
-    assert r.status == 200, await r.text()
-    return {"Authorization": "Bearer " + (await r.json())["jwt"]}
-
-
-async def new_user(api: Any, name: str) -> tuple[str, dict[str, str]]:
-    admin = await login(api, api.services.admin_token)
-    r = await api.post("/api/v1/users", json={"name": name}, headers=admin)
-    assert r.status == 201, await r.text()
-    body = await r.json()
-    return body["id"], await login(api, body["token"])
 
 
 async def new_agent(

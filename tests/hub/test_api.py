@@ -2,41 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from hub.app import SERVICES, create_app
-from hub.config import HubConfig
+from tests.hub.conftest import login, new_user
 
 FIB = {
     "engine": {"type": "wasm", "module": "example:fib", "entrypoint": "fib", "args": ["20"]},
     "timeout": 10,
 }
-
-
-@pytest.fixture
-async def api(aiohttp_client: Any, tmp_path: Path, mosquitto: str) -> Any:
-    config = HubConfig(data_dir=tmp_path / "hub", mqtt_url=mosquitto, welcome_grant_credits=10)
-    app = create_app(config)
-    client = await aiohttp_client(app)
-    client.services = app[SERVICES]
-    return client
-
-
-async def login(api: Any, token: str) -> dict[str, str]:
-    r = await api.post("/api/v1/auth/token", json={"token": token})
-    assert r.status == 200, await r.text()
-    return {"Authorization": "Bearer " + (await r.json())["jwt"]}
-
-
-async def new_user(api: Any, name: str = "alice") -> tuple[str, dict[str, str]]:
-    admin = await login(api, api.services.admin_token)
-    r = await api.post("/api/v1/users", json={"name": name}, headers=admin)
-    assert r.status == 201, await r.text()
-    body = await r.json()
-    return body["id"], await login(api, body["token"])
 
 
 async def test_token_exchange_and_bad_credentials(api: Any) -> None:

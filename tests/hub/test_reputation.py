@@ -22,9 +22,8 @@ from hub.config import HubConfig
 from hub.jobs import wallet_of
 from hub.ledger import MICRO
 from hub.models import JobSpec
-from tests.hub.test_api import login, new_user
+from tests.hub.conftest import login, new_user
 from tests.hub.test_earnings import add_node
-from tests.hub.test_verification import api  # noqa: F401  (the fixture)
 
 FIB = {"type": "wasm", "module": "example:fib", "entrypoint": "fib", "args": ["20"]}
 PAY = economy.node_pay(1000, 10, 10)
@@ -187,7 +186,7 @@ def test_a_node_silent_past_the_timeout_loses_the_attempt_to_another(services: S
     assert s.store.node(silent["id"])["earned"] == 0
 
 
-async def test_nodes_show_their_reputation_over_rest(api: Any) -> None:  # noqa: F811
+async def test_nodes_show_their_reputation_over_rest(api: Any) -> None:
     _, auth = await new_user(api, "owner")
     token = await (await api.post("/api/v1/enrollment-tokens", headers=auth)).json()
     r = await api.post("/api/v1/nodes/enroll", json={"token": token["token"], "name": "n1"})

@@ -15,12 +15,12 @@ import pytest
 
 from edge import protocol
 from hub import economy, verification
-from hub.app import SERVICES, Services, create_app, open_services
+from hub.app import Services, open_services
 from hub.config import HubConfig
 from hub.jobs import REVENUE, JobError, wallet_of
 from hub.ledger import MICRO, format_micro
 from hub.models import JobSpec
-from tests.hub.test_api import new_user
+from tests.hub.conftest import new_user
 from tests.hub.test_earnings import add_node
 
 FIB = {"type": "wasm", "module": "example:fib", "entrypoint": "fib", "args": ["20"]}
@@ -287,15 +287,6 @@ def test_replicas_one_is_an_ordinary_job(services: Services) -> None:
     assert set(placed(services)) == {job["id"]}
     assert send(services, job["id"]) == "settled"
     assert services.jobs.view(services.store.job(job["id"]))["verification"] is None
-
-
-@pytest.fixture
-async def api(aiohttp_client: Any, tmp_path: Path, mosquitto: str) -> Any:
-    config = HubConfig(data_dir=tmp_path / "hub", mqtt_url=mosquitto, welcome_grant_credits=10)
-    app = create_app(config)
-    client = await aiohttp_client(app)
-    client.services = app[SERVICES]
-    return client
 
 
 @pytest.mark.parametrize(
