@@ -10,8 +10,6 @@ import shutil
 import signal
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -39,41 +37,16 @@ def default_data_dir() -> Path:
     return Path(os.environ.get("DEPARROW_EDGE_DATA", str(Path(base) / "deparrow-edge")))
 
 
-def _post_json(url: str, body: dict[str, Any], timeout_s: float = 15.0) -> dict[str, Any]:
-    req = urllib.request.Request(
-        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
-            data: dict[str, Any] = json.loads(resp.read())
-            return data
-    except urllib.error.HTTPError as e:
-        try:
-            message = json.loads(e.read()).get("error") or e.reason
-        except (ValueError, AttributeError):
-            message = e.reason
-        raise click.ClickException(f"the hub refused enrollment ({e.code}): {message}") from None
-    except (urllib.error.URLError, OSError) as e:
-        reason = getattr(e, "reason", e)
-        raise click.ClickException(f"cannot reach the hub at {url}: {reason}") from None
-
-
 def enroll(hub: str, token: str, name: str, config_path: Path) -> dict[str, Any]:
+    from edge.enroll import EnrollError
+    from edge.enroll import enroll as request_enrollment
     from edge.resources import machine
 
-    info = machine()
-    answer = _post_json(
-        hub.rstrip("/") + "/api/v1/nodes/enroll",
-        {"token": token, "name": name, "engines": ["wasm"], **info},
-    )
-    config = {
-        "hub": hub,
-        "node_id": answer["node_id"],
-        "node_secret": answer["node_secret"],
-        "owner": answer["owner"],
-        "mqtt": answer["mqtt"],
-        "heartbeat_interval_s": answer["heartbeat_interval_s"],
-    }
+    body = {"token": token, "name": name, "engines": ["wasm"], **machine()}
+    try:
+        config = request_enrollment(hub, body)
+    except EnrollError as e:
+        raise click.ClickException(str(e)) from None
     config_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = config_path.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

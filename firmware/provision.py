@@ -26,8 +26,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -72,29 +70,14 @@ def run_mpremote(mp: list[str], port: str, *commands: list[str], timeout: float 
 def enroll(hub: str, token: str, name: str, memory_mb: int) -> dict[str, Any]:
     body = {"token": token, "name": name, "engines": ["wasm"], "arch": "micropython",
             "cpu": 1, "memory_mb": memory_mb}  # fmt: skip
-    url = hub.rstrip("/") + "/api/v1/nodes/enroll"
-    req = urllib.request.Request(
-        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
-    )
+    sys.path.insert(0, str(ROOT))  # the checkout's edge/, whether or not it is installed
+    from edge.enroll import EnrollError
+    from edge.enroll import enroll as request_enrollment
+
     try:
-        with urllib.request.urlopen(req, timeout=15) as resp:
-            answer = json.loads(resp.read())
-    except urllib.error.HTTPError as e:
-        try:
-            why = json.loads(e.read()).get("error") or e.reason
-        except (ValueError, AttributeError):
-            why = e.reason
-        raise ProvisionError(f"the hub refused enrollment ({e.code}): {why}") from None
-    except (urllib.error.URLError, OSError) as e:
-        raise ProvisionError(f"cannot reach the hub at {hub}: {getattr(e, 'reason', e)}") from None
-    return {
-        "hub": hub,
-        "node_id": answer["node_id"],
-        "node_secret": answer["node_secret"],
-        "owner": answer["owner"],
-        "mqtt": answer["mqtt"],
-        "heartbeat_interval_s": answer["heartbeat_interval_s"],
-    }
+        return request_enrollment(hub, body)
+    except EnrollError as e:
+        raise ProvisionError(str(e)) from None
 
 
 def code_files() -> list[tuple[Path, str]]:

@@ -20,12 +20,13 @@ import stat
 import struct
 import subprocess
 import tempfile
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from edge.enroll import EnrollError
+from edge.enroll import enroll as request_enrollment
 
 SECTOR = 512
 CHUNK = 4 * 1024 * 1024
@@ -215,30 +216,10 @@ def enroll(
         "cpu": float(profile["cpu"]),
         "memory_mb": int(profile["memory_mb"]),
     }
-    req = urllib.request.Request(
-        hub.rstrip("/") + "/api/v1/nodes/enroll",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-    )
     try:
-        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
-            answer: dict[str, Any] = json.loads(resp.read())
-    except urllib.error.HTTPError as e:
-        try:
-            message = json.loads(e.read()).get("error") or e.reason
-        except (ValueError, AttributeError):
-            message = e.reason
-        raise BoardError(f"the hub refused enrollment ({e.code}): {message}") from None
-    except (urllib.error.URLError, OSError) as e:
-        raise BoardError(f"cannot reach the hub at {hub}: {getattr(e, 'reason', e)}") from None
-    return {
-        "hub": hub,
-        "node_id": answer["node_id"],
-        "node_secret": answer["node_secret"],
-        "owner": answer["owner"],
-        "mqtt": answer["mqtt"],
-        "heartbeat_interval_s": answer["heartbeat_interval_s"],
-    }
+        return request_enrollment(hub, body, timeout_s)
+    except EnrollError as e:
+        raise BoardError(str(e)) from None
 
 
 @dataclass(frozen=True)
