@@ -30,7 +30,7 @@ sources=()
 for f in "$CORE"/*.c; do
   case "$(basename "$f")" in m3_env.c|m3_core.c) ;; *) sources+=("$f") ;; esac
 done
-sources+=("$HERE"/dp_engine.c "$HERE"/dp_wasi.c "$HERE"/dp_module.c "$HERE"/m3_env_real.c "$HERE"/m3_core_real.c)
+sources+=("$HERE"/dp_engine.c "$HERE"/dp_wasi.c "$HERE"/dp_module.c "$HERE"/dp_textbuf.c "$HERE"/m3_env_real.c "$HERE"/m3_core_real.c)
 pids=()
 for f in "${sources[@]}"; do
   "$CC" "${ARCH[@]}" "${FLAGS[@]}" "${WARN[@]}" -c "$f" -o "$WORK/$(basename "$f" .c).o" &

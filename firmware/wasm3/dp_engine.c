@@ -54,39 +54,6 @@ static struct {
 /* ------------------------------------------------------------------------------------------ */
 /* What wasi.c and module.c use from wasm3run.c                                                */
 
-void sb_raw(Sb *b, const char *s, size_t n) {
-    while (n-- && b->len + 1 < b->cap) b->buf[b->len++] = *s++;
-}
-
-void sb_str(Sb *b, const char *s) { sb_raw(b, s, strlen(s)); }
-
-void sb_u64(Sb *b, uint64_t v) {
-    char tmp[24];
-    int i = 0;
-    do {
-        tmp[i++] = (char)('0' + v % 10);
-        v /= 10;
-    } while (v);
-    while (i) sb_raw(b, &tmp[--i], 1);
-}
-
-void sb_i64(Sb *b, int64_t v) {
-    if (v < 0) {
-        sb_raw(b, "-", 1);
-        sb_u64(b, (uint64_t)0 - (uint64_t)v);
-    } else {
-        sb_u64(b, (uint64_t)v);
-    }
-}
-
-int64_t ns_of(const struct timespec *t) { return (int64_t)t->tv_sec * 1000000000LL + t->tv_nsec; }
-
-int64_t mono_ns(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return ns_of(&t);
-}
-
 /* Stream 1 or 2 into its buffer; wasi.c's capped_write keeps it to cap + 1 bytes. */
 int write_all(int fd, const char *p, size_t n) {
     uint8_t *buf = fd == out_fd ? out_buf : fd == err_fd ? err_buf : NULL;

@@ -19,6 +19,7 @@ target_sources(usermod_dpwasm3 INTERFACE
     ${DPWASM3_DIR}/dp_engine.c
     ${DPWASM3_DIR}/dp_wasi.c
     ${DPWASM3_DIR}/dp_module.c
+    ${DPWASM3_DIR}/dp_textbuf.c
     ${DPWASM3_DIR}/m3_env_real.c
     ${DPWASM3_DIR}/m3_core_real.c
     ${WASM3_CORE_SOURCES}

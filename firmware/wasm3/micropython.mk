@@ -11,7 +11,7 @@ endif
 
 SRC_USERMOD_C += $(DPWASM3_DIR)/modwasm3.c
 SRC_USERMOD_LIB_C += $(DPWASM3_DIR)/dp_engine.c $(DPWASM3_DIR)/dp_wasi.c \
-	$(DPWASM3_DIR)/dp_module.c $(DPWASM3_DIR)/m3_env_real.c $(DPWASM3_DIR)/m3_core_real.c \
+	$(DPWASM3_DIR)/dp_module.c $(DPWASM3_DIR)/dp_textbuf.c $(DPWASM3_DIR)/m3_env_real.c $(DPWASM3_DIR)/m3_core_real.c \
 	$(filter-out %/m3_env.c %/m3_core.c,$(wildcard $(WASM3_CORE)/*.c))
 
 # The engine's hooks into wasm3: memory.grow meets the job's cap, and the interpreter's
