@@ -157,17 +157,30 @@ def run_demo(as_json: bool, keep: bool, broker: str, echo: Callable[[str], None]
         report["error"] = str(e)
         echo(f"demo failed: {e}")
     finally:
-        for p in reversed(procs):
-            p.stop()
-        if not keep and ok:
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif not ok:
-            echo(f"logs kept in {tmp}")
+        _clean_up(procs, tmp, keep, ok, echo)
+    return _report("demo", report, ok, as_json, echo)
+
+
+def _clean_up(
+    procs: list[Proc], tmp: Path, keep: bool, ok: bool, echo: Callable[[str], None]
+) -> None:
+    """Stop what the demo started; keep its files (and say where) when it failed."""
+    for p in reversed(procs):
+        p.stop()
+    if not keep and ok:
+        shutil.rmtree(tmp, ignore_errors=True)
+    elif not ok:
+        echo(f"logs kept in {tmp}")
+
+
+def _report(
+    what: str, report: dict[str, Any], ok: bool, as_json: bool, echo: Callable[[str], None]
+) -> bool:
     report["ok"] = ok
     if as_json:
         print(json.dumps(report, indent=2, sort_keys=True))
     else:
-        echo("demo " + ("passed" if ok else "FAILED"))
+        echo(what + (" passed" if ok else " FAILED"))
     return ok
 
 
@@ -205,15 +218,5 @@ def run_agents_demo(as_json: bool, keep: bool, broker: str, echo: Callable[[str]
         report["error"] = str(e)
         echo(f"demo failed: {e}")
     finally:
-        for p in reversed(procs):
-            p.stop()
-        if not keep and ok:
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif not ok:
-            echo(f"logs kept in {tmp}")
-    report["ok"] = ok
-    if as_json:
-        print(json.dumps(report, indent=2, sort_keys=True))
-    else:
-        echo("agents demo " + ("passed" if ok else "FAILED"))
-    return ok
+        _clean_up(procs, tmp, keep, ok, echo)
+    return _report("agents demo", report, ok, as_json, echo)
