@@ -125,6 +125,13 @@ async def test_a_verified_job_is_listed_once_not_per_replica(hub: Any) -> None:
     assert [r["id"] for r in page.rows] == [job_id]  # ...one job on the page
     assert sum(queries.job_counts(db, owner).values()) == 1
     assert sum(sum(v) for v in queries.jobs_per_hour(db, owner)["series"].values()) == 1
+    await sign_in(hub, token)
+    page_html = await (await hub.get(f"/jobs/{job_id}")).text()
+    assert 'id="verification"' in page_html and "3 replicas, 2 must agree" in page_html
+    assert (
+        all(f"#{n}" in page_html for n in (1, 2, 3))
+        and "{" not in page_html.split("Verification")[1][:400]
+    )
 
 
 async def test_submit_form_shows_the_price_then_submits_once(hub: Any) -> None:
