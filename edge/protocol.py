@@ -160,6 +160,20 @@ def signing_string(job_id, attempt, node_id, state, exit_code, digest, wall_ms, 
     ).encode()
 
 
+def outcome(status, error, stdout, stderr, wall_ms, cpu_ms, exit_code=None, returns=None):
+    """What an executor reports when a job ends, the input of result() below."""
+    return {
+        "status": status,
+        "exit_code": exit_code,
+        "stdout": stdout,
+        "stderr": stderr,
+        "returns": returns,
+        "error": error,
+        "wall_ms": wall_ms,
+        "cpu_ms": cpu_ms,
+    }
+
+
 def result(node_id, secret, job_id, attempt, outcome):
     """Build the signed result message from an executor outcome dict.
 

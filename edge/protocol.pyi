@@ -59,6 +59,16 @@ def signing_string(
     wall_ms: int,
     cpu_ms: int,
 ) -> bytes: ...
+def outcome(
+    status: str,
+    error: str | None,
+    stdout: bytes,
+    stderr: bytes,
+    wall_ms: int,
+    cpu_ms: int,
+    exit_code: int | None = None,
+    returns: list[int] | None = None,
+) -> Msg: ...
 def result(node_id: str, secret: str, job_id: str, attempt: int, outcome: Msg) -> Msg: ...
 def verify_result(secret: str, msg: Msg, stdout: bytes) -> bool: ...
 def assign(

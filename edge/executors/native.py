@@ -40,6 +40,7 @@ import threading
 import time
 from typing import Any
 
+from edge import protocol
 from edge.executors.native_sandbox import (
     DEFAULT_PATH,
     NOBODY,
@@ -575,16 +576,7 @@ class NativeExecutor:
     ) -> None:
         handle.suspended_by.clear()
         handle.paused_at = None
-        handle.outcome = {
-            "status": status,
-            "exit_code": exit_code,
-            "stdout": stdout,
-            "stderr": stderr,
-            "returns": None,
-            "error": error,
-            "wall_ms": wall_ms,
-            "cpu_ms": cpu_ms,
-        }
+        handle.outcome = protocol.outcome(status, error, stdout, stderr, wall_ms, cpu_ms, exit_code)
 
 
 def _remove(path: str | None) -> None:

@@ -14,6 +14,7 @@ import select
 import signal
 import time
 
+from edge import protocol
 from edge.executors.framing import encode
 from edge.executors.workerproc import WorkerProcess
 
@@ -377,13 +378,6 @@ class Wasm3Executor:
             handle.worker.handle = None
         handle.worker = None
         handle.job = None
-        handle.outcome = {
-            "status": status,
-            "exit_code": exit_code,
-            "stdout": out,
-            "stderr": err,
-            "returns": returns,
-            "error": error,
-            "wall_ms": wall_ms,
-            "cpu_ms": cpu_ms,
-        }
+        handle.outcome = protocol.outcome(
+            status, error, out, err, wall_ms, cpu_ms, exit_code, returns
+        )

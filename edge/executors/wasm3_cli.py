@@ -20,7 +20,7 @@ try:
 except ImportError:  # pragma: no cover - MicroPython ports that name it uos
     import uos as os  # type: ignore[no-redef]
 
-from edge import compat
+from edge import compat, protocol
 
 RUNNER_ENV = "DEPARROW_WASM3_RUN"
 RUNNER_NAME = "wasm3-run"
@@ -442,16 +442,9 @@ class Wasm3CliExecutor:
         if wall_ms is None:
             now = compat.ticks_ms()
             wall_ms = max(0, compat.ticks_diff(now, handle.started) - handle.paused(now))
-        handle.outcome = {
-            "status": status,
-            "exit_code": exit_code,
-            "stdout": out,
-            "stderr": err,
-            "returns": returns,
-            "error": error,
-            "wall_ms": wall_ms,
-            "cpu_ms": cpu_ms,
-        }
+        handle.outcome = protocol.outcome(
+            status, error, out, err, wall_ms, cpu_ms, exit_code, returns
+        )
         if handle in self.running:
             self.running.remove(handle)
         _rmtree(handle.dir)
