@@ -6,7 +6,7 @@ as 402 for a caller who cannot pay, go through the API's error middleware).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import msgspec
@@ -17,7 +17,6 @@ from hub.agents import (
     AgentError,
     AgentForbidden,
     AgentNotFound,
-    CallConflict,
     CallView,
     ServiceName,
     ServiceView,
@@ -25,11 +24,10 @@ from hub.agents import (
     Text,
     call_view,
 )
-from hub.api import decode_body, error, identity, json_response
+from hub.api import _services, decode_body, identity, json_response
 from hub.auth import Identity
 from hub.ledger import credits_to_micro
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Credits = str | int  # a decimal string ("0.01") or a whole number of credits
 
 
@@ -67,31 +65,9 @@ API_TYPES: list[Any] = [CreateAgent, AgentCreated, RegisterService, ServiceView,
                         CallView]  # fmt: skip
 
 
-def _services(request: web.Request) -> Any:
-    from hub.app import SERVICES
-
-    return request.app[SERVICES]
-
-
 def _agents(request: web.Request) -> registry.Agents:
     agents: registry.Agents = _services(request).agents
     return agents
-
-
-def _errors(handler: Handler) -> Handler:
-    async def wrapped(request: web.Request) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except AgentNotFound as e:
-            return error(404, str(e))
-        except AgentForbidden as e:
-            return error(403, str(e))
-        except CallConflict as e:
-            return error(409, str(e))
-        except AgentError as e:
-            return error(400, str(e), field=e.field)
-
-    return wrapped
 
 
 def _key(request: web.Request) -> str:
@@ -124,7 +100,6 @@ def _visible_agent(request: web.Request) -> tuple[Identity, str]:
 
 
 # --- agents -----------------------------------------------------------------------------------
-@_errors
 async def create_agent(request: web.Request) -> web.Response:
     who = identity(request)
     services = _services(request)
@@ -143,7 +118,6 @@ async def create_agent(request: web.Request) -> web.Response:
     )
 
 
-@_errors
 async def list_agents(request: web.Request) -> web.Response:
     who = identity(request)
     agents = _agents(request)
@@ -151,7 +125,6 @@ async def list_agents(request: web.Request) -> web.Response:
     return json_response({"agents": [agents.agent_view(r) for r in agents.agents(viewer)]})
 
 
-@_errors
 async def get_agent(request: web.Request) -> web.Response:
     _, agent_id = _visible_agent(request)
     agents = _agents(request)
@@ -160,7 +133,6 @@ async def get_agent(request: web.Request) -> web.Response:
     return json_response(agents.agent_view(row))
 
 
-@_errors
 async def agent_calls(request: web.Request) -> web.Response:
     _, agent_id = _visible_agent(request)
     limit = _limit(request, 50, 500)
@@ -168,7 +140,6 @@ async def agent_calls(request: web.Request) -> web.Response:
 
 
 # --- services ---------------------------------------------------------------------------------
-@_errors
 async def register_service(request: web.Request) -> web.Response:
     who = identity(request)
     req = await decode_body(request, RegisterService)
@@ -195,7 +166,6 @@ async def register_service(request: web.Request) -> web.Response:
     return json_response(view, 201 if created else 200)
 
 
-@_errors
 async def search_services(request: web.Request) -> web.Response:
     identity(request)
     q = request.query.get("q")
@@ -206,7 +176,6 @@ async def search_services(request: web.Request) -> web.Response:
     return json_response({"services": found})
 
 
-@_errors
 async def get_service(request: web.Request) -> web.Response:
     identity(request)
     service_id = request.match_info["service_id"]
@@ -216,7 +185,6 @@ async def get_service(request: web.Request) -> web.Response:
     return json_response(view)
 
 
-@_errors
 async def retire_service(request: web.Request) -> web.Response:
     who = identity(request)
     view = _agents(request).retire(who.user_id, request.match_info["service_id"])
@@ -224,7 +192,6 @@ async def retire_service(request: web.Request) -> web.Response:
 
 
 # --- calls ------------------------------------------------------------------------------------
-@_errors
 async def call_service(request: web.Request) -> web.Response:
     """Hold the price, send the call to the agent, and wait for its answer (up to the call's
     timeout): 200 with the final call, or 202 with the pending call if the client should poll
@@ -245,7 +212,6 @@ async def call_service(request: web.Request) -> web.Response:
     return json_response(call_view(call), status)
 
 
-@_errors
 async def get_call(request: web.Request) -> web.Response:
     """One call, for its caller, its agent, their owners and admins. `?wait=S` long-polls up
     to S seconds (at most 300) for it to finish."""

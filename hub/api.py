@@ -22,6 +22,7 @@ import msgspec
 from aiohttp import web
 
 from hub import auth, openapi
+from hub.agents import AgentError, AgentForbidden, AgentNotFound, CallConflict
 from hub.auth import AuthError, Identity
 from hub.jobs import JobConflict, JobError, JobNotFound, NotAllowed, wallet_of
 from hub.ledger import (
@@ -93,6 +94,14 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except NotAllowed as e:
         return error(403, str(e))
     except JobError as e:
+        return error(400, str(e), field=e.field)
+    except AgentNotFound as e:
+        return error(404, str(e))
+    except AgentForbidden as e:
+        return error(403, str(e))
+    except CallConflict as e:
+        return error(409, str(e))
+    except AgentError as e:
         return error(400, str(e), field=e.field)
     except IdempotencyConflict as e:
         return error(409, f"{e}: that Idempotency-Key was used for a different request")
