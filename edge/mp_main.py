@@ -259,40 +259,7 @@ def main(argv):
         return 1
     offered = Offered(opts["cpu"], opts.get("memory_mb"))
     session = Session(config, mqtt, executor, offered, log, outbox=outbox)
-    try:
-        session.start()
-    except OSError as e:  # MqttUnavailable; paho's ConnectionError is an OSError too
-        print("mp_main: " + str(e))
-        executor.close()
-        return 1
-    print("mp_main: node " + config["node_id"] + " online at " + config["mqtt"]["url"])
-    exit_after = opts.get("exit_after")
-    runner = session.runner
-    try:
-        while not exit_after or runner.completed + runner.failed < exit_after:
-            try:
-                session.step()
-            except MemoryError:
-                raise
-            except Exception as e:  # keep serving: one fault must not take the node down
-                print("mp_main: node loop error: " + repr(e))
-                compat.sleep_ms(1000)
-                continue
-            # a running job ends in its own process: look again soon
-            mqtt.wait(0.002 if runner.running else 0.05)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        executor.close()
-        try:
-            session.stop()
-        except Exception as e:
-            print("mp_main: could not say goodbye to the broker: " + repr(e))
-        print(
-            "mp_main: node " + config["node_id"] + " stopped: " + str(runner.completed)
-            + " jobs completed, " + str(runner.failed) + " failed"
-        )  # fmt: skip
-    return 0
+    return session.serve(lambda text: print("mp_main: " + text), opts.get("exit_after"), 0.002)
 
 
 if __name__ == "__main__":

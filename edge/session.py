@@ -265,3 +265,44 @@ class Session:
         finally:
             self.mqtt.disconnect()
             self.outbox.close()
+
+    def serve(self, say, exit_after=0, busy_wait_s=0.005):
+        """The node's main loop, as edge/mp_main.py and the boards run it: connect, step until
+        Ctrl-C (or until exit_after jobs have ended), then say goodbye and close the executor.
+        A fault in one step is reported and the loop goes on; a MemoryError is not caught.
+        say(text) reports progress. Returns the exit code."""
+        url = self.config["mqtt"]["url"]
+        executor = self.runner.executor
+        try:
+            self.start()
+        except OSError as e:  # MqttUnavailable; paho's ConnectionError is an OSError too
+            say(str(e))  # it names the broker and what went wrong
+            executor.close()
+            return 1
+        say("node " + self.node_id + " online at " + url)
+        runner = self.runner
+        try:
+            while not exit_after or runner.completed + runner.failed < exit_after:
+                try:
+                    self.step()
+                except MemoryError:
+                    raise
+                except Exception as e:  # one fault must not take the node down
+                    say("node loop error: " + repr(e))
+                    compat.sleep_ms(1000)
+                    continue
+                # a running job ends elsewhere (its own process, or its thread): look soon
+                self.mqtt.wait(busy_wait_s if runner.running else 0.05)
+        except KeyboardInterrupt:
+            say("stopping (Ctrl-C)")
+        finally:
+            executor.close()
+            try:
+                self.stop()
+            except Exception as e:
+                say("could not say goodbye to the broker: " + repr(e))
+            say(
+                "node " + self.node_id + " stopped: " + str(runner.completed)
+                + " jobs completed, " + str(runner.failed) + " failed"
+            )  # fmt: skip
+        return 0

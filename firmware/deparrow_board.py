@@ -188,35 +188,4 @@ def main(exit_after=None, verbose=False):
         executor.close()
         return 1
     session = Session(config, mqtt, executor, Offered(heap_mb()), log, outbox=outbox)
-    try:
-        session.start()
-    except OSError as e:
-        say("cannot reach the broker at " + config["mqtt"]["url"] + ": " + str(e))
-        executor.close()
-        return 1
-    say("node " + config["node_id"] + " online at " + config["mqtt"]["url"])
-    runner = session.runner
-    try:
-        while not exit_after or runner.completed + runner.failed < exit_after:
-            try:
-                session.step()
-            except MemoryError:
-                raise
-            except Exception as e:  # one fault must not take the node down
-                say("node loop error: " + repr(e))
-                compat.sleep_ms(1000)
-                continue
-            mqtt.wait(0.005 if runner.running else 0.05)
-    except KeyboardInterrupt:
-        say("stopping (Ctrl-C)")
-    finally:
-        executor.close()
-        try:
-            session.stop()
-        except Exception as e:
-            say("could not say goodbye to the broker: " + repr(e))
-        say(
-            "node stopped: " + str(runner.completed) + " jobs completed, "
-            + str(runner.failed) + " failed"
-        )  # fmt: skip
-    return 0
+    return session.serve(say, exit_after)
