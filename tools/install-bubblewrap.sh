@@ -9,19 +9,7 @@ set -euo pipefail
 say() { echo "install-bubblewrap: $*" >&2; }
 
 if ! command -v bwrap >/dev/null; then
-  SUDO=""
-  if [ "$(id -u)" -ne 0 ]; then
-    if command -v sudo >/dev/null; then
-      SUDO=sudo
-    else
-      say "error: need root (or sudo) to install the Debian package bubblewrap"
-      exit 1
-    fi
-  fi
-  say "installing the Debian package bubblewrap"
-  export DEBIAN_FRONTEND=noninteractive
-  $SUDO apt-get update -qq
-  $SUDO apt-get install -y -qq --no-install-recommends bubblewrap >/dev/null
+  "$(dirname "$0")/apt-install.sh" bubblewrap
 fi
 
 # A sandbox that cannot start is worse than none found: say why now, not at the first job.

@@ -20,19 +20,4 @@ command -v mkfs.vfat >/dev/null || [ -x /sbin/mkfs.vfat ] || need+=(dosfstools)
 command -v losetup >/dev/null || [ -x /sbin/losetup ] || need+=(mount)
 command -v strip >/dev/null || need+=(binutils)
 
-if [ ${#need[@]} -eq 0 ]; then
-  exit 0
-fi
-echo "installing Debian packages: ${need[*]}" >&2
-SUDO=""
-if [ "$(id -u)" -ne 0 ]; then
-  if command -v sudo >/dev/null; then
-    SUDO=sudo
-  else
-    echo "error: need root (or sudo) to install: ${need[*]}" >&2
-    exit 1
-  fi
-fi
-export DEBIAN_FRONTEND=noninteractive
-$SUDO apt-get update -qq
-$SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+exec "$(dirname "$0")/apt-install.sh" "${need[@]}"

@@ -40,10 +40,7 @@ command -v runc >/dev/null || need+=(runc)
   || need+=(busybox-static)
 command -v curl >/dev/null || need+=(curl)
 if [ ${#need[@]} -gt 0 ]; then
-  say "installing Debian packages: ${need[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  "$(dirname "$0")/apt-install.sh" "${need[@]}"
 fi
 
 # 2. containers.conf --------------------------------------------------------------------------

@@ -28,19 +28,4 @@ command -v debootstrap >/dev/null || need+=(debootstrap)
 [ -e /usr/include/x86_64-linux-gnu/gnu/stubs-32.h ] || [ "$(uname -m)" != x86_64 ] \
   || need+=(gcc-multilib)
 
-if [ ${#need[@]} -eq 0 ]; then
-  exit 0
-fi
-echo "installing Debian packages: ${need[*]}" >&2
-SUDO=""
-if [ "$(id -u)" -ne 0 ]; then
-  if command -v sudo >/dev/null; then
-    SUDO=sudo
-  else
-    echo "error: need root (or sudo) to install: ${need[*]}" >&2
-    exit 1
-  fi
-fi
-export DEBIAN_FRONTEND=noninteractive
-$SUDO apt-get update -qq
-$SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+exec "$(dirname "$0")/apt-install.sh" --with-recommends "${need[@]}"
