@@ -567,6 +567,10 @@ class Bridge:
                 )
             if msg.state == protocol.IDLE:
                 self._redeliver_lost(ident, msg.running, now)
+            res = msg.resources
+            self._changed("beat", {"id": ident, "t": now, "state": msg.state, "load": res.load,
+                                   "cpu": res.cpu, "memory_mb": res.memory_mb,
+                                   "running": len(msg.running)})  # fmt: skip
             if node["state"] != msg.state:
                 self._changed("node", {"id": ident, "state": msg.state})
             if msg.state == protocol.IDLE:

@@ -2,8 +2,9 @@
 Server-Sent Events stream per open page (job states, node states, heartbeats, balances).
 
 The hub keeps no heartbeat history in its database (a node row holds only the last beat), so
-a sampler keeps the last HEARTBEATS_KEPT beats of each node in memory, in a ring: enough for
-the node page's chart, gone when the hub restarts. Memory stays bounded: compact tuples, and
+the bridge hands each heartbeat here once it is committed (a "beat" change) and the last
+HEARTBEATS_KEPT beats of each node stay in memory, in a ring: enough for the node page's
+chart, gone when the hub restarts. Memory stays bounded: compact tuples, and
 rings for at most NODES_TRACKED nodes (the ones heard from least recently are dropped).
 """
 
@@ -25,7 +26,6 @@ from hub.auth import Identity
 from hub.jobs import wallet_of
 from hub.ledger import UnknownAccount, format_micro
 from hub.web import session
-from hub.web.queries import offered
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,6 @@ EVENTS_KEPT = 200
 HEARTBEATS_KEPT = 240
 NODES_TRACKED = 2000
 BEAT_FIELDS = ("t", "state", "load", "cpu", "memory_mb", "running")
-SAMPLE_S = 0.5
 WALLET_CHECK_S = 1.0
 KEEPALIVE_S = 15.0
 _CLOSE: dict[str, Any] = {"kind": "close"}
@@ -46,8 +45,6 @@ class Live:
     subscribers: set[asyncio.Queue[dict[str, Any]]] = field(default_factory=set)
     loop: asyncio.AbstractEventLoop | None = None
     loop_thread: int | None = None
-    sampler: asyncio.Task[None] | None = None
-    newest: float = 0.0  # the latest last_seen sampled: the next pass reads only newer rows
 
     def publish(self, event: dict[str, Any]) -> None:
         loop = self.loop
@@ -70,6 +67,9 @@ def record(app: web.Application, kind: str, data: dict[str, Any]) -> None:
     live = app.get(LIVE)
     if live is None:
         return
+    if kind == "beat":  # a heartbeat: the node's ring and open pages, not the events list
+        _beat(live, data)
+        return
     event = {"t": time.time(), "kind": kind, **data}
     live.events.appendleft(event)
     live.publish(event)
@@ -80,56 +80,28 @@ def heartbeats(app: web.Application, node_id: str) -> list[dict[str, Any]]:
     return [dict(zip(BEAT_FIELDS, beat, strict=True)) for beat in ring] if ring else []
 
 
-def _sample(app: web.Application) -> None:
-    from hub.app import SERVICES
-
-    live = app[LIVE]
-    rows = app[SERVICES].db.query(
-        "SELECT id, state, last_seen, resources, running FROM nodes WHERE last_seen > ?"
-        " ORDER BY last_seen",
-        (live.newest,),
-    )
-    for n in rows:
-        seen = float(n["last_seen"])
-        live.newest = max(live.newest, seen)
-        res = offered(n)
-        beat = (seen, str(n["state"]), res["load"], res["cpu"], res["memory_mb"],
-                len(json.loads(n["running"] or "[]")))  # fmt: skip
-        ring = live.beats.get(n["id"])
-        if ring is None:
-            ring = live.beats[n["id"]] = deque(maxlen=HEARTBEATS_KEPT)
-            if len(live.beats) > NODES_TRACKED:
-                live.beats.popitem(last=False)
-        else:
-            live.beats.move_to_end(n["id"])
-        ring.append(beat)
-        live.publish({"kind": "beat", "id": n["id"], **dict(zip(BEAT_FIELDS, beat, strict=True))})
-
-
-async def _sampler(app: web.Application) -> None:
-    while True:
-        try:
-            _sample(app)
-        except Exception:  # the database closing under us at shutdown, say
-            log.debug("heartbeat sampling failed", exc_info=True)
-        await asyncio.sleep(SAMPLE_S)
+def _beat(live: Live, data: dict[str, Any]) -> None:
+    beat = tuple(data[f] for f in BEAT_FIELDS)
+    ring = live.beats.get(data["id"])
+    if ring is None:
+        ring = live.beats[data["id"]] = deque(maxlen=HEARTBEATS_KEPT)
+        if len(live.beats) > NODES_TRACKED:
+            live.beats.popitem(last=False)
+    else:
+        live.beats.move_to_end(data["id"])
+    ring.append(beat)
+    live.publish({"kind": "beat", "id": data["id"], **dict(zip(BEAT_FIELDS, beat, strict=True))})
 
 
 async def on_startup(app: web.Application) -> None:
     live = app[LIVE]
     live.loop = asyncio.get_running_loop()
     live.loop_thread = threading.get_ident()
-    live.sampler = asyncio.create_task(_sampler(app))
 
 
 async def on_shutdown(app: web.Application) -> None:
-    """Before the services close: stop sampling and end every open stream."""
-    live = app[LIVE]
-    if live.sampler is not None:
-        live.sampler.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await live.sampler
-    live._fan_out(_CLOSE)
+    """Before the services close: end every open stream."""
+    app[LIVE]._fan_out(_CLOSE)
 
 
 def setup(app: web.Application) -> None:
