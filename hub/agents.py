@@ -762,8 +762,7 @@ class Agents:
 
     # --- time ---------------------------------------------------------------------------
     def tick(self, now: float | None = None) -> int:
-        """Expire overdue calls and tell owners of agents whose service job was stopped for
-        want of credits. Returns how many calls expired."""
+        """Expire overdue calls. Returns how many expired."""
         now = time.time() if now is None else now
         expired = 0
         for call in self.db.query(
@@ -775,10 +774,6 @@ class Agents:
                     log.info("call %s to %s timed out; refunded", call["id"], call["agent"])
             except Exception:
                 log.exception("could not expire call %s", call["id"])
-        try:
-            self._notice_stopped_services(now)
-        except Exception:
-            log.exception("could not record the notices of stopped service jobs")
         return expired
 
     def resend_pending(self) -> int:
@@ -790,27 +785,30 @@ class Agents:
             n += 1
         return n
 
-    def _notice_stopped_services(self, now: float) -> None:
-        rows = self.db.query(
+    def service_stopped(self, job_id: str) -> None:
+        """A service job was stopped for want of credits (Jobs.bill_services, in the bridge's
+        transaction): when it was an agent's, the agent and its owner are told, and the notice
+        is kept in the same transaction."""
+        r = self.db.query_one(
             "SELECT j.id, j.owner AS agent, j.name, j.reason, a.owner FROM jobs j"
             " JOIN users u ON u.id = j.owner AND u.role = 'agent'"
-            " LEFT JOIN agents a ON a.id = j.owner"
-            " WHERE j.kind = 'service' AND j.state = 'cancelled' AND j.reason LIKE 'stopped after%'"
-            " AND NOT EXISTS (SELECT 1 FROM agent_notices n WHERE n.ref = j.id)"
+            " LEFT JOIN agents a ON a.id = j.owner WHERE j.id = ?",
+            (job_id,),
         )
-        for r in rows:
-            message = f"agent {r['agent']}: service job {r['id']} ({r['name']}) {r['reason']}"
-            with self.db.transaction() as c:
-                c.execute(
-                    "INSERT OR IGNORE INTO agent_notices (agent, owner, kind, ref, message,"
-                    " created_at) VALUES (?, ?, 'stopped', ?, ?, ?)",
-                    (r["agent"], r["owner"], r["id"], message, now),
-                )
-            log.warning("%s; its owner %s is told", message, r["owner"] or "(none)")
-            note = protocol.notice(r["agent"], "stopped", message, r["id"])
-            self._send(protocol.agent_topic(str(r["agent"]), protocol.NOTICE), note)
-            if r["owner"]:
-                self._send(protocol.agent_topic(str(r["owner"]), protocol.NOTICE), note)
+        if r is None:  # a user's own service job: the job's reason says it all
+            return
+        message = f"agent {r['agent']}: service job {r['id']} ({r['name']}) {r['reason']}"
+        with self.db.transaction() as c:
+            c.execute(
+                "INSERT OR IGNORE INTO agent_notices (agent, owner, kind, ref, message,"
+                " created_at) VALUES (?, ?, 'stopped', ?, ?, ?)",
+                (r["agent"], r["owner"], r["id"], message, time.time()),
+            )
+        log.warning("%s; its owner %s is told", message, r["owner"] or "(none)")
+        note = protocol.notice(r["agent"], "stopped", message, r["id"])
+        self._send(protocol.agent_topic(str(r["agent"]), protocol.NOTICE), note)
+        if r["owner"]:
+            self._send(protocol.agent_topic(str(r["owner"]), protocol.NOTICE), note)
 
 
 def _service_view(row: sqlite3.Row) -> ServiceView:

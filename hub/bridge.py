@@ -440,6 +440,8 @@ class Bridge:
             log.info("service job %s stopped: its owner cannot pay on", job_id)
             self.cancel_on_node(node_id, job_id, attempt)
             self._changed("job", {"id": job_id, "state": "cancelled"})
+            if self.agents is not None:
+                self.agents.service_stopped(job_id)
         if self.agents is not None:
             self.agents.tick()  # calls past their deadline are refunded
         self._pass_wanted = True
