@@ -515,8 +515,7 @@ async def remove_node(request: web.Request) -> web.Response:
         return error(404, f"no node {node_id}")  # someone else's: don't confirm it exists
     requeued = 0
     if services.store.revoke_node(node_id):
-        running = services.store.jobs_on_node(node_id)
-        services.scheduler.node_offline(node_id, "its owner removed it")
+        running = services.scheduler.node_offline(node_id, "its owner removed it")
         requeued = len(running)
         services.sync_broker()
         if services.bridge is not None:

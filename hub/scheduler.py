@@ -325,8 +325,12 @@ class Scheduler:
                 self.jobs.node_failed(job, why)
         return gone
 
-    def node_offline(self, node_id: str, why: str) -> None:
+    def node_offline(self, node_id: str, why: str) -> list[sqlite3.Row]:
+        """Mark the node offline; what it was running is lost to it. Returns those jobs (as
+        they were on the node: the attempt a cancel must name)."""
         self.store.update_node(node_id, state=protocol.OFFLINE)
-        for job in self.store.jobs_on_node(node_id):
+        lost = self.store.jobs_on_node(node_id)
+        for job in lost:
             if self.jobs.node_failed(job, f"node {node_id} went offline ({why})"):
                 log.info("job %s lost: node %s offline", job["id"], node_id)
+        return lost
