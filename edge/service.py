@@ -1,10 +1,10 @@
 """Install once, run always: `edge-run` as a systemd service (a system unit, or a user unit
 that needs no root), so the node starts at boot and comes back after a failure.
 
-The library writes the unit and drives systemctl; edge/cli.py's `edge-run service` commands
-are the thin layer over it. CPython only (not part of the board core). Where systemd is not
-the running init (a container, WSL without systemd), nothing is started: the result says
-which commands to run on a machine that has it.
+The library writes the unit and drives systemctl; the `edge-run service` commands
+(edge/cli_service.py) are the thin layer over it. CPython only (not part of the board core).
+Where systemd is not the running init (a container, WSL without systemd), nothing is started:
+the result says which commands to run on a machine that has it.
 """
 
 from __future__ import annotations

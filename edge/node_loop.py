@@ -1,0 +1,109 @@
+"""run_node: the node's main loop, from a loaded node.json until Ctrl-C or SIGTERM. Started by
+edge-run (edge/cli.py) once the node is enrolled."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from edge.node_config import default_data_dir
+
+log = logging.getLogger("edge")
+
+
+def run_node(
+    config: dict[str, Any],
+    max_cpu: float | None,
+    dashboard: tuple[str, int] | None = None,
+    data_dir: Path | None = None,
+) -> None:
+    """dashboard: (host, port) of the node's page, None for none."""
+    from edge.dashboard import start_dashboard
+    from edge.idle import IdleGate, Monitor, Preferences
+    from edge.mqtt_paho import PahoMqtt
+    from edge.outbox import Outbox
+    from edge.preferences import build_executors
+
+    def warn(message: str) -> None:
+        click.echo(f"edge-run: warning: {message}", err=True)
+
+    from edge.resources import Offered
+    from edge.session import Session
+
+    stopping = []
+
+    def stop(*_: Any) -> None:
+        stopping.append(True)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    mqtt = PahoMqtt(config["mqtt"]["url"])
+    page, warning = start_dashboard(config, *dashboard, data_dir) if dashboard else (None, None)
+    if warning:  # the node runs on without its page
+        click.echo(f"edge-run: warning: {warning}", err=True)
+    elif page is not None:
+        click.echo(f"node page: {page.url}", err=True)
+    prefs = config.get("preferences") or {}
+    idle = (
+        Preferences.permissive()
+        if prefs.get("always_run")
+        else Preferences.from_dict(prefs.get("idle"), where="idle")
+    )
+    # One job at a time for now: the scheduler gives a node one job.
+    with build_executors(config, warn) as executor:
+        gate = IdleGate(idle, Monitor(exclude=executor.job_pids), executor=executor)
+        outbox = Outbox(str((data_dir or default_data_dir()) / "outbox.log"), log=log.warning)
+        session = Session(
+            config,
+            mqtt,
+            executor,
+            Offered(max_cpu=max_cpu, gate=gate),
+            log=log.info,
+            outbox=outbox,
+            gate=gate,
+        )
+        try:
+            session.start()
+        except ConnectionError as e:
+            if page is not None:
+                page.stop()
+            raise click.ClickException(str(e)) from None
+        click.echo(
+            f"node {config['node_id']} online at {config['mqtt']['url']}; "
+            f"earning for {config['owner']}. Ctrl-C stops.",
+            err=True,
+        )
+        if not prefs.get("always_run") and not idle.run_if_user_active:
+            click.echo(
+                f"jobs run only while you leave this machine alone ({idle.idle_time_to_run_s:g} s"
+                " without activity first); --always-run or a preferences file (docs/edge.md)"
+                " changes that",
+                err=True,
+            )
+        try:
+            while not stopping:
+                try:
+                    session.step()
+                except Exception:  # keep serving; a fault here must not take the node down
+                    log.exception("node loop error; continuing")
+                    time.sleep(1.0)
+                    continue
+                if page is not None:
+                    page.status.observe(session, mqtt)  # cheap; never raises
+                # A running job finishes in its worker: look again soon rather than at the
+                # next message, so a result is not held back by the idle poll interval.
+                mqtt.wait(0.002 if session.runner.running else 0.05)
+        finally:
+            if page is not None:
+                page.stop()
+            session.stop()
+            click.echo(
+                f"node {config['node_id']} stopped: {session.runner.completed} jobs completed, "
+                f"{session.runner.failed} failed",
+                err=True,
+            )
