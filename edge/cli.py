@@ -14,21 +14,10 @@ from typing import Any
 
 import click
 
-from edge.cli_job import EXIT_CODES, job_cmd
+from edge.cli_job import job_cmd
 from edge.cli_service import service_group
 from edge.node_config import default_data_dir, enroll, load_config, load_preferences
 from edge.node_loop import run_node
-
-# Importable from here, as before the split (edge/preferences.py, tools/mp_min_heap.py).
-__all__ = [
-    "EXIT_CODES",
-    "default_data_dir",
-    "enroll",
-    "load_config",
-    "load_preferences",
-    "main",
-    "run_node",
-]
 
 log = logging.getLogger("edge")
 

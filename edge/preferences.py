@@ -58,7 +58,7 @@ def build_executors(config: dict[str, Any], warn: Callable[[str], None]) -> Any:
         from edge.executors.wasm3_cli import Wasm3CliExecutor
 
         try:
-            from edge.cli import default_data_dir
+            from edge.node_config import default_data_dir
 
             workdir = Path(str(config.get("data_dir") or default_data_dir())) / "jobs"
             workdir.mkdir(parents=True, exist_ok=True)

@@ -37,7 +37,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from edge.cli import enroll  # noqa: E402
+from edge.node_config import enroll  # noqa: E402
 from hub.broker import ChildBroker, free_port  # noqa: E402
 from hub.client import HubError  # noqa: E402
 from hub.localnet import LocalHub, Proc, wait_for  # noqa: E402
