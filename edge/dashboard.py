@@ -6,179 +6,32 @@ each turn, which only compares a few counters and, when something changed (or on
 swaps in a new snapshot dict; the server threads read that reference. Credits come from the
 hub (GET /api/v1/nodes/<id> with the node's own credentials) in a third thread.
 
-"Earned today" is the rise of the hub's total since this machine's local midnight. The hub
-keeps one authoritative counter per node (every pay path adds to it), so the node records the
-total it first sees each day in earnings-day.json beside node.json; a restart keeps the day's
-baseline. Credits settled between midnight and the first reading after it (at most one poll,
-a minute) count for the day before.
+The credits, and "earned today", are edge/earnings.py's.
 
 CPython only (http.server, threads, urllib); a board serves its own page.
 """
 
 from __future__ import annotations
 
-import base64
 import collections
-import contextlib
 import errno
 import html
 import json
 import logging
-import os
 import socket
 import threading
 import time
-import urllib.error
-import urllib.request
-from decimal import Decimal, InvalidOperation
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from edge.earnings import Earnings
+
 log = logging.getLogger("edge.dashboard")
 
-MICRO = 1_000_000
 RECENT = 20  # finished jobs listed on the page
-EARNINGS_EVERY_S = 60.0  # how often the hub is asked, when nothing happened
-EARNINGS_BURST_S = 15.0  # after a job finishes: ask every second until its pay shows up
 REBUILD_EVERY_S = 1.0  # refresh uptime and ages even when no counter moved
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
-
-
-def to_micro(text: object) -> int:
-    """A hub amount ("1.25") in micro-credits; ValueError when it is not one."""
-    try:
-        value = Decimal(str(text)) * MICRO
-    except InvalidOperation:
-        raise ValueError(f"not an amount of credits: {text!r}") from None
-    if not value.is_finite() or value < 0 or value != value.to_integral_value():
-        raise ValueError(f"not an amount of credits: {text!r}")
-    return int(value)
-
-
-def format_micro(amount: int) -> str:
-    """As the hub writes amounts: 2_500_000 -> "2.5", 10_000_000 -> "10"."""
-    sign = "-" if amount < 0 else ""
-    whole, frac = divmod(abs(amount), MICRO)
-    return f"{sign}{whole}" if not frac else f"{sign}{whole}.{frac:06d}".rstrip("0")
-
-
-class Earnings:
-    """The node's credits, fetched from the hub in a thread of its own."""
-
-    def __init__(
-        self,
-        hub: str,
-        node_id: str,
-        password: str | None,
-        data_dir: Path | None,
-        every_s: float = EARNINGS_EVERY_S,
-        timeout_s: float = 10.0,
-    ) -> None:
-        self.url = hub.rstrip("/") + "/api/v1/nodes/" + node_id
-        token = base64.b64encode(f"{node_id}:{password or ''}".encode()).decode()
-        self._auth = "Basic " + token
-        self.baseline_path = data_dir / "earnings-day.json" if data_dir else None
-        self.every_s = every_s
-        self.timeout_s = timeout_s
-        self._view: dict[str, Any] = {"total": None, "today": None, "updated_at": None,
-                                      "error": None, "hub_state": None}  # fmt: skip
-        self._baseline: tuple[str, int] | None = None
-        self._wake = threading.Event()
-        self._stopping = threading.Event()
-        self._burst_until = 0.0
-        self._total_at_burst: int | None = None
-        self._thread: threading.Thread | None = None
-
-    def view(self) -> dict[str, Any]:
-        return dict(self._view)
-
-    def soon(self) -> None:
-        """A job finished: look every second until its pay shows up (or the burst ends)."""
-        self._total_at_burst = self._view.get("total_micro")
-        self._burst_until = time.monotonic() + EARNINGS_BURST_S
-        self._wake.set()
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="earnings", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stopping.set()
-        self._wake.set()
-        if self._thread is not None:
-            # A reading in flight to an unreachable hub must not hold the node's exit back:
-            # the thread is a daemon and dies with the process.
-            self._thread.join(0.5)
-
-    def _run(self) -> None:
-        while not self._stopping.is_set():
-            self.fetch()
-            bursting = time.monotonic() < self._burst_until
-            if bursting and self._view.get("total_micro") != self._total_at_burst:
-                self._burst_until = 0.0  # the pay arrived
-                bursting = False
-            self._wake.wait(1.0 if bursting else self.every_s)
-            self._wake.clear()
-
-    def fetch(self) -> None:
-        """One reading; failures are shown on the page, never raised."""
-        req = urllib.request.Request(self.url, headers={"Authorization": self._auth})
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
-                data = json.loads(resp.read())
-            total = to_micro(data["earned"])
-        except urllib.error.HTTPError as e:
-            detail = ""
-            with contextlib.suppress(ValueError, AttributeError):
-                detail = ": " + str(json.loads(e.read()).get("error"))
-            self._failed(f"the hub answered HTTP {e.code}{detail}")
-            return
-        except (urllib.error.URLError, OSError) as e:
-            self._failed(f"cannot reach the hub: {getattr(e, 'reason', e)}")
-            return
-        except (ValueError, KeyError, TypeError) as e:
-            self._failed(f"the hub's answer is not a node's earnings ({e})")
-            return
-        today = total - self._day_start(total)
-        self._view = {
-            "total": format_micro(total),
-            "today": format_micro(today),
-            "total_micro": total,
-            "today_micro": today,
-            "updated_at": time.time(),
-            "error": None,
-            "hub_state": data.get("state"),
-        }
-
-    def _failed(self, why: str) -> None:
-        self._view = {**self._view, "error": why}
-        log.info("earnings: %s", why)
-
-    def _day_start(self, total: int) -> int:
-        """The total at this day's first reading (local time), kept across restarts."""
-        day = time.strftime("%Y-%m-%d")
-        if self._baseline is None and self.baseline_path is not None:
-            try:
-                saved = json.loads(self.baseline_path.read_text())
-                self._baseline = (str(saved["day"]), int(saved["start_micro"]))
-            except (OSError, ValueError, KeyError, TypeError):
-                self._baseline = None  # none yet, or unreadable: start the day now
-        if self._baseline is None or self._baseline[0] != day or self._baseline[1] > total:
-            # A new day, or a total that went down (the hub's books were reset): start again.
-            self._baseline = (day, total)
-            self._save_baseline()
-        return self._baseline[1]
-
-    def _save_baseline(self) -> None:
-        if self.baseline_path is None or self._baseline is None:
-            return
-        tmp = self.baseline_path.with_suffix(".tmp")
-        try:
-            tmp.write_text(json.dumps({"day": self._baseline[0], "start_micro": self._baseline[1]}))
-            os.replace(tmp, self.baseline_path)
-        except OSError as e:
-            log.warning("cannot keep today's earnings baseline in %s: %s", self.baseline_path, e)
 
 
 class NodeStatus:

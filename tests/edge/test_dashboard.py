@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from edge.dashboard import Earnings, describe_state, format_micro, to_micro
+from edge.dashboard import describe_state
+from edge.earnings import Earnings, format_micro, to_micro
 from hub.broker import free_port
 from hub.client import Client
 from hub.localnet import LocalHub, Proc
