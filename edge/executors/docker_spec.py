@@ -13,6 +13,8 @@ from typing import Any
 
 import requests
 
+from edge import protocol
+
 NODE_LABEL = "deparrow.node"
 JOB_LABEL = "deparrow.job"
 MIN_MEMORY_MB = 6  # the engines refuse less
@@ -110,16 +112,9 @@ def finish(
     exit_code: int | None = None,
 ) -> None:
     handle.state = "done"
-    handle.outcome = {
-        "status": status,
-        "exit_code": exit_code,
-        "stdout": stdout,
-        "stderr": stderr,
-        "returns": None,
-        "error": error,
-        "wall_ms": int(wall_ms),
-        "cpu_ms": int(cpu_ms),
-    }
+    handle.outcome = protocol.outcome(
+        status, error, stdout, stderr, int(wall_ms), int(cpu_ms), exit_code
+    )
     handle.wake_r.close()
     handle._wake_w.close()
 
