@@ -22,6 +22,8 @@ class Rates:
     uptime_credits_per_day: int = 100
     referral_credits: int = 500
     high_priority_multiplier: int = 2
+    # Uptime paid to all the nodes of one person (their agents' nodes included) in one UTC day.
+    uptime_cap_credits_per_person_day: int = 300
 
 
 RATES = Rates()
@@ -51,6 +53,19 @@ def counted_gap_ms(gap_ms: int, offline_after_ms: int) -> int:
     """A heartbeat pays for the time since the previous one, unless the node was silent long
     enough to be offline: gaps don't pay."""
     return gap_ms if 0 <= gap_ms <= offline_after_ms else 0
+
+
+SECONDS_PER_DAY = 86_400
+
+
+def utc_day(now: float) -> int:
+    """The UTC day a moment falls in (days since 1970-01-01): uptime's proof period."""
+    return int(now // SECONDS_PER_DAY)
+
+
+def uptime_cap(rates: Rates = RATES) -> int:
+    """The most uptime pay one person's nodes earn in one UTC day (µc)."""
+    return rates.uptime_cap_credits_per_person_day * MICRO
 
 
 # The same threshold in micro-credits (69,444 µc at 100 credits/day).

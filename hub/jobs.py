@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +22,7 @@ import msgspec
 import wasm_jobs
 from edge import protocol
 from hub import economy, reputation, verification
+from hub.attempts import Attempts
 from hub.config import HubConfig
 from hub.db import Database
 from hub.economy import REVENUE
@@ -51,6 +54,11 @@ class JobConflict(JobError):
     """An idempotency key reused for a different request."""
 
 
+class _Stale(Exception):
+    """Raised inside a transaction when the step finds its job or attempt already past it:
+    the transaction rolls back and the caller changes nothing."""
+
+
 def wallet_of(user_id: str) -> str:
     return wallet_id(user_id)
 
@@ -71,6 +79,24 @@ def engine_message(spec: JobSpec) -> dict[str, Any]:
     return msg
 
 
+def _by_reference(spec: JobSpec, module: str | None, stdin: str | None) -> JobSpec:
+    """The spec as stored: an inline (`base64:`) module or input replaced by the `sha256:`
+    reference of the blob it was stored as, so a job row stays small however large its
+    module, and the scheduler and job lists never parse megabytes of base64."""
+    engine = spec.engine
+    if (
+        module is not None
+        and isinstance(engine, WasmEngine)
+        and engine.module.startswith("base64:")
+    ):
+        spec = msgspec.structs.replace(
+            spec, engine=msgspec.structs.replace(engine, module="sha256:" + module)
+        )
+    if stdin is not None and spec.input and spec.input.startswith("base64:"):
+        spec = msgspec.structs.replace(spec, input="sha256:" + stdin)
+    return spec
+
+
 @dataclass(frozen=True)
 class Assignment:
     node_id: str
@@ -84,7 +110,10 @@ class Jobs:
         self.store = store
         self.ledger = ledger
         self.max_attempts = config.max_attempts
-        self.replicas = Replicas(db, store, ledger, self._proved)
+        # The hub's clock; tests set it to drive time (liveness, billing, the uptime day).
+        self.clock: Callable[[], float] = time.time
+        self.attempts = Attempts(db)
+        self.replicas = Replicas(db, store, ledger, self._proved, self.attempts)
         ledger.open_account(REVENUE, "revenue")
 
     def take_cancels(self) -> list[tuple[str, str, int]]:
@@ -151,15 +180,7 @@ class Jobs:
     def submit(self, owner: str, spec: JobSpec, submit_key: str | None = None) -> sqlite3.Row:
         """Validate, price on the server, hold the maximum, queue. InsufficientFunds: nothing
         is stored. A retried submission with the same key returns the first job."""
-        if submit_key:
-            existing = self.store.job_by_submit_key(owner, submit_key)
-            if existing is not None:
-                if msgspec.json.decode(existing["spec"], type=JobSpec) != spec:
-                    raise JobConflict(
-                        "that idempotency key was used for a different job: "
-                        f"{existing['id']}; use a new key for a new job"
-                    )
-                return existing
+        existing = self.store.job_by_submit_key(owner, submit_key) if submit_key else None
         service = spec.type == "service"
         limit = self.config.max_service_s if service else self.config.max_timeout_s
         if spec.timeout > limit:
@@ -185,18 +206,26 @@ class Jobs:
             if spec.input
             else None
         )
+        spec = _by_reference(spec, module, stdin)
+        if existing is not None:
+            if msgspec.json.decode(existing["spec"], type=JobSpec) != spec:
+                raise JobConflict(
+                    "that idempotency key was used for a different job: "
+                    f"{existing['id']}; use a new key for a new job"
+                )
+            return existing
         if service:  # one period held ahead (or the whole lifetime, when shorter)
             period = min(spec.timeout, self.config.service_period_s)
             price = economy.period_price(spec.cpu_milli, period, spec.priority)
         else:  # a verified job holds the maximum of each of its k replicas
             price = k * economy.max_price(spec.cpu_milli, spec.timeout, spec.priority)
         job_id = new_id("j")
-        now = time.time()
+        now = self.clock()
         insert = (
             "INSERT INTO jobs (id, owner, name, spec, state, priority, cpu_milli, memory_mb,"
             " timeout_s, module_sha256, input_sha256, hold, submitted_at, submit_key, reason,"
-            " kind, replicas, parent, replica)"
-            " VALUES (?,?,?,?,'queued',?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+            " kind, replicas, parent, replica, queued_at)"
+            " VALUES (?,?,?,?,'queued',?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
         )
 
         def values(
@@ -221,6 +250,7 @@ class Jobs:
                 k if parent is None else 1,
                 parent,
                 n,
+                now,
             )
 
         with self.db.transaction() as c:
@@ -244,19 +274,22 @@ class Jobs:
     def assign(self, job: sqlite3.Row, node_id: str) -> Assignment | None:
         """Mark a queued job assigned to node_id and build the assign message."""
         attempt = int(job["attempt"]) + 1
+        now = self.clock()
         with self.db.transaction() as c:
             cur = c.execute(
                 "UPDATE jobs SET state = 'assigned', node = ?, attempt = ?, assigned_at = ?,"
-                " reason = NULL WHERE id = ? AND state = 'queued'",
-                (node_id, attempt, time.time(), job["id"]),
+                " reason = NULL WHERE id = ? AND state = 'queued' AND attempt = ?",
+                (node_id, attempt, now, job["id"], attempt - 1),
             )
             if cur.rowcount != 1:
                 return None
+            billed = c.execute("SELECT periods_billed FROM jobs WHERE id = ?", (job["id"],))
+            self.attempts.begin(job["id"], attempt, node_id, now, int(billed.fetchone()[0]))
             if job["parent"] is not None:  # a replica: its verified job is under way
                 c.execute(
                     "UPDATE jobs SET state = 'running', assigned_at = ?, reason = NULL"
                     " WHERE id = ? AND state = 'queued'",
-                    (time.time(), job["parent"]),
+                    (now, job["parent"]),
                 )
         return Assignment(node_id, self.assign_message(job["id"]))
 
@@ -288,9 +321,14 @@ class Jobs:
             if job is None or job["node"] != node_id or job["attempt"] != msg.get("attempt"):
                 return False
             why = f"node {node_id} turned it down ({msg.get('detail') or 'no reason'})"
-            # Not idle until its next heartbeat says so: no assign/reject ping-pong.
-            self.store.update_node(node_id, state=protocol.BUSY)
-            return self.requeue(job, why + "; waiting for another")
+            with self.db.transaction():
+                if job["state"] not in LIVE[1:] or not self.attempts.end(
+                    job["id"], int(job["attempt"]), "declined", self.clock(), error=why
+                ):
+                    return False
+                # Not idle until its next heartbeat says so: no assign/reject ping-pong.
+                self.store.update_node(node_id, state=protocol.BUSY)
+                return self.requeue(job, why + "; waiting for another")
         if msg.get("state") not in (protocol.ACCEPTED, protocol.RUNNING):
             return False
         with self.db.transaction() as c:
@@ -298,7 +336,7 @@ class Jobs:
                 "UPDATE jobs SET state = 'running', started_at = COALESCE(started_at, ?1),"
                 " period_start = CASE kind WHEN 'service' THEN COALESCE(period_start, ?1) END"
                 " WHERE id = ?2 AND node = ?3 AND attempt = ?4 AND state = 'assigned'",
-                (time.time(), msg.get("job_id"), node_id, msg.get("attempt")),
+                (self.clock(), msg.get("job_id"), node_id, msg.get("attempt")),
             )
             return cur.rowcount == 1
 
@@ -319,7 +357,7 @@ class Jobs:
             return "dropped: result output is not base64"
         if not protocol.verify_result(node["secret"], msg, stdout):
             return "dropped: result signature does not verify"
-        now = time.time()
+        now = self.clock()
         observed_ms = int((now - float(job["assigned_at"] or now)) * 1000)
         # Bill the smaller of what the node reports and what the hub observed.
         wall_ms = max(0, min(int(msg["wall_ms"]), observed_ms))
@@ -336,9 +374,9 @@ class Jobs:
             "wall_ms": int(msg["wall_ms"]),
             "cpu_ms": int(msg["cpu_ms"]),
         }
-        if job["kind"] == "service" and (
-            msg["state"] == protocol.COMPLETED or msg.get("error") == "timeout"
-        ):
+        error = msg.get("error")
+        kind = verification.error_kind(error)
+        if job["kind"] == "service" and (msg["state"] == protocol.COMPLETED or kind == "timeout"):
             # A service that ends, or reaches the end of its lifetime, pays for the part of
             # the current period it ran; earlier periods were paid as they ended.
             self._settle_service(job, node, wall_ms, result, now)
@@ -349,10 +387,11 @@ class Jobs:
         if msg["state"] == protocol.COMPLETED:
             self._settle(job, node, wall_ms, result)
             return "settled"
-        error = str(msg.get("error") or "failed")
+        error = str(error or "failed")
         if verification.node_caused(error):  # the node's fault: another node may do better
-            self.node_failed(job, f"node {node_id} could not run it ({error})")
-            return "retrying: node error"
+            why = f"node {node_id} could not run it ({error})"
+            lost = self.node_failed(job, why, error=error, wall_ms=wall_ms, result=result)
+            return lost or "ignored: attempt already ended"
         self._fail(job, error, result)
         return "refunded" if job["parent"] is None else "replica failed"
 
@@ -366,15 +405,20 @@ class Jobs:
         if charge > pay:
             payouts.append((REVENUE, charge - pay))
         payouts = [(a, n) for a, n in payouts if n > 0]
-        with self.db.transaction() as c:
+        now = self.clock()
+        with contextlib.suppress(_Stale), self.db.transaction() as c:
             cur = c.execute(
                 "UPDATE jobs SET state = 'completed', cost = ?, result = ?, finished_at = ?,"
                 " reason = NULL WHERE id = ? AND state IN ('assigned', 'running')",
-                (charge, json.dumps(result), time.time(), job["id"]),
+                (charge, json.dumps(result), now, job["id"]),
             )
-            if cur.rowcount != 1:
-                return
-            self.ledger.close_hold(job["id"], payouts, reason="job completed " + job["id"])
+            self._end(cur, job, "completed", now, charge=charge, pay=pay, wall_ms=wall_ms)
+            self.ledger.close_hold(
+                job["id"],
+                payouts,
+                reason="job completed " + job["id"],
+                memo={"attempt": int(job["attempt"])},
+            )
             # What it earned and the reputation it gained: one statement on the hot path.
             rep, weight = reputation.assignment("completed")
             c.execute(
@@ -383,15 +427,46 @@ class Jobs:
             )
             self._proved(node, job["owner"])
 
+    def _end(
+        self,
+        moved: sqlite3.Cursor | bool,
+        job: sqlite3.Row,
+        outcome: str,
+        now: float,
+        **how: Any,
+    ) -> None:
+        """Inside a transaction that just moved the job's state (`moved`: its cursor, or
+        whether it did): end the job's current attempt with `outcome` (hub/attempts.py), or
+        raise _Stale, which rolls the transaction back, when either step finds it done."""
+        done = moved if isinstance(moved, bool) else moved.rowcount == 1
+        if not done or not self.attempts.end(
+            str(job["id"]), int(job["attempt"]), outcome, now, **how
+        ):
+            raise _Stale
+
     def _proved(self, node: sqlite3.Row, job_owner: str) -> None:
-        """A node's first job for someone else, signed and paid: its referral bonus is due."""
-        if job_owner != node["owner"]:
-            first = self.db.conn.execute(
-                "UPDATE nodes SET proved_at = ? WHERE id = ? AND proved_at IS NULL",
-                (time.time(), node["id"]),
-            )
-            if first.rowcount == 1:
-                self._referral_bonus(node, job_owner)
+        """The node was paid for work for another person: that proves it real today. Its
+        uptime of today becomes payable (docs/economy.md, "Staying online"); on its first such
+        job, whoever referred its owner may be due a bonus."""
+        owner = self.store.human_of(str(node["owner"]))
+        customer = self.store.human_of(job_owner)
+        if customer == owner:
+            return  # a node proves nothing on its own person's jobs
+        now = self.clock()
+        day = economy.utc_day(now)
+        c = self.db.conn
+        c.execute(
+            "UPDATE nodes SET proved_day = ?1, uptime_ms = uptime_ms + CASE uptime_day"
+            " WHEN ?1 THEN uptime_pending_ms ELSE 0 END, uptime_pending_ms = 0, uptime_day = ?1"
+            " WHERE id = ?2 AND proved_day != ?1",
+            (day, node["id"]),
+        )
+        self._pay_uptime(str(node["id"]), day)
+        first = c.execute(
+            "UPDATE nodes SET proved_at = ? WHERE id = ? AND proved_at IS NULL", (now, node["id"])
+        )
+        if first.rowcount == 1:
+            self._referral_bonus(node, owner, customer)
 
     # --- service jobs: billed per period ------------------------------------------
     def _period_s(self, job: sqlite3.Row) -> int:
@@ -419,16 +494,25 @@ class Jobs:
         node_id: str,
         ran_ms: int,
         why: str,
+        outcome: str,
         result: dict[str, Any] | None = None,
     ) -> None:
         """Inside the caller's transaction: pay the current period up to ran_ms, refund the
-        rest of the hold, add the charge to the job's cost. The job row's state is the
-        caller's (it has already moved it, which makes this run once)."""
+        rest of the hold, add the charge to the job's cost, end the attempt with `outcome`.
+        The job row's state is the caller's (it has already moved it, which makes this run
+        once)."""
         node = self.store.node(node_id)
         pay, charge = self._service_split(job, ran_ms) if node is not None else (0, 0)
+        now = self.clock()
+        self._end(True, job, outcome, now, charge=charge, pay=pay, wall_ms=max(0, ran_ms))
         c = self.db.conn
         payouts = self._payouts(node, pay, charge) if node is not None else []
-        self.ledger.close_hold(job["id"], payouts, reason=f"service job {job['id']} {why}")
+        self.ledger.close_hold(
+            job["id"],
+            payouts,
+            reason=f"service job {job['id']} {why}",
+            memo={"attempt": int(job["attempt"])},
+        )
         c.execute(
             "UPDATE jobs SET cost = COALESCE(cost, 0) + ?, period_start = NULL,"
             " result = COALESCE(?, result) WHERE id = ?",
@@ -436,6 +520,7 @@ class Jobs:
         )
         if node is not None and pay:
             c.execute("UPDATE nodes SET earned = earned + ? WHERE id = ?", (pay, node_id))
+            self._proved(node, str(job["owner"]))
 
     def _settle_service(
         self,
@@ -445,22 +530,26 @@ class Jobs:
         result: dict[str, Any],
         now: float,
     ) -> None:
-        # The smaller of the node's word (its run's wall time, less the periods already
-        # paid) and what the hub saw since the current period began.
+        # The smaller of the node's word (its run's wall time, less the periods already paid
+        # while this attempt ran: a service that moved was billed on its old node too) and
+        # what the hub saw since the current period began.
         since = float(job["period_start"] or now)
+        during = int(job["periods_billed"]) - self.attempts.period_from(
+            str(job["id"]), int(job["attempt"])
+        )
         ran_ms = min(
             int((now - since) * 1000),
-            wall_ms - int(job["periods_billed"]) * self._period_s(job) * 1000,
+            wall_ms - during * self._period_s(job) * 1000,
         )
-        with self.db.transaction() as c:
+        with contextlib.suppress(_Stale), self.db.transaction() as c:
             cur = c.execute(
                 "UPDATE jobs SET state = 'completed', finished_at = ?, reason = NULL"
                 " WHERE id = ? AND state IN ('assigned', 'running')",
                 (now, job["id"]),
             )
             if cur.rowcount != 1:
-                return
-            self._close_service(job, node["id"], ran_ms, "ended", result)
+                raise _Stale
+            self._close_service(job, node["id"], ran_ms, "ended", "completed", result)
 
     def bill_services(self, now: float | None = None) -> list[tuple[str, str, int]]:
         """Bill every whole period that running service jobs have completed by `now`.
@@ -471,7 +560,7 @@ class Jobs:
         rest refunded, and the job stops. Returns (node, job, attempt) of stopped jobs, for
         the bridge to send a cancel. Idempotent: a period is billed once, keyed by its number.
         """
-        now = time.time() if now is None else now
+        now = self.clock() if now is None else now
         stopped: list[tuple[str, str, int]] = []
         for row in self.store.running_services():
             period = self._period_s(row)
@@ -500,7 +589,7 @@ class Jobs:
         pay, charge = self._service_split(job, period * 1000)
         price = economy.period_price(int(job["cpu_milli"]), period, job["priority"])
         wallet = wallet_of(job["owner"])
-        with self.db.transaction() as c:
+        with contextlib.suppress(_Stale), self.db.transaction() as c:
             cur = c.execute(
                 "UPDATE jobs SET periods_billed = periods_billed + 1,"
                 " period_start = period_start + ? WHERE id = ? AND state = 'running'"
@@ -529,90 +618,145 @@ class Jobs:
                         job["id"],
                     ),
                 )
-                self._close_service(job, node["id"], period * 1000, f"stopped: {e}")
+                self._close_service(job, node["id"], period * 1000, f"stopped: {e}", "cancelled")
                 return True
             self.ledger.post(
                 f"service:{job['id']}:period:{n}",
                 f"service job {job['id']}: period {n + 1} ({period}s)",
                 [(hold_id(job["id"]), -charge), *self._payouts(node, pay, charge)],
-                {"job_id": job["id"], "period": n + 1},
+                {"job_id": job["id"], "period": n + 1, "attempt": int(job["attempt"])},
             )
+            self.attempts.add(str(job["id"]), int(job["attempt"]), charge, pay)
             c.execute(
                 "UPDATE jobs SET cost = COALESCE(cost, 0) + ?, hold = hold + ? WHERE id = ?",
                 (charge, price, job["id"]),
             )
             c.execute("UPDATE nodes SET earned = earned + ? WHERE id = ?", (pay, node["id"]))
+            if pay:
+                self._proved(node, str(job["owner"]))
         return False
 
-    def _referral_bonus(self, node: sqlite3.Row, job_owner: str) -> None:
-        """+500 to whoever referred this node's owner, when the node proves real (its first
-        completed, signature-verified job). Once per node, never to the owner themselves."""
-        owner = self.store.user(node["owner"])
-        referrer = owner["referred_by"] if owner is not None else None
-        if job_owner == node["owner"]:
-            return  # a node proves real on someone else's work, not its owner's own jobs
-        if not referrer or referrer == node["owner"] or self.store.user(referrer) is None:
+    # --- bonuses: referral and uptime ---------------------------------------------------
+    def _referral_bonus(self, node: sqlite3.Row, owner: str, customer: str) -> None:
+        """+500 to whoever referred the node's person, when a node of theirs first proves real
+        on a paid job of a third person: once per referred person, never to the node's own
+        person, never on the referrer's own jobs (a referrer cannot buy the proof)."""
+        user = self.store.user(owner)
+        referrer = user["referred_by"] if user is not None else None
+        if not referrer or self.store.user(referrer) is None:
             return
+        if self.store.human_of(str(referrer)) in (owner, customer):
+            return
+        key = "referral:person:" + owner
+        if self.ledger.entry(key) is not None:
+            return  # this person's referral was paid, by an earlier node of theirs
         amount = economy.RATES.referral_credits * MICRO
         self.ledger.open_account(wallet_of(referrer), "wallet", referrer)
         self.ledger.grant(
-            "referral:" + node["id"],
+            key,
             wallet_of(referrer),
             amount,
-            f"referral bonus: node {node['id']} of {node['owner']} ran its first job",
+            f"referral bonus: {owner}'s node {node['id']} ran its first job",
         )
 
-    def accrue_uptime(self, node_id: str, gap_ms: int) -> int:
-        """Count gap_ms of availability; pay the owner what is due once it is worth a payout.
-        Returns what was paid (µc). The payout's key is the amount paid before it, so a replay
-        of the same step can never pay twice."""
+    def accrue_uptime(self, node_id: str, gap_ms: int, now: float | None = None) -> int:
+        """Count gap_ms of a node's availability, ending at `now`. Availability of a UTC day
+        is payable once the node has proved itself that day (a paid job for another person,
+        `_proved`); until then it waits, and a day that ends without proof pays nothing.
+        Returns what was paid (µc)."""
         if gap_ms <= 0:
             return 0
+        day = economy.utc_day(self.clock() if now is None else now)
         with self.db.transaction() as c:
-            c.execute("UPDATE nodes SET uptime_ms = uptime_ms + ? WHERE id = ?", (gap_ms, node_id))
-            node = self.store.node(node_id)
-            assert node is not None
-            due = economy.uptime_due(int(node["uptime_ms"]), int(node["uptime_paid"]))
-            if due < economy.UPTIME_PAYOUT_MIN:
-                return 0
+            c.execute(
+                "UPDATE nodes SET"
+                " uptime_pending_ms = CASE WHEN proved_day = ?1 THEN 0"
+                "  WHEN uptime_day = ?1 THEN uptime_pending_ms + ?2 ELSE ?2 END,"
+                " uptime_ms = uptime_ms + CASE WHEN proved_day = ?1 THEN ?2 + CASE uptime_day"
+                "  WHEN ?1 THEN uptime_pending_ms ELSE 0 END ELSE 0 END,"
+                " uptime_day = ?1 WHERE id = ?3",
+                (day, gap_ms, node_id),
+            )
+            return self._pay_uptime(node_id, day)
+
+    def _pay_uptime(self, node_id: str, day: int) -> int:
+        """Inside a transaction: pay the node's payable uptime once it is worth a payout, up to
+        what its person may still earn today (the cap). The payout's key is what was settled
+        before it, so a replay of the same step can never pay twice; what the cap cuts off is
+        settled unpaid, not carried to another day."""
+        node = self.store.node(node_id)
+        assert node is not None
+        due = economy.uptime_due(int(node["uptime_ms"]), int(node["uptime_paid"]))
+        if due < economy.UPTIME_PAYOUT_MIN:
+            return 0
+        c = self.db.conn
+        person = self.store.human_of(str(node["owner"]))
+        row = c.execute(
+            "SELECT paid FROM uptime_owner_day WHERE owner = ? AND day = ?", (person, day)
+        ).fetchone()
+        pay = max(0, min(due, economy.uptime_cap() - (int(row[0]) if row else 0)))
+        if pay:
             self.ledger.open_account(wallet_of(node["owner"]), "wallet", node["owner"])
             self.ledger.grant(
                 f"uptime:{node_id}:{node['uptime_paid']}",
                 wallet_of(node["owner"]),
-                due,
+                pay,
                 f"uptime of node {node_id}",
             )
             c.execute(
-                "UPDATE nodes SET uptime_paid = uptime_paid + ?, earned = earned + ? WHERE id = ?",
-                (due, due, node_id),
+                "INSERT INTO uptime_owner_day (owner, day, paid) VALUES (?, ?, ?)"
+                " ON CONFLICT (owner, day) DO UPDATE SET paid = paid + excluded.paid",
+                (person, day, pay),
             )
-            return due
+        c.execute(
+            "UPDATE nodes SET uptime_paid = uptime_paid + ?, earned = earned + ? WHERE id = ?",
+            (due, pay, node_id),
+        )
+        return pay
 
-    def _fail(self, job: sqlite3.Row, reason: str, result: dict[str, Any] | None) -> None:
+    # --- failure, loss, retry, cancel -------------------------------------------------------
+    def _fail(
+        self,
+        job: sqlite3.Row,
+        reason: str,
+        result: dict[str, Any] | None,
+        outcome: str = "failed",
+        **how: Any,
+    ) -> None:
+        """The job failed (or is given up on): its live attempt ends with `outcome`, and the
+        hold comes back, less what `how` charges for the attempts it was blamed on."""
+        now = self.clock()
         if job["replicas"] > 1:  # a verified job: its replicas stop with it
             with self.db.transaction():
                 self.replicas.end(job, "failed", reason)
             return
+        live = job["state"] in LIVE[1:]
         if job["parent"] is not None:  # a replica: no hold of its own; the replicas decide
-            with self.db.transaction() as c:
+            with contextlib.suppress(_Stale), self.db.transaction() as c:
                 cur = c.execute(
                     "UPDATE jobs SET state = 'failed', cost = 0, result = ?, finished_at = ?,"
                     " reason = ?, verdict = 'failed', paid = 0"
                     " WHERE id = ? AND state IN ('queued', 'assigned', 'running')",
-                    (json.dumps(result) if result else None, time.time(), reason, job["id"]),
+                    (json.dumps(result) if result else None, now, reason, job["id"]),
                 )
-                if cur.rowcount == 1:
-                    self.replicas.decide(str(job["parent"]))
+                if live:
+                    self._end(cur, job, outcome, now, **{"error": reason, **how})
+                elif cur.rowcount != 1:
+                    raise _Stale
+                self.replicas.decide(str(job["parent"]))
             return
-        with self.db.transaction() as c:
+        with contextlib.suppress(_Stale), self.db.transaction() as c:
             cur = c.execute(
                 "UPDATE jobs SET state = 'failed', cost = COALESCE(cost, 0), result = ?,"
                 " finished_at = ?,"
                 " reason = ? WHERE id = ? AND state NOT IN ('completed', 'failed', 'cancelled')",
-                (json.dumps(result) if result else None, time.time(), reason, job["id"]),
+                (json.dumps(result) if result else None, now, reason, job["id"]),
             )
-            if cur.rowcount != 1:
-                return
+            if live:
+                self._end(cur, job, outcome, now, **{"error": reason, **how})
+            elif cur.rowcount != 1:
+                raise _Stale
+            # A service's hours already paid stay paid; the current one comes back.
             self.ledger.refund_hold(job["id"], reason="job failed " + job["id"] + ": " + reason)
 
     def fail(self, job_id: str, reason: str) -> None:
@@ -620,47 +764,148 @@ class Jobs:
         if job is not None:
             self._fail(job, reason, None)
 
-    def node_failed(self, job: sqlite3.Row, why: str) -> bool:
+    def node_failed(
+        self,
+        job: sqlite3.Row,
+        why: str,
+        error: str | None = None,
+        wall_ms: int | None = None,
+        result: dict[str, Any] | None = None,
+    ) -> str | None:
         """The node lost this attempt of the job (offline, restarted, silent past the timeout,
         or its executor broke): not the job's fault. The node's reputation drops, and the job
         goes back to the queue for another node, until `max_attempts` attempts were lost;
         then it fails and its hold is refunded. Nobody was paid for a lost attempt, so the hold
-        covers every retry. False when the attempt had already ended (a replay)."""
+        covers every retry.
+
+        Unless the job is what breaks them: when its executor broke (`error`) the same way on
+        another node's attempt before, the job is blamed, not the nodes (see `_blame`).
+        Returns what happened, or None when the attempt had already ended (a replay)."""
         row = self.store.job(job["id"])
         if row is None or row["attempt"] != job["attempt"] or row["state"] not in LIVE[1:]:
-            return False
+            return None
+        now = self.clock()
+        if error is not None:
+            before = [
+                a
+                for a in self.attempts.of_job(str(row["id"]))
+                if a["outcome"] == "lost" and a["error"] == error and a["node"] != row["node"]
+            ]
+            if before:
+                return self._blame(row, before[0], why, error, wall_ms or 0, result)
         tries = json.loads(row["tries"] or "[]")
-        tries.append({"attempt": row["attempt"], "node": row["node"], "outcome": why,
-                      "at": time.time()})  # fmt: skip
+        tries.append({"attempt": row["attempt"], "node": row["node"], "outcome": why, "at": now})
         lost = int(row["failures"]) + 1
-        with self.db.transaction() as c:
+        with contextlib.suppress(_Stale), self.db.transaction() as c:
             cur = c.execute(
                 "UPDATE jobs SET failures = ?, tries = ? WHERE id = ? AND attempt = ?"
                 " AND state IN ('assigned', 'running')",
                 (lost, json.dumps(tries), row["id"], row["attempt"]),
             )
-            if cur.rowcount != 1:
-                return False
-            if row["node"] is not None:
-                reputation.record(c, str(row["node"]), "lost")
             if lost >= self.max_attempts:
-                self._fail(row, f"{lost} attempts lost by their nodes, the last: {why}", None)
+                if cur.rowcount != 1:
+                    raise _Stale
+                why = f"{lost} attempts lost by their nodes, the last: {why}"
+                self._fail(row, why, None, "lost", wall_ms=wall_ms, error=error)
+                outcome = "failed: attempts lost"
             else:
+                self._end(cur, row, "lost", now, wall_ms=wall_ms, error=error)
                 self.requeue(
                     row,
                     f"{why}; retrying on another node"
                     f" (attempt {lost + 1} of at most {self.max_attempts})",
                 )
-        return True
+                outcome = "retrying: node error"
+            if row["node"] is not None:
+                reputation.record(c, str(row["node"]), "lost")
+            return outcome
+        return None
+
+    def _blame(
+        self,
+        job: sqlite3.Row,
+        earlier: sqlite3.Row,
+        why: str,
+        error: str,
+        wall_ms: int,
+        result: dict[str, Any] | None,
+    ) -> str | None:
+        """Two nodes broke the same way on this job: the job breaks them, not they it. It
+        fails; the submitter pays for the time both attempts used and their nodes' owners are
+        paid for it, as for any run; the earlier node gets back the reputation it lost, and
+        the earlier attempt is re-judged from lost to blamed (once: only a lost attempt can
+        be)."""
+        now = self.clock()
+        cpu, timeout, prio = int(job["cpu_milli"]), int(job["timeout_s"]), job["priority"]
+        runs = [(str(earlier["node"] or ""), int(earlier["wall_ms"] or 0)),
+                (str(job["node"] or ""), wall_ms)]  # fmt: skip
+        billed = job["kind"] != "service" and job["parent"] is None
+        pay = economy.node_pay(cpu, wall_ms, timeout) if billed else 0
+        charge = economy.job_charge(cpu, wall_ms, timeout, prio) if billed else 0
+        reason = (
+            f"{error} (on nodes {runs[0][0]} and {runs[1][0]}: the job breaks the executor"
+            " it runs in, so it was not retried again)"
+        )
+        with contextlib.suppress(_Stale), self.db.transaction() as c:
+            again = c.execute(
+                "UPDATE attempts SET outcome = 'blamed' WHERE job = ? AND attempt = ?"
+                " AND outcome = 'lost'",
+                (job["id"], earlier["attempt"]),
+            )
+            if again.rowcount != 1:
+                raise _Stale
+            if not billed:
+                self._fail(job, reason, result, "blamed", wall_ms=wall_ms)
+            else:
+                payouts: dict[str, int] = {}
+                total = 0
+                for node_id, ms in runs:
+                    node = self.store.node(node_id)
+                    if node is None:
+                        continue
+                    p, ch = (
+                        economy.node_pay(cpu, ms, timeout),
+                        economy.job_charge(cpu, ms, timeout, prio),
+                    )
+                    payouts[wallet_of(node["owner"])] = payouts.get(wallet_of(node["owner"]), 0) + p
+                    payouts[REVENUE] = payouts.get(REVENUE, 0) + ch - p
+                    total += ch
+                    if p:
+                        c.execute("UPDATE nodes SET earned = earned + ? WHERE id = ?", (p, node_id))
+                cur = c.execute(
+                    "UPDATE jobs SET state = 'failed', cost = ?, result = ?, finished_at = ?,"
+                    " reason = ? WHERE id = ? AND attempt = ? AND state IN ('assigned', 'running')",
+                    (total, json.dumps(result) if result else None, now, reason, job["id"],
+                     job["attempt"]),
+                )  # fmt: skip
+                self._end(cur, job, "blamed", now, charge=charge, pay=pay, wall_ms=wall_ms,
+                          error=error)  # fmt: skip
+                c.execute(
+                    "UPDATE attempts SET charge = charge + ?, pay = pay + ? WHERE job = ?"
+                    " AND attempt = ?",
+                    (total - charge, sum(v for k, v in payouts.items() if k != REVENUE) - pay,
+                     job["id"], earlier["attempt"]),
+                )  # fmt: skip
+                self.ledger.close_hold(
+                    job["id"],
+                    [(a, n) for a, n in payouts.items() if n > 0],
+                    reason=f"job {job['id']} failed, blamed on the job: {error}",
+                    memo={"attempts": [int(earlier["attempt"]), int(job["attempt"])]},
+                )
+            if earlier["node"] is not None:
+                reputation.clear_loss(c, str(earlier["node"]))
+            return "failed: blamed on the job"
+        return None
 
     def requeue(self, job: sqlite3.Row, reason: str) -> bool:
-        """Put an assigned job back in the queue (its node went away); the hold stays."""
+        """Put an assigned job back in the queue (its node went away); the hold stays. Its
+        time in the queue starts again now."""
         with self.db.transaction() as c:
             cur = c.execute(
                 "UPDATE jobs SET state = 'queued', node = NULL, reason = ?, assigned_at = NULL,"
-                " started_at = NULL, period_start = NULL"
+                " started_at = NULL, period_start = NULL, queued_at = ?"
                 " WHERE id = ? AND attempt = ? AND state IN ('assigned', 'running')",
-                (reason, job["id"], job["attempt"]),
+                (reason, self.clock(), job["id"], job["attempt"]),
             )
             return cur.rowcount == 1
 
@@ -682,9 +927,10 @@ class Jobs:
             row = self.store.job(job_id)
             assert row is not None
             return row, None
-        node = job["node"] if job["state"] in ("assigned", "running") else None
-        now = time.time()
-        with self.db.transaction() as c:
+        live = job["state"] in LIVE[1:]
+        node = job["node"] if live else None
+        now = self.clock()
+        with contextlib.suppress(_Stale), self.db.transaction() as c:
             cur = c.execute(
                 "UPDATE jobs SET state = 'cancelled', cost = COALESCE(cost, 0), finished_at = ?,"
                 " reason = 'cancelled by its owner'"
@@ -693,11 +939,14 @@ class Jobs:
             )
             if cur.rowcount != 1:
                 node = None
-            elif job["kind"] == "service" and job["period_start"] is not None and node:
+                raise _Stale
+            if job["kind"] == "service" and job["period_start"] is not None and node:
                 # The service ran until now: its current period is paid up to this second.
                 ran_ms = int((now - float(job["period_start"])) * 1000)
-                self._close_service(job, node, ran_ms, "cancelled by its owner")
+                self._close_service(job, node, ran_ms, "cancelled by its owner", "cancelled")
             else:
+                if live:
+                    self._end(True, job, "cancelled", now)
                 self.ledger.refund_hold(job_id, reason="job cancelled " + job_id)
         row = self.store.job(job_id)
         assert row is not None

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from hub import economy, reputation, verification
+from hub.attempts import Attempts
 from hub.db import Database
 from hub.economy import REVENUE
 from hub.ledger import Ledger, format_micro, hold_id, wallet_id
@@ -32,8 +33,10 @@ class Replicas:
         store: Store,
         ledger: Ledger,
         proved: Callable[[sqlite3.Row, str], None],
+        attempts: Attempts,
     ) -> None:
         self.db = db
+        self.attempts = attempts
         self.store = store
         self.ledger = ledger
         self.proved = proved  # a node's first paid job for someone else (referral bonus)
@@ -49,6 +52,7 @@ class Replicas:
         charge = economy.job_charge(
             int(job["cpu_milli"]), wall_ms, int(job["timeout_s"]), job["priority"]
         )
+        now = time.time()
         with self.db.transaction() as c:
             cur = c.execute(
                 "UPDATE jobs SET state = 'completed', result = ?, result_hash = ?, billed_ms = ?,"
@@ -59,11 +63,15 @@ class Replicas:
                     verification.result_hash(exit_code, digest),
                     wall_ms,
                     charge,
-                    time.time(),
+                    now,
                     job["id"],
                 ),
             )
-            if cur.rowcount == 1:
+            # The attempt ends here; its credits move when the quorum decides (keyed by the
+            # replica, which completes once).
+            if cur.rowcount == 1 and self.attempts.end(
+                str(job["id"]), int(job["attempt"]), "recorded", now, wall_ms=wall_ms
+            ):
                 self.decide(str(job["parent"]))
 
     def decide(self, job_id: str) -> None:
@@ -113,7 +121,12 @@ class Replicas:
                 f"replica {r['replica']} of job {job['id']} on node {node['id']}: "
                 + ("agreed with the quorum" if ok else "outvoted by the quorum, not paid"),
                 [(hold_id(job["id"]), -charge), *[(a, n) for a, n in legs if n > 0]],
-                {"job_id": job["id"], "replica": r["id"], "node": node["id"]},
+                {
+                    "job_id": job["id"],
+                    "replica": r["id"],
+                    "node": node["id"],
+                    "attempt": int(r["attempt"]),
+                },
             )
             c.execute(
                 "UPDATE jobs SET verdict = ?, paid = ? WHERE id = ?",
@@ -152,6 +165,7 @@ class Replicas:
                     (time.time(), f"job {job['id']} {state}: {reason}", r["id"]),
                 )
                 if r["node"] is not None and r["state"] != "queued":
+                    self.attempts.end(str(r["id"]), int(r["attempt"]), "cancelled", time.time())
                     self.cancels.append((str(r["node"]), str(r["id"]), int(r["attempt"])))
             elif r["state"] == "completed":
                 c.execute("UPDATE jobs SET verdict = ?, paid = 0 WHERE id = ?", (verdict, r["id"]))

@@ -189,6 +189,53 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         CREATE INDEX nodes_preference ON nodes(reputation DESC, created_at);
         """,
     ),
+    (
+        7,
+        "attempts settled once, queue wait from the last queueing, uptime earned by proof",
+        # attempts: one row per time a job was given to a node (hub/attempts.py); its outcome is
+        # written once, and only the step that writes it moves that attempt's credits.
+        # period_from: the service periods billed before the attempt began. queued_at: when
+        # the job last entered the queue (submission or retry), for the queue's time limit.
+        # Uptime: availability of the current UTC day waits in uptime_pending_ms until the node
+        # proves itself that day (proved_day); uptime_owner_day caps it per human account.
+        """
+        CREATE TABLE attempts (
+            job TEXT NOT NULL REFERENCES jobs(id),
+            attempt INTEGER NOT NULL,
+            node TEXT,
+            started_at REAL NOT NULL,
+            period_from INTEGER NOT NULL DEFAULT 0,
+            outcome TEXT,
+            ended_at REAL,
+            wall_ms INTEGER,
+            error TEXT,
+            charge INTEGER NOT NULL DEFAULT 0,
+            pay INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (job, attempt)
+        ) WITHOUT ROWID;
+        ALTER TABLE jobs ADD COLUMN queued_at REAL;
+        UPDATE jobs SET queued_at = submitted_at WHERE state = 'queued';
+        ALTER TABLE nodes ADD COLUMN uptime_day INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE nodes ADD COLUMN uptime_pending_ms INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE nodes ADD COLUMN proved_day INTEGER NOT NULL DEFAULT -1;
+        CREATE TABLE uptime_owner_day (
+            owner TEXT NOT NULL,
+            day INTEGER NOT NULL,
+            paid INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (owner, day)
+        ) WITHOUT ROWID;
+        """,
+    ),
+    (
+        8,
+        "the engines whose jobs may use the network on each node",
+        # From the node's hello and heartbeats (`allow_network`, a JSON list of engine names).
+        # A node that never said (older software) allows none: a job that asks for network
+        # access never goes to a node whose owner did not say yes.
+        """
+        ALTER TABLE nodes ADD COLUMN allow_network TEXT NOT NULL DEFAULT '[]';
+        """,
+    ),
 ]
 
 
@@ -417,6 +464,31 @@ class Store:
             "SELECT * FROM jobs WHERE kind = 'service' AND state = 'running'"
             " AND period_start IS NOT NULL"
         )
+
+    def human_of(self, user_id: str) -> str:
+        """The person behind an account: an agent's owner (an agent's agent's, and so on), or
+        the user itself. Credits that reward people (uptime caps, referrals, distinct owners
+        of replicas) count a person's agents as that person."""
+        row = self.db.query_one(
+            "WITH RECURSIVE up(id, depth) AS (SELECT ?, 0 UNION ALL"
+            " SELECT a.owner, up.depth + 1 FROM agents a JOIN up ON a.id = up.id"
+            " WHERE a.owner IS NOT NULL AND up.depth < 16)"
+            " SELECT id FROM up ORDER BY depth DESC LIMIT 1",
+            (user_id,),
+        )
+        return str(row["id"]) if row is not None else user_id
+
+    def humans(self) -> dict[str, str]:
+        """Every agent's person (as human_of), in one query: for a scheduling pass."""
+        rows = self.db.query("SELECT id, owner FROM agents WHERE owner IS NOT NULL")
+        parent = {str(r["id"]): str(r["owner"]) for r in rows}
+        out: dict[str, str] = {}
+        for agent in parent:
+            who, seen = agent, 0
+            while who in parent and seen < 16:
+                who, seen = parent[who], seen + 1
+            out[agent] = who
+        return out
 
     def jobs_on_node(self, node_id: str) -> list[sqlite3.Row]:
         return self.db.query(

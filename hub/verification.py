@@ -18,8 +18,17 @@ MAX_REPLICAS = 5
 NODE_ERROR_KINDS = ("executor error", "docker engine error", "image not found")
 
 
+def error_kind(error: str | None) -> str | None:
+    """The kind of a result's `error`: what comes before its first colon, as every executor
+    writes it (docs/protocol.md): "timeout: job exceeded its 10s limit" -> "timeout". The one
+    parser the hub uses for them; None when there is no error."""
+    if not error:
+        return None
+    return str(error).split(":", 1)[0].strip().lower()
+
+
 def node_caused(error: str | None) -> bool:
-    return bool(error) and str(error).split(":", 1)[0].strip() in NODE_ERROR_KINDS
+    return error_kind(error) in NODE_ERROR_KINDS
 
 
 def result_hash(exit_code: int, digest: str) -> str:

@@ -49,16 +49,80 @@ def balance(s: Services, user: str) -> int:
     return s.ledger.balance(wallet_of(user))
 
 
+DAY = 86_400
+T0 = 20_000 * DAY  # midnight UTC, some day in 2024: days are UTC days
+
+
+def prove(s: Services, node: Any, at: float, customer: str) -> None:
+    """The node completes a paid job for `customer` at time `at`."""
+    s.jobs.clock = lambda: at
+    run_job(s, customer, node)
+
+
 def test_uptime_pays_100_credits_per_day_pro_rata(services: Services) -> None:
     owner, _, _ = services.create_user("owner", "user")
+    carol, _, _ = services.create_user("carol", "user")
+    node = add_node(services, owner)
+    prove(services, node, T0 + 1, carol)  # the node has proved itself today
+    start = balance(services, owner)
+    assert services.jobs.accrue_uptime(node["id"], 30_000, T0 + 30) == 0  # under a minute
+    paid = services.jobs.accrue_uptime(node["id"], 30_000, T0 + 60)
+    assert paid == 69_444  # 60 s of 100 credits/day, rounded down
+    for minute in range(2, 1441):  # the rest of the day, a minute at a time
+        services.jobs.accrue_uptime(node["id"], 60_000, T0 + 60 * minute - 1)
+    assert balance(services, owner) - start == 100 * MICRO  # exact: no rounding drift
+    assert services.ledger.audit().balanced
+
+
+def test_a_day_without_proof_pays_no_uptime(services: Services) -> None:
+    owner, _, _ = services.create_user("owner", "user")
+    carol, _, _ = services.create_user("carol", "user")
     node = add_node(services, owner)
     start = balance(services, owner)
-    assert services.jobs.accrue_uptime(node["id"], 30_000) == 0  # under a minute: accrues
-    paid = services.jobs.accrue_uptime(node["id"], 30_000)
-    assert paid == 69_444  # 60 s of 100 credits/day, rounded down
-    for _ in range(1439):  # the rest of the day, a minute at a time
-        services.jobs.accrue_uptime(node["id"], 60_000)
-    assert balance(services, owner) - start == 100 * MICRO  # exact: no rounding drift
+    for minute in range(1, 1441):  # a whole idle day, and nobody gave it work
+        assert services.jobs.accrue_uptime(node["id"], 60_000, T0 + 60 * minute - 1) == 0
+    assert balance(services, owner) == start
+    # Next day: two idle hours wait, then a job for carol proves the node and pays them.
+    for minute in range(1, 121):
+        services.jobs.accrue_uptime(node["id"], 60_000, T0 + DAY + 60 * minute)
+    assert balance(services, owner) == start
+    prove(services, node, T0 + DAY + 7300, carol)
+    uptime = balance(services, owner) - start - economy.node_pay(1000, 10, 10)
+    assert uptime == economy.uptime_due(2 * 3600 * 1000, 0)  # the two hours, not the day before
+    row = services.store.node(node["id"])
+    assert row["uptime_ms"] == 2 * 3600 * 1000 and row["uptime_pending_ms"] == 0
+
+
+def test_jobs_for_your_own_person_prove_nothing(services: Services) -> None:
+    owner, _, _ = services.create_user("owner", "user")
+    agent, _ = services.agents.create_agent(owner, "helper", 5 * MICRO)
+    node = add_node(services, owner)
+    prove(services, node, T0 + 1, agent)  # owner's own agent bought the "proof"
+    start = balance(services, owner)
+    services.jobs.accrue_uptime(node["id"], 3_600_000, T0 + 3600)
+    assert balance(services, owner) == start
+
+
+def test_uptime_is_capped_per_person_per_day_agents_included(services: Services) -> None:
+    owner, _, _ = services.create_user("owner", "user")
+    carol, _, _ = services.create_user("carol", "user")
+    services.ledger.grant("extra:carol", wallet_of(carol), 100 * MICRO, "test funds")
+    agent, _ = services.agents.create_agent(owner, "fleet")
+    nodes = [add_node(services, owner) for _ in range(3)]
+    nodes += [add_node(services, agent) for _ in range(3)]  # the agent's nodes are owner's
+    for node in nodes:
+        prove(services, node, T0 + 1, carol)
+    start = balance(services, owner) + balance(services, agent)
+    for minute in range(1, 1441):
+        for node in nodes:
+            services.jobs.accrue_uptime(node["id"], 60_000, T0 + 60 * minute - 1)
+    earned = balance(services, owner) + balance(services, agent) - start
+    assert earned == economy.uptime_cap() == 300 * MICRO  # six nodes' day would be 600
+    # The next day the cap starts afresh.
+    for node in nodes:
+        prove(services, node, T0 + DAY + 1, carol)
+    services.jobs.accrue_uptime(nodes[0]["id"], 3_600_000, T0 + DAY + 3600)
+    assert balance(services, owner) + balance(services, agent) - start > earned
     assert services.ledger.audit().balanced
 
 
@@ -79,7 +143,30 @@ def test_referral_paid_once_when_the_referred_node_proves_real(services: Service
     run_job(services, carol, node)  # a second job: no second bonus
     assert balance(services, alice) == 510 * MICRO
     history = services.ledger.history(wallet_of(alice))
-    assert history[0].reason.startswith("referral bonus: node " + node["id"])
+    assert history[0].reason == f"referral bonus: {bob}'s node {node['id']} ran its first job"
+    assert services.ledger.audit().balanced
+
+
+def test_referral_cannot_be_farmed_with_many_nodes_or_the_referrers_own_jobs(
+    services: Services,
+) -> None:
+    alice, _, _ = services.create_user("alice", "user")
+    bob, _, _ = services.create_user("bob", "user", referred_by=alice)
+    carol, _, _ = services.create_user("carol", "user")
+    services.ledger.grant("extra:alice", wallet_of(alice), 100 * MICRO, "test funds")
+    alice_agent, _ = services.agents.create_agent(alice, "buyer", 50 * MICRO)
+    bob_agent, _ = services.agents.create_agent(bob, "farm")
+    start = balance(services, alice)
+    # The referrer buying the proof, herself or through her agent, pays nothing.
+    run_job(services, alice, add_node(services, bob))
+    run_job(services, alice_agent, add_node(services, bob))
+    assert balance(services, alice) < start  # she paid for the jobs, earned no bonus
+    # Many nodes of bob's, his agents' included: one bonus for one referred person.
+    for _ in range(3):
+        run_job(services, carol, add_node(services, bob))
+        run_job(services, carol, add_node(services, bob_agent))
+    bonuses = [e for e in services.ledger.history(wallet_of(alice)) if "referral" in e.reason]
+    assert len(bonuses) == 1
     assert services.ledger.audit().balanced
 
 
