@@ -299,9 +299,12 @@ class Scheduler:
         for node in silent:
             self.node_offline(node["id"], "missed heartbeats")
             gone.append(node["id"])
-        stale = db.query(  # a verified job waits as long as its replicas do
+        # The wait is measured from when the job last entered the queue: a retried job
+        # (its node went away after hours of work) gets the whole limit again. A verified
+        # job waits as long as its replicas do.
+        stale = db.query(
             "SELECT id, reason FROM jobs WHERE state = 'queued' AND replicas = 1"
-            " AND submitted_at < ? ORDER BY submitted_at",
+            " AND COALESCE(queued_at, submitted_at) < ? ORDER BY submitted_at",
             (now - self.config.queue_ttl_s,),
         )
         for job in stale:
