@@ -190,18 +190,25 @@ def test_a_failed_service_keeps_what_it_paid_and_refunds_the_current_hour(
     assert services.ledger.audit().balanced
 
 
-def test_a_requeued_service_starts_a_fresh_period(services: Services) -> None:
+def test_a_service_whose_node_goes_silent_is_requeued_by_the_sweep(services: Services) -> None:
     owner, _, _ = services.create_user("owner", "user")
     agent, _, _ = services.create_user("agent", "agent")
     node = add_node(services, owner)
     job = start_service(services, agent, node)
-    rewind(services, job["id"], 1800)
-    assert services.jobs.requeue(services.store.job(job["id"]), "node went offline")
+    started = float(job["period_start"])
+    services.store.update_node(node["id"], last_seen=started + 1800)  # then silence
+    now = started + 1800 + services.scheduler.offline_after_s() + 1
+    services.jobs.clock = lambda: now
+    assert services.scheduler.sweep(now=now) == [node["id"]]
     row = services.store.job(job["id"])
-    assert row is not None and row["period_start"] is None and row["state"] == "queued"
+    assert row is not None and row["state"] == "queued" and row["period_start"] is None
+    assert row["queued_at"] == now  # its wait in the queue starts again
+    [lost] = services.jobs.attempts.of_job(job["id"])
+    assert lost["outcome"] == "lost" and lost["pay"] == 0  # the half hour is not paid
     # Not running: nothing is billed, however long it waits.
-    assert services.jobs.bill_services(now=float(job["period_start"]) + 10 * HOUR) == []
+    assert services.jobs.bill_services(now=started + 10 * HOUR) == []
     assert services.ledger.held_for(wallet_of(agent)) == PRICE
+    assert services.ledger.audit().balanced
 
 
 def test_service_lifetime_limit_is_checked(services: Services) -> None:
