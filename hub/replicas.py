@@ -132,6 +132,7 @@ class Replicas:
                 "UPDATE jobs SET verdict = ?, paid = ? WHERE id = ?",
                 ("agreed" if ok else "dissented", pay, r["id"]),
             )
+            self.attempts.add(str(r["id"]), int(r["attempt"]), charge, pay)
             total += charge
             if ok:
                 c.execute("UPDATE nodes SET earned = earned + ? WHERE id = ?", (pay, node["id"]))
