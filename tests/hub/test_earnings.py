@@ -180,3 +180,12 @@ def test_no_referral_without_a_referrer(services: Services) -> None:
 def test_gpu_rule() -> None:
     assert economy.gpu_pay(1, 3_600_000, 3600) == 50 * MICRO
     assert economy.gpu_pay(2, 1_000, 60) == 2 * 50 * MICRO // 3600
+
+
+def test_the_docs_uptime_numbers_are_the_rules() -> None:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "economy.md").read_text()
+    section = doc.split("## Staying online", 1)[1].split("\n## ", 1)[0]
+    assert economy.uptime_due(2 * 3600 * 1000, 0) == 8_333_333 and "8,333,333 µc" in section
+    assert economy.UPTIME_PAYOUT_MIN == 69_444 and "69,444 µc" in section
+    cap = economy.RATES.uptime_cap_credits_per_person_day
+    assert economy.uptime_cap() == cap * MICRO and f"{cap} credits of uptime per UTC day" in section
