@@ -32,7 +32,7 @@ No aiohttp, no MQTT: called inside the market's transactions.
 from __future__ import annotations
 
 import sqlite3
-from typing import Final
+from typing import Any, Final
 
 from hub.db import Database
 
@@ -47,9 +47,29 @@ OUTCOMES: Final = (
 )
 
 
+class Stale(Exception):
+    """Raised inside a transaction when a step finds its job or attempt already past it: the
+    transaction rolls back, and the caller (which suppresses it) changes nothing."""
+
+
 class Attempts:
     def __init__(self, db: Database) -> None:
         self.db = db
+
+    def end_moved(
+        self,
+        moved: sqlite3.Cursor | bool,
+        job: sqlite3.Row,
+        outcome: str,
+        now: float,
+        **how: Any,
+    ) -> None:
+        """Inside a transaction that just moved the job's state (`moved`: its cursor, or
+        whether it did): end the job's current attempt with `outcome`, or raise Stale, which
+        rolls the transaction back, when either step finds it done already."""
+        done = moved if isinstance(moved, bool) else moved.rowcount == 1
+        if not done or not self.end(str(job["id"]), int(job["attempt"]), outcome, now, **how):
+            raise Stale
 
     def begin(self, job_id: str, attempt: int, node_id: str, now: float, period_from: int) -> None:
         self.db.conn.execute(

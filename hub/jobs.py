@@ -22,13 +22,15 @@ import msgspec
 import wasm_jobs
 from edge import protocol
 from hub import economy, reputation, verification
-from hub.attempts import Attempts
+from hub.attempts import Attempts, Stale
+from hub.bonuses import Bonuses
 from hub.config import HubConfig
 from hub.db import Database
 from hub.economy import REVENUE
-from hub.ledger import MICRO, InsufficientFunds, Ledger, format_micro, hold_id, wallet_id
+from hub.ledger import Ledger, format_micro, wallet_id
 from hub.models import DockerEngine, JobSpec, WasmEngine
 from hub.replicas import LIVE, Replicas
+from hub.service_billing import ServiceBilling
 from hub.store import Store, new_id
 
 
@@ -52,11 +54,6 @@ class NotAllowed(JobError):
 
 class JobConflict(JobError):
     """An idempotency key reused for a different request."""
-
-
-class _Stale(Exception):
-    """Raised inside a transaction when the step finds its job or attempt already past it:
-    the transaction rolls back and the caller changes nothing."""
 
 
 def wallet_of(user_id: str) -> str:
@@ -113,8 +110,25 @@ class Jobs:
         # The hub's clock; tests set it to drive time (liveness, billing, the uptime day).
         self.clock: Callable[[], float] = time.time
         self.attempts = Attempts(db)
-        self.replicas = Replicas(db, store, ledger, self._proved, self.attempts)
+        now = self._now
+        self.bonuses = Bonuses(db, store, ledger, now)
+        self.billing = ServiceBilling(
+            config.service_period_s, db, store, ledger, self.attempts, self.bonuses, now
+        )
+        self.replicas = Replicas(db, store, ledger, self.bonuses.proved, self.attempts)
         ledger.open_account(REVENUE, "revenue")
+
+    def _now(self) -> float:
+        return self.clock()  # looked up each time: a test may set self.clock later
+
+    def accrue_uptime(self, node_id: str, gap_ms: int, now: float | None = None) -> int:
+        """A node's availability since its previous heartbeat (hub/bonuses.py)."""
+        return self.bonuses.accrue_uptime(node_id, gap_ms, now)
+
+    def bill_services(self, now: float | None = None) -> list[tuple[str, str, int]]:
+        """Bill every service period ended by `now` (hub/service_billing.py); returns the
+        (node, job, attempt) of services that had to stop, for the bridge to cancel."""
+        return self.billing.bill(now)
 
     def take_cancels(self) -> list[tuple[str, str, int]]:
         """(node, job, attempt) of replicas to stop on their nodes, decided since last asked:
@@ -379,7 +393,7 @@ class Jobs:
         if job["kind"] == "service" and (msg["state"] == protocol.COMPLETED or kind == "timeout"):
             # A service that ends, or reaches the end of its lifetime, pays for the part of
             # the current period it ran; earlier periods were paid as they ended.
-            self._settle_service(job, node, wall_ms, result, now)
+            self.billing.settle(job, node, wall_ms, result, now)
             return "settled"
         if msg["state"] == protocol.COMPLETED and job["parent"] is not None:
             self.replicas.record(job, wall_ms, result, int(msg["exit_code"]), str(msg["digest"]))
@@ -406,13 +420,15 @@ class Jobs:
             payouts.append((REVENUE, charge - pay))
         payouts = [(a, n) for a, n in payouts if n > 0]
         now = self.clock()
-        with contextlib.suppress(_Stale), self.db.transaction() as c:
+        with contextlib.suppress(Stale), self.db.transaction() as c:
             cur = c.execute(
                 "UPDATE jobs SET state = 'completed', cost = ?, result = ?, finished_at = ?,"
                 " reason = NULL WHERE id = ? AND state IN ('assigned', 'running')",
                 (charge, json.dumps(result), now, job["id"]),
             )
-            self._end(cur, job, "completed", now, charge=charge, pay=pay, wall_ms=wall_ms)
+            self.attempts.end_moved(
+                cur, job, "completed", now, charge=charge, pay=pay, wall_ms=wall_ms
+            )
             self.ledger.close_hold(
                 job["id"],
                 payouts,
@@ -425,294 +441,7 @@ class Jobs:
                 f"UPDATE nodes SET earned = earned + ?, {rep} WHERE id = ?",
                 (pay, weight, node["id"]),
             )
-            self._proved(node, job["owner"])
-
-    def _end(
-        self,
-        moved: sqlite3.Cursor | bool,
-        job: sqlite3.Row,
-        outcome: str,
-        now: float,
-        **how: Any,
-    ) -> None:
-        """Inside a transaction that just moved the job's state (`moved`: its cursor, or
-        whether it did): end the job's current attempt with `outcome` (hub/attempts.py), or
-        raise _Stale, which rolls the transaction back, when either step finds it done."""
-        done = moved if isinstance(moved, bool) else moved.rowcount == 1
-        if not done or not self.attempts.end(
-            str(job["id"]), int(job["attempt"]), outcome, now, **how
-        ):
-            raise _Stale
-
-    def _proved(self, node: sqlite3.Row, job_owner: str) -> None:
-        """The node was paid for work for another person: that proves it real today. Its
-        uptime of today becomes payable (docs/economy.md, "Staying online"); on its first such
-        job, whoever referred its owner may be due a bonus."""
-        owner = self.store.human_of(str(node["owner"]))
-        customer = self.store.human_of(job_owner)
-        if customer == owner:
-            return  # a node proves nothing on its own person's jobs
-        now = self.clock()
-        day = economy.utc_day(now)
-        c = self.db.conn
-        c.execute(
-            "UPDATE nodes SET proved_day = ?1, uptime_ms = uptime_ms + CASE uptime_day"
-            " WHEN ?1 THEN uptime_pending_ms ELSE 0 END, uptime_pending_ms = 0, uptime_day = ?1"
-            " WHERE id = ?2 AND proved_day != ?1",
-            (day, node["id"]),
-        )
-        self._pay_uptime(str(node["id"]), day)
-        first = c.execute(
-            "UPDATE nodes SET proved_at = ? WHERE id = ? AND proved_at IS NULL", (now, node["id"])
-        )
-        if first.rowcount == 1:
-            self._referral_bonus(node, owner, customer)
-
-    # --- service jobs: billed per period ------------------------------------------
-    def _period_s(self, job: sqlite3.Row) -> int:
-        return min(int(job["timeout_s"]), self.config.service_period_s)
-
-    def _service_split(self, job: sqlite3.Row, ran_ms: int) -> tuple[int, int]:
-        """(node pay, charge) for ran_ms of the current period, capped at a whole period."""
-        period = self._period_s(job)
-        ran_ms = max(0, min(ran_ms, period * 1000))
-        if ran_ms == 0:
-            return 0, 0
-        cpu = int(job["cpu_milli"])
-        return (
-            economy.node_pay(cpu, ran_ms, period),
-            economy.job_charge(cpu, ran_ms, period, job["priority"]),
-        )
-
-    def _payouts(self, node: sqlite3.Row, pay: int, charge: int) -> list[tuple[str, int]]:
-        payouts = [(wallet_of(node["owner"]), pay), (REVENUE, charge - pay)]
-        return [(a, n) for a, n in payouts if n > 0]
-
-    def _close_service(
-        self,
-        job: sqlite3.Row,
-        node_id: str,
-        ran_ms: int,
-        why: str,
-        outcome: str,
-        result: dict[str, Any] | None = None,
-    ) -> None:
-        """Inside the caller's transaction: pay the current period up to ran_ms, refund the
-        rest of the hold, add the charge to the job's cost, end the attempt with `outcome`.
-        The job row's state is the caller's (it has already moved it, which makes this run
-        once)."""
-        node = self.store.node(node_id)
-        pay, charge = self._service_split(job, ran_ms) if node is not None else (0, 0)
-        now = self.clock()
-        self._end(True, job, outcome, now, charge=charge, pay=pay, wall_ms=max(0, ran_ms))
-        c = self.db.conn
-        payouts = self._payouts(node, pay, charge) if node is not None else []
-        self.ledger.close_hold(
-            job["id"],
-            payouts,
-            reason=f"service job {job['id']} {why}",
-            memo={"attempt": int(job["attempt"])},
-        )
-        c.execute(
-            "UPDATE jobs SET cost = COALESCE(cost, 0) + ?, period_start = NULL,"
-            " result = COALESCE(?, result) WHERE id = ?",
-            (charge, json.dumps(result) if result else None, job["id"]),
-        )
-        if node is not None and pay:
-            c.execute("UPDATE nodes SET earned = earned + ? WHERE id = ?", (pay, node_id))
-            self._proved(node, str(job["owner"]))
-
-    def _settle_service(
-        self,
-        job: sqlite3.Row,
-        node: sqlite3.Row,
-        wall_ms: int,
-        result: dict[str, Any],
-        now: float,
-    ) -> None:
-        # The smaller of the node's word (its run's wall time, less the periods already paid
-        # while this attempt ran: a service that moved was billed on its old node too) and
-        # what the hub saw since the current period began.
-        since = float(job["period_start"] or now)
-        during = int(job["periods_billed"]) - self.attempts.period_from(
-            str(job["id"]), int(job["attempt"])
-        )
-        ran_ms = min(
-            int((now - since) * 1000),
-            wall_ms - during * self._period_s(job) * 1000,
-        )
-        with contextlib.suppress(_Stale), self.db.transaction() as c:
-            cur = c.execute(
-                "UPDATE jobs SET state = 'completed', finished_at = ?, reason = NULL"
-                " WHERE id = ? AND state IN ('assigned', 'running')",
-                (now, job["id"]),
-            )
-            if cur.rowcount != 1:
-                raise _Stale
-            self._close_service(job, node["id"], ran_ms, "ended", "completed", result)
-
-    def bill_services(self, now: float | None = None) -> list[tuple[str, str, int]]:
-        """Bill every whole period that running service jobs have completed by `now`.
-
-        Each period is one transaction: the next period is held first (a top-up of the job's
-        hold), then the period that ended is paid out of the hold to the node's owner. When
-        the owner's wallet cannot hold the next period, the period that ended is paid, the
-        rest refunded, and the job stops. Returns (node, job, attempt) of stopped jobs, for
-        the bridge to send a cancel. Idempotent: a period is billed once, keyed by its number.
-        """
-        now = self.clock() if now is None else now
-        stopped: list[tuple[str, str, int]] = []
-        for row in self.store.running_services():
-            period = self._period_s(row)
-            job: sqlite3.Row | None = row
-            while job is not None and now - float(job["period_start"]) >= period:
-                if self._bill_period(job, now):
-                    stopped.append((str(job["node"]), str(job["id"]), int(job["attempt"])))
-                    break
-                billed = job["periods_billed"]
-                job = self.store.job(job["id"])
-                if job is not None and (
-                    job["state"] != "running"
-                    or job["period_start"] is None
-                    or job["periods_billed"] == billed  # nothing billed: don't spin
-                ):
-                    job = None
-        return stopped
-
-    def _bill_period(self, job: sqlite3.Row, now: float) -> bool:
-        """Bill the job's current period, which has ended. True when the job had to stop."""
-        n = int(job["periods_billed"])
-        period = self._period_s(job)
-        node = self.store.node(job["node"])
-        if node is None:
-            return False
-        pay, charge = self._service_split(job, period * 1000)
-        price = economy.period_price(int(job["cpu_milli"]), period, job["priority"])
-        wallet = wallet_of(job["owner"])
-        with contextlib.suppress(_Stale), self.db.transaction() as c:
-            cur = c.execute(
-                "UPDATE jobs SET periods_billed = periods_billed + 1,"
-                " period_start = period_start + ? WHERE id = ? AND state = 'running'"
-                " AND periods_billed = ?",
-                (period, job["id"], n),
-            )
-            if cur.rowcount != 1:
-                return False  # billed already (a replay) or ended meanwhile
-            try:
-                with self.db.transaction():
-                    self.ledger.place_hold(
-                        job["id"],
-                        wallet,
-                        price,
-                        idem_key=f"hold:{job['id']}:period:{n + 1}",
-                        reason=f"hold for period {n + 2} of service job {job['id']}",
-                    )
-            except InsufficientFunds as e:
-                c.execute(
-                    "UPDATE jobs SET state = 'cancelled', finished_at = ?, reason = ? WHERE id = ?",
-                    (
-                        now,
-                        f"stopped after {n + 1} paid period(s): the next costs"
-                        f" {format_micro(price)} credits and the wallet has"
-                        f" {format_micro(e.available)}",
-                        job["id"],
-                    ),
-                )
-                self._close_service(job, node["id"], period * 1000, f"stopped: {e}", "cancelled")
-                return True
-            self.ledger.post(
-                f"service:{job['id']}:period:{n}",
-                f"service job {job['id']}: period {n + 1} ({period}s)",
-                [(hold_id(job["id"]), -charge), *self._payouts(node, pay, charge)],
-                {"job_id": job["id"], "period": n + 1, "attempt": int(job["attempt"])},
-            )
-            self.attempts.add(str(job["id"]), int(job["attempt"]), charge, pay)
-            c.execute(
-                "UPDATE jobs SET cost = COALESCE(cost, 0) + ?, hold = hold + ? WHERE id = ?",
-                (charge, price, job["id"]),
-            )
-            c.execute("UPDATE nodes SET earned = earned + ? WHERE id = ?", (pay, node["id"]))
-            if pay:
-                self._proved(node, str(job["owner"]))
-        return False
-
-    # --- bonuses: referral and uptime ---------------------------------------------------
-    def _referral_bonus(self, node: sqlite3.Row, owner: str, customer: str) -> None:
-        """+500 to whoever referred the node's person, when a node of theirs first proves real
-        on a paid job of a third person: once per referred person, never to the node's own
-        person, never on the referrer's own jobs (a referrer cannot buy the proof)."""
-        user = self.store.user(owner)
-        referrer = user["referred_by"] if user is not None else None
-        if not referrer or self.store.user(referrer) is None:
-            return
-        if self.store.human_of(str(referrer)) in (owner, customer):
-            return
-        key = "referral:person:" + owner
-        if self.ledger.entry(key) is not None:
-            return  # this person's referral was paid, by an earlier node of theirs
-        amount = economy.RATES.referral_credits * MICRO
-        self.ledger.open_account(wallet_of(referrer), "wallet", referrer)
-        self.ledger.grant(
-            key,
-            wallet_of(referrer),
-            amount,
-            f"referral bonus: {owner}'s node {node['id']} ran its first job",
-        )
-
-    def accrue_uptime(self, node_id: str, gap_ms: int, now: float | None = None) -> int:
-        """Count gap_ms of a node's availability, ending at `now`. Availability of a UTC day
-        is payable once the node has proved itself that day (a paid job for another person,
-        `_proved`); until then it waits, and a day that ends without proof pays nothing.
-        Returns what was paid (µc)."""
-        if gap_ms <= 0:
-            return 0
-        day = economy.utc_day(self.clock() if now is None else now)
-        with self.db.transaction() as c:
-            c.execute(
-                "UPDATE nodes SET"
-                " uptime_pending_ms = CASE WHEN proved_day = ?1 THEN 0"
-                "  WHEN uptime_day = ?1 THEN uptime_pending_ms + ?2 ELSE ?2 END,"
-                " uptime_ms = uptime_ms + CASE WHEN proved_day = ?1 THEN ?2 + CASE uptime_day"
-                "  WHEN ?1 THEN uptime_pending_ms ELSE 0 END ELSE 0 END,"
-                " uptime_day = ?1 WHERE id = ?3",
-                (day, gap_ms, node_id),
-            )
-            return self._pay_uptime(node_id, day)
-
-    def _pay_uptime(self, node_id: str, day: int) -> int:
-        """Inside a transaction: pay the node's payable uptime once it is worth a payout, up to
-        what its person may still earn today (the cap). The payout's key is what was settled
-        before it, so a replay of the same step can never pay twice; what the cap cuts off is
-        settled unpaid, not carried to another day."""
-        node = self.store.node(node_id)
-        assert node is not None
-        due = economy.uptime_due(int(node["uptime_ms"]), int(node["uptime_paid"]))
-        if due < economy.UPTIME_PAYOUT_MIN:
-            return 0
-        c = self.db.conn
-        person = self.store.human_of(str(node["owner"]))
-        row = c.execute(
-            "SELECT paid FROM uptime_owner_day WHERE owner = ? AND day = ?", (person, day)
-        ).fetchone()
-        pay = max(0, min(due, economy.uptime_cap() - (int(row[0]) if row else 0)))
-        if pay:
-            self.ledger.open_account(wallet_of(node["owner"]), "wallet", node["owner"])
-            self.ledger.grant(
-                f"uptime:{node_id}:{node['uptime_paid']}",
-                wallet_of(node["owner"]),
-                pay,
-                f"uptime of node {node_id}",
-            )
-            c.execute(
-                "INSERT INTO uptime_owner_day (owner, day, paid) VALUES (?, ?, ?)"
-                " ON CONFLICT (owner, day) DO UPDATE SET paid = paid + excluded.paid",
-                (person, day, pay),
-            )
-        c.execute(
-            "UPDATE nodes SET uptime_paid = uptime_paid + ?, earned = earned + ? WHERE id = ?",
-            (due, pay, node_id),
-        )
-        return pay
+            self.bonuses.proved(node, job["owner"])
 
     # --- failure, loss, retry, cancel -------------------------------------------------------
     def _fail(
@@ -732,7 +461,7 @@ class Jobs:
             return
         live = job["state"] in LIVE[1:]
         if job["parent"] is not None:  # a replica: no hold of its own; the replicas decide
-            with contextlib.suppress(_Stale), self.db.transaction() as c:
+            with contextlib.suppress(Stale), self.db.transaction() as c:
                 cur = c.execute(
                     "UPDATE jobs SET state = 'failed', cost = 0, result = ?, finished_at = ?,"
                     " reason = ?, verdict = 'failed', paid = 0"
@@ -740,12 +469,12 @@ class Jobs:
                     (json.dumps(result) if result else None, now, reason, job["id"]),
                 )
                 if live:
-                    self._end(cur, job, outcome, now, **{"error": reason, **how})
+                    self.attempts.end_moved(cur, job, outcome, now, **{"error": reason, **how})
                 elif cur.rowcount != 1:
-                    raise _Stale
+                    raise Stale
                 self.replicas.decide(str(job["parent"]))
             return
-        with contextlib.suppress(_Stale), self.db.transaction() as c:
+        with contextlib.suppress(Stale), self.db.transaction() as c:
             cur = c.execute(
                 "UPDATE jobs SET state = 'failed', cost = COALESCE(cost, 0), result = ?,"
                 " finished_at = ?,"
@@ -753,9 +482,9 @@ class Jobs:
                 (json.dumps(result) if result else None, now, reason, job["id"]),
             )
             if live:
-                self._end(cur, job, outcome, now, **{"error": reason, **how})
+                self.attempts.end_moved(cur, job, outcome, now, **{"error": reason, **how})
             elif cur.rowcount != 1:
-                raise _Stale
+                raise Stale
             # A service's hours already paid stay paid; the current one comes back.
             self.ledger.refund_hold(job["id"], reason="job failed " + job["id"] + ": " + reason)
 
@@ -796,7 +525,7 @@ class Jobs:
         tries = json.loads(row["tries"] or "[]")
         tries.append({"attempt": row["attempt"], "node": row["node"], "outcome": why, "at": now})
         lost = int(row["failures"]) + 1
-        with contextlib.suppress(_Stale), self.db.transaction() as c:
+        with contextlib.suppress(Stale), self.db.transaction() as c:
             cur = c.execute(
                 "UPDATE jobs SET failures = ?, tries = ? WHERE id = ? AND attempt = ?"
                 " AND state IN ('assigned', 'running')",
@@ -804,12 +533,12 @@ class Jobs:
             )
             if lost >= self.max_attempts:
                 if cur.rowcount != 1:
-                    raise _Stale
+                    raise Stale
                 why = f"{lost} attempts lost by their nodes, the last: {why}"
                 self._fail(row, why, None, "lost", wall_ms=wall_ms, error=error)
                 outcome = "failed: attempts lost"
             else:
-                self._end(cur, row, "lost", now, wall_ms=wall_ms, error=error)
+                self.attempts.end_moved(cur, row, "lost", now, wall_ms=wall_ms, error=error)
                 self.requeue(
                     row,
                     f"{why}; retrying on another node"
@@ -846,14 +575,14 @@ class Jobs:
             f"{error} (on nodes {runs[0][0]} and {runs[1][0]}: the job breaks the executor"
             " it runs in, so it was not retried again)"
         )
-        with contextlib.suppress(_Stale), self.db.transaction() as c:
+        with contextlib.suppress(Stale), self.db.transaction() as c:
             again = c.execute(
                 "UPDATE attempts SET outcome = 'blamed' WHERE job = ? AND attempt = ?"
                 " AND outcome = 'lost'",
                 (job["id"], earlier["attempt"]),
             )
             if again.rowcount != 1:
-                raise _Stale
+                raise Stale
             if not billed:
                 self._fail(job, reason, result, "blamed", wall_ms=wall_ms)
             else:
@@ -878,8 +607,8 @@ class Jobs:
                     (total, json.dumps(result) if result else None, now, reason, job["id"],
                      job["attempt"]),
                 )  # fmt: skip
-                self._end(cur, job, "blamed", now, charge=charge, pay=pay, wall_ms=wall_ms,
-                          error=error)  # fmt: skip
+                how = {"charge": charge, "pay": pay, "wall_ms": wall_ms, "error": error}
+                self.attempts.end_moved(cur, job, "blamed", now, **how)
                 c.execute(
                     "UPDATE attempts SET charge = charge + ?, pay = pay + ? WHERE job = ?"
                     " AND attempt = ?",
@@ -930,7 +659,7 @@ class Jobs:
         live = job["state"] in LIVE[1:]
         node = job["node"] if live else None
         now = self.clock()
-        with contextlib.suppress(_Stale), self.db.transaction() as c:
+        with contextlib.suppress(Stale), self.db.transaction() as c:
             cur = c.execute(
                 "UPDATE jobs SET state = 'cancelled', cost = COALESCE(cost, 0), finished_at = ?,"
                 " reason = 'cancelled by its owner'"
@@ -939,14 +668,14 @@ class Jobs:
             )
             if cur.rowcount != 1:
                 node = None
-                raise _Stale
+                raise Stale
             if job["kind"] == "service" and job["period_start"] is not None and node:
                 # The service ran until now: its current period is paid up to this second.
                 ran_ms = int((now - float(job["period_start"])) * 1000)
-                self._close_service(job, node, ran_ms, "cancelled by its owner", "cancelled")
+                self.billing.close(job, node, ran_ms, "cancelled by its owner", "cancelled")
             else:
                 if live:
-                    self._end(True, job, "cancelled", now)
+                    self.attempts.end_moved(True, job, "cancelled", now)
                 self.ledger.refund_hold(job_id, reason="job cancelled " + job_id)
         row = self.store.job(job_id)
         assert row is not None
@@ -986,7 +715,7 @@ class Jobs:
             },
             "result": result,
             "spec": json.loads(job["spec"]),
-            "billing": self._billing_view(job),
+            "billing": self.billing.view(job),
             "retries": {
                 "max_attempts": self.max_attempts,
                 "node_failures": job["failures"],
@@ -994,17 +723,4 @@ class Jobs:
             },
             "verification": verified,
             "replica_of": job["parent"],
-        }
-
-    def _billing_view(self, job: sqlite3.Row) -> dict[str, Any] | None:
-        if job["kind"] != "service":
-            return None
-        period = self._period_s(job)
-        return {
-            "period_s": period,
-            "periods_billed": job["periods_billed"],
-            "period_start": job["period_start"],
-            "period_price": format_micro(
-                economy.period_price(int(job["cpu_milli"]), period, job["priority"])
-            ),
         }

@@ -1,0 +1,128 @@
+"""Bonuses from the mint: uptime for nodes that are there for the network, and referrals.
+
+docs/economy.md ("Staying online", "Referral") states the rules with worked examples; the
+amounts are in hub/economy.py. Both reward people, not accounts: an agent counts as the person
+who owns it (Store.human_of), so one person's many agents or nodes earn one person's bonus.
+Called inside the market's transactions; no aiohttp, no MQTT.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+
+from hub import economy
+from hub.db import Database
+from hub.ledger import MICRO, Ledger, wallet_id
+from hub.store import Store
+
+
+class Bonuses:
+    def __init__(
+        self, db: Database, store: Store, ledger: Ledger, clock: Callable[[], float]
+    ) -> None:
+        self.db = db
+        self.store = store
+        self.ledger = ledger
+        self.clock = clock
+
+    def proved(self, node: sqlite3.Row, job_owner: str) -> None:
+        """The node was paid for work for another person: that proves it real today. Its
+        uptime of today becomes payable (docs/economy.md, "Staying online"); on its first such
+        job, whoever referred its owner may be due a bonus."""
+        owner = self.store.human_of(str(node["owner"]))
+        customer = self.store.human_of(job_owner)
+        if customer == owner:
+            return  # a node proves nothing on its own person's jobs
+        now = self.clock()
+        day = economy.utc_day(now)
+        c = self.db.conn
+        c.execute(
+            "UPDATE nodes SET proved_day = ?1, uptime_ms = uptime_ms + CASE uptime_day"
+            " WHEN ?1 THEN uptime_pending_ms ELSE 0 END, uptime_pending_ms = 0, uptime_day = ?1"
+            " WHERE id = ?2 AND proved_day != ?1",
+            (day, node["id"]),
+        )
+        self._pay_uptime(str(node["id"]), day)
+        first = c.execute(
+            "UPDATE nodes SET proved_at = ? WHERE id = ? AND proved_at IS NULL", (now, node["id"])
+        )
+        if first.rowcount == 1:
+            self._referral_bonus(node, owner, customer)
+
+    def _referral_bonus(self, node: sqlite3.Row, owner: str, customer: str) -> None:
+        """+500 to whoever referred the node's person, when a node of theirs first proves real
+        on a paid job of a third person: once per referred person, never to the node's own
+        person, never on the referrer's own jobs (a referrer cannot buy the proof)."""
+        user = self.store.user(owner)
+        referrer = user["referred_by"] if user is not None else None
+        if not referrer or self.store.user(referrer) is None:
+            return
+        if self.store.human_of(str(referrer)) in (owner, customer):
+            return
+        key = "referral:person:" + owner
+        if self.ledger.entry(key) is not None:
+            return  # this person's referral was paid, by an earlier node of theirs
+        amount = economy.RATES.referral_credits * MICRO
+        self.ledger.open_account(wallet_id(referrer), "wallet", referrer)
+        self.ledger.grant(
+            key,
+            wallet_id(referrer),
+            amount,
+            f"referral bonus: {owner}'s node {node['id']} ran its first job",
+        )
+
+    def accrue_uptime(self, node_id: str, gap_ms: int, now: float | None = None) -> int:
+        """Count gap_ms of a node's availability, ending at `now`. Availability of a UTC day
+        is payable once the node has proved itself that day (a paid job for another person,
+        `_proved`); until then it waits, and a day that ends without proof pays nothing.
+        Returns what was paid (µc)."""
+        if gap_ms <= 0:
+            return 0
+        day = economy.utc_day(self.clock() if now is None else now)
+        with self.db.transaction() as c:
+            c.execute(
+                "UPDATE nodes SET"
+                " uptime_pending_ms = CASE WHEN proved_day = ?1 THEN 0"
+                "  WHEN uptime_day = ?1 THEN uptime_pending_ms + ?2 ELSE ?2 END,"
+                " uptime_ms = uptime_ms + CASE WHEN proved_day = ?1 THEN ?2 + CASE uptime_day"
+                "  WHEN ?1 THEN uptime_pending_ms ELSE 0 END ELSE 0 END,"
+                " uptime_day = ?1 WHERE id = ?3",
+                (day, gap_ms, node_id),
+            )
+            return self._pay_uptime(node_id, day)
+
+    def _pay_uptime(self, node_id: str, day: int) -> int:
+        """Inside a transaction: pay the node's payable uptime once it is worth a payout, up to
+        what its person may still earn today (the cap). The payout's key is what was settled
+        before it, so a replay of the same step can never pay twice; what the cap cuts off is
+        settled unpaid, not carried to another day."""
+        node = self.store.node(node_id)
+        assert node is not None
+        due = economy.uptime_due(int(node["uptime_ms"]), int(node["uptime_paid"]))
+        if due < economy.UPTIME_PAYOUT_MIN:
+            return 0
+        c = self.db.conn
+        person = self.store.human_of(str(node["owner"]))
+        row = c.execute(
+            "SELECT paid FROM uptime_owner_day WHERE owner = ? AND day = ?", (person, day)
+        ).fetchone()
+        pay = max(0, min(due, economy.uptime_cap() - (int(row[0]) if row else 0)))
+        if pay:
+            self.ledger.open_account(wallet_id(node["owner"]), "wallet", node["owner"])
+            self.ledger.grant(
+                f"uptime:{node_id}:{node['uptime_paid']}",
+                wallet_id(node["owner"]),
+                pay,
+                f"uptime of node {node_id}",
+            )
+            c.execute(
+                "INSERT INTO uptime_owner_day (owner, day, paid) VALUES (?, ?, ?)"
+                " ON CONFLICT (owner, day) DO UPDATE SET paid = paid + excluded.paid",
+                (person, day, pay),
+            )
+        c.execute(
+            "UPDATE nodes SET uptime_paid = uptime_paid + ?, earned = earned + ? WHERE id = ?",
+            (due, pay, node_id),
+        )
+        return pay
