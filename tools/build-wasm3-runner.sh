@@ -3,21 +3,26 @@
 # wasm3's C core taken from the pywasm3 source package on PyPI (the same wasm3 that CPython
 # nodes load through pywasm3). Idempotent: returns at once when the binary is up to date.
 #
-#   tools/build-wasm3-runner.sh [--out PATH] [--force]
+#   tools/build-wasm3-runner.sh [--out PATH] [--force] [--sanitize]
 #
 # Output: edge/native/bin/wasm3-run (or --out, or $DEPARROW_WASM3_RUN). The pywasm3 sdist is
 # kept in ${XDG_CACHE_HOME:-~/.cache}/deparrow; put it there (or point $PYWASM3_SDIST at it)
 # to build offline. Needs a C compiler (cc, gcc or clang) and, once, pip to fetch the sdist.
+# --sanitize: the runner's own files with AddressSanitizer and UBSan, for the fuzz test
+# (tests/edge/test_wasm3_module_fuzz.py); wasm3's core keeps its flags (its interpreter does
+# signed arithmetic that UBSan would stop every program on).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 OUT=${DEPARROW_WASM3_RUN:-$ROOT/edge/native/bin/wasm3-run}
 FORCE=0
+SANITIZE=
 while [ $# -gt 0 ]; do
   case "$1" in
     --out) OUT=$2; shift 2 ;;
     --force) FORCE=1; shift ;;
-    -h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --sanitize) SANITIZE="-g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all"; shift ;;
+    -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "build-wasm3-runner: unknown option $1 (try --help)" >&2; exit 64 ;;
   esac
 done
@@ -41,7 +46,7 @@ for f in "${SOURCES[@]}" "$NATIVE/wasm3run.h"; do
 done
 
 # Up to date when the same source, wasm3, compiler and flags made it.
-STAMP="$(cat "${SOURCES[@]}" "$NATIVE/wasm3run.h" "$0" | sha256) $PYWASM3_SHA256 $("$CC" --version 2>/dev/null | head -1) $CFLAGS"
+STAMP="$(cat "${SOURCES[@]}" "$NATIVE/wasm3run.h" "$0" | sha256) $PYWASM3_SHA256 $("$CC" --version 2>/dev/null | head -1) $CFLAGS $SANITIZE"
 if [ "$FORCE" = 0 ] && [ -x "$OUT" ] && [ -f "$OUT.stamp" ] && [ "$(cat "$OUT.stamp")" = "$STAMP" ]; then
   exit 0
 fi
@@ -93,11 +98,12 @@ done
 for p in "${pids[@]}"; do wait "$p"; done
 for f in "${SOURCES[@]}"; do
   # shellcheck disable=SC2086
-  "$CC" $CFLAGS -Wall -Wextra -Wno-unused-parameter -I"$CORE" -c "$f" -o "$WORK/dp_$(basename "$f" .c).o"
+  "$CC" $CFLAGS $SANITIZE -Wall -Wextra -Wno-unused-parameter -I"$CORE" -c "$f" -o "$WORK/dp_$(basename "$f" .c).o"
 done
 mkdir -p "$(dirname "$OUT")"
 # Several builds at once (parallel test runs) each rename a finished file of their own.
-"$CC" -o "$OUT.tmp.$$" "$WORK"/*.o -lm -lpthread
+# shellcheck disable=SC2086
+"$CC" $SANITIZE -o "$OUT.tmp.$$" "$WORK"/*.o -lm -lpthread
 mv "$OUT.tmp.$$" "$OUT"
 printf '%s' "$STAMP" > "$OUT.stamp.$$"
 mv "$OUT.stamp.$$" "$OUT.stamp"

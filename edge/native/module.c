@@ -18,36 +18,57 @@ static uint8_t byte_at(size_t pos) {
     return info.b[pos];
 }
 
+/* Every number below is the module's to choose, up to 2^64 - 1: a bounds check compares it
+ * with what is left of the module (info.n - pos, pos <= info.n), never adds it to a position
+ * first, where the sum could wrap past the end and let a name point anywhere. */
+
+/* A number that needs more than 64 bits reads as UINT64_MAX, which every check then refuses as
+ * the Python reader refuses its exact (unbounded) value; it is not cut to its low 64 bits. */
 static uint64_t uleb(size_t *pos) {
     uint64_t result = 0;
     unsigned shift = 0;
     for (;;) {
         if (*pos >= info.n) fail("invalid module: truncated LEB128 number");
         uint8_t c = info.b[(*pos)++];
-        if (shift < 64) result |= (uint64_t)(c & 0x7F) << shift;
+        uint64_t bits = c & 0x7F;
+        if (shift < 64 && (bits << shift) >> shift == bits) result |= bits << shift;
+        else if (bits) result = UINT64_MAX;
         shift += 7;
         if (!(c & 0x80)) return result;
     }
 }
 
+/* A number the module stores in 32 bits (an index, a limit): refused, not cut, when larger. */
+static uint32_t uleb32(size_t *pos, const char *what) {
+    uint64_t v = uleb(pos);
+    if (v > UINT32_MAX) failf("invalid module: %s does not fit in 32 bits", what);
+    return (uint32_t)v;
+}
+
 static Str read_name(size_t *pos) {
     uint64_t n = uleb(pos);
-    if (*pos + n > info.n) fail("invalid module: truncated name");
+    if (*pos > info.n || n > info.n - *pos) fail("invalid module: truncated name");
+    if (n > UINT32_MAX) fail("invalid module: a name does not fit in 32 bits");
     Str s = {info.b + *pos, (uint32_t)n};
-    *pos += n;
+    *pos += (size_t)n;
     return s;
 }
 
 static void read_limits(size_t *pos, uint32_t *lo, uint32_t *hi, int *has_hi) {
     uint8_t flags = byte_at((*pos)++);
-    *lo = (uint32_t)uleb(pos);
+    *lo = uleb32(pos, "a memory or table limit");
     *has_hi = flags & 1;
-    if (*has_hi) *hi = (uint32_t)uleb(pos);
+    if (*has_hi) *hi = uleb32(pos, "a memory or table limit");
 }
 
+/* Room for element `count` of an array grown one at a time. The counts come from modules (a
+ * section's entries) and job files: neither the count nor the bytes may wrap, also where
+ * size_t has 32 bits (the boards, firmware/wasm3). */
 void *grow_array(void *p, uint32_t count, size_t size) {
     if ((count & (count - 1)) == 0) { /* 0, 1, 2, 4...: double */
-        p = realloc(p, (count ? 2 * (size_t)count : 4) * size);
+        size_t want = count ? 2 * (size_t)count : 4;
+        if (count > UINT32_MAX / 2 || want > SIZE_MAX / size) p = NULL;
+        else p = realloc(p, want * size);
         if (!p) failf("memory limit: job exceeded %llu MiB (the host could not allocate more)",
                       (unsigned long long)job.memory_mb);
     }
@@ -65,8 +86,8 @@ void read_module(const uint8_t *b, size_t n) {
     while (pos < n) {
         uint8_t sid = b[pos];
         size_t start = pos + 1;
-        uint64_t size = uleb(&start);
-        if (start + size > n) failf("invalid module: section %u runs past the end of the module", sid);
+        uint64_t size = uleb(&start); /* start <= n: uleb reads no byte past the end */
+        if (size > n - start) failf("invalid module: section %u runs past the end of the module", sid);
         size_t p = start;
         if (sid == 2) {
             uint64_t count = uleb(&p);
@@ -96,7 +117,7 @@ void read_module(const uint8_t *b, size_t n) {
                 Export ex;
                 ex.name = read_name(&p);
                 ex.kind = byte_at(p++);
-                ex.index = (uint32_t)uleb(&p);
+                ex.index = uleb32(&p, "an export's index");
                 /* a later export of the same name wins, as in the Python reader's dict */
                 uint32_t j = 0;
                 while (j < info.nexports && !(info.exports[j].name.n == ex.name.n &&
@@ -109,7 +130,7 @@ void read_module(const uint8_t *b, size_t n) {
                 info.exports[j] = ex;
             }
         }
-        pos = start + size;
+        pos = start + (size_t)size;
     }
 }
 

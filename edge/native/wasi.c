@@ -10,10 +10,12 @@
 Str *argv_items; /* argv as the job sees it */
 uint32_t argv_count;
 
+/* The job's bytes [ptr, ptr + len), or NULL when any is outside its memory. Both numbers are
+ * the job's: compared with the size, never added first (the sum could wrap). */
 static uint8_t *mem(IM3Runtime rt, uint64_t ptr, uint64_t len) {
     uint32_t size = 0;
     uint8_t *m = m3_GetMemory(rt, &size, 0);
-    if (!m || ptr + len > size) return NULL;
+    if (!m || len > size || ptr > size - len) return NULL;
     return m + ptr;
 }
 
@@ -42,7 +44,7 @@ static uint64_t get64(const uint8_t *p) { return (uint64_t)get32(p) | (uint64_t)
 static const void *sizes(IM3Runtime rt, uint64_t *ret, const Str *items, uint32_t count,
                          uint32_t count_ptr, uint32_t size_ptr) {
     uint64_t total = 0;
-    for (uint32_t i = 0; i < count; i++) total += items[i].n + 1;
+    for (uint32_t i = 0; i < count; i++) total += (uint64_t)items[i].n + 1;
     uint8_t *a = mem(rt, count_ptr, 4), *s = mem(rt, size_ptr, 4);
     if (!a || !s) RET32(W_EFAULT);
     put32(a, count);
@@ -52,8 +54,8 @@ static const void *sizes(IM3Runtime rt, uint64_t *ret, const Str *items, uint32_
 
 static const void *fill(IM3Runtime rt, uint64_t *ret, const Str *items, uint32_t count,
                         uint32_t ptrs, uint32_t buf) {
-    uint64_t total = 0;
-    for (uint32_t i = 0; i < count; i++) total += items[i].n + 1;
+    uint64_t total = 0; /* in 64 bits: n + 1 of a 4 GiB item would wrap to 0 in 32 */
+    for (uint32_t i = 0; i < count; i++) total += (uint64_t)items[i].n + 1;
     uint8_t *dst = mem(rt, buf, total), *tab = mem(rt, ptrs, 4 * (uint64_t)count);
     if (!dst || !tab) RET32(W_EFAULT);
     for (uint32_t i = 0; i < count; i++) {
@@ -157,8 +159,8 @@ m3ApiRawFunction(w_random_get) {
 
 /* Keeps cap + 1 bytes of a stream; the node reads the extra byte as "truncated". */
 static void capped_write(int fd, uint64_t *size, uint64_t cap, const uint8_t *p, uint64_t n) {
-    uint64_t room = cap + 1 - *size;
     if (*size > cap) return;
+    uint64_t room = cap + 1 - *size;
     if (n > room) n = room;
     if (write_all(fd, (const char *)p, n) == 0) *size += n;
 }
@@ -291,7 +293,7 @@ m3ApiRawFunction(w_poll_oneoff) {
     if (nsubs == 0) RET32(W_EINVAL);
     uint8_t *in = mem(runtime, in_ptr, 48 * (uint64_t)nsubs);
     if (!in) RET32(W_EFAULT);
-    int64_t *due = malloc(sizeof(int64_t) * nsubs);
+    int64_t *due = calloc(nsubs, sizeof(int64_t)); /* calloc: the product cannot wrap */
     if (!due) RET32(W_EFAULT);
     uint32_t nready = 0;
     for (uint32_t i = 0; i < nsubs; i++)
@@ -341,7 +343,10 @@ int64_t gas_left = INT64_MAX;
 
 m3ApiRawFunction(metering_usegas) {
     int32_t gas = (int32_t) * (_sp++);
-    gas_left -= gas;
+    /* a negative cost (the module's to report) is a refund: at most back to unmetered, since
+       INT64_MAX - (-1) would overflow */
+    if (gas < 0 && gas_left > INT64_MAX + gas) gas_left = INT64_MAX;
+    else gas_left -= gas;
     if (gas_left < 0) return "[trap] Out of gas";
     return m3Err_none;
 }

@@ -331,7 +331,9 @@ static void read_job(const uint8_t *b, size_t n) {
         pos++;
         while (pos < n && b[pos] >= '0' && b[pos] <= '9' && len < ((uint64_t)1 << 40))
             len = len * 10 + (b[pos++] - '0');
-        if (pos >= n || b[pos] != '\n' || pos + 1 + len + 1 > n || b[pos + 1 + len] != '\n')
+        /* compared with what is left (pos < n), not added to pos; a value is a Str: < 4 GiB */
+        if (pos >= n || b[pos] != '\n' || len > UINT32_MAX || len + 2 > n - pos ||
+            b[pos + 1 + len] != '\n')
             fail("executor error: job file is malformed");
         Str v = {b + pos + 1, (uint32_t)len};
         pos += len + 2;
@@ -412,6 +414,8 @@ static void run(const char *dir) {
 
     cap_pages = job.memory_mb > (1u << 20) ? (1u << 24) : (uint32_t)(job.memory_mb * 16);
     if (!cap_pages) cap_pages = 1;
+    /* wasm3 takes the length in 32 bits: a larger module would be read cut short */
+    if (module_len > UINT32_MAX) fail("invalid module: larger than 4 GiB");
     read_module(module_bytes, module_len);
 
     const Export *entry = find_export(job.entry);
