@@ -185,10 +185,24 @@ class JobRunner:
                 self.log("could not " + verb + " job " + job_id + ": " + repr(e))
 
     def on_cancel(self, msg):
+        """Stop the job the hub cancelled, if this node runs that attempt (or an older one).
+        A late cancel for an earlier attempt must not kill the attempt that replaced it here:
+        the hub gives a job lost to this node (missed heartbeats, a restart) to it again."""
         job_id = msg.get("job_id")
-        current = self.running.pop(job_id, None)
+        attempt = msg.get("attempt")
+        if not isinstance(job_id, str) or not isinstance(attempt, int):
+            self.log("cancel without job_id/attempt dropped")
+            return "dropped"
+        current = self.running.get(job_id)
         if current is None:
             return "unknown"
+        if attempt < current["attempt"]:
+            self.log(
+                "cancel for attempt " + str(attempt) + " of job " + job_id + " ignored: attempt "
+                + str(current["attempt"]) + " runs here"
+            )  # fmt: skip
+            return "stale"
+        del self.running[job_id]
         self.executor.cancel(current["handle"])
         self._event(job_id, current["attempt"], protocol.CANCELLED)
         return "cancelled"

@@ -92,8 +92,10 @@ def decode(payload):
 # --- node -> hub -------------------------------------------------------------
 
 
-def hello(node_id, engines, resources, version, running=()):
-    """running: jobs still running from before a reconnect (the hub requeues the others)."""
+def hello(node_id, engines, resources, version, running=(), allow_network=()):
+    """running: jobs still running from before a reconnect (the hub requeues the others).
+    allow_network: the engines whose jobs may use the network here (the owner's choice); the
+    hub sends a job that asks for network access only to a node that lists its engine."""
     return {
         "v": VERSION,
         "node_id": node_id,
@@ -101,10 +103,11 @@ def hello(node_id, engines, resources, version, running=()):
         "resources": resources,
         "version": version,
         "running": list(running),
+        "allow_network": list(allow_network),
     }
 
 
-def heartbeat(node_id, seq, state, resources, running):
+def heartbeat(node_id, seq, state, resources, running, allow_network=()):
     """resources: {"cpu": cores offered, "memory_mb": RAM offered, "gpu": n, "load": 0..1}"""
     return {
         "v": VERSION,
@@ -114,6 +117,7 @@ def heartbeat(node_id, seq, state, resources, running):
         "state": state,
         "resources": resources,
         "running": list(running),
+        "allow_network": list(allow_network),
     }
 
 

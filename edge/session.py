@@ -9,7 +9,8 @@
 #              True once the broker acknowledged a QoS 1 message (without it, a publish that
 #              returned counts as delivered, as with umqtt.simple's blocking publish)
 #   executor:  engines, submit(job), poll(handle), cancel(handle); optional suspend(handle),
-#              resume(handle)
+#              resume(handle), allow_network (True: its jobs may use the network; a router
+#              of several executors, edge/executors/router.py, is asked per engine)
 #   offered:   callable(busy) -> {"cpu", "memory_mb", "gpu", "load"} (what we offer now)
 #   outbox:    edge.outbox.Outbox, durable (a file) where the node has storage; default in memory
 #   gate:      callable() -> (allowed, why): may jobs run now? (the owner's idle preferences)
@@ -27,6 +28,16 @@ from edge.outbox import Outbox
 VERSION = "0.1.0"
 
 
+def network_engines(executor):
+    """The engines whose jobs may use the network on this node: those whose executor the
+    owner let (docker.allow_network, native.allow_network). Told to the hub in hello and
+    heartbeats, so that it sends a job that asks for network access only where it may run."""
+    by_engine = getattr(executor, "by_engine", None)  # a router: one executor per engine
+    if by_engine is None:
+        by_engine = {engine: executor for engine in executor.engines}
+    return sorted([e for e, ex in by_engine.items() if getattr(ex, "allow_network", False) is True])
+
+
 class Session:
     def __init__(self, config, mqtt, executor, offered, log=None, outbox=None, gate=None):
         """config: {"node_id", "node_secret", "mqtt": {...}, "heartbeat_interval_s"}"""
@@ -41,6 +52,7 @@ class Session:
         self.runner = JobRunner(
             self.node_id, config["node_secret"], executor, self._publish_kind, log=self.log
         )
+        self.allow_network = network_engines(executor)
         self.outbox = outbox if outbox is not None else Outbox(None, log=self.log)
         self.gate = gate
         self.allowed = True  # what the gate said last
@@ -159,7 +171,12 @@ class Session:
         self._publish_kind(
             protocol.HELLO,
             protocol.hello(
-                self.node_id, self.runner.executor.engines, res, VERSION, self.runner.running_ids()
+                self.node_id,
+                self.runner.executor.engines,
+                res,
+                VERSION,
+                self.runner.running_ids(),
+                self.allow_network,
             ),
         )
         self.heartbeat()
@@ -178,6 +195,7 @@ class Session:
             self.state(),
             self.offered(self.runner.busy() or not self.allowed),
             self.runner.running_ids(),
+            self.allow_network,
         )
         self._publish_kind(protocol.HEARTBEAT, msg)
 

@@ -1,10 +1,12 @@
 """The scheduler: give each queued job to an eligible idle node.
 
 Eligible: online, idle (not busy, not suspended by its owner's activity), speaks the job's
-engine, offers enough CPU and RAM, and runs nothing else. High priority first, then oldest.
-Among the nodes that fit, the most reputable first (hub/reputation.py), then the longest
-enrolled. The replicas of a verified job go to nodes of distinct owners. When nothing fits,
-the job's `reason` says why, so the submitter is not left guessing.
+engine, lets that engine's jobs use the network if the job asks for it (the owner's choice, in
+the node's hello and heartbeats), offers enough CPU and RAM, and runs nothing else. High
+priority first, then oldest. Among the nodes that fit, the most reputable first
+(hub/reputation.py), then the longest enrolled. The replicas of a verified job go to nodes of
+distinct owners. When nothing fits, the job's `reason` says why, so the submitter is not left
+guessing.
 
 A pass decides first (`plan()`, which writes nothing) and then commits every decision in one
 transaction (`schedule()`). It is built for fleets: about O(nodes log nodes + jobs +
@@ -32,6 +34,12 @@ from hub.store import Store
 log = logging.getLogger(__name__)
 
 
+# A requirement's kind: its engine, and whether the job asks for network access. A node
+# serves (engine, False) when it runs the engine, (engine, True) when its owner also lets that
+# engine's jobs use the network (the `allow_network` of its hello and heartbeats).
+Kind = tuple[str, bool]
+
+
 class Offer(NamedTuple):
     """What one online node can take, parsed once per scheduling pass."""
 
@@ -41,64 +49,87 @@ class Offer(NamedTuple):
     cpu: float
     memory_mb: int
     owner: str
+    kinds: tuple[Kind, ...] = ()  # the kinds of requirement it serves, see Kind
 
 
 @functools.lru_cache(maxsize=4096)
 def _capacity(
-    resources: str, engines: str, cpu: float, memory_mb: int
-) -> tuple[frozenset[str], float, int]:
+    resources: str, engines: str, cpu: float, memory_mb: int, network: str
+) -> tuple[frozenset[str], float, int, tuple[Kind, ...]]:
     """A node row's offer, parsed. Most nodes of a fleet offer the same few shapes, so the
     JSON is parsed once per distinct shape rather than once per node and pass."""
     try:  # validated by hub/wire.py before it was stored; a bad row offers nothing
         res = json.loads(resources or "{}")
+        runs = frozenset(json.loads(engines))
+        allowed = runs & frozenset(json.loads(network or "[]"))
         return (
-            frozenset(json.loads(engines)),
+            runs,
             float(res.get("cpu", cpu)),
             int(res.get("memory_mb", memory_mb)),
+            tuple([(e, False) for e in sorted(runs)] + [(e, True) for e in sorted(allowed)]),
         )
     except (TypeError, ValueError, AttributeError):
-        return frozenset(), 0.0, 0
+        return frozenset(), 0.0, 0, ()
 
 
 def offer(node: sqlite3.Row) -> Offer:
-    engines, cpu, mem = _capacity(
-        node["resources"], node["engines"], node["cpu"], node["memory_mb"]
+    engines, cpu, mem, kinds = _capacity(
+        node["resources"], node["engines"], node["cpu"], node["memory_mb"], node["allow_network"]
     )
-    return Offer(node["id"], node["state"] == protocol.IDLE, engines, cpu, mem, node["owner"])
+    idle = node["state"] == protocol.IDLE
+    return Offer(node["id"], idle, engines, cpu, mem, node["owner"], kinds)
 
 
-def _misfit(engine: str, job: sqlite3.Row, node: Offer) -> str | None:
-    """None when node can run job; else what it lacks, in words."""
-    if engine not in node.engines:
+def _misfit(engine: str, network: bool, job: sqlite3.Row, capable: Capabilities) -> str:
+    """What no online node offers that the job needs, in words (when capable says none fits):
+    the engine, then network access, then CPUs, then RAM."""
+    cpu, memory_mb = job["cpu_milli"] / 1000, int(job["memory_mb"])
+    if not capable.runs((engine, False)):
         return f"no online node runs the {engine} engine"
-    if node.cpu < job["cpu_milli"] / 1000:
-        return f"no online node offers {job['cpu_milli'] / 1000:g} CPUs"
-    if node.memory_mb < job["memory_mb"]:
-        return f"no online node offers {job['memory_mb']} MB of RAM"
-    return None
+    if network and not capable.runs((engine, True)):
+        return (
+            f"no online node allows network access to {engine} jobs (its owner's"
+            " allow_network); submit it without `network` if it can do without"
+        )
+    which = "no online node that allows network access" if network else "no online node"
+    most_cpu, most_ram = capable.most((engine, network))
+    if most_cpu < cpu:
+        return f"{which} offers {cpu:g} CPUs"
+    if most_ram < memory_mb:
+        return f"{which} offers {memory_mb} MB of RAM"
+    return f"{which} offers {cpu:g} CPUs and {memory_mb} MB of RAM at once"
 
 
 class Capabilities:
     """Whether any online node, busy or not, could run a job: O(log n) per question.
 
-    Per engine, the nodes sorted by CPU (most first) with the running maximum of their RAM:
-    some node offers >= cpu and >= memory iff, among those with >= cpu, the most RAM does.
+    Per requirement kind (engine, network), the nodes sorted by CPU (most first) with the
+    running maximum of their RAM: some node offers >= cpu and >= memory iff, among those with
+    >= cpu, the most RAM does.
     """
 
     def __init__(self, online: Sequence[Offer]) -> None:
-        shapes: dict[str, list[tuple[float, int]]] = {}
+        shapes: dict[Kind, list[tuple[float, int]]] = {}
         for n in online:
-            for engine in n.engines:
-                shapes.setdefault(engine, []).append((n.cpu, n.memory_mb))
-        self._index: dict[str, tuple[list[float], list[int]]] = {}
-        for engine, nodes in shapes.items():
+            for kind in n.kinds:
+                shapes.setdefault(kind, []).append((n.cpu, n.memory_mb))
+        self._index: dict[Kind, tuple[list[float], list[int]]] = {}
+        for kind, nodes in shapes.items():
             nodes.sort(key=lambda s: -s[0])
             neg_cpu = [-cpu for cpu, _ in nodes]  # ascending, for bisect
             most_ram = list(accumulate((mem for _, mem in nodes), max))
-            self._index[engine] = (neg_cpu, most_ram)
+            self._index[kind] = (neg_cpu, most_ram)
 
-    def fit(self, engine: str, cpu: float, memory_mb: int) -> bool:
-        index = self._index.get(engine)
+    def runs(self, kind: Kind) -> bool:
+        return kind in self._index
+
+    def most(self, kind: Kind) -> tuple[float, int]:
+        """The most CPU and the most RAM (not necessarily on one node) offered for kind."""
+        neg_cpu, most_ram = self._index.get(kind, ([0.0], [0]))
+        return -neg_cpu[0], most_ram[-1]
+
+    def fit(self, kind: Kind, cpu: float, memory_mb: int) -> bool:
+        index = self._index.get(kind)
         if index is None:
             return False
         neg_cpu, most_ram = index
@@ -107,30 +138,31 @@ class Capabilities:
 
 
 class _Free:
-    """The idle nodes of one pass, in order of preference, per engine.
+    """The idle nodes of one pass, in order of preference, per requirement kind (engine,
+    network).
 
-    A job takes the first node of its engine's list that fits and is not taken yet. Within a
+    A job takes the first node of its kind's list that fits and is not taken yet. Within a
     pass nodes are only ever taken, never freed, so a node skipped for a requirement stays
-    unfit for it: a cursor per requirement (engine, CPU, RAM) resumes where the last job with
-    that requirement stopped. Each list is walked about once per distinct requirement.
+    unfit for it: a cursor per requirement (engine, network, CPU, RAM) resumes where the last
+    job with that requirement stopped. Each list is walked about once per distinct requirement.
     """
 
     def __init__(self, nodes: Sequence[Offer]) -> None:
         self.nodes = nodes
         self.left = len(nodes)
         self._taken = bytearray(len(nodes))
-        self._by_engine: dict[str, list[int]] = {}
+        self._by_kind: dict[Kind, list[int]] = {}
         for i, n in enumerate(nodes):
-            for engine in n.engines:
-                self._by_engine.setdefault(engine, []).append(i)
-        self._cursor: dict[tuple[str, int, int], int] = {}
+            for kind in n.kinds:
+                self._by_kind.setdefault(kind, []).append(i)
+        self._cursor: dict[tuple[Kind, int, int], int] = {}
 
-    def pick(self, engine: str, cpu_milli: int, memory_mb: int) -> int | None:
+    def pick(self, kind: Kind, cpu_milli: int, memory_mb: int) -> int | None:
         """The index of the preferred free node for this requirement, or None."""
-        candidates = self._by_engine.get(engine)
+        candidates = self._by_kind.get(kind)
         if candidates is None or not self.left:
             return None
-        key = (engine, cpu_milli, memory_mb)
+        key = (kind, cpu_milli, memory_mb)
         cpu = cpu_milli / 1000
         nodes, taken = self.nodes, self._taken
         i = self._cursor.get(key, 0)
@@ -146,14 +178,14 @@ class _Free:
         return candidates[i] if i < end else None
 
     def pick_apart(
-        self, engine: str, cpu_milli: int, memory_mb: int, owners: set[str]
+        self, kind: Kind, cpu_milli: int, memory_mb: int, owners: set[str]
     ) -> int | None:
         """Like pick, for a replica: the preferred free node whose owner is not in `owners`
         (the owners of its sibling replicas). A plain scan: verified jobs are few, and the
         cursors of pick() must not skip nodes that were only unfit for this job's owners."""
         cpu = cpu_milli / 1000
         nodes, taken = self.nodes, self._taken
-        for c in self._by_engine.get(engine, ()):
+        for c in self._by_kind.get(kind, ()):
             n = nodes[c]
             if not taken[c] and n.owner not in owners and n.cpu >= cpu and n.memory_mb >= memory_mb:
                 return c
@@ -187,7 +219,8 @@ class Scheduler:
         # A verified job (replicas > 1) is never placed itself: its replicas are.
         queued = self.store.db.query(
             "SELECT id, attempt, cpu_milli, memory_mb, reason, parent,"
-            " json_extract(spec, '$.engine.type') AS engine"
+            " json_extract(spec, '$.engine.type') AS engine,"
+            " json_extract(spec, '$.engine.network') AS network"
             " FROM jobs WHERE state = 'queued' AND replicas = 1"
             " ORDER BY CASE priority WHEN 'high' THEN 0 ELSE 1 END, submitted_at"
         )
@@ -203,29 +236,30 @@ class Scheduler:
         }
         free = _Free([n for n in online if n.idle and n.id not in busy])
         capable = Capabilities(online)
-        whys: dict[tuple[str, int, int], str] = {}
+        whys: dict[tuple[Kind, int, int], str] = {}
         apart: dict[str, set[str]] | None = None  # verified job -> owners of its replicas
         for job in queued:
-            engine = str(job["engine"] or "unknown")
+            # json_extract gives JSON true as 1; wasm jobs have no `network` (NULL).
+            kind = (str(job["engine"] or "unknown"), job["network"] == 1)
             cpu_milli, memory_mb = int(job["cpu_milli"]), int(job["memory_mb"])
             parent = job["parent"]
             if parent is None:
-                pick = free.pick(engine, cpu_milli, memory_mb)
+                pick = free.pick(kind, cpu_milli, memory_mb)
             else:
                 if apart is None:
                     apart = self._replica_owners()
                 owners = apart.setdefault(parent, set())
-                pick = free.pick_apart(engine, cpu_milli, memory_mb, owners)
+                pick = free.pick_apart(kind, cpu_milli, memory_mb, owners)
                 if pick is not None:
                     owners.add(free.nodes[pick].owner)
             if pick is not None:
                 free.take(pick)
                 plan.assign.append((job, free.nodes[pick].id))
                 continue
-            key = (engine, cpu_milli, memory_mb)
+            key = (kind, cpu_milli, memory_mb)
             why = whys.get(key)
             if why is None:
-                why = whys[key] = self._why(engine, job, online, capable)
+                why = whys[key] = self._why(kind, job, online, capable)
             if parent is not None and why.startswith("every node"):
                 why = (
                     "waiting for an idle node whose owner runs no other replica of job"
@@ -269,20 +303,18 @@ class Scheduler:
         then the longest enrolled. Only the columns matching reads: at fleet scale building
         rows of every column costs more than the matching."""
         return self.store.db.query(
-            "SELECT id, state, resources, engines, cpu, memory_mb, owner FROM nodes"
+            "SELECT id, state, resources, engines, allow_network, cpu, memory_mb, owner FROM nodes"
             " WHERE state != ? AND revoked_at IS NULL ORDER BY reputation DESC, created_at",
             (protocol.OFFLINE,),
         )
 
-    def _why(
-        self, engine: str, job: sqlite3.Row, online: list[Offer], capable: Capabilities
-    ) -> str:
+    def _why(self, kind: Kind, job: sqlite3.Row, online: list[Offer], capable: Capabilities) -> str:
         """Why a job waits, naming what does not fit when no online node could run it."""
         if not online:
             return "no node is online"
-        if capable.fit(engine, job["cpu_milli"] / 1000, job["memory_mb"]):
+        if capable.fit(kind, job["cpu_milli"] / 1000, job["memory_mb"]):
             return "every node that can run it is busy or its owner is using it"
-        return str(_misfit(engine, job, online[0]))
+        return _misfit(kind[0], kind[1], job, capable)
 
     def sweep(self, now: float | None = None) -> list[str]:
         """Mark silent nodes offline, requeue their jobs, fail jobs past timeout + grace.

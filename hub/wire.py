@@ -26,13 +26,20 @@ class OfferedResources(msgspec.Struct):
     load: Annotated[float, msgspec.Meta(ge=0, le=1024)] = 0.0
 
 
+EngineName = Annotated[str, msgspec.Meta(max_length=32)]
+# The engines whose jobs may use the network on the node. Absent (a node older than the
+# field) means none: a job that asks for network access never goes to a node that did not say.
+AllowNetwork = Annotated[list[EngineName], msgspec.Meta(max_length=16)]
+
+
 class Hello(msgspec.Struct):
     v: Version
     node_id: Id
-    engines: list[Annotated[str, msgspec.Meta(max_length=32)]]
+    engines: list[EngineName]
     resources: OfferedResources
     version: Annotated[str, msgspec.Meta(max_length=64)]
     running: Annotated[list[Id], msgspec.Meta(max_length=64)] = []
+    allow_network: AllowNetwork = []
 
 
 class Heartbeat(msgspec.Struct):
@@ -43,6 +50,7 @@ class Heartbeat(msgspec.Struct):
     state: Annotated[str, msgspec.Meta(pattern="^(idle|busy|suspended)$")]
     resources: OfferedResources
     running: Annotated[list[Id], msgspec.Meta(max_length=64)]
+    allow_network: AllowNetwork = []
 
 
 class Status(msgspec.Struct):

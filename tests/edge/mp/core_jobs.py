@@ -99,6 +99,33 @@ def test_a_busy_node_rejects_and_a_cancel_stops_the_job():
     assert wire.results()[0]["returns"] == [5]
 
 
+def test_a_late_cancel_for_an_earlier_attempt_leaves_the_current_one_running():
+    """The hub gave this node the job again (attempt 2: it had lost attempt 1 to the node), and
+    a cancel for attempt 1 arrives late. It must not stop attempt 2; attempt 2's cancel must."""
+    wire = Wire()
+    runner = JobRunner(NODE, SECRET, EX, wire)
+
+    def cancel(msg):  # as it comes off the wire
+        return runner.on_cancel(protocol.decode(protocol.encode(msg)))
+
+    assert runner.on_assign(assignment("j8", harness.fixture("spin"), "spin", attempt=2)) == (
+        "accepted"
+    )
+    assert cancel(protocol.cancel("j8", 1)) == "stale"
+    assert cancel({"v": 1, "job_id": "j8"}) == "dropped"  # the protocol requires the attempt
+    assert runner.poll() == 0 and runner.running_ids() == ["j8"]
+    assert wire.kinds() == [("event", "accepted"), ("event", "running")]
+    assert cancel(protocol.cancel("j8", 2)) == "cancelled"
+    assert wire.sent[-1][1]["state"] == "cancelled" and wire.sent[-1][1]["attempt"] == 2
+    assert not runner.running and not wire.results()
+    # A cancel for a later attempt than the one running stops it too: the hub has moved on,
+    # and would ignore this attempt's result.
+    assert runner.on_assign(assignment("j9", harness.fixture("spin"), "spin")) == "accepted"
+    assert cancel(protocol.cancel("j9", 2)) == "cancelled"
+    assert wire.sent[-1][1]["state"] == "cancelled" and wire.sent[-1][1]["attempt"] == 1
+    assert not runner.running and not wire.results()
+
+
 def test_a_runaway_job_times_out():
     wire = Wire()
     runner = JobRunner(NODE, SECRET, EX, wire)
