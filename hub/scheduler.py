@@ -178,16 +178,24 @@ class _Free:
         return candidates[i] if i < end else None
 
     def pick_apart(
-        self, kind: Kind, cpu_milli: int, memory_mb: int, owners: set[str]
+        self,
+        kind: Kind,
+        cpu_milli: int,
+        memory_mb: int,
+        owners: set[str],
+        humans: dict[str, str],
     ) -> int | None:
-        """Like pick, for a replica: the preferred free node whose owner is not in `owners`
-        (the owners of its sibling replicas). A plain scan: verified jobs are few, and the
-        cursors of pick() must not skip nodes that were only unfit for this job's owners."""
+        """Like pick, for a replica: the preferred free node whose person (its owner, or the
+        owner's owner for an agent: `humans`) is not in `owners` (the people of its sibling
+        replicas). A plain scan: verified jobs are few, and the cursors of pick() must not
+        skip nodes that were only unfit for this job's owners."""
         cpu = cpu_milli / 1000
         nodes, taken = self.nodes, self._taken
         for c in self._by_kind.get(kind, ()):
             n = nodes[c]
-            if not taken[c] and n.owner not in owners and n.cpu >= cpu and n.memory_mb >= memory_mb:
+            if taken[c] or n.cpu < cpu or n.memory_mb < memory_mb:
+                continue
+            if humans.get(n.owner, n.owner) not in owners:
                 return c
         return None
 
@@ -237,7 +245,8 @@ class Scheduler:
         free = _Free([n for n in online if n.idle and n.id not in busy])
         capable = Capabilities(online)
         whys: dict[tuple[Kind, int, int], str] = {}
-        apart: dict[str, set[str]] | None = None  # verified job -> owners of its replicas
+        apart: dict[str, set[str]] | None = None  # verified job -> people of its replicas
+        humans: dict[str, str] = {}  # agent -> the person who owns it
         for job in queued:
             # json_extract gives JSON true as 1; wasm jobs have no `network` (NULL).
             kind = (str(job["engine"] or "unknown"), job["network"] == 1)
@@ -247,11 +256,13 @@ class Scheduler:
                 pick = free.pick(kind, cpu_milli, memory_mb)
             else:
                 if apart is None:
-                    apart = self._replica_owners()
+                    humans = self.store.humans()
+                    apart = self._replica_owners(humans)
                 owners = apart.setdefault(parent, set())
-                pick = free.pick_apart(kind, cpu_milli, memory_mb, owners)
+                pick = free.pick_apart(kind, cpu_milli, memory_mb, owners, humans)
                 if pick is not None:
-                    owners.add(free.nodes[pick].owner)
+                    owner = free.nodes[pick].owner
+                    owners.add(humans.get(owner, owner))
             if pick is not None:
                 free.take(pick)
                 plan.assign.append((job, free.nodes[pick].id))
@@ -268,16 +279,21 @@ class Scheduler:
             plan.wait.append((job, why))
         return plan
 
-    def _replica_owners(self) -> dict[str, set[str]]:
-        """For each verified job with a replica waiting: the owners of the nodes its other
-        replicas are on, or ended on. A replica never goes to a node of one of them."""
+    def _replica_owners(self, humans: dict[str, str]) -> dict[str, set[str]]:
+        """For each verified job with a replica waiting: the people who own the nodes its
+        replicas are on, or ran an attempt on. A replica never goes to a node of one of them.
+        People, not accounts: an agent's nodes are its owner's (`humans`), or one person could
+        put each node under an agent of their own and agree with themselves."""
         owners: dict[str, set[str]] = {}
+        waiting = "SELECT DISTINCT parent FROM jobs WHERE state = 'queued' AND parent IS NOT NULL"
         for r in self.store.db.query(
             "SELECT r.parent, n.owner FROM jobs r JOIN nodes n ON n.id = r.node"
-            " WHERE r.parent IN (SELECT DISTINCT parent FROM jobs"
-            " WHERE state = 'queued' AND parent IS NOT NULL)"
+            f" WHERE r.parent IN ({waiting})"
+            " UNION SELECT r.parent, n.owner FROM jobs r JOIN attempts a ON a.job = r.id"
+            f" JOIN nodes n ON n.id = a.node WHERE r.parent IN ({waiting})"
         ):
-            owners.setdefault(str(r["parent"]), set()).add(str(r["owner"]))
+            owner = str(r["owner"])
+            owners.setdefault(str(r["parent"]), set()).add(humans.get(owner, owner))
         return owners
 
     def schedule(self) -> list[Assignment]:

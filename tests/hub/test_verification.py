@@ -107,6 +107,41 @@ def test_replicas_go_to_nodes_of_distinct_owners_never_two_on_one(services: Serv
     assert s.ledger.audit().balanced
 
 
+def test_one_persons_nodes_under_agents_of_their_own_get_one_replica(services: Services) -> None:
+    s = services
+    mallory, _, _ = s.create_user("mallory", "user")
+    # Each node under an agent of its own (one an agent's agent): all of them mallory's.
+    first, _ = s.agents.create_agent(mallory, "a1")
+    second, _ = s.agents.create_agent(first, "a2")
+    nodes = [add_node(s, mallory), add_node(s, first), add_node(s, second)]
+    honest, _, _ = s.create_user("honest", "user")
+    user, _, _ = s.create_user("alice", "user")
+    job = s.jobs.submit(user, spec(3))
+    placed_on = placed(s)
+    assert len(placed_on) == 1 and next(iter(placed_on.values()))["id"] in {n["id"] for n in nodes}
+    waiting = [r for r in replicas(s, job["id"]) if r["state"] == "queued"]
+    assert len(waiting) == 2 and all("distinct owners" in r["reason"] for r in waiting)
+    # An honest person's node takes one more; mallory still cannot take the third.
+    add_node(s, honest)
+    assert [n["owner"] for n in placed(s).values()] == [honest]
+    assert placed(s) == {}
+    assert s.ledger.audit().balanced
+
+
+def test_a_lost_replicas_node_owner_does_not_get_it_again(services: Services) -> None:
+    s = services
+    (a, _), *_ = owners_with_nodes(s, 2, 1, 1, 1)
+    user, _, _ = s.create_user("alice", "user")
+    job = s.jobs.submit(user, spec(3))
+    first = placed(s)
+    on_a = next((r for r, n in first.items() if n["owner"] == a), None)
+    assert on_a is not None
+    s.scheduler.node_offline(first[on_a]["id"], "missed heartbeats")  # a1 or a2 lost it
+    retry = placed(s)
+    assert list(retry) == [on_a] and retry[on_a]["owner"] != a
+    assert s.ledger.audit().balanced and job is not None
+
+
 def test_the_quorum_pays_agreeing_nodes_and_not_the_dissenter(services: Services) -> None:
     s = services
     (o1, _), (o2, _), (cheat, [cheat_node]) = owners_with_nodes(s, 1, 1, 1)
