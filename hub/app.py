@@ -19,7 +19,7 @@ from hub import agents_api, api, mqtt_auth, views
 from hub.agents import Agents
 from hub.broker import ChildBroker, choose, free_port
 from hub.config import HubConfig
-from hub.db import Database
+from hub.db import Database, snapshot_reads
 from hub.jobs import Jobs, wallet_of
 from hub.ledger import MICRO, Ledger
 from hub.scheduler import Scheduler
@@ -190,10 +190,31 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
         services.db.close()
 
 
+# How long a GET or HEAD waits for a group commit's COMMIT in flight (without blocking the
+# loop) before it is answered from the last durable state instead. A healthy disk commits in
+# a millisecond or two, so reads normally see the newest state, the hub's own follow-ups (a
+# scheduling pass after a submission) included; a slow disk delays a read by this much at most.
+READ_GRACE_S = 0.1
+
+
+@web.middleware
+async def snapshot_reads_middleware(
+    request: web.Request, handler: api.Handler
+) -> web.StreamResponse:
+    """GET and HEAD only read: a COMMIT on its way to disk delays them by READ_GRACE_S at
+    most; after that they are answered from the last durable state (hub/db.py). The other
+    methods may write, and decide on what they read: they wait for the COMMIT."""
+    if request.method in ("GET", "HEAD"):
+        await request.app[SERVICES].db.settled(READ_GRACE_S)
+        with snapshot_reads():
+            return await handler(request)
+    return await handler(request)
+
+
 def create_app(config: HubConfig, services: Services | None = None) -> web.Application:
     config = config.with_secret()
     app = web.Application(
-        middlewares=[api.error_middleware],
+        middlewares=[api.error_middleware, snapshot_reads_middleware],
         client_max_size=config.max_module_bytes * 2 + 1024 * 1024,
     )
     services = services or open_services(config)

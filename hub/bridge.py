@@ -14,9 +14,17 @@ back alone), with one scheduling pass at the end for all of them; then it commit
 then publishes what the batch decided (assignments, replies, cancels) and reports the changes.
 So nothing is announced before it is durable, and a busy hub pays one fsync per batch instead
 of one per message: under load batches grow, and the cost per message falls (up to 64 a
-batch, so an API request waits for one batch at most a few milliseconds). The scheduler's
-ticks (liveness sweep, service billing) and the API's requests for a pass queue up behind the
-messages and run in a batch the same way.
+batch, so an API request waits for one batch at most a few milliseconds). The COMMIT itself
+runs in a thread (`Database.write_batch()`), so a slow disk does not stall the loop: keepalives,
+reads from the broker and GET requests go on meanwhile. The scheduler's ticks (liveness sweep,
+service billing, expiry of agent calls) and the API's requests for a pass queue up behind the
+messages and run in a batch the same way, each step of a tick in a savepoint of its own.
+
+Nothing here may die quietly: a message, a publish, a change report or a tick step that fails
+is logged and skipped alone; the long-running tasks (consumer, ticker, keepalive) are
+supervised, restarted when one dies, and counted in `stats.restarts`. The inbox is bounded
+(`max_inbox`): past it, messages are dropped, logged and counted in `dropped` rather than
+pile up without limit behind a consumer that cannot keep up.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ import select
 import socket
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -72,13 +80,18 @@ _PASS = "\x00pass"
 
 
 class BridgeStats:
-    """How the consumer is doing: batches, messages, time spent (for logs and benchmarks)."""
+    """How the consumer is doing: batches, messages, time spent (for logs and benchmarks),
+    and what went wrong without stopping it."""
 
     def __init__(self) -> None:
         self.batches = 0
         self.items = 0
         self.largest = 0
         self.busy_s = 0.0
+        self.restarts = 0  # a supervised task died of an exception and was started again
+        self.overflowed = 0  # messages dropped because the inbox was full (also in dropped)
+        self.announce_failures = 0  # publishes and change reports that raised after a commit
+        self.tick_failures = 0  # tick steps rolled back (sweep, billing, agent calls)
 
     def note(self, size: int, seconds: float) -> None:
         self.batches += 1
@@ -105,9 +118,13 @@ class Bridge:
         on_change: Callable[[str, dict[str, Any]], None] | None = None,
         max_batch: int = 64,
         agents: Agents | None = None,
+        max_inbox: int = 100_000,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, not {max_batch}")
+        if max_inbox < 1:
+            raise ValueError(f"max_inbox must be at least 1, not {max_inbox}")
         self.host, self.port = parse_mqtt_url(url)
         self.store = store
         self.jobs = jobs
@@ -116,10 +133,18 @@ class Bridge:
         self.tick_s = tick_s
         self.on_change = on_change
         self.max_batch = max_batch
+        # Far above any backlog a working hub has (a batch takes up to 64): reached only when
+        # the consumer is stuck or far behind, and then memory stays bounded.
+        self.max_inbox = max_inbox
+        # The ticks' time, for tests to move instead of sleeping; None: each step's own.
+        self.clock = clock
         self.dropped = 0
         self.stats = BridgeStats()
         # Filled by paho's callbacks and the ticker, drained by the consumer.
         self._inbox: deque[tuple[str, bytes | bytearray]] = deque()
+        self._in_hand = 0  # items the consumer took from the inbox and has not finished
+        self._overflow_logged = 0.0  # when the last "inbox full" line was logged
+        self._overflow_unlogged = 0
         self._wake = asyncio.Event()
         self._pass_wanted = False  # a scheduling pass at the end of this batch
         self._pass_queued = False  # a request for one is in the inbox
@@ -146,6 +171,10 @@ class Bridge:
         self.client.on_socket_open = self._on_socket_open
         self.client.on_socket_close = self._on_socket_close
 
+    @property
+    def restarts(self) -> int:
+        return self.stats.restarts
+
     # --- lifecycle -----------------------------------------------------------------
     async def start(self, timeout_s: float = 15.0) -> None:
         self._loop = asyncio.get_running_loop()
@@ -161,7 +190,7 @@ class Bridge:
                     ) from e
                 await asyncio.sleep(0.2)
         self._flush()
-        self._tasks = [asyncio.create_task(self._keepalive())]
+        self._tasks = [self._start_task("keepalive", self._keepalive)]
         try:
             await asyncio.wait_for(self._connected.wait(), max(1.0, deadline - time.monotonic()))
         except TimeoutError:
@@ -171,9 +200,45 @@ class Bridge:
                 f"the MQTT broker at {self.host}:{self.port} did not accept the hub"
             ) from None
         self._tasks += [
-            asyncio.create_task(self._consume()),
-            asyncio.create_task(self._ticker()),
+            self._start_task("consumer", self._consume),
+            self._start_task("ticker", self._ticker),
         ]
+
+    def _start_task(
+        self, name: str, body: Callable[[], Coroutine[Any, Any, None]]
+    ) -> asyncio.Task[None]:
+        return asyncio.create_task(self._supervise(name, body), name=f"bridge-{name}")
+
+    async def _supervise(self, name: str, body: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Run body; when it dies of an exception, log it, count it and run it again. A task
+        that dies again at once is restarted after a pause (up to 5 s), not spun on."""
+        quick_failures = 0
+        while True:
+            started = time.monotonic()
+            try:
+                await body()
+                return
+            except Exception:
+                self.stats.restarts += 1
+                log.exception(
+                    "the MQTT bridge's %s task failed; restarting it (%d restarts so far)",
+                    name,
+                    self.stats.restarts,
+                )
+            if name == "consumer":
+                self._consumer_died()
+            quick_failures = quick_failures + 1 if time.monotonic() - started < 1 else 1
+            if quick_failures > 1:
+                await asyncio.sleep(min(0.1 * 2 ** (quick_failures - 2), 5.0))
+
+    def _consumer_died(self) -> None:
+        if self._in_hand:
+            self.dropped += self._in_hand
+            log.error("%d messages the consumer had taken were lost with it", self._in_hand)
+            self._in_hand = 0
+        # A tick or a pass request may have been lost with them: let the next be queued
+        # (at worst one runs twice, which is harmless; one never queued again is not).
+        self._tick_queued = self._pass_queued = False
 
     async def _cancel_tasks(self) -> None:
         tasks, self._tasks = self._tasks, []
@@ -289,7 +354,28 @@ class Bridge:
             self._reconnecting = self._loop.create_task(self._reconnect())
 
     def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        if len(self._inbox) >= self.max_inbox:
+            self._overflow(msg.topic)
+            return
         self._put(msg.topic, msg.payload)
+
+    def _overflow(self, topic: str) -> None:
+        """The inbox is full: drop the message (paho has acknowledged it: it is lost). One log
+        line a second at most, with the count, so a flood does not flood the log too."""
+        self.dropped += 1
+        self.stats.overflowed += 1
+        self._overflow_unlogged += 1
+        now = time.monotonic()
+        if now - self._overflow_logged >= 1.0:
+            log.warning(
+                "the MQTT inbox is full (%d messages waiting, max_inbox=%d): dropped %d"
+                " message(s) since the last report, the latest on %s",
+                len(self._inbox),
+                self.max_inbox,
+                self._overflow_unlogged,
+                topic,
+            )
+            self._overflow_logged, self._overflow_unlogged = now, 0
 
     def _put(self, topic: str, payload: bytes | bytearray) -> None:
         """Queue an item for the consumer (on the loop's thread, like everything here)."""
@@ -305,22 +391,25 @@ class Bridge:
                 batch: list[tuple[str, bytes | bytearray]] = []
                 while self._inbox and len(batch) < self.max_batch:
                     batch.append(self._inbox.popleft())
+                self._in_hand = len(batch)
                 writer = self.writer
                 if writer is not None and writer.running:
                     await self.run_batch_shared(batch, writer)
                 else:
-                    self.run_batch(batch)
+                    await self.run_batch(batch)
+                self._in_hand = 0
                 await asyncio.sleep(0)  # let the API and the writer in between batches
 
-    def run_batch(self, batch: list[tuple[str, bytes | bytearray]]) -> list[str]:
+    async def run_batch(self, batch: list[tuple[str, bytes | bytearray]]) -> list[str]:
         """Handle messages (and queued ticks and pass requests) in one transaction, then
-        publish what they decided. Returns what happened to each, as handle() says."""
+        publish what they decided once its COMMIT (run off the loop) is durable. Returns
+        what happened to each, as handle() says."""
         out: list[tuple[str, dict[str, Any]]] = []
         changes: list[tuple[str, dict[str, Any]]] = []
         started = time.perf_counter()
         outcomes: list[str] = []
         try:
-            with self.store.db.transaction():
+            async with self.store.db.write_batch():
                 outcomes = self._batch_body(batch, out, changes)
         except Exception:  # COMMIT failed (disk full...): nothing of the batch was stored
             self._batch_lost(batch, out, changes)
@@ -382,28 +471,46 @@ class Bridge:
         changes: list[tuple[str, dict[str, Any]]],
     ) -> None:
         self.stats.note(len(batch), time.perf_counter() - started)
-        for topic, msg in out:  # durable now: tell the nodes and agents
-            self.publish(topic, msg)
+        # Durable now: tell the nodes and agents, then the dashboard. Each on its own: one
+        # that fails (a paho error, a broken listener) is logged and the others still go.
+        for topic, msg in out:
+            try:
+                self.publish(topic, msg)
+            except Exception:
+                self.stats.announce_failures += 1
+                log.exception("could not publish on %s after its commit; not sent", topic)
         for kind, data in changes:
-            self._changed(kind, data)
+            try:
+                self._changed(kind, data)
+            except Exception:
+                self.stats.announce_failures += 1
+                log.exception("reporting a %s change (%s) failed", kind, data.get("id"))
 
     def _savepoint(
         self, fn: Callable[[str, bytes | bytearray], str], topic: str, payload: bytes | bytearray
     ) -> str:
         """fn(topic, payload) in a savepoint of the batch: when it fails, its writes are
         undone and so are the messages and changes it meant to announce."""
+        what = {_TICK: "the scheduler's tick", _PASS: "a scheduling pass"}.get(topic, topic)
+        ok, outcome = self._undoable(f"error handling {what}; dropped", lambda: fn(topic, payload))
+        if not ok:  # one bad message must never stop the bridge
+            self.dropped += 1
+            return "error"
+        return outcome
+
+    def _undoable(self, failed: str, fn: Callable[[], str]) -> tuple[bool, str]:
+        """fn() in a savepoint of the batch; when it raises, its writes, and the messages and
+        changes it meant to announce, are undone and `failed` is logged: (False, "")."""
         assert self._batch is not None
         sent, changed = len(self._batch), len(self._batch_changes)
         try:
             with self.store.db.transaction():
-                return fn(topic, payload)
-        except Exception:  # one bad message must never stop the bridge
+                return True, fn()
+        except Exception:
             del self._batch[sent:]
             del self._batch_changes[changed:]
-            self.dropped += 1
-            what = {_TICK: "the scheduler's tick", _PASS: "a scheduling pass"}.get(topic, topic)
-            log.exception("error handling %s; dropped", what)
-            return "error"
+            log.exception("%s", failed)
+            return False, ""
 
     def _handle_item(self, topic: str, payload: bytes | bytearray) -> str:
         if topic == _TICK:
@@ -430,21 +537,46 @@ class Bridge:
         while True:
             await asyncio.sleep(self.tick_s)
             if not self._tick_queued:  # a busy hub runs one tick when it can, not a pile
-                self._tick_queued = True
                 self._put(_TICK, b"")
+                self._tick_queued = True
 
     def _tick(self) -> None:
-        for node_id in self.scheduler.sweep():
+        """The tick's steps, each in a savepoint of its own: a step that fails (one bad row)
+        is rolled back and logged alone, and the others still commit, every tick."""
+        now = self.clock() if self.clock is not None else None
+        self._tick_step("the liveness sweep", lambda: self._sweep(now))
+        self._tick_step("service billing", lambda: self._bill(now))
+        agents = self.agents
+        if agents is not None:  # calls past their deadline are refunded
+            self._tick_step("the expiry of agent calls", lambda: agents.tick(now))
+        self._pass_wanted = True
+
+    def _tick_step(self, what: str, step: Callable[[], object]) -> None:
+        def run() -> str:
+            try:
+                step()
+            except Exception:
+                self.jobs.take_cancels()  # decided in what is rolled back: never happened
+                raise
+            for node_id, job_id, attempt in self.jobs.take_cancels():
+                self.cancel_on_node(node_id, job_id, attempt)
+            return what
+
+        ok, _ = self._undoable(f"the scheduler's tick: {what} failed and was rolled back", run)
+        if not ok:
+            self.stats.tick_failures += 1
+
+    def _sweep(self, now: float | None) -> None:
+        for node_id in self.scheduler.sweep(now=now):
             self._changed("node", {"id": node_id, "state": protocol.OFFLINE})
-        for node_id, job_id, attempt in self.jobs.bill_services():
+
+    def _bill(self, now: float | None) -> None:
+        for node_id, job_id, attempt in self.jobs.bill_services(now=now):
             log.info("service job %s stopped: its owner cannot pay on", job_id)
             self.cancel_on_node(node_id, job_id, attempt)
             self._changed("job", {"id": job_id, "state": "cancelled"})
             if self.agents is not None:
                 self.agents.service_stopped(job_id)
-        if self.agents is not None:
-            self.agents.tick()  # calls past their deadline are refunded
-        self._pass_wanted = True
 
     def dispatch(self) -> None:
         """Ask for a scheduling pass: at the end of the batch being handled, or else in the

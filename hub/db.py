@@ -7,6 +7,20 @@ Transactions nest: an inner `transaction()` joins the outer one through a SAVEPO
 service can wrap its own row updates and several ledger calls in one atomic unit, and an
 inner failure that the caller catches undoes only the inner part.
 
+Durable commits off the event loop: a group commit (the Writer's batches, the bridge's)
+enters `write_batch()` instead, which runs the body on the loop like `transaction()` but hands
+the COMMIT, and the fsync that synchronous=FULL makes it wait for, to a thread of its own. While
+that COMMIT is in flight the loop goes on, and the connection is the commit's alone:
+
+- a read outside a transaction inside `snapshot_reads()` (the HTTP GET and HEAD handlers) is
+  served from a second, read-only connection, from one snapshot for the whole COMMIT: the state
+  before it, or after it once it is on disk, never a write that is not yet durable (in WAL mode
+  another connection sees a commit only after its fsync);
+- anything else that touches the database (`transaction()`, a read elsewhere, `conn`) first
+  waits for the COMMIT to end, blocking the loop as every commit did before. Code that reads and
+  then writes in one synchronous stretch therefore still decides on the latest state, and
+  never lands inside the batch's transaction.
+
 Schema changes are migrations recorded per component (`ledger`, `store`, ...) in
 `schema_migrations`, so components number their migrations independently.
 """
@@ -18,8 +32,10 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Mapping, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, contextmanager, suppress
+from contextvars import ContextVar
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -41,6 +57,24 @@ class TransactionConflict(RuntimeError):
     the first one's transaction. It happens when code awaits inside `with db.transaction()`;
     finish the database work before awaiting.
     """
+
+
+# Set by snapshot_reads(): reads here may be served from the last durable snapshot while a
+# COMMIT is in flight, instead of waiting for it.
+_SNAPSHOT_READS: ContextVar[bool] = ContextVar("deparrow_snapshot_reads", default=False)
+
+
+@contextmanager
+def snapshot_reads() -> Iterator[None]:
+    """Reads in this block (in this task) that meet a COMMIT in flight do not wait for it: they
+    see the last durable state, from one snapshot. For code that only reads, such as an HTTP
+    GET handler: a decision to write must not rest on such a read (a write waits for the
+    COMMIT, and the state it then meets may be newer than what was read)."""
+    token = _SNAPSHOT_READS.set(True)
+    try:
+        yield
+    finally:
+        _SNAPSHOT_READS.reset(token)
 
 
 def split_sql(script: str) -> list[str]:
@@ -96,6 +130,49 @@ class _Transaction:
         self.db._exit(self, exc_type is not None)
 
 
+class _Batch:
+    """What `Database.write_batch()` returns: `transaction()` with its COMMIT off the loop."""
+
+    __slots__ = ("committed", "db", "tx")
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.tx = _Transaction(db)
+        self.committed = False  # True once the COMMIT (or, nested, the RELEASE) succeeded
+
+    async def __aenter__(self) -> sqlite3.Connection:
+        return self.db._enter(self.tx)
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is not None or self.tx.savepoint is not None:
+            # A rollback costs no fsync; a nested batch is a savepoint of its caller's.
+            self.db._exit(self.tx, exc_type is not None)
+            self.committed = exc_type is None
+            return
+        await self.db._commit_off_loop(self)
+
+
+class _Commit:
+    """A COMMIT handed to the commit thread; `done` is set when it has ended either way."""
+
+    __slots__ = ("done", "error", "woken")
+
+    def __init__(self, woken: asyncio.Future[None]) -> None:
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+        self.woken = woken
+
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
 class Database:
     """The one SQLite connection of the hub. Rows come back as `sqlite3.Row`."""
 
@@ -104,11 +181,19 @@ class Database:
     # length, and a miss costs a full re-prepare on the write path.
     STATEMENT_CACHE = 512
 
-    def __init__(self, path: str | Path, *, busy_timeout_ms: int = 5000) -> None:
+    def __init__(
+        self, path: str | Path, *, busy_timeout_ms: int = 5000, commit_off_loop: bool = True
+    ) -> None:
         self.path = str(path)
+        self.busy_timeout_ms = busy_timeout_ms
+        # False: write_batch() commits on the loop as transaction() does (the baseline that
+        # bench/slow_commit.py measures against).
+        self.commit_off_loop = commit_off_loop
         # isolation_level=None: the sqlite3 module never opens transactions on its own; we
         # issue BEGIN IMMEDIATE / SAVEPOINT ourselves. check_same_thread=False is safe because
-        # all writes happen on the hub's event-loop thread (enforced in transaction()).
+        # all writes happen on the hub's event-loop thread (enforced in transaction()), except
+        # a write_batch()'s COMMIT, run by the commit thread while the loop keeps off the
+        # connection.
         self._conn = sqlite3.connect(
             self.path,
             isolation_level=None,
@@ -130,14 +215,38 @@ class Database:
         self._owner: tuple[int, object] | None = None
         self._closed = False
         self._checkpointer: _Checkpointer | None = None
+        self._inflight: _Commit | None = None  # a write_batch() COMMIT in the commit thread
+        self._committer: ThreadPoolExecutor | None = None
+        self._reader: sqlite3.Connection | None = None  # snapshot reads during a COMMIT
+        self._reader_pinned = False  # the reader holds its snapshot until that COMMIT ends
 
     @property
     def conn(self) -> sqlite3.Connection:
+        if self._inflight is not None:
+            self._settle()
         return self._conn
 
     @property
     def in_transaction(self) -> bool:
-        return self._depth > 0
+        return self._inflight is not None or self._depth > 0
+
+    @property
+    def committing(self) -> bool:
+        """A write_batch() COMMIT is in flight in the commit thread."""
+        return self._inflight is not None
+
+    async def settled(self, timeout_s: float) -> bool:
+        """Wait, without blocking the loop, until no COMMIT is in flight; at most timeout_s.
+        True when none is (reads then see the newest state), False when one still is."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while (job := self._inflight) is not None and not job.done.is_set():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            # asyncio.wait, not wait_for: a timeout must not cancel the batch's own future.
+            await asyncio.wait([job.woken], timeout=remaining)
+        return True
 
     def __enter__(self) -> Database:
         return self
@@ -147,8 +256,13 @@ class Database:
 
     def close(self) -> None:
         if not self._closed:
+            self._settle()
             self.stop_checkpointer()
             self._closed = True
+            if self._committer is not None:
+                self._committer.shutdown(wait=True)
+            if self._reader is not None:
+                self._reader.close()
             self._conn.close()
 
     # --- checkpoints --------------------------------------------------------------------
@@ -166,7 +280,7 @@ class Database:
         if self._checkpointer is not None or self._closed:
             return
         self._checkpointer = _Checkpointer(self.path, interval_s)
-        self._conn.execute("PRAGMA wal_autocheckpoint = 0")
+        self.conn.execute("PRAGMA wal_autocheckpoint = 0")
 
     def stop_checkpointer(self) -> None:
         """Stop the thread after a last checkpoint; this connection checkpoints again."""
@@ -175,7 +289,7 @@ class Database:
             return
         cp.stop()
         if not self._closed:
-            self._conn.execute("PRAGMA wal_autocheckpoint = 1000")
+            self.conn.execute("PRAGMA wal_autocheckpoint = 1000")
 
     # --- transactions -------------------------------------------------------------------
     def transaction(self) -> AbstractContextManager[sqlite3.Connection]:
@@ -189,7 +303,104 @@ class Database:
         # of these, and the generator machinery cost about 2% of it.
         return _Transaction(self)
 
+    def write_batch(self) -> _Batch:
+        """`async with db.write_batch():` is `with db.transaction():` for a group commit: the
+        body runs on the loop, BEGIN IMMEDIATE and savepoints as usual, and must not await;
+        the COMMIT (its fsync) runs in the commit thread, and the block ends once it is
+        durable, raising its error when it failed (then nothing of the body is stored).
+
+        Meanwhile the loop serves other work; see the module's docstring for what meets the
+        connection then. When the block's task is cancelled during the COMMIT, the COMMIT
+        still completes (it cannot be called back): the block waits for it, sets
+        `committed`, and re-raises the cancellation.
+        """
+        return _Batch(self)
+
+    async def _commit_off_loop(self, batch: _Batch) -> None:
+        if not self.commit_off_loop:
+            self._finish_outer("COMMIT")
+            batch.committed = True
+            return
+        loop = asyncio.get_running_loop()
+        job = _Commit(loop.create_future())
+        self._inflight = job
+        if self._committer is None:
+            self._committer = ThreadPoolExecutor(1, thread_name_prefix="sqlite-commit")
+        self._committer.submit(self._commit_in_thread, job, loop)
+        try:
+            await job.woken
+        finally:  # cancelled too: the COMMIT goes on, and its outcome is the batch's
+            self._settle(job)
+            batch.committed = job.error is None
+        if job.error is not None:
+            raise job.error
+
+    def _commit_in_thread(self, job: _Commit, loop: asyncio.AbstractEventLoop) -> None:
+        # The loop does not touch the connection until job.done is set (see _settle), so the
+        # connection and _depth/_owner are this thread's until then.
+        try:
+            self._finish_outer("COMMIT")
+        except BaseException as e:  # handed to the batch's task; _finish_outer rolled back
+            job.error = e
+        finally:
+            job.done.set()
+            # A closed loop raises RuntimeError: nobody awaits the batch any more.
+            with suppress(RuntimeError):
+                loop.call_soon_threadsafe(_wake, job.woken)
+
+    def _settle(self, job: _Commit | None = None) -> None:
+        """On the loop: wait for the COMMIT in flight (job, or any) to end, and forget it."""
+        inflight = self._inflight
+        if inflight is None or (job is not None and inflight is not job):
+            return
+        inflight.done.wait()
+        self._inflight = None
+        if self._reader_pinned:
+            self._reader_pinned = False
+            reader = self._reader
+            assert reader is not None
+            try:
+                reader.execute("COMMIT")  # let go of the snapshot
+            except sqlite3.Error:  # the next COMMIT in flight gets a fresh reader
+                log.exception("the read-only connection could not end its snapshot; reopening")
+                self._reader = None
+                reader.close()
+
+    def _reading(self) -> sqlite3.Connection:
+        """The connection a read outside the COMMIT in flight goes to."""
+        job = self._inflight
+        if job is None:
+            return self._conn
+        if job.done.is_set() or not _SNAPSHOT_READS.get():
+            self._settle()
+            return self._conn
+        reader = self._reader
+        if reader is None:
+            reader = self._reader = self._open_reader()
+        if not self._reader_pinned:
+            # Deferred BEGIN: the first read takes the snapshot; every read until this COMMIT
+            # is settled sees the same one (an audit's several queries agree with each other).
+            reader.execute("BEGIN")
+            self._reader_pinned = True
+        return reader
+
+    def _open_reader(self) -> sqlite3.Connection:
+        reader = sqlite3.connect(
+            self.path,
+            isolation_level=None,
+            check_same_thread=False,
+            timeout=self.busy_timeout_ms / 1000,
+            cached_statements=self.STATEMENT_CACHE,
+        )
+        reader.row_factory = sqlite3.Row
+        reader.execute("PRAGMA query_only = ON")
+        reader.execute("PRAGMA temp_store = MEMORY")
+        reader.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
+        return reader
+
     def _enter(self, tx: _Transaction) -> sqlite3.Connection:
+        if self._inflight is not None:
+            self._settle()  # never inside (or beside) the batch whose COMMIT is in flight
         owner = _current_owner()
         if self._depth == 0:
             self._conn.execute("BEGIN IMMEDIATE")
@@ -237,11 +448,16 @@ class Database:
 
     # --- reads --------------------------------------------------------------------------
     def query(self, sql: str, params: Params = ()) -> list[sqlite3.Row]:
-        rows: list[sqlite3.Row] = self._conn.execute(sql, params).fetchall()
+        conn = self._conn if self._inflight is None else self._reading()
+        rows: list[sqlite3.Row] = conn.execute(sql, params).fetchall()
         return rows
 
     def query_one(self, sql: str, params: Params = ()) -> sqlite3.Row | None:
-        row: sqlite3.Row | None = self._conn.execute(sql, params).fetchone()
+        conn = self._conn if self._inflight is None else self._reading()
+        cur = conn.execute(sql, params)
+        row: sqlite3.Row | None = cur.fetchone()
+        if conn is not self._conn:
+            cur.close()  # done with the statement now, not when the cursor is collected
         return row
 
     # --- migrations ---------------------------------------------------------------------

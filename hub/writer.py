@@ -14,15 +14,21 @@ function in its own SAVEPOINT, commits once, and only then resolves the callers'
 - if BEGIN or COMMIT fails, nothing of the batch is stored and every caller in it gets the
   error.
 
-Invariant that keeps the hub's synchronous callers safe: a batch runs from BEGIN to COMMIT
-inside one step of the event loop, with no await while its transaction is open. Code elsewhere
-in the hub that calls `db.transaction()` directly (on the loop thread) therefore never sees the
-batch's transaction open: it runs before or after a batch, never inside one. For the same
-reason `fn` must be plain synchronous code that neither awaits nor ends the transaction itself
-(no COMMIT/ROLLBACK); a coroutine function is refused with TypeError.
+The COMMIT runs off the event loop: the batch's body runs on the loop from BEGIN to its last
+savepoint with no await, then `Database.write_batch()` hands the COMMIT (the fsync) to the
+commit thread, and the loop goes on serving (GET requests read the last durable state from a
+read-only connection). Code elsewhere in the hub that calls `db.transaction()` directly (on
+the loop thread) never joins the batch's transaction: it runs before the batch, or, when it
+comes while the COMMIT is in flight, waits for the COMMIT to end first. For the same reason
+`fn` must be plain synchronous code that neither awaits nor ends the transaction itself (no
+COMMIT/ROLLBACK); a coroutine function is refused with TypeError.
 
-Batching needs no timer: while one batch commits the loop is blocked, and whatever the hub
-queues meanwhile forms the next batch. When idle the writer task awaits an Event (no polling).
+Batching needs no timer: while one batch commits, whatever the hub queues forms the next
+batch. When idle the writer task awaits an Event (no polling).
+
+Supervision: if the writer task's loop dies of an exception (a bug: a caller's exception is
+always its own), the calls of the batch in hand fail with BatchAborted, the failure is logged,
+counted in `restarts`, and the loop starts again; the queue and later calls are served.
 
 Cancellation: a caller cancelled before its batch starts is dropped and nothing of it runs. A
 caller cancelled after its batch committed has had its effect stored; its idempotency key makes
@@ -33,7 +39,9 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import sqlite3
+import time
 import types
 from collections import deque
 from collections.abc import Callable
@@ -42,6 +50,8 @@ from typing import Any, TypeVar
 
 from hub.db import Database
 from hub.ledger import Entry, Ledger, TransferRequest
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -66,6 +76,7 @@ class WriterStats:
     batches: int  # committed batches
     calls: int  # functions run in committed batches (whether they raised or not)
     largest: int  # most functions in one batch
+    restarts: int = 0  # times the writer task's loop died of an exception and was restarted
 
     @property
     def batch_mean(self) -> float:
@@ -90,10 +101,12 @@ class Writer:
         self._batches = 0
         self._calls = 0
         self._largest = 0
+        self.restarts = 0
+        self._in_hand: list[_Item] = []  # the batch being committed
 
     @property
     def stats(self) -> WriterStats:
-        return WriterStats(self._batches, self._calls, self._largest)
+        return WriterStats(self._batches, self._calls, self._largest, self.restarts)
 
     @property
     def running(self) -> bool:
@@ -159,38 +172,76 @@ class Writer:
 
     # --- the writer task ------------------------------------------------------------------
     async def _serve(self) -> None:
-        assert self._wakeup is not None
+        """Run the batches; restart the loop when it dies of an exception (see the docstring)."""
+        quick_failures = 0
         try:
             while True:
-                if not self._queue:
-                    if self._closing:
-                        return
-                    self._wakeup.clear()
-                    await self._wakeup.wait()
-                    continue
-                n = min(len(self._queue), self.max_batch)
-                self._commit([self._queue.popleft() for _ in range(n)])
-                # Let the callers just acknowledged (and the rest of the hub) run; they queue
-                # the next batch meanwhile. Without this a full queue would starve the loop.
-                await asyncio.sleep(0)
+                started = time.monotonic()
+                try:
+                    await self._drain()
+                    return
+                except Exception as e:
+                    self.restarts += 1
+                    log.exception(
+                        "the ledger writer task failed; restarting it (%d restarts so far)",
+                        self.restarts,
+                    )
+                    self._abort_in_hand(e)
+                    # A loop that dies again at once is not spun on: back off, up to 5 s.
+                    quick_failures = quick_failures + 1 if time.monotonic() - started < 1 else 1
+                    if quick_failures > 1:
+                        await asyncio.sleep(min(0.1 * 2 ** (quick_failures - 2), 5.0))
         finally:
-            # Reached normally only once drained; on a crash or cancellation nobody may be
-            # left waiting for an answer that will never come.
+            # Reached normally only once drained; on cancellation nobody may be left waiting
+            # for an answer that will never come.
             self._closing = True
+            self._abort_in_hand(None)
             while self._queue:
                 _, fut = self._queue.popleft()
                 if not fut.done():
                     fut.set_exception(WriterClosed("the ledger writer stopped; nothing was done"))
 
-    def _commit(self, batch: list[_Item]) -> None:
-        """One transaction for the batch; resolve the futures after COMMIT. No awaits here."""
+    async def _drain(self) -> None:
+        """Commit queued work batch by batch; return once closing and drained."""
+        assert self._wakeup is not None
+        while True:
+            if not self._queue:
+                if self._closing:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            n = min(len(self._queue), self.max_batch)
+            self._in_hand = [self._queue.popleft() for _ in range(n)]
+            await self._commit(self._in_hand)
+            self._in_hand = []
+            # Let the callers just acknowledged (and the rest of the hub) run; they queue
+            # the next batch meanwhile. Without this a full queue would starve the loop.
+            await asyncio.sleep(0)
+
+    def _abort_in_hand(self, error: BaseException | None) -> None:
+        batch, self._in_hand = self._in_hand, []
+        why = f" ({type(error).__name__}: {error})" if error is not None else ""
+        for _, fut in batch:
+            if not fut.done():
+                fut.set_exception(
+                    BatchAborted(
+                        f"the ledger writer failed while committing this call{why}; it may or"
+                        " may not be stored: retry with the same key"
+                    )
+                )
+
+    async def _commit(self, batch: list[_Item]) -> None:
+        """One transaction for the batch, its COMMIT off the loop; resolve the futures after
+        the COMMIT. The body awaits nothing: only the COMMIT is awaited."""
         live = [(fn, fut) for fn, fut in batch if not fut.done()]  # done = cancelled
         if not live:
             return
         conn = self.db.conn
         outcomes: list[tuple[asyncio.Future[Any], BaseException | None, Any]] = []
+        tx = self.db.write_batch()
         try:
-            with self.db.transaction():
+            async with tx:
                 i, n = 0, len(live)
                 while i < n:
                     fn, fut = live[i]
@@ -232,11 +283,21 @@ class Writer:
                 if not fut.done():
                     fut.set_exception(e)
             return
-        except BaseException as e:  # KeyboardInterrupt, SystemExit...: rolled back, re-raise
+        except BaseException as e:  # cancelled, KeyboardInterrupt, SystemExit...: re-raise
+            if tx.committed:  # cancelled while the COMMIT ran; write_batch saw it through
+                self._resolve(live, outcomes)
             for _, fut in live:
                 if not fut.done():
                     fut.set_exception(BatchAborted(f"the writer was interrupted: {e!r}"))
             raise
+        self._resolve(live, outcomes)
+
+    def _resolve(
+        self,
+        live: list[_Item],
+        outcomes: list[tuple[asyncio.Future[Any], BaseException | None, Any]],
+    ) -> None:
+        """After the COMMIT: count the batch and answer its callers."""
         self._batches += 1
         self._calls += len(live)
         self._largest = max(self._largest, len(live))
