@@ -292,8 +292,10 @@ class NodeView(msgspec.Struct):
     last_seen: float | None
     running: list[str]
     earned: str
-    uptime_s: int
+    uptime_s: int  # availability paid or payable (docs/economy.md, "Staying online")
     reputation: float | None = None  # 0..1, 0.5 for a new node (docs/economy.md)
+    uptime_waiting_s: int = 0  # today's availability, unpaid until a job proves the node
+    allow_network: list[str] = []  # engines whose jobs may use the network there
 
 
 class ErrorBody(msgspec.Struct):

@@ -32,7 +32,10 @@ def node_view(n: Any) -> dict[str, Any]:
         "running": json.loads(n["running"]),
         "earned": format_micro(int(n["earned"])),
         "uptime_s": int(n["uptime_ms"]) // 1000,
+        # Today's availability not yet paid: it waits for a job that proves the node today.
+        "uptime_waiting_s": int(n["uptime_pending_ms"]) // 1000,
         "reputation": round(float(n["reputation"]), 4),
+        "allow_network": json.loads(n["allow_network"] or "[]"),
     }
 
 
