@@ -21,6 +21,7 @@ from hub.bridge import Bridge
 from hub.config import HubConfig
 from hub.jobs import wallet_of
 from hub.models import JobSpec
+from hub.views import node_view
 from tests.hub.test_earnings import add_node, run_job
 
 DAY = 86_400
@@ -89,6 +90,8 @@ def test_an_idle_node_nobody_used_earns_nothing_a_proved_one_earns_its_day(hub: 
         hub.beat(idle)
         hub.beat(proved)
     assert hub.earned(idle) == 0
+    view = node_view(hub.s.store.node(idle["id"]))  # what GET /api/v1/nodes shows its owner
+    assert view["uptime_s"] == 0 and view["uptime_waiting_s"] == DAY - BEAT
     uptime = hub.earned(proved) - paid_for_job
     # Every beat's minute of the day, paid as it went: all of it, exactly.
     assert uptime == economy.uptime_due((DAY - BEAT) * 1000, 0)
