@@ -190,10 +190,11 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
         services.db.close()
 
 
-# How long a GET or HEAD waits for a group commit's COMMIT in flight (without blocking the
-# loop) before it is answered from the last durable state instead. A healthy disk commits in
-# a millisecond or two, so reads normally see the newest state, the hub's own follow-ups (a
-# scheduling pass after a submission) included; a slow disk delays a read by this much at most.
+# How long a GET or HEAD waits for the group commit's COMMIT in flight when it arrives
+# (without blocking the loop) before it is answered from the last durable state instead. A
+# healthy disk commits in a millisecond or two, so reads normally see everything the hub had
+# decided when they arrived, its own follow-ups (a scheduling pass after a submission)
+# included; a slow disk delays a read by this much at most.
 READ_GRACE_S = 0.1
 
 

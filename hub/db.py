@@ -236,17 +236,14 @@ class Database:
         return self._inflight is not None
 
     async def settled(self, timeout_s: float) -> bool:
-        """Wait, without blocking the loop, until no COMMIT is in flight; at most timeout_s.
-        True when none is (reads then see the newest state), False when one still is."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        while (job := self._inflight) is not None and not job.done.is_set():
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return False
-            # asyncio.wait, not wait_for: a timeout must not cancel the batch's own future.
-            await asyncio.wait([job.woken], timeout=remaining)
-        return True
+        """Wait, without blocking the loop, for the COMMIT in flight now (not for any that
+        starts later) to end; at most timeout_s. True when it has (or none was in flight)."""
+        job = self._inflight
+        if job is None or job.done.is_set():
+            return True
+        # asyncio.wait, not wait_for: a timeout must not cancel the batch's own future.
+        await asyncio.wait([job.woken], timeout=timeout_s)
+        return job.done.is_set()
 
     def __enter__(self) -> Database:
         return self
