@@ -239,6 +239,7 @@ class Bridge:
         # A tick or a pass request may have been lost with them: let the next be queued
         # (at worst one runs twice, which is harmless; one never queued again is not).
         self._tick_queued = self._pass_queued = False
+        self._wake.set()  # what is still in the inbox is handled at once, not on the next put
 
     async def _cancel_tasks(self) -> None:
         tasks, self._tasks = self._tasks, []
