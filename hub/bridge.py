@@ -119,7 +119,6 @@ class Bridge:
         max_batch: int = 64,
         agents: Agents | None = None,
         max_inbox: int = 100_000,
-        clock: Callable[[], float] | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, not {max_batch}")
@@ -136,8 +135,6 @@ class Bridge:
         # Far above any backlog a working hub has (a batch takes up to 64): reached only when
         # the consumer is stuck or far behind, and then memory stays bounded.
         self.max_inbox = max_inbox
-        # The ticks' time, for tests to move instead of sleeping; None: each step's own.
-        self.clock = clock
         self.dropped = 0
         self.stats = BridgeStats()
         # Filled by paho's callbacks and the ticker, drained by the consumer.
@@ -544,7 +541,7 @@ class Bridge:
     def _tick(self) -> None:
         """The tick's steps, each in a savepoint of its own: a step that fails (one bad row)
         is rolled back and logged alone, and the others still commit, every tick."""
-        now = self.clock() if self.clock is not None else None
+        now = self.jobs.clock()  # the hub's clock: tests move it instead of sleeping
         self._tick_step("the liveness sweep", lambda: self._sweep(now))
         self._tick_step("service billing", lambda: self._bill(now))
         agents = self.agents
@@ -567,11 +564,11 @@ class Bridge:
         if not ok:
             self.stats.tick_failures += 1
 
-    def _sweep(self, now: float | None) -> None:
+    def _sweep(self, now: float) -> None:
         for node_id in self.scheduler.sweep(now=now):
             self._changed("node", {"id": node_id, "state": protocol.OFFLINE})
 
-    def _bill(self, now: float | None) -> None:
+    def _bill(self, now: float) -> None:
         for node_id, job_id, attempt in self.jobs.bill_services(now=now):
             log.info("service job %s stopped: its owner cannot pay on", job_id)
             self.cancel_on_node(node_id, job_id, attempt)

@@ -3,8 +3,8 @@
 The real app factory, a real SQLite file, a real Mosquitto; nodes and agents are ordinary paho
 clients. Each failure is injected by making one method raise (once, or every time for a step
 that keeps failing); the hub logs it, counts it where it keeps its stats, and goes on. Time is
-moved with the bridge's tick clock, never slept through; waits are on conditions with a
-deadline.
+moved with the hub's clock (`Jobs.clock`), never slept through; waits are on conditions with
+a deadline.
 """
 
 from __future__ import annotations
@@ -156,8 +156,8 @@ class Hub:
         return str(job["state"]) if job is not None else "?"
 
     def move_clock(self, seconds: float) -> None:
-        """The bridge's ticks run `seconds` in the future from now on."""
-        self.bridge.clock = lambda: time.time() + seconds
+        """The hub's clock (its ticks' too) runs `seconds` ahead from now on."""
+        self.services.jobs.clock = lambda: time.time() + seconds
 
 
 @pytest.fixture
