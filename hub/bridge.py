@@ -663,7 +663,7 @@ class Bridge:
             return self._drop(topic, f"unknown node {ident}")
         if node["revoked_at"] is not None:  # an outside broker may still let it speak
             return self._drop(topic, f"node {ident} was removed by its owner")
-        now = time.time()
+        now = self.jobs.clock()
         if isinstance(msg, wire.Hello):
             self.store.update_node(
                 ident,
@@ -671,6 +671,7 @@ class Bridge:
                 last_seen=now,
                 engines=json.dumps(msg.engines),
                 resources=msgspec.json.encode(msg.resources).decode(),
+                allow_network=json.dumps(msg.allow_network),
             )
             for job in self.store.jobs_on_node(ident):
                 if job["id"] not in msg.running:
@@ -682,13 +683,13 @@ class Bridge:
             # One transaction: the uptime credited and the last_seen it was measured from move
             # together, so no beat can be paid twice.
             with self.store.db.transaction():
-                if node["state"] in (protocol.IDLE, protocol.BUSY) and node["last_seen"]:
+                if self._available(node) and node["last_seen"]:
                     # Availability since the previous beat; suspended time and gaps don't pay.
                     gap = economy.counted_gap_ms(
                         int((now - float(node["last_seen"])) * 1000),
                         int(self.scheduler.offline_after_s() * 1000),
                     )
-                    self.jobs.accrue_uptime(ident, gap)
+                    self.jobs.accrue_uptime(ident, gap, now)
                 self.store.update_node(
                     ident,
                     state=msg.state,
@@ -696,6 +697,7 @@ class Bridge:
                     resources=msgspec.json.encode(msg.resources).decode(),
                     running=json.dumps(msg.running),
                     last_seq=msg.seq,
+                    allow_network=json.dumps(msg.allow_network),
                 )
             if msg.state == protocol.IDLE:
                 self._redeliver_lost(ident, msg.running, now)
@@ -731,6 +733,14 @@ class Bridge:
             self.dispatch()
             return outcome
         return self._drop(topic, "unhandled")
+
+    def _available(self, node: Any) -> bool:
+        """Was the node available to the network since its last beat? Idle, or busy with work
+        the hub gave it. A node busy with its owner's own work (or one that only says so) was
+        not, and earns no uptime for it (docs/economy.md, "Staying online")."""
+        if node["state"] == protocol.IDLE:
+            return True
+        return node["state"] == protocol.BUSY and bool(self.store.jobs_on_node(node["id"]))
 
     def _redeliver_lost(self, node_id: str, running: list[str], now: float) -> None:
         """An idle node that does not list a job the hub gave it a while ago either never got
