@@ -575,9 +575,26 @@ async def status(request: web.Request) -> web.Response:
                 "kind": services.broker.kind if services.broker else "external",
             },
             "nodes": {"total": len(nodes), "online": len(online)},
+            # Failures the hub lived through (docs/operations.md): non-zero and growing means
+            # look at the log.
+            "health": _health(services),
             "version": 1,
         }
     )
+
+
+def _health(services: Any) -> dict[str, int]:
+    bridge, writer = services.bridge, services.writer
+    out = {"bridge_restarts": 0, "messages_dropped": 0, "inbox_overflowed": 0,
+           "tick_failures": 0, "announce_failures": 0, "writer_restarts": 0}  # fmt: skip
+    if bridge is not None:
+        st = bridge.stats
+        out.update(bridge_restarts=st.restarts, messages_dropped=bridge.dropped,
+                   inbox_overflowed=st.overflowed, tick_failures=st.tick_failures,
+                   announce_failures=st.announce_failures)  # fmt: skip
+    if writer is not None:
+        out["writer_restarts"] = int(writer.restarts)
+    return out
 
 
 async def openapi_doc(request: web.Request) -> web.Response:

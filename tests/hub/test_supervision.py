@@ -307,6 +307,9 @@ async def test_the_consumer_is_restarted_when_it_dies(
     assert (await agent.reply("r2"))["ok"]
     agent.submit("r1")  # the lost one, retried
     assert (await agent.reply("r1"))["ok"]
+    r = await hub.api.get("/api/v1/status")  # what an operator sees
+    health = (await r.json())["health"]
+    assert health["bridge_restarts"] == 1 and health["messages_dropped"] >= died[0]
 
 
 async def test_the_ticker_is_restarted_when_it_dies(
