@@ -172,7 +172,7 @@ def node_figures(tmp: Path) -> dict[str, Any]:
     import paho.mqtt.client as mqtt
     import psutil
 
-    from edge import protocol
+    from edge.core import protocol
     from hub.localnet import LocalHub, Proc, wait_for
 
     hub = LocalHub(tmp / "hub", heartbeat_s=0.5)

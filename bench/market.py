@@ -66,7 +66,7 @@ import psutil  # noqa: E402
 from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 
 import wasm_jobs  # noqa: E402
-from edge import protocol  # noqa: E402
+from edge.core import protocol  # noqa: E402
 from hub.app import Services, open_services  # noqa: E402
 from hub.bridge import parse_mqtt_url  # noqa: E402
 from hub.broker import die_with_parent, free_port  # noqa: E402

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from edge import protocol
+from edge.core import protocol
 
 log = logging.getLogger(__name__)
 

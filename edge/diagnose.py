@@ -24,7 +24,7 @@ import secrets
 from collections.abc import Callable
 from typing import Any
 
-from edge import protocol
+from edge.core import protocol
 from edge.diagnose_broker import check_mqtt, check_tcp
 from edge.diagnose_hub import (
     check_clock,

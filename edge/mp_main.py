@@ -2,8 +2,8 @@
 
     micropython edge/mp_main.py --data-dir DIR [--hub URL --token TOKEN] [options]
 
-It runs the same edge core as `edge-run` (edge/session.py, edge/jobs.py, edge/protocol.py)
-with MicroPython's adapters: umqtt.simple for MQTT (edge/mqtt_umqtt.py; tools/fetch-umqtt.py
+It runs the same edge core as `edge-run` (edge/core/: session.py, jobs.py, protocol.py) with
+MicroPython's adapters: umqtt.simple for MQTT (edge/core/mqtt_umqtt.py; tools/fetch-umqtt.py
 installs it in edge/native/lib) and wasm3-run for jobs (edge/executors/wasm3_cli.py;
 tools/build-wasm3-runner.sh builds it). Its identity is DIR/node.json, the file `edge-run`
 writes at enrollment, so a node enrolled by `edge-run --data-dir DIR` runs here unchanged;
@@ -34,10 +34,10 @@ for _p in (ROOT + "/edge/native/lib", ROOT):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from edge import compat  # noqa: E402 - after the path is set
+from edge.core import compat  # noqa: E402 - after the path is set
+from edge.core.outbox import Outbox  # noqa: E402
+from edge.core.session import Session  # noqa: E402
 from edge.executors.wasm3_cli import Wasm3CliExecutor  # noqa: E402
-from edge.outbox import Outbox  # noqa: E402
-from edge.session import Session  # noqa: E402
 
 USAGE = """usage: micropython edge/mp_main.py --data-dir DIR [--hub URL --token TOKEN] [options]
   --data-dir DIR      the node's identity (DIR/node.json) and job files (DIR/jobs)
@@ -208,7 +208,7 @@ class Offered:
 
 def make_mqtt(url, log):
     try:
-        from edge.mqtt_umqtt import UmqttMqtt
+        from edge.core.mqtt_umqtt import UmqttMqtt
     except ImportError:  # CPython: umqtt.simple needs MicroPython's u-modules
         from edge.mqtt_paho import PahoMqtt
 

@@ -1,4 +1,4 @@
-"""MQTT adapter for CPython nodes: paho-mqtt behind the small interface edge/session.py uses.
+"""MQTT adapter for CPython nodes: paho-mqtt behind the small interface edge/core/session.py uses.
 
 paho runs its network loop in a thread and reconnects on its own, waiting 1 s, then twice as
 long after each failed attempt up to `max_backoff_s`; this adapter re-subscribes after a

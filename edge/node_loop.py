@@ -23,17 +23,17 @@ def run_node(
     data_dir: Path | None = None,
 ) -> None:
     """dashboard: (host, port) of the node's page, None for none."""
+    from edge.core.outbox import Outbox
     from edge.dashboard import start_dashboard
     from edge.idle import IdleGate, Monitor, Preferences
     from edge.mqtt_paho import PahoMqtt
-    from edge.outbox import Outbox
     from edge.preferences import build_executors
 
     def warn(message: str) -> None:
         click.echo(f"edge-run: warning: {message}", err=True)
 
+    from edge.core.session import Session
     from edge.resources import Offered
-    from edge.session import Session
 
     stopping = []
 

@@ -4,7 +4,7 @@ The board's filesystem holds what provisioning wrote (firmware/provision.py, or 
 mpremote): /node.json, the identity `edge-run` writes at enrollment, and /wifi.json,
 {"ssid": ..., "psk": ...}. boot.py and main.py on the board call into this module:
 main() connects Wi-Fi (network.WLAN, with retries), then runs the same edge core as
-edge/mp_main.py (edge/session.py over umqtt.simple) with the wasm3 executor built into the
+edge/mp_main.py (edge/core/session.py over umqtt.simple) with the wasm3 executor built into the
 firmware (firmware/wasm3_exec.py over the `wasm3` C module).
 
 Everything is feature-detected, never port-branched: without `network` (the unix port) Wi-Fi
@@ -18,7 +18,7 @@ try:
 except ImportError:  # pragma: no cover
     import uos as os  # type: ignore[no-redef]
 
-from edge import compat
+from edge.core import compat
 
 WIFI_TRIES = 5
 WIFI_WAIT_MS = 15000
@@ -164,9 +164,9 @@ def heap_mb():
 def main(exit_after=None, verbose=False):
     """Starts the node and serves until Ctrl-C (or `exit_after` finished jobs). Returns an exit
     status: 0 after a clean stop, 1 when the board cannot start a node (the reason printed)."""
-    from edge.mqtt_umqtt import UmqttMqtt
-    from edge.outbox import Outbox
-    from edge.session import Session
+    from edge.core.mqtt_umqtt import UmqttMqtt
+    from edge.core.outbox import Outbox
+    from edge.core.session import Session
 
     def log(msg):
         if verbose:

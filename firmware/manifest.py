@@ -9,20 +9,22 @@
 # Everything the port freezes anyway (asyncio, network helpers, ...): keeps the board stock.
 include("$(PORT_DIR)/boards/manifest.py")
 
-# micropython-lib's MQTT client, the protocol level edge/mqtt_umqtt.py builds on.
+# micropython-lib's MQTT client, the protocol level edge/core/mqtt_umqtt.py builds on.
 require("umqtt.simple")
 
-# The edge core, unchanged from the repository (MicroPython-subset code).
+# The edge core (edge/core/, MicroPython-subset code), unchanged from the repository, with the
+# edge package's own __init__.py: the frozen modules are edge.core.session and so on.
 package(
     "edge",
     files=(
         "__init__.py",
-        "compat.py",
-        "protocol.py",
-        "jobs.py",
-        "session.py",
-        "outbox.py",
-        "mqtt_umqtt.py",
+        "core/__init__.py",
+        "core/compat.py",
+        "core/protocol.py",
+        "core/jobs.py",
+        "core/session.py",
+        "core/outbox.py",
+        "core/mqtt_umqtt.py",
     ),
     base_path="..",
 )

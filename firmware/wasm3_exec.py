@@ -20,7 +20,7 @@ another runs waits for it.
 
 import dpwasm3  # the firmware's C module; ImportError on a firmware built without it
 
-from edge import compat
+from edge.core import compat
 
 try:
     import _thread

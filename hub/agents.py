@@ -35,7 +35,7 @@ import jsonschema
 import msgspec
 from jsonschema.exceptions import SchemaError, best_match
 
-from edge import protocol
+from edge.core import protocol
 from hub.db import Database
 from hub.ledger import (
     InsufficientFunds,

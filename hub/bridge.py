@@ -45,7 +45,7 @@ import msgspec
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge import protocol
+from edge.core import protocol
 from hub import economy, wire
 from hub.agents import Agents
 from hub.jobs import JobConflict, JobError, Jobs

@@ -35,7 +35,7 @@ class HubConfig:
     max_timeout_s: int = 24 * 3600
     # Service jobs: billed every period (the rule says per hour), living at most this long.
     service_period_s: int = 3600
-    max_service_s: int = 7 * 86400  # nodes refuse longer timeouts (edge/jobs.py)
+    max_service_s: int = 7 * 86400  # nodes refuse longer timeouts (edge/core/jobs.py)
     # Extra time past a job's timeout before the hub gives up waiting for a node's result.
     result_grace_s: float = 30.0
     # A job no node has taken within this long fails and its hold is refunded.

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import secrets
 
-from edge import protocol
+from edge.core import protocol
 from edge.diagnose import (
     DIAG_KIND,
     FAIL,

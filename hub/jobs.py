@@ -20,7 +20,7 @@ from typing import Any
 import msgspec
 
 import wasm_jobs
-from edge import protocol
+from edge.core import protocol
 from hub import economy, reputation, verification
 from hub.attempts import Attempts, Stale
 from hub.bonuses import Bonuses

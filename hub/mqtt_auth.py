@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from edge import protocol
+from edge.core import protocol
 
 log = logging.getLogger(__name__)
 

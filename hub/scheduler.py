@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from itertools import accumulate
 from typing import NamedTuple
 
-from edge import protocol
+from edge.core import protocol
 from hub.config import HubConfig
 from hub.jobs import Assignment, Jobs
 from hub.store import Store

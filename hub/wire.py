@@ -1,6 +1,6 @@
-"""Typed decoding of the MQTT messages defined in edge/protocol.py.
+"""Typed decoding of the MQTT messages defined in edge/core/protocol.py.
 
-edge/protocol.py builds the messages (plain dicts, so boards can run it); these Structs check
+edge/core/protocol.py builds the messages (plain dicts, so boards can run it); these Structs check
 what arrives at the hub. tests/hub/test_wire.py round-trips every builder through them, so the
 two cannot drift apart silently.
 """

@@ -25,7 +25,7 @@ import pytest
 from aiohttp import web
 
 import wasm_jobs
-from edge import compat, protocol
+from edge.core import compat, protocol
 from hub import api, bridge, models, wire
 from hub.bridge import parse_mqtt_url
 from hub.client import Client

@@ -49,8 +49,9 @@ EXPECTED: dict[str, dict[str, Any]] = {
     "sha256": {"stdout": "d9bd7aaed1cbd7bf3ce701d5be3da9b3c21271f07e53a48db80ef46bd26345b4  -\n"},
 }
 NODE_MODULES = [
-    "edge/__init__.py", "edge/compat.py", "edge/protocol.py", "edge/jobs.py",
-    "edge/outbox.py", "edge/session.py", "edge/mqtt_umqtt.py", "edge/mp_main.py",
+    "edge/__init__.py", "edge/core/__init__.py", "edge/core/compat.py", "edge/core/protocol.py",
+    "edge/core/jobs.py", "edge/core/outbox.py", "edge/core/session.py", "edge/core/mqtt_umqtt.py",
+    "edge/mp_main.py",
     "edge/executors/__init__.py", "edge/executors/wasm3_cli.py",
 ]  # fmt: skip
 

@@ -10,9 +10,9 @@ For tests, benchmarks and demos. Each simulated node is what `edge-run` is on th
   broker with its own credentials, client id and last will (`status` offline, retained);
 - it subscribes to its `assign` and `cancel` topics, announces itself (`status` online,
   `hello`) and sends a `heartbeat` every interval the hub gave it at enrollment;
-- assignments go through the node's own state machine (`edge/jobs.py`: duplicates ignored,
+- assignments go through the node's own state machine (`edge/core/jobs.py`: duplicates ignored,
   finished results re-sent, a busy node turns jobs down), which publishes `accepted` and
-  `running` events and the result, signed with the node's secret (`edge/protocol.py`);
+  `running` events and the result, signed with the node's secret (`edge/core/protocol.py`);
 - a job "runs" for a time drawn from `--speed`, or for real on wasm3 with `--wasm`.
 
 Misbehaviour, drawn per job with the node's own seeded random generator:
@@ -69,8 +69,8 @@ import aiohttp
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge import jobs as edge_jobs
-from edge import protocol
+from edge.core import jobs as edge_jobs
+from edge.core import protocol
 
 T = TypeVar("T")
 # The node's state machine, as edge-run runs it (MicroPython-subset code, so untyped).
@@ -199,7 +199,7 @@ def honest_output(job: dict[str, Any]) -> bytes:
 
 
 class _SimExecutor:
-    """The executor interface edge/jobs.py drives (submit/poll/cancel), simulated."""
+    """The executor interface edge/core/jobs.py drives (submit/poll/cancel), simulated."""
 
     def __init__(self, node: SimNode) -> None:
         self.node = node
@@ -354,7 +354,7 @@ class _Driver:
 # --- a node --------------------------------------------------------------------------------
 class SimNode:
     """One simulated node: an enrolled identity, an MQTT session and the node's job state
-    machine (edge/jobs.py) around a simulated executor."""
+    machine (edge/core/jobs.py) around a simulated executor."""
 
     def __init__(
         self, net: SimNet, identity: dict[str, Any], behaviour: Behaviour, seed: int

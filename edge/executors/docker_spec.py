@@ -13,7 +13,7 @@ from typing import Any
 
 import requests
 
-from edge import protocol
+from edge.core import protocol
 
 NODE_LABEL = "deparrow.node"
 JOB_LABEL = "deparrow.job"

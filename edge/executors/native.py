@@ -40,7 +40,7 @@ import threading
 import time
 from typing import Any
 
-from edge import protocol
+from edge.core import protocol
 from edge.executors.native_sandbox import (
     DEFAULT_PATH,
     NOBODY,

@@ -14,7 +14,7 @@ import select
 import signal
 import time
 
-from edge import protocol
+from edge.core import protocol
 from edge.executors.framing import encode
 from edge.executors.workerproc import WorkerProcess
 

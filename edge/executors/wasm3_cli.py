@@ -20,7 +20,7 @@ try:
 except ImportError:  # pragma: no cover - MicroPython ports that name it uos
     import uos as os  # type: ignore[no-redef]
 
-from edge import compat, protocol
+from edge.core import compat, protocol
 
 RUNNER_ENV = "DEPARROW_WASM3_RUN"
 RUNNER_NAME = "wasm3-run"

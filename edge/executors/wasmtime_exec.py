@@ -25,7 +25,7 @@ from edge.executors.workerproc import _PKG_ROOT, WorkerProcess
 
 WORKER_MODULE = "edge.executors.wasmtime_worker"
 MAX_TIMEOUT_S = 7 * 86400
-MAX_MEMORY_MB = 1024 * 1024  # as edge/jobs.py allows; a wasm32 memory stops at 4 GiB anyway
+MAX_MEMORY_MB = 1024 * 1024  # as edge/core/jobs.py allows; a wasm32 memory stops at 4 GiB anyway
 
 
 class WasmtimeUnavailable(RuntimeError):
@@ -69,7 +69,7 @@ class WasmtimeWorker(WorkerProcess):
 
 def check_job(job: Any) -> str | None:
     """What is wrong with a job dict, or None. The node checks assignments already
-    (edge/jobs.py); this guards direct callers (`edge-run`, tests, other executors' code)."""
+    (edge/core/jobs.py); this guards direct callers (`edge-run`, tests, other executors' code)."""
     if not isinstance(job, dict):
         return "a job must be a dict"
     if not isinstance(job.get("module"), (bytes, bytearray)):

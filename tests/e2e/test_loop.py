@@ -167,7 +167,7 @@ def test_malformed_assignment_fails_its_job_and_the_node_lives(
 
     import paho.mqtt.publish as publish
 
-    from edge import protocol
+    from edge.core import protocol
     from hub.bridge import parse_mqtt_url
 
     _, owner = hub.user("owner")

@@ -34,8 +34,8 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 import wasm_jobs
-from edge import protocol
-from edge.outbox import peek
+from edge.core import protocol
+from edge.core.outbox import peek
 from hub.broker import die_with_parent, free_port, wait_port
 from hub.localnet import LocalHub, Proc, wait_for
 from tests.conftest import require_mosquitto, start_hub
@@ -339,9 +339,9 @@ def test_owner_activity_suspends_jobs_and_turns_new_ones_down(tmp_path: Path) ->
     """An in-process Session (real PahoMqtt, real Wasm3Executor) on a real hub, with a gate the
     test flips: suspended in heartbeats, assignments refused with the reason, a running job
     stopped (its worker in state T) and continued, and it still completes."""
+    from edge.core.session import Session
     from edge.executors.wasm3 import Wasm3Executor
     from edge.mqtt_paho import PahoMqtt
-    from edge.session import Session
 
     hub = start_hub(tmp_path)
     try:

@@ -1,4 +1,4 @@
-"""A cancel names the attempt it cancels: a real node session (edge/session.py, paho, the
+"""A cancel names the attempt it cancels: a real node session (edge/core/session.py, paho, the
 wasm3 executor) on a real Mosquitto, with an ordinary MQTT client playing the hub.
 
 The hub gives a job to a node again as a new attempt when it thinks the node lost the
@@ -18,10 +18,10 @@ from typing import Any
 
 import pytest
 
-from edge import compat, protocol
+from edge.core import compat, protocol
+from edge.core.session import Session
 from edge.executors.wasm3 import Wasm3Executor
 from edge.mqtt_paho import PahoMqtt
-from edge.session import Session
 
 SPIN = Path(__file__).parent / "fixtures" / "spin.wat"
 

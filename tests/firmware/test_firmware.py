@@ -69,7 +69,11 @@ def frozen_set() -> set[str]:
 
 def test_manifest_freezes_files_that_exist() -> None:
     files = frozen_set()
-    assert files >= {"edge/session.py", "edge/mqtt_umqtt.py", "firmware/deparrow_board.py"}
+    assert files >= {
+        "edge/core/session.py",
+        "edge/core/mqtt_umqtt.py",
+        "firmware/deparrow_board.py",
+    }
     for f in files:
         assert (ROOT / f).is_file(), f
 
@@ -154,11 +158,11 @@ def test_provisioned_virtual_board_joins_the_hub_and_earns(
             "ssid": "workshop",
             "psk": "secret",
         }
-        for f in ("main.py", "boot.py", "lib/edge/session.py", "lib/deparrow_board.py",
+        for f in ("main.py", "boot.py", "lib/edge/core/session.py", "lib/deparrow_board.py",
                   "lib/umqtt/simple.py", "lib/edge/executors/wasm3_cli.py"):  # fmt: skip
             assert (board_root / f).is_file(), f
-        assert (board_root / "lib/edge/session.py").read_bytes() == (
-            ROOT / "edge/session.py"
+        assert (board_root / "lib/edge/core/session.py").read_bytes() == (
+            ROOT / "edge/core/session.py"
         ).read_bytes()
 
         # The board restarts: its main.py runs from what provisioning wrote, nothing else.

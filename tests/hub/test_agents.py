@@ -19,7 +19,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge import protocol
+from edge.core import protocol
 from hub import bridge, mqtt_auth
 from hub.agents import Agents, CallView, Invoke, Response
 from hub.app import SERVICES, create_app

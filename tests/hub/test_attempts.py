@@ -15,7 +15,7 @@ import msgspec
 import pytest
 
 import wasm_jobs
-from edge import protocol
+from edge.core import protocol
 from hub import economy
 from hub.app import Services, open_services
 from hub.config import HubConfig

@@ -16,7 +16,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge import protocol
+from edge.core import protocol
 from hub.bridge import parse_mqtt_url
 from tests.conftest import HubProc, wait_until
 

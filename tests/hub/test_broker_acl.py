@@ -26,7 +26,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge import protocol
+from edge.core import protocol
 from hub import mqtt_auth
 from hub.app import open_services
 from hub.bridge import parse_mqtt_url

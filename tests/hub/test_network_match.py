@@ -18,7 +18,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge import protocol
+from edge.core import protocol
 from hub.bridge import parse_mqtt_url
 from tests.hub.conftest import new_user
 

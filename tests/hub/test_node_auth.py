@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from edge import protocol
+from edge.core import protocol
 from hub.jobs import wallet_of
 from tests.hub.conftest import new_user
 

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from edge import protocol
+from edge.core import protocol
 from hub import economy, reputation
 from hub.app import Services, open_services
 from hub.config import HubConfig

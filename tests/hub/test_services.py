@@ -12,7 +12,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from edge import protocol
+from edge.core import protocol
 from hub import economy
 from hub.app import Services, open_services
 from hub.config import HubConfig

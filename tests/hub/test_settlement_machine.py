@@ -30,7 +30,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from edge import protocol
+from edge.core import protocol
 from hub.app import open_services
 from hub.config import HubConfig
 from hub.jobs import wallet_of

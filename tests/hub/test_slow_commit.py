@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from edge import protocol
+from edge.core import protocol
 from tests.hub.conftest import login, new_user
 
 FIB = {"engine": {"type": "wasm", "module": "example:fib", "entrypoint": "fib"}, "timeout": 10}

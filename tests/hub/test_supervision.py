@@ -22,7 +22,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge import protocol
+from edge.core import protocol
 from hub.bridge import _TICK, parse_mqtt_url
 from hub.writer import BatchAborted
 from tests.hub.conftest import login

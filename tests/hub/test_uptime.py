@@ -1,7 +1,7 @@
 """Uptime through the bridge: real heartbeat messages, the hub's clock injected, no sleeps.
 
 The bridge is the real one (hub/bridge.py) over a real SQLite file; it is fed the bytes a node
-publishes (edge/protocol.py) through `Bridge.handle`, the function its MQTT consumer calls, and
+publishes (edge/core/protocol.py) through `Bridge.handle`, the function its MQTT consumer calls, and
 the hub's clock (`Jobs.clock`) is moved between beats. So "a day of heartbeats" is a day of
 the hub's time, and each rule is checked exactly, not within loose bounds.
 """
@@ -14,7 +14,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from edge import protocol
+from edge.core import protocol
 from hub import economy
 from hub.app import Services, open_services
 from hub.bridge import Bridge

@@ -1,11 +1,11 @@
-"""edge/protocol.py builds messages; hub/wire.py decodes them. They must agree."""
+"""edge/core/protocol.py builds messages; hub/wire.py decodes them. They must agree."""
 
 from __future__ import annotations
 
 import msgspec
 import pytest
 
-from edge import protocol
+from edge.core import protocol
 from hub import wire
 
 SECRET = "ab" * 32
@@ -76,7 +76,7 @@ def test_result_signature_covers_output_and_usage() -> None:
 
 
 def test_hand_written_hmac_matches_the_library() -> None:
-    from edge import compat
+    from edge.core import compat
 
     saved = compat._hmac
     try:

@@ -7,7 +7,7 @@ try:
 except ImportError:  # pragma: no cover
     import uos as os
 
-from edge import compat
+from edge.core import compat
 from edge.executors.wasm3_cli import Wasm3CliExecutor
 from tests.edge.mp import harness
 from tests.edge.mp.harness import fixture

@@ -1,9 +1,9 @@
-"""The node's job state machine (edge/jobs.py) driving the real wasm3-run executor: events in
+"""The node's job state machine (edge/core/jobs.py) driving the real wasm3-run executor: events in
 order, signed results, duplicates and re-sends, busy and malformed assignments, cancel."""
 
-from edge import compat, protocol
+from edge.core import compat, protocol
+from edge.core.jobs import JobRunner
 from edge.executors.wasm3_cli import Wasm3CliExecutor
-from edge.jobs import JobRunner
 from tests.edge.mp import harness
 
 NODE = "n_0123456789abcdef"

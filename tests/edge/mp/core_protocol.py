@@ -2,7 +2,7 @@
 topics, message shapes, the result digest and HMAC signature (against the worked example in
 docs/protocol.md), and the compat shims they rest on."""
 
-from edge import compat, protocol
+from edge.core import compat, protocol
 from tests.edge.mp import harness
 
 SECRET = "b27533e5011fbc741a03e16bfa0f391180a30d431574a908d08044573faafb1e"

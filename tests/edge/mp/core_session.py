@@ -1,11 +1,11 @@
-"""The node's MQTT session (edge/session.py) against a real Mosquitto, with the interpreter's
-own MQTT adapter: umqtt.simple on MicroPython (edge/mqtt_umqtt.py), paho-mqtt on CPython.
+"""The node's MQTT session (edge/core/session.py) against a real Mosquitto, with the interpreter's
+own MQTT adapter: umqtt.simple on MicroPython (edge/core/mqtt_umqtt.py), paho-mqtt on CPython.
 A second client of the same adapter plays the hub: it sees what the node publishes and sends
 it assignments and cancels as the hub would."""
 
-from edge import compat, protocol
+from edge.core import compat, protocol
+from edge.core.session import Session
 from edge.executors.wasm3_cli import Wasm3CliExecutor
-from edge.session import Session
 from tests.edge.mp import harness
 
 URL = harness.setting("DP_MQTT_URL")
@@ -15,7 +15,7 @@ SECRET = "the-node-secret"
 
 def make_mqtt():
     try:
-        from edge.mqtt_umqtt import UmqttMqtt  # MicroPython
+        from edge.core.mqtt_umqtt import UmqttMqtt  # MicroPython
     except ImportError:
         from edge.mqtt_paho import PahoMqtt  # CPython
 

@@ -12,7 +12,7 @@ try:
 except ImportError:  # pragma: no cover
     import uos as os
 
-from edge import compat
+from edge.core import compat
 
 
 def setting(name):

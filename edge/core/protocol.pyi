@@ -1,4 +1,4 @@
-# Type stub for edge/protocol.py (which stays untyped so MicroPython can run it unchanged).
+# Type stub for edge/core/protocol.py (which stays untyped so MicroPython can run it unchanged).
 from typing import Any, Final
 
 VERSION: Final[int]

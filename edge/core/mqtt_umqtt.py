@@ -1,5 +1,5 @@
 """MQTT adapter for MicroPython nodes: micropython-lib's umqtt.simple behind the interface
-edge/session.py uses (the one edge/mqtt_paho.py gives CPython nodes): connect, subscribe,
+edge/core/session.py uses (the one edge/mqtt_paho.py gives CPython nodes): connect, subscribe,
 publish, poll, wait, reconnected, disconnect.
 
 umqtt.simple is the protocol level: it raises on a broken connection and blocks only while
@@ -18,7 +18,7 @@ except ImportError:  # pragma: no cover
 
 from umqtt.simple import MQTTClient
 
-from edge import compat
+from edge.core import compat
 
 BACKOFF_MIN_MS = 1000
 BACKOFF_MAX_MS = 30000

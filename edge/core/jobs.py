@@ -5,7 +5,7 @@
 # where it can stop a job), so this module runs on MicroPython with whatever executor the board
 # has. publish(kind, msg) belongs to the session, which queues what the broker cannot take yet.
 
-from edge import compat, protocol
+from edge.core import compat, protocol
 
 RESULT_CACHE = 16  # finished results kept to answer a re-sent assignment
 OWNER_ACTIVE = "owner is using the machine"  # why assignments are turned down while held

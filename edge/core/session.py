@@ -12,7 +12,8 @@
 #              resume(handle), allow_network (True: its jobs may use the network; a router
 #              of several executors, edge/executors/router.py, is asked per engine)
 #   offered:   callable(busy) -> {"cpu", "memory_mb", "gpu", "load"} (what we offer now)
-#   outbox:    edge.outbox.Outbox, durable (a file) where the node has storage; default in memory
+#   outbox:    edge.core.outbox.Outbox, durable (a file) where the node has storage; default
+#              in memory
 #   gate:      callable() -> (allowed, why): may jobs run now? (the owner's idle preferences)
 #
 # Offline operation: events and results that the broker cannot take go to the outbox, and
@@ -21,9 +22,9 @@
 # (re)connect the outbox is sent, oldest first, before `hello`: hello's `running` list makes
 # the hub requeue every job of ours it does not name, so a result must reach it first.
 
-from edge import compat, protocol
-from edge.jobs import JobRunner
-from edge.outbox import Outbox
+from edge.core import compat, protocol
+from edge.core.jobs import JobRunner
+from edge.core.outbox import Outbox
 
 VERSION = "0.1.0"
 

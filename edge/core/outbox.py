@@ -2,7 +2,7 @@
 # broker yet, kept in an append-only file until the broker has them.
 #
 # MicroPython subset (a board keeps this file in flash): no typing, no dataclasses, no pathlib;
-# only os, open() and edge.compat. Heartbeats never come here: they are QoS 0 and stale by the
+# only os, open() and edge.core.compat. Heartbeats never come here: they are QoS 0 and stale by the
 # time the broker is back.
 #
 # The file is a sequence of records, each fully written, flushed and fsynced before append()
@@ -23,7 +23,7 @@
 
 import os
 
-from edge import compat
+from edge.core import compat
 
 MAX_BYTES = 8 * 1024 * 1024  # a board passes what its flash can spare
 COMPACT_MIN = 64 * 1024  # acknowledged bytes worth rewriting the file for

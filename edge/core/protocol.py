@@ -4,7 +4,7 @@
 # It stays in the MicroPython subset: no typing, no dataclasses, no f-string tricks.
 # docs/protocol.md is the prose version of this file; change both together.
 
-from edge import compat
+from edge.core import compat
 
 VERSION = 1
 PREFIX = "dp/v1"
