@@ -37,11 +37,11 @@ from urllib.parse import urlencode, urlsplit
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from hub import localnet  # noqa: E402
+from deparrow import localnet  # noqa: E402
 from hub.app import open_services  # noqa: E402
 from hub.config import HubConfig  # noqa: E402
-from hub.jobs import wallet_of  # noqa: E402
-from hub.ledger import MICRO  # noqa: E402
+from hub.ledger.ledger import MICRO  # noqa: E402
+from hub.market.jobs import wallet_of  # noqa: E402
 
 TARGET_MS = 100.0
 DAY = 86400

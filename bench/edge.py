@@ -172,8 +172,8 @@ def node_figures(tmp: Path) -> dict[str, Any]:
     import paho.mqtt.client as mqtt
     import psutil
 
+    from deparrow.localnet import LocalHub, Proc, wait_for
     from edge.core import protocol
-    from hub.localnet import LocalHub, Proc, wait_for
 
     hub = LocalHub(tmp / "hub", heartbeat_s=0.5)
     try:

@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import wasm_jobs  # noqa: E402
+from deparrow.localnet import LocalHub  # noqa: E402
 from edge.executors.wasm3 import Wasm3Executor  # noqa: E402
-from hub.localnet import LocalHub  # noqa: E402
 
 SPEC = {
     "name": "fib20",

@@ -40,9 +40,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from hub.db import Database  # noqa: E402
-from hub.ledger import MICRO, Entry, Ledger  # noqa: E402
-from hub.writer import Writer  # noqa: E402
+from hub.ledger.ledger import MICRO, Entry, Ledger  # noqa: E402
+from hub.ledger.writer import Writer  # noqa: E402
+from hub.store.db import Database  # noqa: E402
 
 FUNDS = 10**9 * MICRO  # per wallet: no bench transfer can run short
 

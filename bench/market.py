@@ -66,14 +66,15 @@ import psutil  # noqa: E402
 from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 
 import wasm_jobs  # noqa: E402
+from deparrow.client import Client  # noqa: E402
+from deparrow.localnet import Proc, wait_for  # noqa: E402
 from edge.core import protocol  # noqa: E402
-from hub.app import Services, open_services  # noqa: E402
-from hub.bridge import parse_mqtt_url  # noqa: E402
-from hub.broker import die_with_parent, free_port  # noqa: E402
-from hub.client import Client  # noqa: E402
+from hub.api.services import Services  # noqa: E402
+from hub.app import open_services  # noqa: E402
 from hub.config import HubConfig  # noqa: E402
-from hub.localnet import Proc, wait_for  # noqa: E402
-from hub.models import JobSpec  # noqa: E402
+from hub.market.spec import JobSpec  # noqa: E402
+from hub.mqtt.bridge import parse_mqtt_url  # noqa: E402
+from hub.mqtt.broker import die_with_parent, free_port  # noqa: E402
 
 BACALHAU = {"noop_avg_ms": 630, "jobs_per_s_at_200_nodes": 0.75}
 TERMINAL = ("completed", "failed", "cancelled")
@@ -291,7 +292,7 @@ class Hub:
             "1000000",
         ]
         if profile is None:
-            cmd = [sys.executable, "-m", "hub.cli", *argv[1:]]
+            cmd = [sys.executable, "-m", "deparrow.cli", *argv[1:]]
         else:
             code = (
                 f"import sys, cProfile; sys.argv = {argv!r}; "

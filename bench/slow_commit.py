@@ -46,10 +46,11 @@ sys.path.insert(0, str(ROOT))
 
 from aiohttp import web  # noqa: E402
 
-from hub.app import READ_GRACE_S, SERVICES, create_app  # noqa: E402
+from hub.api.services import SERVICES  # noqa: E402
+from hub.app import READ_GRACE_S, create_app  # noqa: E402
 from hub.config import HubConfig  # noqa: E402
-from hub.jobs import wallet_of  # noqa: E402
-from hub.ledger import MICRO  # noqa: E402
+from hub.ledger.ledger import MICRO  # noqa: E402
+from hub.market.jobs import wallet_of  # noqa: E402
 
 WRITERS = 64
 READ_EVERY_S = 0.025

@@ -4,83 +4,36 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import aiohttp_jinja2
 import jinja2
 from aiohttp import web
 
-from hub import agents_api, api, mqtt_auth, views
-from hub.agents import Agents
-from hub.broker import ChildBroker, choose, free_port
+from hub import web as dashboard
+from hub.agents.registry import Agents
+from hub.api import agents, routes
+from hub.api.services import SERVICES, Services
 from hub.config import HubConfig
-from hub.db import Database, snapshot_reads
-from hub.jobs import Jobs, wallet_of
-from hub.ledger import MICRO, Ledger
-from hub.scheduler import Scheduler
-from hub.store import Store
+from hub.ledger.ledger import Ledger
+from hub.market.jobs import Jobs
+from hub.market.scheduler import Scheduler
+from hub.mqtt import logins
+from hub.mqtt.broker import ChildBroker, choose, free_port
+from hub.store import passwords
+from hub.store.db import Database, snapshot_reads
+from hub.store.rows import Store
+from hub.web import live
 
 log = logging.getLogger(__name__)
 
 # How often the hub's own broker's logins are compared with the store, besides the changes
 # made through Services (enrollment, new users): a node revoked by any path loses its login.
 BROKER_SYNC_S = 10.0
-
-
-@dataclass
-class Services:
-    config: HubConfig
-    db: Database
-    store: Store
-    ledger: Ledger
-    jobs: Jobs
-    scheduler: Scheduler
-    agents: Agents
-    bridge: Any = None  # hub.bridge.Bridge once connected
-    writer: Any = None  # hub.writer.Writer: group commit for API-initiated movements
-    broker: ChildBroker | None = None
-    mqtt_url: str = ""
-    admin_token: str | None = None
-    hub_login: mqtt_auth.Account | None = None  # the hub's own, on its own broker
-
-    def sync_broker(self) -> bool:
-        """Give the hub's own broker the logins and ACLs the store says (the hub, every node
-        not revoked, every user); a no-op for an outside broker. True when they changed."""
-        broker = self.broker
-        if broker is None or not broker.auth or self.hub_login is None:
-            return False
-        nodes, users = self.store.broker_logins()
-        return broker.write_auth(mqtt_auth.accounts(self.hub_login, nodes, users))
-
-    async def broker_accepts(self, username: str, password: str) -> bool:
-        """Sync the broker's logins and wait until it accepts this one (it reloads them in
-        the background): whoever is handed these credentials can connect at once."""
-        broker = self.broker
-        if broker is None or not broker.auth:
-            return True
-        self.sync_broker()
-        return await asyncio.to_thread(broker.wait_accepts, username, password)
-
-    def create_user(
-        self, name: str, role: str, referred_by: str | None = None
-    ) -> tuple[str, str, int]:
-        """A user and their wallet, with the welcome grant. Returns (id, token, grant µc)."""
-        user_id, token = self.store.create_user(name, role, referred_by)
-        grant = self.config.welcome_grant_credits * MICRO
-        with self.db.transaction():
-            self.ledger.open_account(wallet_of(user_id), "wallet", user_id)
-            if grant > 0:
-                self.ledger.grant("welcome:" + user_id, wallet_of(user_id), grant, "welcome grant")
-        self.sync_broker()  # the user id and API token are an agent's broker login
-        return user_id, token, grant
-
-
-SERVICES = web.AppKey("services", Services)
 
 
 def open_services(config: HubConfig) -> Services:
@@ -119,8 +72,8 @@ async def _keep_broker_in_sync(services: Services) -> None:
 
 
 async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
-    from hub.bridge import Bridge  # paho is only needed once the hub really runs
-    from hub.writer import Writer
+    from hub.ledger.writer import Writer
+    from hub.mqtt.bridge import Bridge  # paho is only needed once the hub really runs
 
     services = app[SERVICES]
     config = services.config
@@ -132,8 +85,8 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
         # operator's, and the hub logs in to it anonymously.
         kind = choose(config.broker)
         port = config.broker_port or free_port(config.host)
-        hub_password = mqtt_auth.hub_password(config.data_dir)
-        services.hub_login = mqtt_auth.hub_account(mqtt_auth.hash_password(hub_password))
+        hub_password = logins.hub_password(config.data_dir)
+        services.hub_login = logins.hub_account(passwords.hash_password(hub_password))
         services.broker = ChildBroker(
             kind, config.host, port, config.data_dir / "broker", auth=True
         )
@@ -155,12 +108,12 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
         services.jobs,
         services.scheduler,
         tick_s=min(1.0, config.heartbeat_interval_s / 2),
-        on_change=lambda kind, data: views.notify(app, kind, data),
+        on_change=lambda kind, data: services.on_change(kind, data),
         agents=services.agents,
     )
     bridge.writer = services.writer  # one durable commit for messages and API writes
     if hub_password is not None:
-        bridge.client.username_pw_set(mqtt_auth.HUB_USER, hub_password)
+        bridge.client.username_pw_set(logins.HUB_USER, hub_password)
     try:
         await bridge.start()
     except Exception:
@@ -200,7 +153,7 @@ READ_GRACE_S = 0.1
 
 @web.middleware
 async def snapshot_reads_middleware(
-    request: web.Request, handler: api.Handler
+    request: web.Request, handler: routes.Handler
 ) -> web.StreamResponse:
     """GET and HEAD only read: a COMMIT on its way to disk delays them by READ_GRACE_S at
     most; after that they are answered from the last durable state (hub/db.py). The other
@@ -215,7 +168,7 @@ async def snapshot_reads_middleware(
 def create_app(config: HubConfig, services: Services | None = None) -> web.Application:
     config = config.with_secret()
     app = web.Application(
-        middlewares=[api.error_middleware, snapshot_reads_middleware],
+        middlewares=[routes.error_middleware, snapshot_reads_middleware],
         client_max_size=config.max_module_bytes * 2 + 1024 * 1024,
     )
     services = services or open_services(config)
@@ -226,8 +179,9 @@ def create_app(config: HubConfig, services: Services | None = None) -> web.Appli
         loader=jinja2.FileSystemLoader(str(Path(__file__).parent / "templates")),
         autoescape=True,
     )
-    api.add_routes(app)
-    agents_api.add_routes(app)
-    views.add_routes(app)
+    services.on_change = functools.partial(live.record, app)
+    routes.add_routes(app)
+    agents.add_routes(app)
+    dashboard.add_routes(app)
     app.cleanup_ctx.append(_services_ctx)
     return app

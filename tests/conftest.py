@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from hub import localnet
-from hub.broker import ChildBroker, free_port
-from hub.client import Client
+from deparrow import localnet
+from deparrow.client import Client
+from hub.mqtt.broker import ChildBroker, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -12,7 +12,7 @@ from tests.conftest import start_hub
 
 def cli(hub_url: str, token: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "hub.cli", "--hub", hub_url, "--token", token, *args],
+        [sys.executable, "-m", "deparrow.cli", "--hub", hub_url, "--token", token, *args],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
 

@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
+from deparrow.localnet import LocalHub, Proc
 from edge.diagnose import FAIL, OK, HubAnswer, check_clock, server_time
-from hub.broker import ChildBroker, free_port, wait_port
-from hub.localnet import LocalHub, Proc
+from hub.mqtt.broker import ChildBroker, free_port, wait_port
 from tests.conftest import require_mosquitto, start_hub, wait_until
 
 NAMES = [
@@ -38,7 +38,7 @@ NAMES = [
 
 
 def deparrow(hub: str, token: str | None, *args: str) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "hub.cli", "--hub", hub]
+    cmd = [sys.executable, "-m", "deparrow.cli", "--hub", hub]
     if token:
         cmd += ["--token", token]
     env = {k: v for k, v in os.environ.items() if k not in ("DEPARROW_TOKEN", "DEPARROW_HUB")}

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
+from deparrow.cli import main as hub_main
 from edge.cli import main as edge_main
-from hub.cli import main as hub_main
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()

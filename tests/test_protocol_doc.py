@@ -25,10 +25,13 @@ import pytest
 from aiohttp import web
 
 import wasm_jobs
+from deparrow.client import Client
 from edge.core import compat, protocol
-from hub import api, bridge, models, wire
-from hub.bridge import parse_mqtt_url
-from hub.client import Client
+from hub.api import routes as api
+from hub.api import types
+from hub.market import spec
+from hub.mqtt import bridge, wire
+from hub.mqtt.bridge import parse_mqtt_url
 from tests.conftest import ROOT, Proc, require_mosquitto, start_hub, wait_until
 
 DOC = ROOT / "docs" / "protocol.md"
@@ -147,7 +150,7 @@ def test_json_examples_decode_with_the_wire_types() -> None:
     assert msgspec.json.decode(json.dumps(ex["heartbeat"]["resources"]), type=wire.OfferedResources)
 
     # The result example is really signed with the secret of the enrollment example.
-    enrolled = msgspec.convert(ex["enroll-response"], type=models.EnrollResponse)
+    enrolled = msgspec.convert(ex["enroll-response"], type=types.EnrollResponse)
     result = ex["result"]
     assert result["node_id"] == enrolled.node_id
     stdout = base64.b64decode(result["stdout_b64"])
@@ -164,7 +167,7 @@ def test_json_examples_decode_with_the_wire_types() -> None:
     assert set(ex["cancel"]) == set(protocol.cancel("j", 1))
 
     submit = msgspec.json.decode(json.dumps(ex["submit"]), type=wire.Submit)
-    msgspec.convert(submit.spec, type=models.JobSpec)
+    msgspec.convert(submit.spec, type=spec.JobSpec)
     assert submit.spec == FIB
     for name in ("reply-ok", "reply-400", "reply-401", "reply-402"):
         assert set(ex[name]) == set(protocol.reply("r", True, {})), name
@@ -174,8 +177,8 @@ def test_json_examples_decode_with_the_wire_types() -> None:
         assert body["status"] == status and body["error"]
     assert ex["reply-402"]["body"]["shortfall"]
 
-    msgspec.convert(ex["token-response"], type=models.TokenResponse)
-    msgspec.convert(ex["enrollment-token-response"], type=models.EnrollmentTokenView)
+    msgspec.convert(ex["token-response"], type=types.TokenResponse)
+    msgspec.convert(ex["enrollment-token-response"], type=types.EnrollmentTokenView)
 
 
 def test_signing_recipe_matches_the_protocol(tmp_path: Path) -> None:

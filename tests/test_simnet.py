@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 import wasm_jobs
-from hub.client import Client
+from deparrow.client import Client
 from tests.conftest import ROOT, HubProc, require_mosquitto, start_hub, wait_until
 from tools.simnet import FAILURE, Background, Behaviour, RunTime, honest_output
 

@@ -37,10 +37,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from deparrow.client import HubError  # noqa: E402
+from deparrow.localnet import LocalHub, Proc, wait_for  # noqa: E402
 from edge.node_config import enroll  # noqa: E402
-from hub.broker import ChildBroker, free_port  # noqa: E402
-from hub.client import HubError  # noqa: E402
-from hub.localnet import LocalHub, Proc, wait_for  # noqa: E402
+from hub.mqtt.broker import ChildBroker, free_port  # noqa: E402
 
 EXPECTED: dict[str, dict[str, Any]] = {
     "fib": {"returns": [75025]},

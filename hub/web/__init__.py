@@ -22,7 +22,7 @@ STATIC = Path(__file__).resolve().parent.parent / "static"
 
 def agents_available(app: web.Application) -> bool:
     """The Agent Console appears when the hub has the agent registry (hub/agents.py)."""
-    from hub.app import SERVICES
+    from hub.api.services import SERVICES
 
     return getattr(app[SERVICES], "agents", None) is not None
 
@@ -30,7 +30,7 @@ def agents_available(app: web.Application) -> bool:
 def add_routes(app: web.Application) -> None:
     import aiohttp_jinja2
 
-    from hub.app import SERVICES
+    from hub.api.services import SERVICES
     from hub.web import filters, live, pages, queries, session
 
     queries.migrate(app[SERVICES].db)

@@ -15,16 +15,16 @@ import msgspec
 from multidict import MultiDictProxy
 
 import wasm_jobs
-from hub import economy
-from hub.jobs import wallet_of
-from hub.ledger import (
+from hub.ledger import economy
+from hub.ledger.ledger import (
     InsufficientFunds,
     LedgerError,
     UnknownAccount,
     credits_to_micro,
     format_micro,
 )
-from hub.models import JobSpec, error_field
+from hub.market.jobs import wallet_of
+from hub.market.spec import JobSpec, error_field
 from hub.web import queries
 
 PREVIEW_CHARS = 4000

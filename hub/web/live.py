@@ -22,9 +22,9 @@ from typing import Any
 
 from aiohttp import web
 
-from hub.auth import Identity
-from hub.jobs import wallet_of
-from hub.ledger import UnknownAccount, format_micro
+from hub.api.auth import Identity
+from hub.ledger.ledger import UnknownAccount, format_micro
+from hub.market.jobs import wallet_of
 from hub.web import session
 
 log = logging.getLogger(__name__)

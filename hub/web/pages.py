@@ -18,10 +18,10 @@ import aiohttp_jinja2
 from aiohttp import web
 
 import wasm_jobs
-from hub.auth import Identity
-from hub.jobs import JobError, NotAllowed, wallet_of
-from hub.ledger import InsufficientFunds, UnknownAccount, format_micro
-from hub.models import JOB_STATES, TERMINAL_STATES
+from hub.api.auth import Identity
+from hub.ledger.ledger import InsufficientFunds, UnknownAccount, format_micro
+from hub.market.jobs import JobError, NotAllowed, wallet_of
+from hub.market.spec import JOB_STATES, TERMINAL_STATES
 from hub.web import forms, live, queries, session
 from hub.web.session import services
 
@@ -413,7 +413,7 @@ async def transfer(request: web.Request) -> web.Response:
 
 # --- nodes --------------------------------------------------------------------------------
 def _node_row(n: Any, columns: set[str], names: dict[str, str]) -> Context:
-    from hub.views import node_view
+    from hub.api.views import node_view
 
     view = node_view(n)
     view["offered"] = queries.offered(n)

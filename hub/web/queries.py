@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from hub.db import Database
+from hub.store.db import Database
 
 COMPONENT = "web"
 MIGRATIONS: list[tuple[int, str, str]] = [

@@ -11,14 +11,14 @@ from urllib.parse import quote
 import aiohttp_jinja2
 from aiohttp import web
 
-from hub import auth
-from hub.auth import AuthError, Identity
+from hub.api import auth
+from hub.api.auth import AuthError, Identity
 
 COOKIE = "dp_session"
 
 
 def services(request: web.Request) -> Any:
-    from hub.app import SERVICES
+    from hub.api.services import SERVICES
 
     return request.app[SERVICES]
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from hub.broker import free_port
-from hub.client import Client
+from deparrow.client import Client
+from hub.mqtt.broker import free_port
 from tests.conftest import Proc, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]

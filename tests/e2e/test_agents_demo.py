@@ -17,7 +17,7 @@ def test_the_agents_demo_runs_the_loop_and_its_books_balance(path: str) -> None:
     if path == "no-mosquitto":  # nothing but Python: the embedded broker carries it all
         env["PATH"] = os.path.dirname(sys.executable)
     out = subprocess.run(
-        [sys.executable, "-m", "hub.cli", "demo", "--agents", "--json"],
+        [sys.executable, "-m", "deparrow.cli", "demo", "--agents", "--json"],
         capture_output=True, text=True, timeout=120, env=env,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]

@@ -18,7 +18,7 @@ import pytest
 from deparrow import Agent, AuthError, CallFailed, DeparrowError, InsufficientCredits, NotFound
 from deparrow.examples.runner import live_until_broke
 from deparrow.examples.seller import sell_fib
-from hub.localnet import LocalHub
+from deparrow.localnet import LocalHub
 from tests.conftest import ROOT, require_mosquitto, start_hub, start_node
 
 
@@ -79,7 +79,8 @@ def test_sdk_round_trip_seller_serves_and_buyer_calls(tmp_path: Path) -> None:
             # The same through the CLI, as a person would.
             def cli(token: str, *args: str) -> subprocess.CompletedProcess[str]:
                 return subprocess.run(
-                    [sys.executable, "-m", "hub.cli", "--hub", hub.url, "--token", token, *args],
+                    [sys.executable, "-m", "deparrow.cli", "--hub", hub.url, "--token", token,
+                     *args],
                     capture_output=True, text=True, timeout=60,
                 )  # fmt: skip
 

@@ -10,7 +10,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from hub.client import Client, HubError
+from deparrow.client import Client, HubError
 from tests.conftest import start_hub, start_node
 
 FIB = {"name": "fib", "engine": {"type": "wasm", "module": "example:fib", "entrypoint": "fib",

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import wasm_jobs
-from hub.localnet import LocalHub
+from deparrow.localnet import LocalHub
 
 
 @pytest.mark.parametrize("path", ["system", "no-mosquitto"])
@@ -23,7 +23,7 @@ def test_demo_json_reports_every_job_completed_and_the_ledger_balanced(path: str
         # A machine with nothing but Python: the hub must fall back to the embedded broker.
         env["PATH"] = os.path.dirname(sys.executable)
     out = subprocess.run(
-        [sys.executable, "-m", "hub.cli", "demo", "--json"],
+        [sys.executable, "-m", "deparrow.cli", "demo", "--json"],
         capture_output=True,
         text=True,
         timeout=240,
@@ -42,14 +42,15 @@ def test_demo_json_reports_every_job_completed_and_the_ledger_balanced(path: str
 
 
 def test_ledger_audit_passes_on_the_demo_books(tmp_path: Path) -> None:
-    out = subprocess.run([sys.executable, "-m", "hub.cli", "demo", "--json", "--keep"],
+    out = subprocess.run([sys.executable, "-m", "deparrow.cli", "demo", "--json", "--keep"],
                          capture_output=True, text=True, timeout=240)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     data = Path(json.loads(out.stdout)["data_dir"])
     try:
         hub = LocalHub(data / "hub", log_path=tmp_path / "hub.log")  # the demo's books, reopened
         audit = subprocess.run(
-            [sys.executable, "-m", "hub.cli", "--hub", hub.url, "--token", hub.admin.token or "",
+            [sys.executable, "-m", "deparrow.cli", "--hub", hub.url, "--token",
+             hub.admin.token or "",
              "ledger", "audit"],
             capture_output=True, text=True, timeout=60,
         )  # fmt: skip

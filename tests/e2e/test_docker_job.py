@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from hub.localnet import Proc, wait_for
+from deparrow.localnet import Proc, wait_for
 from tests.conftest import HubProc
 from tests.edge.test_docker_executor import IMAGE, api  # noqa: F401  (the podman fixture)
 

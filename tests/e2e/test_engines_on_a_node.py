@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from hub.localnet import Proc, wait_for
+from deparrow.localnet import Proc, wait_for
 from tests.conftest import HubProc
 
 

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 import wasm_jobs
-from hub.client import Client
-from hub.localnet import Proc
+from deparrow.client import Client
+from deparrow.localnet import Proc
 from tests.conftest import HubProc, start_hub, start_node, wait_until
 
 
@@ -168,7 +168,7 @@ def test_malformed_assignment_fails_its_job_and_the_node_lives(
     import paho.mqtt.publish as publish
 
     from edge.core import protocol
-    from hub.bridge import parse_mqtt_url
+    from hub.mqtt.bridge import parse_mqtt_url
 
     _, owner = hub.user("owner")
     _, alice = hub.user("alice")

@@ -34,10 +34,10 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 import wasm_jobs
+from deparrow.localnet import LocalHub, Proc, wait_for
 from edge.core import protocol
 from edge.core.outbox import peek
-from hub.broker import die_with_parent, free_port, wait_port
-from hub.localnet import LocalHub, Proc, wait_for
+from hub.mqtt.broker import die_with_parent, free_port, wait_port
 from tests.conftest import require_mosquitto, start_hub
 
 # Long enough (seconds of wasm3) that the broker is gone before it finishes.

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 import wasm_jobs
-from hub.client import Client, HubError
+from deparrow.client import Client, HubError
 from tests.conftest import HubProc, require_mosquitto, start_hub, wait_until
 from tools.simnet import FAILURE, Background, Behaviour, SimNode, honest_output
 

@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 
+from deparrow.client import Client
+from deparrow.localnet import LocalHub, Proc
 from edge.dashboard import describe_state
 from edge.earnings import Earnings, format_micro, to_micro
-from hub.broker import free_port
-from hub.client import Client
-from hub.localnet import LocalHub, Proc
+from hub.mqtt.broker import free_port
 from tests.conftest import start_hub, wait_until
 
 FIB = {

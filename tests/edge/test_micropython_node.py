@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from hub.broker import ChildBroker, free_port, wait_port
+from hub.mqtt.broker import ChildBroker, free_port, wait_port
 from tests.conftest import Proc, require_mosquitto, start_hub, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from hub.app import SERVICES, create_app
+from hub.api.services import SERVICES
+from hub.app import create_app
 from hub.config import HubConfig
 
 

@@ -20,14 +20,15 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge.core import protocol
-from hub import bridge, mqtt_auth
-from hub.agents import Agents, CallView, Invoke, Response
-from hub.app import SERVICES, create_app
-from hub.bridge import parse_mqtt_url
+from hub.agents.registry import Agents, CallView, Invoke, Response
+from hub.api.services import SERVICES
+from hub.app import create_app
 from hub.config import HubConfig
-from hub.db import Database
-from hub.ledger import Ledger
-from hub.store import Store
+from hub.ledger.ledger import Ledger
+from hub.mqtt import bridge, logins
+from hub.mqtt.bridge import parse_mqtt_url
+from hub.store.db import Database
+from hub.store.rows import Store
 from tests.conftest import ROOT, require_mosquitto, wait_until
 from tests.hub.conftest import login, new_user
 
@@ -369,8 +370,8 @@ async def test_a_reply_from_another_agent_moves_nothing(api: Any) -> None:
     seller_peer = Peer(broker_url(api), seller_id, seller_token, None)
     thief_peer = Peer(broker_url(api), thief_id, thief_token, None)
     # A second login of the hub's own, to see what the broker lets through to the hub.
-    observer = Peer(broker_url(api), mqtt_auth.HUB_USER,
-                    mqtt_auth.hub_password(api.services.config.data_dir), None)  # fmt: skip
+    observer = Peer(broker_url(api), logins.HUB_USER,
+                    logins.hub_password(api.services.config.data_dir), None)  # fmt: skip
     observer.c.subscribe(protocol.agent_topic("+", protocol.RESPONSE), qos=1)
     await asyncio.sleep(0.2)
     try:

@@ -17,7 +17,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge.core import protocol
-from hub.bridge import parse_mqtt_url
+from hub.mqtt.bridge import parse_mqtt_url
 from tests.conftest import HubProc, wait_until
 
 FIB = {

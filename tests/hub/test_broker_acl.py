@@ -26,14 +26,15 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from deparrow.localnet import LocalHub
 from edge.core import protocol
-from hub import mqtt_auth
 from hub.app import open_services
-from hub.bridge import parse_mqtt_url
-from hub.broker import ChildBroker, free_port, mqtt_login
 from hub.config import HubConfig
-from hub.db import Database
-from hub.localnet import LocalHub
+from hub.mqtt import logins
+from hub.mqtt.bridge import parse_mqtt_url
+from hub.mqtt.broker import ChildBroker, free_port, mqtt_login
+from hub.store import passwords
+from hub.store.db import Database
 from tests.conftest import require_mosquitto, start_hub, wait_until
 
 KINDS = ["mosquitto", "embedded"]
@@ -138,7 +139,7 @@ def raw_connect(
 
 
 def hub_login(hub: LocalHub) -> tuple[str, str]:
-    return mqtt_auth.HUB_USER, (hub.data_dir / "mqtt-password").read_text().strip()
+    return logins.HUB_USER, (hub.data_dir / "mqtt-password").read_text().strip()
 
 
 def enroll(hub: LocalHub, owner: Any, name: str) -> dict[str, Any]:
@@ -307,8 +308,8 @@ def test_a_revoked_node_loses_its_login_and_its_connection(kind: str, tmp_path: 
     if kind == "mosquitto":
         require_mosquitto()
     services = open_services(HubConfig(data_dir=tmp_path / "hub"))
-    password = mqtt_auth.hub_password(services.config.data_dir)
-    services.hub_login = mqtt_auth.hub_account(mqtt_auth.hash_password(password))
+    password = logins.hub_password(services.config.data_dir)
+    services.hub_login = logins.hub_account(passwords.hash_password(password))
     broker = ChildBroker(kind, "127.0.0.1", free_port(), tmp_path / "broker", auth=True)
     services.broker = broker
     try:
@@ -335,7 +336,7 @@ def test_a_revoked_node_loses_its_login_and_its_connection(kind: str, tmp_path: 
         # The broker drops its connection and refuses it from now on; the hub stays.
         wait_until("the broker to drop the revoked node", lambda: not peer.c.is_connected(), 10)
         assert mqtt_login(broker.host, broker.port, node_id, node_pw, 5) != 0
-        assert mqtt_login(broker.host, broker.port, mqtt_auth.HUB_USER, password, 5) == 0
+        assert mqtt_login(broker.host, broker.port, logins.HUB_USER, password, 5) == 0
         peer.c.loop_stop()
     finally:
         broker.stop()
@@ -362,24 +363,24 @@ def test_hashes_are_mosquitto_passwd_hashes(tmp_path: Path) -> None:
     assert exe, "mosquitto_passwd comes with the mosquitto package"
     path = tmp_path / "passwd"
     subprocess.run([exe, "-b", "-c", str(path), "alice", "s3cret pass"], check=True, timeout=30)
-    theirs = mqtt_auth.parse_password_file(path.read_text())["alice"]
-    assert mqtt_auth.verify_password("s3cret pass", theirs)
-    assert not mqtt_auth.verify_password("s3cret pas", theirs)
+    theirs = logins.parse_password_file(path.read_text())["alice"]
+    assert passwords.verify_password("s3cret pass", theirs)
+    assert not passwords.verify_password("s3cret pas", theirs)
     # Ours, byte for byte what PBKDF2-SHA512 gives for a known salt (the format Mosquitto reads;
     # that it accepts it is the login tests above).
     salt = bytes(range(12))
-    ours = mqtt_auth.hash_password("pw", salt=salt)
+    ours = passwords.hash_password("pw", salt=salt)
     key = hashlib.pbkdf2_hmac("sha512", b"pw", salt, 101, 64)
     assert ours == f"$7$101${base64.b64encode(salt).decode()}${base64.b64encode(key).decode()}"
-    assert mqtt_auth.verify_password("pw", ours) and not mqtt_auth.verify_password("", ours)
+    assert passwords.verify_password("pw", ours) and not passwords.verify_password("", ours)
     for bad in ("", "$6$abc$def", "$7$x$y$z", "$7$101$!!$!!", "$7$101$$", ours + "$"):
-        assert not mqtt_auth.verify_password("pw", bad), bad
+        assert not passwords.verify_password("pw", bad), bad
     with pytest.raises(ValueError):
-        mqtt_auth.hash_password("")
+        passwords.hash_password("")
 
 
 def test_topic_rules() -> None:
-    m, w = mqtt_auth.topic_matches, mqtt_auth.filter_within
+    m, w = logins.topic_matches, logins.filter_within
     assert m("dp/v1/nodes/n_1/#", "dp/v1/nodes/n_1/hello") and m(
         "dp/v1/nodes/n_1/#", "dp/v1/nodes/n_1"
     )
@@ -396,10 +397,10 @@ def test_topic_rules() -> None:
         "+/v1/nodes/n_1/a",
     ):
         assert not w(wider, "dp/v1/nodes/n_1/#"), wider
-    acct = mqtt_auth.node_account("n_1", mqtt_auth.hash_password("x"))
-    rules = mqtt_auth.Policy(
-        mqtt_auth.parse_password_file(mqtt_auth.render_password_file([acct])),
-        mqtt_auth.parse_acl_file(mqtt_auth.render_acl_file([acct])),
+    acct = logins.node_account("n_1", passwords.hash_password("x"))
+    rules = logins.Policy(
+        logins.parse_password_file(logins.render_password_file([acct])),
+        logins.parse_acl_file(logins.render_acl_file([acct])),
     )
     assert rules.authenticate("n_1", "x") and not rules.authenticate("n_1", "y")
     assert not rules.authenticate(None, None) and not rules.authenticate("n_2", "x")
@@ -410,26 +411,26 @@ def test_topic_rules() -> None:
     # Names and filters that would break the line-based files are refused, not written.
     for name in ("a b", "a\nuser hub", "", "x:y", "#"):
         with pytest.raises(ValueError):
-            mqtt_auth.Account(name, acct.password_hash, ())
+            logins.Account(name, acct.password_hash, ())
     with pytest.raises(ValueError):
-        mqtt_auth.Account("n_1", acct.password_hash, ("a/#/b",))
-    with pytest.raises(mqtt_auth.AuthFileError):
-        mqtt_auth.parse_acl_file("pattern readwrite %u/#\n")
+        logins.Account("n_1", acct.password_hash, ("a/#/b",))
+    with pytest.raises(logins.AuthFileError):
+        logins.parse_acl_file("pattern readwrite %u/#\n")
     # A row that cannot be a login is left out, and the others still go in.
-    hub = mqtt_auth.hub_account(acct.password_hash)
-    built = mqtt_auth.accounts(
+    hub = logins.hub_account(acct.password_hash)
+    built = logins.accounts(
         hub, [("n_1", acct.password_hash), ("n_2", "damaged")], [("u 1", acct.password_hash)]
     )
-    assert [a.username for a in built] == [mqtt_auth.HUB_USER, "n_1"]
+    assert [a.username for a in built] == [logins.HUB_USER, "n_1"]
 
 
 def test_the_hub_password_is_made_once_and_kept_private(tmp_path: Path) -> None:
-    first = mqtt_auth.hub_password(tmp_path)
-    assert mqtt_auth.hub_password(tmp_path) == first and len(first) >= 32
+    first = logins.hub_password(tmp_path)
+    assert logins.hub_password(tmp_path) == first and len(first) >= 32
     assert (tmp_path / "mqtt-password").stat().st_mode & 0o777 == 0o600
     os.truncate(tmp_path / "mqtt-password", 0)
-    with pytest.raises(mqtt_auth.AuthFileError, match="delete it"):
-        mqtt_auth.hub_password(tmp_path)
+    with pytest.raises(logins.AuthFileError, match="delete it"):
+        logins.hub_password(tmp_path)
 
 
 def test_an_account_from_before_broker_logins_gets_one_at_its_next_sign_in(

@@ -9,12 +9,13 @@ import msgspec
 import pytest
 
 from edge.core import protocol
-from hub import economy
-from hub.app import Services, open_services
+from hub.api.services import Services
+from hub.app import open_services
 from hub.config import HubConfig
-from hub.jobs import wallet_of
-from hub.ledger import MICRO
-from hub.models import JobSpec
+from hub.ledger import economy
+from hub.ledger.ledger import MICRO
+from hub.market.jobs import wallet_of
+from hub.market.spec import JobSpec
 
 
 @pytest.fixture

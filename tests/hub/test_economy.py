@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from hub import economy
-from hub.ledger import MICRO
+from hub.ledger import economy
+from hub.ledger.ledger import MICRO
 
 
 def test_one_cpu_hour_pays_ten_credits() -> None:

@@ -10,11 +10,12 @@ from typing import Any
 import msgspec
 import pytest
 
-from hub.app import Services, open_services
+from hub.api.services import Services
+from hub.app import open_services
 from hub.config import HubConfig
-from hub.db import Database
-from hub.models import JobSpec
-from hub.store import MIGRATIONS, Store
+from hub.market.spec import JobSpec
+from hub.store.db import Database
+from hub.store.rows import MIGRATIONS, Store
 
 
 @pytest.fixture
@@ -113,7 +114,7 @@ def test_migration_4_keeps_every_job(tmp_path: Path) -> None:
 
 
 def test_a_gas_budget_travels_with_a_wasm_job_only(services: Services) -> None:
-    from hub.jobs import JobError
+    from hub.market.jobs import JobError
 
     user, _, _ = services.create_user("user", "user")
     spec = {"engine": {"type": "wasm", "module": "example:fib", "entrypoint": "fib"}, "gas": 5000}

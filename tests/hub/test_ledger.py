@@ -20,8 +20,7 @@ from hypothesis import event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from hub.db import Database, MigrationError, TransactionConflict, split_sql
-from hub.ledger import (
+from hub.ledger.ledger import (
     MICRO,
     MINT,
     HoldError,
@@ -35,6 +34,7 @@ from hub.ledger import (
     credits_to_micro,
     format_micro,
 )
+from hub.store.db import Database, MigrationError, TransactionConflict, split_sql
 
 U1, U2, U3 = "wallet:u1", "wallet:u2", "wallet:u3"
 

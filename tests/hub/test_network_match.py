@@ -19,7 +19,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge.core import protocol
-from hub.bridge import parse_mqtt_url
+from hub.mqtt.bridge import parse_mqtt_url
 from tests.hub.conftest import new_user
 
 NETWORK_JOB = {

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from edge.core import protocol
-from hub.jobs import wallet_of
+from hub.market.jobs import wallet_of
 from tests.hub.conftest import new_user
 
 LOOP = {

@@ -16,12 +16,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from edge.core import protocol
-from hub import economy, reputation
-from hub.app import Services, open_services
+from hub.api.services import Services
+from hub.app import open_services
 from hub.config import HubConfig
-from hub.jobs import wallet_of
-from hub.ledger import MICRO
-from hub.models import JobSpec
+from hub.ledger import economy
+from hub.ledger.ledger import MICRO
+from hub.market import reputation
+from hub.market.jobs import wallet_of
+from hub.market.spec import JobSpec
 from tests.hub.conftest import login, new_user
 from tests.hub.test_earnings import add_node
 

@@ -33,9 +33,9 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from edge.core import protocol
 from hub.app import open_services
 from hub.config import HubConfig
-from hub.jobs import wallet_of
-from hub.ledger import MICRO
-from hub.models import JobSpec
+from hub.ledger.ledger import MICRO
+from hub.market.jobs import wallet_of
+from hub.market.spec import JobSpec
 
 T0 = 1_800_000_000.0
 CRASH = "executor error: worker process killed by signal 11 (SIGSEGV)"

@@ -23,8 +23,8 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge.core import protocol
-from hub.bridge import _TICK, parse_mqtt_url
-from hub.writer import BatchAborted
+from hub.ledger.writer import BatchAborted
+from hub.mqtt.bridge import _TICK, parse_mqtt_url
 from tests.hub.conftest import login
 
 FIB = {"engine": {"type": "wasm", "module": "example:fib", "entrypoint": "fib"}, "timeout": 10}

@@ -15,13 +15,14 @@ import msgspec
 import pytest
 
 from edge.core import protocol
-from hub import economy
-from hub.app import Services, open_services
-from hub.bridge import Bridge
+from hub.api.services import Services
+from hub.api.views import node_view
+from hub.app import open_services
 from hub.config import HubConfig
-from hub.jobs import wallet_of
-from hub.models import JobSpec
-from hub.views import node_view
+from hub.ledger import economy
+from hub.market.jobs import wallet_of
+from hub.market.spec import JobSpec
+from hub.mqtt.bridge import Bridge
 from tests.hub.test_earnings import add_node, run_job
 
 DAY = 86_400

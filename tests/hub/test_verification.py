@@ -14,12 +14,14 @@ import msgspec
 import pytest
 
 from edge.core import protocol
-from hub import economy, verification
-from hub.app import Services, open_services
+from hub.api.services import Services
+from hub.app import open_services
 from hub.config import HubConfig
-from hub.jobs import REVENUE, JobError, wallet_of
-from hub.ledger import MICRO, format_micro
-from hub.models import JobSpec
+from hub.ledger import economy
+from hub.ledger.ledger import MICRO, format_micro
+from hub.market import verification
+from hub.market.jobs import REVENUE, JobError, wallet_of
+from hub.market.spec import JobSpec
 from tests.hub.conftest import new_user
 from tests.hub.test_earnings import add_node
 

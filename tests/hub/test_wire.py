@@ -6,7 +6,7 @@ import msgspec
 import pytest
 
 from edge.core import protocol
-from hub import wire
+from hub.mqtt import wire
 
 SECRET = "ab" * 32
 

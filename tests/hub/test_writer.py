@@ -26,8 +26,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hub.db import Database, TransactionConflict
-from hub.ledger import (
+from hub.ledger.ledger import (
     MAX_AMOUNT,
     MICRO,
     Entry,
@@ -36,7 +35,8 @@ from hub.ledger import (
     Ledger,
     TransferRequest,
 )
-from hub.writer import BatchAborted, Writer, WriterClosed
+from hub.ledger.writer import BatchAborted, Writer, WriterClosed
+from hub.store.db import Database, TransactionConflict
 
 ROOT = Path(__file__).resolve().parents[2]
 U1, U2, U3 = "wallet:u1", "wallet:u2", "wallet:u3"
@@ -286,9 +286,9 @@ CHILD = textwrap.dedent(
     """
     import asyncio, random, sys
     sys.path.insert(0, sys.argv[2])
-    from hub.db import Database, TransactionConflict
-    from hub.ledger import MICRO, Ledger, LedgerError
-    from hub.writer import Writer
+    from hub.store.db import Database, TransactionConflict
+    from hub.ledger.ledger import MICRO, Ledger, LedgerError
+    from hub.ledger.writer import Writer
 
     WALLETS = [f"wallet:w{i}" for i in range(20)]
 

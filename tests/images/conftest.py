@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from hub import localnet
-from hub.broker import die_with_parent, free_port
+from deparrow import localnet
+from hub.mqtt.broker import die_with_parent, free_port
 from tests.conftest import ROOT, require_mosquitto
 
 BUILDER = ROOT / "tools" / "build-test-image.py"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from hub import board
+from deparrow import board
 from tests.conftest import Proc, start_hub, wait_until
 from tests.images.conftest import run_doc
 
@@ -24,7 +24,7 @@ MTOOLS_ENV = {**os.environ, "MTOOLS_SKIP_CHECK": "1"}
 
 def deparrow(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "hub.cli", *args], input=stdin, capture_output=True, text=True,
+        [sys.executable, "-m", "deparrow.cli", *args], input=stdin, capture_output=True, text=True,
         timeout=120,
     )  # fmt: skip
 

@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from hub import board
-from hub.client import Client
-from hub.localnet import LocalHub, wait_for
+from deparrow import board
+from deparrow.client import Client
+from deparrow.localnet import LocalHub, wait_for
 from tests.images.conftest import Guest, doc_block, run_doc
 
 ONLINE_S = 150  # boot, DHCP, CPython start and enrollment on an emulated CPU, with margin

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
 
-from hub import localnet
-from hub.ledger import MICRO, credits_to_micro, format_micro
+from deparrow import localnet
+from hub.ledger.ledger import MICRO, credits_to_micro, format_micro
 from tests.conftest import ROOT, require_mosquitto
 
 CHROMIUM = "/usr/bin/chromium"

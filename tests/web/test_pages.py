@@ -14,11 +14,12 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from hub import economy
-from hub.app import SERVICES, create_app
+from hub.api.services import SERVICES
+from hub.app import create_app
 from hub.config import HubConfig
-from hub.jobs import wallet_of
-from hub.ledger import MICRO, format_micro
+from hub.ledger import economy
+from hub.ledger.ledger import MICRO, format_micro
+from hub.market.jobs import wallet_of
 from hub.web import queries
 
 FIB = {

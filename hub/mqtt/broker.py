@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from hub.mqtt_auth import (
+from hub.mqtt.logins import (
     Account,
     Action,
     AuthFileError,
@@ -36,7 +36,7 @@ from hub.mqtt_auth import (
     render_acl_file,
     render_password_file,
 )
-from hub.mqtt_auth import write_atomic as _write_atomic
+from hub.mqtt.logins import write_atomic as _write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +217,7 @@ class ChildBroker:
             )
             cmd = [exe, "-c", str(conf)]
         else:
-            cmd = [sys.executable, "-m", "hub.broker", self.host, str(self.port)]
+            cmd = [sys.executable, "-m", "hub.mqtt.broker", self.host, str(self.port)]
             if self.auth:
                 cmd += [str(self.password_file), str(self.acl_file)]
         self.proc = subprocess.Popen(
@@ -362,9 +362,9 @@ async def _run_embedded(host: str, port: int, auth_files: tuple[Path, Path] | No
 
 
 def _main(argv: list[str]) -> None:
-    """python -m hub.broker HOST PORT [PASSWORD_FILE ACL_FILE]"""
+    """python -m hub.mqtt.broker HOST PORT [PASSWORD_FILE ACL_FILE]"""
     if len(argv) not in (2, 4):
-        raise SystemExit("usage: python -m hub.broker HOST PORT [PASSWORD_FILE ACL_FILE]")
+        raise SystemExit("usage: python -m hub.mqtt.broker HOST PORT [PASSWORD_FILE ACL_FILE]")
     files = (Path(argv[2]), Path(argv[3])) if len(argv) == 4 else None
     asyncio.run(_run_embedded(argv[0], int(argv[1]), files))
 

@@ -12,8 +12,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from hub.broker import die_with_parent, free_port
-from hub.client import Client, HubError
+from deparrow.client import Client, HubError
+from hub.mqtt.broker import die_with_parent, free_port
 
 T = TypeVar("T")
 
@@ -104,7 +104,7 @@ class LocalHub:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [
-            sys.executable, "-m", "hub.cli", "hub", "--port", str(self.port),
+            sys.executable, "-m", "deparrow.cli", "hub", "--port", str(self.port),
             "--data-dir", str(data_dir), "--heartbeat", str(heartbeat_s), *extra,
         ]  # fmt: skip
         cmd += ["--mqtt", mqtt_url] if mqtt_url else ["--broker", broker, "--broker-port", "0"]

@@ -1,102 +1,14 @@
-"""Domain and API types of the hub (msgspec Structs). A leaf: imports nothing of the hub.
-
-API request/response shapes live here; storage rows stay in hub/store.py.
+"""The REST API's request and response shapes (msgspec Structs): what hub/api/openapi.py
+describes and the routes encode. The job spec they carry is hub/market/spec.py's.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Any, Literal
 
 import msgspec
 
-Name = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[\w.\- ]+$")]
-EnvKey = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z_][\w]*$")]
-Arg = Annotated[str, msgspec.Meta(max_length=4096)]
-
-# A module or input reference: "sha256:<hex>" (uploaded blob), "base64:<data>" (inline) or
-# "example:<name>" (a job shipped in wasm-jobs/).
-REF_PATTERN = r"^(sha256:[0-9a-f]{64}|base64:[A-Za-z0-9+/=\s]*|example:[\w\-]+)$"
-Ref = Annotated[str, msgspec.Meta(pattern=REF_PATTERN)]
-
-JOB_STATES = ("queued", "assigned", "running", "completed", "failed", "cancelled")
-TERMINAL_STATES = ("completed", "failed", "cancelled")
-
-
-EnvMap = dict[EnvKey, Annotated[str, msgspec.Meta(max_length=4096)]]
-# A container image reference as `docker pull` takes it: name[:tag][@digest], lower case.
-IMAGE_PATTERN = r"^[a-z0-9][a-z0-9._\-/]*(:[\w][\w.\-]{0,127})?(@sha256:[0-9a-f]{64})?$"
-
-
-class WasmEngine(msgspec.Struct, forbid_unknown_fields=True, tag="wasm", tag_field="type"):
-    """A WebAssembly module run by wasm3 (or wasmtime) on any node, boards included."""
-
-    module: Ref
-    entrypoint: Annotated[str, msgspec.Meta(min_length=1, max_length=256)] = "_start"
-    args: Annotated[list[Arg], msgspec.Meta(max_length=256)] = []
-    env: EnvMap = {}
-
-
-class DockerEngine(msgspec.Struct, forbid_unknown_fields=True, tag="docker", tag_field="type"):
-    """A container on a full machine whose owner runs the Docker executor."""
-
-    image: Annotated[str, msgspec.Meta(min_length=1, max_length=256, pattern=IMAGE_PATTERN)]
-    command: Annotated[list[Arg], msgspec.Meta(max_length=256)] = []  # [] = the image's own
-    env: EnvMap = {}
-    network: bool = False  # runs only on nodes whose owner allows network access
-    pids: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 256
-
-
-class NativeEngine(msgspec.Struct, forbid_unknown_fields=True, tag="native", tag_field="type"):
-    """A command run in a sandbox, on nodes whose owner turned the native executor on."""
-
-    command: Annotated[list[Arg], msgspec.Meta(min_length=1, max_length=256)]
-    env: EnvMap = {}
-    network: bool = False
-
-
-Engine = WasmEngine | DockerEngine | NativeEngine
-
-
-class Resources(msgspec.Struct, forbid_unknown_fields=True):
-    # CPU-equivalents; 0.001 granularity (stored as milli-CPUs).
-    cpu: Annotated[float, msgspec.Meta(gt=0, le=256)] = 1.0
-    memory_mb: Annotated[int, msgspec.Meta(ge=1, le=1024 * 1024)] = 64
-    gpu: Annotated[int, msgspec.Meta(ge=0, le=64)] = 0
-
-
-class Verify(msgspec.Struct, forbid_unknown_fields=True):
-    """Run the job on `replicas` nodes of distinct owners and take the majority's result.
-    The bounds (1..5) are checked by the hub with a message that says why (hub/jobs.py)."""
-
-    replicas: Annotated[
-        int, msgspec.Meta(description="1 to 5; a strict majority must agree (2 of 3, 3 of 5)")
-    ]
-
-
-class JobSpec(msgspec.Struct, forbid_unknown_fields=True):
-    engine: Engine
-    name: Name = "job"
-    # batch: runs to completion, held at its maximum price, settled at actual use.
-    # service: runs until cancelled or its timeout (its lifetime), billed per period (an
-    # hour by default): one period is held ahead, paid at the period's end, and the job stops
-    # when the owner's wallet cannot hold the next one.
-    type: Literal["batch", "service"] = "batch"
-    resources: Resources = msgspec.field(default_factory=Resources)
-    timeout: Annotated[int, msgspec.Meta(ge=1)] = 60
-    priority: Literal["normal", "high"] = "normal"
-    input: Ref | None = None  # fed to the job's stdin
-    # A gas budget for a wasm module instrumented with metering.usegas (docs/edge.md).
-    gas: Annotated[int, msgspec.Meta(ge=1, le=10**15)] | None = None
-    constraints: dict[str, str] = {}
-    # Verification by replicas: deterministic (wasm) batch jobs only (docs/economy.md).
-    verify: Verify | None = None
-
-    @property
-    def cpu_milli(self) -> int:
-        """CPU-equivalents billed, in milli-CPUs: at least one whole CPU, since a node gives a
-        job a core of its own (it runs one job at a time)."""
-        return max(1000, round(self.resources.cpu * 1000))
+from hub.market.spec import Name
 
 
 class JobTimings(msgspec.Struct):
@@ -307,21 +219,3 @@ class ErrorBody(msgspec.Struct):
 class BlobView(msgspec.Struct):
     ref: str
     size: int
-
-
-_FIELD_RE = re.compile(r"(?:at|in) `\$\.?([^`]*)`")
-
-
-_MISSING_RE = re.compile(r"missing required field `([^`]*)`")
-
-
-def error_field(message: str) -> str | None:
-    """msgspec says 'Expected ... - at `$.engine.module`'; pull out 'engine.module'.
-    For a missing field ('Object missing required field `module` - at `$.engine`') the
-    field itself is the answer: 'engine.module'."""
-    m = _FIELD_RE.search(message)
-    path = m.group(1) if m else ""
-    missing = _MISSING_RE.search(message)
-    if missing:
-        path = f"{path}.{missing.group(1)}" if path else missing.group(1)
-    return path or None

@@ -46,13 +46,14 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge.core import protocol
-from hub import economy, wire
-from hub.agents import Agents
-from hub.jobs import JobConflict, JobError, Jobs
-from hub.ledger import InsufficientFunds, format_micro
-from hub.models import JobSpec, error_field
-from hub.scheduler import Scheduler
-from hub.store import Store
+from hub.agents.registry import Agents
+from hub.ledger import economy
+from hub.ledger.ledger import InsufficientFunds, format_micro
+from hub.market.jobs import JobConflict, JobError, Jobs
+from hub.market.scheduler import Scheduler
+from hub.market.spec import JobSpec, error_field
+from hub.mqtt import wire
+from hub.store.rows import Store
 
 log = logging.getLogger(__name__)
 

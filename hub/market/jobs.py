@@ -21,17 +21,18 @@ import msgspec
 
 import wasm_jobs
 from edge.core import protocol
-from hub import economy, reputation, verification
-from hub.attempts import Attempts, Stale
-from hub.bonuses import Bonuses
 from hub.config import HubConfig
-from hub.db import Database
-from hub.economy import REVENUE
-from hub.ledger import Ledger, format_micro, wallet_id
-from hub.models import DockerEngine, JobSpec, WasmEngine
-from hub.replicas import LIVE, Replicas
-from hub.service_billing import ServiceBilling
-from hub.store import Store, new_id
+from hub.ledger import economy
+from hub.ledger.economy import REVENUE
+from hub.ledger.ledger import Ledger, format_micro, wallet_id
+from hub.market import reputation, verification
+from hub.market.attempts import Attempts, Stale
+from hub.market.bonuses import Bonuses
+from hub.market.replicas import LIVE, Replicas
+from hub.market.service_billing import ServiceBilling
+from hub.market.spec import DockerEngine, JobSpec, WasmEngine
+from hub.store.db import Database
+from hub.store.rows import Store, new_id
 
 
 class JobError(Exception):

@@ -34,7 +34,7 @@ from __future__ import annotations
 import sqlite3
 from typing import Any, Final
 
-from hub.db import Database
+from hub.store.db import Database
 
 OUTCOMES: Final = (
     "completed",

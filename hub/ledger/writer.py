@@ -48,8 +48,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from hub.db import Database
-from hub.ledger import Entry, Ledger, TransferRequest
+from hub.ledger.ledger import Entry, Ledger, TransferRequest
+from hub.store.db import Database
 
 log = logging.getLogger(__name__)
 

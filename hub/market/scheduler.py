@@ -28,8 +28,8 @@ from typing import NamedTuple
 
 from edge.core import protocol
 from hub.config import HubConfig
-from hub.jobs import Assignment, Jobs
-from hub.store import Store
+from hub.market.jobs import Assignment, Jobs
+from hub.store.rows import Store
 
 log = logging.getLogger(__name__)
 

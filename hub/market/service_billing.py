@@ -16,13 +16,13 @@ import sqlite3
 from collections.abc import Callable
 from typing import Any
 
-from hub import economy
-from hub.attempts import Attempts, Stale
-from hub.bonuses import Bonuses
-from hub.db import Database
-from hub.economy import REVENUE
-from hub.ledger import InsufficientFunds, Ledger, format_micro, hold_id, wallet_id
-from hub.store import Store
+from hub.ledger import economy
+from hub.ledger.economy import REVENUE
+from hub.ledger.ledger import InsufficientFunds, Ledger, format_micro, hold_id, wallet_id
+from hub.market.attempts import Attempts, Stale
+from hub.market.bonuses import Bonuses
+from hub.store.db import Database
+from hub.store.rows import Store
 
 
 class ServiceBilling:

@@ -13,8 +13,8 @@ import sqlite3
 import time
 from typing import Any
 
-from hub.db import Database
-from hub.mqtt_auth import hash_password
+from hub.store.db import Database
+from hub.store.passwords import hash_password
 
 MIGRATIONS: list[tuple[int, str, str]] = [
     (

@@ -16,12 +16,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from hub import economy, reputation, verification
-from hub.attempts import Attempts
-from hub.db import Database
-from hub.economy import REVENUE
-from hub.ledger import Ledger, format_micro, hold_id, wallet_id
-from hub.store import Store
+from hub.ledger import economy
+from hub.ledger.economy import REVENUE
+from hub.ledger.ledger import Ledger, format_micro, hold_id, wallet_id
+from hub.market import reputation, verification
+from hub.market.attempts import Attempts
+from hub.store.db import Database
+from hub.store.rows import Store
 
 LIVE = ("queued", "assigned", "running")
 

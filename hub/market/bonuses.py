@@ -11,10 +11,10 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable
 
-from hub import economy
-from hub.db import Database
-from hub.ledger import MICRO, Ledger, wallet_id
-from hub.store import Store
+from hub.ledger import economy
+from hub.ledger.ledger import MICRO, Ledger, wallet_id
+from hub.store.db import Database
+from hub.store.rows import Store
 
 
 class Bonuses:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 from decimal import Decimal, InvalidOperation
 from typing import Any, NamedTuple
 
-from hub.db import Database
+from hub.store.db import Database
 
 MICRO = 1_000_000  # micro-credits (µc) per credit
 MAX_CREDITS = 10**12  # largest single amount, in credits; keeps every balance inside int64

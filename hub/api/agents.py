@@ -12,8 +12,8 @@ from typing import Annotated, Any
 import msgspec
 from aiohttp import web
 
-from hub import agents as registry
-from hub.agents import (
+from hub.agents import registry
+from hub.agents.registry import (
     AgentError,
     AgentForbidden,
     AgentNotFound,
@@ -24,9 +24,9 @@ from hub.agents import (
     Text,
     call_view,
 )
-from hub.api import _services, decode_body, identity, json_response
-from hub.auth import Identity
-from hub.ledger import credits_to_micro
+from hub.api.auth import Identity
+from hub.api.routes import _services, decode_body, identity, json_response
+from hub.ledger.ledger import credits_to_micro
 
 Credits = str | int  # a decimal string ("0.01") or a whole number of credits
 
@@ -111,7 +111,7 @@ async def create_agent(request: web.Request) -> web.Response:
     # The agent logs in to the broker with its id and token: the broker must know it now.
     await services.broker_accepts(agent_id, token)
     balance = services.ledger.balance("wallet:" + agent_id)
-    from hub.ledger import format_micro
+    from hub.ledger.ledger import format_micro
 
     return json_response(
         AgentCreated(agent_id, req.name, who.user_id, token, format_micro(balance)), 201

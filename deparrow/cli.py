@@ -17,9 +17,9 @@ from typing import Any, NoReturn
 
 import click
 
-from hub.client import Client, HubError
+from deparrow.client import Client, HubError
 from hub.config import HubConfig, default_data_dir
-from hub.models import TERMINAL_STATES
+from hub.market.spec import TERMINAL_STATES
 
 DEFAULT_HUB = "http://127.0.0.1:8765"
 
@@ -178,8 +178,9 @@ def hub_cmd(
     """Run the hub: REST API, ledger, scheduler, MQTT bridge and web page."""
     from aiohttp import web
 
-    from hub.app import SERVICES, create_app
-    from hub.bridge import parse_mqtt_url
+    from hub.api.services import SERVICES
+    from hub.app import create_app
+    from hub.mqtt.bridge import parse_mqtt_url
 
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
@@ -632,7 +633,7 @@ def _network_checks(
     mqtt_password: str | None,
     timeout: float,
 ) -> list[Any]:
-    from hub.diagnose import user_checks
+    from deparrow.diagnose import user_checks
 
     token = obj.token
     if token is None and obj.hub.rstrip("/") == DEFAULT_HUB:
@@ -756,7 +757,7 @@ def board_flash(image: Path, device: Path, yes: bool, no_verify: bool) -> None:
     Names the device, its size and model first; refuses a partition, a mounted disk, the
     system disk, or one smaller than the image; asks before writing unless --yes.
     """
-    from hub import board
+    from deparrow import board
 
     try:
         target = board.inspect_target(device)
@@ -803,7 +804,7 @@ def board_provision(image: Path, hub_url: str, token: str, name: str | None,
     Writes deparrow/node.json (and deparrow/wifi.json) on the FAT partition with mtools; the
     image (a file, or a flashed card) boots straight into the network as that node.
     """
-    from hub import board
+    from deparrow import board
 
     try:
         if wifi_psk is not None and wifi_ssid is None:
@@ -938,7 +939,7 @@ def demo_cmd(as_json: bool, keep: bool, broker: str, agents: bool) -> None:
     With --agents: agents that sell a Wasm-backed service, buy it, and pay for their own
     compute until one is broke and stopped; then the ledger audit.
     """
-    from hub.demo import run_agents_demo, run_demo
+    from deparrow.demo import run_agents_demo, run_demo
 
     ok = (run_agents_demo if agents else run_demo)(
         as_json=as_json,

@@ -6,24 +6,25 @@ from typing import Any
 
 import msgspec
 
-from hub import models
+from hub.api import types
+from hub.market import spec
 
 _TYPES: list[Any] = [
-    models.JobSpec,
-    models.SubmitResponse,
-    models.JobView,
-    models.WalletView,
-    models.TokenRequest,
-    models.TokenResponse,
-    models.NodeTokenRequest,
-    models.CreateUser,
-    models.UserCreated,
-    models.EnrollmentTokenView,
-    models.EnrollRequest,
-    models.EnrollResponse,
-    models.NodeView,
-    models.ErrorBody,
-    models.BlobView,
+    spec.JobSpec,
+    types.SubmitResponse,
+    types.JobView,
+    types.WalletView,
+    types.TokenRequest,
+    types.TokenResponse,
+    types.NodeTokenRequest,
+    types.CreateUser,
+    types.UserCreated,
+    types.EnrollmentTokenView,
+    types.EnrollRequest,
+    types.EnrollResponse,
+    types.NodeView,
+    types.ErrorBody,
+    types.BlobView,
 ]
 
 
@@ -57,7 +58,7 @@ def _op(
 
 
 def document() -> dict[str, Any]:
-    from hub import agents_api  # imports hub.api, which imports this module
+    from hub.api import agents as agents_api  # imports hub.api.routes, which imports this
 
     _, components = msgspec.json.schema_components(
         _TYPES + agents_api.API_TYPES, ref_template="#/components/schemas/{name}"

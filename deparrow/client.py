@@ -8,7 +8,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from hub.models import TERMINAL_STATES
+from hub.market.spec import TERMINAL_STATES
 
 
 class HubError(Exception):

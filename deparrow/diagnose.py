@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import secrets
 
+from deparrow.client import Client, HubError
 from edge.core import protocol
 from edge.diagnose import (
     DIAG_KIND,
@@ -24,7 +25,6 @@ from edge.diagnose import (
     run_checks,
     split_mqtt_url,
 )
-from hub.client import Client, HubError
 
 __all__ = ["FAIL", "SKIP", "Check", "passed", "user_checks"]
 

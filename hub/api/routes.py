@@ -21,28 +21,16 @@ from urllib.parse import urlsplit
 import msgspec
 from aiohttp import web
 
-from hub import auth, openapi
-from hub.agents import AgentError, AgentForbidden, AgentNotFound, CallConflict
-from hub.auth import AuthError, Identity
-from hub.jobs import JobConflict, JobError, JobNotFound, NotAllowed, wallet_of
-from hub.ledger import (
-    IdempotencyConflict,
-    InsufficientFunds,
-    InvalidAmount,
-    LedgerError,
-    UnknownAccount,
-    credits_to_micro,
-    format_micro,
-)
-from hub.models import (
-    JOB_STATES,
+from hub.agents.registry import AgentError, AgentForbidden, AgentNotFound, CallConflict
+from hub.api import auth, openapi
+from hub.api.auth import AuthError, Identity
+from hub.api.types import (
     BlobView,
     CreateUser,
     EnrollmentTokenView,
     EnrollRequest,
     EnrollResponse,
     HistoryItem,
-    JobSpec,
     MqttCredentials,
     NodeTokenRequest,
     SubmitResponse,
@@ -52,9 +40,19 @@ from hub.models import (
     TransferResponse,
     UserCreated,
     WalletView,
-    error_field,
 )
-from hub.store import token_hash
+from hub.ledger.ledger import (
+    IdempotencyConflict,
+    InsufficientFunds,
+    InvalidAmount,
+    LedgerError,
+    UnknownAccount,
+    credits_to_micro,
+    format_micro,
+)
+from hub.market.jobs import JobConflict, JobError, JobNotFound, NotAllowed, wallet_of
+from hub.market.spec import JOB_STATES, JobSpec, error_field
+from hub.store.rows import token_hash
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -62,7 +60,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def _services(request: web.Request) -> Any:
-    from hub.app import SERVICES
+    from hub.api.services import SERVICES
 
     return request.app[SERVICES]
 
@@ -321,9 +319,7 @@ async def submit_job(request: web.Request) -> web.Response:
         job = await writer.run(lambda _c: services.jobs.submit(who.user_id, spec, submit_key))
     else:
         job = services.jobs.submit(who.user_id, spec, submit_key=submit_key)
-    from hub import views
-
-    views.notify(request.app, "job", {"id": job["id"], "state": job["state"]})
+    services.on_change("job", {"id": job["id"], "state": job["state"]})
     if services.bridge is not None:
         try:
             services.bridge.dispatch()
@@ -463,7 +459,7 @@ async def list_nodes(request: web.Request) -> web.Response:
     who = identity(request)
     services = _services(request)
     owner = None if who.is_admin else who.user_id
-    from hub.views import node_view
+    from hub.api.views import node_view
 
     nodes = [node_view(n) for n in services.store.nodes(owner) if n["revoked_at"] is None]
     return json_response({"nodes": nodes})
@@ -498,7 +494,7 @@ async def get_node(request: web.Request) -> web.Response:
             return error(404, f"no node {node_id}")  # someone else's: don't confirm it exists
         if node is None:
             return error(404, f"no node {node_id}")
-    from hub.views import node_view
+    from hub.api.views import node_view
 
     return json_response(node_view(node))
 

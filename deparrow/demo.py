@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import wasm_jobs
-from hub.client import HubError
-from hub.localnet import LocalHub, Proc, wait_for
+from deparrow.client import HubError
+from deparrow.localnet import LocalHub, Proc, wait_for
 
 
 def spec_for(name: str, entry: dict[str, Any]) -> dict[str, Any]:

@@ -1,21 +1,11 @@
-"""What the API and the bridge share with the dashboard: change notifications and the node
-view. The dashboard itself lives in hub/web/."""
+"""A node as the API shows it (GET /api/v1/nodes), which the dashboard's pages show too."""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
-from aiohttp import web
-
-from hub.ledger import format_micro
-
-
-def notify(app: web.Application, kind: str, data: dict[str, Any]) -> None:
-    """A job or node changed state: the latest-events list and open pages hear of it."""
-    from hub.web import live
-
-    live.record(app, kind, data)
+from hub.ledger.ledger import format_micro
 
 
 def node_view(n: Any) -> dict[str, Any]:
@@ -37,9 +27,3 @@ def node_view(n: Any) -> dict[str, Any]:
         "reputation": round(float(n["reputation"]), 4),
         "allow_network": json.loads(n["allow_network"] or "[]"),
     }
-
-
-def add_routes(app: web.Application) -> None:
-    from hub import web as dashboard
-
-    dashboard.add_routes(app)

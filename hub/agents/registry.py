@@ -36,8 +36,7 @@ import msgspec
 from jsonschema.exceptions import SchemaError, best_match
 
 from edge.core import protocol
-from hub.db import Database
-from hub.ledger import (
+from hub.ledger.ledger import (
     InsufficientFunds,
     Ledger,
     LedgerError,
@@ -46,7 +45,8 @@ from hub.ledger import (
     format_micro,
     wallet_id,
 )
-from hub.store import Store, new_id
+from hub.store.db import Database
+from hub.store.rows import Store, new_id
 
 log = logging.getLogger(__name__)
 
