@@ -50,7 +50,8 @@ from hub.ledger.ledger import (
     credits_to_micro,
     format_micro,
 )
-from hub.market.jobs import JobConflict, JobError, JobNotFound, NotAllowed, wallet_of
+from hub.market.errors import JobConflict, JobError, JobNotFound, NotAllowed
+from hub.market.jobs import wallet_of
 from hub.market.spec import JOB_STATES, JobSpec, error_field
 from hub.store.rows import token_hash
 

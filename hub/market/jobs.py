@@ -19,80 +19,24 @@ from typing import Any
 
 import msgspec
 
-import wasm_jobs
 from edge.core import protocol
 from hub.config import HubConfig
 from hub.ledger import economy
 from hub.ledger.economy import REVENUE
-from hub.ledger.ledger import Ledger, format_micro, wallet_id
-from hub.market import reputation, verification
+from hub.ledger.ledger import Ledger, wallet_id
+from hub.market import admission, job_view, reputation, verification
 from hub.market.attempts import Attempts, Stale
 from hub.market.bonuses import Bonuses
+from hub.market.errors import JobConflict, JobError, JobNotFound
 from hub.market.replicas import LIVE, Replicas
 from hub.market.service_billing import ServiceBilling
-from hub.market.spec import DockerEngine, JobSpec, WasmEngine
+from hub.market.spec import JobSpec, WasmEngine
 from hub.store.db import Database
 from hub.store.rows import Store, new_id
 
 
-class JobError(Exception):
-    """A request about a job that cannot be honoured; the message says why."""
-
-    field: str | None = None
-
-    def __init__(self, message: str, field: str | None = None) -> None:
-        super().__init__(message)
-        self.field = field
-
-
-class JobNotFound(JobError):
-    pass
-
-
-class NotAllowed(JobError):
-    pass
-
-
-class JobConflict(JobError):
-    """An idempotency key reused for a different request."""
-
-
 def wallet_of(user_id: str) -> str:
     return wallet_id(user_id)
-
-
-def engine_message(spec: JobSpec) -> dict[str, Any]:
-    """The `engine` object of an assign message (docs/protocol.md), per engine type."""
-    e = spec.engine
-    if isinstance(e, WasmEngine):
-        return {"type": "wasm", "entrypoint": e.entrypoint, "args": list(e.args), "env": e.env}
-    msg: dict[str, Any] = {
-        "type": "docker" if isinstance(e, DockerEngine) else "native",
-        "command": list(e.command),
-        "env": dict(e.env),
-        "network": e.network,
-    }
-    if isinstance(e, DockerEngine):
-        msg.update(image=e.image, pids=e.pids)
-    return msg
-
-
-def _by_reference(spec: JobSpec, module: str | None, stdin: str | None) -> JobSpec:
-    """The spec as stored: an inline (`base64:`) module or input replaced by the `sha256:`
-    reference of the blob it was stored as, so a job row stays small however large its
-    module, and the scheduler and job lists never parse megabytes of base64."""
-    engine = spec.engine
-    if (
-        module is not None
-        and isinstance(engine, WasmEngine)
-        and engine.module.startswith("base64:")
-    ):
-        spec = msgspec.structs.replace(
-            spec, engine=msgspec.structs.replace(engine, module="sha256:" + module)
-        )
-    if stdin is not None and spec.input and spec.input.startswith("base64:"):
-        spec = msgspec.structs.replace(spec, input="sha256:" + stdin)
-    return spec
 
 
 @dataclass(frozen=True)
@@ -137,61 +81,6 @@ class Jobs:
         out, self.replicas.cancels = self.replicas.cancels, []
         return out
 
-    # --- references --------------------------------------------------------------
-    def resolve_ref(self, ref: str, field: str, limit: int) -> str:
-        """Turn a module/input reference into the sha256 of a stored blob."""
-        kind, _, value = ref.partition(":")
-        if kind == "sha256":
-            if not self.store.has_blob(value):
-                raise JobError(f"{field}: no uploaded blob {ref}; upload it first", field)
-            return value
-        if kind == "base64":
-            try:
-                data = base64.b64decode("".join(value.split()), validate=True)
-            except (binascii.Error, ValueError) as e:
-                raise JobError(f"{field}: not valid base64 ({e})", field) from None
-        elif kind == "example":
-            examples = wasm_jobs.manifest()
-            if value not in examples:
-                names = ", ".join(sorted(examples))
-                raise JobError(f"{field}: no example job {value!r} (have: {names})", field)
-            data = wasm_jobs.path(examples[value]["module"]).read_bytes()
-        else:  # the pattern in models.py already excludes this
-            raise JobError(f"{field}: unknown reference {ref!r}", field)
-        if len(data) > limit:
-            raise JobError(f"{field}: {len(data)} bytes is over the {limit}-byte limit", field)
-        return self.store.put_blob(data)
-
-    # --- admission ----------------------------------------------------------------
-    @staticmethod
-    def replicas_of(spec: JobSpec) -> int:
-        """k from `verify: {replicas: k}` (1 without it), or JobError saying what is wrong."""
-        if spec.verify is None:
-            return 1
-        k = spec.verify.replicas
-        top = verification.MAX_REPLICAS
-        if not 1 <= k <= top:
-            raise JobError(
-                f"verify.replicas: {k} is not between 1 and {top}; 3 is usual (2 of 3 must"
-                " agree), 5 tolerates two wrong nodes",
-                "verify.replicas",
-            )
-        if not isinstance(spec.engine, WasmEngine):
-            kind = "docker" if isinstance(spec.engine, DockerEngine) else "native"
-            raise JobError(
-                f"verify: only wasm jobs can be verified, not {kind}: replicas are compared"
-                f" byte for byte, and a {kind} job may read the clock, random numbers or the"
-                " network, so honest nodes would disagree. Drop `verify` or use a wasm module",
-                "verify",
-            )
-        if spec.type == "service":
-            raise JobError(
-                "verify: a service runs until stopped and has no single result to compare;"
-                " only batch jobs can be verified",
-                "verify",
-            )
-        return k
-
     def submit(self, owner: str, spec: JobSpec, submit_key: str | None = None) -> sqlite3.Row:
         """Validate, price on the server, hold the maximum, queue. InsufficientFunds: nothing
         is stored. A retried submission with the same key returns the first job."""
@@ -206,10 +95,10 @@ class Jobs:
         module: str | None = None
         if spec.gas is not None and not isinstance(spec.engine, WasmEngine):
             raise JobError("gas: a gas budget applies to wasm jobs only", "gas")
-        k = self.replicas_of(spec)
+        k = admission.replicas_of(spec)
         if isinstance(spec.engine, WasmEngine):
             limit = self.config.max_module_bytes
-            module = self.resolve_ref(spec.engine.module, "engine.module", limit)
+            module = admission.resolve_ref(self.store, spec.engine.module, "engine.module", limit)
             head = self.store.blob_head(module, 4)
             if head != b"\0asm":
                 raise JobError(
@@ -217,11 +106,11 @@ class Jobs:
                     "engine.module",
                 )
         stdin = (
-            self.resolve_ref(spec.input, "input", self.config.max_input_bytes)
+            admission.resolve_ref(self.store, spec.input, "input", self.config.max_input_bytes)
             if spec.input
             else None
         )
-        spec = _by_reference(spec, module, stdin)
+        spec = admission.by_reference(spec, module, stdin)
         if existing is not None:
             if msgspec.json.decode(existing["spec"], type=JobSpec) != spec:
                 raise JobConflict(
@@ -314,7 +203,7 @@ class Jobs:
         spec = msgspec.json.decode(job["spec"], type=JobSpec)
         module = self.store.blob(job["module_sha256"]) if job["module_sha256"] else None
         stdin = self.store.blob(job["input_sha256"]) if job["input_sha256"] else None
-        engine = engine_message(spec)
+        engine = admission.engine_message(spec)
         msg: dict[str, Any] = protocol.assign(
             job_id,
             int(job["attempt"]),
@@ -684,44 +573,5 @@ class Jobs:
 
     # --- views ----------------------------------------------------------------------
     def view(self, job: sqlite3.Row) -> dict[str, Any]:
-        result = json.loads(job["result"]) if job["result"] else None
-        verified = self.replicas.view(job)
-        reason = job["reason"]
-        if verified is not None and reason is None and job["state"] in LIVE:
-            # Under way: say why a replica still waits, if one does.
-            reason = next(
-                (
-                    f"replica {r['replica']}: {r['reason']}"
-                    for r in self.store.replicas(job["id"])
-                    if r["state"] == "queued" and r["reason"]
-                ),
-                None,
-            )
-        return {
-            "id": job["id"],
-            "name": job["name"],
-            "state": job["state"],
-            "owner": job["owner"],
-            "node": job["node"],
-            "attempt": job["attempt"],
-            "priority": job["priority"],
-            "hold": format_micro(int(job["hold"])),
-            "cost": format_micro(int(job["cost"])) if job["cost"] is not None else None,
-            "reason": reason,
-            "timings": {
-                "submitted_at": job["submitted_at"],
-                "assigned_at": job["assigned_at"],
-                "started_at": job["started_at"],
-                "finished_at": job["finished_at"],
-            },
-            "result": result,
-            "spec": json.loads(job["spec"]),
-            "billing": self.billing.view(job),
-            "retries": {
-                "max_attempts": self.max_attempts,
-                "node_failures": job["failures"],
-                "history": json.loads(job["tries"] or "[]"),
-            },
-            "verification": verified,
-            "replica_of": job["parent"],
-        }
+        """The job as the API and the pages show it (hub/market/job_view.py)."""
+        return job_view.view(self, job)

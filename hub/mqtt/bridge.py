@@ -49,7 +49,8 @@ from edge.core import protocol
 from hub.agents.registry import Agents
 from hub.ledger import economy
 from hub.ledger.ledger import InsufficientFunds, format_micro
-from hub.market.jobs import JobConflict, JobError, Jobs
+from hub.market.errors import JobConflict, JobError
+from hub.market.jobs import Jobs
 from hub.market.scheduler import Scheduler
 from hub.market.spec import JobSpec, error_field
 from hub.mqtt import wire

@@ -20,7 +20,8 @@ from aiohttp import web
 import wasm_jobs
 from hub.api.auth import Identity
 from hub.ledger.ledger import InsufficientFunds, UnknownAccount, format_micro
-from hub.market.jobs import JobError, NotAllowed, wallet_of
+from hub.market.errors import JobError, NotAllowed
+from hub.market.jobs import wallet_of
 from hub.market.spec import JOB_STATES, TERMINAL_STATES
 from hub.web import forms, live, queries, session
 from hub.web.session import services

@@ -114,7 +114,7 @@ def test_migration_4_keeps_every_job(tmp_path: Path) -> None:
 
 
 def test_a_gas_budget_travels_with_a_wasm_job_only(services: Services) -> None:
-    from hub.market.jobs import JobError
+    from hub.market.errors import JobError
 
     user, _, _ = services.create_user("user", "user")
     spec = {"engine": {"type": "wasm", "module": "example:fib", "entrypoint": "fib"}, "gas": 5000}

@@ -18,7 +18,8 @@ from hub.app import open_services
 from hub.config import HubConfig
 from hub.ledger import economy
 from hub.ledger.ledger import MICRO
-from hub.market.jobs import JobError, wallet_of
+from hub.market.errors import JobError
+from hub.market.jobs import wallet_of
 from hub.market.spec import JobSpec
 from tests.hub.test_earnings import add_node
 

@@ -18,9 +18,11 @@ from hub.api.services import Services
 from hub.app import open_services
 from hub.config import HubConfig
 from hub.ledger import economy
+from hub.ledger.economy import REVENUE
 from hub.ledger.ledger import MICRO, format_micro
 from hub.market import verification
-from hub.market.jobs import REVENUE, JobError, wallet_of
+from hub.market.errors import JobError
+from hub.market.jobs import wallet_of
 from hub.market.spec import JobSpec
 from tests.hub.conftest import new_user
 from tests.hub.test_earnings import add_node

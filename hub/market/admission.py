@@ -1,0 +1,106 @@
+"""Admission of a job spec, before anything is held or stored: the references it names
+(uploaded blobs, inline base64, example jobs) resolved to stored blobs, the replicas it asks
+for checked, the spec rewritten to store references only, the engine object of its assign
+message. Raises JobError (hub/market/errors.py) naming the field at fault."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any
+
+import msgspec
+
+import wasm_jobs
+from hub.market import verification
+from hub.market.errors import JobError
+from hub.market.spec import DockerEngine, JobSpec, WasmEngine
+from hub.store.rows import Store
+
+
+def resolve_ref(store: Store, ref: str, field: str, limit: int) -> str:
+    """Turn a module/input reference into the sha256 of a stored blob."""
+    kind, _, value = ref.partition(":")
+    if kind == "sha256":
+        if not store.has_blob(value):
+            raise JobError(f"{field}: no uploaded blob {ref}; upload it first", field)
+        return value
+    if kind == "base64":
+        try:
+            data = base64.b64decode("".join(value.split()), validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise JobError(f"{field}: not valid base64 ({e})", field) from None
+    elif kind == "example":
+        examples = wasm_jobs.manifest()
+        if value not in examples:
+            names = ", ".join(sorted(examples))
+            raise JobError(f"{field}: no example job {value!r} (have: {names})", field)
+        data = wasm_jobs.path(examples[value]["module"]).read_bytes()
+    else:  # the pattern in hub/market/spec.py already excludes this
+        raise JobError(f"{field}: unknown reference {ref!r}", field)
+    if len(data) > limit:
+        raise JobError(f"{field}: {len(data)} bytes is over the {limit}-byte limit", field)
+    return store.put_blob(data)
+
+
+def replicas_of(spec: JobSpec) -> int:
+    """k from `verify: {replicas: k}` (1 without it), or JobError saying what is wrong."""
+    if spec.verify is None:
+        return 1
+    k = spec.verify.replicas
+    top = verification.MAX_REPLICAS
+    if not 1 <= k <= top:
+        raise JobError(
+            f"verify.replicas: {k} is not between 1 and {top}; 3 is usual (2 of 3 must"
+            " agree), 5 tolerates two wrong nodes",
+            "verify.replicas",
+        )
+    if not isinstance(spec.engine, WasmEngine):
+        kind = "docker" if isinstance(spec.engine, DockerEngine) else "native"
+        raise JobError(
+            f"verify: only wasm jobs can be verified, not {kind}: replicas are compared"
+            f" byte for byte, and a {kind} job may read the clock, random numbers or the"
+            " network, so honest nodes would disagree. Drop `verify` or use a wasm module",
+            "verify",
+        )
+    if spec.type == "service":
+        raise JobError(
+            "verify: a service runs until stopped and has no single result to compare;"
+            " only batch jobs can be verified",
+            "verify",
+        )
+    return k
+
+
+def engine_message(spec: JobSpec) -> dict[str, Any]:
+    """The `engine` object of an assign message (docs/protocol.md), per engine type."""
+    e = spec.engine
+    if isinstance(e, WasmEngine):
+        return {"type": "wasm", "entrypoint": e.entrypoint, "args": list(e.args), "env": e.env}
+    msg: dict[str, Any] = {
+        "type": "docker" if isinstance(e, DockerEngine) else "native",
+        "command": list(e.command),
+        "env": dict(e.env),
+        "network": e.network,
+    }
+    if isinstance(e, DockerEngine):
+        msg.update(image=e.image, pids=e.pids)
+    return msg
+
+
+def by_reference(spec: JobSpec, module: str | None, stdin: str | None) -> JobSpec:
+    """The spec as stored: an inline (`base64:`) module or input replaced by the `sha256:`
+    reference of the blob it was stored as, so a job row stays small however large its
+    module, and the scheduler and job lists never parse megabytes of base64."""
+    engine = spec.engine
+    if (
+        module is not None
+        and isinstance(engine, WasmEngine)
+        and engine.module.startswith("base64:")
+    ):
+        spec = msgspec.structs.replace(
+            spec, engine=msgspec.structs.replace(engine, module="sha256:" + module)
+        )
+    if stdin is not None and spec.input and spec.input.startswith("base64:"):
+        spec = msgspec.structs.replace(spec, input="sha256:" + stdin)
+    return spec
