@@ -149,7 +149,10 @@ def job_cmd(
 
             executor = Wasm3Executor(workers=1)
     elif engine == "docker":
-        from edge.executors.docker import DockerExecutor
+        try:
+            from edge.executors.docker import DockerExecutor
+        except ImportError as e:
+            fail(f"the Docker SDK is not installed ({e}): pip install 'deparrow[full]'", 69)
 
         spec.update(image=target, command=list(args), network=network)
         executor = DockerExecutor(docker_url, allow_network=network)

@@ -71,18 +71,9 @@ def build_executors(config: dict[str, Any], warn: Callable[[str], None]) -> Any:
         executors["wasm"] = Wasm3Executor(workers=1)
     docker = prefs.get("docker") or {}
     if docker.get("enabled"):
-        from edge.executors.docker import DockerExecutor, JobError
-
-        ex = DockerExecutor(
-            docker.get("url"), allow_network=bool(docker.get("allow_network")),
-            node=config["node_id"],
-        )  # fmt: skip
-        try:
-            ex.remove_leftovers()  # also checks that the engine answers
+        ex = _docker_executor(docker, str(config["node_id"]), warn)
+        if ex is not None:
             executors["docker"] = ex
-        except JobError as e:
-            ex.close()
-            warn(f"docker jobs off: {e}")
     native = prefs.get("native") or {}
     if native.get("enabled"):
         from edge.executors.native import NativeDisabled, NativeExecutor, SandboxUnavailable
@@ -96,3 +87,24 @@ def build_executors(config: dict[str, Any], warn: Callable[[str], None]) -> Any:
         except (NativeDisabled, SandboxUnavailable) as e:
             warn(f"native jobs off: {e}")
     return ExecutorRouter(executors)
+
+
+def _docker_executor(docker: dict[str, Any], node_id: str, warn: Callable[[str], None]) -> Any:
+    """The docker executor, or None (with a warning saying why) when the Docker SDK is not
+    installed (it comes with deparrow[full]) or the engine does not answer."""
+    try:
+        from edge.executors.docker import DockerExecutor, JobError
+    except ImportError as e:
+        warn(
+            f"docker jobs off: the Docker SDK is not installed ({e}); pip install 'deparrow[full]'"
+        )
+        return None
+    ex = DockerExecutor(docker.get("url"), allow_network=bool(docker.get("allow_network")),
+                        node=node_id)  # fmt: skip
+    try:
+        ex.remove_leftovers()  # also checks that the engine answers
+        return ex
+    except JobError as e:
+        ex.close()
+        warn(f"docker jobs off: {e}")
+        return None

@@ -43,7 +43,7 @@ def test_readme_has_exactly_two_setup_commands() -> None:
     section = README.split("## Two commands", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```sh\n(.*?)```", section, re.S)
     assert [b.strip() for b in blocks] == [
-        "python3 -m venv .venv && .venv/bin/pip install . && .venv/bin/deparrow demo",
+        "python3 -m venv .venv && .venv/bin/pip install '.[hub]' && .venv/bin/deparrow demo",
         "make test",
     ]
     assert "make test" in (ROOT / ".ci" / "run").read_text()
