@@ -1,7 +1,7 @@
 """Network diagnosis: one pass/fail line per check, and a hint on every failure.
 
 Used by `edge-run diagnose` (with the node's node.json) and by the hub's CLI
-(`deparrow network diagnose`, `deparrow status --deep`, through hub/diagnose.py), so a node
+(`deparrow network diagnose`, `deparrow status --deep`, through deparrow/diagnose.py), so a node
 owner and a submitter read the same lines. It lives in edge/ because edge/ never imports hub/
 and a node image need not carry the hub. CPython only (sockets, urllib, paho), like
 edge/mqtt_paho.py: a board never runs it.
@@ -51,7 +51,7 @@ from edge.diagnose_report import (
     why,
 )
 
-# Importable from here, as before the split (hub/diagnose.py, tests/test_diagnose.py).
+# Importable from here, as before the split (deparrow/diagnose.py, tests/test_diagnose.py).
 __all__ = [
     "DIAG_KIND",
     "FAIL",

@@ -156,7 +156,7 @@ async def snapshot_reads_middleware(
     request: web.Request, handler: routes.Handler
 ) -> web.StreamResponse:
     """GET and HEAD only read: a COMMIT on its way to disk delays them by READ_GRACE_S at
-    most; after that they are answered from the last durable state (hub/db.py). The other
+    most; after that they are answered from the last durable state (hub/store/db.py). The other
     methods may write, and decide on what they read: they wait for the COMMIT."""
     if request.method in ("GET", "HEAD"):
         await request.app[SERVICES].db.settled(READ_GRACE_S)

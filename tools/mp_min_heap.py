@@ -5,7 +5,7 @@
     python tools/mp_min_heap.py [--mode source|mpy|both] [--low KIB] [--high KIB]
                                 [--jobs fib,sieve] [--confirm N]
 
-One Mosquitto and one hub (hub/localnet.py) serve every trial; the node is enrolled once.
+One Mosquitto and one hub (deparrow/localnet.py) serve every trial; the node is enrolled once.
 A trial starts the node in the heap under test and passes when it comes online (hello and
 heartbeats reach the hub), runs each job to a settled, correct result and then stops cleanly
 (--exit-after). `source` runs the .py files, which MicroPython compiles at import (the

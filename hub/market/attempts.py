@@ -7,7 +7,7 @@ the attempt's credits, and the caller moves them only when `end` says it won. So
 result, a late loss report, a cancel racing a result or a replayed tick finds the attempt
 already ended and moves nothing.
 
-Outcomes, and who writes them (all in hub/jobs.py and hub/replicas.py):
+Outcomes, and who writes them (all in hub/market/jobs.py and hub/market/replicas.py):
 
 - completed: the node's signed result settled it; paid for actual use.
 - recorded: a replica's result waits for the quorum; paid or not when the quorum decides, in

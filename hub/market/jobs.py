@@ -67,11 +67,11 @@ class Jobs:
         return self.clock()  # looked up each time: a test may set self.clock later
 
     def accrue_uptime(self, node_id: str, gap_ms: int, now: float | None = None) -> int:
-        """A node's availability since its previous heartbeat (hub/bonuses.py)."""
+        """A node's availability since its previous heartbeat (hub/market/bonuses.py)."""
         return self.bonuses.accrue_uptime(node_id, gap_ms, now)
 
     def bill_services(self, now: float | None = None) -> list[tuple[str, str, int]]:
-        """Bill every service period ended by `now` (hub/service_billing.py); returns the
+        """Bill every service period ended by `now` (hub/market/service_billing.py); returns the
         (node, job, attempt) of services that had to stop, for the bridge to cancel."""
         return self.billing.bill(now)
 

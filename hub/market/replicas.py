@@ -1,11 +1,11 @@
 """A verified job's replicas: their results, the quorum's verdict, and the credits it moves.
 
 A job with `verify: {replicas: k}` holds k times its maximum price and has k replica rows
-(hub/store.py, migration 6) that nodes run like any job. When the replicas have decided
-(hub/verification.py), one transaction ends the job: each completed replica is charged as a
+(hub/store/rows.py, migration 6) that nodes run like any job. When the replicas have decided
+(hub/market/verification.py), one transaction ends the job: each completed replica is charged as a
 job of its own under its own ledger key, agreeing nodes are paid and gain reputation,
 dissenters are not and lose it; or, without a quorum, the whole hold is refunded. Called by
-hub/jobs.py inside its transactions; no aiohttp, no MQTT.
+hub/market/jobs.py inside its transactions; no aiohttp, no MQTT.
 """
 
 from __future__ import annotations

@@ -50,7 +50,7 @@ def record(c: sqlite3.Connection, node_id: str, event: str) -> None:
 
 def clear_loss(c: sqlite3.Connection, node_id: str) -> None:
     """Undo one "lost" event: the loss turned out to be the job's fault (it broke another
-    node the same way, hub/jobs.py `_blame`). Division by the loss factor, kept below 1."""
+    node the same way, hub/market/jobs.py `_blame`). Division by the loss factor, kept below 1."""
     w, column = LOSSES["lost"]
     c.execute(
         f"UPDATE nodes SET reputation = MIN(reputation / (1 - ?), 0.999999),"

@@ -4,7 +4,7 @@ Eligible: online, idle (not busy, not suspended by its owner's activity), speaks
 engine, lets that engine's jobs use the network if the job asks for it (the owner's choice, in
 the node's hello and heartbeats), offers enough CPU and RAM, and runs nothing else. High
 priority first, then oldest. Among the nodes that fit, the most reputable first
-(hub/reputation.py), then the longest enrolled. The replicas of a verified job go to nodes of
+(hub/market/reputation.py), then the longest enrolled. The replicas of a verified job go to nodes of
 distinct owners. When nothing fits, the job's `reason` says why, so the submitter is not left
 guessing.
 
@@ -58,7 +58,7 @@ def _capacity(
 ) -> tuple[frozenset[str], float, int, tuple[Kind, ...]]:
     """A node row's offer, parsed. Most nodes of a fleet offer the same few shapes, so the
     JSON is parsed once per distinct shape rather than once per node and pass."""
-    try:  # validated by hub/wire.py before it was stored; a bad row offers nothing
+    try:  # validated by hub/mqtt/wire.py before it was stored; a bad row offers nothing
         res = json.loads(resources or "{}")
         runs = frozenset(json.loads(engines))
         allowed = runs & frozenset(json.loads(network or "[]"))

@@ -67,7 +67,7 @@ class Resources(msgspec.Struct, forbid_unknown_fields=True):
 
 class Verify(msgspec.Struct, forbid_unknown_fields=True):
     """Run the job on `replicas` nodes of distinct owners and take the majority's result.
-    The bounds (1..5) are checked by the hub with a message that says why (hub/jobs.py)."""
+    The bounds (1..5) are checked by the hub with a message that says why (hub/market/jobs.py)."""
 
     replicas: Annotated[
         int, msgspec.Meta(description="1 to 5; a strict majority must agree (2 of 3, 3 of 5)")

@@ -2,7 +2,7 @@
 
 A job with `verify: {replicas: k}` runs on k nodes of distinct owners. Each completed replica's
 result is reduced to one hash; a strict majority of k with the same hash is the quorum, and its
-result is the job's. Pure functions, no database: hub/jobs.py applies the decision.
+result is the job's. Pure functions, no database: hub/market/jobs.py applies the decision.
 """
 
 from __future__ import annotations

@@ -130,7 +130,7 @@ class Bridge:
         self.store = store
         self.jobs = jobs
         self.scheduler = scheduler
-        self.agents = agents  # service calls between agents (hub/agents.py)
+        self.agents = agents  # service calls between agents (hub/agents/registry.py)
         self.tick_s = tick_s
         self.on_change = on_change
         self.max_batch = max_batch

@@ -5,7 +5,7 @@ amqtt, an embedded Python broker, also in a child process so a broker fault cann
 hub's event loop with it. Either way `pip install` alone is enough for a first run.
 
 With `auth=True` (the hub's own broker) nobody logs in anonymously: the hub writes a password
-file and an ACL file (hub/mqtt_auth.py renders them) and sends the broker SIGHUP whenever they
+file and an ACL file (hub/mqtt/logins.py renders them) and sends the broker SIGHUP whenever they
 change, as nodes enroll and leave. Mosquitto reloads both on SIGHUP and drops the connections of
 logins that are gone; the embedded broker reads the same two files through plugins below and
 does the same. A broker given with --mqtt is the operator's: the hub does not manage its logins.

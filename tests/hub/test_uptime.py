@@ -1,6 +1,6 @@
 """Uptime through the bridge: real heartbeat messages, the hub's clock injected, no sleeps.
 
-The bridge is the real one (hub/bridge.py) over a real SQLite file; it is fed the bytes a node
+The bridge is the real one (hub/mqtt/bridge.py) over a real SQLite file; it is fed the bytes a node
 publishes (edge/core/protocol.py) through `Bridge.handle`, the function its MQTT consumer calls, and
 the hub's clock (`Jobs.clock`) is moved between beats. So "a day of heartbeats" is a day of
 the hub's time, and each rule is checked exactly, not within loose bounds.

@@ -1,4 +1,4 @@
-"""edge/core/protocol.py builds messages; hub/wire.py decodes them. They must agree."""
+"""edge/core/protocol.py builds messages; hub/mqtt/wire.py decodes them. They must agree."""
 
 from __future__ import annotations
 
