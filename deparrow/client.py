@@ -8,7 +8,10 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from hub.market.spec import TERMINAL_STATES
+# The states a job ends in, as the REST API reports them (the job lifecycle in
+# docs/protocol.md). The client keeps its own copy so it never imports the server;
+# tests/test_cli.py checks it against hub.market.spec.TERMINAL_STATES.
+TERMINAL_STATES = ("completed", "failed", "cancelled")
 
 
 class HubError(Exception):

@@ -3,8 +3,11 @@ stopped by PID. The demo, the benchmarks and the tests all build on it."""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -13,9 +16,29 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from deparrow.client import Client, HubError
-from hub.mqtt.broker import die_with_parent, free_port
 
 T = TypeVar("T")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _stop_with_us() -> Callable[[], None]:
+    """A preexec_fn: the child gets SIGTERM when this process dies, even by SIGKILL, so a
+    crashed demo or test never leaves a hub or node behind (Linux PR_SET_PDEATHSIG; else
+    nothing). The hub's broker does the same for its broker (hub/mqtt/broker.py)."""
+    us = os.getpid()
+
+    def arm() -> None:
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+        if os.getppid() != us:  # we died before the signal was armed
+            os._exit(1)
+
+    return arm
 
 
 class Proc:
@@ -34,7 +57,7 @@ class Proc:
                 stdin=subprocess.DEVNULL,
                 env={**os.environ, **(env or {})},
                 start_new_session=True,
-                preexec_fn=die_with_parent(signal.SIGTERM),
+                preexec_fn=_stop_with_us(),
             )
 
     def alive(self) -> bool:

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import start_hub
 
 
@@ -45,3 +47,32 @@ def test_wallet_transfer_history_audit_and_status(tmp_path: Path, mosquitto: str
         assert nobody.returncode == 1 and "unknown API token" in nobody.stderr
     finally:
         hub.stop()
+
+
+def test_the_client_cli_imports_nothing_of_the_server() -> None:
+    # `deparrow hub` imports the server when it runs; every other command works without it.
+    code = (
+        "import sys, deparrow.cli, deparrow.client, deparrow.localnet, deparrow.demo, "
+        "deparrow.board, deparrow.diagnose\n"
+        "print(sorted(m for m in sys.modules if m == 'hub' or m.startswith('hub.')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_the_clients_copies_of_server_constants_agree(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from deparrow.cli.context import local_data_dir
+    from deparrow.client import TERMINAL_STATES
+    from hub.config import default_data_dir
+    from hub.market.spec import TERMINAL_STATES as SERVER_TERMINAL_STATES
+
+    assert TERMINAL_STATES == SERVER_TERMINAL_STATES
+    for env in ({}, {"XDG_DATA_HOME": str(tmp_path)}, {"DEPARROW_DATA": str(tmp_path / "d")}):
+        for name in ("XDG_DATA_HOME", "DEPARROW_DATA"):
+            monkeypatch.delenv(name, raising=False)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        assert local_data_dir() == default_data_dir(), env

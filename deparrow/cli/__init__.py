@@ -1,0 +1,51 @@
+"""deparrow: run the hub, submit jobs, read wallets and nodes, run the demo.
+
+A thin layer over deparrow.client: errors become one clear line and a non-zero exit. One
+module per verb group; `context` holds what they share. Only `deparrow hub` imports the
+server (`hub`), and only when it runs.
+"""
+
+from __future__ import annotations
+
+import click
+
+from deparrow.cli.agents import agent_group
+from deparrow.cli.boards import board_group
+from deparrow.cli.context import DEFAULT_HUB, Ctx
+from deparrow.cli.demo import demo_cmd
+from deparrow.cli.hub import hub_cmd
+from deparrow.cli.jobs import job_group
+from deparrow.cli.ledger import ledger_group
+from deparrow.cli.nodes import node_group
+from deparrow.cli.status import network_group, status_cmd
+from deparrow.cli.users import user_group
+from deparrow.cli.wallet import wallet_group
+
+__all__ = ["main"]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--hub",
+    envvar="DEPARROW_HUB",
+    default=DEFAULT_HUB,
+    show_default=True,
+    help="Hub URL (env DEPARROW_HUB).",
+)
+@click.option(
+    "--token",
+    envvar="DEPARROW_TOKEN",
+    default=None,
+    help="API token (env DEPARROW_TOKEN; default: the local hub's admin token).",
+)
+@click.pass_context
+def main(ctx: click.Context, hub: str, token: str | None) -> None:
+    """DEparrow: idle machines run other people's WebAssembly jobs for credits."""
+    ctx.obj = Ctx(hub, token)
+
+
+for _command in (
+    hub_cmd, job_group, wallet_group, ledger_group, node_group, user_group, status_cmd,
+    network_group, board_group, agent_group, demo_cmd,
+):  # fmt: skip
+    main.add_command(_command)

@@ -1,0 +1,76 @@
+"""What every `deparrow` command shares: the hub and token it talks to, and the one way an
+error reaches the user (a line on stderr and a non-zero exit)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from deparrow.client import Client, HubError
+
+DEFAULT_HUB = "http://127.0.0.1:8765"
+
+
+def local_data_dir() -> Path:
+    """Where a hub started with no --data-dir keeps its files (hub.config.default_data_dir).
+
+    Spelled again here so the client never imports the server; the two must agree, and
+    tests/test_cli.py checks that they do."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(os.environ.get("DEPARROW_DATA", str(Path(base) / "deparrow")))
+
+
+def _default_token() -> str | None:
+    """The local hub's admin token: used only when talking to the local hub at its default
+    address, so a token for one hub is never silently sent to another."""
+    path = local_data_dir() / "admin-token"
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def die(message: str, code: int = 1) -> NoReturn:
+    click.echo(f"deparrow: {message}", err=True)
+    sys.exit(code)
+
+
+def emit(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, sort_keys=True))
+
+
+class Ctx:
+    def __init__(self, hub: str, token: str | None) -> None:
+        self.hub = hub
+        self.token = token
+
+    def api_token(self) -> str | None:
+        """--token, or the local hub's admin token when --hub is the local default."""
+        if self.token is None and self.hub.rstrip("/") == DEFAULT_HUB:
+            return _default_token()
+        return self.token
+
+    def client(self) -> Client:
+        return Client(self.hub, self.api_token())
+
+
+def run_cli(fn: Any) -> Any:
+    """Turn HubError into one line on stderr."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except HubError as e:
+            extra = ""
+            if e.body.get("field") and not str(e).startswith(str(e.body["field"])):
+                extra = f" (field: {e.body['field']})"
+            die(f"{e}{extra}", 1)
+
+    return wrapper

@@ -1,0 +1,163 @@
+"""`deparrow hub`: run the server. The one command that imports `hub`, and only once it runs,
+so the rest of the CLI works where only the client is installed."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import click
+
+from deparrow.cli.context import die
+
+
+@click.command("hub")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8765, show_default=True, type=click.IntRange(0, 65535))
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Database, keys and broker files (default ~/.local/share/deparrow).",
+)
+@click.option(
+    "--mqtt",
+    "mqtt_url",
+    default=None,
+    metavar="mqtt://HOST:PORT",
+    help="Use this broker instead of starting one.",
+)
+@click.option(
+    "--broker",
+    type=click.Choice(["auto", "mosquitto", "embedded"]),
+    default="auto",
+    show_default=True,
+    help="Which broker to start when --mqtt is not given.",
+)
+@click.option(
+    "--broker-port",
+    default=1883,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="Port of the broker the hub starts (0: any free port).",
+)
+@click.option("--mqtt-public-url", default=None, help="Broker URL to give nodes.")
+@click.option(
+    "--welcome-grant",
+    default=100,
+    show_default=True,
+    type=click.IntRange(0),
+    help="Credits each new account receives.",
+)
+@click.option(
+    "--heartbeat",
+    default=5.0,
+    show_default=True,
+    type=click.FloatRange(0.1, 3600),
+    help="Seconds between node heartbeats.",
+)
+@click.option(
+    "--queue-ttl",
+    default=3600.0,
+    show_default=True,
+    type=click.FloatRange(1, 30 * 86400),
+    help="Seconds a job may wait for a node before it fails and is refunded.",
+)
+@click.option(
+    "--service-period",
+    default=3600,
+    show_default=True,
+    type=click.IntRange(1, 86400),
+    help="Seconds per billing period of service jobs (the rule bills per hour).",
+)
+@click.option(
+    "--max-attempts",
+    default=3,
+    show_default=True,
+    type=click.IntRange(1, 100),
+    help="Attempts of a job its nodes may lose (offline, silent, crashed) before it fails.",
+)
+@click.option("-v", "--verbose", is_flag=True)
+def hub_cmd(
+    host: str,
+    port: int,
+    data_dir: Path | None,
+    mqtt_url: str | None,
+    broker: str,
+    broker_port: int,
+    mqtt_public_url: str | None,
+    welcome_grant: int,
+    heartbeat: float,
+    queue_ttl: float,
+    service_period: int,
+    max_attempts: int,
+    verbose: bool,
+) -> None:
+    """Run the hub: REST API, ledger, scheduler, MQTT bridge and web page."""
+    try:
+        from aiohttp import web
+
+        from hub.api.services import SERVICES
+        from hub.app import create_app
+        from hub.config import HubConfig, default_data_dir
+        from hub.mqtt.bridge import parse_mqtt_url
+    except ModuleNotFoundError as e:  # a client-only install: the server is an extra
+        die(f"the hub needs the server's packages ({e.name} is missing): "
+            "pip install 'deparrow[hub]'")  # fmt: skip
+
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    if mqtt_url:
+        try:
+            parse_mqtt_url(mqtt_url)
+        except ValueError as e:
+            die(str(e), 2)
+    config = HubConfig(
+        data_dir=data_dir or default_data_dir(),
+        host=host,
+        port=port,
+        mqtt_url=mqtt_url,
+        broker=broker,
+        broker_port=broker_port,
+        mqtt_public_url=mqtt_public_url,
+        welcome_grant_credits=welcome_grant,
+        heartbeat_interval_s=heartbeat,
+        queue_ttl_s=queue_ttl,
+        service_period_s=service_period,
+        max_attempts=max_attempts,
+    )
+    try:
+        app = create_app(config)
+    except Exception as e:  # a database we cannot open, a disk we cannot write
+        die(f"cannot start the hub: {e}")
+    services = app[SERVICES]
+
+    def announce(_message: str) -> None:
+        # run_app calls this once the listening socket is bound, so nothing is claimed early.
+        url = f"http://{host}:{port}"
+        default = data_dir is None and port == 8765 and host == "127.0.0.1"
+        cli = (
+            "deparrow"
+            if default
+            else f"deparrow --hub {url} --token $(cat {config.admin_token_path})"
+        )
+        click.echo(f"DEparrow hub on {url}  (web page: {url}/)", err=True)
+        click.echo(
+            f"  MQTT broker: {services.mqtt_url}"
+            f" ({services.broker.kind if services.broker else 'external'})",
+            err=True,
+        )
+        click.echo(f"  data: {config.data_dir}", err=True)
+        click.echo(f"  admin token: {config.admin_token_path}", err=True)
+        click.echo(f"  add a node:  {cli} node token   (prints the edge-run command)", err=True)
+
+    try:
+        web.run_app(app, host=host, port=port, print=announce, handle_signals=True)
+    except ConnectionError as e:  # the broker (an OSError too, so it comes first)
+        die(str(e))
+    except OSError as e:
+        die(f"cannot listen on {host}:{port}: {e.strerror or e}")
+    except RuntimeError as e:
+        die(str(e))
