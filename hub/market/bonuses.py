@@ -1,8 +1,9 @@
 """Bonuses from the mint: uptime for nodes that are there for the network, and referrals.
 
 docs/economy.md ("Staying online", "Referral") states the rules with worked examples; the
-amounts are in hub/ledger/economy.py. Both reward people, not accounts: an agent counts as the person
-who owns it (Store.human_of), so one person's many agents or nodes earn one person's bonus.
+amounts are in hub/ledger/economy.py. Both reward people, not accounts: an agent counts as
+the person who owns it (Store.human_of), so one person's many agents or nodes earn one
+person's bonus.
 Called inside the market's transactions; no aiohttp, no MQTT.
 """
 

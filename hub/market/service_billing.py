@@ -3,8 +3,8 @@ wallet runs dry, settle the last partial period when the service ends.
 
 docs/economy.md ("Service jobs: billed per hour") states the rule with a worked example. Each
 period is one transaction keyed by its number; the period's pay is part of the attempt that
-ran it (hub/market/attempts.py), and the periods billed before an attempt began are recorded with it,
-so a service that moved pays its last partial period on the node that ran it.
+ran it (hub/market/attempts.py), and the periods billed before an attempt began are recorded
+with it, so a service that moved pays its last partial period on the node that ran it.
 Called by hub/market/jobs.py; no aiohttp, no MQTT.
 """
 

@@ -192,8 +192,9 @@ MIGRATIONS: list[tuple[int, str, str]] = [
     (
         7,
         "attempts settled once, queue wait from the last queueing, uptime earned by proof",
-        # attempts: one row per time a job was given to a node (hub/market/attempts.py); its outcome is
-        # written once, and only the step that writes it moves that attempt's credits.
+        # attempts: one row per time a job was given to a node (hub/market/attempts.py); its
+        # outcome is written once, and only the step that writes it moves that attempt's
+        # credits.
         # period_from: the service periods billed before the attempt began. queued_at: when
         # the job last entered the queue (submission or retry), for the queue's time limit.
         # Uptime: availability of the current UTC day waits in uptime_pending_ms until the node
