@@ -55,3 +55,17 @@ def test_the_base_install_is_the_node_and_the_cli() -> None:
     extras = project["optional-dependencies"]
     assert {"aiohttp", "amqtt", "msgspec", "pyjwt"} <= {d.split(">")[0] for d in extras["hub"]}
     assert {"wasmtime", "docker"} <= {d.split(">")[0] for d in extras["full"]}
+
+
+def test_every_package_of_the_tree_is_in_the_install() -> None:
+    """A package missing from [tool.setuptools] packages is missing from the wheel, though an
+    editable install (which maps whole folders) would not show it."""
+    listed = set(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    tree = {
+        ".".join(init.parent.relative_to(ROOT).parts)
+        for top in ("hub", "edge", "deparrow")
+        for init in (ROOT / top).rglob("__init__.py")
+    }
+    assert tree <= listed, sorted(tree - listed)
