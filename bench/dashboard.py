@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 from deparrow import localnet  # noqa: E402
 from hub.app import open_services  # noqa: E402
 from hub.config import HubConfig  # noqa: E402
-from hub.ledger.ledger import MICRO  # noqa: E402
+from hub.ledger.money import MICRO  # noqa: E402
 from hub.market.jobs import wallet_of  # noqa: E402
 
 TARGET_MS = 100.0

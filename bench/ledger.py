@@ -40,7 +40,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from hub.ledger.ledger import MICRO, Entry, Ledger  # noqa: E402
+from hub.ledger.ledger import Ledger  # noqa: E402
+from hub.ledger.money import MICRO, Entry  # noqa: E402
 from hub.ledger.writer import Writer  # noqa: E402
 from hub.store.db import Database  # noqa: E402
 

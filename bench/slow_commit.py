@@ -49,7 +49,7 @@ from aiohttp import web  # noqa: E402
 from hub.api.services import SERVICES  # noqa: E402
 from hub.app import READ_GRACE_S, create_app  # noqa: E402
 from hub.config import HubConfig  # noqa: E402
-from hub.ledger.ledger import MICRO  # noqa: E402
+from hub.ledger.money import MICRO  # noqa: E402
 from hub.market.jobs import wallet_of  # noqa: E402
 
 WRITERS = 64

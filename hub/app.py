@@ -16,7 +16,7 @@ from aiohttp import web
 
 from hub import web as dashboard
 from hub.agents.registry import Agents
-from hub.api import agents, routes
+from hub.api import agents, http, routes
 from hub.api.services import SERVICES, Services
 from hub.config import HubConfig
 from hub.ledger.ledger import Ledger
@@ -153,7 +153,7 @@ READ_GRACE_S = 0.1
 
 @web.middleware
 async def snapshot_reads_middleware(
-    request: web.Request, handler: routes.Handler
+    request: web.Request, handler: http.Handler
 ) -> web.StreamResponse:
     """GET and HEAD only read: a COMMIT on its way to disk delays them by READ_GRACE_S at
     most; after that they are answered from the last durable state (hub/store/db.py). The other
@@ -168,7 +168,7 @@ async def snapshot_reads_middleware(
 def create_app(config: HubConfig, services: Services | None = None) -> web.Application:
     config = config.with_secret()
     app = web.Application(
-        middlewares=[routes.error_middleware, snapshot_reads_middleware],
+        middlewares=[http.error_middleware, snapshot_reads_middleware],
         client_max_size=config.max_module_bytes * 2 + 1024 * 1024,
     )
     services = services or open_services(config)

@@ -3,204 +3,42 @@
 An agent is a user with the role `agent` (its own wallet and API token), usually created by a
 person who owns it and funds it. It registers services (name, description, tags, a price per
 call, JSON Schemas for input and output) that anyone can find by text or tag, and answers
-calls over MQTT. A call goes through the hub:
+calls over MQTT; the calls and their settlement are in calls.py, the tables in schema.py, and
+the limits, errors and views in types.py.
 
-1. the caller asks (REST with an Idempotency-Key, or MQTT `invoke` with a request id); the
-   input is checked against the service's input schema and the price is moved from the
-   caller's wallet into a hold for the call, in one transaction with the call's row;
-2. the hub publishes the call on the serving agent's `call` topic;
-3. the agent's `response` settles it, once: a valid output pays the price to the agent; an
-   error, an output that breaks the output schema, or no answer by the deadline refunds the
-   caller. The call row's state guards every step (`pending` -> one final state), so a
-   duplicate or late response, or one from another agent, moves nothing.
-
-Deadlines live in the database: the bridge's tick and the hub's start expire overdue calls,
-so a call never stays held across a hub restart. No aiohttp and no paho here: the API layer
-and the bridge call in, and messages go out through the `publish` function the app attaches
-(the bridge's, which waits for the batch's COMMIT when called inside one).
+No aiohttp and no paho here: the API layer and the bridge call in, and messages go out through
+the `publish` function the app attaches (see Calls.attach).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import logging
 import sqlite3
 import time
-from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Any
 
 import jsonschema
-import msgspec
-from jsonschema.exceptions import SchemaError, best_match
+from jsonschema.exceptions import SchemaError
 
 from edge.core import protocol
-from hub.ledger.ledger import (
-    InsufficientFunds,
-    Ledger,
-    LedgerError,
-    UnknownAccount,
-    credits_to_micro,
-    format_micro,
-    wallet_id,
+from hub.agents.calls import Calls
+from hub.agents.types import (
+    MAX_CALL_TIMEOUT_S,
+    MAX_PRICE_CREDITS,
+    MAX_SCHEMA_BYTES,
+    MAX_TAGS,
+    AgentError,
+    AgentNotFound,
+    ServiceView,
+    service_view,
 )
-from hub.store.db import Database
-from hub.store.rows import Store, new_id
+from hub.ledger.money import UnknownAccount, credits_to_micro, format_micro, wallet_id
+from hub.store.rows import new_id
 
 log = logging.getLogger(__name__)
 
-COMPONENT = "agents"
-DEFAULT_CALL_TIMEOUT_S = 30.0  # a service's default; a call may ask for less or more
-MAX_CALL_TIMEOUT_S = 300.0
-MAX_PRICE_CREDITS = 1_000_000
-MAX_SCHEMA_BYTES = 64 * 1024
-MAX_TAGS = 16
-CALL_STATES = ("pending", "completed", "failed", "timeout")
 
-MIGRATIONS: list[tuple[int, str, str]] = [
-    (
-        1,
-        "agents, services, calls, notices",
-        """
-        CREATE TABLE agents (
-            id TEXT PRIMARY KEY REFERENCES users(id),
-            owner TEXT REFERENCES users(id),
-            created_at REAL NOT NULL
-        );
-        CREATE INDEX agents_owner ON agents(owner);
-        CREATE TABLE services (
-            id TEXT PRIMARY KEY,
-            agent TEXT NOT NULL REFERENCES users(id),
-            name TEXT NOT NULL,
-            description TEXT NOT NULL,
-            tags TEXT NOT NULL,
-            price INTEGER NOT NULL CHECK (price >= 0),
-            input_schema TEXT NOT NULL,
-            output_schema TEXT NOT NULL,
-            timeout_s REAL NOT NULL,
-            created_at REAL NOT NULL,
-            updated_at REAL NOT NULL,
-            retired_at REAL,
-            UNIQUE (agent, name)
-        );
-        CREATE TABLE calls (
-            id TEXT PRIMARY KEY,
-            service TEXT NOT NULL REFERENCES services(id),
-            service_name TEXT NOT NULL,
-            agent TEXT NOT NULL REFERENCES users(id),
-            caller TEXT NOT NULL REFERENCES users(id),
-            price INTEGER NOT NULL,
-            input TEXT NOT NULL,
-            output TEXT,
-            error TEXT,
-            state TEXT NOT NULL CHECK (state IN ('pending', 'completed', 'failed', 'timeout')),
-            created_at REAL NOT NULL,
-            deadline REAL NOT NULL,
-            finished_at REAL,
-            idem_key TEXT UNIQUE,
-            request_id TEXT
-        );
-        CREATE INDEX calls_pending ON calls(state, deadline);
-        CREATE INDEX calls_caller ON calls(caller, created_at);
-        CREATE INDEX calls_agent ON calls(agent, created_at);
-        CREATE TABLE agent_notices (
-            id INTEGER PRIMARY KEY,
-            agent TEXT NOT NULL REFERENCES users(id),
-            owner TEXT,
-            kind TEXT NOT NULL,
-            ref TEXT NOT NULL UNIQUE,
-            message TEXT NOT NULL,
-            created_at REAL NOT NULL
-        );
-        CREATE INDEX agent_notices_agent ON agent_notices(agent, id);
-        """,
-    ),
-]
-
-
-# --- errors ---------------------------------------------------------------------------------
-class AgentError(Exception):
-    """A request about agents, services or calls that cannot be honoured; says why."""
-
-    def __init__(self, message: str, field: str | None = None) -> None:
-        super().__init__(message)
-        self.field = field
-
-
-class AgentNotFound(AgentError):
-    pass
-
-
-class AgentForbidden(AgentError):
-    """The caller may not do this (not an agent, not this agent, not its owner)."""
-
-
-class CallConflict(AgentError):
-    """An idempotency key reused for a different call."""
-
-
-# --- types ----------------------------------------------------------------------------------
-Text = Annotated[str, msgspec.Meta(max_length=2000)]
-ServiceName = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[\w.\-]+$")]
-Tag = Annotated[str, msgspec.Meta(min_length=1, max_length=32, pattern=r"^[\w.\-]+$")]
-
-
-class Invoke(msgspec.Struct):
-    """A caller agent's `invoke` over MQTT (docs/agents.md)."""
-
-    v: int
-    request_id: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
-    token: Annotated[str, msgspec.Meta(min_length=8, max_length=256)]
-    service: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
-    input: Any = None
-    timeout_s: Annotated[float, msgspec.Meta(gt=0, le=MAX_CALL_TIMEOUT_S)] | None = None
-
-
-class Response(msgspec.Struct):
-    """A serving agent's `response` to a call."""
-
-    v: int
-    call_id: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
-    token: Annotated[str, msgspec.Meta(min_length=8, max_length=256)]
-    ok: bool
-    output: Any = None
-    error: Annotated[str, msgspec.Meta(max_length=4096)] | None = None
-
-
-class ServiceView(msgspec.Struct):
-    id: str
-    agent: str
-    agent_name: str
-    name: str
-    description: str
-    tags: list[str]
-    price: str  # credits per call, a decimal string
-    input_schema: dict[str, Any]
-    output_schema: dict[str, Any]
-    timeout_s: float  # how long a call waits for the agent unless it asks otherwise
-    created: float
-    updated: float
-
-
-class CallView(msgspec.Struct):
-    id: str
-    service: str
-    service_name: str
-    agent: str
-    caller: str
-    state: str  # pending | completed | failed | timeout
-    input: Any
-    output: Any
-    error: str | None
-    price: str  # what the call costs (moved to the agent only when completed)
-    paid: str  # what the caller finally paid: the price when completed, else 0
-    created: float
-    deadline: float
-    finished: float | None
-
-
-# --- JSON Schema ----------------------------------------------------------------------------
 def check_schema(schema: object, field: str) -> dict[str, Any]:
     """A JSON Schema object the validator accepts, else AgentError naming the field."""
     if not isinstance(schema, dict):
@@ -214,49 +52,9 @@ def check_schema(schema: object, field: str) -> dict[str, Any]:
     return schema
 
 
-def schema_problem(schema: dict[str, Any], instance: Any) -> str | None:
-    """None when instance matches schema; else where and how it does not."""
-    validator = jsonschema.validators.validator_for(schema)(schema)
-    error = best_match(validator.iter_errors(instance))
-    if error is None:
-        return None
-    where = error.json_path if error.path else "$"
-    return f"at {where}: {error.message}"
-
-
-def _json_size(value: Any) -> int:
-    return len(json.dumps(value, separators=(",", ":")))
-
-
-class Agents:
-    """Registry and call settlement over the hub's Database and Ledger."""
-
-    def __init__(
-        self,
-        db: Database,
-        store: Store,
-        ledger: Ledger,
-        default_timeout_s: float = DEFAULT_CALL_TIMEOUT_S,
-    ) -> None:
-        if not 0 < default_timeout_s <= MAX_CALL_TIMEOUT_S:
-            raise ValueError(f"default_timeout_s must be in (0, {MAX_CALL_TIMEOUT_S}]")
-        self.db = db
-        self.store = store
-        self.ledger = ledger
-        self.default_timeout_s = default_timeout_s
-        db.migrate(COMPONENT, MIGRATIONS)
-        self._publish: Callable[[str, dict[str, Any]], None] | None = None
-        self._events: dict[str, asyncio.Event] = {}
-
-    def attach(self, publish: Callable[[str, dict[str, Any]], None] | None) -> None:
-        """How messages reach the broker (the bridge's publish), or None when it is gone."""
-        self._publish = publish
-
-    def _send(self, topic: str, msg: dict[str, Any]) -> None:
-        if self._publish is None:
-            log.warning("no MQTT connection: %s not sent (a pending call expires)", topic)
-            return
-        self._publish(topic, msg)
+class Agents(Calls):
+    """The registry over the hub's Database and Ledger: agents, their services, and notices
+    to them; the paid calls between them come from `Calls`."""
 
     # --- agents -------------------------------------------------------------------------
     def create_agent(self, owner: str, name: str, fund: int = 0) -> tuple[str, str]:
@@ -454,18 +252,11 @@ class Agents:
         assert view is not None
         return view
 
-    def _service_row(self, service_id: str) -> sqlite3.Row | None:
-        return self.db.query_one(
-            "SELECT s.*, u.name AS agent_name FROM services s JOIN users u ON u.id = s.agent"
-            " WHERE s.id = ?",
-            (service_id,),
-        )
-
     def service(self, service_id: str, include_retired: bool = False) -> ServiceView | None:
         row = self._service_row(service_id)
         if row is None or (row["retired_at"] is not None and not include_retired):
             return None
-        return _service_view(row)
+        return service_view(row)
 
     def search(
         self, q: str | None = None, tag: str | None = None, agent: str | None = None,
@@ -493,297 +284,7 @@ class Agents:
             f" WHERE {' AND '.join(where)} ORDER BY s.price, s.name, s.id LIMIT ?",
             (*params, limit),
         )
-        return [_service_view(r) for r in rows]
-
-    # --- calls --------------------------------------------------------------------------
-    def call_row(self, call_id: str) -> sqlite3.Row | None:
-        return self.db.query_one("SELECT * FROM calls WHERE id = ?", (call_id,))
-
-    def calls(self, agent_id: str, limit: int = 50) -> list[CallView]:
-        rows = self.db.query(
-            "SELECT * FROM calls WHERE caller = ?1 OR agent = ?1 ORDER BY created_at DESC LIMIT ?2",
-            (agent_id, limit),
-        )
-        return [call_view(r) for r in rows]
-
-    def start_call(
-        self,
-        caller: str,
-        service_id: str,
-        input: Any,
-        timeout_s: float | None,
-        idem_key: str,
-        request_id: str | None = None,
-    ) -> tuple[sqlite3.Row, bool]:
-        """Check, hold the price, record the call. Returns (call row, new); a repeated key
-        returns the first call (new=False) and moves nothing. InsufficientFunds: nothing is
-        stored. The caller then publishes the call with send_call() if it is new."""
-        key = caller + ":" + idem_key  # one key space per caller
-        existing = self.db.query_one("SELECT * FROM calls WHERE idem_key = ?", (key,))
-        if existing is not None:
-            if existing["service"] != service_id or json.loads(existing["input"]) != input:
-                raise CallConflict(
-                    f"that idempotency key was used for call {existing['id']} with another "
-                    "service or input; use a new key for a new call"
-                )
-            return existing, False
-        row = self._service_row(service_id)
-        if row is None or row["retired_at"] is not None:
-            raise AgentNotFound(
-                f"no service {service_id}: find one with GET /api/v1/agents/services?q=..."
-            )
-        if row["agent"] == caller:
-            raise AgentError("an agent cannot call its own service", "service")
-        if _json_size(input) > protocol.MAX_CALL - 1024:
-            raise AgentError(f"input is over {protocol.MAX_CALL - 1024} bytes of JSON", "input")
-        problem = schema_problem(json.loads(row["input_schema"]), input)
-        if problem is not None:
-            raise AgentError(
-                f"input does not match the input schema of service {row['name']}: {problem}",
-                "input",
-            )
-        timeout = float(row["timeout_s"]) if timeout_s is None else float(timeout_s)
-        if not 0 < timeout <= MAX_CALL_TIMEOUT_S:
-            raise AgentError(f"timeout_s must be in (0, {MAX_CALL_TIMEOUT_S:g}]", "timeout_s")
-        price = int(row["price"])
-        call_id = new_id("c")
-        now = time.time()
-        with self.db.transaction() as c:
-            if price > 0:
-                self.ledger.place_hold(
-                    call_id,
-                    wallet_id(caller),
-                    price,
-                    reason=f"hold for call {call_id} to {row['name']} of {row['agent']}",
-                    memo={"call_id": call_id, "service": service_id},
-                )
-            c.execute(
-                "INSERT INTO calls (id, service, service_name, agent, caller, price, input,"
-                " state, created_at, deadline, idem_key, request_id)"
-                " VALUES (?,?,?,?,?,?,?,'pending',?,?,?,?)",
-                (call_id, service_id, row["name"], row["agent"], caller, price,
-                 json.dumps(input), now, now + timeout, key, request_id),
-            )  # fmt: skip
-        call = self.call_row(call_id)
-        assert call is not None
-        return call, True
-
-    def send_call(self, call: sqlite3.Row) -> None:
-        """Publish the call to its agent (after the transaction that recorded it)."""
-        self._send(
-            protocol.agent_topic(str(call["agent"]), protocol.CALL),
-            protocol.call(
-                call["id"],
-                call["service"],
-                call["service_name"],
-                call["caller"],
-                json.loads(call["input"]),
-                format_micro(int(call["price"])),
-                int(float(call["deadline"]) * 1000),
-            ),
-        )
-
-    def _finish(self, call: sqlite3.Row, state: str, output: Any, error: str | None) -> bool:
-        """Move a pending call to its final state and its credits with it, exactly once."""
-        call_id = str(call["id"])
-        price = int(call["price"])
-        with self.db.transaction() as c:
-            cur = c.execute(
-                "UPDATE calls SET state = ?, output = ?, error = ?, finished_at = ?"
-                " WHERE id = ? AND state = 'pending'",
-                (state, json.dumps(output) if state == "completed" else None, error,
-                 time.time(), call_id),
-            )  # fmt: skip
-            if cur.rowcount != 1:
-                return False
-            if price > 0:
-                if state == "completed":
-                    self.ledger.open_account(wallet_id(call["agent"]), "wallet", call["agent"])
-                    self.ledger.close_hold(
-                        call_id,
-                        [(wallet_id(call["agent"]), price)],
-                        reason=f"call {call_id} to {call['service_name']} answered",
-                    )
-                else:
-                    self.ledger.refund_hold(
-                        call_id, reason=f"call {call_id} to {call['service_name']} {state}"
-                    )
-        event = self._events.pop(call_id, None)
-        if event is not None:
-            # Waiters run after this synchronous step, so after the COMMIT of the batch or
-            # request that finished the call; a rollback leaves it pending and they wait on.
-            event.set()
-        if call["request_id"]:
-            done = self.call_row(call_id)
-            assert done is not None
-            self._reply(str(call["caller"]), str(call["request_id"]), done)
-        return True
-
-    def _reply(self, caller: str, request_id: str, call: sqlite3.Row) -> None:
-        view = msgspec.to_builtins(call_view(call))
-        self._send(
-            protocol.agent_topic(caller, protocol.REPLY),
-            protocol.reply(request_id, call["state"] == "completed", view),
-        )
-
-    def expire(self, call: sqlite3.Row) -> bool:
-        timeout = float(call["deadline"]) - float(call["created_at"])
-        return self._finish(
-            call,
-            "timeout",
-            None,
-            f"agent {call['agent']} did not answer within {timeout:g}s; the caller was refunded",
-        )
-
-    async def wait(self, call_id: str, timeout_s: float) -> sqlite3.Row:
-        """The call once it is final, or as it is after timeout_s (a long poll). A call past
-        its deadline is expired here at once, not at the next tick."""
-        end = time.monotonic() + max(0.0, timeout_s)
-        while True:
-            call = self.call_row(call_id)
-            if call is None:
-                raise AgentNotFound(f"no call {call_id}")
-            if call["state"] != "pending":
-                return call
-            now = time.time()
-            if now >= float(call["deadline"]):
-                self.expire(call)
-                continue
-            remaining = min(end - time.monotonic(), float(call["deadline"]) - now)
-            if remaining <= 0:
-                return call
-            event = self._events.setdefault(call_id, asyncio.Event())
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(event.wait(), remaining + 0.005)
-
-    # --- MQTT, from the bridge (inside its batch transaction) ---------------------------
-    def handle(self, agent_id: str, kind: str, payload: bytes | bytearray) -> str:
-        """An `invoke` or `response` on dp/v1/agents/<agent_id>/. Returns what happened."""
-        if kind == protocol.RESPONSE:
-            return self._on_response(agent_id, payload)
-        if kind == protocol.INVOKE:
-            return self._on_invoke(agent_id, payload)
-        return self._ignored(agent_id, f"unknown message kind {kind!r}")
-
-    def _ignored(self, agent_id: str, why: str) -> str:
-        log.warning("ignored message from agent %s: %s", agent_id, why)
-        return "ignored: " + why
-
-    def _token_of(self, agent_id: str, token: str) -> bool:
-        user = self.store.user_by_token(token)
-        return user is not None and user["id"] == agent_id
-
-    def _on_response(self, agent_id: str, payload: bytes | bytearray) -> str:
-        try:
-            msg = msgspec.json.decode(payload, type=Response)
-        except msgspec.DecodeError as e:
-            return self._ignored(agent_id, f"malformed response: {e}")
-        call = self.call_row(msg.call_id)
-        if call is None:
-            return self._ignored(agent_id, f"response to unknown call {msg.call_id}")
-        if call["agent"] != agent_id:
-            return self._ignored(
-                agent_id,
-                f"response to call {msg.call_id} from agent {agent_id}, but that call went to"
-                f" {call['agent']}; nothing moved",
-            )
-        if not self._token_of(agent_id, msg.token):
-            return self._ignored(agent_id, "token does not belong to this agent; nothing moved")
-        if call["state"] != "pending":
-            return self._ignored(
-                agent_id, f"call {msg.call_id} is already {call['state']} (a duplicate or late"
-                " response); nothing moved",
-            )  # fmt: skip
-        if time.time() >= float(call["deadline"]):
-            self.expire(call)
-            return self._ignored(
-                agent_id, f"response to call {msg.call_id} came after its deadline; refunded"
-            )
-        if not msg.ok:
-            self._finish(call, "failed", None, f"the agent answered with an error: {msg.error}")
-            return "refunded: the agent answered with an error"
-        if _json_size(msg.output) > protocol.MAX_CALL - 1024:
-            self._finish(call, "failed", None, "the agent's output is too large")
-            return "refunded: output too large"
-        service = self._service_row(str(call["service"]))
-        assert service is not None  # services are retired, never deleted
-        problem = schema_problem(json.loads(service["output_schema"]), msg.output)
-        if problem is not None:
-            self._finish(
-                call,
-                "failed",
-                None,
-                f"the agent's output does not match the output schema of {call['service_name']}:"
-                f" {problem}",
-            )
-            return "refunded: output does not match the schema"
-        self._finish(call, "completed", msg.output, None)
-        log.info("call %s answered by %s: %s paid", call["id"], agent_id,
-                 format_micro(int(call["price"])))  # fmt: skip
-        return "paid"
-
-    def _on_invoke(self, agent_id: str, payload: bytes | bytearray) -> str:
-        try:
-            msg = msgspec.json.decode(payload, type=Invoke)
-        except msgspec.DecodeError as e:
-            return self._ignored(agent_id, f"malformed invoke: {e}")
-
-        def refuse(status: int, error: str, **extra: Any) -> str:
-            body = {"error": error, "status": status, **extra}
-            self._send(
-                protocol.agent_topic(agent_id, protocol.REPLY),
-                protocol.reply(msg.request_id, False, body),
-            )
-            return f"invoke refused ({status}): {error}"
-
-        if not self._token_of(agent_id, msg.token):
-            return refuse(401, "token does not belong to this agent")
-        try:
-            call, new = self.start_call(
-                agent_id, msg.service, msg.input, msg.timeout_s, "mqtt:" + msg.request_id,
-                request_id=msg.request_id,
-            )  # fmt: skip
-        except InsufficientFunds as e:
-            return refuse(402, str(e), shortfall=format_micro(e.shortfall))
-        except AgentNotFound as e:
-            return refuse(404, str(e))
-        except CallConflict as e:
-            return refuse(409, str(e))
-        except AgentError as e:
-            return refuse(400, str(e), field=e.field)
-        except LedgerError as e:
-            return refuse(400, str(e))
-        if new:
-            self.send_call(call)
-            return f"invoke accepted: call {call['id']}"
-        if call["state"] != "pending":
-            self._reply(agent_id, msg.request_id, call)  # a retry of a finished call
-        return f"invoke repeated: call {call['id']}"
-
-    # --- time ---------------------------------------------------------------------------
-    def tick(self, now: float | None = None) -> int:
-        """Expire overdue calls. Returns how many expired."""
-        now = time.time() if now is None else now
-        expired = 0
-        for call in self.db.query(
-            "SELECT * FROM calls WHERE state = 'pending' AND deadline <= ? LIMIT 500", (now,)
-        ):
-            try:  # one call that cannot be expired must not hold up the others (or the tick)
-                if self.expire(call):
-                    expired += 1
-                    log.info("call %s to %s timed out; refunded", call["id"], call["agent"])
-            except Exception:
-                log.exception("could not expire call %s", call["id"])
-        return expired
-
-    def resend_pending(self) -> int:
-        """After a hub start: calls recorded but maybe never published go out again (an
-        agent answers a call id once; a repeated answer is ignored)."""
-        n = 0
-        for call in self.db.query("SELECT * FROM calls WHERE state = 'pending'"):
-            self.send_call(call)
-            n += 1
-        return n
+        return [service_view(r) for r in rows]
 
     def service_stopped(self, job_id: str) -> None:
         """A service job was stopped for want of credits (Jobs.bill_services, in the bridge's
@@ -809,40 +310,3 @@ class Agents:
         self._send(protocol.agent_topic(str(r["agent"]), protocol.NOTICE), note)
         if r["owner"]:
             self._send(protocol.agent_topic(str(r["owner"]), protocol.NOTICE), note)
-
-
-def _service_view(row: sqlite3.Row) -> ServiceView:
-    return ServiceView(
-        id=row["id"],
-        agent=row["agent"],
-        agent_name=row["agent_name"],
-        name=row["name"],
-        description=row["description"],
-        tags=json.loads(row["tags"]),
-        price=format_micro(int(row["price"])),
-        input_schema=json.loads(row["input_schema"]),
-        output_schema=json.loads(row["output_schema"]),
-        timeout_s=float(row["timeout_s"]),
-        created=float(row["created_at"]),
-        updated=float(row["updated_at"]),
-    )
-
-
-def call_view(row: sqlite3.Row) -> CallView:
-    completed = row["state"] == "completed"
-    return CallView(
-        id=row["id"],
-        service=row["service"],
-        service_name=row["service_name"],
-        agent=row["agent"],
-        caller=row["caller"],
-        state=row["state"],
-        input=json.loads(row["input"]),
-        output=json.loads(row["output"]) if row["output"] is not None else None,
-        error=row["error"],
-        price=format_micro(int(row["price"])),
-        paid=format_micro(int(row["price"]) if completed else 0),
-        created=float(row["created_at"]),
-        deadline=float(row["deadline"]),
-        finished=float(row["finished_at"]) if row["finished_at"] is not None else None,
-    )

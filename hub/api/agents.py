@@ -13,7 +13,9 @@ import msgspec
 from aiohttp import web
 
 from hub.agents import registry
-from hub.agents.registry import (
+from hub.agents.types import (
+    MAX_CALL_TIMEOUT_S,
+    MAX_TAGS,
     AgentError,
     AgentForbidden,
     AgentNotFound,
@@ -25,8 +27,8 @@ from hub.agents.registry import (
     call_view,
 )
 from hub.api.auth import Identity
-from hub.api.routes import _services, decode_body, identity, json_response
-from hub.ledger.ledger import credits_to_micro
+from hub.api.http import _services, decode_body, identity, json_response
+from hub.ledger.money import credits_to_micro
 
 Credits = str | int  # a decimal string ("0.01") or a whole number of credits
 
@@ -48,17 +50,17 @@ class RegisterService(msgspec.Struct, forbid_unknown_fields=True):
     name: ServiceName
     price: Credits  # credits per call
     description: Text = ""
-    tags: Annotated[list[Tag], msgspec.Meta(max_length=registry.MAX_TAGS)] = []
+    tags: Annotated[list[Tag], msgspec.Meta(max_length=MAX_TAGS)] = []
     input_schema: dict[str, Any] = msgspec.field(default_factory=dict)
     output_schema: dict[str, Any] = msgspec.field(default_factory=dict)
-    timeout_s: Annotated[float, msgspec.Meta(gt=0, le=registry.MAX_CALL_TIMEOUT_S)] | None = None
+    timeout_s: Annotated[float, msgspec.Meta(gt=0, le=MAX_CALL_TIMEOUT_S)] | None = None
     # Optional: the agent registering. Only the agent itself may; anyone else gets a 403.
     agent: Annotated[str, msgspec.Meta(max_length=64)] | None = None
 
 
 class CallRequest(msgspec.Struct, forbid_unknown_fields=True):
     input: Any = None
-    timeout_s: Annotated[float, msgspec.Meta(gt=0, le=registry.MAX_CALL_TIMEOUT_S)] | None = None
+    timeout_s: Annotated[float, msgspec.Meta(gt=0, le=MAX_CALL_TIMEOUT_S)] | None = None
 
 
 API_TYPES: list[Any] = [CreateAgent, AgentCreated, RegisterService, ServiceView, CallRequest,
@@ -111,7 +113,7 @@ async def create_agent(request: web.Request) -> web.Response:
     # The agent logs in to the broker with its id and token: the broker must know it now.
     await services.broker_accepts(agent_id, token)
     balance = services.ledger.balance("wallet:" + agent_id)
-    from hub.ledger.ledger import format_micro
+    from hub.ledger.money import format_micro
 
     return json_response(
         AgentCreated(agent_id, req.name, who.user_id, token, format_micro(balance)), 201
@@ -207,7 +209,7 @@ async def call_service(request: web.Request) -> web.Response:
         agents.send_call(call)
     wait = request.query.get("wait", "1") != "0"
     if wait:
-        call = await agents.wait(call["id"], registry.MAX_CALL_TIMEOUT_S)
+        call = await agents.wait(call["id"], MAX_CALL_TIMEOUT_S)
     status = 202 if call["state"] == "pending" else 200 if not new else 201
     return json_response(call_view(call), status)
 
@@ -230,7 +232,7 @@ async def get_call(request: web.Request) -> web.Response:
     except ValueError:
         raise AgentError("wait must be a number of seconds", "wait") from None
     if wait > 0:
-        call = await agents.wait(call_id, min(wait, registry.MAX_CALL_TIMEOUT_S))
+        call = await agents.wait(call_id, min(wait, MAX_CALL_TIMEOUT_S))
     return json_response(call_view(call))
 
 

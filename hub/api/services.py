@@ -15,7 +15,8 @@ from aiohttp import web
 
 from hub.agents.registry import Agents
 from hub.config import HubConfig
-from hub.ledger.ledger import MICRO, Ledger
+from hub.ledger.ledger import Ledger
+from hub.ledger.money import MICRO
 from hub.market.jobs import Jobs, wallet_of
 from hub.market.scheduler import Scheduler
 from hub.mqtt import logins

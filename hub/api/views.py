@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from hub.ledger.ledger import format_micro
+from hub.ledger.money import format_micro
 
 
 def node_view(n: Any) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hub.ledger.ledger import MICRO
+from hub.ledger.money import MICRO
 
 REVENUE = "revenue"  # the network's account: high-priority premiums, dissenting replicas' shares
 SECONDS_PER_HOUR = 3600

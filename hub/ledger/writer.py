@@ -48,7 +48,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from hub.ledger.ledger import Entry, Ledger, TransferRequest
+from hub.ledger.ledger import Ledger
+from hub.ledger.money import Entry, TransferRequest
 from hub.store.db import Database
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,8 @@ import sqlite3
 from collections.abc import Callable
 
 from hub.ledger import economy
-from hub.ledger.ledger import MICRO, Ledger, wallet_id
+from hub.ledger.ledger import Ledger
+from hub.ledger.money import MICRO, wallet_id
 from hub.store.db import Database
 from hub.store.rows import Store
 

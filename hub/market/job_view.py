@@ -7,7 +7,7 @@ import json
 import sqlite3
 from typing import TYPE_CHECKING, Any
 
-from hub.ledger.ledger import format_micro
+from hub.ledger.money import format_micro
 from hub.market.replicas import LIVE
 
 if TYPE_CHECKING:

@@ -23,7 +23,8 @@ from edge.core import protocol
 from hub.config import HubConfig
 from hub.ledger import economy
 from hub.ledger.economy import REVENUE
-from hub.ledger.ledger import Ledger, wallet_id
+from hub.ledger.ledger import Ledger
+from hub.ledger.money import wallet_id
 from hub.market import admission, job_view, reputation, verification
 from hub.market.attempts import Attempts, Stale
 from hub.market.bonuses import Bonuses

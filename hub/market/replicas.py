@@ -18,7 +18,8 @@ from typing import Any
 
 from hub.ledger import economy
 from hub.ledger.economy import REVENUE
-from hub.ledger.ledger import Ledger, format_micro, hold_id, wallet_id
+from hub.ledger.ledger import Ledger
+from hub.ledger.money import format_micro, hold_id, wallet_id
 from hub.market import reputation, verification
 from hub.market.attempts import Attempts
 from hub.store.db import Database

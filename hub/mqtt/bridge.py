@@ -48,7 +48,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from edge.core import protocol
 from hub.agents.registry import Agents
 from hub.ledger import economy
-from hub.ledger.ledger import InsufficientFunds, format_micro
+from hub.ledger.money import InsufficientFunds, format_micro
 from hub.market.errors import JobConflict, JobError
 from hub.market.jobs import Jobs
 from hub.market.scheduler import Scheduler

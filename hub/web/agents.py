@@ -12,9 +12,9 @@ from typing import Any
 
 from aiohttp import web
 
-from hub.agents.registry import AgentError, AgentNotFound, CallConflict
+from hub.agents.types import AgentError, AgentNotFound, CallConflict
 from hub.api.auth import Identity
-from hub.ledger.ledger import InsufficientFunds
+from hub.ledger.money import InsufficientFunds
 from hub.web import forms, queries, session
 from hub.web.pages import Context, not_found, page, render
 from hub.web.session import services

@@ -16,7 +16,7 @@ from multidict import MultiDictProxy
 
 import wasm_jobs
 from hub.ledger import economy
-from hub.ledger.ledger import (
+from hub.ledger.money import (
     InsufficientFunds,
     LedgerError,
     UnknownAccount,

@@ -23,7 +23,7 @@ from typing import Any
 from aiohttp import web
 
 from hub.api.auth import Identity
-from hub.ledger.ledger import UnknownAccount, format_micro
+from hub.ledger.money import UnknownAccount, format_micro
 from hub.market.jobs import wallet_of
 from hub.web import session
 

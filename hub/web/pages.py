@@ -19,7 +19,7 @@ from aiohttp import web
 
 import wasm_jobs
 from hub.api.auth import Identity
-from hub.ledger.ledger import InsufficientFunds, UnknownAccount, format_micro
+from hub.ledger.money import InsufficientFunds, UnknownAccount, format_micro
 from hub.market.errors import JobError, NotAllowed
 from hub.market.jobs import wallet_of
 from hub.market.spec import JOB_STATES, TERMINAL_STATES

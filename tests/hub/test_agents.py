@@ -20,7 +20,8 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge.core import protocol
-from hub.agents.registry import Agents, CallView, Invoke, Response
+from hub.agents.registry import Agents
+from hub.agents.types import CallView, Invoke, Response
 from hub.api.services import SERVICES
 from hub.app import create_app
 from hub.config import HubConfig

@@ -20,7 +20,7 @@ from hub.api.services import Services
 from hub.app import open_services
 from hub.config import HubConfig
 from hub.ledger import economy
-from hub.ledger.ledger import MICRO
+from hub.ledger.money import MICRO
 from hub.market.jobs import wallet_of
 from hub.market.spec import JobSpec
 from tests.hub.test_earnings import add_node

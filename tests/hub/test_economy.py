@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from hub.ledger import economy
-from hub.ledger.ledger import MICRO
+from hub.ledger.money import MICRO
 
 
 def test_one_cpu_hour_pays_ten_credits() -> None:

@@ -20,14 +20,14 @@ from hypothesis import event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from hub.ledger.ledger import (
+from hub.ledger.ledger import Ledger
+from hub.ledger.money import (
     MICRO,
     MINT,
     HoldError,
     IdempotencyConflict,
     InsufficientFunds,
     InvalidAmount,
-    Ledger,
     LedgerError,
     SameAccount,
     UnknownAccount,

@@ -33,7 +33,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from edge.core import protocol
 from hub.app import open_services
 from hub.config import HubConfig
-from hub.ledger.ledger import MICRO
+from hub.ledger.money import MICRO
 from hub.market.jobs import wallet_of
 from hub.market.spec import JobSpec
 

@@ -19,7 +19,7 @@ from hub.app import open_services
 from hub.config import HubConfig
 from hub.ledger import economy
 from hub.ledger.economy import REVENUE
-from hub.ledger.ledger import MICRO, format_micro
+from hub.ledger.money import MICRO, format_micro
 from hub.market import verification
 from hub.market.errors import JobError
 from hub.market.jobs import wallet_of

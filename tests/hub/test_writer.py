@@ -26,13 +26,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hub.ledger.ledger import (
+from hub.ledger.ledger import Ledger
+from hub.ledger.money import (
     MAX_AMOUNT,
     MICRO,
     Entry,
     IdempotencyConflict,
     InsufficientFunds,
-    Ledger,
     TransferRequest,
 )
 from hub.ledger.writer import BatchAborted, Writer, WriterClosed
@@ -287,7 +287,8 @@ CHILD = textwrap.dedent(
     import asyncio, random, sys
     sys.path.insert(0, sys.argv[2])
     from hub.store.db import Database, TransactionConflict
-    from hub.ledger.ledger import MICRO, Ledger, LedgerError
+    from hub.ledger.ledger import Ledger
+    from hub.ledger.money import MICRO, LedgerError
     from hub.ledger.writer import Writer
 
     WALLETS = [f"wallet:w{i}" for i in range(20)]

@@ -19,7 +19,7 @@ import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
 
 from deparrow import localnet
-from hub.ledger.ledger import MICRO, credits_to_micro, format_micro
+from hub.ledger.money import MICRO, credits_to_micro, format_micro
 from tests.conftest import ROOT, require_mosquitto
 
 CHROMIUM = "/usr/bin/chromium"

@@ -18,7 +18,7 @@ from hub.api.services import SERVICES
 from hub.app import create_app
 from hub.config import HubConfig
 from hub.ledger import economy
-from hub.ledger.ledger import MICRO, format_micro
+from hub.ledger.money import MICRO, format_micro
 from hub.market.jobs import wallet_of
 from hub.web import queries
 

@@ -1,0 +1,108 @@
+"""REST routes of jobs: uploads (blobs), submitting, reading, listing and cancelling jobs."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from aiohttp import web
+
+from hub.api.http import _services, decode_body, error, identity, json_response
+from hub.api.types import (
+    BlobView,
+    SubmitResponse,
+)
+from hub.ledger.money import format_micro
+from hub.market.errors import JobNotFound
+from hub.market.spec import JOB_STATES, JobSpec
+
+log = logging.getLogger(__name__)
+
+
+async def upload_blob(request: web.Request) -> web.Response:
+    identity(request)
+    services = _services(request)
+    data = await request.read()
+    limit = services.config.max_module_bytes
+    if not data:
+        return error(400, "empty upload: send the file's bytes as the request body")
+    if len(data) > limit:
+        return error(413, f"upload of {len(data)} bytes is over the {limit}-byte limit")
+    digest = services.store.put_blob(data)
+    return json_response(BlobView(ref="sha256:" + digest, size=len(data)), 201)
+
+
+async def submit_job(request: web.Request) -> web.Response:
+    who = identity(request)
+    services = _services(request)
+    spec = await decode_body(request, JobSpec)
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not (0 < len(key) <= 128):
+        return error(400, "Idempotency-Key must be 1 to 128 characters", field="Idempotency-Key")
+    submit_key = "rest:" + key if key else None
+    writer = services.writer
+    if writer is not None and writer.running:
+        # Through the writer: concurrent submissions share one durable commit (the hold and
+        # the queued job), and the answer is sent only once that commit is on disk.
+        job = await writer.run(lambda _c: services.jobs.submit(who.user_id, spec, submit_key))
+    else:
+        job = services.jobs.submit(who.user_id, spec, submit_key=submit_key)
+    services.on_change("job", {"id": job["id"], "state": job["state"]})
+    if services.bridge is not None:
+        try:
+            services.bridge.dispatch()
+        except Exception:  # the job is queued and paid for; the next tick assigns it
+            log.exception("dispatch after submitting %s failed", job["id"])
+    return json_response(
+        SubmitResponse(
+            id=job["id"],
+            state=job["state"],
+            hold=format_micro(int(job["hold"])),
+            max_price=format_micro(int(job["hold"])),
+        ),
+        201,
+    )
+
+
+def _own_job(request: web.Request) -> Any:
+    who = identity(request)
+    services = _services(request)
+    job_id = request.match_info["job_id"]
+    job = services.store.job(job_id)
+    if job is None:
+        raise JobNotFound(f"no job {job_id}")
+    if job["owner"] != who.user_id and not who.is_admin:
+        raise JobNotFound(f"no job {job_id}")  # someone else's job: don't confirm it exists
+    return job
+
+
+async def get_job(request: web.Request) -> web.Response:
+    return json_response(_services(request).jobs.view(_own_job(request)))
+
+
+async def list_jobs(request: web.Request) -> web.Response:
+    who = identity(request)
+    services = _services(request)
+    state = request.query.get("state")
+    if state is not None and state not in JOB_STATES:
+        return error(400, f"state must be one of {', '.join(JOB_STATES)}", field="state")
+    try:
+        limit = min(500, max(1, int(request.query.get("limit", "50"))))
+    except ValueError:
+        return error(400, "limit must be an integer", field="limit")
+    owner = None if who.is_admin and request.query.get("all") == "1" else who.user_id
+    rows = services.store.jobs(owner=owner, state=state, limit=limit)
+    return json_response({"jobs": [services.jobs.view(r) for r in rows]})
+
+
+async def cancel_job(request: web.Request) -> web.Response:
+    who = identity(request)
+    services = _services(request)
+    job, node = services.jobs.cancel(who.user_id, request.match_info["job_id"], who.is_admin)
+    stop = services.jobs.take_cancels()  # a verified job's replicas on their nodes
+    if node:
+        stop.append((node, job["id"], int(job["attempt"])))
+    if services.bridge is not None:
+        for node_id, job_id, attempt in stop:
+            services.bridge.cancel_on_node(node_id, job_id, attempt)
+    return json_response(services.jobs.view(job))

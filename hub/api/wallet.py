@@ -1,0 +1,131 @@
+"""REST routes of credits: a user's wallet, its history and transfers, and the ledger's audit."""
+
+from __future__ import annotations
+
+import csv
+import io
+from datetime import UTC, datetime
+
+from aiohttp import web
+
+from hub.api.http import _services, decode_body, error, identity, json_response, require_admin
+from hub.api.types import (
+    HistoryItem,
+    TransferRequest,
+    TransferResponse,
+    WalletView,
+)
+from hub.ledger.money import credits_to_micro, format_micro
+from hub.market.jobs import wallet_of
+
+
+async def wallet(request: web.Request) -> web.Response:
+    who = identity(request)
+    services = _services(request)
+    account = wallet_of(who.user_id)
+    balance = services.ledger.balance(account)
+    held = services.ledger.held_for(account)
+    return json_response(
+        WalletView(
+            owner=who.user_id,
+            balance=format_micro(balance),
+            held=format_micro(held),
+            balance_micro=balance,
+            held_micro=held,
+        )
+    )
+
+
+async def wallet_history(request: web.Request) -> web.StreamResponse:
+    who = identity(request)
+    ledger = _services(request).ledger
+    try:
+        limit = min(1000, max(1, int(request.query.get("limit", "50"))))
+    except ValueError:
+        return error(400, "limit must be an integer", field="limit")
+    try:
+        before = int(request.query["before"]) if "before" in request.query else None
+    except ValueError:
+        return error(400, "before must be an entry number", field="before")
+    rows = ledger.history(wallet_of(who.user_id), limit=limit, before_entry_id=before)
+    items = [
+        HistoryItem(entry=r.entry_id, at=r.created_at, reason=r.reason,
+                    amount=format_micro(r.amount), balance_after=format_micro(r.balance_after),
+                    counterparties=list(r.counterparties))
+        for r in rows
+    ]  # fmt: skip
+    if request.query.get("format") == "csv":
+        buf = io.StringIO()
+        out = csv.writer(buf)
+        out.writerow(["entry", "time_utc", "reason", "amount", "balance_after", "counterparties"])
+        for i in items:
+            when = datetime.fromtimestamp(i.at, UTC).isoformat(timespec="seconds")
+            out.writerow([i.entry, when, i.reason, i.amount, i.balance_after,
+                          " ".join(i.counterparties)])  # fmt: skip
+        return web.Response(
+            text=buf.getvalue(), content_type="text/csv",
+            headers={"Content-Disposition": 'attachment; filename="wallet-history.csv"'},
+        )  # fmt: skip
+    next_before = items[-1].entry if len(items) == limit else None
+    return json_response({"items": items, "next_before": next_before})
+
+
+async def wallet_transfer(request: web.Request) -> web.Response:
+    who = identity(request)
+    services = _services(request)
+    key = request.headers.get("Idempotency-Key")
+    if not key or len(key) > 128:
+        return error(
+            400, "an Idempotency-Key header (1 to 128 characters) is required: retrying with "
+            "the same key never moves credits twice", field="Idempotency-Key",
+        )  # fmt: skip
+    req = await decode_body(request, TransferRequest)
+    amount = credits_to_micro(req.amount)
+    if amount <= 0:
+        return error(400, f"amount must be more than 0 credits, not {req.amount}", field="amount")
+    if req.to == who.user_id:
+        return error(400, "you cannot transfer to yourself", field="to")
+    if services.store.user(req.to) is None:
+        return error(404, f"no user or agent {req.to}", field="to")
+    src, dst = wallet_of(who.user_id), wallet_of(req.to)
+    ledger = services.ledger
+    ledger.open_account(dst, "wallet", req.to)
+    memo = {"memo": req.memo} if req.memo else None
+    # Through the writer: concurrent transfers share one durable commit, and the answer is
+    # sent only once that commit is on disk.
+    entry = await services.writer.transfer(
+        f"transfer:{who.user_id}:{key}", src, dst, amount, f"transfer to {req.to}", memo=memo
+    )
+    return json_response(
+        TransferResponse(entry=entry.id, to=req.to, amount=format_micro(amount),
+                         balance=format_micro(services.ledger.balance(src)),
+                         replayed=entry.replayed),
+        200 if entry.replayed else 201,
+    )  # fmt: skip
+
+
+async def ledger_audit(request: web.Request) -> web.Response:
+    require_admin(request)
+    ledger = _services(request).ledger
+    audit = ledger.audit()
+    return json_response(
+        {
+            "balanced": audit.balanced,
+            "total": format_micro(audit.total),
+            "by_kind": {k: format_micro(v) for k, v in audit.by_kind.items()},
+            "mismatches": [m.account for m in audit.mismatches],
+            "negatives": [a for a, _ in audit.negatives],
+            "unbalanced_entries": list(audit.unbalanced_entries),
+            "stranded_holds": list(audit.stranded_holds),
+            "entries": audit.entries,
+            "accounts": [
+                {
+                    "id": a["id"],
+                    "kind": a["kind"],
+                    "owner": a["owner"],
+                    "balance": format_micro(int(a["balance"])),
+                }
+                for a in ledger.accounts()
+            ],
+        }
+    )
