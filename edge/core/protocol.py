@@ -25,7 +25,7 @@ NODE_IN = (ASSIGN, CANCEL)
 # Agent <-> hub.
 SUBMIT = "submit"  # agent -> hub, QoS 1
 REPLY = "reply"  # hub -> agent, QoS 1
-# Service calls between agents, through the hub (hub/agents/registry.py, docs/agents.md).
+# Service calls between agents, through the hub (hub/agents/calls.py, docs/agents.md).
 INVOKE = "invoke"  # caller agent -> hub, QoS 1: call a service; the outcome comes on `reply`
 CALL = "call"  # hub -> serving agent, QoS 1: a paid call to answer before its deadline
 RESPONSE = "response"  # serving agent -> hub, QoS 1: the answer to a call

@@ -1,6 +1,6 @@
 """REST routes of the agent registry: agents, services, and paid calls (docs/agents.md).
 
-Thin handlers over hub/agents.py; its errors become HTTP statuses here (ledger errors, such
+Thin handlers over hub/agents/; its errors become HTTP statuses here (ledger errors, such
 as 402 for a caller who cannot pay, go through the API's error middleware).
 """
 

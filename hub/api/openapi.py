@@ -58,7 +58,7 @@ def _op(
 
 
 def document() -> dict[str, Any]:
-    from hub.api import agents as agents_api  # imports hub.api.routes, which imports this
+    from hub.api import agents as agents_api  # the agents routes describe their own types
 
     _, components = msgspec.json.schema_components(
         _TYPES + agents_api.API_TYPES, ref_template="#/components/schemas/{name}"

@@ -1,7 +1,7 @@
 """The Agent Console: agents with their services, wallets and lifecycle state; the service
 directory; and a console to call a service and read its reply with its price, like a chat.
 
-Everything goes through the agent registry (hub/agents.py): the call is held, sent, settled
+Everything goes through the agent registry (hub/agents/): the call is held, sent, settled
 and refunded there, exactly as for the REST API."""
 
 from __future__ import annotations
