@@ -1,12 +1,10 @@
 """The MQTT bridge: node and agent messages in, assignments and replies out.
 
-paho-mqtt runs on the hub's event loop, without a network thread of its own: the loop reads
-its socket when it is readable, paho writes inline, and a ticker keeps the connection alive
-and reconnects (after 1 s, then up to 5 s apart). So all MQTT and database work happens on one
-thread (the ledger's single writer), and no second Python thread competes for the GIL (with
-one, every message crossed threads, and a thread that wants the GIL back can wait up to the
-interpreter's 5 ms switch interval). Whatever arrives is checked: malformed, oversized or
-foreign messages are logged and dropped, never fatal.
+Three parts, one per module: the connection (link.py: paho-mqtt driven by the hub's event
+loop, so all MQTT and database work happens on one thread, the ledger's single writer), what
+each message does to the market (messages.py: node hellos, heartbeats, status, events and
+results, agents' submissions, the scheduler's tick), and here the bridge that joins them: a
+bounded inbox, a consumer that handles it in batches, a ticker, and the supervision of them all.
 
 Group commit: the consumer takes every message that has arrived (up to `max_batch`) and
 handles them in ONE transaction, each message in a savepoint of its own (one that fails rolls
@@ -21,8 +19,8 @@ service billing, expiry of agent calls) and the API's requests for a pass queue 
 messages and run in a batch the same way, each step of a tick in a savepoint of its own.
 
 Nothing here may die quietly: a message, a publish, a change report or a tick step that fails
-is logged and skipped alone; the long-running tasks (consumer, ticker, keepalive) are
-supervised, restarted when one dies, and counted in `stats.restarts`. The inbox is bounded
+is logged and skipped alone; the long-running tasks (consumer, ticker, the link's keepalive)
+are supervised, restarted when one dies, and counted in `stats.restarts`. The inbox is bounded
 (`max_inbox`): past it, messages are dropped, logged and counted in `dropped` rather than
 pile up without limit behind a consumer that cannot keep up.
 """
@@ -33,48 +31,23 @@ import asyncio
 import contextlib
 import json
 import logging
-import select
-import socket
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any
 from urllib.parse import urlsplit
 
-import msgspec
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 
-from edge.core import protocol
 from hub.agents.registry import Agents
-from hub.ledger import economy
-from hub.ledger.money import InsufficientFunds, format_micro
-from hub.market.errors import JobConflict, JobError
 from hub.market.jobs import Jobs
 from hub.market.scheduler import Scheduler
-from hub.market.spec import JobSpec, error_field
-from hub.mqtt import wire
+from hub.mqtt.link import Link
+from hub.mqtt.messages import SIZE_LIMITS as SIZE_LIMITS  # here too: tests check the docs by it
+from hub.mqtt.messages import Messages
 from hub.store.rows import Store
 
 log = logging.getLogger(__name__)
-
-SIZE_LIMITS = {
-    protocol.HELLO: protocol.MAX_HEARTBEAT,
-    protocol.HEARTBEAT: protocol.MAX_HEARTBEAT,
-    protocol.STATUS: protocol.MAX_HEARTBEAT,
-    protocol.EVENT: protocol.MAX_EVENT,
-    protocol.RESULT: protocol.MAX_RESULT,
-    protocol.SUBMIT: protocol.MAX_SUBMIT,
-    protocol.INVOKE: protocol.MAX_CALL,
-    protocol.RESPONSE: protocol.MAX_CALL,
-}
-
-
-def _no_delay(_client: Any, _userdata: Any, sock: Any) -> None:
-    """Small QoS 1 messages and their acks must not wait out Nagle + delayed ACK (~40 ms)."""
-    if isinstance(sock, socket.socket):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
 
 # Items the bridge queues for itself, behind the messages: never valid MQTT topics.
 _TICK = "\x00tick"
@@ -130,7 +103,7 @@ class Bridge:
         self.store = store
         self.jobs = jobs
         self.scheduler = scheduler
-        self.agents = agents  # service calls between agents (hub/agents/registry.py)
+        self.agents = agents  # service calls between agents (hub/agents/calls.py)
         self.tick_s = tick_s
         self.on_change = on_change
         self.max_batch = max_batch
@@ -150,25 +123,25 @@ class Bridge:
         self._tick_queued = False
         self._batch: list[tuple[str, dict[str, Any]]] | None = None  # to publish after COMMIT
         self._batch_changes: list[tuple[str, dict[str, Any]]] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._connected = asyncio.Event()
-        self._stopping = False
-        self._reconnecting: asyncio.Task[None] | None = None
-        self._writing = False
         # hub.writer.Writer, when the hub runs one: batches then commit together with it.
         self.writer: Any = None
-        self._resent: dict[str, float] = {}
-        self.client = mqtt.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=f"deparrow-hub-{int(time.time() * 1000) % 10**9}",
-            clean_session=True,
+        self.link = Link(self.host, self.port, self._on_message, max_read=max_batch)
+        self.messages = Messages(
+            store,
+            jobs,
+            scheduler,
+            agents,
+            publish=self.publish,
+            changed=self._changed,
+            dispatch=self.dispatch,
+            drop=self._drop,
         )
-        self.client.on_connect = self._on_connect
-        self.client.on_message = self._on_message
-        self.client.on_disconnect = self._on_disconnect
-        self.client.on_socket_open = self._on_socket_open
-        self.client.on_socket_close = self._on_socket_close
+
+    @property
+    def client(self) -> mqtt.Client:
+        """The paho client (the app sets the hub's login on it before start())."""
+        return self.link.client
 
     @property
     def restarts(self) -> int:
@@ -176,25 +149,14 @@ class Bridge:
 
     # --- lifecycle -----------------------------------------------------------------
     async def start(self, timeout_s: float = 15.0) -> None:
-        self._loop = asyncio.get_running_loop()
         deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                self.client.connect(self.host, self.port, keepalive=30)
-                break
-            except OSError as e:
-                if time.monotonic() > deadline:
-                    raise ConnectionError(
-                        f"cannot reach the MQTT broker at {self.host}:{self.port}: {e}"
-                    ) from e
-                await asyncio.sleep(0.2)
-        self._flush()
-        self._tasks = [self._start_task("keepalive", self._keepalive)]
+        await self.link.open(deadline)
+        self._tasks = [self._start_task("keepalive", self.link.keepalive)]
         try:
-            await asyncio.wait_for(self._connected.wait(), max(1.0, deadline - time.monotonic()))
+            await self.link.accepted(max(1.0, deadline - time.monotonic()))
         except TimeoutError:
             await self._cancel_tasks()
-            self._forget_socket()
+            self.link.forget_socket()
             raise ConnectionError(
                 f"the MQTT broker at {self.host}:{self.port} did not accept the hub"
             ) from None
@@ -242,8 +204,8 @@ class Bridge:
 
     async def _cancel_tasks(self) -> None:
         tasks, self._tasks = self._tasks, []
-        if self._reconnecting is not None:
-            tasks.append(self._reconnecting)
+        if self.link.reconnecting is not None:
+            tasks.append(self.link.reconnecting)
         for t in tasks:
             t.cancel()
         for t in tasks:
@@ -251,108 +213,15 @@ class Bridge:
                 await t
 
     async def stop(self) -> None:
-        self._stopping = True
+        self.link.stopping = True
         await self._cancel_tasks()
-        self.client.disconnect()
-        self._flush()
-        self._forget_socket()
+        self.link.close()
 
     @property
     def connected(self) -> bool:
-        return self._connected.is_set()
+        return self.link.connected
 
-    # --- paho on the event loop ----------------------------------------------------------
-    def _on_socket_open(self, _c: Any, _u: Any, sock: Any) -> None:
-        _no_delay(_c, _u, sock)
-        if self._loop is not None:
-            self._loop.add_reader(sock, self._read)
-
-    def _on_socket_close(self, _c: Any, _u: Any, sock: Any) -> None:
-        if self._loop is not None:
-            self._loop.remove_reader(sock)
-            if self._writing:
-                self._writing = False
-                self._loop.remove_writer(sock)
-
-    def _forget_socket(self) -> None:
-        sock = self.client.socket()
-        if sock is not None:
-            self._on_socket_close(None, None, sock)
-
-    def _read(self) -> None:
-        # paho reads one packet per loop_read(); take all that have arrived (up to a batch),
-        # so they reach the consumer together and share one commit.
-        client = self.client
-        for _ in range(self.max_batch):
-            if client.loop_read() != mqtt.MQTT_ERR_SUCCESS:
-                break
-            sock = client.socket()
-            if sock is None or not select.select([sock], [], [], 0)[0]:
-                break
-        self._flush()  # acks, and anything paho queued inside its callbacks
-
-    def _flush(self) -> None:
-        """Write what paho queued; wait for writability only when the socket is full."""
-        client = self.client
-        if client.want_write():
-            client.loop_write()
-        sock = client.socket()
-        if sock is None or self._loop is None:
-            return
-        if client.want_write():
-            if not self._writing:
-                self._writing = True
-                self._loop.add_writer(sock, self._flush)
-        elif self._writing:
-            self._writing = False
-            self._loop.remove_writer(sock)
-
-    async def _keepalive(self) -> None:
-        while True:
-            await asyncio.sleep(1.0)
-            if self.client.socket() is not None:
-                self.client.loop_misc()  # pings; notices a connection that died quietly
-                self._flush()
-
-    async def _reconnect(self) -> None:
-        """After 1 s, then twice as long after each failure, up to 5 s. The TCP connection is
-        tried without blocking the loop first; paho's own connect then finds the broker up."""
-        delay = 1.0
-        while not self._stopping and not self.client.is_connected():
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
-            try:
-                _r, w = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), 5)
-                w.close()
-                self.client.reconnect()
-            except (OSError, TimeoutError) as e:
-                log.info("the MQTT broker at %s:%d is still away: %s", self.host, self.port, e)
-                continue
-            self._flush()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._connected.wait(), 5)
-        self._reconnecting = None
-
-    def _on_connect(self, client: mqtt.Client, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
-        if rc.is_failure:
-            log.error("broker refused the hub: %s", rc)
-            return
-        subs = [(protocol.node_topic("+", kind), 1) for kind in protocol.NODE_OUT]
-        subs.append((protocol.agent_topic("+", protocol.SUBMIT), 1))
-        subs += [(protocol.agent_topic("+", k), 1) for k in (protocol.INVOKE, protocol.RESPONSE)]
-        client.subscribe(subs)
-        if self._reconnecting is not None or self._tasks:
-            log.info("hub reconnected to the MQTT broker")
-        self._connected.set()
-
-    def _on_disconnect(self, _c: Any, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
-        self._connected.clear()
-        if self._stopping or self._loop is None:
-            return
-        log.warning("hub lost the MQTT broker (%s); reconnecting", rc)
-        if self._reconnecting is None:
-            self._reconnecting = self._loop.create_task(self._reconnect())
-
+    # --- the inbox, filled by paho's callbacks and the ticker ------------------------------
     def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
         if len(self._inbox) >= self.max_inbox:
             self._overflow(msg.topic)
@@ -382,7 +251,7 @@ class Bridge:
         self._inbox.append((topic, payload))
         self._wake.set()
 
-    # --- event loop --------------------------------------------------------------------
+    # --- the consumer: batches, savepoints, announcing after the commit -------------------
     async def _consume(self) -> None:
         while True:
             await self._wake.wait()
@@ -446,7 +315,7 @@ class Bridge:
             outcomes = [self._savepoint(self._handle_item, t, p) for t, p in batch]
             if self._pass_wanted:
                 self._pass_wanted = False
-                self._savepoint(lambda _t, _p: str(self._schedule()), _PASS, b"")
+                self._savepoint(lambda _t, _p: str(self.messages.schedule()), _PASS, b"")
             return outcomes
         finally:
             self._batch = None
@@ -544,11 +413,8 @@ class Bridge:
         """The tick's steps, each in a savepoint of its own: a step that fails (one bad row)
         is rolled back and logged alone, and the others still commit, every tick."""
         now = self.jobs.clock()  # the hub's clock: tests move it instead of sleeping
-        self._tick_step("the liveness sweep", lambda: self._sweep(now))
-        self._tick_step("service billing", lambda: self._bill(now))
-        agents = self.agents
-        if agents is not None:  # calls past their deadline are refunded
-            self._tick_step("the expiry of agent calls", lambda: agents.tick(now))
+        for what, step in self.messages.tick_steps(now):
+            self._tick_step(what, step)
         self._pass_wanted = True
 
     def _tick_step(self, what: str, step: Callable[[], object]) -> None:
@@ -566,18 +432,6 @@ class Bridge:
         if not ok:
             self.stats.tick_failures += 1
 
-    def _sweep(self, now: float) -> None:
-        for node_id in self.scheduler.sweep(now=now):
-            self._changed("node", {"id": node_id, "state": protocol.OFFLINE})
-
-    def _bill(self, now: float) -> None:
-        for node_id, job_id, attempt in self.jobs.bill_services(now=now):
-            log.info("service job %s stopped: its owner cannot pay on", job_id)
-            self.cancel_on_node(node_id, job_id, attempt)
-            self._changed("job", {"id": job_id, "state": "cancelled"})
-            if self.agents is not None:
-                self.agents.service_stopped(job_id)
-
     def dispatch(self) -> None:
         """Ask for a scheduling pass: at the end of the batch being handled, or else in the
         next one (the API calls this after a submission). Passes asked for together run once."""
@@ -587,27 +441,10 @@ class Bridge:
             self._pass_queued = True
             self._put(_PASS, b"")
 
-    def _schedule(self) -> int:
-        """One scheduling pass; its assignments go out (QoS 1) after the batch commits."""
-        assignments = self.scheduler.schedule()
-        for a in assignments:
-            self.publish(protocol.node_topic(a.node_id, protocol.ASSIGN), a.message)
-            log.info("job %s -> node %s", a.message["job_id"], a.node_id)
-            self._changed("job", {"id": a.message["job_id"], "state": "assigned"})
-        return len(assignments)
-
     def resend_assignments(self) -> int:
-        """After a hub restart: assignments made but maybe never sent go out again; nodes
-        ignore ones they are running (same job id and attempt) and re-send finished results."""
-        n = 0
-        for job in self.store.active_jobs():
-            # Running ones too: a result sent while the hub was down was lost with its clean
-            # session; the node answers a re-sent assignment from its result cache.
-            msg = self.jobs.assign_message(job["id"])
-            self.publish(protocol.node_topic(job["node"], protocol.ASSIGN), msg)
-            self._resent[job["id"]] = time.time()
-            n += 1
-        return n
+        """After a hub restart: assignments made but maybe never sent go out again (see
+        Messages.resend_assignments)."""
+        return self.messages.resend_assignments()
 
     def publish(self, topic: str, msg: dict[str, Any], qos: int = 1) -> None:
         """Send at once, or, inside a batch, once the batch has committed."""
@@ -615,12 +452,10 @@ class Bridge:
             self._batch.append((topic, msg))
             return
         self.client.publish(topic, json.dumps(msg, separators=(",", ":")), qos=qos)
-        self._flush()
+        self.link.flush()
 
     def cancel_on_node(self, node_id: str, job_id: str, attempt: int) -> None:
-        self.publish(
-            protocol.node_topic(node_id, protocol.CANCEL), protocol.cancel(job_id, attempt)
-        )
+        self.messages.cancel_on_node(node_id, job_id, attempt)
 
     def _changed(self, kind: str, data: dict[str, Any]) -> None:
         if self._batch is not None:
@@ -635,166 +470,4 @@ class Bridge:
 
     def handle(self, topic: str, payload: bytes | bytearray) -> str:
         """Process one message; returns what happened (for logs and tests)."""
-        parsed = protocol.parse_topic(topic)
-        if parsed is None:
-            return self._drop(topic, "not a DEparrow topic")
-        space, ident, kind = parsed
-        limit = SIZE_LIMITS.get(kind)
-        if limit is None or (space == "nodes" and kind not in wire.NODE_TYPES):
-            return self._drop(topic, f"unknown message kind {kind!r}")
-        if len(payload) > limit:
-            return self._drop(topic, f"{len(payload)} bytes is over the {limit}-byte limit")
-        if space == "agents":
-            if kind in (protocol.INVOKE, protocol.RESPONSE) and self.agents is not None:
-                return self.agents.handle(ident, kind, payload)
-            if kind != protocol.SUBMIT:
-                return self._drop(topic, "agents may only publish submit, invoke and response")
-            return self._on_submit(topic, ident, payload)
-        if not payload and kind == protocol.STATUS:
-            return "ignored: retained status cleared"
-        try:
-            msg = msgspec.json.decode(payload, type=wire.NODE_TYPES[kind])
-        except msgspec.DecodeError as e:
-            return self._drop(topic, f"malformed {kind}: {e}")
-        if msg.v != protocol.VERSION:  # type: ignore[attr-defined]
-            return self._drop(topic, f"protocol version {msg.v} is not {protocol.VERSION}")  # type: ignore[attr-defined]
-        if msg.node_id != ident:  # type: ignore[attr-defined]
-            return self._drop(topic, "node_id in payload does not match the topic")
-        node = self.store.node(ident)
-        if node is None:
-            return self._drop(topic, f"unknown node {ident}")
-        if node["revoked_at"] is not None:  # an outside broker may still let it speak
-            return self._drop(topic, f"node {ident} was removed by its owner")
-        now = self.jobs.clock()
-        if isinstance(msg, wire.Hello):
-            self.store.update_node(
-                ident,
-                state=protocol.IDLE,
-                last_seen=now,
-                engines=json.dumps(msg.engines),
-                resources=msgspec.json.encode(msg.resources).decode(),
-                allow_network=json.dumps(msg.allow_network),
-            )
-            for job in self.store.jobs_on_node(ident):
-                if job["id"] not in msg.running:
-                    self.jobs.node_failed(job, f"node {ident} restarted without it")
-            self._changed("node", {"id": ident, "state": protocol.IDLE})
-            self.dispatch()
-            return "hello"
-        if isinstance(msg, wire.Heartbeat):
-            # One transaction: the uptime credited and the last_seen it was measured from move
-            # together, so no beat can be paid twice.
-            with self.store.db.transaction():
-                if self._available(node) and node["last_seen"]:
-                    # Availability since the previous beat; suspended time and gaps don't pay.
-                    gap = economy.counted_gap_ms(
-                        int((now - float(node["last_seen"])) * 1000),
-                        int(self.scheduler.offline_after_s() * 1000),
-                    )
-                    self.jobs.accrue_uptime(ident, gap, now)
-                self.store.update_node(
-                    ident,
-                    state=msg.state,
-                    last_seen=now,
-                    resources=msgspec.json.encode(msg.resources).decode(),
-                    running=json.dumps(msg.running),
-                    last_seq=msg.seq,
-                    allow_network=json.dumps(msg.allow_network),
-                )
-            if msg.state == protocol.IDLE:
-                self._redeliver_lost(ident, msg.running, now)
-            res = msg.resources
-            self._changed("beat", {"id": ident, "t": now, "state": msg.state, "load": res.load,
-                                   "cpu": res.cpu, "memory_mb": res.memory_mb,
-                                   "running": len(msg.running)})  # fmt: skip
-            if node["state"] != msg.state:
-                self._changed("node", {"id": ident, "state": msg.state})
-            if msg.state == protocol.IDLE:
-                self.dispatch()
-            return "heartbeat"
-        if isinstance(msg, wire.Status):
-            if msg.state == protocol.OFFLINE:
-                self.scheduler.node_offline(ident, "it said goodbye or its connection dropped")
-                self._changed("node", {"id": ident, "state": protocol.OFFLINE})
-            else:
-                self.store.update_node(ident, last_seen=now)
-            return "status " + msg.state
-        if isinstance(msg, wire.Event):
-            changed = self.jobs.on_event(ident, msgspec.structs.asdict(msg))
-            if changed:
-                self._changed("job", {"id": msg.job_id, "state": "running"})
-            return "event" if changed else "ignored: stale event"
-        if isinstance(msg, wire.Result):
-            outcome = self.jobs.on_result(ident, msgspec.structs.asdict(msg))
-            if outcome.startswith("dropped"):
-                return self._drop(topic, outcome[len("dropped: ") :])
-            settled = self.store.job(msg.job_id)
-            if settled is not None:
-                self._changed("job", {"id": msg.job_id, "state": settled["state"]})
-            log.info("result for %s from %s: %s", msg.job_id, ident, outcome)
-            self.dispatch()
-            return outcome
-        return self._drop(topic, "unhandled")
-
-    def _available(self, node: Any) -> bool:
-        """Was the node available to the network since its last beat? Idle, or busy with work
-        the hub gave it. A node busy with its owner's own work (or one that only says so) was
-        not, and earns no uptime for it (docs/economy.md, "Staying online")."""
-        if node["state"] == protocol.IDLE:
-            return True
-        return node["state"] == protocol.BUSY and bool(self.store.jobs_on_node(node["id"]))
-
-    def _redeliver_lost(self, node_id: str, running: list[str], now: float) -> None:
-        """An idle node that does not list a job the hub gave it a while ago either never got
-        the assignment or finished it and its result was lost. Sending the same assignment
-        again (same attempt) settles both: the node runs it, or answers from its result cache.
-        Rate-limited per job, so a slow network sees one re-send per grace period."""
-        grace = 3 * self.scheduler.config.heartbeat_interval_s
-        for job in self.store.jobs_on_node(node_id):
-            if job["id"] in running or now - float(job["assigned_at"] or now) < grace:
-                continue
-            if now - self._resent.get(job["id"], 0.0) < grace:
-                continue
-            self._resent[job["id"]] = now
-            log.warning("job %s: node %s is idle without it; sending it again", job["id"], node_id)
-            self.publish(protocol.node_topic(node_id, protocol.ASSIGN),
-                         self.jobs.assign_message(job["id"]))  # fmt: skip
-        if len(self._resent) > 10_000:
-            self._resent.clear()
-
-    def _on_submit(self, topic: str, agent_id: str, payload: bytes | bytearray) -> str:
-        try:
-            req = msgspec.json.decode(payload, type=wire.Submit)
-        except msgspec.DecodeError as e:
-            return self._drop(topic, f"malformed submit: {e}")
-        reply_topic = protocol.agent_topic(agent_id, protocol.REPLY)
-
-        def answer(ok: bool, body: dict[str, Any]) -> str:
-            self.publish(reply_topic, protocol.reply(req.request_id, ok, body))
-            return "submit " + ("accepted" if ok else "rejected: " + str(body.get("error")))
-
-        user = self.store.user_by_token(req.token)
-        if user is None or user["id"] != agent_id:
-            return answer(False, {"error": "token does not belong to this agent", "status": 401})
-        try:
-            spec = msgspec.convert(req.spec, type=JobSpec)
-        except msgspec.ValidationError as e:
-            return answer(
-                False,
-                {"error": f"invalid job spec: {e}", "field": error_field(str(e)), "status": 400},
-            )
-        try:
-            job = self.jobs.submit(agent_id, spec, submit_key="mqtt:" + req.request_id)
-        except InsufficientFunds as e:
-            return answer(
-                False, {"error": str(e), "shortfall": format_micro(e.shortfall), "status": 402}
-            )
-        except JobConflict as e:
-            return answer(False, {"error": str(e), "status": 409})
-        except JobError as e:
-            return answer(False, {"error": str(e), "field": e.field, "status": 400})
-        self._changed("job", {"id": job["id"], "state": job["state"]})
-        self.dispatch()
-        return answer(
-            True, {"id": job["id"], "state": job["state"], "hold": format_micro(int(job["hold"]))}
-        )
+        return self.messages.handle(topic, payload)

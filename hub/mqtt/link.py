@@ -1,0 +1,193 @@
+"""The hub's MQTT connection: paho-mqtt driven by the asyncio event loop.
+
+paho runs without a network thread of its own: the loop reads its socket when it is readable,
+paho writes inline (the loop waits for writability only when the socket is full), a keepalive
+task pings the broker, and a lost connection is reconnected (after 1 s, then up to 5 s apart).
+So all MQTT and database work happens on one thread (the ledger's single writer), and no second
+Python thread competes for the GIL (with one, every message crossed threads, and a thread that
+wants the GIL back can wait up to the interpreter's 5 ms switch interval).
+
+The bridge (bridge.py) owns one Link: it hands paho's messages to the bridge's inbox, and the
+bridge supervises its keepalive task with its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import select
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edge.core import protocol
+
+log = logging.getLogger("hub.mqtt.bridge")  # one logger for the bridge, as before the split
+
+
+def _no_delay(_client: Any, _userdata: Any, sock: Any) -> None:
+    """Small QoS 1 messages and their acks must not wait out Nagle + delayed ACK (~40 ms)."""
+    if isinstance(sock, socket.socket):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class Link:
+    """One paho client on the running event loop: connect, read, flush, keepalive, reconnect.
+
+    `on_message` is paho's message callback (client, userdata, message), called on the loop;
+    `max_read` is how many packets one read takes at most (the bridge's batch size)."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        on_message: Callable[[Any, Any, mqtt.MQTTMessage], None],
+        max_read: int,
+    ) -> None:
+        self.host, self.port = host, port
+        self.max_read = max_read
+        self.stopping = False  # set by the bridge when it stops: no more reconnecting
+        self.reconnecting: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._connected = asyncio.Event()
+        self._was_connected = False
+        self._writing = False
+        self.client = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=f"deparrow-hub-{int(time.time() * 1000) % 10**9}",
+            clean_session=True,
+        )
+        self.client.on_connect = self._on_connect
+        self.client.on_message = on_message
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_socket_open = self._on_socket_open
+        self.client.on_socket_close = self._on_socket_close
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    # --- connecting and disconnecting ------------------------------------------------------
+    async def open(self, deadline: float) -> None:
+        """Open the connection (CONNECT sent), trying again until `deadline` (monotonic)."""
+        self._loop = asyncio.get_running_loop()
+        while True:
+            try:
+                self.client.connect(self.host, self.port, keepalive=30)
+                break
+            except OSError as e:
+                if time.monotonic() > deadline:
+                    raise ConnectionError(
+                        f"cannot reach the MQTT broker at {self.host}:{self.port}: {e}"
+                    ) from e
+                await asyncio.sleep(0.2)
+        self.flush()
+
+    async def accepted(self, timeout_s: float) -> None:
+        """Wait until the broker has accepted the hub; TimeoutError if it does not in time."""
+        await asyncio.wait_for(self._connected.wait(), timeout_s)
+
+    def close(self) -> None:
+        """Say goodbye to the broker and let go of the socket."""
+        self.client.disconnect()
+        self.flush()
+        self.forget_socket()
+
+    def forget_socket(self) -> None:
+        sock = self.client.socket()
+        if sock is not None:
+            self._on_socket_close(None, None, sock)
+
+    # --- paho on the event loop ------------------------------------------------------------
+    def _on_socket_open(self, _c: Any, _u: Any, sock: Any) -> None:
+        _no_delay(_c, _u, sock)
+        if self._loop is not None:
+            self._loop.add_reader(sock, self._read)
+
+    def _on_socket_close(self, _c: Any, _u: Any, sock: Any) -> None:
+        if self._loop is not None:
+            self._loop.remove_reader(sock)
+            if self._writing:
+                self._writing = False
+                self._loop.remove_writer(sock)
+
+    def _read(self) -> None:
+        # paho reads one packet per loop_read(); take all that have arrived (up to a batch),
+        # so they reach the consumer together and share one commit.
+        client = self.client
+        for _ in range(self.max_read):
+            if client.loop_read() != mqtt.MQTT_ERR_SUCCESS:
+                break
+            sock = client.socket()
+            if sock is None or not select.select([sock], [], [], 0)[0]:
+                break
+        self.flush()  # acks, and anything paho queued inside its callbacks
+
+    def flush(self) -> None:
+        """Write what paho queued; wait for writability only when the socket is full."""
+        client = self.client
+        if client.want_write():
+            client.loop_write()
+        sock = client.socket()
+        if sock is None or self._loop is None:
+            return
+        if client.want_write():
+            if not self._writing:
+                self._writing = True
+                self._loop.add_writer(sock, self.flush)
+        elif self._writing:
+            self._writing = False
+            self._loop.remove_writer(sock)
+
+    async def keepalive(self) -> None:
+        """Runs as long as the bridge does (supervised by it)."""
+        while True:
+            await asyncio.sleep(1.0)
+            if self.client.socket() is not None:
+                self.client.loop_misc()  # pings; notices a connection that died quietly
+                self.flush()
+
+    async def _reconnect(self) -> None:
+        """After 1 s, then twice as long after each failure, up to 5 s. The TCP connection is
+        tried without blocking the loop first; paho's own connect then finds the broker up."""
+        delay = 1.0
+        while not self.stopping and not self.client.is_connected():
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+            try:
+                _r, w = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), 5)
+                w.close()
+                self.client.reconnect()
+            except (OSError, TimeoutError) as e:
+                log.info("the MQTT broker at %s:%d is still away: %s", self.host, self.port, e)
+                continue
+            self.flush()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._connected.wait(), 5)
+        self.reconnecting = None
+
+    def _on_connect(self, client: mqtt.Client, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
+        if rc.is_failure:
+            log.error("broker refused the hub: %s", rc)
+            return
+        subs = [(protocol.node_topic("+", kind), 1) for kind in protocol.NODE_OUT]
+        subs.append((protocol.agent_topic("+", protocol.SUBMIT), 1))
+        subs += [(protocol.agent_topic("+", k), 1) for k in (protocol.INVOKE, protocol.RESPONSE)]
+        client.subscribe(subs)
+        if self._was_connected:
+            log.info("hub reconnected to the MQTT broker")
+        self._was_connected = True
+        self._connected.set()
+
+    def _on_disconnect(self, _c: Any, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
+        self._connected.clear()
+        if self.stopping or self._loop is None:
+            return
+        log.warning("hub lost the MQTT broker (%s); reconnecting", rc)
+        if self.reconnecting is None:
+            self.reconnecting = self._loop.create_task(self._reconnect())

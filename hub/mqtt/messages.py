@@ -1,0 +1,294 @@
+"""What each item of the bridge's inbox does to the market.
+
+A node's hello, heartbeat, status, event or result, and an agent's submission (its service
+calls go to hub/agents/calls.py); the scheduler's tick (liveness sweep, service billing, expiry
+of agent calls); a scheduling pass; and the assignments sent again after a restart or when a
+node is idle without its job. Whatever arrives is checked: malformed, oversized or foreign
+messages are logged and dropped, never fatal.
+
+No paho and no transactions here: the bridge (bridge.py) calls in inside its batch, each item
+in a savepoint, and what this decides goes out through the callbacks it gives (`publish`,
+`changed`, `dispatch`, `drop`), which hold it back until the batch has committed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+from edge.core import protocol
+from hub.agents.registry import Agents
+from hub.ledger import economy
+from hub.ledger.money import InsufficientFunds, format_micro
+from hub.market.errors import JobConflict, JobError
+from hub.market.jobs import Jobs
+from hub.market.scheduler import Scheduler
+from hub.market.spec import JobSpec, error_field
+from hub.mqtt import wire
+from hub.store.rows import Store
+
+log = logging.getLogger("hub.mqtt.bridge")  # the bridge's log lines (docs/operations.md)
+
+SIZE_LIMITS = {
+    protocol.HELLO: protocol.MAX_HEARTBEAT,
+    protocol.HEARTBEAT: protocol.MAX_HEARTBEAT,
+    protocol.STATUS: protocol.MAX_HEARTBEAT,
+    protocol.EVENT: protocol.MAX_EVENT,
+    protocol.RESULT: protocol.MAX_RESULT,
+    protocol.SUBMIT: protocol.MAX_SUBMIT,
+    protocol.INVOKE: protocol.MAX_CALL,
+    protocol.RESPONSE: protocol.MAX_CALL,
+}
+
+
+class Messages:
+    """The market's side of the bridge: given the store, jobs, scheduler and agents, and the
+    bridge's callbacks to publish a message, report a change, ask for a scheduling pass and
+    drop a message (counted, logged; returns the outcome)."""
+
+    def __init__(
+        self,
+        store: Store,
+        jobs: Jobs,
+        scheduler: Scheduler,
+        agents: Agents | None,
+        *,
+        publish: Callable[[str, dict[str, Any]], None],
+        changed: Callable[[str, dict[str, Any]], None],
+        dispatch: Callable[[], None],
+        drop: Callable[[str, str], str],
+    ) -> None:
+        self.store = store
+        self.jobs = jobs
+        self.scheduler = scheduler
+        self.agents = agents  # service calls between agents (hub/agents/calls.py)
+        self.publish = publish
+        self._changed = changed
+        self.dispatch = dispatch
+        self._drop = drop
+        self._resent: dict[str, float] = {}  # job id -> when its assignment was last re-sent
+
+    # --- what goes to the nodes ------------------------------------------------------------
+    def schedule(self) -> int:
+        """One scheduling pass; its assignments go out (QoS 1) after the batch commits."""
+        assignments = self.scheduler.schedule()
+        for a in assignments:
+            self.publish(protocol.node_topic(a.node_id, protocol.ASSIGN), a.message)
+            log.info("job %s -> node %s", a.message["job_id"], a.node_id)
+            self._changed("job", {"id": a.message["job_id"], "state": "assigned"})
+        return len(assignments)
+
+    def resend_assignments(self) -> int:
+        """After a hub restart: assignments made but maybe never sent go out again; nodes
+        ignore ones they are running (same job id and attempt) and re-send finished results."""
+        n = 0
+        for job in self.store.active_jobs():
+            # Running ones too: a result sent while the hub was down was lost with its clean
+            # session; the node answers a re-sent assignment from its result cache.
+            msg = self.jobs.assign_message(job["id"])
+            self.publish(protocol.node_topic(job["node"], protocol.ASSIGN), msg)
+            self._resent[job["id"]] = time.time()
+            n += 1
+        return n
+
+    def cancel_on_node(self, node_id: str, job_id: str, attempt: int) -> None:
+        self.publish(
+            protocol.node_topic(node_id, protocol.CANCEL), protocol.cancel(job_id, attempt)
+        )
+
+    # --- the scheduler's tick --------------------------------------------------------------
+    def tick_steps(self, now: float) -> list[tuple[str, Callable[[], object]]]:
+        """The tick's steps at `now`, named for the log; the bridge runs each in a savepoint
+        of its own."""
+        steps: list[tuple[str, Callable[[], object]]] = [
+            ("the liveness sweep", lambda: self._sweep(now)),
+            ("service billing", lambda: self._bill(now)),
+        ]
+        agents = self.agents
+        if agents is not None:  # calls past their deadline are refunded
+            steps.append(("the expiry of agent calls", lambda: agents.tick(now)))
+        return steps
+
+    def _sweep(self, now: float) -> None:
+        for node_id in self.scheduler.sweep(now=now):
+            self._changed("node", {"id": node_id, "state": protocol.OFFLINE})
+
+    def _bill(self, now: float) -> None:
+        for node_id, job_id, attempt in self.jobs.bill_services(now=now):
+            log.info("service job %s stopped: its owner cannot pay on", job_id)
+            self.cancel_on_node(node_id, job_id, attempt)
+            self._changed("job", {"id": job_id, "state": "cancelled"})
+            if self.agents is not None:
+                self.agents.service_stopped(job_id)
+
+    # --- messages from nodes and agents ----------------------------------------------------
+    def handle(self, topic: str, payload: bytes | bytearray) -> str:
+        """Process one message; returns what happened (for logs and tests)."""
+        parsed = protocol.parse_topic(topic)
+        if parsed is None:
+            return self._drop(topic, "not a DEparrow topic")
+        space, ident, kind = parsed
+        limit = SIZE_LIMITS.get(kind)
+        if limit is None or (space == "nodes" and kind not in wire.NODE_TYPES):
+            return self._drop(topic, f"unknown message kind {kind!r}")
+        if len(payload) > limit:
+            return self._drop(topic, f"{len(payload)} bytes is over the {limit}-byte limit")
+        if space == "agents":
+            if kind in (protocol.INVOKE, protocol.RESPONSE) and self.agents is not None:
+                return self.agents.handle(ident, kind, payload)
+            if kind != protocol.SUBMIT:
+                return self._drop(topic, "agents may only publish submit, invoke and response")
+            return self._on_submit(topic, ident, payload)
+        if not payload and kind == protocol.STATUS:
+            return "ignored: retained status cleared"
+        try:
+            msg = msgspec.json.decode(payload, type=wire.NODE_TYPES[kind])
+        except msgspec.DecodeError as e:
+            return self._drop(topic, f"malformed {kind}: {e}")
+        if msg.v != protocol.VERSION:  # type: ignore[attr-defined]
+            return self._drop(topic, f"protocol version {msg.v} is not {protocol.VERSION}")  # type: ignore[attr-defined]
+        if msg.node_id != ident:  # type: ignore[attr-defined]
+            return self._drop(topic, "node_id in payload does not match the topic")
+        node = self.store.node(ident)
+        if node is None:
+            return self._drop(topic, f"unknown node {ident}")
+        if node["revoked_at"] is not None:  # an outside broker may still let it speak
+            return self._drop(topic, f"node {ident} was removed by its owner")
+        now = self.jobs.clock()
+        if isinstance(msg, wire.Hello):
+            self.store.update_node(
+                ident,
+                state=protocol.IDLE,
+                last_seen=now,
+                engines=json.dumps(msg.engines),
+                resources=msgspec.json.encode(msg.resources).decode(),
+                allow_network=json.dumps(msg.allow_network),
+            )
+            for job in self.store.jobs_on_node(ident):
+                if job["id"] not in msg.running:
+                    self.jobs.node_failed(job, f"node {ident} restarted without it")
+            self._changed("node", {"id": ident, "state": protocol.IDLE})
+            self.dispatch()
+            return "hello"
+        if isinstance(msg, wire.Heartbeat):
+            # One transaction: the uptime credited and the last_seen it was measured from move
+            # together, so no beat can be paid twice.
+            with self.store.db.transaction():
+                if self._available(node) and node["last_seen"]:
+                    # Availability since the previous beat; suspended time and gaps don't pay.
+                    gap = economy.counted_gap_ms(
+                        int((now - float(node["last_seen"])) * 1000),
+                        int(self.scheduler.offline_after_s() * 1000),
+                    )
+                    self.jobs.accrue_uptime(ident, gap, now)
+                self.store.update_node(
+                    ident,
+                    state=msg.state,
+                    last_seen=now,
+                    resources=msgspec.json.encode(msg.resources).decode(),
+                    running=json.dumps(msg.running),
+                    last_seq=msg.seq,
+                    allow_network=json.dumps(msg.allow_network),
+                )
+            if msg.state == protocol.IDLE:
+                self._redeliver_lost(ident, msg.running, now)
+            res = msg.resources
+            self._changed("beat", {"id": ident, "t": now, "state": msg.state, "load": res.load,
+                                   "cpu": res.cpu, "memory_mb": res.memory_mb,
+                                   "running": len(msg.running)})  # fmt: skip
+            if node["state"] != msg.state:
+                self._changed("node", {"id": ident, "state": msg.state})
+            if msg.state == protocol.IDLE:
+                self.dispatch()
+            return "heartbeat"
+        if isinstance(msg, wire.Status):
+            if msg.state == protocol.OFFLINE:
+                self.scheduler.node_offline(ident, "it said goodbye or its connection dropped")
+                self._changed("node", {"id": ident, "state": protocol.OFFLINE})
+            else:
+                self.store.update_node(ident, last_seen=now)
+            return "status " + msg.state
+        if isinstance(msg, wire.Event):
+            changed = self.jobs.on_event(ident, msgspec.structs.asdict(msg))
+            if changed:
+                self._changed("job", {"id": msg.job_id, "state": "running"})
+            return "event" if changed else "ignored: stale event"
+        if isinstance(msg, wire.Result):
+            outcome = self.jobs.on_result(ident, msgspec.structs.asdict(msg))
+            if outcome.startswith("dropped"):
+                return self._drop(topic, outcome[len("dropped: ") :])
+            settled = self.store.job(msg.job_id)
+            if settled is not None:
+                self._changed("job", {"id": msg.job_id, "state": settled["state"]})
+            log.info("result for %s from %s: %s", msg.job_id, ident, outcome)
+            self.dispatch()
+            return outcome
+        return self._drop(topic, "unhandled")
+
+    def _available(self, node: Any) -> bool:
+        """Was the node available to the network since its last beat? Idle, or busy with work
+        the hub gave it. A node busy with its owner's own work (or one that only says so) was
+        not, and earns no uptime for it (docs/economy.md, "Staying online")."""
+        if node["state"] == protocol.IDLE:
+            return True
+        return node["state"] == protocol.BUSY and bool(self.store.jobs_on_node(node["id"]))
+
+    def _redeliver_lost(self, node_id: str, running: list[str], now: float) -> None:
+        """An idle node that does not list a job the hub gave it a while ago either never got
+        the assignment or finished it and its result was lost. Sending the same assignment
+        again (same attempt) settles both: the node runs it, or answers from its result cache.
+        Rate-limited per job, so a slow network sees one re-send per grace period."""
+        grace = 3 * self.scheduler.config.heartbeat_interval_s
+        for job in self.store.jobs_on_node(node_id):
+            if job["id"] in running or now - float(job["assigned_at"] or now) < grace:
+                continue
+            if now - self._resent.get(job["id"], 0.0) < grace:
+                continue
+            self._resent[job["id"]] = now
+            log.warning("job %s: node %s is idle without it; sending it again", job["id"], node_id)
+            self.publish(protocol.node_topic(node_id, protocol.ASSIGN),
+                         self.jobs.assign_message(job["id"]))  # fmt: skip
+        if len(self._resent) > 10_000:
+            self._resent.clear()
+
+    def _on_submit(self, topic: str, agent_id: str, payload: bytes | bytearray) -> str:
+        try:
+            req = msgspec.json.decode(payload, type=wire.Submit)
+        except msgspec.DecodeError as e:
+            return self._drop(topic, f"malformed submit: {e}")
+        reply_topic = protocol.agent_topic(agent_id, protocol.REPLY)
+
+        def answer(ok: bool, body: dict[str, Any]) -> str:
+            self.publish(reply_topic, protocol.reply(req.request_id, ok, body))
+            return "submit " + ("accepted" if ok else "rejected: " + str(body.get("error")))
+
+        user = self.store.user_by_token(req.token)
+        if user is None or user["id"] != agent_id:
+            return answer(False, {"error": "token does not belong to this agent", "status": 401})
+        try:
+            spec = msgspec.convert(req.spec, type=JobSpec)
+        except msgspec.ValidationError as e:
+            return answer(
+                False,
+                {"error": f"invalid job spec: {e}", "field": error_field(str(e)), "status": 400},
+            )
+        try:
+            job = self.jobs.submit(agent_id, spec, submit_key="mqtt:" + req.request_id)
+        except InsufficientFunds as e:
+            return answer(
+                False, {"error": str(e), "shortfall": format_micro(e.shortfall), "status": 402}
+            )
+        except JobConflict as e:
+            return answer(False, {"error": str(e), "status": 409})
+        except JobError as e:
+            return answer(False, {"error": str(e), "field": e.field, "status": 400})
+        self._changed("job", {"id": job["id"], "state": job["state"]})
+        self.dispatch()
+        return answer(
+            True, {"id": job["id"], "state": job["state"], "hold": format_micro(int(job["hold"]))}
+        )
