@@ -55,8 +55,25 @@ def _fd_fdstat_get(caller: wasmtime.Caller, fd: int, ptr: int) -> int:
     return wasi.SUCCESS
 
 
+class ProcExit(Exception):
+    """WASI proc_exit(code) from the job: it ended with that exit code."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(f"proc_exit({code})")
+        self.code = code
+
+
+def _proc_exit(code: int) -> None:
+    """WASI proc_exit for any code. wasmtime's own refuses codes of 126 and more ("exit with
+    invalid exit status outside of [0..126)", a rule of its CLI's shell conventions) and loses
+    the code, while AssemblyScript's abort() exits with 255; wasm3 reports such a code as it is,
+    so both engines give the job the exit code it asked for."""
+    raise ProcExit(code & 0xFFFFFFFF if code < 0 else code)
+
+
 _I32 = wasmtime.ValType.i32()
 _FDSTAT_TYPE = wasmtime.FuncType([_I32, _I32], [_I32])
+_PROC_EXIT_TYPE = wasmtime.FuncType([_I32], [])
 
 
 # Gas metering for modules instrumented to call `metering.usegas(i32)` (wasm-instrument's
@@ -88,6 +105,7 @@ class Runtime:
         linker.define_wasi()
         linker.allow_shadowing = True
         linker.define_func(wasi.MODULE, "fd_fdstat_get", _FDSTAT_TYPE, _fd_fdstat_get, True)
+        linker.define_func(wasi.MODULE, "proc_exit", _PROC_EXIT_TYPE, _proc_exit)
         return linker
 
     def metered_linker(

@@ -45,6 +45,7 @@ from edge.executors.wasmtime_runtime import (
     MAX_PAGES,
     MEMORY_GUARD,
     MEMORY_RESERVATION,
+    ProcExit,
     Runtime,
     first_line,
 )
@@ -183,6 +184,8 @@ def run_job(
             result.update(status="completed", exit_code=0)
         finally:
             _clear_limits()
+    except ProcExit as e:  # the job's proc_exit (wasmtime_runtime._proc_exit)
+        result.update(status="completed", exit_code=e.code)
     except wasmtime.ExitTrap as e:  # proc_exit; a subclass of WasmtimeError: first
         result.update(status="completed", exit_code=e.code)
     except JobFailed as e:

@@ -97,6 +97,21 @@ def test_proc_exit_is_an_exit_code_and_keeps_stdout(ex: WasmtimeExecutor, wasm: 
     assert out["exit_code"] == 3 and out["stdout"] == b"bye\n"
 
 
+EXIT = """(module (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+  (memory (export "memory") 1) (func (export "_start") (call $exit (i32.const %d))))"""
+
+
+@pytest.mark.parametrize("code", [0, 125, 126, 255])
+def test_every_exit_code_is_the_jobs_on_both_engines(ex: WasmtimeExecutor, code: int) -> None:
+    # wasmtime's own proc_exit refuses 126 and more (AssemblyScript's abort() exits 255): the
+    # job would fail as an "invalid module" with its code lost. wasm3 gives the code as is.
+    module = wat(EXIT % code)
+    out = ex.run(job(module))
+    assert (out["status"], out["exit_code"], out["error"]) == ("completed", code, None), out
+    with Wasm3Executor(workers=1) as w3:
+        assert w3.run(job(module))["exit_code"] == code
+
+
 @pytest.mark.parametrize("module", [b"", b"not wasm at all", b"\0asm\x01\0\0\0\x01\x7f"])
 def test_bytes_that_are_not_a_module(ex: WasmtimeExecutor, module: bytes) -> None:
     out = ex.run(job(module))
