@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Builds wasm3-run, the wasm job runner of MicroPython nodes (edge/native/*.c), with
 # wasm3's C core taken from the pywasm3 source package on PyPI (the same wasm3 that CPython
-# nodes load through pywasm3). Idempotent: returns at once when the binary is up to date.
+# nodes load through pywasm3), patched by tools/wasm3-core.patch so modules from today's
+# toolchains load (see that file). Idempotent: returns at once when the binary is up to date.
 #
 #   tools/build-wasm3-runner.sh [--out PATH] [--force] [--sanitize]
 #
 # Output: edge/native/bin/wasm3-run (or --out, or $DEPARROW_WASM3_RUN). The pywasm3 sdist is
 # kept in ${XDG_CACHE_HOME:-~/.cache}/deparrow; put it there (or point $PYWASM3_SDIST at it)
-# to build offline. Needs a C compiler (cc, gcc or clang) and, once, pip to fetch the sdist.
+# to build offline. Needs a C compiler (cc, gcc or clang), patch (or git), and, once, pip to
+# fetch the sdist.
 # --sanitize: the runner's own files with AddressSanitizer and UBSan, for the fuzz test
 # (tests/edge/test_wasm3_module_fuzz.py); wasm3's core keeps its flags (its interpreter does
 # signed arithmetic that UBSan would stop every program on).
@@ -22,7 +24,7 @@ while [ $# -gt 0 ]; do
     --out) OUT=$2; shift 2 ;;
     --force) FORCE=1; shift ;;
     --sanitize) SANITIZE="-g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all"; shift ;;
-    -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "build-wasm3-runner: unknown option $1 (try --help)" >&2; exit 64 ;;
   esac
 done
@@ -31,6 +33,7 @@ PYWASM3_VERSION=0.5.0
 PYWASM3_SHA256=5a47c8a39f7f6ae71b3316b2e5d86c9d0db6e771a65f09a86e4d4aa3a19aefcc
 NATIVE=$ROOT/edge/native
 SOURCES=("$NATIVE"/wasm3run.c "$NATIVE"/module.c "$NATIVE"/wasi.c "$NATIVE"/textbuf.c)
+CORE_PATCH=$ROOT/tools/wasm3-core.patch
 CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/deparrow
 SDIST=${PYWASM3_SDIST:-$CACHE/pywasm3-$PYWASM3_VERSION.tar.gz}
 CC=${CC:-cc}
@@ -41,12 +44,14 @@ if command -v sha256sum >/dev/null; then HASH=(sha256sum); else HASH=(shasum -a 
 sha256() { "${HASH[@]}" "$@" | cut -d' ' -f1; }
 
 command -v "$CC" >/dev/null || { echo "build-wasm3-runner: no C compiler ($CC); install gcc or clang, or set CC" >&2; exit 69; }
-for f in "${SOURCES[@]}" "$NATIVE/wasm3run.h"; do
+command -v patch >/dev/null || command -v git >/dev/null \
+  || { echo "build-wasm3-runner: neither patch nor git is installed; install patch" >&2; exit 69; }
+for f in "${SOURCES[@]}" "$NATIVE/wasm3run.h" "$CORE_PATCH"; do
   [ -f "$f" ] || { echo "build-wasm3-runner: $f is missing" >&2; exit 66; }
 done
 
 # Up to date when the same source, wasm3, compiler and flags made it.
-STAMP="$(cat "${SOURCES[@]}" "$NATIVE/wasm3run.h" "$0" | sha256) $PYWASM3_SHA256 $("$CC" --version 2>/dev/null | head -1) $CFLAGS $SANITIZE"
+STAMP="$(cat "${SOURCES[@]}" "$NATIVE/wasm3run.h" "$CORE_PATCH" "$0" | sha256) $PYWASM3_SHA256 $("$CC" --version 2>/dev/null | head -1) $CFLAGS $SANITIZE"
 if [ "$FORCE" = 0 ] && [ -x "$OUT" ] && [ -f "$OUT.stamp" ] && [ "$(cat "$OUT.stamp")" = "$STAMP" ]; then
   exit 0
 fi
@@ -79,6 +84,11 @@ WORK=$(mktemp -d)
 trap 'rm -rf "$WORK" ${DL:+"$DL"}' EXIT
 tar -xzf "$SDIST" -C "$WORK" "pywasm3-$PYWASM3_VERSION/wasm3"
 CORE=$WORK/pywasm3-$PYWASM3_VERSION/wasm3
+if command -v patch >/dev/null; then
+  patch -s -p1 -d "$CORE" --no-backup-if-mismatch < "$CORE_PATCH"
+else  # git apply as patch(1), with no repository around $CORE to mistake for its own
+  (cd "$CORE" && GIT_CEILING_DIRECTORIES=$WORK git apply -p1 "$CORE_PATCH")
+fi
 
 # The interpreter's memory.grow calls ResizeMemory; renamed everywhere but where it is defined,
 # those calls reach the runner's deparrow_ResizeMemory, which enforces the job's cap and then

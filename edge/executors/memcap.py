@@ -2,82 +2,17 @@
 memory maximum becomes the job's cap, and every `memory.grow` is routed through an appended
 function that traps past the cap and sets a flag (the exported global MEM_FLAG) the worker
 reads after the trap, so the job fails with "memory limit", not a bare trap. Past the module's
-own declared maximum, memory.grow still answers -1 as the spec says. A module with code this
-scanner does not know keeps the capped maximum but gets no hook (see `Unsupported`). Kept
-apart from the reader (`wasmbin.py`) because it is the one part that changes a job's bytes.
+own declared maximum, memory.grow still answers -1 as the spec says. The same single rewrite
+writes every call_indirect table index in the one byte pywasm3's wasm3 reads (`wasmcode.py`
+finds both kinds of site). A module with code the scanner does not know keeps the capped
+maximum but gets no hook and no other change (see `wasmcode.Unsupported`). Kept apart from the
+reader (`wasmbin.py`) because it is the one part that changes a job's bytes.
 """
 
-from edge.executors.wasmbin import enc_sleb, enc_uleb, read_limits, sleb, uleb
+from edge.executors.wasmbin import enc_sleb, enc_uleb, read_limits, uleb
+from edge.executors.wasmcode import Unsupported, scan_code, splice_code
 
 MEM_FLAG = "__deparrow_memory_limit"
-
-
-class Unsupported(Exception):
-    """Code this scanner does not know: run the module without the memory.grow hook."""
-
-
-# Opcodes by immediate: none; one LEB; two LEBs (call_indirect, memarg); see `scan_grows`.
-_NO_IMM = set(range(0x45, 0xC5)) | {0x00, 0x01, 0x05, 0x0B, 0x0F, 0x1A, 0x1B, 0xD1}
-_ONE_LEB = {0x0C, 0x0D, 0x10, 0x12, 0x20, 0x21, 0x22, 0x23, 0x24, 0x25, 0x26, 0x3F, 0xD2}
-_BLOCK_TYPES = {0x40, 0x7F, 0x7E, 0x7D, 0x7C, 0x7B, 0x70, 0x6F}
-_FC_LEBS = {8: 2, 9: 1, 10: 2, 11: 1, 12: 2, 13: 1, 14: 2, 15: 1, 16: 1, 17: 1}
-
-
-def scan_grows(b, pos, end):
-    """Offsets (start, stop) of every memory.grow in one function body."""
-    found = []
-    n, pos = uleb(b, pos)
-    for _ in range(n):
-        _, pos = uleb(b, pos)
-        pos += 1
-    while pos < end:
-        op = b[pos]
-        start = pos
-        pos += 1
-        if op in _NO_IMM:
-            continue
-        if op in _ONE_LEB:
-            _, pos = uleb(b, pos)
-        elif op == 0x40:  # memory.grow
-            _, pos = uleb(b, pos)
-            found.append((start, pos))
-        elif op in (0x02, 0x03, 0x04):
-            if b[pos] in _BLOCK_TYPES:
-                pos += 1
-            else:
-                _, pos = sleb(b, pos)
-        elif op == 0x0E:
-            n, pos = uleb(b, pos)
-            for _ in range(n + 1):
-                _, pos = uleb(b, pos)
-        elif op in (0x11, 0x13):
-            _, pos = uleb(b, pos)
-            _, pos = uleb(b, pos)
-        elif 0x28 <= op <= 0x3E:
-            align, pos = uleb(b, pos)
-            if align & 0x40:  # multi-memory: a memory index follows
-                _, pos = uleb(b, pos)
-            _, pos = uleb(b, pos)
-        elif op in (0x41, 0x42):
-            _, pos = sleb(b, pos)
-        elif op == 0x43:
-            pos += 4
-        elif op == 0x44:
-            pos += 8
-        elif op == 0x1C:
-            n, pos = uleb(b, pos)
-            pos += n
-        elif op == 0xD0:
-            pos += 1
-        elif op == 0xFC:
-            sub, pos = uleb(b, pos)
-            if sub > 17:
-                raise Unsupported(f"opcode 0xfc {sub}")
-            for _ in range(_FC_LEBS.get(sub, 0)):
-                _, pos = uleb(b, pos)
-        else:
-            raise Unsupported(f"opcode 0x{op:02x}")
-    return found
 
 
 def _vec_append(b, start, end, item):
@@ -92,52 +27,48 @@ def _section(sid, payload):
 def cap_memory(info, cap_pages):
     """The module's bytes with its memory capped at `cap_pages`; memory.grow past the cap
     traps and sets the exported global MEM_FLAG (1: over the job's cap, 2: the host could not
-    allocate). Returns (bytes, hooked)."""
+    allocate). On the way, every call_indirect table index is written in the one byte wasm3
+    reads (see `wasmcode.py`). Returns (bytes, hooked)."""
     b = info.b
-    if info.memory is None:
-        return bytes(b), False
-    flags, lo, own_max, entry = info.memory
-    if flags & ~3:  # memory64 or unknown flags: wasm3 refuses these anyway
-        return bytes(b), False
-    limit = cap_pages if own_max is None else min(own_max, cap_pages)
-    _, _, _, entry_end = read_limits(b, entry)
-    mem_start, mem_end = info.sections[5]
-    n, _ = uleb(b, mem_start)
-    new_mem = (
-        enc_uleb(n)
-        + bytes([flags | 1])
-        + enc_uleb(lo)
-        + enc_uleb(limit)
-        + bytes(b[entry_end:mem_end])
-    )
-    out = {5: new_mem}
-    hooked = False
     try:
-        code = info.sections.get(10)
-        grows, bodies = [], []
-        if code:
-            count, pos = uleb(b, code[0])
-            for _ in range(count):
-                size, body = uleb(b, pos)
-                bodies.append((body, body + size))
-                grows.append(scan_grows(b, body, body + size))
-                pos = body + size
-        hooked = any(grows) and 1 in info.sections and 3 in info.sections
-    except (Unsupported, IndexError):
-        hooked = False
+        bodies = scan_code(info)
+    except Unsupported:
+        bodies = []
+    out = {}
+    mem = info.memory
+    # memory64 or unknown flags: wasm3 refuses these anyway
+    capped = mem is not None and not mem[0] & ~3
+    if capped:
+        flags, lo, own_max, entry = mem
+        limit = cap_pages if own_max is None else min(own_max, cap_pages)
+        _, _, _, entry_end = read_limits(b, entry)
+        mem_start, mem_end = info.sections[5]
+        n, _ = uleb(b, mem_start)
+        out[5] = (
+            enc_uleb(n)
+            + bytes([flags | 1])
+            + enc_uleb(lo)
+            + enc_uleb(limit)
+            + bytes(b[entry_end:mem_end])
+        )
+    hooked = (
+        capped
+        and any(grows for _, _, grows, _ in bodies)
+        and 1 in info.sections
+        and 3 in info.sections
+    )
+    code = []
+    if hooked or any(tables for _, _, _, tables in bodies):
+        call = b"\x10" + enc_uleb(info.imported_funcs + info.func_count)
+        edits = []
+        for start, end, grows, tables in bodies:
+            sites = [(s, e, b"\x00") for s, e in tables]
+            if hooked:
+                sites = sorted(sites + [(s, e, call) for s, e in grows])
+            edits.append((start, end, sites))
+        code = splice_code(b, edits)
     if hooked:
-        hook_idx = info.imported_funcs + info.func_count
         flag_idx = info.imported_globals + info.global_count
-        call = b"\x10" + enc_uleb(hook_idx)
-        new_bodies = []
-        for (body, body_end), sites in zip(bodies, grows, strict=True):
-            parts, last = [], body
-            for start, stop in sites:
-                parts += [bytes(b[last:start]), call]
-                last = stop
-            parts.append(bytes(b[last:body_end]))
-            new = b"".join(parts)
-            new_bodies.append(enc_uleb(len(new)) + new)
         set_flag = lambda v: b"\x41" + enc_sleb(v) + b"\x24" + enc_uleb(flag_idx) + b"\x00"  # noqa: E731
         # Past the module's own declared maximum memory.grow answers -1 as the spec says;
         # past the job's cap (below that maximum) the job is over its limit.
@@ -156,14 +87,17 @@ def cap_memory(info, cap_pages):
             + b"\x0b"
             + b"\x20\x01\x0b"
         )
-        new_bodies.append(enc_uleb(len(hook)) + hook)
-        out[10] = enc_uleb(len(new_bodies)) + b"".join(new_bodies)
+        code.append(enc_uleb(len(hook)) + hook)
         out[1] = _vec_append(b, *info.sections[1], b"\x60\x01\x7f\x01\x7f")
         out[3] = _vec_append(b, *info.sections[3], enc_uleb(info.type_count))
         glob = b"\x7f\x01\x41\x00\x0b"
         out[6] = _vec_append(b, *info.sections[6], glob) if 6 in info.sections else b"\x01" + glob
         exp = enc_uleb(len(MEM_FLAG)) + MEM_FLAG.encode() + b"\x03" + enc_uleb(flag_idx)
         out[7] = _vec_append(b, *info.sections[7], exp) if 7 in info.sections else b"\x01" + exp
+    if code:
+        out[10] = enc_uleb(len(code)) + b"".join(code)
+    if not out:
+        return bytes(b), False
     return _rebuild(b, out), hooked
 
 

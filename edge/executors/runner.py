@@ -3,7 +3,8 @@ wasm3 runtime with the WASI layer linked, calls its entry point under the job's 
 turns whatever happened into a result, with wasm3's errors translated into the executor's
 error kinds ("invalid module", "trap", "memory limit"...). It is separate from `worker.py`,
 which only runs the process and its pipe, so the job logic reads as one piece. Limits, in
-the order they bite: linear memory (the module is rewritten, see `memcap.py`); RLIMIT_AS,
+the order they bite: linear memory (the module is rewritten, see `memcap.py`, which also
+writes call_indirect's table index as the 2021 wasm3 reads it, see `wasmcode.py`); RLIMIT_AS,
 this process's address space, set per job to what it uses now plus the cap plus slack, the
 last line for allocations inside wasm3 itself; RLIMIT_CPU (soft), CPU used so far + timeout
 + 2 s: the node kills at the wall-clock timeout, and this backstop (SIGXCPU) stops a runaway
@@ -161,7 +162,10 @@ def prepare(module, entrypoint, cap_pages):
             f"memory limit: job exceeded {_mib(cap_pages)} "
             f"(the module asks for {_mib(info.memory[1])} of initial memory)"
         )
-    data, hooked = cap_memory(info, cap_pages)
+    try:
+        data, hooked = cap_memory(info, cap_pages)
+    except InvalidModule as e:
+        raise JobFailed(f"invalid module: {e}") from None
     return data, info.exports, funcs, hooked
 
 
