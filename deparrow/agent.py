@@ -22,6 +22,14 @@ Calls go through the hub, which holds the price from the caller's wallet, hands 
 the serving agent over MQTT, and pays the agent exactly once when its answer matches the
 service's output schema, refunding the caller on an error or a timeout (docs/agents.md).
 
+A job submitted over MQTT is told back over MQTT: the hub publishes the finished job on the
+agent's reply topic (its "final reply", docs/protocol.md), so `run_job(spec, via="mqtt")` and
+`wait_job` wait for that message instead of polling REST, and `submit_job(spec, via="mqtt",
+on_done=fn)` calls fn(job) once when it arrives::
+
+    job = buyer.run_job({"engine": {...}, "timeout": 10}, via="mqtt")
+    print(job["result"], job["cost"])
+
 Errors are exceptions that say what went wrong: `AuthError` (401/403), `InsufficientCredits`
 (402, with the shortfall), `NotFound` (404), `CallFailed` and `JobFailed` (the work ended
 without a result), `DeparrowError` for the rest.
@@ -49,7 +57,10 @@ from edge.core import protocol
 log = logging.getLogger(__name__)
 
 Handler = Callable[[Any], Any]
+JobCallback = Callable[[dict[str, Any]], None]
 JOB_DONE = ("completed", "failed", "cancelled")
+FINAL = "final"  # the field of a job's final reply (docs/protocol.md, "The final reply")
+KEEP_FINALS = 1000  # finished jobs remembered, to drop a duplicate final and serve wait_job
 
 
 # --- errors -----------------------------------------------------------------------------------
@@ -184,6 +195,12 @@ class Agent:
         self._pool: ThreadPoolExecutor | None = None
         self._stop = threading.Event()
         self.notices: list[dict[str, Any]] = []  # what the hub told this agent over MQTT
+        # Jobs submitted over MQTT: told back by their final reply (one per job; a duplicate,
+        # which QoS 1 and a hub restart can bring, is dropped by the job id).
+        self._done = threading.Condition()
+        self._finished: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._pending_jobs: set[str] = set()  # submitted over MQTT here, final not yet come
+        self._on_done: dict[str, JobCallback] = {}
 
     # --- creating agents --------------------------------------------------------------------
     @classmethod
@@ -265,12 +282,23 @@ class Agent:
         return answer
 
     # --- jobs -------------------------------------------------------------------------------
-    def submit_job(self, spec: dict[str, Any], *, via: str = "rest", key: str | None = None) -> str:
+    def submit_job(
+        self,
+        spec: dict[str, Any],
+        *,
+        via: str = "rest",
+        key: str | None = None,
+        on_done: JobCallback | None = None,
+    ) -> str:
         """Submit a job spec (the body of POST /api/v1/jobs); returns its id. `via="mqtt"`
-        publishes it on this agent's `submit` topic instead. The same `key` never creates a
-        second job."""
+        publishes it on this agent's `submit` topic instead, and the hub tells the finished
+        job back over MQTT: `on_done(job)` (MQTT only) is then called once, in a worker
+        thread, with the job as GET /api/v1/jobs/{id} shows it. The same `key` never creates
+        a second job."""
         key = key or uuid.uuid4().hex
         if via == "rest":
+            if on_done is not None:
+                raise ValueError("on_done needs via='mqtt': a job submitted over REST is polled")
             job = self.request("POST", "/api/v1/jobs", spec, headers={"Idempotency-Key": key})
             return str(job["id"])
         if via != "mqtt":
@@ -279,14 +307,41 @@ class Agent:
         if not reply["ok"]:
             body = reply["body"]
             raise _error(int(body.get("status") or 400), body)
-        return str(reply["body"]["id"])
+        job_id = str(reply["body"]["id"])
+        # A retried key whose job is over already: its final reply went out long ago.
+        over = reply["body"].get("state") in JOB_DONE
+        with self._done:
+            finished = self._finished.get(job_id)
+            if finished is None and not over:
+                self._pending_jobs.add(job_id)
+                if on_done is not None:
+                    self._on_done[job_id] = on_done
+        if on_done is not None and (finished is not None or over):
+            self._run_callback(on_done, finished if finished is not None else self.job(job_id))
+        return job_id
 
     def job(self, job_id: str) -> dict[str, Any]:
         answer: dict[str, Any] = self.request("GET", f"/api/v1/jobs/{job_id}")
         return answer
 
     def wait_job(self, job_id: str, timeout_s: float = 300.0) -> dict[str, Any]:
-        """Poll until the job is completed, failed or cancelled; returns the hub's view."""
+        """Wait until the job is completed, failed or cancelled; returns the hub's view. A
+        job this agent submitted over MQTT is waited for on its final reply; others are
+        polled over REST."""
+        with self._done:
+            mqtt = job_id in self._pending_jobs or job_id in self._finished
+            if mqtt:
+                self._done.wait_for(lambda: job_id in self._finished, timeout_s)
+                finished = self._finished.get(job_id)
+        if mqtt:
+            if finished is not None:
+                return finished
+            job = self.job(job_id)  # once, to say where it is (or if the reply was lost)
+            if job["state"] in JOB_DONE:
+                return job
+            raise DeparrowError(
+                f"job {job_id} still {job['state']} after {timeout_s:g}s ({job.get('reason')})"
+            )
         deadline = time.monotonic() + timeout_s
         delay = 0.02
         while True:
@@ -304,7 +359,7 @@ class Agent:
         self, spec: dict[str, Any], *, via: str = "rest", timeout_s: float = 300.0
     ) -> dict[str, Any]:
         """Submit, wait, and return the completed job (its `result` and `cost`); JobFailed
-        when it failed or was cancelled."""
+        when it failed or was cancelled. Over MQTT it waits for the job's final reply."""
         job = self.wait_job(self.submit_job(spec, via=via), timeout_s)
         if job["state"] != "completed":
             raise JobFailed(job)
@@ -456,6 +511,7 @@ class Agent:
             client.username_pw_set(self.id, self.token)
             subscribed = threading.Event()
             refused: list[str] = []
+            connects: list[int] = []
 
             def on_connect(c: Any, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
                 if rc.is_failure:
@@ -463,6 +519,10 @@ class Agent:
                     subscribed.set()
                     return
                 c.subscribe([(protocol.agent_topic(self.id, k), 1) for k in protocol.AGENT_IN])
+                connects.append(1)
+                if len(connects) > 1 and self._pool is not None:
+                    # A clean session: final replies sent while away were lost with it.
+                    self._pool.submit(self._recover_finals)
 
             client.on_connect = on_connect
             client.on_subscribe = lambda *_a: subscribed.set()
@@ -508,7 +568,9 @@ class Agent:
             log.warning("agent %s: a message on %s is not JSON; ignored", self._id, m.topic)
             return
         kind = m.topic.rsplit("/", 1)[-1]
-        if kind == protocol.REPLY:
+        if kind == protocol.REPLY and msg.get(FINAL) and isinstance(msg.get("body"), dict):
+            self._on_final(msg["body"])
+        elif kind == protocol.REPLY:
             waiting = self._waiting.get(str(msg.get("request_id")))
             if waiting is not None:
                 waiting[1].append(msg)
@@ -518,6 +580,50 @@ class Agent:
         elif kind == protocol.NOTICE:
             log.warning("agent %s: %s", self._id, msg.get("message"))
             self.notices.append(msg)
+
+    def _on_final(self, job: dict[str, Any]) -> None:
+        """A job's final reply (or, after a reconnect, its state read once over REST)."""
+        job_id = str(job.get("id"))
+        with self._done:
+            if job_id in self._finished:  # a duplicate: QoS 1, or the hub sent it again
+                return
+            self._finished[job_id] = job
+            while len(self._finished) > KEEP_FINALS:
+                self._finished.popitem(last=False)
+            self._pending_jobs.discard(job_id)
+            callback = self._on_done.pop(job_id, None)
+            self._done.notify_all()
+        if callback is not None:
+            self._run_callback(callback, job)
+
+    def _run_callback(self, callback: JobCallback, job: dict[str, Any]) -> None:
+        def run() -> None:
+            try:
+                callback(job)
+            except Exception:
+                log.exception("agent %s: the on_done callback for job %s failed",
+                              self._id, job.get("id"))  # fmt: skip
+
+        pool = self._pool
+        if pool is not None:
+            pool.submit(run)
+        else:
+            run()
+
+    def _recover_finals(self) -> None:
+        """After a reconnect: read each job still waited for once over REST, in case its
+        final reply came while this agent was away."""
+        with self._done:
+            pending = list(self._pending_jobs)
+        for job_id in pending:
+            try:
+                job = self.job(job_id)
+            except DeparrowError as e:
+                log.warning("agent %s: cannot read job %s after reconnecting: %s",
+                            self._id, job_id, e)  # fmt: skip
+                continue
+            if job["state"] in JOB_DONE:
+                self._on_final(job)
 
     def _on_call(self, msg: dict[str, Any]) -> None:
         call_id = str(msg.get("call_id"))

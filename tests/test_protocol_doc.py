@@ -32,7 +32,8 @@ from hub.api import types
 from hub.market import spec
 from hub.mqtt import bridge, wire
 from hub.mqtt.bridge import parse_mqtt_url
-from tests.conftest import ROOT, Proc, require_mosquitto, start_hub, wait_until
+from hub.mqtt.finals import FINAL, final_reply
+from tests.conftest import ROOT, Proc, require_mosquitto, start_hub, start_node, wait_until
 
 DOC = ROOT / "docs" / "protocol.md"
 FIB = {
@@ -123,6 +124,7 @@ def test_json_examples_decode_with_the_wire_types() -> None:
         "reply-400",
         "reply-401",
         "reply-402",
+        "reply-final",
         "token-response",
         "enrollment-token-response",
         "enroll-response",
@@ -176,6 +178,21 @@ def test_json_examples_decode_with_the_wire_types() -> None:
         body = ex[f"reply-{status}"]["body"]
         assert body["status"] == status and body["error"]
     assert ex["reply-402"]["body"]["shortfall"]
+
+    # The final reply: what finals.py builds, its body the REST API's view of the job, for
+    # the job of the reply-ok example, settled by the result example.
+    final = ex["reply-final"]
+    assert set(final) == set(final_reply("r", {"state": "completed"})) and final[FINAL] is True
+    assert FINAL not in ex["reply-ok"]
+    job = msgspec.convert(final["body"], type=types.JobView)
+    assert final["ok"] == (job.state == "completed") and final["request_id"] == submit.request_id
+    assert job.id == ex["reply-ok"]["body"]["id"] == ex["result"]["job_id"]
+    assert job.result is not None and job.result.digest == ex["result"]["digest"]
+    assert job.hold == ex["reply-ok"]["body"]["hold"] and job.node == ex["result"]["node_id"]
+    assert (
+        msgspec.convert(job.spec, type=spec.JobSpec).engine
+        == msgspec.convert(FIB, type=spec.JobSpec).engine
+    )
 
     msgspec.convert(ex["token-response"], type=types.TokenResponse)
     msgspec.convert(ex["enrollment-token-response"], type=types.EnrollmentTokenView)
@@ -381,7 +398,8 @@ def test_shell_agent_submits_and_reads_the_reply(tmp_path: Path) -> None:
 
         def submit(**override: str) -> dict[str, Any]:
             lines = "".join(f"{k}={shlex.quote(v)}\n" for k, v in override.items())
-            script = shell(steps, lines) + blocks("shell", "sh")["agent-submit"]
+            sh = blocks("shell", "sh")
+            script = shell(steps, lines) + sh["agent-submit"] + sh["agent-done"]
             out = subprocess.run(
                 ["bash", "-c", script],
                 env=env,
@@ -432,4 +450,49 @@ def test_shell_agent_submits_and_reads_the_reply(tmp_path: Path) -> None:
         )  # fmt: skip
         assert refused.returncode != 0 and "not authorised" in refused.stderr, refused.stderr
     finally:
+        hub.proc.stop()
+
+
+def test_shell_agent_gets_the_final_reply(tmp_path: Path) -> None:
+    """The agent's recipe end to end: submit, the answer, and the job's final reply when a
+    real node has run it, read from the same persistent session."""
+    require_tools()
+    hub = start_hub(tmp_path, broker="mosquitto")
+    node: Proc | None = None
+    try:
+        _, owner = hub.user("owner")
+        agent_user, agent = hub.user("agent-8")
+        node = start_node(hub, owner, tmp_path)
+        host, port = parse_mqtt_url(hub.admin.status()["broker"]["public_url"])
+        env = {
+            **os.environ,
+            "MQTT_HOST": host,
+            "MQTT_PORT": str(port),
+            "HUB": hub.url,
+            "API_TOKEN": agent_user["token"],
+            "AGENT_ID": agent_user["id"],
+        }
+        sh = blocks("shell", "sh")
+        script = (
+            shell(["helpers", "agent-login", "agent-request"])
+            + sh["agent-submit"]
+            + sh["agent-final"]
+            + sh["agent-done"]
+        )
+        out = subprocess.run(
+            ["bash", "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True,
+            timeout=90,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        reply, final = (json.loads(line) for line in out.stdout.strip().splitlines()[-2:])
+        assert reply["ok"] and FINAL not in reply
+        assert final[FINAL] is True and final["ok"] is True
+        assert final["request_id"] == reply["request_id"]
+        job = final["body"]
+        assert job["id"] == reply["body"]["id"] and job["state"] == "completed"
+        assert job["result"]["returns"] == [6765] and job == agent.job(job["id"])
+        assert set(final) == set(examples()["reply-final"])
+    finally:
+        if node is not None:
+            node.stop()
         hub.proc.stop()

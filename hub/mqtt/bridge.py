@@ -5,6 +5,8 @@ loop, so all MQTT and database work happens on one thread, the ledger's single w
 each message does to the market (messages.py: node hellos, heartbeats, status, events and
 results, agents' submissions, the scheduler's tick), and here the bridge that joins them: a
 bounded inbox, a consumer that handles it in batches, a ticker, and the supervision of them all.
+After each batch, finished jobs are told to the agents that submitted them over MQTT
+(finals.py: one final reply per job, the job row its outbox).
 
 Group commit: the consumer takes every message that has arrived (up to `max_batch`) and
 handles them in ONE transaction, each message in a savepoint of its own (one that fails rolls
@@ -42,6 +44,7 @@ import paho.mqtt.client as mqtt
 from hub.agents.registry import Agents
 from hub.market.jobs import Jobs
 from hub.market.scheduler import Scheduler
+from hub.mqtt.finals import Finals
 from hub.mqtt.link import Link
 from hub.mqtt.messages import SIZE_LIMITS as SIZE_LIMITS  # here too: tests check the docs by it
 from hub.mqtt.messages import Messages
@@ -52,6 +55,9 @@ log = logging.getLogger(__name__)
 # Items the bridge queues for itself, behind the messages: never valid MQTT topics.
 _TICK = "\x00tick"
 _PASS = "\x00pass"
+
+# What a batch publishes after its COMMIT: topic, message, and the job id of a final reply.
+Outgoing = tuple[str, dict[str, Any], str | None]
 
 
 class BridgeStats:
@@ -121,7 +127,7 @@ class Bridge:
         self._pass_wanted = False  # a scheduling pass at the end of this batch
         self._pass_queued = False  # a request for one is in the inbox
         self._tick_queued = False
-        self._batch: list[tuple[str, dict[str, Any]]] | None = None  # to publish after COMMIT
+        self._batch: list[Outgoing] | None = None  # to publish after COMMIT
         self._batch_changes: list[tuple[str, dict[str, Any]]] = []
         self._tasks: list[asyncio.Task[None]] = []
         # hub.writer.Writer, when the hub runs one: batches then commit together with it.
@@ -137,6 +143,7 @@ class Bridge:
             dispatch=self.dispatch,
             drop=self._drop,
         )
+        self.finals = Finals(store, jobs)
 
     @property
     def client(self) -> mqtt.Client:
@@ -273,7 +280,7 @@ class Bridge:
         """Handle messages (and queued ticks and pass requests) in one transaction, then
         publish what they decided once its COMMIT (run off the loop) is durable. Returns
         what happened to each, as handle() says."""
-        out: list[tuple[str, dict[str, Any]]] = []
+        out: list[Outgoing] = []
         changes: list[tuple[str, dict[str, Any]]] = []
         started = time.perf_counter()
         outcomes: list[str] = []
@@ -291,7 +298,7 @@ class Bridge:
         """run_batch inside the writer's next transaction: the messages share one durable
         commit with the REST submissions and transfers queued meanwhile, instead of each
         side paying an fsync on the event loop of its own."""
-        out: list[tuple[str, dict[str, Any]]] = []
+        out: list[Outgoing] = []
         changes: list[tuple[str, dict[str, Any]]] = []
         started = time.perf_counter()
         outcomes: list[str] = []
@@ -305,7 +312,7 @@ class Bridge:
     def _batch_body(
         self,
         batch: list[tuple[str, bytes | bytearray]],
-        out: list[tuple[str, dict[str, Any]]],
+        out: list[Outgoing],
         changes: list[tuple[str, dict[str, Any]]],
     ) -> list[str]:
         """The messages, each in a savepoint, in the caller's open transaction."""
@@ -316,6 +323,11 @@ class Bridge:
             if self._pass_wanted:
                 self._pass_wanted = False
                 self._savepoint(lambda _t, _p: str(self.messages.schedule()), _PASS, b"")
+            # Last: jobs this batch (or anything since the last one) finished, to their agents.
+            self._undoable(
+                "the agents' final replies failed and were rolled back",
+                lambda: str(self.finals.step(self._queue_final)),
+            )
             return outcomes
         finally:
             self._batch = None
@@ -324,7 +336,7 @@ class Bridge:
     def _batch_lost(
         self,
         batch: list[tuple[str, bytes | bytearray]],
-        out: list[tuple[str, dict[str, Any]]],
+        out: list[Outgoing],
         changes: list[tuple[str, dict[str, Any]]],
     ) -> None:
         log.exception("a batch of %d messages could not be committed; dropped", len(batch))
@@ -336,18 +348,21 @@ class Bridge:
         self,
         batch: list[tuple[str, bytes | bytearray]],
         started: float,
-        out: list[tuple[str, dict[str, Any]]],
+        out: list[Outgoing],
         changes: list[tuple[str, dict[str, Any]]],
     ) -> None:
         self.stats.note(len(batch), time.perf_counter() - started)
         # Durable now: tell the nodes and agents, then the dashboard. Each on its own: one
         # that fails (a paho error, a broken listener) is logged and the others still go.
-        for topic, msg in out:
+        for topic, msg, final_of in out:
+            receipt = None
             try:
-                self.publish(topic, msg)
+                receipt = self._send(topic, msg)
             except Exception:
                 self.stats.announce_failures += 1
                 log.exception("could not publish on %s after its commit; not sent", topic)
+            if final_of is not None:  # a final reply is sent again until it is acknowledged
+                self.finals.sent(final_of, receipt)
         for kind, data in changes:
             try:
                 self._changed(kind, data)
@@ -449,10 +464,19 @@ class Bridge:
     def publish(self, topic: str, msg: dict[str, Any], qos: int = 1) -> None:
         """Send at once, or, inside a batch, once the batch has committed."""
         if self._batch is not None:
-            self._batch.append((topic, msg))
+            self._batch.append((topic, msg, None))
             return
-        self.client.publish(topic, json.dumps(msg, separators=(",", ":")), qos=qos)
+        self._send(topic, msg, qos)
+
+    def _send(self, topic: str, msg: dict[str, Any], qos: int = 1) -> mqtt.MQTTMessageInfo:
+        receipt = self.client.publish(topic, json.dumps(msg, separators=(",", ":")), qos=qos)
         self.link.flush()
+        return receipt
+
+    def _queue_final(self, job_id: str, topic: str, msg: dict[str, Any]) -> None:
+        """A job's final reply, to publish once the batch has committed (finals.py)."""
+        assert self._batch is not None
+        self._batch.append((topic, msg, job_id))
 
     def cancel_on_node(self, node_id: str, job_id: str, attempt: int) -> None:
         self.messages.cancel_on_node(node_id, job_id, attempt)

@@ -287,6 +287,9 @@ class Messages:
             return answer(False, {"error": str(e), "status": 409})
         except JobError as e:
             return answer(False, {"error": str(e), "field": e.field, "status": 400})
+        # It owes this agent its final reply once it ends (finals.py); a retried submit of the
+        # same request_id finds it marked already.
+        self.store.reply_over_mqtt(job["id"], req.request_id)
         self._changed("job", {"id": job["id"], "state": job["state"]})
         self.dispatch()
         return answer(

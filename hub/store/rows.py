@@ -237,6 +237,22 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         ALTER TABLE nodes ADD COLUMN allow_network TEXT NOT NULL DEFAULT '[]';
         """,
     ),
+    (
+        9,
+        "the final reply owed to an agent that submitted a job over MQTT",
+        # reply_to: the request_id of the agent's `submit` (NULL for jobs submitted over REST,
+        # and for replicas). final_sent_at: when the broker acknowledged the job's final reply
+        # (hub/mqtt/finals.py). A finished job with reply_to and no final_sent_at still owes its
+        # agent that reply: the partial index holds exactly those, so the bridge looks for them
+        # after every batch at no cost however many jobs the hub has done.
+        """
+        ALTER TABLE jobs ADD COLUMN reply_to TEXT;
+        ALTER TABLE jobs ADD COLUMN final_sent_at REAL;
+        CREATE INDEX jobs_final_owed ON jobs(finished_at)
+            WHERE reply_to IS NOT NULL AND final_sent_at IS NULL
+            AND state IN ('completed', 'failed', 'cancelled');
+        """,
+    ),
 ]
 
 
@@ -490,6 +506,32 @@ class Store:
                 who, seen = parent[who], seen + 1
             out[agent] = who
         return out
+
+    # --- final replies to agents (hub/mqtt/finals.py) ----------------------------------------
+    def reply_over_mqtt(self, job_id: str, request_id: str) -> None:
+        """The job was submitted over MQTT with request_id: it owes its agent a final reply."""
+        with self.db.transaction() as c:
+            c.execute(
+                "UPDATE jobs SET reply_to = ? WHERE id = ? AND reply_to IS NULL",
+                (request_id, job_id),
+            )
+
+    def finals_owed(self, limit: int) -> list[sqlite3.Row]:
+        """Finished jobs whose final reply the broker has not acknowledged, oldest first."""
+        # INDEXED BY: without it SQLite picks jobs_state and reads every finished job there is.
+        return self.db.query(
+            "SELECT * FROM jobs INDEXED BY jobs_final_owed"
+            " WHERE reply_to IS NOT NULL AND final_sent_at IS NULL"
+            " AND state IN ('completed', 'failed', 'cancelled') ORDER BY finished_at LIMIT ?",
+            (limit,),
+        )
+
+    def finals_sent(self, job_ids: list[str], now: float) -> None:
+        with self.db.transaction() as c:
+            c.executemany(
+                "UPDATE jobs SET final_sent_at = ? WHERE id = ? AND final_sent_at IS NULL",
+                [(now, j) for j in job_ids],
+            )
 
     def jobs_on_node(self, node_id: str) -> list[sqlite3.Row]:
         return self.db.query(
