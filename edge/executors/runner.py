@@ -34,6 +34,19 @@ AS_SLACK = 64 << 20
 GAS_IMPORT = ("metering", "usegas")
 GAS_SCALE = 10_000
 UNMETERED = 10**18  # an instrumented module run without a gas budget
+# WASI preview1's filesystem calls, which an executor that preopens the job's directories
+# (wasmtime's own WASI, the wasm3-run runner's C WASI) provides beyond `wasi.SIGNATURES`.
+# The sock_* calls stay refused everywhere: jobs have no network.
+FILE_IMPORTS = frozenset(
+    {
+        *("fd_advise", "fd_allocate", "fd_datasync", "fd_fdstat_set_rights", "fd_filestat_get"),
+        *("fd_filestat_set_size", "fd_filestat_set_times", "fd_pread", "fd_pwrite"),
+        *("fd_readdir", "fd_renumber", "fd_sync", "fd_tell", "path_create_directory"),
+        *("path_filestat_get", "path_filestat_set_times", "path_link", "path_open"),
+        *("path_readlink", "path_remove_directory", "path_rename", "path_symlink"),
+        *("path_unlink_file", "proc_raise"),
+    }
+)
 
 
 class JobFailed(Exception):
@@ -132,8 +145,9 @@ def _mib(pages):
     return "%g MiB" % (pages * PAGE / (1 << 20))
 
 
-def prepare(module, entrypoint, cap_pages):
-    """Checks the module before wasm3 sees it.
+def prepare(module, entrypoint, cap_pages, files=False):
+    """Checks the module before the engine sees it; `files`: the executor gives WASI's
+    filesystem calls (over the job's preopened directories), so a module may import them.
     Returns (bytes to load, exports, function imports, whether memory.grow is hooked)."""
     try:
         info = ModuleInfo(module)
@@ -149,12 +163,20 @@ def prepare(module, entrypoint, cap_pages):
         )
     funcs = [(m, n) for m, n, k in info.imports if k == 0]
     others = ["{}.{} ({})".format(m, n, IMPORT_KINDS.get(k, "?")) for m, n, k in info.imports if k]
-    missing = wasi.missing_imports([f for f in funcs if f != GAS_IMPORT]) + others
+    wanted = [f for f in funcs if f != GAS_IMPORT]
+    if files:
+        wanted = [(m, n) for m, n in wanted if m != wasi.MODULE or n not in FILE_IMPORTS]
+    missing = wasi.missing_imports(wanted) + others
     if missing:
+        has = (
+            "files in the job's preopened directories, no sockets"
+            if files
+            else "no files or sockets (the wasmtime and wasm3-run engines give files)"
+        )
         raise JobFailed(
             "invalid module: unsupported import {} (this executor provides WASI preview1 "
-            "args, environ, clocks, random, stdio and proc_exit, no files or sockets)".format(
-                ", ".join(missing)
+            "args, environ, clocks, random, stdio and proc_exit, {})".format(
+                ", ".join(missing), has
             )
         )
     if info.memory is not None and info.memory[1] > cap_pages:

@@ -263,6 +263,10 @@ class Wasm3Executor:
             except OSError:
                 return
 
+    def _worker_fields(self, job):
+        """More of the job's fields for this executor's worker (the wasmtime one's `dirs`)."""
+        return {}
+
     def _start(self, worker, handle):
         job = handle.job
         header = {
@@ -277,6 +281,7 @@ class Wasm3Executor:
             "stderr_cap": self.stderr_cap,
             "gas": job.get("gas"),  # for modules instrumented with metering.usegas
         }
+        header.update(self._worker_fields(job))
         blobs = {"module": bytes(job.get("module") or b""), "stdin": bytes(job.get("stdin") or b"")}
         handle.job = None  # the module bytes now live in the frame only
         handle.worker = worker

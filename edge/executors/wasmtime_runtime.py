@@ -38,11 +38,10 @@ def make_engine() -> wasmtime.Engine:
 
 
 def _fd_fdstat_get(caller: wasmtime.Caller, fd: int, ptr: int) -> int:
-    """WASI fd_fdstat_get as the wasm3 executor answers it (`wasi.Wasi.fd_fdstat_get`): fds 0-2
-    are character devices without seek rights. wasmtime's own answer for its output callbacks
-    differs, and wasi-libc's isatty() and stdio buffering read it, so this one replaces it."""
-    if not 0 <= fd <= 2:
-        return wasi.EBADF
+    """WASI fd_fdstat_get for fds 0-2 as the wasm3 executor answers it
+    (`wasi.Wasi.fd_fdstat_get`): character devices without seek rights. wasmtime's own answer
+    for its output callbacks differs, and wasi-libc's isatty() and stdio buffering read it, so
+    this one replaces it there (`Runtime.new_linker`; other fds get wasmtime's answer)."""
     memory = caller.get("memory")
     if not isinstance(memory, wasmtime.Memory):
         return wasi.EFAULT
@@ -71,6 +70,17 @@ def _proc_exit(code: int) -> None:
     raise ProcExit(code & 0xFFFFFFFF if code < 0 else code)
 
 
+# wasmtime's own fd_fdstat_get for a job's files and directories (fds 3 and up), called from
+# `Runtime.new_linker`'s replacement. A WASI host function finds the memory it writes into as
+# its caller's "memory" export, so a host function cannot call it directly; this module, given
+# the job's memory, is a caller that exports it.
+_FDSTAT_TRAMPOLINE = """(module
+  (import "wasi_snapshot_preview1" "fd_fdstat_get" (func $get (param i32 i32) (result i32)))
+  (import "job" "memory" (memory 0))
+  (export "memory" (memory 0))
+  (func (export "fdstat") (param i32 i32) (result i32)
+    (call $get (local.get 0) (local.get 1))))"""
+
 _I32 = wasmtime.ValType.i32()
 _FDSTAT_TYPE = wasmtime.FuncType([_I32, _I32], [_I32])
 _PROC_EXIT_TYPE = wasmtime.FuncType([_I32], [])
@@ -95,6 +105,10 @@ class Runtime:
 
     def __init__(self) -> None:
         self.engine = make_engine()
+        self.wasi_linker = wasmtime.Linker(self.engine)  # wasmtime's own WASI, unchanged
+        self.wasi_linker.define_wasi()
+        self.trampoline = wasmtime.Module(self.engine, _FDSTAT_TRAMPOLINE)
+        self.files_fdstat: wasmtime.Func | None = None  # the running job's, see bind_files
         self.linker = self.new_linker()
         self.meter = wasmtime.Module(self.engine, _METER)
         self.modules: OrderedDict[bytes, tuple[wasmtime.Module, int]] = OrderedDict()
@@ -104,9 +118,35 @@ class Runtime:
         linker = wasmtime.Linker(self.engine)
         linker.define_wasi()
         linker.allow_shadowing = True
-        linker.define_func(wasi.MODULE, "fd_fdstat_get", _FDSTAT_TYPE, _fd_fdstat_get, True)
+
+        def fd_fdstat_get(caller: wasmtime.Caller, fd: int, ptr: int) -> int:
+            if 0 <= fd <= 2:
+                return _fd_fdstat_get(caller, fd, ptr)
+            if self.files_fdstat is None:  # a job without directories has no other fd
+                return wasi.EBADF
+            return int(self.files_fdstat(caller, fd, ptr))
+
+        linker.define_func(wasi.MODULE, "fd_fdstat_get", _FDSTAT_TYPE, fd_fdstat_get, True)
         linker.define_func(wasi.MODULE, "proc_exit", _PROC_EXIT_TYPE, _proc_exit)
         return linker
+
+    def bind_files(self, store: wasmtime.Store, instance: wasmtime.Instance) -> None:
+        """Before a job with preopened directories runs: fd_fdstat_get answers for its fds 3
+        and up as wasmtime's WASI does (wasi-libc asks it when opening files); `unbind_files`
+        after it. A job without a plain exported memory has no files to ask about."""
+        memory = instance.exports(store).get("memory")
+        own = self.wasi_linker.get(store, wasi.MODULE, "fd_fdstat_get")
+        if not isinstance(memory, wasmtime.Memory) or not isinstance(own, wasmtime.Func):
+            return
+        kind = memory.type(store)
+        if not kind.is_64 and not kind.is_shared:
+            tramp = wasmtime.Instance(store, self.trampoline, [own, memory])
+            func = tramp.exports(store)["fdstat"]
+            assert isinstance(func, wasmtime.Func)
+            self.files_fdstat = func
+
+    def unbind_files(self) -> None:
+        self.files_fdstat = None
 
     def metered_linker(
         self, store: wasmtime.Store, gas: int | None

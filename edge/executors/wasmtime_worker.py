@@ -7,17 +7,23 @@ keeps the compiled code of the modules it ran last (`Runtime`, wasmtime_runtime.
 
 To give the same results as wasm3 for the same module, the job goes through the wasm3 path's
 checks first (`runner.prepare`: the module must parse, export its entry point, and import
-nothing beyond the WASI subset `wasi.py` names, so a module refused on a board is refused here
-too) and through the same memory.grow hook (`memcap.py`), so "memory limit" is told apart
-from a plain trap; traps are named with wasm3's words. Limits: linear memory and tables through
-`Store.set_limits` (the cap wasmtime itself enforces), one memory per job; RLIMIT_AS sized to
-what the worker maps now plus the one 4 GiB reservation wasmtime makes for a 32-bit memory
-(that is what lets its JIT drop bounds checks; ~1.6x faster than explicit checks here) plus
-the cap and room to compile, the line for allocations in wasmtime itself; RLIMIT_CPU as the
-wasm3 worker. Output: wasmtime hands every write to stdout or stderr to a callback that keeps
-the first cap + 1 bytes in the node's file (`runner.CappedFile`, as wasm3 does) and drops the
-rest, so a flood cannot fill the disk and the job runs on unaware; RLIMIT_FSIZE at cap + 1 (with
-SIGXFSZ ignored, so a write past it fails instead of killing) is the backstop under that.
+nothing beyond the WASI subset `wasi.py` names plus its filesystem calls, so a module refused on
+a board without files is refused here too) and through the same memory.grow hook (`memcap.py`),
+so "memory limit" is told apart from a plain trap; traps are named with wasm3's words. Limits:
+linear memory and tables through `Store.set_limits` (the cap wasmtime itself enforces), one
+memory per job; RLIMIT_AS sized to what the worker maps now plus the one 4 GiB reservation
+wasmtime makes for a 32-bit memory (that is what lets its JIT drop bounds checks; ~1.6x faster
+than explicit checks here) plus the cap and room to compile, the line for allocations in
+wasmtime itself; RLIMIT_CPU as the wasm3 worker. Output: wasmtime hands every write to stdout or
+stderr to a callback that keeps the first cap + 1 bytes in the node's file (`runner.CappedFile`,
+as wasm3 does) and drops the rest, so a flood cannot fill the disk and the job runs on unaware;
+RLIMIT_FSIZE at cap + 1 (with SIGXFSZ ignored, so a write past it fails instead of killing) is
+the backstop under that, for jobs that write no files (the limit would cap those files too).
+
+Files: the job's `dirs` (checked by `wasmtime_exec.check_dirs`) are preopened in order with
+wasmtime's own WASI, which confines every path to them (no escape by `..`, absolute paths or
+symlinks) and refuses writes in a read-only one; `prepare` then lets the module import WASI's
+filesystem calls. Sockets stay refused.
 """
 
 from __future__ import annotations
@@ -81,7 +87,9 @@ def _vm_bytes() -> int | None:
         return None
 
 
-def _set_limits(cap_bytes: int, module_len: int, timeout_s: float, out_cap: int) -> None:
+def _set_limits(
+    cap_bytes: int, module_len: int, timeout_s: float, out_cap: int, writes_files: bool
+) -> None:
     if resource is None:
         return
     vm = _vm_bytes()
@@ -90,7 +98,8 @@ def _set_limits(cap_bytes: int, module_len: int, timeout_s: float, out_cap: int)
         room = MEMORY_RESERVATION + 2 * MEMORY_GUARD + 2 * cap_bytes + 16 * module_len
         _lower(resource.RLIMIT_AS, vm + room + COMPILE_SLACK)
     _lower(resource.RLIMIT_CPU, int(time.process_time() + timeout_s + 2))
-    _lower(resource.RLIMIT_FSIZE, out_cap + 1)
+    if not writes_files:  # it would cap the files a job writes into its directories too
+        _lower(resource.RLIMIT_FSIZE, out_cap + 1)
 
 
 def _lower(which: int, soft: int) -> None:
@@ -136,7 +145,9 @@ def run_job(
     hooked = False
     stdin_fd = None
     try:
-        data, _exports, imports, hooked = prepare(blobs.get("module", b""), entry, cap_pages)
+        data, _exports, imports, hooked = prepare(
+            blobs.get("module", b""), entry, cap_pages, files=True
+        )
         config = wasmtime.WasiConfig()
         job_id = job.get("job_id") or "job"
         config.argv = [job_id, *job.get("args", [])] if entry == "_start" else [job_id]
@@ -146,7 +157,12 @@ def run_job(
             config.stdin_file = path
         config.stdout_custom = stdout.write
         config.stderr_custom = stderr.write
-        _set_limits(cap_pages * PAGE, len(data), float(job.get("timeout_s") or 60), out_cap)
+        dirs = job.get("dirs") or []
+        for d in dirs:  # fds 3, 4... in this order; wasmtime's WASI confines paths to them
+            config.preopen_dir(d["host"], d["guest"], bool(d.get("write")))
+        writes = any(d.get("write") for d in dirs)
+        timeout_s = float(job.get("timeout_s") or 60)
+        _set_limits(cap_pages * PAGE, len(data), timeout_s, out_cap, writes)
         try:
             module = runtime.module(data)
             store = wasmtime.Store(runtime.engine)
@@ -160,6 +176,8 @@ def run_job(
             if GAS_IMPORT in imports:
                 linker, meter = runtime.metered_linker(store, job.get("gas"))
             instance = linker.instantiate(store, module)
+            if dirs:
+                runtime.bind_files(store, instance)
             if stdin_fd is not None:
                 os.close(stdin_fd)  # wasmtime opened its own
                 stdin_fd = None
@@ -183,6 +201,7 @@ def run_job(
                 result["returns"] = list(rets)
             result.update(status="completed", exit_code=0)
         finally:
+            runtime.unbind_files()
             _clear_limits()
     except ProcExit as e:  # the job's proc_exit (wasmtime_runtime._proc_exit)
         result.update(status="completed", exit_code=e.code)
