@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
+import posixpath
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, NoReturn
@@ -26,6 +29,28 @@ EXIT_CODES = {
 
 log = logging.getLogger("edge")
 
+FILE_ENGINES = ("wasmtime", "wasm3-run")  # the engines whose WASI gives a job files
+
+
+def _parse_dirs(values: tuple[str, ...]) -> list[dict[str, Any]]:
+    """--dir HOST[::GUEST] as the job's dirs: read-write, GUEST defaulting to HOST's absolute
+    path (as `wasmtime run --dir` does)."""
+    dirs = []
+    for item in values:
+        host, sep, guest = item.partition("::")
+        if not host or (sep and not guest):
+            raise click.BadParameter(f"{item!r} is not HOST[::GUEST]", param_hint="--dir")
+        host = os.path.abspath(host)
+        if not os.path.isdir(host):
+            raise click.BadParameter(f"{host} is not a directory", param_hint="--dir")
+        guest = guest or host
+        if not guest.startswith("/") or posixpath.normpath(guest) != guest:
+            raise click.BadParameter(
+                f"GUEST {guest!r} must be an absolute path such as /data", param_hint="--dir"
+            )
+        dirs.append({"host": host, "guest": guest, "write": True})
+    return dirs
+
 
 def _parse_env(values: tuple[str, ...]) -> dict[str, str]:
     env = {}
@@ -42,10 +67,11 @@ def _parse_env(values: tuple[str, ...]) -> dict[str, str]:
 @click.argument("args", nargs=-1)
 @click.option(
     "--engine",
-    type=click.Choice(["wasm3", "wasmtime", "docker", "native"]),
+    type=click.Choice(["wasm3", "wasmtime", "wasm3-run", "docker", "native"]),
     default="wasm3",
     show_default=True,
-    help="wasm3/wasmtime: TARGET is a .wasm file; docker: an image; native: a command.",
+    help="wasm3/wasmtime/wasm3-run: TARGET is a .wasm file (wasm3-run: the C runner of "
+    "MicroPython nodes); docker: an image; native: a command.",
 )
 @click.option(
     "--input",
@@ -54,6 +80,14 @@ def _parse_env(values: tuple[str, ...]) -> dict[str, str]:
     help="File fed to the job's stdin.",
 )
 @click.option("--env", "env", multiple=True, metavar="K=V", help="Environment variable (repeat).")
+@click.option(
+    "--dir",
+    "dirs",
+    multiple=True,
+    metavar="HOST[::GUEST]",
+    help="wasmtime/wasm3-run: give the job the host directory HOST, read-write, as GUEST "
+    "(default: HOST's absolute path), as `wasmtime run --dir` does (repeat).",
+)
 @click.option(
     "--timeout",
     type=float,
@@ -82,6 +116,7 @@ def job_cmd(
     engine: str,
     input_path: Path | None,
     env: tuple[str, ...],
+    dirs: tuple[str, ...],
     timeout: float,
     memory: int,
     invoke: str | None,
@@ -95,6 +130,7 @@ def job_cmd(
     edge-run job fib.wasm --invoke fib -- 25
     edge-run job --engine docker localhost/deparrow/busybox -- sh -c 'echo hi'
     edge-run job --engine native -- sh -c 'echo hi'     (TARGET is the command)
+    edge-run job --engine wasmtime --dir data::/data tool.wasm -- /data/in.txt
 
     Arguments after `--` go to the job (argv for a WASI program, integers for --invoke, the
     command line in a container or sandbox).
@@ -112,6 +148,12 @@ def job_cmd(
         fail("--invoke calls a Wasm export; it does not apply to --engine " + engine, 2)
     if network and engine not in ("docker", "native"):
         fail("--network applies to --engine docker or native; Wasm jobs have no network", 2)
+    if dirs and engine not in FILE_ENGINES:
+        fail(
+            f"--dir: the {engine} engine gives a job no files; use --engine wasmtime or "
+            "--engine wasm3-run",
+            2,
+        )
     stdin = b""
     if input_path is not None:
         try:
@@ -120,6 +162,7 @@ def job_cmd(
             fail(f"cannot read {input_path}: {e.strerror}", 66)
     try:
         env_map = _parse_env(env)
+        job_dirs = _parse_dirs(dirs)
     except click.BadParameter as e:
         fail(e.format_message(), 2)
     spec: dict[str, Any] = {
@@ -130,13 +173,25 @@ def job_cmd(
         "memory_mb": memory,
     }
     executor: Any
-    if engine in ("wasm3", "wasmtime"):
+    workdir = None
+    if engine in ("wasm3", "wasmtime", "wasm3-run"):
         try:
             data = Path(target).read_bytes()
         except OSError as e:
             fail(f"cannot read {target}: {e.strerror}", 66)
         spec.update(module=data, entrypoint=invoke or "_start", args=list(args), gas=gas)
-        if engine == "wasmtime":
+        if job_dirs:
+            spec["dirs"] = job_dirs
+        if engine == "wasm3-run":
+            from edge.executors.wasm3_cli import RunnerMissing, Wasm3CliExecutor
+
+            workdir = tempfile.TemporaryDirectory(prefix="edge-run-")
+            try:
+                executor = Wasm3CliExecutor(workdir.name)
+            except RunnerMissing as e:
+                workdir.cleanup()
+                fail(str(e), 69)
+        elif engine == "wasmtime":
             try:
                 from edge.executors.wasmtime_exec import WasmtimeExecutor
             except ImportError as e:
@@ -165,8 +220,12 @@ def job_cmd(
         except Exception as e:  # no sandbox here: say so, never run unsandboxed silently
             fail(str(e), 69)
     started = time.monotonic()
-    with executor:
-        outcome = executor.run(spec)
+    try:
+        with executor:
+            outcome = executor.run(spec)
+    finally:
+        if workdir is not None:
+            workdir.cleanup()
     sys.stdout.buffer.write(outcome.get("stdout") or b"")
     sys.stdout.flush()
     sys.stderr.buffer.write(outcome.get("stderr") or b"")

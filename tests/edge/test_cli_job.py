@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -12,6 +13,9 @@ import pytest
 
 import wasm_jobs
 from tests.edge.test_docker_executor import IMAGE, api  # noqa: F401
+from tests.edge.test_wasm3_executor import Build, wasm
+
+__all__ = ["wasm"]  # the fixture, re-exported so pytest finds it here
 
 EDGE = [sys.executable, "-m", "edge.cli", "job"]
 
@@ -98,6 +102,10 @@ def test_missing_import_names_it(fixture_wasm: Any) -> None:
     assert out.stderr.startswith(
         "edge-run: invalid module: unsupported import wasi_snapshot_preview1.path_open"
     ), out.stderr
+    # the default engine has no files, and says which engines have them
+    assert out.stderr.endswith(
+        "no files or sockets (the wasmtime and wasm3-run engines give files))\n"
+    )
 
 
 def test_gas_budget(fixture_wasm: Any) -> None:
@@ -132,3 +140,61 @@ def test_docker_problems_are_one_line() -> None:
     assert out.returncode == 2 and "--invoke calls a Wasm export" in out.stderr
     out = run(job("fib"), "--network")
     assert out.returncode == 2 and "Wasm jobs have no network" in out.stderr
+
+
+# --- files: --dir HOST[::GUEST] ---------------------------------------------------------------
+def run_in(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*EDGE, *args], capture_output=True, text=True, timeout=60, cwd=cwd, env=_env()
+    )
+
+
+def _env() -> dict[str, str]:
+    root = str(Path(__file__).parents[2])
+    return {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def test_dir_gives_a_wasmtime_job_host_directories(tmp_path: Path, wasm: Build) -> None:
+    fileops = tmp_path / "fileops.wasm"
+    fileops.write_bytes(wasm("fileops"))
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "in.txt").write_text("from the host\n")
+    (tmp_path / "out").mkdir()
+    base = ("--engine", "wasmtime", str(fileops), "--dir", "data::/data", "--dir", "out")
+    out = run_in(tmp_path, *base, "--", "cat", "/data/in.txt")
+    assert (out.returncode, out.stdout) == (0, "from the host\n"), out.stderr
+    # GUEST defaults to HOST's absolute path; the directory is read-write
+    target = tmp_path / "out" / "result.txt"
+    out = run_in(tmp_path, *base, "--", "write", str(target), "done")
+    assert out.returncode == 0 and target.read_text() == "done", out.stderr
+    out = run_in(tmp_path, *base, "--", "write", "/data/../escaped.txt", "x")
+    assert out.returncode == 1 and out.stderr.startswith("fileops: /data/../escaped.txt: ")
+    assert not (tmp_path / "escaped.txt").exists()
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (
+            ("--dir", "."),
+            "edge-run: --dir: the wasm3 engine gives a job no files; use --engine "
+            "wasmtime or --engine wasm3-run\n",
+        ),
+        (("--engine", "wasmtime", "--dir", "nope"), "is not a directory"),
+        (("--engine", "wasmtime", "--dir", ".::data"), "GUEST 'data' must be an absolute path"),
+        (("--engine", "wasmtime", "--dir", ".::/a/../b"), "GUEST '/a/../b' must be an absolute"),
+        (("--engine", "wasmtime", "--dir", ".::"), "'.::' is not HOST[::GUEST]"),
+    ],
+)
+def test_dir_problems_are_one_line(tmp_path: Path, args: tuple[str, ...], words: str) -> None:
+    out = run_in(tmp_path, job("hello"), *args)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert words in out.stderr and out.stderr.startswith("edge-run: "), out.stderr
+
+
+def test_wasm3_run_engine_runs_a_job() -> None:
+    """The C runner of MicroPython nodes (built by `make edge-native`)."""
+    out = run("--engine", "wasm3-run", job("fib"), "--invoke", "fib", "--", "20")
+    assert (out.returncode, out.stdout) == (0, "6765\n"), out.stderr
+    out = run("--engine", "wasm3-run", job("hello"), "--env", "NAME=parrot", "--", "a")
+    assert out.returncode == 0 and "NAME=parrot" in out.stdout, out.stderr
