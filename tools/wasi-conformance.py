@@ -1,6 +1,7 @@
 """wasi-conformance: the official WASI testsuite (wasm32-wasip1) through the node's own executors.
 
     python tools/wasi-conformance.py ../shared/wasi-testsuite --engine wasm3 [--engine wasmtime]
+        [--engine wasm3-run]
         [--expected tools/wasi-expected.toml] [--timeout 10] [--workers N] [--json]
 
 Each SUITE_DIR is searched for folders of `*.wasm` test modules (the upstream layout is
@@ -12,14 +13,19 @@ and exactly the spec's `env`, and passes when its WASI exit code equals `exit_co
 and, where the spec gives them, its stdout and stderr equal `stdout` and `stderr`.
 
 A module runs as a job would on a node: a job dict (module bytes, `_start`, args, env, empty
-stdin, a timeout and a memory cap) handed to `Wasm3Executor` or `WasmtimeExecutor`, several at
-once on that executor's worker processes. A job that fails (invalid module, trap, timeout) fails
+stdin, a timeout and a memory cap) handed to `Wasm3Executor` (the pywasm3 workers),
+`WasmtimeExecutor` or `Wasm3CliExecutor` (`wasm3-run`, the C runner of MicroPython nodes), several
+at once on that executor's worker processes. A job that fails (invalid module, trap, timeout) fails
 its test with the executor's error as the reason.
 
-A spec that preopens a directory (`root`, or the older `dirs`) cannot be run: a job has no files
-yet (issue 14, items 1-3). Such a module fails with that reason without being run; when jobs get
-files, `_preopens_missing` is where the tool learns to pass the directory (and to remove the
-suite's `*.cleanup` files before and after, as the specification asks).
+A spec that preopens directories gets them as the job's `dirs`, read-write: `root` (relative to
+the module's folder) as the guest's `/`, or each of the older `dirs` under its own name (as
+`/NAME`: wasi-libc resolves a relative path from its working directory `/`, so `NAME/file` finds
+it as the upstream runners' `NAME` preopen would). The suite is never written in place: each run
+gets a copy of its directories in a temporary folder, with the suite's `*.cleanup` files removed
+before the run (as the specification asks; the copy, and so whatever the run left, is removed
+after it). An engine without files (wasm3) refuses such modules as it refuses any job that
+imports WASI's filesystem calls.
 
 Output: `PASS name` or `FAIL name: reason` per module and `ENGINE: N passed, M failed` per
 engine; `--json` prints the same as one JSON document. With `--expected FILE` (a TOML file: per
@@ -35,7 +41,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import stat
 import sys
+import tempfile
 import time
 import tomllib
 from pathlib import Path
@@ -43,8 +52,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-ENGINES = ("wasm3", "wasmtime")
-NEEDS_PREOPENS = "needs preopened directories (issue 14 items 1-3)"
+ENGINES = ("wasm3", "wasmtime", "wasm3-run")
 
 
 def discover(suite_dirs: list[Path]) -> list[tuple[str, Path]]:
@@ -67,9 +75,25 @@ def load_spec(module: Path) -> dict[str, Any]:
     return spec
 
 
-def _preopens_missing(spec: dict[str, Any]) -> bool:
-    """Whether the spec preopens a directory, which no executor can give a job yet."""
-    return bool(spec.get("root") or spec.get("dirs"))
+def preopens(spec: dict[str, Any], module: Path, scratch: Path) -> list[dict[str, Any]]:
+    """The job's dirs for a spec: copies of its directories under `scratch`, writable, without
+    the suite's `*.cleanup` files. `root` is the guest's `/`; each of `dirs` is `/NAME`."""
+    wanted = [(spec["root"], "/")] if spec.get("root") else []
+    wanted += [(str(d), "/" + Path(str(d)).name) for d in spec.get("dirs") or []]
+    dirs = []
+    for i, (rel, guest) in enumerate(wanted):
+        copy = scratch / str(i)
+        shutil.copytree(module.parent / rel, copy, symlinks=True)
+        for path in [copy, *copy.rglob("*")]:
+            if not path.is_symlink():
+                path.chmod(path.stat().st_mode | stat.S_IWUSR)
+        for path in copy.rglob("*.cleanup"):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        dirs.append({"host": str(copy), "guest": guest, "write": True})
+    return dirs
 
 
 def _text(data: bytes, limit: int = 200) -> str:
@@ -94,11 +118,15 @@ def check(spec: dict[str, Any], outcome: dict[str, Any]) -> str | None:
     return None
 
 
-def make_executor(engine: str, workers: int) -> Any:
+def make_executor(engine: str, workers: int, scratch: Path) -> Any:
     if engine == "wasmtime":
         from edge.executors.wasmtime_exec import WasmtimeExecutor
 
         return WasmtimeExecutor(workers=workers)
+    if engine == "wasm3-run":
+        from edge.executors.wasm3_cli import Wasm3CliExecutor
+
+        return Wasm3CliExecutor(str(scratch / "jobs"))
     from edge.executors.wasm3 import Wasm3Executor
 
     return Wasm3Executor(workers=workers)
@@ -108,14 +136,18 @@ def run_engine(
     engine: str, modules: list[tuple[str, Path]], timeout: float, workers: int
 ) -> list[dict[str, Any]]:
     """Each module's result on one engine: {name, passed, reason, seconds}."""
+    with tempfile.TemporaryDirectory(prefix="wasi-conformance-") as scratch:
+        return _run_engine(engine, modules, timeout, workers, Path(scratch))
+
+
+def _run_engine(
+    engine: str, modules: list[tuple[str, Path]], timeout: float, workers: int, scratch: Path
+) -> list[dict[str, Any]]:
     results: dict[str, dict[str, Any]] = {}
     pending: list[tuple[str, dict[str, Any], Any]] = []
-    with make_executor(engine, workers) as executor:
-        for name, module in modules:
+    with make_executor(engine, workers, scratch) as executor:
+        for i, (name, module) in enumerate(modules):
             spec = load_spec(module)
-            if _preopens_missing(spec):
-                results[name] = {"name": name, "passed": False, "reason": NEEDS_PREOPENS}
-                continue
             job = {
                 "job_id": module.name,  # the program's argv[0]
                 "module": module.read_bytes(),
@@ -126,6 +158,9 @@ def run_engine(
                 "timeout_s": timeout,
                 "memory_mb": 64,
             }
+            dirs = preopens(spec, module, scratch / f"dirs{i}")
+            if dirs:
+                job["dirs"] = dirs
             pending.append((name, spec, executor.submit(job)))
         while pending:
             waiting = []
