@@ -36,7 +36,6 @@ GAS_SCALE = 10_000
 UNMETERED = 10**18  # an instrumented module run without a gas budget
 # WASI preview1's filesystem calls, which an executor that preopens the job's directories
 # (wasmtime's own WASI, the wasm3-run runner's C WASI) provides beyond `wasi.SIGNATURES`.
-# The sock_* calls stay refused everywhere: jobs have no network.
 FILE_IMPORTS = frozenset(
     {
         *("fd_advise", "fd_allocate", "fd_datasync", "fd_fdstat_set_rights", "fd_filestat_get"),
@@ -47,6 +46,10 @@ FILE_IMPORTS = frozenset(
         *("path_unlink_file", "proc_raise"),
     }
 )
+# WASI preview1's socket calls act only on sockets the host hands a job, and no job is ever
+# given one: they can only answer EBADF or ENOTSOCK, so a module may import them where the
+# engine implements them (wasmtime). No network is reachable through them.
+SOCKET_IMPORTS = frozenset({"sock_accept", "sock_recv", "sock_send", "sock_shutdown"})
 
 
 class JobFailed(Exception):
@@ -145,9 +148,10 @@ def _mib(pages):
     return "%g MiB" % (pages * PAGE / (1 << 20))
 
 
-def prepare(module, entrypoint, cap_pages, files=False):
+def prepare(module, entrypoint, cap_pages, files=False, sockets=False):
     """Checks the module before the engine sees it; `files`: the executor gives WASI's
-    filesystem calls (over the job's preopened directories), so a module may import them.
+    filesystem calls (over the job's preopened directories), so a module may import them;
+    `sockets`: it gives the sock_* calls (which find no socket: see SOCKET_IMPORTS).
     Returns (bytes to load, exports, function imports, whether memory.grow is hooked)."""
     try:
         info = ModuleInfo(module)
@@ -166,10 +170,13 @@ def prepare(module, entrypoint, cap_pages, files=False):
     wanted = [f for f in funcs if f != GAS_IMPORT]
     if files:
         wanted = [(m, n) for m, n in wanted if m != wasi.MODULE or n not in FILE_IMPORTS]
+    if sockets:
+        wanted = [(m, n) for m, n in wanted if m != wasi.MODULE or n not in SOCKET_IMPORTS]
     missing = wasi.missing_imports(wanted) + others
     if missing:
         has = (
-            "files in the job's preopened directories, no sockets"
+            "files in the job's preopened directories"
+            + (", sockets that find none" if sockets else ", no sockets")
             if files
             else "no files or sockets (the wasmtime and wasm3-run engines give files)"
         )

@@ -146,7 +146,7 @@ def run_job(
     stdin_fd = None
     try:
         data, _exports, imports, hooked = prepare(
-            blobs.get("module", b""), entry, cap_pages, files=True
+            blobs.get("module", b""), entry, cap_pages, files=True, sockets=True
         )
         config = wasmtime.WasiConfig()
         job_id = job.get("job_id") or "job"
