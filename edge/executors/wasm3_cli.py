@@ -27,10 +27,34 @@ RUNNER_NAME = "wasm3-run"
 GRACE_MS = 2000  # past its deadline, a runner that has not answered is killed
 CHECK_MS = 250  # how often a running job's process is looked at
 DEFAULT_TIMEOUT_S = 60
+MAX_DIRS = 32  # preopened directories per job (FS_MAX_DIRS in edge/native/wasm3run.h)
 
 
 class RunnerMissing(OSError):
     """wasm3-run is not where the executor looked: the node cannot run wasm jobs."""
+
+
+class InvalidJob(ValueError):
+    """The job spec asks for something the runner cannot be given."""
+
+
+def _dir_records(dirs):
+    """The job's "dirs" ([{"host", "guest", "write"}], WASI preopens fd 3, 4, ... in order) as
+    the runner's "dir" records: "r" or "w", the guest path, NUL, the host path. A directory
+    is read-only unless "write" is true."""
+    if not isinstance(dirs, list) or len(dirs) > MAX_DIRS:
+        raise InvalidJob("dirs must be a list of at most " + str(MAX_DIRS) + " directories")
+    out = []
+    for d in dirs:
+        host = d.get("host") if isinstance(d, dict) else None
+        guest = d.get("guest", host) if isinstance(d, dict) else None
+        if not (isinstance(host, str) and host.startswith("/") and "\x00" not in host):
+            raise InvalidJob("each of dirs needs an absolute host path")
+        if not (isinstance(guest, str) and guest and "\x00" not in guest):
+            raise InvalidJob("each of dirs needs a non-empty guest path")
+        mode = "w" if d.get("write") else "r"
+        out.append(_record("dir", (mode + guest + "\x00" + host).encode()))
+    return out
 
 
 def _is_file(path):
@@ -213,6 +237,9 @@ class Wasm3CliExecutor:
         handle = _Handle(job_id, path, timeout_s)
         try:
             self._start(handle, job)
+        except InvalidJob as e:
+            self._end(handle, "failed", "invalid job: " + str(e))
+            return handle
         except OSError as e:
             self._end(handle, "failed", "executor error: cannot start wasm3-run: " + str(e))
             return handle
@@ -324,6 +351,7 @@ class Wasm3CliExecutor:
 
     # -- the machinery -------------------------------------------------------------------
     def _start(self, handle, job):
+        dirs = _dir_records(job.get("dirs") or [])
         os.mkdir(handle.dir)
         module = job.get("module") or b""
         _write(handle.dir + "/module.wasm", bytes(module))
@@ -345,6 +373,7 @@ class Wasm3CliExecutor:
         env = job.get("env") or {}
         for k in env:
             spec.append(_record("env", str(k) + "=" + str(env[k])))
+        spec += dirs
         _write(handle.dir + "/job", b"".join(spec))
         handle.started = compat.ticks_ms()  # the job's clock starts with its process
         handle.checked = handle.started

@@ -1,6 +1,7 @@
 /* wasm3-run, part three: the host functions. WASI preview1, the subset
  * edge/executors/wasi.py gives CPython nodes (the same calls, errno values and caps), and
- * gas metering as pywasm3 does it. */
+ * gas metering as pywasm3 does it. Descriptors past stdio are files and directories in the
+ * job's preopened directories: wasi_fs.c (not on boards, see wasm3run.h). */
 
 #include "wasm3run.h"
 
@@ -12,34 +13,14 @@ uint32_t argv_count;
 
 /* The job's bytes [ptr, ptr + len), or NULL when any is outside its memory. Both numbers are
  * the job's: compared with the size, never added first (the sum could wrap). */
-static uint8_t *mem(IM3Runtime rt, uint64_t ptr, uint64_t len) {
+uint8_t *wasi_mem(IM3Runtime rt, uint64_t ptr, uint64_t len) {
     uint32_t size = 0;
     uint8_t *m = m3_GetMemory(rt, &size, 0);
     if (!m || len > size || ptr > size - len) return NULL;
     return m + ptr;
 }
 
-static void put32(uint8_t *p, uint32_t v) {
-    for (int i = 0; i < 4; i++) p[i] = (uint8_t)(v >> (8 * i));
-}
-
-static void put64(uint8_t *p, uint64_t v) {
-    for (int i = 0; i < 8; i++) p[i] = (uint8_t)(v >> (8 * i));
-}
-
-static uint32_t get32(const uint8_t *p) {
-    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
-}
-
-static uint64_t get64(const uint8_t *p) { return (uint64_t)get32(p) | (uint64_t)get32(p + 4) << 32; }
-
-#define ARG32(name) uint32_t name = (uint32_t) * (_sp++)
-#define ARG64(name) uint64_t name = *(_sp++)
-#define RET32(v)                                                                                  \
-    do {                                                                                          \
-        *(uint32_t *)ret = (uint32_t)(v);                                                         \
-        return m3Err_none;                                                                        \
-    } while (0)
+#define mem wasi_mem
 
 static const void *sizes(IM3Runtime rt, uint64_t *ret, const Str *items, uint32_t count,
                          uint32_t count_ptr, uint32_t size_ptr) {
@@ -171,6 +152,9 @@ m3ApiRawFunction(w_fd_write) {
     ARG32(iovs);
     ARG32(iovs_len);
     ARG32(nwritten_ptr);
+#ifndef DEPARROW_NO_FILES
+    if (fd > 2) RET32(fs_write(runtime, fd, iovs, iovs_len, nwritten_ptr));
+#endif
     if (fd != 1 && fd != 2) RET32(W_EBADF);
     uint8_t *vec = mem(runtime, iovs, 8 * (uint64_t)iovs_len);
     if (!vec) RET32(W_EFAULT);
@@ -199,6 +183,9 @@ m3ApiRawFunction(w_fd_read) {
     ARG32(iovs);
     ARG32(iovs_len);
     ARG32(nread_ptr);
+#ifndef DEPARROW_NO_FILES
+    if (fd > 2) RET32(fs_read(runtime, fd, iovs, iovs_len, nread_ptr));
+#endif
     if (fd != 0) RET32(W_EBADF);
     uint8_t *vec = mem(runtime, iovs, 8 * (uint64_t)iovs_len);
     if (!vec) RET32(W_EFAULT);
@@ -227,12 +214,22 @@ m3ApiRawFunction(w_fd_read) {
 m3ApiRawFunction(w_fd_close) {
     uint64_t *ret = _sp++;
     ARG32(fd);
+#ifndef DEPARROW_NO_FILES
+    if (fd > 2) RET32(fs_close(fd));
+#endif
     RET32(fd <= 2 ? W_SUCCESS : W_EBADF);
 }
 
 m3ApiRawFunction(w_fd_seek) {
     uint64_t *ret = _sp++;
     ARG32(fd);
+    ARG64(offset);
+    ARG32(whence);
+    ARG32(out_ptr);
+#ifndef DEPARROW_NO_FILES
+    if (fd > 2) RET32(fs_seek(runtime, fd, offset, whence, out_ptr));
+#endif
+    (void)offset, (void)whence, (void)out_ptr;
     RET32(fd <= 2 ? W_ESPIPE : W_EBADF);
 }
 
@@ -240,6 +237,9 @@ m3ApiRawFunction(w_fd_fdstat_get) {
     uint64_t *ret = _sp++;
     ARG32(fd);
     ARG32(stat_ptr);
+#ifndef DEPARROW_NO_FILES
+    if (fd > 2) RET32(fs_fdstat_get(runtime, fd, stat_ptr));
+#endif
     if (fd > 2) RET32(W_EBADF);
     uint8_t *p = mem(runtime, stat_ptr, 24);
     if (!p) RET32(W_EFAULT);
@@ -252,16 +252,35 @@ m3ApiRawFunction(w_fd_fdstat_get) {
 m3ApiRawFunction(w_fd_fdstat_set_flags) {
     uint64_t *ret = _sp++;
     ARG32(fd);
+    ARG32(flags);
+#ifndef DEPARROW_NO_FILES
+    if (fd > 2) RET32(fs_fdstat_set_flags(fd, flags));
+#endif
+    (void)flags;
     RET32(fd <= 2 ? W_SUCCESS : W_EBADF);
 }
 
+/* The job's preopened directories (wasi_fs.c); a board has none. */
 m3ApiRawFunction(w_fd_prestat_get) {
     uint64_t *ret = _sp++;
-    RET32(W_EBADF); /* no preopened directories: the job has no filesystem */
+    ARG32(fd);
+    ARG32(buf);
+#ifndef DEPARROW_NO_FILES
+    if (fd > 2) RET32(fs_prestat_get(runtime, fd, buf));
+#endif
+    (void)buf;
+    RET32(W_EBADF);
 }
 
 m3ApiRawFunction(w_fd_prestat_dir_name) {
     uint64_t *ret = _sp++;
+    ARG32(fd);
+    ARG32(path);
+    ARG32(len);
+#ifndef DEPARROW_NO_FILES
+    if (fd > 2) RET32(fs_prestat_dir_name(runtime, fd, path, len));
+#endif
+    (void)path, (void)len;
     RET32(W_EBADF);
 }
 
@@ -382,6 +401,10 @@ const WasiFn *wasi_fn(Str mod, Str name) {
     for (size_t i = 0; i < N_WASI; i++)
         if (strlen(WASI_FNS[i].name) == name.n && !memcmp(WASI_FNS[i].name, name.p, name.n))
             return &WASI_FNS[i];
+#ifndef DEPARROW_NO_FILES
+    return wasi_fs_fn(name);
+#else
     return NULL;
+#endif
 }
 

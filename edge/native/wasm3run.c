@@ -5,8 +5,10 @@
  *
  * The node (edge/executors/wasm3_cli.py) writes JOBDIR/module.wasm, JOBDIR/stdin (optional)
  * and JOBDIR/job, a list of records "KEY LEN\nBYTES\n" (keys: entry, job_id, arg, env,
- * timeout_ms, memory_mb, stdout_cap, stderr_cap, gas), and starts this program in the
- * background.
+ * timeout_ms, memory_mb, stdout_cap, stderr_cap, gas, dir), and starts this program in the
+ * background. A "dir" record is a directory the job sees (a WASI preopen, fd 3, 4, ... in the
+ * order of the records): "r" or "w" (read-only or writable), the guest path, a NUL byte, the
+ * host path; see wasi_fs.c.
  * The job's stdout and stderr go to JOBDIR/stdout and JOBDIR/stderr as it writes them (at most
  * cap + 1 bytes each: one byte more tells the node the job wrote more than its cap), and the
  * outcome, last, to JOBDIR/result.json through a rename, so a result file that exists is
@@ -15,8 +17,9 @@
  * This is the one place where a MicroPython node's wasm jobs meet their limits and WASI, with
  * the same semantics and error kinds as the CPython executor (edge/executors/runner.py):
  *   - WASI preview1, the same subset as wasi.py (args, environ, clocks, random, stdio,
- *     proc_exit, poll_oneoff clocks), and gas metering through metering.usegas; a module
- *     importing anything else is refused up front;
+ *     proc_exit, poll_oneoff clocks), files confined to the job's preopened directories
+ *     (wasi_fs.c), and gas metering through metering.usegas; a module importing anything
+ *     else (sockets) is refused up front;
  *   - wall-clock timeout: an interval timer checks the deadline (and that the node is alive)
  *     and ends the job from the signal handler; RLIMIT_CPU is the backstop. The node may stop
  *     a job (SIGSTOP) while its owner uses the machine; before it continues it (SIGCONT) it
@@ -320,6 +323,25 @@ static uint64_t record_number(Str v, const char *key) {
     return n;
 }
 
+/* A "dir" record: MODE GUEST \0 HOST, MODE "r" or "w"; both paths non-empty, the host's a C
+ * string (no second NUL) shorter than PATH_MAX. */
+static void read_dir(Str v) {
+    if (job.ndirs >= FS_MAX_DIRS)
+        failf("executor error: job file: more than %d directories", FS_MAX_DIRS);
+    const uint8_t *nul = v.n ? memchr(v.p, 0, v.n) : NULL;
+    if (!nul || (v.p[0] != 'r' && v.p[0] != 'w'))
+        fail("executor error: job file: a dir record is malformed");
+    uint32_t guest_n = (uint32_t)(nul - v.p) - 1, host_n = v.n - guest_n - 2;
+    if (!guest_n || !host_n || host_n >= PATH_MAX || memchr(nul + 1, 0, host_n))
+        fail("executor error: job file: a dir record is malformed");
+    char *host = malloc(host_n + 1);
+    if (!host) fail("executor error: out of memory");
+    memcpy(host, nul + 1, host_n);
+    host[host_n] = 0;
+    job.dirs = grow_array(job.dirs, job.ndirs, sizeof(Preopen));
+    job.dirs[job.ndirs++] = (Preopen){{v.p + 1, guest_n}, host, v.p[0] == 'w'};
+}
+
 /* Records "KEY LEN\nBYTES\n"; a file the node wrote, so anything else is a bug to report. */
 static void read_job(const uint8_t *b, size_t n) {
     size_t pos = 0;
@@ -353,6 +375,7 @@ static void read_job(const uint8_t *b, size_t n) {
         else if (!strcmp(k, "stdout_cap")) job.stdout_cap = record_number(v, k);
         else if (!strcmp(k, "stderr_cap")) job.stderr_cap = record_number(v, k);
         else if (!strcmp(k, "gas")) job.gas = record_number(v, k);
+        else if (!strcmp(k, "dir")) read_dir(v);
         else fail("executor error: job file has an unknown key");
     }
     if (!job.entry.n) job.entry = (Str){(const uint8_t *)"_start", 6};
@@ -458,7 +481,8 @@ static void run(const char *dir) {
         }
     if (miss.len > start) {
         sb_str(&miss, " (this executor provides WASI preview1 args, environ, clocks, random, "
-                      "stdio and proc_exit, no files or sockets)");
+                      "stdio and proc_exit, files in the job's preopened directories, no "
+                      "sockets)");
         fail(errbuf);
     }
     if (info.has_memory && info.mem_min > cap_pages)
@@ -475,6 +499,7 @@ static void run(const char *dir) {
     argv_items[0] = job.job_id;
     for (uint32_t i = 1; i < argv_count; i++) argv_items[i] = job.args[i - 1];
 
+    fs_open_preopens(); /* before the address-space limit: a failure here is the node's */
     set_limits(module_len);
     IM3Environment env = m3_NewEnvironment();
     IM3Runtime rt = env ? m3_NewRuntime(env, WASM_STACK_BYTES, NULL) : NULL;

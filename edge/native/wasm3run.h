@@ -1,6 +1,7 @@
-/* Shared by the three parts of wasm3-run: wasm3run.c (the job's life: job file, limits,
- * signals, the result), module.c (the module and the call's arguments, read before wasm3
- * sees them) and wasi.c (the host functions). What the program does: wasm3run.c. */
+/* Shared by the parts of wasm3-run: wasm3run.c (the job's life: job file, limits, signals,
+ * the result), module.c (the module and the call's arguments, read before wasm3 sees them),
+ * wasi.c (the host functions) and wasi_fs.c (WASI's files, confined to the job's preopened
+ * directories). What the program does: wasm3run.c. */
 
 #ifndef DEPARROW_WASM3RUN_H
 #define DEPARROW_WASM3RUN_H
@@ -53,12 +54,22 @@ typedef struct {
     uint32_t n;
 } Str;
 
+/* A directory the job sees (a WASI preopen): the host's path, the name the guest sees it by,
+ * and whether the job may change what is in it. */
+typedef struct {
+    Str guest;
+    char *host;
+    int write;
+} Preopen;
+
 typedef struct {
     Str entry, job_id;
     Str *args;
     uint32_t nargs;
     Str *env;
     uint32_t nenv;
+    Preopen *dirs;
+    uint32_t ndirs;
     uint64_t timeout_ms, memory_mb, stdout_cap, stderr_cap, gas;
 } Job;
 
@@ -119,7 +130,31 @@ void repr(Sb *b, Str s);
 void convert_args(IM3Function f, uint64_t *vals);
 void sb_double(Sb *b, double d);
 
-/* wasi.c */
+/* wasi.c: the host functions, and what wasi_fs.c shares of them */
+#define ARG32(name) uint32_t name = (uint32_t) * (_sp++)
+#define ARG64(name) uint64_t name = *(_sp++)
+#define RET32(v)                                                                                  \
+    do {                                                                                          \
+        *(uint32_t *)ret = (uint32_t)(v);                                                         \
+        return m3Err_none;                                                                        \
+    } while (0)
+
+uint8_t *wasi_mem(IM3Runtime rt, uint64_t ptr, uint64_t len);
+
+static inline void put32(uint8_t *p, uint32_t v) {
+    for (int i = 0; i < 4; i++) p[i] = (uint8_t)(v >> (8 * i));
+}
+
+static inline void put64(uint8_t *p, uint64_t v) {
+    for (int i = 0; i < 8; i++) p[i] = (uint8_t)(v >> (8 * i));
+}
+
+static inline uint32_t get32(const uint8_t *p) {
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+static inline uint64_t get64(const uint8_t *p) { return (uint64_t)get32(p) | (uint64_t)get32(p + 4) << 32; }
+
 typedef struct {
     const char *name, *sig;
     M3RawCall fn;
@@ -131,5 +166,22 @@ extern int64_t gas_left;
 const WasiFn *wasi_fn(Str mod, Str name);
 int is_gas_import(Str mod, Str name);
 m3ApiRawFunction(metering_usegas);
+
+/* wasi_fs.c: WASI's files, in wasm3-run only. A board (firmware/wasm3, DEPARROW_NO_FILES) has no
+ * directories to give a job: there wasm3-run's file imports stay unknown, and refused. */
+#ifndef DEPARROW_NO_FILES
+#define FS_MAX_FDS 128   /* open descriptors per job: stdio, preopens and files together */
+#define FS_MAX_DIRS 32   /* preopened directories per job */
+void fs_open_preopens(void);
+const WasiFn *wasi_fs_fn(Str name);
+uint32_t fs_read(IM3Runtime rt, uint32_t fd, uint32_t iovs, uint32_t n, uint32_t nread_ptr);
+uint32_t fs_write(IM3Runtime rt, uint32_t fd, uint32_t iovs, uint32_t n, uint32_t nwritten_ptr);
+uint32_t fs_close(uint32_t fd);
+uint32_t fs_seek(IM3Runtime rt, uint32_t fd, uint64_t offset, uint32_t whence, uint32_t out_ptr);
+uint32_t fs_fdstat_get(IM3Runtime rt, uint32_t fd, uint32_t stat_ptr);
+uint32_t fs_fdstat_set_flags(uint32_t fd, uint32_t flags);
+uint32_t fs_prestat_get(IM3Runtime rt, uint32_t fd, uint32_t buf);
+uint32_t fs_prestat_dir_name(IM3Runtime rt, uint32_t fd, uint32_t path, uint32_t len);
+#endif
 
 #endif

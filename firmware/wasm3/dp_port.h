@@ -8,4 +8,7 @@
 #ifndef CLOCK_PROCESS_CPUTIME_ID
 #define CLOCK_PROCESS_CPUTIME_ID CLOCK_MONOTONIC
 #endif
+/* A board has no directories to give a job: wasm3run.h then leaves WASI's files out
+ * (edge/native/wasi_fs.c), and modules that import them are refused. */
+#define DEPARROW_NO_FILES 1
 #endif
