@@ -1,8 +1,11 @@
-"""The shipped wasm jobs: the manifest matches the modules, the modules run in wasm3 as
-jobs.json says, and wasm-jobs/build.sh reproduces the committed bytes."""
+"""The shipped wasm jobs: the manifests (jobs.json, files.json) match the modules, the modules
+run in wasm3 as jobs.json says, wordfreq's expected outputs are right, and wasm-jobs/build.sh
+reproduces the committed bytes. tests/edge/test_wordfreq.py runs the file jobs."""
 
 import hashlib
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +17,8 @@ import wasm_jobs
 
 JOBS_DIR = Path(wasm_jobs.__file__).resolve().parent
 MANIFEST = wasm_jobs.manifest()
-MODULES = sorted({job["module"] for job in MANIFEST.values()})
+FILE_JOBS = wasm_jobs.file_jobs()
+MODULES = sorted({job["module"] for job in [*MANIFEST.values(), *FILE_JOBS.values()]})
 # The preview1 calls the edge executors implement; a module needing more must say so.
 WASI_SUBSET = {
     f"wasi_snapshot_preview1.{name}"
@@ -28,6 +32,22 @@ WASI_SUBSET = {
         "fd_write",
         "fd_read",
         "proc_exit",
+    )
+}
+# What a program built with wasi-libc that opens files also imports: the preopens it finds at
+# start-up, path_open and friends. The file jobs (files.json) may use these as well.
+FILE_CALLS = {
+    f"wasi_snapshot_preview1.{name}"
+    for name in (
+        "fd_close",
+        "fd_fdstat_get",
+        "fd_fdstat_set_flags",
+        "fd_prestat_get",
+        "fd_prestat_dir_name",
+        "fd_readdir",
+        "fd_seek",
+        "path_filestat_get",
+        "path_open",
     )
 }
 
@@ -129,6 +149,64 @@ def test_manifest_imports_match_the_binary(name: str) -> None:
     imports = _imports(wasm_jobs.path(job["module"]).read_bytes())
     assert imports == job["imports"], f"update jobs.json: {job['module']} imports {imports}"
     assert set(imports) <= WASI_SUBSET, f"{job['module']} needs {set(imports) - WASI_SUBSET}"
+
+
+def test_file_jobs_are_apart_from_jobs_json() -> None:
+    """jobs.json is run on every engine (the pywasm3 workers too, which have no files)."""
+    assert not FILE_JOBS.keys() & MANIFEST.keys()
+    assert not {job["module"] for job in FILE_JOBS.values()} & {
+        job["module"] for job in MANIFEST.values()
+    }
+
+
+@pytest.mark.parametrize("name", list(FILE_JOBS))
+def test_file_job_entry_is_complete(name: str) -> None:
+    job = FILE_JOBS[name]
+    keys = {"module", "description", "entrypoint", "args", "env", "dirs", "expected", "example"}
+    assert keys <= job.keys(), f"{name}: missing {sorted(keys - job.keys())}"
+    assert {"stdout", "stderr", "exit_code", "outputs"} <= job["expected"].keys(), name
+    for d in job["dirs"]:
+        assert d["guest"].startswith("/") and isinstance(d["write"], bool), d
+        assert d["host"] is None or (JOBS_DIR / d["host"]).is_dir(), d
+    outputs = job["expected"]["outputs"]
+    assert outputs is None or (JOBS_DIR / outputs).is_dir(), outputs
+    imports = _imports(wasm_jobs.path(job["module"]).read_bytes())
+    assert imports == job["imports"], f"update files.json: {job['module']} imports {imports}"
+    extra = set(imports) - WASI_SUBSET - FILE_CALLS
+    assert not extra, f"{job['module']} needs {extra}"
+
+
+def _wordfreq(folder: Path) -> tuple[str, dict[str, int]]:
+    """What wordfreq must give, computed here another way: counts.tsv and summary.json."""
+    counts: dict[bytes, int] = {}
+    files = size = 0
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and not p.is_symlink():
+            data = p.read_bytes()
+            files, size = files + 1, size + len(data)
+            for w in re.findall(rb"[A-Za-z0-9\x80-\xff]+(?:'[A-Za-z0-9\x80-\xff]+)*", data):
+                counts[w.lower()] = counts.get(w.lower(), 0) + 1
+    rows = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    tsv = "".join(f"{w.decode()}\t{n}\n" for w, n in rows)
+    summary = {"files": files, "bytes": size, "words": sum(counts.values()), "distinct": len(rows)}
+    return tsv, summary
+
+
+def test_wordfreq_expected_outputs_are_right() -> None:
+    job = FILE_JOBS["wordfreq"]
+    inputs = JOBS_DIR / job["dirs"][0]["host"]
+    expected = JOBS_DIR / job["expected"]["outputs"]
+    tsv, summary = _wordfreq(inputs)
+    assert sorted(p.name for p in expected.iterdir()) == ["counts.tsv", "summary.json"]
+    assert (expected / "counts.tsv").read_text() == tsv
+    assert json.loads((expected / "summary.json").read_text()) == summary
+    assert (expected / "summary.json").read_text() == json.dumps(summary) + "\n"
+    top = tsv.split("\n", 1)[0].replace("\t", " (")
+    assert job["expected"]["stdout"] == (
+        f"wordfreq: {summary['files']} files, {summary['bytes']} bytes, {summary['words']} words, "
+        f"{summary['distinct']} distinct; most frequent: {top}) "
+        "-> /outputs/counts.tsv, /outputs/summary.json\n"
+    )
 
 
 def test_examples_are_the_runnable_jobs() -> None:

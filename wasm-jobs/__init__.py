@@ -25,6 +25,17 @@ def manifest() -> dict[str, dict[str, Any]]:
     return jobs
 
 
+def file_jobs() -> dict[str, dict[str, Any]]:
+    """files.json: the jobs that work on files, as in jobs.json plus ``dirs`` (the directories
+    to give the job) and ``expected.outputs`` (a folder here holding exactly what it writes).
+
+    Apart from jobs.json because only the engines with files (wasmtime, wasm3-run) run them.
+    """
+    with open(_HERE / "files.json", encoding="utf-8") as f:
+        jobs: dict[str, dict[str, Any]] = json.load(f)
+    return jobs
+
+
 def examples() -> list[tuple[str, dict[str, Any]]]:
     """The jobs meant to be shown and run as examples (not the failure fixtures), in order."""
     return [(name, job) for name, job in manifest().items() if job["example"]]

@@ -52,9 +52,12 @@ LDFLAGS=(-Wl,--strip-all)
 for name in sieve sha256 hello; do
     "$CC" "${CFLAGS[@]}" "$SRC/$name.c" "${LDFLAGS[@]}" -o "$OUT/$name.wasm"
 done
+# A WASI command that works on files (opendir, fopen): it uses stdio and wasi-libc's
+# preopens, so it imports WASI's filesystem calls and runs only where a job has files.
+"$CC" "${CFLAGS[@]}" "$SRC/wordfreq.c" "${LDFLAGS[@]}" -o "$OUT/wordfreq.wasm"
 
 # clang marks its output executable, wat2wasm doesn't; modules are data, not programs.
-for name in fib loop grow trap exit3 sieve sha256 hello; do
+for name in fib loop grow trap exit3 sieve sha256 hello wordfreq; do
     chmod 644 "$OUT/$name.wasm"
     printf '%-12s %6d bytes\n' "$name.wasm" "$(wc -c <"$OUT/$name.wasm")"
 done
