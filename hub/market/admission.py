@@ -35,7 +35,17 @@ def resolve_ref(store: Store, ref: str, field: str, limit: int) -> str:
         if value not in examples:
             names = ", ".join(sorted(examples))
             raise JobError(f"{field}: no example job {value!r} (have: {names})", field)
-        data = wasm_jobs.path(examples[value]["module"]).read_bytes()
+        if field == "input":  # an example's sample stdin, not its module
+            sample = examples[value].get("stdin")
+            if not sample:
+                with_input = ", ".join(sorted(n for n, e in examples.items() if e.get("stdin")))
+                raise JobError(
+                    f"{field}: example job {value!r} has no sample input (these do: {with_input})",
+                    field,
+                )
+            data = wasm_jobs.path(sample).read_bytes()
+        else:
+            data = wasm_jobs.path(examples[value]["module"]).read_bytes()
     else:  # the pattern in hub/market/spec.py already excludes this
         raise JobError(f"{field}: unknown reference {ref!r}", field)
     if len(data) > limit:

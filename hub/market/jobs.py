@@ -89,7 +89,7 @@ class Jobs:
         service = spec.type == "service"
         limit = self.config.max_service_s if service else self.config.max_timeout_s
         if spec.timeout > limit:
-            what = "a service's lifetime limit" if service else "limit"
+            what = "limit for a service's lifetime" if service else "limit"
             raise JobError(f"timeout: {spec.timeout}s is over the hub's {limit}s {what}", "timeout")
         if spec.resources.gpu:
             raise JobError("resources.gpu: GPU jobs are not supported yet", "resources.gpu")

@@ -21,6 +21,7 @@ from hub.app import open_services
 from hub.config import HubConfig
 from hub.ledger import economy
 from hub.ledger.money import MICRO
+from hub.market.errors import JobError
 from hub.market.jobs import wallet_of
 from hub.market.spec import JobSpec
 from tests.hub.test_earnings import add_node
@@ -234,3 +235,18 @@ def test_an_inline_module_is_stored_by_reference(services: Services) -> None:
     # A retried submission with the same key and the same inline module is the same job.
     assert s.jobs.submit(user, spec, submit_key="k1")["id"] == job["id"]
     assert s.jobs.view(job)["spec"]["engine"]["module"].startswith("sha256:")
+
+
+def test_an_example_input_is_its_sample_stdin_not_its_module(services: Services) -> None:
+    s = services
+    user, _, _ = s.create_user("alice", "user")
+    engine = {"type": "wasm", "module": "example:sha256", "entrypoint": "_start"}
+    job = s.jobs.submit(
+        user, msgspec.convert({"engine": engine, "input": "example:sha256"}, JobSpec)
+    )
+    sample = wasm_jobs.path(wasm_jobs.manifest()["sha256"]["stdin"]).read_bytes()
+    assert s.store.blob(job["input_sha256"]) == sample
+    with pytest.raises(
+        JobError, match=r"example job 'fib' has no sample input \(these do: sha256\)"
+    ):
+        s.jobs.submit(user, msgspec.convert({"engine": engine, "input": "example:fib"}, JobSpec))

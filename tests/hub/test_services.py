@@ -216,7 +216,7 @@ def test_a_service_whose_node_goes_silent_is_requeued_by_the_sweep(services: Ser
 def test_service_lifetime_limit_is_checked(services: Services) -> None:
     agent, _, _ = services.create_user("agent", "agent")
     too_long = services.config.max_service_s + 1
-    with pytest.raises(JobError, match="lifetime limit"):
+    with pytest.raises(JobError, match="limit for a service's lifetime"):
         services.jobs.submit(agent, service_spec(timeout=too_long))
     with pytest.raises(JobError, match="over the hub's 86400s limit"):
         services.jobs.submit(agent, service_spec(type="batch", timeout=2 * 86400))
