@@ -32,20 +32,23 @@ class Bonuses:
         """The node was paid for work for another person: that proves it real today. Its
         uptime of today becomes payable (docs/economy.md, "Staying online"); on its first such
         job, whoever referred its owner may be due a bonus."""
+        if job_owner == node["owner"]:
+            return  # a node proves nothing on its own owner's jobs (nor its person's, below)
         owner = self.store.human_of(str(node["owner"]))
         customer = self.store.human_of(job_owner)
         if customer == owner:
-            return  # a node proves nothing on its own person's jobs
+            return
         now = self.clock()
         day = economy.utc_day(now)
         c = self.db.conn
-        c.execute(
+        first_today = c.execute(
             "UPDATE nodes SET proved_day = ?1, uptime_ms = uptime_ms + CASE uptime_day"
             " WHEN ?1 THEN uptime_pending_ms ELSE 0 END, uptime_pending_ms = 0, uptime_day = ?1"
             " WHERE id = ?2 AND proved_day != ?1",
             (day, node["id"]),
         )
-        self._pay_uptime(str(node["id"]), day)
+        if first_today.rowcount == 1:  # the day's waiting availability is payable now
+            self._pay_uptime(str(node["id"]), day)
         first = c.execute(
             "UPDATE nodes SET proved_at = ? WHERE id = ? AND proved_at IS NULL", (now, node["id"])
         )
@@ -77,7 +80,7 @@ class Bonuses:
     def accrue_uptime(self, node_id: str, gap_ms: int, now: float | None = None) -> int:
         """Count gap_ms of a node's availability, ending at `now`. Availability of a UTC day
         is payable once the node has proved itself that day (a paid job for another person,
-        `_proved`); until then it waits, and a day that ends without proof pays nothing.
+        `proved`); until then it waits, and a day that ends without proof pays nothing.
         Returns what was paid (µc)."""
         if gap_ms <= 0:
             return 0
