@@ -457,13 +457,25 @@ class Jobs:
         be)."""
         now = self.clock()
         cpu, timeout, prio = int(job["cpu_milli"]), int(job["timeout_s"]), job["priority"]
-        runs = [(str(earlier["node"] or ""), int(earlier["wall_ms"] or 0)),
-                (str(job["node"] or ""), wall_ms)]  # fmt: skip
         billed = job["kind"] != "service" and job["parent"] is None
-        pay = economy.node_pay(cpu, wall_ms, timeout) if billed else 0
-        charge = economy.job_charge(cpu, wall_ms, timeout, prio) if billed else 0
+        # (node, its owner, pay, charge) of the earlier run and this one; a run whose node is
+        # gone (or of a job billed otherwise) moves nothing
+        runs: list[tuple[str, str, int, int]] = []
+        for node_id, ms in (
+            (earlier["node"], int(earlier["wall_ms"] or 0)),
+            (job["node"], wall_ms),
+        ):
+            node = self.store.node(str(node_id)) if billed and node_id else None
+            if node is None:
+                runs.append((str(node_id), "", 0, 0))
+            else:
+                pay, charge = (
+                    economy.node_pay(cpu, ms, timeout),
+                    economy.job_charge(cpu, ms, timeout, prio),
+                )
+                runs.append((str(node_id), str(node["owner"]), pay, charge))
         reason = (
-            f"{error} (on nodes {runs[0][0]} and {runs[1][0]}: the job breaks the executor"
+            f"{error} (on nodes {earlier['node']} and {job['node']}: the job breaks the executor"
             " it runs in, so it was not retried again)"
         )
         with contextlib.suppress(Stale), self.db.transaction() as c:
@@ -477,35 +489,24 @@ class Jobs:
             if not billed:
                 self._fail(job, reason, result, "blamed", wall_ms=wall_ms)
             else:
-                payouts: dict[str, int] = {}
-                total = 0
-                for node_id, ms in runs:
-                    node = self.store.node(node_id)
-                    if node is None:
-                        continue
-                    p, ch = (
-                        economy.node_pay(cpu, ms, timeout),
-                        economy.job_charge(cpu, ms, timeout, prio),
-                    )
-                    payouts[wallet_of(node["owner"])] = payouts.get(wallet_of(node["owner"]), 0) + p
-                    payouts[REVENUE] = payouts.get(REVENUE, 0) + ch - p
-                    total += ch
-                    if p:
-                        c.execute("UPDATE nodes SET earned = earned + ? WHERE id = ?", (p, node_id))
+                (_, _, pay0, charge0), (_, _, pay1, charge1) = runs
                 cur = c.execute(
                     "UPDATE jobs SET state = 'failed', cost = ?, result = ?, finished_at = ?,"
                     " reason = ? WHERE id = ? AND attempt = ? AND state IN ('assigned', 'running')",
-                    (total, json.dumps(result) if result else None, now, reason, job["id"],
-                     job["attempt"]),
+                    (charge0 + charge1, json.dumps(result) if result else None, now, reason,
+                     job["id"], job["attempt"]),
                 )  # fmt: skip
-                how = {"charge": charge, "pay": pay, "wall_ms": wall_ms, "error": error}
+                how = {"charge": charge1, "pay": pay1, "wall_ms": wall_ms, "error": error}
                 self.attempts.end_moved(cur, job, "blamed", now, **how)
-                c.execute(
-                    "UPDATE attempts SET charge = charge + ?, pay = pay + ? WHERE job = ?"
-                    " AND attempt = ?",
-                    (total - charge, sum(v for k, v in payouts.items() if k != REVENUE) - pay,
-                     job["id"], earlier["attempt"]),
-                )  # fmt: skip
+                self.attempts.add(str(job["id"]), int(earlier["attempt"]), charge0, pay0)
+                payouts: dict[str, int] = {}
+                for node_id, owner, pay, charge in runs:
+                    if pay:
+                        payouts[wallet_of(owner)] = payouts.get(wallet_of(owner), 0) + pay
+                        c.execute(
+                            "UPDATE nodes SET earned = earned + ? WHERE id = ?", (pay, node_id)
+                        )
+                    payouts[REVENUE] = payouts.get(REVENUE, 0) + charge - pay
                 self.ledger.close_hold(
                     job["id"],
                     [(a, n) for a, n in payouts.items() if n > 0],
