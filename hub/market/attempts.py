@@ -98,14 +98,19 @@ class Attempts:
         if attempt < 1:
             return False  # never assigned: no attempt to end
         c = self.db.conn
-        c.execute(
-            "INSERT OR IGNORE INTO attempts (job, attempt, started_at) VALUES (?, ?, ?)",
-            (job_id, attempt, now),
-        )
         cur = c.execute(
             "UPDATE attempts SET outcome = ?, ended_at = ?, charge = charge + ?, pay = pay + ?,"
             " wall_ms = ?, error = ? WHERE job = ? AND attempt = ? AND outcome IS NULL",
             (outcome, now, charge, pay, wall_ms, error, job_id, attempt),
+        )
+        if cur.rowcount == 1:
+            return True
+        # No open row: ended already, or assigned before attempts were recorded (migration 7),
+        # in which case it is recorded now, as it ends. One statement on the common path.
+        cur = c.execute(
+            "INSERT OR IGNORE INTO attempts (job, attempt, started_at, outcome, ended_at, charge,"
+            " pay, wall_ms, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (job_id, attempt, now, outcome, now, charge, pay, wall_ms, error),
         )
         return cur.rowcount == 1
 

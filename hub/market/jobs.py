@@ -181,15 +181,15 @@ class Jobs:
         attempt = int(job["attempt"]) + 1
         now = self.clock()
         with self.db.transaction() as c:
-            cur = c.execute(
+            assigned = c.execute(
                 "UPDATE jobs SET state = 'assigned', node = ?, attempt = ?, assigned_at = ?,"
-                " reason = NULL WHERE id = ? AND state = 'queued' AND attempt = ?",
+                " reason = NULL WHERE id = ? AND state = 'queued' AND attempt = ?"
+                " RETURNING periods_billed",
                 (node_id, attempt, now, job["id"], attempt - 1),
-            )
-            if cur.rowcount != 1:
+            ).fetchall()  # all of it: the statement ends here, not at the next commit
+            if not assigned:
                 return None
-            billed = c.execute("SELECT periods_billed FROM jobs WHERE id = ?", (job["id"],))
-            self.attempts.begin(job["id"], attempt, node_id, now, int(billed.fetchone()[0]))
+            self.attempts.begin(job["id"], attempt, node_id, now, int(assigned[0][0]))
             if job["parent"] is not None:  # a replica: its verified job is under way
                 c.execute(
                     "UPDATE jobs SET state = 'running', assigned_at = ?, reason = NULL"
