@@ -396,15 +396,18 @@ static const WasiFn WASI_FNS[] = {
 };
 #define N_WASI (sizeof WASI_FNS / sizeof WASI_FNS[0])
 
+static const WasiFn *find_fn(const WasiFn *fns, size_t n, Str name) {
+    for (size_t i = 0; i < n; i++)
+        if (strlen(fns[i].name) == name.n && !memcmp(fns[i].name, name.p, name.n)) return &fns[i];
+    return NULL;
+}
+
 const WasiFn *wasi_fn(Str mod, Str name) {
     if (mod.n != strlen(WASI) || memcmp(mod.p, WASI, mod.n)) return NULL;
-    for (size_t i = 0; i < N_WASI; i++)
-        if (strlen(WASI_FNS[i].name) == name.n && !memcmp(WASI_FNS[i].name, name.p, name.n))
-            return &WASI_FNS[i];
+    const WasiFn *f = find_fn(WASI_FNS, N_WASI, name);
 #ifndef DEPARROW_NO_FILES
-    return wasi_fs_fn(name);
-#else
-    return NULL;
+    if (!f) f = find_fn(FS_FNS, N_FS_FNS, name);
 #endif
+    return f;
 }
 

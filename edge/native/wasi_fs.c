@@ -165,6 +165,11 @@ static uint32_t copy_path(IM3Runtime rt, uint32_t ptr, uint32_t len, char *out) 
 
 #define MAX_DEPTH 128
 
+static int is_link(int dirfd, const char *name) {
+    struct stat st;
+    return !fstatat(dirfd, name, &st, AT_SYMLINK_NOFOLLOW) && S_ISLNK(st.st_mode);
+}
+
 /* The fallback: one component at a time, no symlink followed, ".." only back down the walk. */
 static int walk_open(int dirfd, const char *path, int flags, mode_t mode) {
     if (path[0] == '/') return -ESCAPE;
@@ -203,9 +208,8 @@ static int walk_open(int dirfd, const char *path, int flags, mode_t mode) {
             if (r < 0) r = -errno;
             /* a symlink is ELOOP whatever else was asked (O_DIRECTORY says ENOTDIR); O_PATH
                opens the link itself, refused too when it was to be followed */
+            if (r == -ENOTDIR && is_link(cur, name)) r = -ELOOP;
             struct stat st;
-            if (r == -ENOTDIR && !fstatat(cur, name, &st, AT_SYMLINK_NOFOLLOW) && S_ISLNK(st.st_mode))
-                r = -ELOOP;
             if (r >= 0 && follow && !fstat(r, &st) && S_ISLNK(st.st_mode)) close(r), r = -ELOOP;
             break;
         }
@@ -218,11 +222,8 @@ static int walk_open(int dirfd, const char *path, int flags, mode_t mode) {
             break;
         }
         int d = openat(cur, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
-        if (d < 0) {
-            struct stat st; /* a symlink on the way is ELOOP, as at the end */
-            r = errno == ENOTDIR && !fstatat(cur, name, &st, AT_SYMLINK_NOFOLLOW) && S_ISLNK(st.st_mode)
-                    ? -ELOOP
-                    : -errno;
+        if (d < 0) { /* a symlink on the way is ELOOP, as at the end */
+            r = errno == ENOTDIR && is_link(cur, name) ? -ELOOP : -errno;
             break;
         }
         stack[depth++] = d;
@@ -625,16 +626,7 @@ m3ApiRawFunction(w_fd_readdir) {
         put64(head, f->dir_at + 1);
         put64(head + 8, (uint64_t)e->d_ino);
         put32(head + 16, (uint32_t)len);
-        uint8_t t = T_UNKNOWN;
-        switch (e->d_type) {
-        case DT_DIR: t = T_DIR; break;
-        case DT_REG: t = T_FILE; break;
-        case DT_LNK: t = T_LINK; break;
-        case DT_CHR: t = T_CHAR; break;
-        case DT_BLK: t = T_BLOCK; break;
-        case DT_SOCK: t = T_STREAM; break;
-        }
-        head[20] = t;
+        head[20] = type_of(DTTOIF(e->d_type));
         uint32_t room = buf_len - n;
         if (sizeof head + len > room) { /* as much as fits; the job asks again with more room */
             size_t k = room < sizeof head ? room : sizeof head;
@@ -773,7 +765,7 @@ m3ApiRawFunction(w_path_create_directory) {
     ARG32(len);
     Entry en;
     uint32_t e = entry(runtime, &en, dirfd, ptr, len, 1);
-    if (e) { done(&en, 0); RET32(e); }
+    if (e) RET32(e); /* entry() leaves nothing open on failure */
     RET32(done(&en, mkdirat(en.parent, en.name, 0777)));
 }
 
@@ -784,7 +776,7 @@ m3ApiRawFunction(w_path_remove_directory) {
     ARG32(len);
     Entry en;
     uint32_t e = entry(runtime, &en, dirfd, ptr, len, 1);
-    if (e) { done(&en, 0); RET32(e); }
+    if (e) RET32(e);
     if (!strcmp(en.name, ".")) { done(&en, 0); RET32(W_EINVAL); }
     RET32(done(&en, unlinkat(en.parent, en.name, AT_REMOVEDIR)));
 }
@@ -796,11 +788,12 @@ m3ApiRawFunction(w_path_unlink_file) {
     ARG32(len);
     Entry en;
     uint32_t e = entry(runtime, &en, dirfd, ptr, len, 1);
-    if (e) { done(&en, 0); RET32(e); }
+    if (e) RET32(e);
     struct stat st;
     if (en.dir_only) { /* "file/": not a directory; "dir/": a directory, not for unlink */
         if (fstatat(en.parent, en.name, &st, AT_SYMLINK_NOFOLLOW) < 0) RET32(done(&en, -1));
-        { done(&en, 0); RET32(S_ISDIR(st.st_mode) ? W_EISDIR : W_ENOTDIR); }
+        done(&en, 0);
+        RET32(S_ISDIR(st.st_mode) ? W_EISDIR : W_ENOTDIR);
     }
     RET32(done(&en, unlinkat(en.parent, en.name, 0)));
 }
@@ -834,7 +827,7 @@ m3ApiRawFunction(w_path_readlink) {
     ARG32(used_ptr);
     Entry en;
     uint32_t e = entry(runtime, &en, dirfd, ptr, len, 0);
-    if (e) { done(&en, 0); RET32(e); }
+    if (e) RET32(e);
     uint8_t *p = wasi_mem(runtime, buf, buf_len), *used = wasi_mem(runtime, used_ptr, 4);
     if (!p || !used) { done(&en, 0); RET32(W_EFAULT); }
     ssize_t n = readlinkat(en.parent, en.name, (char *)p, buf_len);
@@ -857,7 +850,7 @@ m3ApiRawFunction(w_path_filestat_set_times) {
     uint32_t e = times_of(atim, mtim, fl, t);
     if (e) RET32(e);
     e = entry(runtime, &en, dirfd, ptr, len, 1);
-    if (e) { done(&en, 0); RET32(e); }
+    if (e) RET32(e);
     /* a symlink is followed only beneath the directory: resolved first, then set by fd */
     if (flags & LOOKUP_FOLLOW) {
         int h = open_beneath(en.parent, en.name, O_RDONLY | O_NONBLOCK, 0, 1);
@@ -880,7 +873,7 @@ m3ApiRawFunction(w_path_link) {
     RET32(W_ENOTSUP);
 }
 
-static const WasiFn FS_FNS[] = {
+const WasiFn FS_FNS[] = {
     {"fd_pread", "i(iiiIi)", w_fd_pread},
     {"fd_pwrite", "i(iiiIi)", w_fd_pwrite},
     {"fd_tell", "i(ii)", w_fd_tell},
@@ -906,11 +899,6 @@ static const WasiFn FS_FNS[] = {
     {"path_link", "i(iiiiiii)", w_path_link},
 };
 
-const WasiFn *wasi_fs_fn(Str name) {
-    for (size_t i = 0; i < sizeof FS_FNS / sizeof FS_FNS[0]; i++)
-        if (strlen(FS_FNS[i].name) == name.n && !memcmp(FS_FNS[i].name, name.p, name.n))
-            return &FS_FNS[i];
-    return NULL;
-}
+const size_t N_FS_FNS = sizeof FS_FNS / sizeof FS_FNS[0];
 
 #endif

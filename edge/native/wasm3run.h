@@ -173,7 +173,8 @@ m3ApiRawFunction(metering_usegas);
 #define FS_MAX_FDS 128   /* open descriptors per job: stdio, preopens and files together */
 #define FS_MAX_DIRS 32   /* preopened directories per job */
 void fs_open_preopens(void);
-const WasiFn *wasi_fs_fn(Str name);
+extern const WasiFn FS_FNS[]; /* the host functions only files have */
+extern const size_t N_FS_FNS;
 uint32_t fs_read(IM3Runtime rt, uint32_t fd, uint32_t iovs, uint32_t n, uint32_t nread_ptr);
 uint32_t fs_write(IM3Runtime rt, uint32_t fd, uint32_t iovs, uint32_t n, uint32_t nwritten_ptr);
 uint32_t fs_close(uint32_t fd);
