@@ -52,13 +52,13 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
+from deparrow.client import TERMINAL_STATES
 from edge.core import protocol
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[Any], Any]
 JobCallback = Callable[[dict[str, Any]], None]
-JOB_DONE = ("completed", "failed", "cancelled")
 FINAL = "final"  # the field of a job's final reply (docs/protocol.md, "The final reply")
 KEEP_FINALS = 1000  # finished jobs remembered, to drop a duplicate final and serve wait_job
 
@@ -309,7 +309,7 @@ class Agent:
             raise _error(int(body.get("status") or 400), body)
         job_id = str(reply["body"]["id"])
         # A retried key whose job is over already: its final reply went out long ago.
-        over = reply["body"].get("state") in JOB_DONE
+        over = reply["body"].get("state") in TERMINAL_STATES
         with self._done:
             finished = self._finished.get(job_id)
             if finished is None and not over:
@@ -337,7 +337,7 @@ class Agent:
             if finished is not None:
                 return finished
             job = self.job(job_id)  # once, to say where it is (or if the reply was lost)
-            if job["state"] in JOB_DONE:
+            if job["state"] in TERMINAL_STATES:
                 return job
             raise DeparrowError(
                 f"job {job_id} still {job['state']} after {timeout_s:g}s ({job.get('reason')})"
@@ -346,7 +346,7 @@ class Agent:
         delay = 0.02
         while True:
             job = self.job(job_id)
-            if job["state"] in JOB_DONE:
+            if job["state"] in TERMINAL_STATES:
                 return job
             if time.monotonic() > deadline:
                 raise DeparrowError(
@@ -622,7 +622,7 @@ class Agent:
                 log.warning("agent %s: cannot read job %s after reconnecting: %s",
                             self._id, job_id, e)  # fmt: skip
                 continue
-            if job["state"] in JOB_DONE:
+            if job["state"] in TERMINAL_STATES:
                 self._on_final(job)
 
     def _on_call(self, msg: dict[str, Any]) -> None:
