@@ -44,7 +44,7 @@ import sqlite3
 import time
 import types
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -174,24 +174,8 @@ class Writer:
     # --- the writer task ------------------------------------------------------------------
     async def _serve(self) -> None:
         """Run the batches; restart the loop when it dies of an exception (see the docstring)."""
-        quick_failures = 0
         try:
-            while True:
-                started = time.monotonic()
-                try:
-                    await self._drain()
-                    return
-                except Exception as e:
-                    self.restarts += 1
-                    log.exception(
-                        "the ledger writer task failed; restarting it (%d restarts so far)",
-                        self.restarts,
-                    )
-                    self._abort_in_hand(e)
-                    # A loop that dies again at once is not spun on: back off, up to 5 s.
-                    quick_failures = quick_failures + 1 if time.monotonic() - started < 1 else 1
-                    if quick_failures > 1:
-                        await asyncio.sleep(min(0.1 * 2 ** (quick_failures - 2), 5.0))
+            await supervise(self._drain, self._died)
         finally:
             # Reached normally only once drained; on cancellation nobody may be left waiting
             # for an answer that will never come.
@@ -201,6 +185,13 @@ class Writer:
                 _, fut = self._queue.popleft()
                 if not fut.done():
                     fut.set_exception(WriterClosed("the ledger writer stopped; nothing was done"))
+
+    def _died(self, error: Exception) -> None:
+        self.restarts += 1
+        log.exception(
+            "the ledger writer task failed; restarting it (%d restarts so far)", self.restarts
+        )
+        self._abort_in_hand(error)
 
     async def _drain(self) -> None:
         """Commit queued work batch by batch; return once closing and drained."""
@@ -335,6 +326,25 @@ class Writer:
                 outcomes.append((fut, result, None))
             else:
                 outcomes.append((fut, None, result))
+
+
+async def supervise(
+    body: Callable[[], Coroutine[Any, Any, None]], died: Callable[[Exception], None]
+) -> None:
+    """Run body until it returns; each time it dies of an exception, call died(error) (in the
+    except block: it logs and counts) and run body again. A body that dies again at once is
+    restarted after a pause (up to 5 s), not spun on. The writer's task and the bridge's."""
+    quick_failures = 0
+    while True:
+        started = time.monotonic()
+        try:
+            await body()
+            return
+        except Exception as e:
+            died(e)
+        quick_failures = quick_failures + 1 if time.monotonic() - started < 1 else 1
+        if quick_failures > 1:
+            await asyncio.sleep(min(0.1 * 2 ** (quick_failures - 2), 5.0))
 
 
 def _is_awaitable(value: object) -> bool:

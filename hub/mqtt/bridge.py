@@ -42,6 +42,7 @@ from urllib.parse import urlsplit
 import paho.mqtt.client as mqtt
 
 from hub.agents.registry import Agents
+from hub.ledger.writer import supervise
 from hub.market.jobs import Jobs
 from hub.market.scheduler import Scheduler
 from hub.mqtt.finals import Finals
@@ -178,26 +179,19 @@ class Bridge:
         return asyncio.create_task(self._supervise(name, body), name=f"bridge-{name}")
 
     async def _supervise(self, name: str, body: Callable[[], Coroutine[Any, Any, None]]) -> None:
-        """Run body; when it dies of an exception, log it, count it and run it again. A task
-        that dies again at once is restarted after a pause (up to 5 s), not spun on."""
-        quick_failures = 0
-        while True:
-            started = time.monotonic()
-            try:
-                await body()
-                return
-            except Exception:
-                self.stats.restarts += 1
-                log.exception(
-                    "the MQTT bridge's %s task failed; restarting it (%d restarts so far)",
-                    name,
-                    self.stats.restarts,
-                )
+        """Run body; when it dies of an exception, log it, count it and run it again."""
+
+        def died(_error: Exception) -> None:
+            self.stats.restarts += 1
+            log.exception(
+                "the MQTT bridge's %s task failed; restarting it (%d restarts so far)",
+                name,
+                self.stats.restarts,
+            )
             if name == "consumer":
                 self._consumer_died()
-            quick_failures = quick_failures + 1 if time.monotonic() - started < 1 else 1
-            if quick_failures > 1:
-                await asyncio.sleep(min(0.1 * 2 ** (quick_failures - 2), 5.0))
+
+        await supervise(body, died)
 
     def _consumer_died(self) -> None:
         if self._in_hand:
@@ -276,17 +270,23 @@ class Bridge:
                 self._in_hand = 0
                 await asyncio.sleep(0)  # let the API and the writer in between batches
 
-    async def run_batch(self, batch: list[tuple[str, bytes | bytearray]]) -> list[str]:
+    async def run_batch(
+        self, batch: list[tuple[str, bytes | bytearray]], writer: Any = None
+    ) -> list[str]:
         """Handle messages (and queued ticks and pass requests) in one transaction, then
-        publish what they decided once its COMMIT (run off the loop) is durable. Returns
-        what happened to each, as handle() says."""
+        publish what they decided once its COMMIT (run off the loop) is durable: in the
+        writer's next transaction when one is given. Returns what happened to each, as
+        handle() says."""
         out: list[Outgoing] = []
         changes: list[tuple[str, dict[str, Any]]] = []
         started = time.perf_counter()
         outcomes: list[str] = []
         try:
-            async with self.store.db.write_batch():
-                outcomes = self._batch_body(batch, out, changes)
+            if writer is None:
+                async with self.store.db.write_batch():
+                    outcomes = self._batch_body(batch, out, changes)
+            else:
+                outcomes = await writer.run(lambda _c: self._batch_body(batch, out, changes))
         except Exception:  # COMMIT failed (disk full...): nothing of the batch was stored
             self._batch_lost(batch, out, changes)
         self._announce(batch, started, out, changes)
@@ -297,17 +297,8 @@ class Bridge:
     ) -> list[str]:
         """run_batch inside the writer's next transaction: the messages share one durable
         commit with the REST submissions and transfers queued meanwhile, instead of each
-        side paying an fsync on the event loop of its own."""
-        out: list[Outgoing] = []
-        changes: list[tuple[str, dict[str, Any]]] = []
-        started = time.perf_counter()
-        outcomes: list[str] = []
-        try:
-            outcomes = await writer.run(lambda _c: self._batch_body(batch, out, changes))
-        except Exception:
-            self._batch_lost(batch, out, changes)
-        self._announce(batch, started, out, changes)
-        return outcomes
+        side paying an fsync of its own."""
+        return await self.run_batch(batch, writer)
 
     def _batch_body(
         self,
@@ -399,20 +390,22 @@ class Bridge:
     def _handle_item(self, topic: str, payload: bytes | bytearray) -> str:
         if topic == _TICK:
             self._tick_queued = False
-            self._tick()
-            for node_id, job_id, attempt in self.jobs.take_cancels():
-                self.cancel_on_node(node_id, job_id, attempt)
+            self._tick()  # each step sends its cancels (_tick_step)
             return "tick"
         if topic == _PASS:
             self._pass_queued = False
             self._pass_wanted = True
             return "pass"
+        return self._cancelling(lambda: self.handle(topic, payload))
+
+    def _cancelling(self, fn: Callable[[], str]) -> str:
+        """fn(), then stop the replicas it made useless (also any an API call left) on their
+        nodes. When fn raises, the cancels it decided are rolled back with it: never sent."""
         try:
-            outcome = self.handle(topic, payload)
+            outcome = fn()
         except Exception:
             self.jobs.take_cancels()  # decided in what is rolled back: they never happened
             raise
-        # Replicas a verdict made useless (also any an API call left): stop them.
         for node_id, job_id, attempt in self.jobs.take_cancels():
             self.cancel_on_node(node_id, job_id, attempt)
         return outcome
@@ -434,16 +427,13 @@ class Bridge:
 
     def _tick_step(self, what: str, step: Callable[[], object]) -> None:
         def run() -> str:
-            try:
-                step()
-            except Exception:
-                self.jobs.take_cancels()  # decided in what is rolled back: never happened
-                raise
-            for node_id, job_id, attempt in self.jobs.take_cancels():
-                self.cancel_on_node(node_id, job_id, attempt)
+            step()
             return what
 
-        ok, _ = self._undoable(f"the scheduler's tick: {what} failed and was rolled back", run)
+        ok, _ = self._undoable(
+            f"the scheduler's tick: {what} failed and was rolled back",
+            lambda: self._cancelling(run),
+        )
         if not ok:
             self.stats.tick_failures += 1
 

@@ -194,23 +194,10 @@ class Database:
         # all writes happen on the hub's event-loop thread (enforced in transaction()), except
         # a write_batch()'s COMMIT, run by the commit thread while the loop keeps off the
         # connection.
-        self._conn = sqlite3.connect(
-            self.path,
-            isolation_level=None,
-            check_same_thread=False,
-            timeout=busy_timeout_ms / 1000,
-            cached_statements=self.STATEMENT_CACHE,
-        )
-        self._conn.row_factory = sqlite3.Row
+        self._conn = self._connect()
         self._conn.execute("PRAGMA journal_mode = WAL")
         self._conn.execute("PRAGMA synchronous = FULL")  # a commit survives power loss
         self._conn.execute("PRAGMA foreign_keys = ON")
-        # Savepoint and statement journals in memory: they only serve rollbacks inside an
-        # open transaction (crash recovery never reads them), and once one outgrew 64 KiB
-        # SQLite moved it to a file in /var/tmp for the rest of the transaction, costing a
-        # write() per journaled page on every savepoint of a writer batch.
-        self._conn.execute("PRAGMA temp_store = MEMORY")
-        self._conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
         self._depth = 0
         self._owner: tuple[int, object] | None = None
         self._closed = False
@@ -382,18 +369,27 @@ class Database:
         return reader
 
     def _open_reader(self) -> sqlite3.Connection:
-        reader = sqlite3.connect(
+        reader = self._connect()
+        reader.execute("PRAGMA query_only = ON")
+        return reader
+
+    def _connect(self) -> sqlite3.Connection:
+        """A connection to the file as the hub's are set up: the writer's and the reader's."""
+        conn = sqlite3.connect(
             self.path,
             isolation_level=None,
             check_same_thread=False,
             timeout=self.busy_timeout_ms / 1000,
             cached_statements=self.STATEMENT_CACHE,
         )
-        reader.row_factory = sqlite3.Row
-        reader.execute("PRAGMA query_only = ON")
-        reader.execute("PRAGMA temp_store = MEMORY")
-        reader.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
-        return reader
+        conn.row_factory = sqlite3.Row
+        # Savepoint and statement journals in memory: they only serve rollbacks inside an
+        # open transaction (crash recovery never reads them), and once one outgrew 64 KiB
+        # SQLite moved it to a file in /var/tmp for the rest of the transaction, costing a
+        # write() per journaled page on every savepoint of a writer batch.
+        conn.execute("PRAGMA temp_store = MEMORY")
+        conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
+        return conn
 
     def _enter(self, tx: _Transaction) -> sqlite3.Connection:
         if self._inflight is not None:
