@@ -41,16 +41,16 @@ import asyncio
 import inspect
 import logging
 import sqlite3
-import time
 import types
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from hub.ledger.ledger import Ledger
 from hub.ledger.money import Entry, TransferRequest
 from hub.store.db import Database
+from hub.tasks import supervise
 
 log = logging.getLogger(__name__)
 
@@ -326,25 +326,6 @@ class Writer:
                 outcomes.append((fut, result, None))
             else:
                 outcomes.append((fut, None, result))
-
-
-async def supervise(
-    body: Callable[[], Coroutine[Any, Any, None]], died: Callable[[Exception], None]
-) -> None:
-    """Run body until it returns; each time it dies of an exception, call died(error) (in the
-    except block: it logs and counts) and run body again. A body that dies again at once is
-    restarted after a pause (up to 5 s), not spun on. The writer's task and the bridge's."""
-    quick_failures = 0
-    while True:
-        started = time.monotonic()
-        try:
-            await body()
-            return
-        except Exception as e:
-            died(e)
-        quick_failures = quick_failures + 1 if time.monotonic() - started < 1 else 1
-        if quick_failures > 1:
-            await asyncio.sleep(min(0.1 * 2 ** (quick_failures - 2), 5.0))
 
 
 def _is_awaitable(value: object) -> bool:

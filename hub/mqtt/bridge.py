@@ -42,7 +42,6 @@ from urllib.parse import urlsplit
 import paho.mqtt.client as mqtt
 
 from hub.agents.registry import Agents
-from hub.ledger.writer import supervise
 from hub.market.jobs import Jobs
 from hub.market.scheduler import Scheduler
 from hub.mqtt.finals import Finals
@@ -50,6 +49,7 @@ from hub.mqtt.link import Link
 from hub.mqtt.messages import SIZE_LIMITS as SIZE_LIMITS  # here too: tests check the docs by it
 from hub.mqtt.messages import Messages
 from hub.store.rows import Store
+from hub.tasks import supervise
 
 log = logging.getLogger(__name__)
 
