@@ -20,14 +20,13 @@ try:
 except ImportError:  # pragma: no cover - MicroPython ports that name it uos
     import uos as os  # type: ignore[no-redef]
 
-from edge.core import compat, protocol
+from edge.core import compat, jobfiles, protocol
 
 RUNNER_ENV = "DEPARROW_WASM3_RUN"
 RUNNER_NAME = "wasm3-run"
 GRACE_MS = 2000  # past its deadline, a runner that has not answered is killed
 CHECK_MS = 250  # how often a running job's process is looked at
 DEFAULT_TIMEOUT_S = 60
-MAX_DIRS = 32  # preopened directories per job (FS_MAX_DIRS in edge/native/wasm3run.h)
 
 
 class RunnerMissing(OSError):
@@ -39,21 +38,16 @@ class InvalidJob(ValueError):
 
 
 def _dir_records(dirs):
-    """The job's "dirs" ([{"host", "guest", "write"}], WASI preopens fd 3, 4, ... in order) as
-    the runner's "dir" records: "r" or "w", the guest path, NUL, the host path. A directory
+    """The job's "dirs" (checked by jobfiles.check_dirs; WASI preopens fd 3, 4, ... in order)
+    as the runner's "dir" records: "r" or "w", the guest path, NUL, the host path. A directory
     is read-only unless "write" is true."""
-    if not isinstance(dirs, list) or len(dirs) > MAX_DIRS:
-        raise InvalidJob("dirs must be a list of at most " + str(MAX_DIRS) + " directories")
+    problem = jobfiles.check_dirs(dirs)
+    if problem:
+        raise InvalidJob(problem)
     out = []
     for d in dirs:
-        host = d.get("host") if isinstance(d, dict) else None
-        guest = d.get("guest", host) if isinstance(d, dict) else None
-        if not (isinstance(host, str) and host.startswith("/") and "\x00" not in host):
-            raise InvalidJob("each of dirs needs an absolute host path")
-        if not (isinstance(guest, str) and guest and "\x00" not in guest):
-            raise InvalidJob("each of dirs needs a non-empty guest path")
         mode = "w" if d.get("write") else "r"
-        out.append(_record("dir", (mode + guest + "\x00" + host).encode()))
+        out.append(_record("dir", (mode + d["guest"] + "\x00" + d["host"]).encode()))
     return out
 
 

@@ -18,16 +18,15 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
-import posixpath
 from typing import Any
 
+from edge.core import jobfiles
 from edge.executors.wasm3 import Wasm3Executor, _Handle
 from edge.executors.workerproc import _PKG_ROOT, WorkerProcess
 
 WORKER_MODULE = "edge.executors.wasmtime_worker"
 MAX_TIMEOUT_S = 7 * 86400
 MAX_MEMORY_MB = 1024 * 1024  # as edge/core/jobs.py allows; a wasm32 memory stops at 4 GiB anyway
-MAX_DIRS = 8
 
 
 class WasmtimeUnavailable(RuntimeError):
@@ -69,42 +68,6 @@ class WasmtimeWorker(WorkerProcess):
         super().__init__(WORKER_MODULE, _worker_command(), pin_mmap=False)
 
 
-def check_dirs(dirs: Any) -> str | None:
-    """What is wrong with a job's `dirs`, or None: a list of at most MAX_DIRS
-    `{"host": "/abs/existing/dir", "guest": "/abs/normalised", "write": bool}`, each preopened
-    in order (fds 3, 4...) under its guest path; `write` false or absent is read-only."""
-    if dirs is None:
-        return None
-    if not isinstance(dirs, list) or len(dirs) > MAX_DIRS:
-        return f"dirs must be a list of at most {MAX_DIRS} directories"
-    seen = set()
-    for i, d in enumerate(dirs):
-        if not isinstance(d, dict) or set(d) - {"host", "guest", "write"}:
-            return f'dirs[{i}] must be {{"host": path, "guest": path, "write": bool}}'
-        host, guest = d.get("host"), d.get("guest")
-        if not isinstance(host, str) or "\0" in host or not host.startswith("/"):
-            return f"dirs[{i}].host must be an absolute path (got {host!r})"
-        if not os.path.isdir(host):
-            return f"dirs[{i}].host {host!r} is not an existing directory"
-        if (
-            not isinstance(guest, str)
-            or "\0" in guest
-            or not guest.startswith("/")
-            or guest.startswith("//")
-            or posixpath.normpath(guest) != guest
-        ):
-            return (
-                f"dirs[{i}].guest must be an absolute, normalised path such as /inputs "
-                f"(got {guest!r})"
-            )
-        if guest in seen:
-            return f"dirs[{i}].guest {guest!r} is given twice"
-        seen.add(guest)
-        if not isinstance(d.get("write", False), bool):
-            return f"dirs[{i}].write must be true or false"
-    return None
-
-
 def check_job(job: Any) -> str | None:
     """What is wrong with a job dict, or None. The node checks assignments already
     (edge/core/jobs.py); this guards direct callers (`edge-run`, tests, other executors' code)."""
@@ -142,7 +105,7 @@ def check_job(job: Any) -> str | None:
             or not 0 < value <= top
         ):
             return f"{key} must be a number above 0 and at most {top}"
-    return check_dirs(job.get("dirs"))
+    return jobfiles.check_dirs(job.get("dirs"))
 
 
 class WasmtimeExecutor(Wasm3Executor):

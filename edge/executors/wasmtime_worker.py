@@ -20,7 +20,7 @@ as wasm3 does) and drops the rest, so a flood cannot fill the disk and the job r
 RLIMIT_FSIZE at cap + 1 (with SIGXFSZ ignored, so a write past it fails instead of killing) is
 the backstop under that, for jobs that write no files (the limit would cap those files too).
 
-Files: the job's `dirs` (checked by `wasmtime_exec.check_dirs`) are preopened in order with
+Files: the job's `dirs` (checked by `jobfiles.check_dirs`) are preopened in order with
 wasmtime's own WASI, which confines every path to them (no escape by `..`, absolute paths or
 symlinks) and refuses writes in a read-only one; `prepare` then lets the module import WASI's
 filesystem calls. Sockets stay refused.
@@ -159,6 +159,8 @@ def run_job(
         config.stderr_custom = stderr.write
         dirs = job.get("dirs") or []
         for d in dirs:  # fds 3, 4... in this order; wasmtime's WASI confines paths to them
+            if not os.path.isdir(d["host"]):  # the node made it: not the job's fault
+                raise JobFailed(f"executor error: cannot open the job's directory {d['host']}")
             config.preopen_dir(d["host"], d["guest"], bool(d.get("write")))
         writes = any(d.get("write") for d in dirs)
         timeout_s = float(job.get("timeout_s") or 60)

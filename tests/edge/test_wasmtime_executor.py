@@ -231,12 +231,10 @@ def test_invalid_dirs_fail_with_the_field_named(
 ) -> None:
     good = {"host": str(tree / "inputs"), "guest": "/inputs"}
     cases: list[tuple[Any, str]] = [
-        ("/inputs", "dirs must be a list of at most 8 directories"),
-        ([good] * 9, "dirs must be a list of at most 8 directories"),
+        ("/inputs", "dirs must be a list of at most 32 directories"),
+        ([good] * 33, "dirs must be a list of at most 32 directories"),
         ([{**good, "mode": "rw"}], "dirs[0] must be {"),
         ([{**good, "host": "inputs"}], "dirs[0].host must be an absolute path (got 'inputs')"),
-        ([good, {**good, "host": str(tree / "no")}], f"dirs[1].host '{tree}/no' is not an"),
-        ([{**good, "host": str(tree / "secret.txt")}], "dirs[0].host '"),
         ([{**good, "guest": "inputs"}], "dirs[0].guest must be an absolute, normalised path"),
         ([{**good, "guest": "/inputs/../etc"}], "dirs[0].guest must be an absolute"),
         ([{**good, "guest": "/inputs/"}], "dirs[0].guest must be an absolute"),
@@ -247,6 +245,12 @@ def test_invalid_dirs_fail_with_the_field_named(
         out = ex.poll(ex.submit(job(wasm("fileops"), "_start", ["ls", "/"], dirs=dirs)))
         assert out is not None and out["status"] == "failed", dirs
         assert out["error"].startswith("invalid job: " + words), (words, out["error"])
+    # a host directory that is not there: the node made it, so it is the node's error
+    for host in (tree / "no", tree / "secret.txt"):
+        missing = [good, {"host": str(host), "guest": "/data"}]
+        out = ex.run(job(wasm("fileops"), "_start", ["ls", "/"], dirs=missing))
+        assert out["status"] == "failed", out
+        assert out["error"] == f"executor error: cannot open the job's directory {host}"
 
 
 def test_invalid_job_fields_fail_with_the_field_named(ex: WasmtimeExecutor, wasm: Build) -> None:
