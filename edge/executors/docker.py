@@ -10,6 +10,8 @@ resume() only set flags and wake that thread, and never wait on the engine thems
 Containers carry the labels deparrow.node and deparrow.job, are removed after every job, and
 remove_leftovers() clears what a crashed node left behind.
 
+A job's "dirs" are bind-mounted at their guest paths, read-only unless "write" is true.
+
 The job dict, its handle and outcome are in docker_spec.py; the job's thread, which talks to
 the engine, is in docker_job.py.
 """
@@ -56,6 +58,7 @@ class DockerExecutor:
     """submit/poll/cancel/suspend/resume container jobs on a Docker-API engine."""
 
     engines = ("docker",)
+    takes_files = True  # a job's "dirs" are bind mounts (docker_spec.py)
 
     def __init__(
         self,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import select
 import socket
 import time
@@ -80,6 +81,7 @@ class ContainerJob:
         if handle.want_cancel:
             return "cancelled", None, None
         host = api.create_host_config(
+            mounts=_mounts(spec.dirs),
             network_mode="bridge" if spec.network else "none",
             mem_limit=spec.memory_mb << 20,
             memswap_limit=spec.memory_mb << 20,  # no swap: the limit is the limit
@@ -249,6 +251,22 @@ class ContainerJob:
             self._obey()
             self._check_deadline()
         raise AssertionError("unreachable")
+
+
+def _mounts(dirs: list[dict[str, Any]]) -> list[docker.types.Mount]:
+    """Bind mounts of the job's directories, read-only unless "write". Mounts rather than Binds:
+    an engine makes a missing Binds source as an empty folder, and a Mount's is an error; the
+    node says first which of its directories is missing, as the wasm engines do."""
+    out = []
+    for d in dirs:
+        if not os.path.isdir(d["host"]):
+            raise JobError(f"executor error: cannot open the job's directory {d['host']}")
+        out.append(
+            docker.types.Mount(
+                d["guest"], d["host"], type="bind", read_only=not d.get("write", False)
+            )
+        )
+    return out
 
 
 class Streams:

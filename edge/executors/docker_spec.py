@@ -1,6 +1,12 @@
 """A Docker job as the executor (edge/executors/docker.py) takes it in: the job dict checked
 into a `Spec`, the `Handle` the node's loop holds while it runs, and the outcome `finish` leaves
 on it. Errors that end a job are `JobError`s; `unreachable` words the engine being out of reach.
+
+A job's "dirs" (edge/core/jobfiles.py, `check_dirs`) become bind mounts at their guest paths,
+read-only unless "write" is true. The host paths are this machine's, so the engine must run
+here (a local Docker or Podman service). They are mounted as they are, without an SELinux
+relabel (`:z` would change the labels of the node's own folders): none is needed where SELinux
+is off, as on Debian; on an enforcing host a container cannot read them.
 """
 
 from __future__ import annotations
@@ -13,11 +19,13 @@ from typing import Any
 
 import requests
 
-from edge.core import protocol
+from edge.core import jobfiles, protocol
 
 NODE_LABEL = "deparrow.node"
 JOB_LABEL = "deparrow.job"
 MIN_MEMORY_MB = 6  # the engines refuse less
+# the engine's own mounts: a job's directory may not go over them (nor over the image's root)
+ENGINE_MOUNTS = ("/proc", "/sys", "/dev")
 
 Outcome = dict[str, Any]
 
@@ -58,6 +66,22 @@ class Spec:
         self.network = job.get("network") or False
         if not isinstance(self.network, bool):
             raise JobError("invalid job: network must be true or false")
+        self.dirs: list[dict[str, Any]] = _dirs(job.get("dirs"))
+
+
+def _dirs(dirs: Any) -> list[dict[str, Any]]:
+    """The job's directories, checked: [{"host", "guest", "write"}] (see jobfiles.check_dirs)."""
+    problem = jobfiles.check_dirs(dirs)
+    if problem:
+        raise JobError(f"invalid job: {problem}")
+    for i, d in enumerate(dirs or []):
+        guest = d["guest"]
+        if guest == "/" or any(guest == m or guest.startswith(m + "/") for m in ENGINE_MOUNTS):
+            raise JobError(
+                f"invalid job: dirs[{i}].guest {guest!r} is the container's own (/, "
+                f"{', '.join(ENGINE_MOUNTS)}): mount it elsewhere, such as /inputs"
+            )
+    return list(dirs or [])
 
 
 def _strings(value: Any, key: str) -> list[str] | None:

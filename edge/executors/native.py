@@ -14,6 +14,12 @@ job's own allowance. Without bwrap the executor refuses to start, unless the own
 `allow_unsandboxed=True`: jobs then get the rlimits, the user and a private working directory,
 and nothing else.
 
+A job's "dirs" are bound into its sandbox at their guest paths, read-only unless "write" is
+true (native_sandbox.py). Without a sandbox a job with dirs is refused ("invalid job: dirs
+need ..."): nothing could put the directories at their guest paths nor keep a read-only one
+read-only, and telling the job their host paths instead would leave every other folder its user
+can write open to it as well, so the safe answer is no.
+
 The sandbox's pieces (bwrap's command line, the rlimits, reading /proc) are in
 `native_sandbox.py`; this module is the executor's bookkeeping. Every job has a thread that
 reads its stdout and stderr (keeping each up to its cap, so a chatty job neither blocks nor
@@ -48,8 +54,10 @@ from edge.executors.native_sandbox import (
     bwrap_argv,
     count_processes,
     descendants,
+    dirs_problem,
     exited,
     limiter,
+    unreachable,
     visible,
 )
 
@@ -121,6 +129,15 @@ class _Spec:
             raise JobError(
                 "network not allowed: the job asks for network access and this node's "
                 "owner does not allow it (run the job without network, or on another node)"
+            )
+        problem = dirs_problem(job.get("dirs"))
+        if problem:
+            raise JobError(f"invalid job: {problem}")
+        self.dirs: list[dict[str, Any]] = list(job.get("dirs") or [])
+        if self.dirs and not ex.bwrap:
+            raise JobError(
+                "invalid job: dirs need the bubblewrap sandbox, and this node runs native jobs "
+                "without one (allow_unsandboxed): run the job on another node"
             )
         found = shutil.which(command[0], path=self.env["PATH"])
         if found is None:
@@ -199,6 +216,7 @@ class NativeExecutor:
     """submit/poll/cancel/suspend/resume commands, up to `max_jobs` at a time, sandboxed."""
 
     engines = ("native",)
+    takes_files: bool  # a job's "dirs" are bound into its sandbox; without one, refused
 
     def __init__(
         self,
@@ -241,6 +259,7 @@ class NativeExecutor:
             )
         if self.bwrap is not None:
             self._probe()
+        self.takes_files = self.bwrap is not None
         self.lock = threading.Lock()
         self.queue: list[_Handle] = []
         self.running: list[_Handle] = []
@@ -374,11 +393,16 @@ class NativeExecutor:
     def _start(self, handle: _Handle) -> None:
         spec = handle.spec
         assert spec is not None
+        problem = unreachable(spec.dirs, self.run_as)
+        if problem is not None:
+            self._not_started(handle, problem)
+            return
         mem = spec.memory_mb << 20
         workdir = None
         env = dict(spec.env)
         if self.bwrap is not None:
-            argv, cwd = [*bwrap_argv(self.bwrap, spec.network, mem), *spec.command], "/"
+            argv = [*bwrap_argv(self.bwrap, spec.network, mem, spec.dirs), *spec.command]
+            cwd = "/"
         else:  # no sandbox: a private working directory is all the isolation there is
             workdir = tempfile.mkdtemp(prefix="deparrow-native-")
             if self.run_as is not None:
@@ -416,16 +440,12 @@ class NativeExecutor:
                     **self._user(),
                 )
         except (OSError, subprocess.SubprocessError) as e:
-            with self.lock:
-                self.running.remove(handle)
             with handle.lock:
                 os.close(handle.wake_r)
                 os.close(handle.wake_w)
                 handle.wake_r = handle.wake_w = -1
             _remove(workdir)
-            error = f"executor error: cannot start the job: {e}"
-            self._finish(handle, "failed", error, b"", b"", 0, 0)
-            self._dispatch()
+            self._not_started(handle, f"executor error: cannot start the job: {e}")
             return
         handle.pid = handle.proc.pid
         handle.started = time.monotonic()
@@ -436,6 +456,14 @@ class NativeExecutor:
             target=self._watch, args=(handle, workdir), name=f"native-{handle.job_id}", daemon=True
         )
         handle.thread.start()
+
+    def _not_started(self, handle: _Handle, error: str) -> None:
+        """End a job taken from the queue that could not start (the node's fault), and start
+        the next."""
+        with self.lock:
+            self.running.remove(handle)
+        self._finish(handle, "failed", error, b"", b"", 0, 0)
+        self._dispatch()
 
     # -- a job's thread ------------------------------------------------------------------
     def _watch(self, handle: _Handle, workdir: str | None) -> None:

@@ -1,6 +1,11 @@
 """The native executor's sandbox, apart from the executor's bookkeeping (`native.py`): the
-bubblewrap command line, the rlimits a job's process sets on itself before it runs, and the
-/proc reading that finds a job's processes and counts a user's. Linux only, as bwrap is.
+bubblewrap command line, the job's directories in it, the rlimits a job's process sets on itself
+before it runs, and the /proc reading that finds a job's processes and counts a user's. Linux
+only, as bwrap is.
+
+A job's "dirs" (edge/core/jobfiles.py) are bound at their guest paths, `--ro-bind` unless
+"write" is true (`--bind`). bwrap mounts them as the job's user, so that user must be able to
+reach them: the node checks it first, and says so as its own "executor error".
 """
 
 from __future__ import annotations
@@ -9,7 +14,10 @@ import contextlib
 import os
 import resource
 import signal
+from collections.abc import Sequence
 from typing import Any
+
+from edge.core import jobfiles
 
 NOBODY = 65534
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
@@ -34,7 +42,54 @@ def visible(path: str) -> bool:
     return any(path == d or path.startswith(d + "/") for d in SYSTEM_DIRS)
 
 
-def bwrap_argv(bwrap: str, network: bool, tmp_bytes: int) -> list[str]:
+# where the sandbox has mounts of its own: a job's directory goes elsewhere (/tmp/x is fine)
+OWN_MOUNTS = (*SYSTEM_DIRS, "/etc", "/proc", "/dev")
+
+
+def dirs_problem(dirs: Any) -> str | None:
+    """What is wrong with a job's "dirs" for the sandbox, or None (jobfiles.check_dirs, and
+    no guest path on the sandbox's own mounts, which it would hide or could not be put in)."""
+    problem = jobfiles.check_dirs(dirs)
+    if problem:
+        return str(problem)
+    for i, d in enumerate(dirs or []):
+        guest = d["guest"]
+        if guest in ("/", "/tmp") or any(
+            guest == m or guest.startswith(m + "/") for m in OWN_MOUNTS
+        ):
+            return (
+                f"dirs[{i}].guest {guest!r} is the sandbox's own (/, /tmp, "
+                f"{', '.join(OWN_MOUNTS)}): put it elsewhere, such as /inputs"
+            )
+    return None
+
+
+def unreachable(dirs: Sequence[dict[str, Any]], uid: int | None) -> str | None:
+    """The node's error for the first of a job's directories that is not there, or that the
+    job's user (`uid`, when the node switches users) cannot reach, as bwrap would only find
+    out once the job had started: every folder above it must let that user through."""
+    for d in dirs:
+        host = d["host"]
+        if not os.path.isdir(host):
+            return f"executor error: cannot open the job's directory {host}"
+        if uid is None:
+            continue
+        above = os.path.realpath(host)
+        while above != "/":
+            above = os.path.dirname(above)
+            st = os.stat(above)
+            bit = 0o100 if st.st_uid == uid else 0o010 if st.st_gid == uid else 0o001
+            if not st.st_mode & bit:
+                return (
+                    f"executor error: cannot open the job's directory {host}: {above} is "
+                    f"closed to the jobs' user (uid {uid}); let others through it (chmod o+x)"
+                )
+    return None
+
+
+def bwrap_argv(
+    bwrap: str, network: bool, tmp_bytes: int, dirs: Sequence[dict[str, Any]] = ()
+) -> list[str]:
     """bwrap and its options, up to the `--` before the job's command."""
     argv = [bwrap, "--unshare-all", "--unshare-user", "--disable-userns"]
     argv += ["--share-net"] if network else []
@@ -47,7 +102,12 @@ def bwrap_argv(bwrap: str, network: bool, tmp_bytes: int) -> list[str]:
     for path in ETC + (ETC_NET if network else ()):
         argv += ["--ro-bind-try", path, path]
     argv += ["--proc", "/proc", "--dev", "/dev", "--size", str(tmp_bytes), "--tmpfs", "/tmp"]
-    # nothing but /tmp stays writable: bwrap's own root and /dev are tmpfs too
+    # the job's directories: parents before children, each on a mount point bwrap makes in its
+    # root (or in /tmp) while that is still writable
+    for d in sorted(dirs, key=lambda d: d["guest"].count("/")):
+        argv += ["--bind" if d.get("write") else "--ro-bind", d["host"], d["guest"]]
+    # nothing else stays writable: bwrap's own root and /dev are tmpfs too, remounted
+    # read-only without their submounts (the job's directories, /tmp keep their own modes)
     argv += ["--remount-ro", "/dev", "--remount-ro", "/", "--chdir", "/tmp", "--"]
     return argv
 

@@ -295,6 +295,71 @@ def test_close_cancels_running_jobs(api: Any, node: str) -> None:
         ex.submit(sh("true"))
 
 
+# -- files ------------------------------------------------------------------------------------
+def job_dirs(tmp_path: Path) -> tuple[Path, Path, list[dict[str, Any]]]:
+    """A read-only /inputs holding words.txt and a writable /outputs, as jobfiles.prepare
+    lays them out (out/ mode 0777: the container's user need not be root)."""
+    inputs, outputs = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    outputs.mkdir()
+    outputs.chmod(0o777)
+    (inputs / "words.txt").write_text("parrot\n")
+    dirs = [
+        {"host": str(inputs), "guest": "/inputs", "write": False},
+        {"host": str(outputs), "guest": "/outputs", "write": True},
+    ]
+    return inputs, outputs, dirs
+
+
+def test_dirs_read_inputs_and_write_outputs(executor: DockerExecutor, tmp_path: Path) -> None:
+    inputs, outputs, dirs = job_dirs(tmp_path)
+    script = "tr a-z A-Z < /inputs/words.txt > /outputs/result.txt && echo done"
+    out = executor.run(sh(script, dirs=dirs))
+    assert (out["status"], out["exit_code"], out["stdout"]) == ("completed", 0, b"done\n"), out
+    assert (outputs / "result.txt").read_text() == "PARROT\n"  # the host sees what it wrote
+    assert sorted(p.name for p in inputs.iterdir()) == ["words.txt"]
+
+
+def test_dirs_read_only_unless_write(executor: DockerExecutor, tmp_path: Path) -> None:
+    inputs, _, dirs = job_dirs(tmp_path)
+    out = executor.run(sh("echo x > /inputs/new.txt || exit 9; echo wrote", dirs=dirs))
+    assert (out["status"], out["exit_code"], out["stdout"]) == ("completed", 9, b""), out
+    assert b"Read-only file system" in out["stderr"], out
+    out = executor.run(sh("rm /inputs/words.txt", dirs=dirs))
+    assert out["exit_code"] != 0, out
+    assert sorted(p.name for p in inputs.iterdir()) == ["words.txt"]
+    assert (inputs / "words.txt").read_text() == "parrot\n"
+
+
+def test_dirs_missing_host_directory_is_the_nodes_error(
+    executor: DockerExecutor, api: Any, node: str, tmp_path: Path
+) -> None:
+    gone = tmp_path / "gone"
+    out = executor.run(sh("true", dirs=[{"host": str(gone), "guest": "/inputs"}]))
+    assert (out["status"], out["exit_code"]) == ("failed", None), out
+    assert out["error"] == f"executor error: cannot open the job's directory {gone}"
+    assert not gone.exists()  # not made by the engine either
+    assert containers(api, node) == []
+
+
+@pytest.mark.parametrize(
+    ("dirs", "error"),
+    [
+        ("/data", "invalid job: dirs must be a list of at most 32 directories"),
+        ([{"host": "rel", "guest": "/in"}], "invalid job: dirs[0].host must be an absolute path"),
+        ([{"host": "/tmp", "guest": "/a/../b"}], "invalid job: dirs[0].guest must be an absolute"),
+        ([{"host": "/tmp", "guest": "/in", "write": "yes"}], "invalid job: dirs[0].write must be"),
+        ([{"host": "/tmp", "guest": "/"}], "invalid job: dirs[0].guest '/' is the container's own"),
+        ([{"host": "/tmp", "guest": "/proc/x"}], "invalid job: dirs[0].guest '/proc/x' is the"),
+    ],
+)
+def test_dirs_invalid(executor: DockerExecutor, dirs: Any, error: str) -> None:
+    handle = executor.submit(sh("true", dirs=dirs))
+    out = executor.poll(handle)  # decided at once, before any container
+    assert out is not None and out["status"] == "failed", out
+    assert out["error"].startswith(error), out["error"]
+
+
 # -- errors a user can act on -----------------------------------------------------------------
 def test_missing_image(executor: DockerExecutor) -> None:
     out = executor.run({"job_id": "x", "image": "localhost/deparrow/no-such-image:1"})

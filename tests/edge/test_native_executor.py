@@ -339,6 +339,98 @@ def test_cancel_running_and_queued(ex: NativeExecutor) -> None:
     assert ex.run(job("echo", "next"))["stdout"] == b"next\n"
 
 
+# -- files ------------------------------------------------------------------------------------
+@pytest.fixture
+def files() -> Iterator[tuple[Path, Path, list[dict[str, Any]]]]:
+    """in/ (read-only /inputs, holding words.txt) and out/ (writable /outputs), laid out as
+    jobfiles.prepare does: in a folder the jobs' user can pass through, out/ mode 0777."""
+    base = Path(tempfile.mkdtemp(prefix="deparrow-dirs-"))
+    try:
+        base.chmod(0o711)
+        (base / "in").mkdir(mode=0o755)
+        (base / "out").mkdir()
+        (base / "out").chmod(0o777)
+        (base / "in" / "words.txt").write_text("parrot\n")
+        dirs = [
+            {"host": str(base / "in"), "guest": "/inputs", "write": False},
+            {"host": str(base / "out"), "guest": "/outputs", "write": True},
+        ]
+        yield base / "in", base / "out", dirs
+    finally:
+        shutil.rmtree(base)
+
+
+def test_dirs_read_inputs_and_write_outputs(
+    ex: NativeExecutor, files: tuple[Path, Path, list[dict[str, Any]]]
+) -> None:
+    inputs, outputs, dirs = files
+    assert ex.takes_files is True
+    # /outputs stays writable once bwrap has remounted its root read-only
+    script = "tr a-z A-Z < /inputs/words.txt > /outputs/result.txt && echo done"
+    out = ex.run(sh(script, dirs=dirs))
+    assert (out["status"], out["exit_code"], out["stdout"]) == ("completed", 0, b"done\n"), out
+    result = outputs / "result.txt"
+    assert result.read_text() == "PARROT\n"  # the host sees what the job wrote
+    assert result.stat().st_uid == NOBODY  # written as the jobs' user
+    assert sorted(p.name for p in inputs.iterdir()) == ["words.txt"]
+
+
+def test_dirs_read_only_unless_write(
+    ex: NativeExecutor, files: tuple[Path, Path, list[dict[str, Any]]]
+) -> None:
+    inputs, _, dirs = files
+    out = ex.run(sh("echo x > /inputs/new.txt || exit 9; echo wrote", dirs=dirs))
+    assert (out["status"], out["exit_code"], out["stdout"]) == ("completed", 9, b""), out
+    assert b"Read-only file system" in out["stderr"], out
+    # nor anything else: the root stays read-only with the job's directories in it
+    out = ex.run(sh("rm /inputs/words.txt || touch /new.txt || exit 7", dirs=dirs))
+    assert out["exit_code"] == 7, out
+    assert sorted(p.name for p in inputs.iterdir()) == ["words.txt"]
+    assert (inputs / "words.txt").read_text() == "parrot\n"
+
+
+def test_dirs_the_node_cannot_give_are_its_error(ex: NativeExecutor, tmp_path: Path) -> None:
+    gone = tmp_path / "gone"
+    out = ex.run(job("true", dirs=[{"host": str(gone), "guest": "/inputs"}]))
+    assert (out["status"], out["exit_code"]) == ("failed", None), out
+    assert out["error"] == f"executor error: cannot open the job's directory {gone}"
+    # pytest's tmp_path is under a folder of mode 0700: bwrap, as nobody, could not mount it
+    closed = tmp_path / "closed"
+    closed.mkdir(mode=0o777)
+    out = ex.run(job("true", dirs=[{"host": str(closed), "guest": "/outputs", "write": True}]))
+    assert out["status"] == "failed", out
+    assert out["error"].startswith(f"executor error: cannot open the job's directory {closed}: ")
+    assert f"closed to the jobs' user (uid {NOBODY})" in out["error"]
+    assert ex.run(job("echo", "next"))["stdout"] == b"next\n"  # the next job starts
+
+
+@pytest.mark.parametrize(
+    "dirs, words",
+    [
+        ("/data", "invalid job: dirs must be a list of at most 32 directories"),
+        ([{"host": "rel", "guest": "/in"}], "invalid job: dirs[0].host must be an absolute path"),
+        ([{"host": "/tmp", "guest": "in"}], "invalid job: dirs[0].guest must be an absolute"),
+        ([{"host": "/tmp", "guest": "/in", "write": 1}], "invalid job: dirs[0].write must be"),
+        ([{"host": "/tmp", "guest": "/"}], "invalid job: dirs[0].guest '/' is the sandbox's own"),
+        ([{"host": "/tmp", "guest": "/usr/x"}], "invalid job: dirs[0].guest '/usr/x' is the"),
+    ],
+)
+def test_dirs_invalid(ex: NativeExecutor, dirs: Any, words: str) -> None:
+    out = ex.poll(ex.submit(job("true", dirs=dirs)))  # decided at once
+    assert out is not None and out["status"] == "failed", out
+    assert out["error"].startswith(words), out["error"]
+
+
+def test_dirs_refused_without_a_sandbox(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # a PATH without bwrap
+    with NativeExecutor(enabled=True, allow_unsandboxed=True) as bare:
+        assert bare.takes_files is False
+        out = bare.poll(bare.submit(job("true", dirs=[{"host": "/srv", "guest": "/inputs"}])))
+        assert out is not None and out["status"] == "failed", out
+        assert out["error"].startswith("invalid job: dirs need the bubblewrap sandbox"), out
+        assert bare.run(job("true", dirs=[]))["exit_code"] == 0  # none asked: it runs
+
+
 @pytest.mark.parametrize(
     "extra, words",
     [
