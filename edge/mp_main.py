@@ -48,6 +48,8 @@ USAGE = """usage: micropython edge/mp_main.py --data-dir DIR [--hub URL --token 
   --memory-mb N       RAM to offer, MiB (default: MemAvailable from /proc/meminfo, else 64)
   --runner PATH       the wasm3-run program (default: edge/native/bin/wasm3-run)
   --stdout-cap BYTES  keep at most this much of a job's stdout (default 65536)
+  --files-max-bytes N file jobs: at most N bytes of inputs and N of outputs (default 65536;
+                      0: no file jobs here)
   --exit-after N      stop after N jobs have finished (for tests and measurements)
   -v                  log every job and connection event"""
 
@@ -57,8 +59,10 @@ class UsageError(Exception):
 
 
 def parse_args(argv):
-    opts = {"name": "mp-node", "cpu": 1.0, "stdout_cap": 65536, "verbose": False}
-    numbers = {"--cpu": float, "--memory-mb": int, "--stdout-cap": int, "--exit-after": int}
+    opts = {"name": "mp-node", "cpu": 1.0, "stdout_cap": 65536, "verbose": False,
+            "files_max_bytes": 65536}  # fmt: skip
+    numbers = {"--cpu": float, "--memory-mb": int, "--stdout-cap": int, "--exit-after": int,
+               "--files-max-bytes": int}  # fmt: skip
     i = 0
     while i < len(argv):
         a = argv[i]
@@ -79,7 +83,7 @@ def parse_args(argv):
                 value = numbers[a](value)
             except ValueError:
                 raise UsageError(a + " takes a number, not " + repr(value)) from None
-            if value < 0 or (a != "--exit-after" and value == 0):
+            if value < 0 or (a not in ("--exit-after", "--files-max-bytes") and value == 0):
                 raise UsageError(a + " must be more than 0")
         opts[key] = value
         i += 2
@@ -258,6 +262,10 @@ def main(argv):
         executor.close()
         return 1
     offered = Offered(opts["cpu"], opts.get("memory_mb"))
+    if opts.get("files_max_bytes"):  # small file jobs, in the board's own directory
+        cap = opts["files_max_bytes"]
+        config["files"] = {"dir": data_dir + "/jobfiles", "max_input_bytes": cap,
+                           "max_output_bytes": cap, "max_output_files": 16}  # fmt: skip
     session = Session(config, mqtt, executor, offered, log, outbox=outbox)
     return session.serve(lambda text: print("mp_main: " + text), opts.get("exit_after"), 0.002)
 

@@ -54,6 +54,12 @@ def run_node(
         if prefs.get("always_run")
         else Preferences.from_dict(prefs.get("idle"), where="idle")
     )
+    from edge.core import jobfiles
+
+    caps = jobfiles.limits(prefs.get("files"))
+    if caps is not None:  # file jobs' directories, emptied at start (edge/core/jobfiles.py)
+        where = str((data_dir or default_data_dir()) / "jobfiles")
+        config = {**config, "files": {**caps, "dir": where}}
     # One job at a time for now: the scheduler gives a node one job.
     with build_executors(config, warn) as executor:
         gate = IdleGate(idle, Monitor(exclude=executor.job_pids), executor=executor)

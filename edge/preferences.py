@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-PREFERENCE_KEYS = ("idle", "always_run", "wasm_engine", "docker", "native")
+PREFERENCE_KEYS = ("idle", "always_run", "wasm_engine", "docker", "native", "files")
 
 
 def check_preferences(prefs: dict[str, Any]) -> None:
@@ -38,6 +38,24 @@ def check_preferences(prefs: dict[str, Any]) -> None:
                 raise ValueError(f"{section}.{key} must be true or false")
         if "url" in value and not isinstance(value["url"], str):
             raise ValueError(f"{section}.url must be a string like unix:///run/podman/podman.sock")
+    check_files(prefs.get("files", {}))
+
+
+FILE_KEYS = ("enabled", "max_input_bytes", "max_output_bytes", "max_output_files")
+
+
+def check_files(value: Any) -> None:
+    """The "files" section: whether file jobs run here, and the caps on them."""
+    from edge.core import jobfiles
+
+    if not isinstance(value, dict):
+        raise ValueError('files must be an object like {"max_output_bytes": 1048576}')
+    for key in value:
+        if key not in FILE_KEYS:
+            raise ValueError(f"files.{key} is not a preference; known: {', '.join(FILE_KEYS)}")
+    if not isinstance(value.get("enabled", True), bool):
+        raise ValueError("files.enabled must be true or false")
+    jobfiles.limits(value)  # ValueError naming a bad cap
 
 
 def build_executors(config: dict[str, Any], warn: Callable[[str], None]) -> Any:

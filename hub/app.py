@@ -169,7 +169,7 @@ def create_app(config: HubConfig, services: Services | None = None) -> web.Appli
     config = config.with_secret()
     app = web.Application(
         middlewares=[http.error_middleware, snapshot_reads_middleware],
-        client_max_size=config.max_module_bytes * 2 + 1024 * 1024,
+        client_max_size=max(config.max_module_bytes * 2, config.max_files_bytes) + 1024 * 1024,
     )
     services = services or open_services(config)
     bootstrap_admin(services)

@@ -32,6 +32,17 @@ class HubConfig:
     missed_beats_offline: int = 3
     max_module_bytes: int = 4 * 1024 * 1024
     max_input_bytes: int = 4 * 1024 * 1024
+    # A file job's inputs, all together (each one an upload, an https URL, base64, an example).
+    max_files_bytes: int = 16 * 1024 * 1024
+    # https:// inputs: fetched by the hub from public addresses only, unless the operator
+    # allows private and loopback ones (a test network); fetch_ca_file adds trusted CAs.
+    fetch_allow_private: bool = False
+    fetch_ca_file: str | None = None
+    fetch_timeout_s: float = 60.0
+    # A job's outputs are kept this long after it ends; then their files expire.
+    output_retention_s: float = 7 * 86400
+    # An uploaded blob no job refers to is collected after this long.
+    blob_grace_s: float = 86400
     max_timeout_s: int = 24 * 3600
     # Service jobs: billed every period (the rule says per hour), living at most this long.
     service_period_s: int = 3600

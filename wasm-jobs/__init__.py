@@ -18,6 +18,23 @@ def path(name: str) -> Path:
     return p
 
 
+def data_names() -> list[str]:
+    """The example data files under data/, as `example:` input references name them
+    (e.g. ``wordfreq/inputs/README.txt``), sorted."""
+    base = _HERE / "data"
+    return sorted(str(p.relative_to(base)) for p in base.rglob("*") if p.is_file())
+
+
+def data(name: str) -> bytes:
+    """The bytes of an example data file (see data_names); FileNotFoundError for anything
+    else, paths out of data/ included."""
+    base = (_HERE / "data").resolve()
+    p = (base / name).resolve()
+    if base not in p.parents or not p.is_file():
+        raise FileNotFoundError(name)
+    return p.read_bytes()
+
+
 def manifest() -> dict[str, dict[str, Any]]:
     """jobs.json: job name -> module, entrypoint, args, stdin, env, expected outcome, imports."""
     with open(_HERE / "jobs.json", encoding="utf-8") as f:

@@ -163,7 +163,7 @@ def remove_tree(path):
     """Remove a directory and everything in it, symlinks as links; True when it is gone."""
     kind = _kind(path)
     if kind is None:
-        try:  # noqa: SIM105 - no contextlib on MicroPython
+        try:
             os.remove(path)  # a dangling link
         except OSError:
             pass
@@ -182,6 +182,17 @@ def remove_tree(path):
     except OSError:
         return False
     return _kind(path) is None
+
+
+def clear(base):
+    """Make base an empty directory (what a crash left there is no job's any more); returns
+    what could not be removed yet."""
+    _makedirs(base)
+    left = []
+    for name, _ in _entries(base):
+        if not remove_tree(base + "/" + name):
+            left.append(base + "/" + name)
+    return left
 
 
 def _is_link(path):

@@ -5,7 +5,7 @@
 # where it can stop a job), so this module runs on MicroPython with whatever executor the board
 # has. publish(kind, msg) belongs to the session, which queues what the broker cannot take yet.
 
-from edge.core import compat, protocol
+from edge.core import compat, jobfiles, protocol
 
 RESULT_CACHE = 16  # finished results kept to answer a re-sent assignment
 OWNER_ACTIVE = "owner is using the machine"  # why assignments are turned down while held
@@ -47,11 +47,47 @@ def _check_assignment(msg, engine):
     for key in ("module_b64", "stdin_b64", "module_sha256"):
         if msg.get(key) is not None and not isinstance(msg.get(key), str):
             return key + " must be a string"
+    files = msg.get("files")
+    if files is not None:
+        inputs = files.get("inputs") if isinstance(files, dict) else None
+        if not isinstance(inputs, list) or len(inputs) > jobfiles.MAX_INPUTS:
+            return "files.inputs must be a list of at most " + str(jobfiles.MAX_INPUTS) + " files"
+        for f in inputs:
+            if not isinstance(f, dict) or not all(
+                isinstance(f.get(k), str) for k in ("path", "sha256", "b64")
+            ):
+                return 'each of files.inputs must be {"path", "sha256", "b64"}'
     return None
 
 
+def _inputs(files, cap):
+    """The assignment's input files as [(path, bytes)], each checked against its sha256 and
+    the whole against cap bytes. Raises ValueError naming the problem."""
+    out, total, seen = [], 0, []
+    for f in files.get("inputs") or []:
+        problem = jobfiles.check_path(f["path"])
+        if problem:
+            raise ValueError(problem)
+        if f["path"] in seen:
+            raise ValueError("input " + f["path"] + " is given twice")
+        seen.append(f["path"])
+        try:
+            data = compat.b64decode(f["b64"])
+        except Exception:
+            raise ValueError("input " + f["path"] + " is not base64")
+        if compat.hexlify(compat.sha256(data).digest()) != f["sha256"]:
+            raise ValueError("input " + f["path"] + ": sha256 does not match")
+        total += len(data)
+        if total > cap:
+            raise ValueError("inputs are over this node's " + str(cap) + "-byte limit")
+        out.append((f["path"], data))
+    return out
+
+
 class JobRunner:
-    def __init__(self, node_id, secret, executor, publish, slots=1, log=None):
+    def __init__(self, node_id, secret, executor, publish, slots=1, log=None, files=None):
+        """files: where and how large file jobs may be here ({"dir", "engines",
+        "max_input_bytes", "max_output_bytes", "max_output_files"}), or None: no file jobs."""
         self.node_id = node_id
         self.secret = secret
         self.executor = executor
@@ -63,6 +99,10 @@ class JobRunner:
         self.completed = 0
         self.failed = 0
         self.held = None  # why the owner's activity stops our jobs now, or None
+        self.files = files
+        self.litter = []  # job directories that could not be removed yet: tried each poll
+        if files is not None:  # what a crash left behind is no job's any more
+            self.litter = jobfiles.clear(files["dir"])
 
     def busy(self):
         return len(self.running) >= self.slots
@@ -110,6 +150,12 @@ class JobRunner:
             stdin = compat.b64decode(msg.get("stdin_b64") or "")
         except Exception:
             return self._finish_now(job_id, attempt, "invalid assignment: stdin is not base64")
+        files = msg.get("files")
+        if files is not None and (
+            self.files is None or engine.get("type") not in self.files["engines"]
+        ):
+            self._event(job_id, attempt, protocol.REJECTED, "no file jobs on this node's engine")
+            return "rejected"
         job = {
             "job_id": job_id,
             "engine": engine.get("type"),
@@ -137,9 +183,30 @@ class JobRunner:
                 job["image"] = engine.get("image")
             if engine.get("pids") is not None:
                 job["pids"] = engine.get("pids")
+        root = None
+        if files is not None:
+            try:
+                inputs = _inputs(files, self.files["max_input_bytes"])
+            except ValueError as e:
+                return self._finish_now(job_id, attempt, "invalid assignment: " + str(e))
+            try:
+                root, job["dirs"] = jobfiles.prepare(
+                    self.files["dir"], job_id + "." + str(attempt), inputs
+                )
+            except (OSError, ValueError) as e:  # the node's disk: another node may do better
+                return self._finish_now(
+                    job_id, attempt, "executor error: cannot lay out the job's files: " + repr(e)
+                )
         self._event(job_id, attempt, protocol.ACCEPTED)
-        handle = self.executor.submit(job)
-        self.running[job_id] = {"attempt": attempt, "handle": handle}
+        try:
+            handle = self.executor.submit(job)
+        except Exception:
+            self._tidy(root)
+            raise
+        now = compat.ticks_ms()
+        self.running[job_id] = {
+            "attempt": attempt, "handle": handle, "root": root, "checked": now, "started": now
+        }  # fmt: skip
         self._event(job_id, attempt, protocol.RUNNING)
         self.log("job " + job_id + " running")
         return "accepted"
@@ -204,20 +271,77 @@ class JobRunner:
             return "stale"
         del self.running[job_id]
         self.executor.cancel(current["handle"])
+        self._tidy(current.get("root"))
         self._event(job_id, current["attempt"], protocol.CANCELLED)
         return "cancelled"
+
+    def _tidy(self, root):
+        """Remove a job's directory; one still held (a process not reaped yet) is tried again
+        at each poll until it is gone."""
+        if root is not None and not jobfiles.remove_tree(root):
+            self.litter.append(root)
+
+    def _outputs(self, current, outcome):
+        """Read a finished file job's /outputs into its outcome (or end it with "output
+        limit"), then remove its directory whatever happened."""
+        root = current.get("root")
+        if root is None:
+            return outcome
+        try:
+            error = outcome.get("error") or ""
+            if outcome.get("status") != "cancelled" and not error.startswith(jobfiles.OUTPUT_LIMIT):
+                outcome["outputs"] = jobfiles.collect(root + "/out", self.files)
+        except jobfiles.OutputLimit as e:
+            outcome = _limit_outcome(outcome, str(e))
+        except OSError as e:
+            outcome = _limit_outcome(outcome, "executor error: cannot read the job's outputs: "
+                                     + repr(e))  # fmt: skip
+        finally:
+            self._tidy(root)
+        return outcome
+
+    def _watch(self, job_id, current):
+        """A running file job past the output caps is stopped: its outcome, or None."""
+        now = compat.ticks_ms()
+        if current.get("root") is None or compat.ticks_diff(now, current["checked"]) < 0:
+            return None
+        current["checked"] = now + jobfiles.CHECK_MS
+        try:
+            jobfiles.measure(current["root"] + "/out", self.files)
+        except jobfiles.OutputLimit as e:
+            self.executor.cancel(current["handle"])
+            ran = {"wall_ms": compat.ticks_diff(now, current["started"]), "cpu_ms": 0}
+            return _limit_outcome(ran, str(e))
+        except OSError:
+            pass  # the job is changing it under us: measured again next time
+        return None
 
     def poll(self):
         """Collect finished jobs; returns how many finished."""
         finished = 0
+        if self.litter:
+            self.litter = [p for p in self.litter if not jobfiles.remove_tree(p)]
         for job_id in list(self.running.keys()):
             current = self.running[job_id]
             outcome = self.executor.poll(current["handle"])
             if outcome is None:
-                continue
+                outcome = self._watch(job_id, current)
+                if outcome is None:
+                    continue
             del self.running[job_id]
             finished += 1
+            outcome = self._outputs(current, outcome)
             if outcome.get("status") == "cancelled":
                 continue
             self._finish(job_id, current["attempt"], outcome)
         return finished
+
+
+def _limit_outcome(outcome, error):
+    """The outcome of a job ended by a limit: failed, no exit code, no outputs."""
+    out = dict(outcome)
+    out["status"] = "failed"
+    out["exit_code"] = None
+    out["error"] = error
+    out.pop("outputs", None)
+    return out

@@ -51,7 +51,8 @@ REJECTED = "rejected"  # the node cannot take it (busy, engine missing); the hub
 # Payload size limits the hub enforces (bytes); larger messages are logged and dropped.
 MAX_HEARTBEAT = 16 * 1024
 MAX_EVENT = 16 * 1024
-MAX_RESULT = 2 * 1024 * 1024
+MAX_OUTPUT_BYTES = 16 * 1024 * 1024  # a job's files under /outputs, at most (docs/jobs.md)
+MAX_RESULT = 2 * 1024 * 1024 + MAX_OUTPUT_BYTES * 4 // 3 + 64 * 1024  # they travel in base64
 MAX_SUBMIT = 8 * 1024 * 1024
 MAX_CALL = 256 * 1024  # invoke and response: a service's input or output travels inline
 
@@ -92,11 +93,13 @@ def decode(payload):
 # --- node -> hub -------------------------------------------------------------
 
 
-def hello(node_id, engines, resources, version, running=(), allow_network=()):
+def hello(node_id, engines, resources, version, running=(), allow_network=(), files=None):
     """running: jobs still running from before a reconnect (the hub requeues the others).
     allow_network: the engines whose jobs may use the network here (the owner's choice); the
-    hub sends a job that asks for network access only to a node that lists its engine."""
-    return {
+    hub sends a job that asks for network access only to a node that lists its engine.
+    files: {"engines", "max_input_bytes", "max_output_bytes", "max_output_files"}: the
+    engines that take file jobs here and how large; None: no file jobs."""
+    msg = {
         "v": VERSION,
         "node_id": node_id,
         "engines": list(engines),
@@ -105,6 +108,9 @@ def hello(node_id, engines, resources, version, running=(), allow_network=()):
         "running": list(running),
         "allow_network": list(allow_network),
     }
+    if files is not None:
+        msg["files"] = files
+    return msg
 
 
 def heartbeat(node_id, seq, state, resources, running, allow_network=()):
@@ -139,11 +145,16 @@ def event(node_id, job_id, attempt, state, detail=None):
     return msg
 
 
-def result_digest(stdout, returns):
-    """sha256 hex over what the job produced: its stdout, then its returned values."""
+def result_digest(stdout, returns, outputs=None):
+    """sha256 hex over what the job produced: its stdout, its returned values, then the
+    path, size and sha256 of each file it left under /outputs, in the message's order."""
     h = compat.sha256(stdout)
     if returns:
         h.update(b"\x00" + ",".join([str(r) for r in returns]).encode())
+    if outputs:
+        h.update(b"\x01")
+        for f in outputs:
+            h.update((f["path"] + "\x00" + str(f["size"]) + "\x00" + f["sha256"] + "\n").encode())
     return compat.hexlify(h.digest())
 
 
@@ -182,7 +193,8 @@ def result(node_id, secret, job_id, attempt, outcome):
     """Build the signed result message from an executor outcome dict.
 
     outcome: {"status", "exit_code", "stdout" (bytes), "stderr" (bytes), "returns",
-    "error", "wall_ms", "cpu_ms"}.
+    "error", "wall_ms", "cpu_ms"}, and "outputs" ([{"path", "size", "sha256", "data"}]) for a
+    file job: they travel in the message as {"path", "size", "sha256", "b64"}.
     """
     stdout = outcome.get("stdout") or b""
     returns = outcome.get("returns")
@@ -192,12 +204,13 @@ def result(node_id, secret, job_id, attempt, outcome):
         exit_code = -1
     wall_ms = int(outcome.get("wall_ms") or 0)
     cpu_ms = int(outcome.get("cpu_ms") or 0)
-    digest = result_digest(stdout, returns)
+    outputs = outcome.get("outputs")
+    digest = result_digest(stdout, returns, outputs)
     sig = compat.hmac_sha256_hex(
         secret,
         signing_string(job_id, attempt, node_id, state, exit_code, digest, wall_ms, cpu_ms),
     )
-    return {
+    msg = {
         "v": VERSION,
         "node_id": node_id,
         "job_id": job_id,
@@ -213,11 +226,19 @@ def result(node_id, secret, job_id, attempt, outcome):
         "digest": digest,
         "sig": sig,
     }
+    if outputs is not None:
+        msg["outputs"] = [
+            {"path": f["path"], "size": f["size"], "sha256": f["sha256"],
+             "b64": compat.b64encode(f["data"])}
+            for f in outputs
+        ]  # fmt: skip
+    return msg
 
 
 def verify_result(secret, msg, stdout):
-    """True when msg's digest matches stdout/returns and its HMAC matches secret."""
-    digest = result_digest(stdout, msg.get("returns"))
+    """True when msg's digest matches stdout/returns/outputs (as listed: the hub checks each
+    file's bytes against its sha256 itself) and its HMAC matches secret."""
+    digest = result_digest(stdout, msg.get("returns"), msg.get("outputs"))
     if digest != msg.get("digest"):
         return False
     expected = compat.hmac_sha256_hex(
@@ -240,10 +261,21 @@ def verify_result(secret, msg, stdout):
 
 
 def assign(
-    job_id, attempt, engine, module_b64, module_sha256, stdin_b64, timeout_s, memory_mb, gas=None
+    job_id,
+    attempt,
+    engine,
+    module_b64,
+    module_sha256,
+    stdin_b64,
+    timeout_s,
+    memory_mb,
+    gas=None,
+    files=None,
 ):
     """engine: {"type": "wasm", "entrypoint", "args", "env"} (or docker/native, no module).
-    gas: a budget for a wasm module instrumented with metering.usegas; None: unmetered."""
+    gas: a budget for a wasm module instrumented with metering.usegas; None: unmetered.
+    files: {"inputs": [{"path", "sha256", "b64"}]} for a file job (it sees them read-only
+    under /inputs, and what it writes under /outputs comes back in its result); None: none."""
     msg = {
         "v": VERSION,
         "job_id": job_id,
@@ -257,6 +289,8 @@ def assign(
     }
     if gas is not None:
         msg["gas"] = gas
+    if files is not None:
+        msg["files"] = files
     return msg
 
 

@@ -11,6 +11,7 @@
 #   executor:  engines, submit(job), poll(handle), cancel(handle); optional suspend(handle),
 #              resume(handle), allow_network (True: its jobs may use the network; a router
 #              of several executors, edge/executors/router.py, is asked per engine)
+#              takes_files (True: it honours a job's "dirs", so file jobs may run on it)
 #   offered:   callable(busy) -> {"cpu", "memory_mb", "gpu", "load"} (what we offer now)
 #   outbox:    edge.core.outbox.Outbox, durable (a file) where the node has storage; default
 #              in memory
@@ -39,9 +40,36 @@ def network_engines(executor):
     return sorted([e for e, ex in by_engine.items() if getattr(ex, "allow_network", False) is True])
 
 
+def file_engines(executor):
+    """The engines whose executor gives a job files (its "dirs": wasmtime, wasm3-run, docker,
+    native; pywasm3's worker does not)."""
+    by_engine = getattr(executor, "by_engine", None)
+    if by_engine is None:
+        by_engine = {engine: executor for engine in executor.engines}
+    return sorted([e for e, ex in by_engine.items() if getattr(ex, "takes_files", False) is True])
+
+
+def file_caps(config, executor):
+    """What the runner needs for file jobs (edge/core/jobfiles.py), from config["files"]
+    ({"dir", "max_input_bytes", "max_output_bytes", "max_output_files"}): None when the node
+    has no directory for them or no engine that takes them. Output is capped by the protocol."""
+    files = config.get("files")
+    engines = file_engines(executor)
+    if not files or not files.get("dir") or not engines:
+        return None
+    caps = {"dir": files["dir"], "engines": engines}
+    for key in ("max_input_bytes", "max_output_bytes", "max_output_files"):
+        caps[key] = files[key]
+    if caps["max_output_bytes"] > protocol.MAX_OUTPUT_BYTES:
+        caps["max_output_bytes"] = protocol.MAX_OUTPUT_BYTES
+    return caps
+
+
 class Session:
     def __init__(self, config, mqtt, executor, offered, log=None, outbox=None, gate=None):
-        """config: {"node_id", "node_secret", "mqtt": {...}, "heartbeat_interval_s"}"""
+        """config: {"node_id", "node_secret", "mqtt": {...}, "heartbeat_interval_s"}, and
+        "files" ({"dir", "max_input_bytes", "max_output_bytes", "max_output_files"}) where
+        the node takes file jobs."""
         self.config = config
         self.node_id = config["node_id"]
         self.mqtt = mqtt
@@ -50,8 +78,14 @@ class Session:
         self.interval_ms = int(float(config.get("heartbeat_interval_s") or 5) * 1000)
         self.seq = 0
         self.last_beat = None
+        self.files = file_caps(config, executor)
         self.runner = JobRunner(
-            self.node_id, config["node_secret"], executor, self._publish_kind, log=self.log
+            self.node_id,
+            config["node_secret"],
+            executor,
+            self._publish_kind,
+            log=self.log,
+            files=self.files,
         )
         self.allow_network = network_engines(executor)
         self.outbox = outbox if outbox is not None else Outbox(None, log=self.log)
@@ -178,9 +212,18 @@ class Session:
                 VERSION,
                 self.runner.running_ids(),
                 self.allow_network,
+                self._announced_files(),
             ),
         )
         self.heartbeat()
+
+    def _announced_files(self):
+        if self.files is None:
+            return None
+        out = {}
+        for key in ("engines", "max_input_bytes", "max_output_bytes", "max_output_files"):
+            out[key] = self.files[key]
+        return out
 
     def state(self):
         if not self.allowed:

@@ -183,6 +183,7 @@ class Wasm3CliExecutor:
     """submit/poll/cancel wasm jobs, one wasm3-run process each."""
 
     engines = ("wasm",)
+    takes_files = True  # a job's "dirs" are its WASI preopens
 
     def __init__(
         self,

@@ -112,6 +112,7 @@ class WasmtimeExecutor(Wasm3Executor):
     """submit/poll/cancel/suspend/resume jobs on up to `workers` wasmtime worker processes."""
 
     engines = ("wasm",)
+    takes_files = True  # a job's "dirs" are its WASI preopens
 
     def __init__(
         self,

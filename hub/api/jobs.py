@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import logging
+import ssl
 from typing import Any
 
+import msgspec
 from aiohttp import web
 
+from hub.api.fetch import FetchError, fetch
 from hub.api.http import _services, decode_body, error, identity, json_response
 from hub.api.types import (
     BlobView,
     SubmitResponse,
 )
 from hub.ledger.money import format_micro
-from hub.market.errors import JobNotFound
-from hub.market.spec import JOB_STATES, JobSpec
+from hub.market.errors import JobError, JobNotFound
+from hub.market.spec import JOB_STATES, InputFile, JobSpec
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +28,8 @@ async def upload_blob(request: web.Request) -> web.Response:
     identity(request)
     services = _services(request)
     data = await request.read()
-    limit = services.config.max_module_bytes
+    config = services.config
+    limit = max(config.max_module_bytes, config.max_input_bytes, config.max_files_bytes)
     if not data:
         return error(400, "empty upload: send the file's bytes as the request body")
     if len(data) > limit:
@@ -32,10 +38,43 @@ async def upload_blob(request: web.Request) -> web.Response:
     return json_response(BlobView(ref="sha256:" + digest, size=len(data)), 201)
 
 
+async def fetch_inputs(services: Any, spec: JobSpec) -> JobSpec:
+    """Fetch a spec's https:// inputs (hub/api/fetch.py: public addresses only, unless the
+    operator allows others; at most max_files_bytes each) into blobs, and return the spec with
+    `sha256:` references in their place. JobError naming the input when one cannot be had."""
+    urls = [i for i, f in enumerate(spec.inputs) if f.ref.startswith(("https:", "http:"))]
+    if not urls:
+        return spec
+    config = services.config
+    context = None  # the system's CAs, and the operator's own where it names a file
+    if config.fetch_ca_file is not None:
+        context = ssl.create_default_context()
+        context.load_verify_locations(cafile=config.fetch_ca_file)
+
+    async def one(i: int) -> bytes:
+        try:
+            return await fetch(
+                spec.inputs[i].ref,
+                max_bytes=config.max_files_bytes,
+                allow_private=config.fetch_allow_private,
+                ssl_context=context,
+                timeout_s=config.fetch_timeout_s,
+            )
+        except FetchError as e:
+            raise JobError(f"inputs[{i}].ref: {e}", f"inputs[{i}].ref") from None
+
+    fetched = await asyncio.gather(*(one(i) for i in urls))
+    inputs = list(spec.inputs)
+    for i, data in zip(urls, fetched, strict=True):
+        digest = services.store.put_blob(data)
+        inputs[i] = InputFile(inputs[i].path, "sha256:" + digest)
+    return msgspec.structs.replace(spec, inputs=inputs)
+
+
 async def submit_job(request: web.Request) -> web.Response:
     who = identity(request)
     services = _services(request)
-    spec = await decode_body(request, JobSpec)
+    spec = await fetch_inputs(services, await decode_body(request, JobSpec))
     key = request.headers.get("Idempotency-Key")
     if key is not None and not (0 < len(key) <= 128):
         return error(400, "Idempotency-Key must be 1 to 128 characters", field="Idempotency-Key")
@@ -78,6 +117,34 @@ def _own_job(request: web.Request) -> Any:
 
 async def get_job(request: web.Request) -> web.Response:
     return json_response(_services(request).jobs.view(_own_job(request)))
+
+
+async def get_output(request: web.Request) -> web.Response:
+    """A file the job left under /outputs: its bytes, while the hub's retention lasts."""
+    job = _own_job(request)
+    services = _services(request)
+    path = request.match_info["path"]
+    data = services.store.job_file(job["id"], "output", path)
+    if data is None:
+        if job["outputs_expired_at"] is not None:
+            return error(
+                410,
+                f"the outputs of job {job['id']} expired (kept"
+                f" {services.config.output_retention_s:g}s after it ended)",
+            )
+        listed = [r["path"] for r in services.store.job_files(job["id"], "output")]
+        have = ", ".join(listed[:20]) if listed else "none"
+        return error(404, f"job {job['id']} has no output {path!r} (it has: {have})")
+    name = path.rsplit("/", 1)[-1].replace('"', "")
+    return web.Response(
+        body=data,
+        content_type="application/octet-stream",
+        headers={
+            "Content-Disposition": f'attachment; filename="{name}"',
+            "X-Content-SHA256": hashlib.sha256(data).hexdigest(),
+            "X-Content-Type-Options": "nosniff",
+        },
+    )
 
 
 async def list_jobs(request: web.Request) -> web.Response:

@@ -183,6 +183,33 @@ def document() -> dict[str, Any]:
                 "parameters": job_id,
             }
         },
+        "/api/v1/jobs/{job_id}/outputs/{path}": {
+            "get": {
+                **_op(
+                    "A file the job wrote under /outputs (its path relative to /outputs);"
+                    " X-Content-SHA256 carries its digest. 410 once the hub's retention is over",
+                    None,
+                    errors=(401, 403, 404, 410),
+                ),
+                "parameters": [
+                    *job_id,
+                    {"name": "path", "in": "path", "required": True, "schema": {"type": "string"}},
+                ],
+            }
+            | {
+                "responses": {
+                    **_op("", None, errors=(401, 403, 404, 410))["responses"],
+                    "200": {
+                        "description": "the file's bytes",
+                        "content": {
+                            "application/octet-stream": {
+                                "schema": {"type": "string", "format": "binary"}
+                            }
+                        },
+                    },
+                }
+            }
+        },
         "/api/v1/jobs/{job_id}/cancel": {
             "post": {
                 **_op(

@@ -16,7 +16,7 @@ from aiohttp import web
 from hub.api import auth, openapi
 from hub.api.auth import AuthError
 from hub.api.http import _services, decode_body, error, json_response, require_admin
-from hub.api.jobs import cancel_job, get_job, list_jobs, submit_job, upload_blob
+from hub.api.jobs import cancel_job, get_job, get_output, list_jobs, submit_job, upload_blob
 from hub.api.nodes import (
     create_enrollment_token,
     enroll_node,
@@ -140,6 +140,7 @@ def add_routes(app: web.Application) -> None:
     r.add_post("/api/v1/jobs", submit_job)
     r.add_get("/api/v1/jobs", list_jobs)
     r.add_get("/api/v1/jobs/{job_id}", get_job)
+    r.add_get("/api/v1/jobs/{job_id}/outputs/{path:.+}", get_output)
     r.add_post("/api/v1/jobs/{job_id}/cancel", cancel_job)
     r.add_post("/api/v1/enrollment-tokens", create_enrollment_token)
     r.add_post("/api/v1/nodes/enroll", enroll_node)

@@ -18,6 +18,13 @@ class JobTimings(msgspec.Struct):
     finished_at: float | None = None
 
 
+class OutputView(msgspec.Struct):
+    path: str  # where the job wrote it, relative to /outputs
+    size: int
+    sha256: str
+    url: str  # GET it (with your token) for the bytes, until the hub's retention is over
+
+
 class JobResult(msgspec.Struct):
     exit_code: int | None
     stdout: str
@@ -27,6 +34,7 @@ class JobResult(msgspec.Struct):
     digest: str | None
     wall_ms: int
     cpu_ms: int
+    outputs: list[OutputView] | None = None  # a file job's files under /outputs
 
 
 class JobView(msgspec.Struct):
@@ -47,6 +55,7 @@ class JobView(msgspec.Struct):
     retries: Retries | None = None  # attempts its nodes lost, and how many may be lost
     verification: Verification | None = None  # jobs with verify.replicas > 1 only
     replica_of: str | None = None  # a replica: the verified job it belongs to
+    outputs_expired_at: float | None = None  # its output files were collected then
 
 
 class Try(msgspec.Struct):

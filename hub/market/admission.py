@@ -12,9 +12,10 @@ from typing import Any
 import msgspec
 
 import wasm_jobs
+from edge.core import jobfiles
 from hub.market import verification
 from hub.market.errors import JobError
-from hub.market.spec import DockerEngine, JobSpec, WasmEngine
+from hub.market.spec import DockerEngine, InputFile, JobSpec, WasmEngine
 from hub.store.rows import Store
 
 
@@ -32,6 +33,16 @@ def resolve_ref(store: Store, ref: str, field: str, limit: int) -> str:
             raise JobError(f"{field}: not valid base64 ({e})", field) from None
     elif kind == "example":
         examples = wasm_jobs.manifest()
+        if field.startswith("inputs"):  # an example's data file: wasm-jobs/data/<name>
+            try:
+                data = wasm_jobs.data(value)
+            except FileNotFoundError:
+                have = ", ".join(wasm_jobs.data_names())
+                why = f"{field}: no example file {value!r} (have: {have})"
+                raise JobError(why, field) from None
+            if len(data) > limit:
+                raise JobError(f"{field}: {len(data)} bytes is over the {limit}-byte limit", field)
+            return store.put_blob(data)
         if value not in examples:
             names = ", ".join(sorted(examples))
             raise JobError(f"{field}: no example job {value!r} (have: {names})", field)
@@ -51,6 +62,40 @@ def resolve_ref(store: Store, ref: str, field: str, limit: int) -> str:
     if len(data) > limit:
         raise JobError(f"{field}: {len(data)} bytes is over the {limit}-byte limit", field)
     return store.put_blob(data)
+
+
+def resolve_inputs(store: Store, spec: JobSpec, limit: int) -> list[tuple[str, str, int]]:
+    """A file job's inputs as stored blobs: [(path, sha256, size)], in the spec's order, all
+    together at most `limit` bytes. https:// references must have been fetched already (the
+    API does it before the job is admitted: hub/api/fetch.py)."""
+    out: list[tuple[str, str, int]] = []
+    seen: set[str] = set()
+    total = 0
+    for i, f in enumerate(spec.inputs):
+        field = f"inputs[{i}]"
+        problem = jobfiles.check_path(f.path)
+        if problem:
+            raise JobError(f"{field}.path: {problem}", field + ".path")
+        if f.path in seen:
+            raise JobError(f"{field}.path: {f.path!r} is given twice", field + ".path")
+        seen.add(f.path)
+        if f.ref.startswith(("https:", "http:")):
+            raise JobError(
+                f"{field}.ref: a URL is fetched by the hub's REST API (POST /api/v1/jobs);"
+                " here, upload the file first (sha256:) or inline it (base64:)",
+                field + ".ref",
+            )
+        digest = resolve_ref(store, f.ref, field + ".ref", limit)
+        size = store.blob_size(digest)
+        total += size
+        if total > limit:
+            raise JobError(
+                f"inputs: {total} bytes (so far, at {f.path}) is over the hub's {limit}-byte"
+                " limit for a job's files",
+                "inputs",
+            )
+        out.append((f.path, digest, size))
+    return out
 
 
 def replicas_of(spec: JobSpec) -> int:
@@ -98,10 +143,23 @@ def engine_message(spec: JobSpec) -> dict[str, Any]:
     return msg
 
 
-def by_reference(spec: JobSpec, module: str | None, stdin: str | None) -> JobSpec:
-    """The spec as stored: an inline (`base64:`) module or input replaced by the `sha256:`
-    reference of the blob it was stored as, so a job row stays small however large its
-    module, and the scheduler and job lists never parse megabytes of base64."""
+def by_reference(
+    spec: JobSpec,
+    module: str | None,
+    stdin: str | None,
+    inputs: list[tuple[str, str, int]] | None = None,
+) -> JobSpec:
+    """The spec as stored: an inline (`base64:`) module, input or input file replaced by the
+    `sha256:` reference of the blob it was stored as, so a job row stays small however large
+    its module, and the scheduler and job lists never parse megabytes of base64."""
+    if inputs and any(f.ref.startswith("base64:") for f in spec.inputs):
+        spec = msgspec.structs.replace(
+            spec,
+            inputs=[
+                InputFile(f.path, "sha256:" + digest if f.ref.startswith("base64:") else f.ref)
+                for f, (_, digest, _) in zip(spec.inputs, inputs, strict=True)
+            ],
+        )
     engine = spec.engine
     if (
         module is not None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 from hub.ledger.money import format_micro
 from hub.market.replicas import LIVE
@@ -14,8 +15,15 @@ if TYPE_CHECKING:
     from hub.market.jobs import Jobs
 
 
+def output_url(job_id: str, path: str) -> str:
+    return f"/api/v1/jobs/{job_id}/outputs/{quote(path)}"
+
+
 def view(jobs: Jobs, job: sqlite3.Row) -> dict[str, Any]:
     result = json.loads(job["result"]) if job["result"] else None
+    if result and result.get("outputs"):
+        for f in result["outputs"]:
+            f["url"] = output_url(job["id"], f["path"])
     verified = jobs.replicas.view(job)
     reason = job["reason"]
     if verified is not None and reason is None and job["state"] in LIVE:
@@ -55,4 +63,5 @@ def view(jobs: Jobs, job: sqlite3.Row) -> dict[str, Any]:
         },
         "verification": verified,
         "replica_of": job["parent"],
+        "outputs_expired_at": job["outputs_expired_at"],
     }

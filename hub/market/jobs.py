@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import hashlib
 import json
 import sqlite3
 import time
@@ -19,7 +20,7 @@ from typing import Any
 
 import msgspec
 
-from edge.core import protocol
+from edge.core import jobfiles, protocol
 from hub.config import HubConfig
 from hub.ledger import economy
 from hub.ledger.economy import REVENUE
@@ -30,6 +31,7 @@ from hub.market.attempts import Attempts, Stale
 from hub.market.bonuses import Bonuses
 from hub.market.errors import JobConflict, JobError, JobNotFound
 from hub.market.replicas import LIVE, Replicas
+from hub.market.retention import Retention
 from hub.market.service_billing import ServiceBilling
 from hub.market.spec import JobSpec, WasmEngine
 from hub.store.db import Database
@@ -62,6 +64,7 @@ class Jobs:
             config.service_period_s, db, store, ledger, self.attempts, self.bonuses, now
         )
         self.replicas = Replicas(db, store, ledger, self.bonuses.proved, self.attempts)
+        self.retention = Retention(config, db, now)
         ledger.open_account(REVENUE, "revenue")
 
     def _now(self) -> float:
@@ -111,7 +114,9 @@ class Jobs:
             if spec.input
             else None
         )
-        spec = admission.by_reference(spec, module, stdin)
+        inputs = admission.resolve_inputs(self.store, spec, self.config.max_files_bytes)
+        files_bytes = sum(size for _, _, size in inputs) if spec.files else None
+        spec = admission.by_reference(spec, module, stdin, inputs)
         if existing is not None:
             if msgspec.json.decode(existing["spec"], type=JobSpec) != spec:
                 raise JobConflict(
@@ -129,8 +134,8 @@ class Jobs:
         insert = (
             "INSERT INTO jobs (id, owner, name, spec, state, priority, cpu_milli, memory_mb,"
             " timeout_s, module_sha256, input_sha256, hold, submitted_at, submit_key, reason,"
-            " kind, replicas, parent, replica, queued_at)"
-            " VALUES (?,?,?,?,'queued',?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+            " kind, replicas, parent, replica, queued_at, files_bytes)"
+            " VALUES (?,?,?,?,'queued',?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
         )
 
         def values(
@@ -156,6 +161,7 @@ class Jobs:
                 parent,
                 n,
                 now,
+                files_bytes,
             )
 
         with self.db.transaction() as c:
@@ -167,6 +173,11 @@ class Jobs:
             if k > 1:
                 why = f"waiting for {k} idle nodes of distinct owners"
             c.execute(insert, values(job_id, price, key, why, None, None))
+            c.executemany(  # the replicas read their parent's
+                "INSERT INTO job_files (job, role, path, sha256, size)"
+                " VALUES (?, 'input', ?, ?, ?)",
+                [(job_id, path, digest, size) for path, digest, size in inputs],
+            )
             if k > 1:
                 for n in range(1, k + 1):  # the replicas, placed by the scheduler
                     rid = new_id("j")
@@ -205,6 +216,15 @@ class Jobs:
         module = self.store.blob(job["module_sha256"]) if job["module_sha256"] else None
         stdin = self.store.blob(job["input_sha256"]) if job["input_sha256"] else None
         engine = admission.engine_message(spec)
+        files = None
+        if spec.files:
+            files = {
+                "inputs": [
+                    {"path": f["path"], "sha256": f["sha256"],
+                     "b64": base64.b64encode(self.store.blob(f["sha256"]) or b"").decode()}
+                    for f in self.store.job_files(job["parent"] or job_id, "input")
+                ]
+            }  # fmt: skip
         msg: dict[str, Any] = protocol.assign(
             job_id,
             int(job["attempt"]),
@@ -215,6 +235,7 @@ class Jobs:
             int(job["timeout_s"]),
             int(job["memory_mb"]),
             spec.gas,
+            files,
         )
         return msg
 
@@ -262,6 +283,10 @@ class Jobs:
             return "dropped: result output is not base64"
         if not protocol.verify_result(node["secret"], msg, stdout):
             return "dropped: result signature does not verify"
+        try:
+            outputs = self._outputs(job, msg.get("outputs"))
+        except ValueError as e:
+            return f"dropped: result outputs: {e}"
         now = self.clock()
         observed_ms = int((now - float(job["assigned_at"] or now)) * 1000)
         # Bill the smaller of what the node reports and what the hub observed.
@@ -279,6 +304,8 @@ class Jobs:
             "wall_ms": int(msg["wall_ms"]),
             "cpu_ms": int(msg["cpu_ms"]),
         }
+        if outputs is not None:
+            result["outputs"] = outputs
         error = msg.get("error")
         kind = verification.error_kind(error)
         if job["kind"] == "service" and (msg["state"] == protocol.COMPLETED or kind == "timeout"):
@@ -299,6 +326,44 @@ class Jobs:
             return lost or "ignored: attempt already ended"
         self._fail(job, error, result)
         return "refunded" if job["parent"] is None else "replica failed"
+
+    def _outputs(self, job: sqlite3.Row, outputs: Any) -> list[dict[str, Any]] | None:
+        """Check and store the files a result brings back ([{path, size, sha256, b64}]):
+        each is a blob, listed in job_files under this job. Returns them without their bytes
+        for the result; ValueError (the result is dropped) when one is not what it says."""
+        if outputs is None:
+            return None
+        if job["files_bytes"] is None:
+            raise ValueError("the job is not a file job")
+        total, seen, out, blobs = 0, set(), [], []
+        for f in outputs:
+            path = f["path"]
+            problem = jobfiles.check_path(path)
+            if problem or path in seen:
+                raise ValueError(problem or f"{path!r} is listed twice")
+            seen.add(path)
+            try:
+                data = base64.b64decode(f["b64"], validate=True)
+            except (binascii.Error, ValueError):
+                raise ValueError(f"{path} is not base64") from None
+            if len(data) != f["size"] or hashlib.sha256(data).hexdigest() != f["sha256"]:
+                raise ValueError(f"{path}: its bytes are not the size and sha256 it says")
+            total += len(data)
+            if total > protocol.MAX_OUTPUT_BYTES:
+                raise ValueError(f"over the protocol's {protocol.MAX_OUTPUT_BYTES} bytes")
+            blobs.append(data)
+            out.append({"path": path, "size": len(data), "sha256": f["sha256"]})
+        now = self.clock()
+        for data in blobs:
+            self.store.put_blob(data, now)
+        with self.db.transaction() as c:
+            c.execute("DELETE FROM job_files WHERE job = ? AND role = 'output'", (job["id"],))
+            c.executemany(
+                "INSERT INTO job_files (job, role, path, sha256, size)"
+                " VALUES (?, 'output', ?, ?, ?)",
+                [(job["id"], f["path"], f["sha256"], f["size"]) for f in out],
+            )
+        return out
 
     def _settle(
         self, job: sqlite3.Row, node: sqlite3.Row, wall_ms: int, result: dict[str, Any]

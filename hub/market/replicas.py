@@ -108,6 +108,11 @@ class Replicas:
         )
         if cur.rowcount != 1:
             return
+        c.execute(  # the agreed files are the job's (a replica's own stay with it)
+            "INSERT OR IGNORE INTO job_files (job, role, path, sha256, size)"
+            " SELECT ?, role, path, sha256, size FROM job_files WHERE job = ? AND role = 'output'",
+            (job["id"], winner["id"]),
+        )
         cpu, timeout = int(job["cpu_milli"]), int(job["timeout_s"])
         total = 0
         for r in reps:

@@ -34,10 +34,12 @@ from hub.store.rows import Store
 log = logging.getLogger(__name__)
 
 
-# A requirement's kind: its engine, and whether the job asks for network access. A node
-# serves (engine, False) when it runs the engine, (engine, True) when its owner also lets that
-# engine's jobs use the network (the `allow_network` of its hello and heartbeats).
-Kind = tuple[str, bool]
+# A requirement's kind: its engine, whether the job asks for network access, and whether it
+# is a file job. A node serves (engine, False, False) when it runs the engine, (engine, True,
+# _) when its owner also lets that engine's jobs use the network (the `allow_network` of its
+# hello and heartbeats), (engine, _, True) when it takes file jobs on that engine (the
+# `files` of its hello), up to its max_input_bytes.
+Kind = tuple[str, bool, bool]
 
 
 class Offer(NamedTuple):
@@ -50,49 +52,77 @@ class Offer(NamedTuple):
     memory_mb: int
     owner: str
     kinds: tuple[Kind, ...] = ()  # the kinds of requirement it serves, see Kind
+    files_max: int = 0  # the most input bytes of a file job it takes
 
 
 @functools.lru_cache(maxsize=4096)
 def _capacity(
-    resources: str, engines: str, cpu: float, memory_mb: int, network: str
-) -> tuple[frozenset[str], float, int, tuple[Kind, ...]]:
+    resources: str, engines: str, cpu: float, memory_mb: int, network: str, files: str | None
+) -> tuple[frozenset[str], float, int, tuple[Kind, ...], int]:
     """A node row's offer, parsed. Most nodes of a fleet offer the same few shapes, so the
     JSON is parsed once per distinct shape rather than once per node and pass."""
     try:  # validated by hub/mqtt/wire.py before it was stored; a bad row offers nothing
         res = json.loads(resources or "{}")
         runs = frozenset(json.loads(engines))
         allowed = runs & frozenset(json.loads(network or "[]"))
+        caps = json.loads(files) if files else {}
+        with_files = runs & frozenset(caps.get("engines") or ())
+        kinds = [
+            (e, net, f)
+            for e in sorted(runs)
+            for net in (False, True)
+            for f in (False, True)
+            if (not net or e in allowed) and (not f or e in with_files)
+        ]
         return (
             runs,
             float(res.get("cpu", cpu)),
             int(res.get("memory_mb", memory_mb)),
-            tuple([(e, False) for e in sorted(runs)] + [(e, True) for e in sorted(allowed)]),
+            tuple(kinds),
+            int(caps.get("max_input_bytes") or 0) if with_files else 0,
         )
     except (TypeError, ValueError, AttributeError):
-        return frozenset(), 0.0, 0, ()
+        return frozenset(), 0.0, 0, (), 0
 
 
 def offer(node: sqlite3.Row) -> Offer:
-    engines, cpu, mem, kinds = _capacity(
-        node["resources"], node["engines"], node["cpu"], node["memory_mb"], node["allow_network"]
+    engines, cpu, mem, kinds, files_max = _capacity(
+        node["resources"],
+        node["engines"],
+        node["cpu"],
+        node["memory_mb"],
+        node["allow_network"],
+        node["files"],
     )
     idle = node["state"] == protocol.IDLE
-    return Offer(node["id"], idle, engines, cpu, mem, node["owner"], kinds)
+    return Offer(node["id"], idle, engines, cpu, mem, node["owner"], kinds, files_max)
 
 
-def _misfit(engine: str, network: bool, job: sqlite3.Row, capable: Capabilities) -> str:
+def _misfit(kind: Kind, job: sqlite3.Row, capable: Capabilities) -> str:
     """What no online node offers that the job needs, in words (when capable says none fits):
-    the engine, then network access, then CPUs, then RAM."""
+    the engine, then network access, then files, then CPUs, then RAM."""
+    engine, network, files = kind
     cpu, memory_mb = job["cpu_milli"] / 1000, int(job["memory_mb"])
-    if not capable.runs((engine, False)):
+    if not capable.runs((engine, False, False)):
         return f"no online node runs the {engine} engine"
-    if network and not capable.runs((engine, True)):
+    if network and not capable.runs((engine, True, False)):
         return (
             f"no online node allows network access to {engine} jobs (its owner's"
             " allow_network); submit it without `network` if it can do without"
         )
+    if files and not capable.runs(kind):
+        return (
+            f"no online node takes file jobs on the {engine} engine (wasmtime, wasm3-run,"
+            " docker and native nodes do, where their owner did not turn files off)"
+        )
+    need = int(job["files_bytes"] or 0)
+    if files and capable.most_files(kind) < need:
+        return (
+            f"no online node takes {need} bytes of input files"
+            f" (the most offered: {capable.most_files(kind)})"
+        )
     which = "no online node that allows network access" if network else "no online node"
-    most_cpu, most_ram = capable.most((engine, network))
+    most_cpu, most_ram = capable.most(kind)
     if most_cpu < cpu:
         return f"{which} offers {cpu:g} CPUs"
     if most_ram < memory_mb:
@@ -110,9 +140,12 @@ class Capabilities:
 
     def __init__(self, online: Sequence[Offer]) -> None:
         shapes: dict[Kind, list[tuple[float, int]]] = {}
+        self._files: dict[Kind, int] = {}  # the most input bytes offered, per file kind
         for n in online:
             for kind in n.kinds:
                 shapes.setdefault(kind, []).append((n.cpu, n.memory_mb))
+                if kind[2]:
+                    self._files[kind] = max(self._files.get(kind, 0), n.files_max)
         self._index: dict[Kind, tuple[list[float], list[int]]] = {}
         for kind, nodes in shapes.items():
             nodes.sort(key=lambda s: -s[0])
@@ -128,9 +161,12 @@ class Capabilities:
         neg_cpu, most_ram = self._index.get(kind, ([0.0], [0]))
         return -neg_cpu[0], most_ram[-1]
 
-    def fit(self, kind: Kind, cpu: float, memory_mb: int) -> bool:
+    def most_files(self, kind: Kind) -> int:
+        return self._files.get(kind, 0)
+
+    def fit(self, kind: Kind, cpu: float, memory_mb: int, files_bytes: int = 0) -> bool:
         index = self._index.get(kind)
-        if index is None:
+        if index is None or self._files.get(kind, 0) < files_bytes:
             return False
         neg_cpu, most_ram = index
         n = bisect_right(neg_cpu, -cpu)  # how many offer at least cpu
@@ -155,14 +191,15 @@ class _Free:
         for i, n in enumerate(nodes):
             for kind in n.kinds:
                 self._by_kind.setdefault(kind, []).append(i)
-        self._cursor: dict[tuple[Kind, int, int], int] = {}
+        self._cursor: dict[tuple[Kind, int, int, int], int] = {}
 
-    def pick(self, kind: Kind, cpu_milli: int, memory_mb: int) -> int | None:
-        """The index of the preferred free node for this requirement, or None."""
+    def pick(self, kind: Kind, cpu_milli: int, memory_mb: int, files: int = 0) -> int | None:
+        """The index of the preferred free node for this requirement, or None. files: the
+        input bytes of a file job (0 for others)."""
         candidates = self._by_kind.get(kind)
         if candidates is None or not self.left:
             return None
-        key = (kind, cpu_milli, memory_mb)
+        key = (kind, cpu_milli, memory_mb, files)
         cpu = cpu_milli / 1000
         nodes, taken = self.nodes, self._taken
         i = self._cursor.get(key, 0)
@@ -171,7 +208,7 @@ class _Free:
             c = candidates[i]
             if not taken[c]:
                 n = nodes[c]
-                if n.cpu >= cpu and n.memory_mb >= memory_mb:
+                if n.cpu >= cpu and n.memory_mb >= memory_mb and n.files_max >= files:
                     break
             i += 1
         self._cursor[key] = i
@@ -184,6 +221,7 @@ class _Free:
         memory_mb: int,
         owners: set[str],
         humans: dict[str, str],
+        files: int = 0,
     ) -> int | None:
         """Like pick, for a replica: the preferred free node whose person (its owner, or the
         owner's owner for an agent: `humans`) is not in `owners` (the people of its sibling
@@ -193,7 +231,7 @@ class _Free:
         nodes, taken = self.nodes, self._taken
         for c in self._by_kind.get(kind, ()):
             n = nodes[c]
-            if taken[c] or n.cpu < cpu or n.memory_mb < memory_mb:
+            if taken[c] or n.cpu < cpu or n.memory_mb < memory_mb or n.files_max < files:
                 continue
             if humans.get(n.owner, n.owner) not in owners:
                 return c
@@ -226,7 +264,7 @@ class Scheduler:
         on its own)."""
         # A verified job (replicas > 1) is never placed itself: its replicas are.
         queued = self.store.db.query(
-            "SELECT id, attempt, cpu_milli, memory_mb, reason, parent,"
+            "SELECT id, attempt, cpu_milli, memory_mb, reason, parent, files_bytes,"
             " json_extract(spec, '$.engine.type') AS engine,"
             " json_extract(spec, '$.engine.network') AS network"
             " FROM jobs WHERE state = 'queued' AND replicas = 1"
@@ -244,22 +282,24 @@ class Scheduler:
         }
         free = _Free([n for n in online if n.idle and n.id not in busy])
         capable = Capabilities(online)
-        whys: dict[tuple[Kind, int, int], str] = {}
+        whys: dict[tuple[Kind, int, int, int], str] = {}
         apart: dict[str, set[str]] | None = None  # verified job -> people of its replicas
         humans: dict[str, str] = {}  # agent -> the person who owns it
         for job in queued:
             # json_extract gives JSON true as 1; wasm jobs have no `network` (NULL).
-            kind = (str(job["engine"] or "unknown"), job["network"] == 1)
+            files = job["files_bytes"]
+            kind = (str(job["engine"] or "unknown"), job["network"] == 1, files is not None)
             cpu_milli, memory_mb = int(job["cpu_milli"]), int(job["memory_mb"])
+            files = int(files or 0)
             parent = job["parent"]
             if parent is None:
-                pick = free.pick(kind, cpu_milli, memory_mb)
+                pick = free.pick(kind, cpu_milli, memory_mb, files)
             else:
                 if apart is None:
                     humans = self.store.humans()
                     apart = self._replica_owners(humans)
                 owners = apart.setdefault(parent, set())
-                pick = free.pick_apart(kind, cpu_milli, memory_mb, owners, humans)
+                pick = free.pick_apart(kind, cpu_milli, memory_mb, owners, humans, files)
                 if pick is not None:
                     owner = free.nodes[pick].owner
                     owners.add(humans.get(owner, owner))
@@ -267,7 +307,7 @@ class Scheduler:
                 free.take(pick)
                 plan.assign.append((job, free.nodes[pick].id))
                 continue
-            key = (kind, cpu_milli, memory_mb)
+            key = (kind, cpu_milli, memory_mb, files)
             why = whys.get(key)
             if why is None:
                 why = whys[key] = self._why(kind, job, online, capable)
@@ -319,7 +359,8 @@ class Scheduler:
         then the longest enrolled. Only the columns matching reads: at fleet scale building
         rows of every column costs more than the matching."""
         return self.store.db.query(
-            "SELECT id, state, resources, engines, allow_network, cpu, memory_mb, owner FROM nodes"
+            "SELECT id, state, resources, engines, allow_network, files, cpu, memory_mb, owner"
+            " FROM nodes"
             " WHERE state != ? AND revoked_at IS NULL ORDER BY reputation DESC, created_at",
             (protocol.OFFLINE,),
         )
@@ -328,9 +369,10 @@ class Scheduler:
         """Why a job waits, naming what does not fit when no online node could run it."""
         if not online:
             return "no node is online"
-        if capable.fit(kind, job["cpu_milli"] / 1000, job["memory_mb"]):
+        files = int(job["files_bytes"] or 0)
+        if capable.fit(kind, job["cpu_milli"] / 1000, job["memory_mb"], files):
             return "every node that can run it is busy or its owner is using it"
-        return _misfit(kind[0], kind[1], job, capable)
+        return _misfit(kind, job, capable)
 
     def sweep(self, now: float | None = None) -> list[str]:
         """Mark silent nodes offline, requeue their jobs, fail jobs past timeout + grace.

@@ -19,6 +19,15 @@ Arg = Annotated[str, msgspec.Meta(max_length=4096)]
 REF_PATTERN = r"^(sha256:[0-9a-f]{64}|base64:[A-Za-z0-9+/=\s]*|example:[\w\-]+)$"
 Ref = Annotated[str, msgspec.Meta(pattern=REF_PATTERN)]
 
+# An input file's reference: any of the above, or an https:// URL the hub fetches at submission.
+INPUT_REF_PATTERN = REF_PATTERN[:-2] + r"|example:[\w\-]+(/[\w.\-]+)+|https?://\S{1,2040})$"
+InputRef = Annotated[str, msgspec.Meta(pattern=INPUT_REF_PATTERN)]
+# Where the job sees a file, relative to /inputs: names of letters, digits and ._-+@=, only;
+# '.' and '..' are refused by the hub (hub/market/admission.py) and again by the node.
+FILE_PATH_PATTERN = r"^[\w.\-+@=,]+(/[\w.\-+@=,]+)*$"
+FilePath = Annotated[str, msgspec.Meta(min_length=1, max_length=1024, pattern=FILE_PATH_PATTERN)]
+MAX_INPUT_FILES = 64
+
 JOB_STATES = ("queued", "assigned", "running", "completed", "failed", "cancelled")
 TERMINAL_STATES = ("completed", "failed", "cancelled")
 
@@ -58,6 +67,15 @@ class NativeEngine(msgspec.Struct, forbid_unknown_fields=True, tag="native", tag
 Engine = WasmEngine | DockerEngine | NativeEngine
 
 
+class InputFile(msgspec.Struct, forbid_unknown_fields=True):
+    """A file the job reads at /inputs/<path>: uploaded (sha256:), inline (base64:), an
+    example data file (example:wordfreq/inputs/README.txt, from wasm-jobs/data) or fetched by
+    the hub (https://)."""
+
+    path: FilePath
+    ref: InputRef
+
+
 class Resources(msgspec.Struct, forbid_unknown_fields=True):
     # CPU-equivalents; 0.001 granularity (stored as milli-CPUs).
     cpu: Annotated[float, msgspec.Meta(gt=0, le=256)] = 1.0
@@ -91,6 +109,16 @@ class JobSpec(msgspec.Struct, forbid_unknown_fields=True):
     constraints: dict[str, str] = {}
     # Verification by replicas: deterministic (wasm) batch jobs only (docs/economy.md).
     verify: Verify | None = None
+    # Files (docs/jobs.md): the job reads `inputs` under /inputs, read-only; with `outputs`
+    # (or any input) it is a file job, and what it writes under /outputs comes back with the
+    # result as files to download.
+    inputs: Annotated[list[InputFile], msgspec.Meta(max_length=MAX_INPUT_FILES)] = []
+    outputs: bool = False
+
+    @property
+    def files(self) -> bool:
+        """Whether it is a file job: it gets /inputs and /outputs."""
+        return bool(self.inputs) or self.outputs
 
     @property
     def cpu_milli(self) -> int:

@@ -210,7 +210,8 @@ class ChildBroker:
                 # Run as whoever runs the hub: a root-started mosquitto would otherwise switch
                 # to its own user, which also drops the die-with-the-hub signal.
                 f"user {pwd.getpwuid(os.getuid()).pw_name}\n"
-                "max_packet_size 16777216\n"
+                # a file job's assignment and result carry its files (docs/jobs.md's limits)
+                "max_packet_size 67108864\n"
                 "set_tcp_nodelay true\n"
                 "log_dest stderr\n"
                 "log_type error\nlog_type warning\nlog_type notice\n"

@@ -109,6 +109,8 @@ class Messages:
             ("the liveness sweep", lambda: self._sweep(now)),
             ("service billing", lambda: self._bill(now)),
         ]
+        if self.jobs.retention.due(now):  # job files past retention, unreferenced blobs
+            steps.append(("the retention of job files", lambda: self.jobs.retention.run(now)))
         agents = self.agents
         if agents is not None:  # calls past their deadline are refunded
             steps.append(("the expiry of agent calls", lambda: agents.tick(now)))
@@ -168,6 +170,7 @@ class Messages:
                 engines=json.dumps(msg.engines),
                 resources=msgspec.json.encode(msg.resources).decode(),
                 allow_network=json.dumps(msg.allow_network),
+                files=msgspec.json.encode(msg.files).decode() if msg.files else None,
             )
             for job in self.store.jobs_on_node(ident):
                 if job["id"] not in msg.running:

@@ -32,6 +32,15 @@ EngineName = Annotated[str, msgspec.Meta(max_length=32)]
 AllowNetwork = Annotated[list[EngineName], msgspec.Meta(max_length=16)]
 
 
+class FileCaps(msgspec.Struct):
+    """What file jobs a node takes (edge/core/jobfiles.py): on which engines, how large."""
+
+    engines: Annotated[list[EngineName], msgspec.Meta(max_length=16)]
+    max_input_bytes: Count
+    max_output_bytes: Count
+    max_output_files: Count
+
+
 class Hello(msgspec.Struct):
     v: Version
     node_id: Id
@@ -40,6 +49,7 @@ class Hello(msgspec.Struct):
     version: Annotated[str, msgspec.Meta(max_length=64)]
     running: Annotated[list[Id], msgspec.Meta(max_length=64)] = []
     allow_network: AllowNetwork = []
+    files: FileCaps | None = None  # None: no file jobs (a board without storage, or older)
 
 
 class Heartbeat(msgspec.Struct):
@@ -69,6 +79,15 @@ class Event(msgspec.Struct):
     detail: Annotated[str, msgspec.Meta(max_length=1024)] | None = None
 
 
+class OutputFile(msgspec.Struct):
+    """A file a job left under /outputs; its bytes are checked against sha256 by the hub."""
+
+    path: Annotated[str, msgspec.Meta(min_length=1, max_length=1024)]
+    size: Count
+    sha256: Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{64}$")]
+    b64: str
+
+
 class Result(msgspec.Struct):
     v: Version
     node_id: Id
@@ -86,6 +105,7 @@ class Result(msgspec.Struct):
     cpu_ms: Count
     digest: Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{64}$")]
     sig: Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{64}$")]
+    outputs: Annotated[list[OutputFile], msgspec.Meta(max_length=4096)] | None = None
 
 
 class Submit(msgspec.Struct):

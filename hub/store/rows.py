@@ -253,6 +253,35 @@ MIGRATIONS: list[tuple[int, str, str]] = [
             AND state IN ('completed', 'failed', 'cancelled');
         """,
     ),
+    (
+        10,
+        "job files: inputs and outputs, what file jobs each node takes, blobs collected",
+        # job_files: a file job's inputs (seen under /inputs) and outputs (what it left under
+        # /outputs), each a blob. An output's row goes when its retention is over (the job's
+        # result keeps listing it, as expired); a blob no job, file or recent upload refers to
+        # is collected (hub/market/retention.py). jobs.files_bytes: the input bytes of a file
+        # job (NULL: not a file job), matched against what a node takes. nodes.files: the
+        # `files` of its hello (JSON), NULL for none.
+        """
+        CREATE TABLE job_files (
+            job TEXT NOT NULL REFERENCES jobs(id),
+            role TEXT NOT NULL CHECK (role IN ('input', 'output')),
+            path TEXT NOT NULL,
+            sha256 TEXT NOT NULL REFERENCES blobs(sha256),
+            size INTEGER NOT NULL,
+            PRIMARY KEY (job, role, path)
+        ) WITHOUT ROWID;
+        CREATE INDEX job_files_blob ON job_files(sha256);
+        ALTER TABLE jobs ADD COLUMN files_bytes INTEGER;
+        ALTER TABLE jobs ADD COLUMN outputs_expired_at REAL;
+        ALTER TABLE nodes ADD COLUMN files TEXT;
+        CREATE INDEX blobs_created ON blobs(created_at);
+        CREATE INDEX jobs_module ON jobs(module_sha256);
+        CREATE INDEX jobs_input ON jobs(input_sha256) WHERE input_sha256 IS NOT NULL;
+        CREATE INDEX jobs_files_kept ON jobs(finished_at)
+            WHERE files_bytes IS NOT NULL AND outputs_expired_at IS NULL;
+        """,
+    ),
 ]
 
 
@@ -417,14 +446,36 @@ class Store:
             c.execute("UPDATE nodes SET last_seen = ? WHERE state != 'offline'", (time.time(),))
 
     # --- blobs ---------------------------------------------------------------
-    def put_blob(self, data: bytes) -> str:
+    def put_blob(self, data: bytes, now: float | None = None) -> str:
+        """Store bytes under their sha256. Storing them again renews their time: an upload
+        nothing refers to yet is kept for the hub's blob_grace_s from its latest upload."""
         digest = hashlib.sha256(data).hexdigest()
         with self.db.transaction() as c:
             c.execute(
-                "INSERT OR IGNORE INTO blobs (sha256, size, data, created_at) VALUES (?,?,?,?)",
-                (digest, len(data), data, time.time()),
+                "INSERT INTO blobs (sha256, size, data, created_at) VALUES (?,?,?,?)"
+                " ON CONFLICT (sha256) DO UPDATE SET created_at = excluded.created_at",
+                (digest, len(data), data, time.time() if now is None else now),
             )
         return digest
+
+    def blob_size(self, digest: str) -> int:
+        row = self.db.query_one("SELECT size FROM blobs WHERE sha256 = ?", (digest,))
+        return int(row["size"]) if row else 0
+
+    def job_files(self, job_id: str, role: str) -> list[sqlite3.Row]:
+        """A job's input or output files (path, sha256, size), in path order."""
+        return self.db.query(
+            "SELECT path, sha256, size FROM job_files WHERE job = ? AND role = ? ORDER BY path",
+            (job_id, role),
+        )
+
+    def job_file(self, job_id: str, role: str, path: str) -> bytes | None:
+        row = self.db.query_one(
+            "SELECT b.data FROM job_files f JOIN blobs b ON b.sha256 = f.sha256"
+            " WHERE f.job = ? AND f.role = ? AND f.path = ?",
+            (job_id, role, path),
+        )
+        return bytes(row["data"]) if row else None
 
     def blob(self, digest: str) -> bytes | None:
         row = self.db.query_one("SELECT data FROM blobs WHERE sha256 = ?", (digest,))
