@@ -32,7 +32,7 @@ def resolve_ref(store: Store, ref: str, field: str, limit: int) -> str:
         except (binascii.Error, ValueError) as e:
             raise JobError(f"{field}: not valid base64 ({e})", field) from None
     elif kind == "example":
-        examples = wasm_jobs.manifest()
+        examples = {**wasm_jobs.manifest(), **wasm_jobs.file_jobs()}
         if field.startswith("inputs"):  # an example's data file: wasm-jobs/data/<name>
             try:
                 data = wasm_jobs.data(value)

@@ -222,7 +222,10 @@ class Messages:
                 self._changed("job", {"id": msg.job_id, "state": "running"})
             return "event" if changed else "ignored: stale event"
         if isinstance(msg, wire.Result):
-            outcome = self.jobs.on_result(ident, msgspec.structs.asdict(msg))
+            fields = msgspec.structs.asdict(msg)
+            if msg.outputs is not None:  # asdict is shallow: the files as dicts too
+                fields["outputs"] = [msgspec.structs.asdict(f) for f in msg.outputs]
+            outcome = self.jobs.on_result(ident, fields)
             if outcome.startswith("dropped"):
                 return self._drop(topic, outcome[len("dropped: ") :])
             settled = self.store.job(msg.job_id)

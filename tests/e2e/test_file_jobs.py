@@ -1,0 +1,116 @@
+"""File jobs end to end: a real hub, a real node on each engine with files, the wordfreq
+program reading its inputs under /inputs and writing /outputs, the outputs downloaded from
+the hub and compared byte for byte with what the program must write."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import wasm_jobs
+from deparrow.client import Client
+from deparrow.localnet import Proc, wait_for
+from tests.conftest import HubProc
+
+DATA = Path(wasm_jobs.__file__).parent / "data" / "wordfreq"
+
+
+def start(hub: HubProc, owner: Client, tmp_path: Path, name: str, prefs: dict[str, Any]) -> Proc:
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(prefs))
+    token = owner.enrollment_token()["token"]
+    cmd = [sys.executable, "-m", "edge.cli", "--hub", hub.url, "--token", token, "--name", name,
+           "--data-dir", str(tmp_path / name), "--config", str(path), "-v"]  # fmt: skip
+    node = Proc(name, cmd, tmp_path / f"{name}.log")
+    wait_for(name, lambda: any(n["name"] == name and n["state"] == "idle" for n in owner.nodes()),
+             60, [node])  # fmt: skip
+    return node
+
+
+def wordfreq(**more: Any) -> dict[str, Any]:
+    inputs = [
+        {"path": str(p.relative_to(DATA / "inputs")),
+         "ref": "base64:" + base64.b64encode(p.read_bytes()).decode()}
+        for p in sorted((DATA / "inputs").rglob("*")) if p.is_file()
+    ]  # fmt: skip
+    return {"name": "wordfreq", "engine": {"type": "wasm", "module": "example:wordfreq"},
+            "inputs": inputs, "outputs": True, "timeout": 30, **more}  # fmt: skip
+
+
+def get(client: Client, url: str) -> tuple[int, bytes, dict[str, str]]:
+    req = urllib.request.Request(
+        client.hub + url, headers={"Authorization": "Bearer " + client.jwt()}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, resp.read(), dict(resp.headers)
+    except urllib.error.HTTPError as e:
+        return e.code, e.read(), dict(e.headers)
+
+
+@pytest.mark.parametrize("engine", ["wasmtime", "wasm3-run"])
+def test_a_file_job_reads_inputs_and_its_outputs_come_back(
+    hub: HubProc, tmp_path: Path, engine: str
+) -> None:
+    _, owner = hub.user("owner")
+    _, alice = hub.user("alice")
+    node = start(hub, owner, tmp_path, "n", {"wasm_engine": engine})
+    try:
+        job = alice.wait(alice.submit(wordfreq())["id"], timeout_s=60)
+        assert job["state"] == "completed", (job, node.tail())
+        result = job["result"]
+        assert result["exit_code"] == 0 and result["stdout"].startswith("wordfreq: 3 files"), result
+        expected = sorted(p.name for p in (DATA / "expected").iterdir())
+        assert [f["path"] for f in result["outputs"]] == expected
+        for f in result["outputs"]:
+            want = (DATA / "expected" / f["path"]).read_bytes()
+            assert f["size"] == len(want) and f["sha256"] == hashlib.sha256(want).hexdigest()
+            status, body, headers = get(alice, f["url"])
+            assert status == 200 and body == want
+            assert headers["X-Content-SHA256"] == f["sha256"]
+        status, body, _ = get(alice, f"/api/v1/jobs/{job['id']}/outputs/nope.txt")
+        assert status == 404 and b"has no output 'nope.txt'" in body, body
+        status, _, _ = get(owner, result["outputs"][0]["url"])  # not the owner's job
+        assert status == 404
+        # nothing of the job is left on the node's disk
+        assert list((tmp_path / "n" / "jobfiles").iterdir()) == []
+    finally:
+        node.stop()
+
+
+def test_past_the_owners_caps_a_job_ends_with_output_limit_and_the_default_engine_takes_none(
+    hub: HubProc, tmp_path: Path
+) -> None:
+    _, owner = hub.user("owner")
+    _, alice = hub.user("alice")
+    plain = start(hub, owner, tmp_path, "plain", {})  # pywasm3: no files
+    try:
+        submitted = alice.submit(wordfreq())
+        wait_for("the reason", lambda: "file jobs" in (alice.job(submitted["id"])["reason"] or ""),
+                 20, [plain])  # fmt: skip
+        assert alice.job(submitted["id"])["reason"].startswith(
+            "no online node takes file jobs on the wasm engine"
+        )
+        alice.cancel(submitted["id"])
+        capped = start(hub, owner, tmp_path, "capped",
+                       {"wasm_engine": "wasmtime", "files": {"max_output_files": 1}})  # fmt: skip
+        try:
+            job = alice.wait(alice.submit(wordfreq())["id"], timeout_s=60)
+            assert job["state"] == "failed", job
+            assert job["result"]["error"] == (
+                "output limit: the job wrote more than 1 files under /outputs (this node's cap)"
+            )
+            assert job["result"].get("outputs") is None
+            assert list((tmp_path / "capped" / "jobfiles").iterdir()) == []
+        finally:
+            capped.stop()
+    finally:
+        plain.stop()
