@@ -4,7 +4,10 @@ edge-run (edge/cli.py) once the node is enrolled."""
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import stat
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -14,6 +17,30 @@ import click
 from edge.node_config import default_data_dir
 
 log = logging.getLogger("edge")
+
+
+def _reachable(path: Path) -> bool:
+    """Whether any user may pass through every folder down to path (o+x on each)."""
+    path = path.resolve()
+    return all(os.stat(p).st_mode & stat.S_IXOTH for p in [*reversed(path.parents), path])
+
+
+def jobfiles_dir(data_dir: Path, node_id: str, native: bool) -> str:
+    """Where file jobs' directories go: DATA_DIR/jobfiles, unless native jobs run here and
+    their user (nobody) could not reach it (a data directory under /root or a 0700 home):
+    then a folder of this node's own in the system's temporary folder."""
+    base = data_dir / "jobfiles"
+    base.parent.mkdir(parents=True, exist_ok=True)
+    if not native or _reachable(base.parent):
+        return str(base)
+    tmp = Path(tempfile.gettempdir()) / f"deparrow-jobfiles-{os.getuid()}-{node_id}"
+    try:
+        os.mkdir(tmp, 0o711)
+    except FileExistsError:
+        st = os.lstat(tmp)  # in a folder anyone may write: it must be ours, and no link
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+            raise click.ClickException(f"{tmp} is not this node's own folder; remove it") from None
+    return str(tmp)
 
 
 def run_node(
@@ -58,7 +85,8 @@ def run_node(
 
     caps = jobfiles.limits(prefs.get("files"))
     if caps is not None:  # file jobs' directories, emptied at start (edge/core/jobfiles.py)
-        where = str((data_dir or default_data_dir()) / "jobfiles")
+        native = bool((prefs.get("native") or {}).get("enabled"))
+        where = jobfiles_dir(data_dir or default_data_dir(), str(config["node_id"]), native)
         config = {**config, "files": {**caps, "dir": where}}
     # One job at a time for now: the scheduler gives a node one job.
     with build_executors(config, warn) as executor:

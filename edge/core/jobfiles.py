@@ -188,6 +188,8 @@ def clear(base):
     """Make base an empty directory (what a crash left there is no job's any more); returns
     what could not be removed yet."""
     _makedirs(base)
+    if hasattr(os, "chmod"):  # a native job's user passes through it to its own folder
+        os.chmod(base, 0o711)
     left = []
     for name, _ in _entries(base):
         if not remove_tree(base + "/" + name):

@@ -8,6 +8,7 @@ import base64
 import hashlib
 import json
 import sys
+import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -19,6 +20,7 @@ import wasm_jobs
 from deparrow.client import Client
 from deparrow.localnet import Proc, wait_for
 from tests.conftest import HubProc
+from tests.edge.test_docker_executor import IMAGE, api  # noqa: F401  (the podman fixture)
 
 DATA = Path(wasm_jobs.__file__).parent / "data" / "wordfreq"
 
@@ -114,3 +116,60 @@ def test_past_the_owners_caps_a_job_ends_with_output_limit_and_the_default_engin
             capped.stop()
     finally:
         plain.stop()
+
+
+SHELL_JOB = (
+    "set -e; mkdir -p /outputs/up; wc -w < /inputs/carroll/jabberwocky.txt > /outputs/words;"
+    " tr a-z A-Z < /inputs/README.txt > /outputs/up/README.TXT; echo done"
+)
+
+
+def shell_job(engine: dict[str, Any]) -> dict[str, Any]:
+    spec = wordfreq()
+    spec["engine"] = engine
+    return spec
+
+
+def check_shell_outputs(alice: Client, job: dict[str, Any]) -> None:
+    assert job["state"] == "completed" and job["result"]["exit_code"] == 0, job
+    assert job["result"]["stdout"] == "done\n"
+    outputs = {f["path"]: f for f in job["result"]["outputs"]}
+    assert sorted(outputs) == ["up/README.TXT", "words"]
+    words = len((DATA / "inputs" / "carroll" / "jabberwocky.txt").read_text().split())
+    assert get(alice, outputs["words"]["url"])[1].strip() == str(words).encode()
+    readme = (DATA / "inputs" / "README.txt").read_bytes().upper()
+    assert get(alice, outputs["up/README.TXT"]["url"])[1] == readme
+
+
+def test_a_native_node_runs_a_file_job_in_its_sandbox(hub: HubProc, tmp_path: Path) -> None:
+    _, owner = hub.user("owner")
+    _, alice = hub.user("alice")
+    node = start(hub, owner, tmp_path, "nat", {"native": {"enabled": True}})
+    try:
+        engine = {"type": "native", "command": ["sh", "-c", SHELL_JOB]}
+        job = alice.wait(alice.submit(shell_job(engine))["id"], timeout_s=60)
+        check_shell_outputs(alice, job)
+        # the job's user (nobody) could not reach the data directory under a 0700 folder, so
+        # the node keeps its file jobs in a folder of its own in /tmp: empty again
+        node_id = job["node"]
+        (left,) = Path(tempfile.gettempdir()).glob(f"deparrow-jobfiles-*-{node_id}")
+        assert list(left.iterdir()) == []
+    finally:
+        node.stop()
+
+
+def test_a_docker_node_binds_a_file_jobs_directories(
+    hub: HubProc,
+    tmp_path: Path,
+    api: Any,  # noqa: F811
+) -> None:
+    _, owner = hub.user("owner")
+    _, alice = hub.user("alice")
+    node = start(hub, owner, tmp_path, "dock", {"docker": {"enabled": True}})
+    try:
+        engine = {"type": "docker", "image": IMAGE, "command": ["sh", "-c", SHELL_JOB]}
+        job = alice.wait(alice.submit(shell_job(engine))["id"], timeout_s=120)
+        check_shell_outputs(alice, job)
+        assert list((tmp_path / "dock" / "jobfiles").iterdir()) == []
+    finally:
+        node.stop()
