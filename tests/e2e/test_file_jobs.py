@@ -154,6 +154,7 @@ def test_a_native_node_runs_a_file_job_in_its_sandbox(hub: HubProc, tmp_path: Pa
         node_id = job["node"]
         (left,) = Path(tempfile.gettempdir()).glob(f"deparrow-jobfiles-*-{node_id}")
         assert list(left.iterdir()) == []
+        left.rmdir()
     finally:
         node.stop()
 

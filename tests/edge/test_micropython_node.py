@@ -15,6 +15,7 @@ to be sure and fails, never skips, when they cannot be had).
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -171,8 +172,12 @@ def start_mp_node(
     return Proc(cmd, log, env=mp_env(native))
 
 
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
 def test_micropython_node_heartbeats_and_runs_wasm_jobs_against_a_real_hub(
-    tmp_path: Path, mosquitto: str, micropython: str, native: dict[str, Path]
+    tmp_path: Path, mosquitto: str, micropython: str, native: dict[str, Path], wasm_fixtures: Path
 ) -> None:
     hub = start_hub(tmp_path, mqtt_url=mosquitto)
     node = None
@@ -226,6 +231,23 @@ def test_micropython_node_heartbeats_and_runs_wasm_jobs_against_a_real_hub(
         assert alice.wallet()["balance"] == "99.994446" and alice.wallet()["held"] == "0"
         assert hub.admin.request("GET", "/api/v1/ledger/audit")["balanced"]
         assert "job " + fib["id"] + " completed" in node.output()
+        # small file jobs too: reads /inputs, writes /outputs, through wasm3-run
+        from tests.e2e.test_file_jobs import get
+
+        module = (wasm_fixtures / "upper.wasm").read_bytes()
+        text = b"a board reads and writes files\n"
+        spec = {
+            "engine": {"type": "wasm", "module": "base64:" + b64(module)},
+            "timeout": 20,
+            "inputs": [{"path": "in.txt", "ref": "base64:" + b64(text)}],
+            "outputs": True,
+        }
+        job = alice.wait(alice.submit(spec)["id"], timeout_s=60)  # fmt: skip
+        assert job["state"] == "completed" and job["node"] == first["id"], job
+        assert job["result"]["stdout"] == f"upper: {len(text)}\n"
+        (out,) = job["result"]["outputs"]
+        assert out["path"] == "out.txt" and get(alice, out["url"])[1] == text.upper()
+        assert not list((tmp_path / "mp1" / "jobfiles").iterdir())
     finally:
         if node is not None:
             node.stop()
