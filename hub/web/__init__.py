@@ -45,6 +45,7 @@ def add_routes(app: web.Application) -> None:
     r.add_post("/jobs", pages.submit_job)
     r.add_get("/jobs/{job_id}", pages.job_page)
     r.add_get("/jobs/{job_id}/output", pages.job_output)
+    r.add_get("/jobs/{job_id}/files/{path:.+}", pages.job_file)
     r.add_post("/jobs/{job_id}/cancel", pages.cancel_job)
     r.add_get("/wallet", pages.wallet_page)
     r.add_get("/wallet/history.csv", pages.wallet_csv)

@@ -13,6 +13,7 @@ import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp_jinja2
 from aiohttp import web
@@ -274,6 +275,11 @@ async def job_page(request: web.Request, who: Identity) -> Context:
         "owner_name": owner["name"] if owner else row["owner"],
         "submitted": bool(request.query.get("submitted")),
         "spec_json": json.dumps(job["spec"], indent=2),
+        "outputs": [
+            {**f, "href": f"/jobs/{row['id']}/files/{quote(f['path'])}"}
+            for f in result.get("outputs") or []
+        ],
+        "inputs": job["spec"].get("inputs") or [],
     }
 
 
@@ -287,6 +293,26 @@ async def job_output(request: web.Request) -> web.Response:
         content_type="text/plain",
         headers={"Content-Disposition": f'attachment; filename="{job["id"]}.{stream}.txt"'},
     )
+
+
+async def job_file(request: web.Request) -> web.Response:
+    """A file the job wrote under /outputs, for the signed-in owner (as the API's
+    /api/v1/jobs/{id}/outputs/{path} gives it to a token)."""
+    who = session.require(request)
+    row = _visible_job(request, who)
+    path = request.match_info["path"]
+    data = services(request).store.job_file(row["id"], "output", path)
+    if data is None:
+        gone = row["outputs_expired_at"] is not None
+        raise not_found(f"the outputs of job {row['id']} expired" if gone
+                        else f"job {row['id']} has no output {path}")  # fmt: skip
+    name = path.rsplit("/", 1)[-1].replace('"', "")
+    return web.Response(
+        body=data,
+        content_type="application/octet-stream",
+        headers={"Content-Disposition": f'attachment; filename="{name}"',
+                 "X-Content-Type-Options": "nosniff"},
+    )  # fmt: skip
 
 
 async def cancel_job(request: web.Request) -> web.Response:

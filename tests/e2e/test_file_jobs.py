@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 
 import wasm_jobs
 from deparrow.client import Client
@@ -84,6 +85,18 @@ def test_a_file_job_reads_inputs_and_its_outputs_come_back(
         assert status == 404
         # nothing of the job is left on the node's disk
         assert list((tmp_path / "n" / "jobfiles").iterdir()) == []
+        # the job's page lists the files, and a signed-in owner downloads them there
+        web = requests.Session()
+        web.post(hub.url + "/signin", data={"token": alice.token}, timeout=10).raise_for_status()
+        page = web.get(f"{hub.url}/jobs/{job['id']}", timeout=10).text
+        first = result["outputs"][0]
+        href = f"/jobs/{job['id']}/files/{first['path']}"
+        assert f'href="{href}"' in page and "Files it wrote" in page
+        got = web.get(hub.url + href, timeout=10)
+        assert (
+            got.status_code == 200
+            and got.content == (DATA / "expected" / first["path"]).read_bytes()
+        )
     finally:
         node.stop()
 
