@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import posixpath
@@ -52,11 +53,11 @@ WATCH_S = jobfiles.CHECK_MS / 1000  # how often a local file job's /outputs is m
 
 
 class FileArgError(click.BadParameter):
-    """A --file value that cannot be given to a job; exit_code 66 when it cannot be read."""
+    """A --file value that cannot be given to a job; code: 66 when it cannot be read, else 2."""
 
-    def __init__(self, message: str, exit_code: int = 2) -> None:
+    def __init__(self, message: str, code: int = 2) -> None:
         super().__init__(message, param_hint="--file")
-        self.exit_code = exit_code
+        self.code = code
 
 
 def _file_name(name: str, value: str) -> str:
@@ -93,14 +94,14 @@ def _files_below(top: Path, warn: Callable[[str], None] | None) -> list[tuple[st
                 entries = sorted(it, key=lambda e: e.name)
         except OSError as e:
             raise FileArgError(f"cannot read {folder}: {e.strerror}", 66) from None
-        for e in entries:
-            if e.is_dir(follow_symlinks=False):
-                walk(Path(e.path), rel + e.name + "/")
-            elif e.is_file(follow_symlinks=False):
-                found.append((rel + e.name, Path(e.path)))
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                walk(Path(entry.path), rel + entry.name + "/")
+            elif entry.is_file(follow_symlinks=False):
+                found.append((rel + entry.name, Path(entry.path)))
             elif warn is not None:
-                what = "a symlink, not followed" if e.is_symlink() else "not a regular file"
-                warn(f"--file: skipped {e.path} ({what})")
+                what = "a symlink, not followed" if entry.is_symlink() else "not a regular file"
+                warn(f"--file: skipped {entry.path} ({what})")
 
     walk(top, "")
     return found
@@ -186,10 +187,8 @@ def save_output(dest: str, path: str, data: bytes) -> str:
             f.write(data)
         os.replace(tmp, target)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             os.remove(tmp)
-        except OSError:
-            pass
         raise
     return target
 
@@ -212,6 +211,10 @@ def _parse_dirs(values: tuple[str, ...]) -> list[dict[str, Any]]:
             )
         dirs.append({"host": host, "guest": guest, "write": True})
     return dirs
+
+
+def _warn(line: str) -> None:
+    click.echo(f"edge-run: {line}", err=True)
 
 
 def _parse_env(values: tuple[str, ...]) -> dict[str, str]:
@@ -251,6 +254,25 @@ def _parse_env(values: tuple[str, ...]) -> dict[str, str]:
     "(default: HOST's absolute path), as `wasmtime run --dir` does (repeat).",
 )
 @click.option(
+    "--file",
+    "files",
+    multiple=True,
+    metavar="PATH[=NAME]",
+    help="wasmtime/wasm3-run: give the job the file PATH, read-only, at /inputs/NAME (default "
+    "NAME: PATH's base name; it may name folders, as data/a.txt). A directory gives every "
+    "regular file below it at /inputs/NAME/... (NAME '.': at /inputs itself), symlinks not "
+    "followed. Makes it a file job: it gets /inputs and /outputs, as on a node (repeat).",
+)
+@click.option(
+    "--outputs",
+    "outputs_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    metavar="DIR",
+    help="wasmtime/wasm3-run: copy what the job writes under /outputs into DIR (made if "
+    "missing) when it ends, within a node's default caps (16 MiB, 64 files).",
+)
+@click.option(
     "--timeout",
     type=float,
     default=60.0,
@@ -279,6 +301,8 @@ def job_cmd(
     input_path: Path | None,
     env: tuple[str, ...],
     dirs: tuple[str, ...],
+    files: tuple[str, ...],
+    outputs_dir: Path | None,
     timeout: float,
     memory: int,
     invoke: str | None,
@@ -293,6 +317,7 @@ def job_cmd(
     edge-run job --engine docker localhost/deparrow/busybox -- sh -c 'echo hi'
     edge-run job --engine native -- sh -c 'echo hi'     (TARGET is the command)
     edge-run job --engine wasmtime --dir data::/data tool.wasm -- /data/in.txt
+    edge-run job --engine wasmtime --file words.txt --outputs out wordfreq.wasm
 
     Arguments after `--` go to the job (argv for a WASI program, integers for --invoke, the
     command line in a container or sandbox).
@@ -310,23 +335,42 @@ def job_cmd(
         fail("--invoke calls a Wasm export; it does not apply to --engine " + engine, 2)
     if network and engine not in ("docker", "native"):
         fail("--network applies to --engine docker or native; Wasm jobs have no network", 2)
-    if dirs and engine not in FILE_ENGINES:
+    file_job = bool(files) or outputs_dir is not None
+    if (dirs or file_job) and engine not in FILE_ENGINES:
+        flag = "--dir" if dirs else "--file" if files else "--outputs"
         fail(
-            f"--dir: the {engine} engine gives a job no files; use --engine wasmtime or "
+            f"{flag}: the {engine} engine gives a job no files; use --engine wasmtime or "
             "--engine wasm3-run",
             2,
         )
+    if outputs_dir is not None and outputs_dir.exists() and not outputs_dir.is_dir():
+        fail(f"--outputs: {outputs_dir} is not a directory", 2)
     stdin = b""
     if input_path is not None:
         try:
             stdin = input_path.read_bytes()
         except OSError as e:
             fail(f"cannot read {input_path}: {e.strerror}", 66)
+    inputs: list[tuple[str, bytes]] = []
     try:
         env_map = _parse_env(env)
         job_dirs = _parse_dirs(dirs)
+        for name, source in file_inputs(files, warn=_warn):
+            assert isinstance(source, Path)  # refs are refused without refs=True
+            inputs.append((name, source.read_bytes()))
+    except FileArgError as e:
+        fail(e.format_message(), e.code)
     except click.BadParameter as e:
         fail(e.format_message(), 2)
+    except OSError as e:
+        fail(f"cannot read {e.filename}: {e.strerror}", 66)
+    for d in job_dirs if file_job else []:
+        if d["guest"] in (jobfiles.INPUTS, jobfiles.OUTPUTS):
+            fail(
+                f"--dir: {d['guest']} is where a file job gets its --file inputs and "
+                "--outputs; give that directory another GUEST",
+                2,
+            )
     spec: dict[str, Any] = {
         "job_id": "local",
         "env": env_map,
@@ -382,16 +426,50 @@ def job_cmd(
         except Exception as e:  # no sandbox here: say so, never run unsandboxed silently
             fail(str(e), 69)
     started = time.monotonic()
+    base = tempfile.mkdtemp(prefix="edge-run-files-") if file_job else None
+    saved: list[tuple[str, int]] = []
     try:
+        if base is not None:
+            try:  # /inputs and /outputs first: WASI fds 3 and 4, as on a node
+                root, prepared = jobfiles.prepare(base, "job", inputs)
+            except (OSError, ValueError) as e:
+                fail(f"cannot lay out the job's files under {base}: {e}", 70)
+            spec["dirs"] = prepared + job_dirs
         with executor:
-            outcome = executor.run(spec)
+            if base is None:
+                outcome = executor.run(spec)
+            else:
+                outcome = _run_file_job(executor, spec, root + "/out")
+        if base is not None and not (outcome.get("error") or "").startswith("output limit"):
+            try:
+                saved = _keep_outputs(root + "/out", outputs_dir)
+            except jobfiles.OutputLimit as e:
+                outcome = {**outcome, "status": "failed", "error": _local(e)}
+            except (OSError, ValueError) as e:
+                fail(f"cannot copy the job's outputs into {outputs_dir}: {e}", 73)
     finally:
         if workdir is not None:
             workdir.cleanup()
+        if base is not None:
+            jobfiles.remove_tree(base)
     sys.stdout.buffer.write(outcome.get("stdout") or b"")
     sys.stdout.flush()
     sys.stderr.buffer.write(outcome.get("stderr") or b"")
     sys.stderr.flush()
+    if saved and outputs_dir is None:
+        click.echo(
+            f"edge-run: the job wrote {len(saved)} files under /outputs; give --outputs DIR "
+            "to keep them",
+            err=True,
+        )
+    elif outputs_dir is not None:
+        for path, size in saved:
+            click.echo(f"edge-run: saved {path} ({size} bytes)", err=True)
+        total = sum(size for _, size in saved)
+        files_ = "file" if len(saved) == 1 else "files"
+        click.echo(
+            f"edge-run: {len(saved)} output {files_}, {total} bytes, in {outputs_dir}", err=True
+        )
     if outcome["status"] != "completed":
         error = outcome.get("error") or "failed"
         kind = error.split(":", 1)[0].split(" (", 1)[0]
@@ -402,3 +480,46 @@ def job_cmd(
     if invoke is not None and outcome.get("returns") is not None:
         click.echo(" ".join(str(v) for v in outcome["returns"]))
     sys.exit(int(outcome.get("exit_code") or 0))
+
+
+def _default_caps() -> dict[str, Any]:
+    caps = jobfiles.limits()
+    assert caps is not None  # None only where a node's preferences turn file jobs off
+    return caps
+
+
+def _local(limit: jobfiles.OutputLimit) -> str:
+    return str(limit).replace("this node's cap", "a node's default cap, as edge-run takes")
+
+
+def _run_file_job(executor: Any, spec: dict[str, Any], out_dir: str) -> dict[str, Any]:
+    """Run a file job as a node does: /outputs measured while it runs, the job stopped with
+    "output limit" once it is past a node's default caps."""
+    caps = _default_caps()
+    handle = executor.submit(spec)
+    check = time.monotonic() + WATCH_S
+    while True:
+        outcome: dict[str, Any] | None = executor.poll(handle)
+        if outcome is not None:
+            return outcome
+        if time.monotonic() >= check:
+            check = time.monotonic() + WATCH_S
+            try:
+                jobfiles.measure(out_dir, caps)
+            except jobfiles.OutputLimit as e:
+                executor.cancel(handle)
+                return {"status": "failed", "exit_code": None, "error": _local(e)}
+            except OSError:
+                pass  # the job is changing it under us: measured again next time
+        time.sleep(0.005)
+
+
+def _keep_outputs(out_dir: str, dest: Path | None) -> list[tuple[str, int]]:
+    """The job's outputs (within a node's default caps) copied into dest when there is one:
+    [(path, size)]. Raises jobfiles.OutputLimit past the caps."""
+    files = jobfiles.collect(out_dir, _default_caps())
+    if dest is not None:
+        os.makedirs(dest, exist_ok=True)
+        for f in files:
+            save_output(str(dest), f["path"], f["data"])
+    return [(f["path"], f["size"]) for f in files]

@@ -17,11 +17,13 @@ from aiohttp import web
 from hub import web as dashboard
 from hub.agents.registry import Agents
 from hub.api import agents, http, routes
+from hub.api.jobs import fetch_inputs
 from hub.api.services import SERVICES, Services
 from hub.config import HubConfig
 from hub.ledger.ledger import Ledger
 from hub.market.jobs import Jobs
 from hub.market.scheduler import Scheduler
+from hub.market.spec import JobSpec
 from hub.mqtt import logins
 from hub.mqtt.broker import ChildBroker, choose, free_port
 from hub.store import passwords
@@ -112,6 +114,12 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
         agents=services.agents,
     )
     bridge.writer = services.writer  # one durable commit for messages and API writes
+
+    async def fetch(spec: JobSpec) -> JobSpec:
+        return await fetch_inputs(services, spec)
+
+    bridge.messages.fetch_inputs = fetch  # an agent's https:// inputs, fetched off the batch
+    bridge.messages.requeue = bridge.requeue
     if hub_password is not None:
         bridge.client.username_pw_set(logins.HUB_USER, hub_password)
     try:

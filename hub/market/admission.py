@@ -81,7 +81,7 @@ def resolve_inputs(store: Store, spec: JobSpec, limit: int) -> list[tuple[str, s
         seen.add(f.path)
         if f.ref.startswith(("https:", "http:")):
             raise JobError(
-                f"{field}.ref: a URL is fetched by the hub's REST API (POST /api/v1/jobs);"
+                f"{field}.ref: a URL is fetched by a running hub before it admits the job;"
                 " here, upload the file first (sha256:) or inline it (base64:)",
                 field + ".ref",
             )

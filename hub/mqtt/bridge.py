@@ -247,6 +247,10 @@ class Bridge:
             )
             self._overflow_logged, self._overflow_unlogged = now, 0
 
+    def requeue(self, topic: str, payload: bytes | bytearray) -> None:
+        """Put a message back in the inbox (a submit whose inputs were fetched meanwhile)."""
+        self._put(topic, payload)
+
     def _put(self, topic: str, payload: bytes | bytearray) -> None:
         """Queue an item for the consumer (on the loop's thread, like everything here)."""
         self._inbox.append((topic, payload))

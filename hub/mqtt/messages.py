@@ -13,10 +13,11 @@ in a savepoint, and what this decides goes out through the callbacks it gives (`
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -72,6 +73,11 @@ class Messages:
         self.dispatch = dispatch
         self._drop = drop
         self._resent: dict[str, float] = {}  # job id -> when its assignment was last re-sent
+        # Fetches a spec's https:// inputs (hub/api/jobs.py's fetch_inputs; the app sets it):
+        # a submit that names URLs is answered once they are fetched, off the batch.
+        self.fetch_inputs: Callable[[JobSpec], Awaitable[JobSpec]] | None = None
+        self.requeue: Callable[[str, bytes], None] | None = None  # back into the inbox
+        self._fetching: set[asyncio.Task[None]] = set()
 
     # --- what goes to the nodes ------------------------------------------------------------
     def schedule(self) -> int:
@@ -262,6 +268,33 @@ class Messages:
         if len(self._resent) > 10_000:
             self._resent.clear()
 
+    def _fetch_then_submit(
+        self,
+        topic: str,
+        req: wire.Submit,
+        spec: JobSpec,
+        answer: Callable[[bool, dict[str, Any]], str],
+    ) -> None:
+        """Fetch the URLs of a submit's inputs off the batch, then put the submit back in the
+        inbox with `sha256:` references in their place (it is handled as any other), or
+        answer the error."""
+        fetch, requeue = self.fetch_inputs, self.requeue
+        assert fetch is not None and requeue is not None
+
+        async def fetch_and_requeue() -> None:
+            try:
+                fetched = await fetch(spec)
+            except JobError as e:
+                answer(False, {"error": str(e), "field": e.field, "status": 400})
+                return
+            again = {"v": req.v, "request_id": req.request_id, "token": req.token,
+                     "spec": msgspec.to_builtins(fetched)}  # fmt: skip
+            requeue(topic, msgspec.json.encode(again))
+
+        task = asyncio.get_running_loop().create_task(fetch_and_requeue())
+        self._fetching.add(task)
+        task.add_done_callback(self._fetching.discard)
+
     def _on_submit(self, topic: str, agent_id: str, payload: bytes | bytearray) -> str:
         try:
             req = msgspec.json.decode(payload, type=wire.Submit)
@@ -283,6 +316,11 @@ class Messages:
                 False,
                 {"error": f"invalid job spec: {e}", "field": error_field(str(e)), "status": 400},
             )
+        if self.fetch_inputs is not None and any(
+            f.ref.startswith(("https:", "http:")) for f in spec.inputs
+        ):
+            self._fetch_then_submit(topic, req, spec, answer)
+            return "submit: fetching its inputs"
         try:
             job = self.jobs.submit(agent_id, spec, submit_key="mqtt:" + req.request_id)
         except InsufficientFunds as e:
