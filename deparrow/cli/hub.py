@@ -77,6 +77,32 @@ from deparrow.cli.context import die
     type=click.IntRange(1, 100),
     help="Attempts of a job its nodes may lose (offline, silent, crashed) before it fails.",
 )
+@click.option(
+    "--output-retention",
+    default=7 * 86400.0,
+    show_default=True,
+    type=click.FloatRange(60),
+    help="Seconds a finished job's files are kept; then they expire.",
+)
+@click.option(
+    "--max-files",
+    "max_files_mb",
+    default=16,
+    show_default=True,
+    type=click.IntRange(1, 16),
+    help="MiB of input files a job may have, all together.",
+)
+@click.option(
+    "--fetch-private",
+    is_flag=True,
+    help="Let https:// inputs come from private and loopback addresses (a test network).",
+)
+@click.option(
+    "--fetch-ca",
+    default=None,
+    type=click.Path(exists=True, dir_okay=False),
+    help="A PEM file of CAs to trust for https:// inputs, besides the system's.",
+)
 @click.option("-v", "--verbose", is_flag=True)
 def hub_cmd(
     host: str,
@@ -91,6 +117,10 @@ def hub_cmd(
     queue_ttl: float,
     service_period: int,
     max_attempts: int,
+    output_retention: float,
+    max_files_mb: int,
+    fetch_private: bool,
+    fetch_ca: str | None,
     verbose: bool,
 ) -> None:
     """Run the hub: REST API, ledger, scheduler, MQTT bridge and web page."""
@@ -127,6 +157,10 @@ def hub_cmd(
         queue_ttl_s=queue_ttl,
         service_period_s=service_period,
         max_attempts=max_attempts,
+        output_retention_s=output_retention,
+        max_files_bytes=max_files_mb * 1024 * 1024,
+        fetch_allow_private=fetch_private,
+        fetch_ca_file=fetch_ca,
     )
     try:
         app = create_app(config)
