@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
 from typing import Any
+from urllib.parse import quote
+
+from edge.cli_job import save_output
 
 # The states a job ends in, as the REST API reports them (the job lifecycle in
 # docs/protocol.md). The client keeps its own copy so it never imports the server;
 # tests/test_cli.py checks it against hub.market.spec.TERMINAL_STATES.
 TERMINAL_STATES = ("completed", "failed", "cancelled")
+UPLOAD_CHUNK = 256 * 1024  # bytes sent between two calls of an upload's progress
 
 
 class HubError(Exception):
@@ -63,12 +70,25 @@ class Client:
         elif body is not None:
             data = json.dumps(body).encode()
             hdrs["Content-Type"] = "application/json"
+        payload, _ = self._send(method, path, data, hdrs, auth)
+        return json.loads(payload) if payload else None
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        data: bytes | Iterator[bytes] | None = None,
+        headers: dict[str, str] | None = None,
+        auth: bool = True,
+    ) -> tuple[bytes, dict[str, str]]:
+        """One request: the answer's body and headers, or HubError with the hub's message."""
+        hdrs = dict(headers or {})
         if auth:
             hdrs["Authorization"] = "Bearer " + self.jwt()
         req = urllib.request.Request(self.hub + path, data=data, method=method, headers=hdrs)
         try:
             with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
-                payload = resp.read()
+                return resp.read(), dict(resp.headers)
         except urllib.error.HTTPError as e:
             try:
                 err = json.loads(e.read())
@@ -78,7 +98,6 @@ class Client:
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", e)
             raise HubError(f"cannot reach the hub at {self.hub}: {reason}") from None
-        return json.loads(payload) if payload else None
 
     def jwt(self) -> str:
         if self._jwt and time.time() < self._jwt_exp - 30:
@@ -117,8 +136,24 @@ class Client:
         result: dict[str, Any] = self.request("GET", "/api/v1/ledger/audit")
         return result
 
-    def upload(self, data: bytes) -> str:
-        return str(self.request("POST", "/api/v1/blobs", raw=data)["ref"])
+    def upload(self, data: bytes, progress: Callable[[int, int], None] | None = None) -> str:
+        """Store data on the hub as a blob; returns its reference, "sha256:<hex>". progress,
+        when given, is called with (bytes sent, total) as the upload goes."""
+        if progress is None:
+            return str(self.request("POST", "/api/v1/blobs", raw=data)["ref"])
+
+        def chunks() -> Iterator[bytes]:
+            view = memoryview(data)
+            for start in range(0, len(data), UPLOAD_CHUNK):
+                yield bytes(view[start : start + UPLOAD_CHUNK])
+                progress(min(start + UPLOAD_CHUNK, len(data)), len(data))
+
+        headers = {
+            "Content-Type": "application/octet-stream",
+            "Content-Length": str(len(data)),  # sent as it is, not chunked
+        }
+        payload, _ = self._send("POST", "/api/v1/blobs", chunks(), headers)
+        return str(json.loads(payload)["ref"])
 
     def submit(self, spec: dict[str, Any], idempotency_key: str | None = None) -> dict[str, Any]:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
@@ -128,6 +163,54 @@ class Client:
     def job(self, job_id: str) -> dict[str, Any]:
         result: dict[str, Any] = self.request("GET", f"/api/v1/jobs/{job_id}")
         return result
+
+    def output(self, job_id: str, path: str) -> bytes:
+        """The bytes of a file the job left under /outputs (path relative to /outputs),
+        checked against the digest the hub sends. HubError with the hub's message: 404 for a
+        path the job has no output at, 410 once the hub's retention of them is over."""
+        data, headers = self._send(
+            "GET", f"/api/v1/jobs/{quote(job_id, safe='')}/outputs/{quote(path)}"
+        )
+        digest = {k.lower(): v for k, v in headers.items()}.get("x-content-sha256")
+        if digest is not None and hashlib.sha256(data).hexdigest() != digest:
+            raise HubError(f"output {path} of job {job_id} arrived damaged (sha256 differs)")
+        return data
+
+    def download_outputs(
+        self,
+        job: dict[str, Any],
+        dest_dir: str | os.PathLike[str],
+        on_file: Callable[[str, int], None] | None = None,
+    ) -> list[tuple[str, int]]:
+        """Download the outputs a finished job lists (its view, from job() or wait()) into
+        dest_dir, made if missing, subfolders too: each checked against the size and sha256
+        the job lists and written through a temporary file renamed into place. on_file(path,
+        size) is called as each is saved. Returns [(path, size)].
+
+        Raises HubError: from the hub (410 once its retention of them is over), for bytes
+        that are not what the job lists, for a path that would land outside dest_dir (a
+        symlink there), or when the disk refuses. Files saved before the error stay."""
+        outputs = (job.get("result") or {}).get("outputs") or []
+        saved = []
+        for f in outputs:
+            data = self.output(str(job["id"]), f["path"])
+            if len(data) != f["size"] or hashlib.sha256(data).hexdigest() != f["sha256"]:
+                raise HubError(
+                    f"output {f['path']} of job {job['id']} is not the size and sha256 its "
+                    "job lists; nothing was written for it"
+                )
+            try:
+                os.makedirs(dest_dir, exist_ok=True)
+                save_output(os.fspath(dest_dir), f["path"], data)
+            except ValueError as e:
+                raise HubError(f"{e}: not saved") from None
+            except OSError as e:
+                where = e.filename or dest_dir
+                raise HubError(f"cannot save output {f['path']} at {where}: {e.strerror}") from None
+            saved.append((str(f["path"]), len(data)))
+            if on_file is not None:
+                on_file(f["path"], len(data))
+        return saved
 
     def jobs(self, state: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
         q = f"?limit={limit}" + (f"&state={state}" if state else "")

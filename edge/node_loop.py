@@ -83,6 +83,8 @@ def run_node(
     )
     from edge.core import jobfiles
 
+    # the executors keep their job directories under the node's own data directory
+    config = {**config, "data_dir": str(data_dir or default_data_dir())}
     caps = jobfiles.limits(prefs.get("files"))
     if caps is not None:  # file jobs' directories, emptied at start (edge/core/jobfiles.py)
         native = bool((prefs.get("native") or {}).get("enabled"))

@@ -83,10 +83,17 @@ def build_executors(config: dict[str, Any], warn: Callable[[str], None]) -> Any:
             executors["wasm"] = Wasm3CliExecutor(str(workdir))
         except (OSError, RuntimeError) as e:  # not built: tools/build-wasm3-runner.sh
             warn(f"wasm3-run unavailable ({e}); using wasm3")
+    for_files: dict[str, Any] = {}
     if "wasm" not in executors:
         from edge.executors.wasm3 import Wasm3Executor
 
         executors["wasm"] = Wasm3Executor(workers=1)
+        # pywasm3's WASI has no files; wasm3-run's (edge/native, in C) has: file jobs go
+        # there, the others stay on the warm worker (0.9 ms a small job against ~5 ms for
+        # a runner process; docs/jobs.md)
+        runner = _file_runner(config, warn)
+        if runner is not None:
+            for_files["wasm"] = runner
     docker = prefs.get("docker") or {}
     if docker.get("enabled"):
         ex = _docker_executor(docker, str(config["node_id"]), warn)
@@ -104,7 +111,28 @@ def build_executors(config: dict[str, Any], warn: Callable[[str], None]) -> Any:
             )
         except (NativeDisabled, SandboxUnavailable) as e:
             warn(f"native jobs off: {e}")
-    return ExecutorRouter(executors)
+    return ExecutorRouter(executors, for_files)
+
+
+def _file_runner(config: dict[str, Any], warn: Callable[[str], None]) -> Any:
+    """wasm3-run for the wasm jobs with files, or None (with a warning) where it is not built
+    or the owner turned file jobs off."""
+    files = (config.get("preferences") or {}).get("files") or {}
+    if files.get("enabled") is False:
+        return None
+    from edge.executors.wasm3_cli import Wasm3CliExecutor
+    from edge.node_config import default_data_dir
+
+    try:
+        workdir = Path(str(config.get("data_dir") or default_data_dir())) / "jobs"
+        workdir.mkdir(parents=True, exist_ok=True)
+        return Wasm3CliExecutor(str(workdir))
+    except (OSError, RuntimeError) as e:  # RunnerMissing: tools/build-wasm3-runner.sh
+        warn(
+            f"no file jobs on wasm3: {e} (build it with `make edge-native`, or set"
+            ' "wasm_engine": "wasmtime" with deparrow[full])'
+        )
+        return None
 
 
 def _docker_executor(docker: dict[str, Any], node_id: str, warn: Callable[[str], None]) -> Any:

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 import sys
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
 from deparrow.cli.context import Ctx, die, emit, run_cli
-from deparrow.client import TERMINAL_STATES, Client
+from deparrow.client import TERMINAL_STATES, Client, HubError
+from edge.cli_job import FileArgError, file_inputs
+
+PROGRESS_BYTES = 1024 * 1024  # uploads from this size on show their progress
 
 
 @click.group("job")
@@ -43,6 +48,19 @@ def _print_job(job: dict[str, Any]) -> None:
             for line in result["stdout"].splitlines()[:50]:
                 click.echo("    " + line)
         click.echo(f"  time:   {result['wall_ms']} ms wall, {result['cpu_ms']} ms CPU")
+        outputs = result.get("outputs") or []
+        if outputs:
+            total = sum(int(f["size"]) for f in outputs)
+            gone = " (expired: the hub keeps them no more)" if job.get("outputs_expired_at") else ""
+            click.echo(f"  outputs: {_files(len(outputs))}, {total} bytes{gone}")
+            for f in outputs[:50]:
+                click.echo(f"    {f['path']}  {f['size']} bytes")
+            if len(outputs) > 50:
+                click.echo(f"    … and {len(outputs) - 50} more")
+
+
+def _files(n: int) -> str:
+    return f"{n} file" if n == 1 else f"{n} files"
 
 
 def _job_name(module: str) -> str:
@@ -59,6 +77,74 @@ def _ref(client: Client, value: str) -> str:
     except OSError as e:
         die(f"cannot read {value}: {e.strerror}", 66)
     return client.upload(data)
+
+
+def _upload_progress(name: str) -> Callable[[int, int], None]:
+    """A progress line on stderr for a large upload: redrawn in place on a terminal, else
+    printed at the start and at the end."""
+    tty = sys.stderr.isatty()
+    shown = [-1]
+
+    def show(sent: int, total: int) -> None:
+        percent = sent * 100 // total
+        if tty and percent != shown[0]:
+            end = "\n" if sent == total else ""
+            line = f"\ruploading {name}: {sent / 2**20:.1f} of {total / 2**20:.1f} MiB ({percent}%)"
+            click.echo(line, err=True, nl=False)
+            click.echo(end, err=True, nl=False)
+        elif not tty and (shown[0] < 0 or sent == total):
+            done = "uploaded" if sent == total else "uploading"
+            click.echo(f"{done} {name}: {total / 2**20:.1f} MiB", err=True)
+        shown[0] = percent
+
+    return show
+
+
+def _inputs(client: Client, values: tuple[str, ...]) -> list[dict[str, str]]:
+    """--file values as the spec's inputs: every local file read and checked first, then
+    uploaded (once per content); URLs and hub references go as they are."""
+    try:
+        chosen = file_inputs(
+            values, refs=True, warn=lambda line: click.echo(f"deparrow: {line}", err=True)
+        )
+    except FileArgError as e:
+        die(e.format_message(), e.code)
+    data: dict[str, bytes] = {}
+    for name, source in chosen:
+        if isinstance(source, Path):
+            try:
+                data[name] = source.read_bytes()
+            except OSError as e:
+                die(f"cannot read {source}: {e.strerror}", 66)
+    refs: dict[str, str] = {}
+    inputs = []
+    for name, source in chosen:
+        if not isinstance(source, Path):
+            inputs.append({"path": name, "ref": source})
+            continue
+        digest = hashlib.sha256(data[name]).hexdigest()
+        if digest not in refs:
+            big = len(data[name]) >= PROGRESS_BYTES
+            refs[digest] = client.upload(data[name], _upload_progress(name) if big else None)
+        inputs.append({"path": name, "ref": refs[digest]})
+    return inputs
+
+
+def _download(client: Client, job: dict[str, Any], dest: Path, err: bool) -> None:
+    """Save a finished job's outputs into dest: a line per file and a summary (on stderr
+    with err, when stdout carries --json)."""
+
+    def line(path: str, size: int) -> None:
+        click.echo(f"saved {path}  {size} bytes", err=err)
+
+    try:
+        saved = client.download_outputs(job, dest, on_file=line)
+    except HubError as e:
+        if e.status == 410:
+            die(f"{e}; run the job again to make them anew", 1)
+        raise
+    total = sum(size for _, size in saved)
+    click.echo(f"{_files(len(saved))}, {total} bytes, saved in {dest}", err=err)
 
 
 @job_group.command("run")
@@ -85,6 +171,26 @@ def _ref(client: Client, value: str) -> str:
 )
 @click.option("--memory", default=64, show_default=True, type=click.IntRange(1), help="MiB.")
 @click.option("--priority", type=click.Choice(["normal", "high"]), default="normal")
+@click.option(
+    "--file",
+    "files",
+    multiple=True,
+    metavar="PATH[=NAME]",
+    help="Give the job the file PATH, read-only, at /inputs/NAME (default NAME: PATH's base "
+    "name; it may name folders, as data/a.txt): uploaded first. A directory gives every "
+    "regular file below it at /inputs/NAME/... (NAME '.': at /inputs itself), symlinks not "
+    "followed; an https:// URL is fetched by the hub (a URL whose query has '=' needs "
+    "=NAME after it). Makes it a file job: it runs on nodes that give jobs files (repeat).",
+)
+@click.option(
+    "--outputs",
+    "outputs_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    metavar="DIR",
+    help="Collect what the job writes under /outputs and download it into DIR (made if "
+    "missing) when the job ends. Implies --wait.",
+)
 @click.option("--name", default=None)
 @click.option("--wait", is_flag=True, help="Wait for the result and print it.")
 @click.option("--json", "as_json", is_flag=True)
@@ -101,6 +207,8 @@ def job_run(
     cpu: float,
     memory: int,
     priority: str,
+    files: tuple[str, ...],
+    outputs_dir: Path | None,
     name: str | None,
     wait: bool,
     as_json: bool,
@@ -109,9 +217,15 @@ def job_run(
 
     Arguments after `--` go to the job. The price is computed by the hub; the maximum is held
     from your wallet until the job settles.
+
+    \b
+    deparrow job run example:fib --invoke fib --wait -- 25
+    deparrow job run wordfreq.wasm --file words.txt --file texts/ --outputs out
     """
     if not math.isfinite(cpu):
         die("--cpu must be a number of CPUs, like 1 or 0.5", 2)
+    if outputs_dir is not None and outputs_dir.exists() and not outputs_dir.is_dir():
+        die(f"--outputs: {outputs_dir} is not a directory", 2)
     client = obj.client()
     env_map = {}
     for item in env:
@@ -134,6 +248,11 @@ def job_run(
     }
     if input_path:
         spec["input"] = _ref(client, input_path)
+    if files:
+        spec["inputs"] = _inputs(client, files)
+    if outputs_dir is not None:
+        spec["outputs"] = True
+        wait = True
     # A key per invocation: if the answer is lost and the request retried, one job, one hold.
     submitted = client.submit(spec, idempotency_key=str(uuid.uuid4()))
     if not wait:
@@ -151,6 +270,11 @@ def job_run(
         emit(job)
     else:
         _print_job(job)
+    if outputs_dir is not None:
+        if (job.get("result") or {}).get("outputs"):
+            _download(client, job, outputs_dir, err=as_json)
+        else:
+            click.echo("no outputs: the job left no files under /outputs", err=True)
     if job["state"] != "completed":
         sys.exit(1)
     sys.exit(int((job.get("result") or {}).get("exit_code") or 0))  # the job's own exit code
@@ -165,6 +289,43 @@ def job_get(obj: Ctx, job_id: str, as_json: bool) -> None:
     """Show a job: state, result, cost, node, timings."""
     job = obj.client().job(job_id)
     emit(job) if as_json else _print_job(job)
+
+
+@job_group.command("outputs")
+@click.argument("job_id")
+@click.argument("dest", metavar="DIR", type=click.Path(file_okay=False, path_type=Path))
+@click.pass_obj
+@run_cli
+def job_outputs(obj: Ctx, job_id: str, dest: Path) -> None:
+    """Download the files a finished job left under /outputs into DIR (made if missing).
+
+    Each is checked against the sha256 the job lists and written whole or not at all; the
+    hub keeps them for a while after the job ends (410 after that).
+    """
+    client = obj.client()
+    job = client.job(job_id)
+    spec = job.get("spec") or {}
+    if not (spec.get("inputs") or spec.get("outputs")):
+        die(
+            f"job {job_id} is not a file job, so it has no outputs: submit it with "
+            "`deparrow job run --outputs DIR` to collect what it writes under /outputs",
+            1,
+        )
+    if job["state"] not in TERMINAL_STATES:
+        die(
+            f"job {job_id} is {job['state']}: its outputs can be downloaded once it has "
+            f"finished (`deparrow job get {job_id}` shows where it is)",
+            1,
+        )
+    if dest.exists() and not dest.is_dir():
+        die(f"{dest} is not a directory", 2)
+    if not (job.get("result") or {}).get("outputs"):
+        if job["state"] != "completed":
+            why = f": {job['reason']}" if job.get("reason") else ""
+            die(f"job {job_id} {job['state']}{why}; it left no outputs", 1)
+        click.echo(f"job {job_id} left no files under /outputs: nothing to download")
+        return
+    _download(client, job, dest, err=False)
 
 
 @job_group.command("list")

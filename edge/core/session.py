@@ -43,6 +43,8 @@ def network_engines(executor):
 def file_engines(executor):
     """The engines whose executor gives a job files (its "dirs": wasmtime, wasm3-run, docker,
     native; pywasm3's worker does not)."""
+    if hasattr(executor, "file_engines"):  # a router: it knows which engines have them
+        return executor.file_engines()
     by_engine = getattr(executor, "by_engine", None)
     if by_engine is None:
         by_engine = {engine: executor for engine in executor.engines}

@@ -8,17 +8,28 @@ resume, job_pids) are passed on to the executors that have them.
 
 
 class ExecutorRouter:
-    def __init__(self, executors):
-        """executors: {engine name: executor}; one executor may serve several names."""
+    def __init__(self, executors, for_files=None):
+        """executors: {engine name: executor}; one executor may serve several names.
+        for_files: {engine name: executor} for the jobs of that engine that have files (a
+        job with "dirs"), where its own executor has none: the pywasm3 worker runs wasm jobs
+        without files, wasm3-run (whose WASI has the filesystem) those with."""
         if not executors:
             raise ValueError("the router needs at least one executor")
         self.by_engine = dict(executors)
+        self.for_files = dict(for_files or {})
         self.engines = tuple(sorted(self.by_engine))
         self._owner = {}  # id(handle) -> (executor, handle)
 
+    def file_engines(self):
+        """The engines whose jobs may have files here."""
+        return sorted(
+            e for e, ex in self.by_engine.items()
+            if e in self.for_files or getattr(ex, "takes_files", False) is True
+        )  # fmt: skip
+
     def _unique(self):
         seen, out = set(), []
-        for ex in self.by_engine.values():
+        for ex in list(self.by_engine.values()) + list(self.for_files.values()):
             if id(ex) not in seen:
                 seen.add(id(ex))
                 out.append(ex)
@@ -26,7 +37,8 @@ class ExecutorRouter:
 
     def submit(self, job):
         engine = job.get("engine") or "wasm"
-        ex = self.by_engine.get(engine)
+        ex = self.for_files.get(engine) if job.get("dirs") else None
+        ex = ex or self.by_engine.get(engine)
         if ex is None:
             raise ValueError("no executor for engine " + repr(engine))
         handle = ex.submit(job)
