@@ -9,6 +9,7 @@ and `<!-- result -->` before a fenced json block; `<!-- refusals -->` before a l
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 import msgspec
 import pytest
 
+import wasm_jobs
 from edge.core import protocol
 from hub.api.services import Services
 from hub.app import open_services
@@ -28,7 +30,7 @@ from hub.market.spec import JobSpec
 from tests.hub.test_earnings import add_node
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "jobs.md"
-MARKS = ("spec", "refused", "answer", "result")
+MARKS = ("spec", "refused", "answer", "result")  # and "outputs" before a text block
 # A Markdown code span: a run of backticks, its text, the same run again.
 CODE = re.compile(r"(?<!`)(`+)(?!`)(.+?)(?<!`)\1(?!`)")
 
@@ -141,3 +143,18 @@ def test_the_result_is_what_the_hub_stores(services: Services) -> None:
     row = services.store.job(job["id"])
     assert row is not None and row["state"] == "completed"
     assert json.loads(row["result"]) == quoted
+
+
+def test_the_outputs_listed_are_what_wordfreq_writes() -> None:
+    """The file job's listing: each file, its size and the start of its sha256, as the
+    wordfreq job writes them (tests/e2e/test_file_jobs.py runs it through a hub)."""
+    block = re.search(r"<!-- outputs -->\s*```text\n(.*?)```", doc(), re.S)
+    assert block is not None
+    expected = Path(wasm_jobs.__file__).parent / "data" / "wordfreq" / "expected"
+    rows = [line.split() for line in block.group(1).splitlines()]
+    assert [r[0] for r in rows] == sorted(p.name for p in expected.iterdir())
+    for name, size, _, _, digest, _, url in rows:
+        data = (expected / name).read_bytes()
+        assert int(size) == len(data)
+        assert hashlib.sha256(data).hexdigest().startswith(digest.rstrip("…"))
+        assert url == f"/api/v1/jobs/j_…/outputs/{name}"
