@@ -157,7 +157,7 @@ def start_node(hub: Any, owner: Any, engine: str, tmp: Path) -> tuple[Any, dict[
             60,
             [node, hub.proc],
         )
-        if "unavailable" in node.output():  # it fell back to wasm3, which takes no files
+        if "unavailable" in node.output():  # it fell back to the default engine (pywasm3)
             raise RuntimeError(f"{name} is not on {engine}:\n{node.tail()}")
     except BaseException:
         node.stop()
