@@ -333,9 +333,8 @@ async def test_a_file_job_goes_only_to_a_node_that_takes_its_files(make_hub: Mak
     docker_only = {**FILES, "engines": ["docker"]}
     other = await hub.enroll(owner, files=docker_only, engines=("wasm", "docker"))
     assert json.loads(hub.services.store.node(other.id)["files"]) == docker_only  # from its hello
-    hub.bridge.dispatch()
-    await eventually("a pass", lambda: reason().startswith(no_files))
-    assert hub.job_state(job_id) == "queued"
+    # Its hello's batch ran a scheduling pass (the node is idle once that batch is in).
+    assert reason().startswith(no_files) and hub.job_state(job_id) == "queued"
 
     # A node that takes wasm file jobs, one byte too few of them: the reason says the bytes.
     small = await hub.enroll(owner, files={**FILES, "max_input_bytes": 999})
@@ -402,7 +401,7 @@ async def test_inputs_go_out_with_the_assignment_and_outputs_come_back(make_hub:
     # Settled: the owner paid the job's cost, once.
     balance, held = await hub.wallet(alice)
     assert held == 0 and view["cost"] is not None
-    assert before - balance == int(round(float(view["cost"]) * 1_000_000)) > 0
+    assert before - balance == round(float(view["cost"]) * 1_000_000) > 0
     assert hub.services.ledger.audit().balanced
 
     for f, data in [(result["outputs"][0], counts), (result["outputs"][1], summary)]:
@@ -463,7 +462,9 @@ async def test_a_result_whose_output_bytes_do_not_match_is_dropped(
     dropped = hub.bridge.dropped
     node.send(protocol.RESULT, result)
     await eventually("the result dropped", lambda: hub.bridge.dropped > dropped)
-    assert dropped_for(caplog, "result outputs: out.txt: its bytes are not the size and sha256 it says")
+    assert dropped_for(
+        caplog, "result outputs: out.txt: its bytes are not the size and sha256 it says"
+    )
     job = hub.services.store.job(job_id)
     assert job["state"] == "running" and job["result"] is None
     assert hub.files(job_id, "output") == []
