@@ -266,7 +266,7 @@ def _parse_env(values: tuple[str, ...]) -> dict[str, str]:
 @click.option(
     "--outputs",
     "outputs_dir",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=click.Path(path_type=Path),
     default=None,
     metavar="DIR",
     help="wasmtime/wasm3-run: copy what the job writes under /outputs into DIR (made if "
@@ -427,7 +427,8 @@ def job_cmd(
             fail(str(e), 69)
     started = time.monotonic()
     base = tempfile.mkdtemp(prefix="edge-run-files-") if file_job else None
-    saved: list[tuple[str, int]] = []
+    saved: list[tuple[str, int]] | None = None  # None: not collected (not a file job, a limit)
+    unsaved = None  # why the outputs could not be copied into --outputs DIR
     try:
         if base is not None:
             try:  # /inputs and /outputs first: WASI fds 3 and 4, as on a node
@@ -440,13 +441,14 @@ def job_cmd(
                 outcome = executor.run(spec)
             else:
                 outcome = _run_file_job(executor, spec, root + "/out")
-        if base is not None and not (outcome.get("error") or "").startswith("output limit"):
+        limited = (outcome.get("error") or "").startswith(jobfiles.OUTPUT_LIMIT)
+        if base is not None and not limited:
             try:
                 saved = _keep_outputs(root + "/out", outputs_dir)
             except jobfiles.OutputLimit as e:
                 outcome = {**outcome, "status": "failed", "error": _local(e)}
             except (OSError, ValueError) as e:
-                fail(f"cannot copy the job's outputs into {outputs_dir}: {e}", 73)
+                unsaved = f"cannot copy the job's outputs into {outputs_dir}: {e}"
     finally:
         if workdir is not None:
             workdir.cleanup()
@@ -456,19 +458,22 @@ def job_cmd(
     sys.stdout.flush()
     sys.stderr.buffer.write(outcome.get("stderr") or b"")
     sys.stderr.flush()
+    if unsaved is not None:
+        fail(unsaved, 73)
     if saved and outputs_dir is None:
         click.echo(
-            f"edge-run: the job wrote {len(saved)} files under /outputs; give --outputs DIR "
+            f"edge-run: the job wrote {_files(len(saved))} under /outputs; give --outputs DIR "
             "to keep them",
             err=True,
         )
-    elif outputs_dir is not None:
+    elif outputs_dir is not None and saved == []:
+        click.echo("edge-run: no outputs: the job left no files under /outputs", err=True)
+    elif outputs_dir is not None and saved:
         for path, size in saved:
-            click.echo(f"edge-run: saved {path} ({size} bytes)", err=True)
+            click.echo(f"edge-run: saved {path}  {size} bytes", err=True)
         total = sum(size for _, size in saved)
-        files_ = "file" if len(saved) == 1 else "files"
         click.echo(
-            f"edge-run: {len(saved)} output {files_}, {total} bytes, in {outputs_dir}", err=True
+            f"edge-run: {_files(len(saved))}, {total} bytes, saved in {outputs_dir}", err=True
         )
     if outcome["status"] != "completed":
         error = outcome.get("error") or "failed"
@@ -480,6 +485,10 @@ def job_cmd(
     if invoke is not None and outcome.get("returns") is not None:
         click.echo(" ".join(str(v) for v in outcome["returns"]))
     sys.exit(int(outcome.get("exit_code") or 0))
+
+
+def _files(n: int) -> str:
+    return f"{n} file" if n == 1 else f"{n} files"
 
 
 def _default_caps() -> dict[str, Any]:
@@ -518,7 +527,7 @@ def _keep_outputs(out_dir: str, dest: Path | None) -> list[tuple[str, int]]:
     """The job's outputs (within a node's default caps) copied into dest when there is one:
     [(path, size)]. Raises jobfiles.OutputLimit past the caps."""
     files = jobfiles.collect(out_dir, _default_caps())
-    if dest is not None:
+    if dest is not None and files:
         os.makedirs(dest, exist_ok=True)
         for f in files:
             save_output(str(dest), f["path"], f["data"])

@@ -83,19 +83,18 @@ def _upload_progress(name: str) -> Callable[[int, int], None]:
     """A progress line on stderr for a large upload: redrawn in place on a terminal, else
     printed at the start and at the end."""
     tty = sys.stderr.isatty()
-    shown = [-1]
+    shown = -1
 
     def show(sent: int, total: int) -> None:
+        nonlocal shown
         percent = sent * 100 // total
-        if tty and percent != shown[0]:
-            end = "\n" if sent == total else ""
-            line = f"\ruploading {name}: {sent / 2**20:.1f} of {total / 2**20:.1f} MiB ({percent}%)"
-            click.echo(line, err=True, nl=False)
-            click.echo(end, err=True, nl=False)
-        elif not tty and (shown[0] < 0 or sent == total):
-            done = "uploaded" if sent == total else "uploading"
-            click.echo(f"{done} {name}: {total / 2**20:.1f} MiB", err=True)
-        shown[0] = percent
+        mib = f"{total / 2**20:.1f} MiB"
+        if tty and percent != shown:
+            line = f"\ruploading {name}: {sent / 2**20:.1f} of {mib} ({percent}%)"
+            click.echo(line, err=True, nl=sent == total)
+        elif not tty and (shown < 0 or sent == total):
+            click.echo(f"{'uploaded' if sent == total else 'uploading'} {name}: {mib}", err=True)
+        shown = percent
 
     return show
 
@@ -130,7 +129,7 @@ def _inputs(client: Client, values: tuple[str, ...]) -> list[dict[str, str]]:
     return inputs
 
 
-def _download(client: Client, job: dict[str, Any], dest: Path, err: bool) -> None:
+def _download(client: Client, job: dict[str, Any], dest: Path, err: bool) -> list[tuple[str, int]]:
     """Save a finished job's outputs into dest: a line per file and a summary (on stderr
     with err, when stdout carries --json)."""
 
@@ -145,6 +144,7 @@ def _download(client: Client, job: dict[str, Any], dest: Path, err: bool) -> Non
         raise
     total = sum(size for _, size in saved)
     click.echo(f"{_files(len(saved))}, {total} bytes, saved in {dest}", err=err)
+    return saved
 
 
 @job_group.command("run")
@@ -185,7 +185,7 @@ def _download(client: Client, job: dict[str, Any], dest: Path, err: bool) -> Non
 @click.option(
     "--outputs",
     "outputs_dir",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=click.Path(path_type=Path),
     default=None,
     metavar="DIR",
     help="Collect what the job writes under /outputs and download it into DIR (made if "
@@ -293,10 +293,11 @@ def job_get(obj: Ctx, job_id: str, as_json: bool) -> None:
 
 @job_group.command("outputs")
 @click.argument("job_id")
-@click.argument("dest", metavar="DIR", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("dest", metavar="DIR", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print what was saved as JSON.")
 @click.pass_obj
 @run_cli
-def job_outputs(obj: Ctx, job_id: str, dest: Path) -> None:
+def job_outputs(obj: Ctx, job_id: str, dest: Path, as_json: bool) -> None:
     """Download the files a finished job left under /outputs into DIR (made if missing).
 
     Each is checked against the sha256 the job lists and written whole or not at all; the
@@ -323,9 +324,15 @@ def job_outputs(obj: Ctx, job_id: str, dest: Path) -> None:
         if job["state"] != "completed":
             why = f": {job['reason']}" if job.get("reason") else ""
             die(f"job {job_id} {job['state']}{why}; it left no outputs", 1)
-        click.echo(f"job {job_id} left no files under /outputs: nothing to download")
+        if as_json:
+            emit({"job": job_id, "dir": str(dest), "files": []})
+        else:
+            click.echo(f"job {job_id} left no files under /outputs: nothing to download")
         return
-    _download(client, job, dest, err=False)
+    saved = _download(client, job, dest, err=as_json)
+    if as_json:
+        emit({"job": job_id, "dir": str(dest),
+              "files": [{"path": path, "size": size} for path, size in saved]})  # fmt: skip
 
 
 @job_group.command("list")

@@ -20,7 +20,9 @@ DATA = Path(wasm_jobs.__file__).parent / "data" / "wordfreq"
 EXPECTED = {p.name: p.read_bytes() for p in sorted((DATA / "expected").iterdir())}
 
 
-def cli(hub_url: str, token: str, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def cli(
+    hub_url: str, token: str, *args: str, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     root = str(Path(__file__).parents[2])
     env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
     return subprocess.run(
@@ -39,7 +41,7 @@ def test_a_file_job_from_the_command_line(tmp_path: Path, mosquitto: str) -> Non
     hub = start_hub(tmp_path, mqtt_url=mosquitto)
     node = None
     try:
-        owner_user, owner = hub.user("owner")
+        _, owner = hub.user("owner")
         alice_user, _ = hub.user("alice")
         token = alice_user["token"]
         prefs = tmp_path / "prefs.json"
@@ -77,6 +79,10 @@ def test_a_file_job_from_the_command_line(tmp_path: Path, mosquitto: str) -> Non
         assert got.returncode == 0, got.stderr
         assert got.stdout.splitlines()[-1] == f"2 files, 2112 bytes, saved in {again}"
         assert files_in(again) == EXPECTED
+        got = cli(hub.url, token, "job", "outputs", job_id, str(again), "--json")
+        assert json.loads(got.stdout) == {"job": job_id, "dir": str(again), "files": [
+            {"path": "counts.tsv", "size": 2053}, {"path": "summary.json", "size": 59}
+        ]}  # fmt: skip
 
         # a symlink in the folder that would send an output elsewhere: refused, nothing written
         trap = tmp_path / "trap"
@@ -113,7 +119,7 @@ def test_a_file_job_from_the_command_line(tmp_path: Path, mosquitto: str) -> Non
         cli(hub.url, token, "job", "cancel", looping)
         got = cli(hub.url, token, "job", "outputs", looping, str(tmp_path / "none"))
         assert (got.returncode, got.stderr) == (
-            1, f"deparrow: job {looping} cancelled; it left no outputs\n"
+            1, f"deparrow: job {looping} cancelled: cancelled by its owner; it left no outputs\n"
         )  # fmt: skip
         assert not (tmp_path / "none").exists()
 
@@ -127,10 +133,13 @@ def test_a_file_job_from_the_command_line(tmp_path: Path, mosquitto: str) -> Non
         ), got.stderr
 
         # an https:// input goes to the hub as it is: the hub fetches it (public hosts only)
-        got = cli(hub.url, token, "job", "run", "example:wordfreq",
-                  "--file", "https://127.0.0.1:1/words.txt", "--outputs", str(tmp_path / "u"))  # fmt: skip
-        assert got.returncode == 1 and "127.0.0.1" in got.stderr, got.stderr
-        assert "inputs[0]" in got.stderr and "public" in got.stderr, got.stderr
+        url = "https://127.0.0.1:1/words.txt"
+        got = cli(hub.url, token, "job", "run", "example:wordfreq", "--file", url, "--outputs",
+                  str(tmp_path / "u"))  # fmt: skip
+        assert (got.returncode, got.stderr) == (1, (
+            f"deparrow: inputs[0].ref: {url}: the address 127.0.0.1 is loopback (the hub "
+            "fetches public addresses only)\n"
+        )), got.stderr  # fmt: skip
 
         # past the hub's retention (as hub/market/retention.py leaves a job): 410, said so
         with sqlite3.connect(tmp_path / "hub" / "hub.sqlite") as db:
@@ -148,3 +157,33 @@ def test_a_file_job_from_the_command_line(tmp_path: Path, mosquitto: str) -> Non
         if node is not None:
             node.stop()
         hub.stop()
+
+
+def test_file_problems_are_said_before_anything_is_sent(tmp_path: Path) -> None:
+    """No hub at all: every one of these is refused before a byte goes anywhere."""
+    (tmp_path / "README.txt").write_text("words")
+    (tmp_path / "out.txt").write_text("a file")
+    nowhere = "http://127.0.0.1:9"
+    for args, code, message in [
+        (("--file", "README.txt=../up.txt"), 2, "Invalid value for --file: README.txt=../up.txt: "
+         "file path '../up.txt' must be relative, without '.', '..' or '//'"),
+        (("--file", "README.txt=a b.txt"), 2, "Invalid value for --file: README.txt=a b.txt: the "
+         "file name 'a b.txt' may have only letters, digits and . _ - + @ = , (and / between "
+         "folders); give another NAME as PATH=NAME"),
+        (("--file", "nope.txt"), 66, "Invalid value for --file: cannot read nope.txt: No such "
+         "file or directory"),
+        (("--file", "README.txt", "--file", "README.txt"), 2, "Invalid value for --file: two "
+         "files would be /inputs/README.txt; give one another NAME"),
+        (("--file", "sha256:" + "0" * 64), 2, f"Invalid value for --file: sha256:{'0' * 64}: "
+         f"give the name the job sees it by, as sha256:{'0' * 64}=NAME"),
+        (("--outputs", "out.txt"), 2, "--outputs: out.txt is not a directory"),
+    ]:  # fmt: skip
+        out = cli(nowhere, "dpt_x", "job", "run", "example:wordfreq", *args, cwd=tmp_path)
+        assert (out.returncode, out.stderr) == (code, f"deparrow: {message}\n"), args
+
+
+def test_the_file_name_rule_is_the_hubs() -> None:
+    from edge.cli_job import FILE_NAME_PATTERN
+    from hub.market.spec import FILE_PATH_PATTERN
+
+    assert FILE_NAME_PATTERN == FILE_PATH_PATTERN

@@ -198,3 +198,154 @@ def test_wasm3_run_engine_runs_a_job() -> None:
     assert (out.returncode, out.stdout) == (0, "6765\n"), out.stderr
     out = run("--engine", "wasm3-run", job("hello"), "--env", "NAME=parrot", "--", "a")
     assert out.returncode == 0 and "NAME=parrot" in out.stdout, out.stderr
+
+
+# --- files: --file PATH[=NAME] and --outputs DIR, as on `deparrow job run` --------------------
+WORDFREQ = Path(wasm_jobs.__file__).parent / "data" / "wordfreq"
+# 65 empty files under /outputs (WASI fd 4 of a file job): one past a node's default cap
+MANY_FILES_WAT = """(module
+  (import "wasi_snapshot_preview1" "path_open"
+    (func $open (param i32 i32 i32 i32 i32 i64 i64 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_close" (func $close (param i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 16) "f00")
+  (func (export "_start") (local $i i32)
+    (loop $next
+      (i32.store8 (i32.const 17) (i32.add (i32.const 48) (i32.div_u (local.get $i) (i32.const 10))))
+      (i32.store8 (i32.const 18) (i32.add (i32.const 48) (i32.rem_u (local.get $i) (i32.const 10))))
+      (drop (call $open (i32.const 4) (i32.const 0) (i32.const 16) (i32.const 3) (i32.const 9)
+                        (i64.const 66) (i64.const 66) (i32.const 0) (i32.const 8)))
+      (drop (call $close (i32.load (i32.const 8))))
+      (local.set $i (i32.add (local.get $i) (i32.const 1)))
+      (br_if $next (i32.lt_u (local.get $i) (i32.const 65))))))
+"""
+
+
+def run_files(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """edge-run job with its temporary folders in tmp_path/tmp, to see that none is left."""
+    (tmp_path / "tmp").mkdir(exist_ok=True)
+    return subprocess.run(
+        [*EDGE, *args], capture_output=True, text=True, timeout=60, cwd=tmp_path,
+        env={**_env(), "TMPDIR": str(tmp_path / "tmp")},
+    )  # fmt: skip
+
+
+def files_in(folder: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+@pytest.mark.parametrize("engine", ["wasmtime", "wasm3-run"])
+def test_file_and_outputs_give_wordfreq_its_files(tmp_path: Path, engine: str) -> None:
+    inputs = WORDFREQ / "inputs"
+    expected = files_in(WORDFREQ / "expected")
+    out = run_files(tmp_path, "--engine", engine, job("wordfreq"),
+                    "--file", str(inputs / "README.txt"), "--file", str(inputs / "carroll"),
+                    "--outputs", "out")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("wordfreq: 3 files, 2850 bytes, 517 words, 255 distinct")
+    assert out.stderr.splitlines() == [
+        "edge-run: saved counts.tsv  2053 bytes",
+        "edge-run: saved summary.json  59 bytes",
+        "edge-run: 2 files, 2112 bytes, saved in out",
+    ]
+    assert files_in(tmp_path / "out") == expected
+    assert list((tmp_path / "tmp").iterdir()) == []  # the job's folders are gone
+    # a folder as '.' is /inputs itself; outputs into folders that are not there yet
+    out = run_files(tmp_path, "--engine", engine, job("wordfreq"), "--file", f"{inputs}=.",
+                    "--outputs", "a/b")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert files_in(tmp_path / "a" / "b") == expected
+    # without --outputs the job still gets /outputs; what it wrote is said, not kept
+    out = run_files(tmp_path, "--engine", engine, job("wordfreq"), "--file", f"{inputs}=texts")
+    assert out.returncode == 0, out.stderr
+    assert out.stderr == (
+        "edge-run: the job wrote 2 files under /outputs; give --outputs DIR to keep them\n"
+    )
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_outputs_past_the_default_cap_end_the_job(tmp_path: Path) -> None:
+    if not shutil.which("wat2wasm"):
+        pytest.fail("wat2wasm not installed: run `make test` (Debian package: wabt)")
+    (tmp_path / "many.wat").write_text(MANY_FILES_WAT)
+    subprocess.run(["wat2wasm", "many.wat", "-o", "many.wasm"], check=True, cwd=tmp_path)
+    out = run_files(tmp_path, "--engine", "wasmtime", "many.wasm", "--outputs", "out")
+    assert out.returncode == 73, out.stderr
+    assert out.stderr == (
+        "edge-run: output limit: the job wrote more than 64 files under /outputs (a node's "
+        "default cap, as edge-run takes)\n"
+    )
+    assert not (tmp_path / "out").exists()
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_an_output_is_never_written_through_a_symlink_out_of_dir(tmp_path: Path) -> None:
+    (tmp_path / "out").mkdir()
+    (tmp_path / "mine.txt").write_text("mine")
+    (tmp_path / "out" / "counts.tsv").symlink_to(tmp_path / "mine.txt")
+    readme = str(WORDFREQ / "inputs" / "README.txt")
+    out = run_files(tmp_path, "--engine", "wasmtime", job("wordfreq"), "--file", readme,
+                    "--outputs", "out")  # fmt: skip
+    assert out.returncode == 73
+    assert out.stderr == (
+        "edge-run: cannot copy the job's outputs into out: output 'counts.tsv' refused: it "
+        "would be written outside out\n"
+    )
+    assert (tmp_path / "mine.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    "args, code, words",
+    [
+        (("--file", "README.txt=../up.txt"), 2,
+         "--file: README.txt=../up.txt: file path '../up.txt' must be relative"),
+        (("--file", "README.txt=a b.txt"), 2, "the file name 'a b.txt' may have only letters"),
+        (("--file", "README.txt=/abs.txt"), 2, "must be relative"),
+        (("--file", "README.txt="), 2, "'README.txt=' is not PATH[=NAME]"),
+        (("--file", "README.txt", "--file", "README.txt"), 2,
+         "two files would be /inputs/README.txt; give one another NAME"),
+        (("--file", "nope.txt"), 66, "--file: cannot read nope.txt: No such file or directory"),
+        (("--file", "https://example.com/a.txt"), 2,
+         "https://example.com/a.txt is not a local file: edge-run runs the job here"),
+        (("--file", "empty"), 2, "empty has no regular files in it"),
+        (("--outputs", "README.txt"), 2, "--outputs: README.txt is not a directory"),
+        (("--dir", ".::/inputs", "--file", "README.txt"), 2,
+         "--dir: /inputs is where a file job gets its --file inputs and --outputs"),
+    ],
+)  # fmt: skip
+def test_file_problems_are_one_line(
+    tmp_path: Path, args: tuple[str, ...], code: int, words: str
+) -> None:
+    (tmp_path / "README.txt").write_text("words")
+    (tmp_path / "empty").mkdir()
+    out = run_files(tmp_path, "--engine", "wasmtime", job("wordfreq"), *args)
+    assert out.returncode == code and out.stderr.count("\n") == 1, out.stderr
+    assert words in out.stderr and out.stderr.startswith("edge-run: "), out.stderr
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_file_needs_an_engine_with_files(tmp_path: Path) -> None:
+    (tmp_path / "README.txt").write_text("words")
+    out = run_files(tmp_path, job("wordfreq"), "--file", "README.txt")
+    assert out.returncode == 2
+    assert out.stderr == (
+        "edge-run: --file: the wasm3 engine gives a job no files; use --engine wasmtime or "
+        "--engine wasm3-run\n"
+    )
+
+
+def test_a_directory_gives_its_files_not_its_symlinks(tmp_path: Path) -> None:
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    (tmp_path / "in" / "sub" / "a.txt").write_text("one two two\n")
+    (tmp_path / "secret.txt").write_text("secret secret secret\n")
+    (tmp_path / "in" / "link.txt").symlink_to(tmp_path / "secret.txt")
+    out = run_files(tmp_path, "--engine", "wasm3-run", job("wordfreq"), "--file", "in",
+                    "--outputs", "out")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert (
+        out.stderr.splitlines()[0]
+        == "edge-run: --file: skipped in/link.txt (a symlink, not followed)"
+    )
+    assert (tmp_path / "out" / "counts.tsv").read_text() == "two\t2\none\t1\n"
