@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import quote
 
-from edge.cli_job import save_output
+from edge.cli_files import save_output
 
 # The states a job ends in, as the REST API reports them (the job lifecycle in
 # docs/protocol.md). The client keeps its own copy so it never imports the server;

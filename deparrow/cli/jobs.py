@@ -15,7 +15,7 @@ import click
 
 from deparrow.cli.context import Ctx, die, emit, run_cli
 from deparrow.client import TERMINAL_STATES, Client, HubError
-from edge.cli_job import FileArgError, file_inputs
+from edge.cli_files import FileArgError, file_inputs
 
 PROGRESS_BYTES = 1024 * 1024  # uploads from this size on show their progress
 

@@ -67,8 +67,9 @@ def check_path(path):
         return "a file path must be a non-empty string"
     if len(path.encode()) > MAX_PATH:
         return "file path " + repr(path[:40]) + "... is over " + str(MAX_PATH) + " bytes"
-    if "\x00" in path or "\\" in path:
-        return "file path " + repr(path) + " has a NUL or a backslash"
+    for c in path:
+        if c == "\\" or ord(c) < 32 or ord(c) == 127:
+            return "file path " + repr(path) + " has a control character or a backslash"
     parts = path.split("/")
     if len(parts) > MAX_DEPTH:
         return "file path " + repr(path) + " is more than " + str(MAX_DEPTH) + " levels deep"

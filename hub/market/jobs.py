@@ -63,7 +63,8 @@ class Jobs:
         self.billing = ServiceBilling(
             config.service_period_s, db, store, ledger, self.attempts, self.bonuses, now
         )
-        self.replicas = Replicas(db, store, ledger, self.bonuses.proved, self.attempts)
+        self.replicas = Replicas(db, store, ledger, self.bonuses.proved, self.attempts, now)
+        store.clock = now  # blobs are timed by the hub's clock too (retention compares them)
         self.retention = Retention(config, db, now)
         ledger.open_account(REVENUE, "revenue")
 
@@ -353,9 +354,8 @@ class Jobs:
                 raise ValueError(f"over the protocol's {protocol.MAX_OUTPUT_BYTES} bytes")
             blobs.append(data)
             out.append({"path": path, "size": len(data), "sha256": f["sha256"]})
-        now = self.clock()
         for data in blobs:
-            self.store.put_blob(data, now)
+            self.store.put_blob(data)
         with self.db.transaction() as c:
             c.execute("DELETE FROM job_files WHERE job = ? AND role = 'output'", (job["id"],))
             c.executemany(

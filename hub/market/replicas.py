@@ -36,7 +36,9 @@ class Replicas:
         ledger: Ledger,
         proved: Callable[[sqlite3.Row, str], None],
         attempts: Attempts,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        self.clock = clock  # the hub's clock (Jobs.clock): tests drive it
         self.db = db
         self.attempts = attempts
         self.store = store
@@ -54,7 +56,7 @@ class Replicas:
         charge = economy.job_charge(
             int(job["cpu_milli"]), wall_ms, int(job["timeout_s"]), job["priority"]
         )
-        now = time.time()
+        now = self.clock()
         with self.db.transaction() as c:
             cur = c.execute(
                 "UPDATE jobs SET state = 'completed', result = ?, result_hash = ?, billed_ms = ?,"
@@ -104,7 +106,7 @@ class Replicas:
         cur = c.execute(
             "UPDATE jobs SET state = 'completed', result = ?, result_hash = ?, finished_at = ?,"
             " reason = NULL WHERE id = ? AND state IN ('queued', 'assigned', 'running')",
-            (winner["result"], agreed, time.time(), job["id"]),
+            (winner["result"], agreed, self.clock(), job["id"]),
         )
         if cur.rowcount != 1:
             return
@@ -160,7 +162,7 @@ class Replicas:
         cur = c.execute(
             "UPDATE jobs SET state = ?, cost = 0, finished_at = ?, reason = ?"
             " WHERE id = ? AND state IN ('queued', 'assigned', 'running')",
-            (state, time.time(), reason, job["id"]),
+            (state, self.clock(), reason, job["id"]),
         )
         if cur.rowcount != 1:
             return False
@@ -170,10 +172,10 @@ class Replicas:
                 c.execute(
                     "UPDATE jobs SET state = 'cancelled', verdict = 'cancelled', cost = 0,"
                     " finished_at = ?, reason = ? WHERE id = ?",
-                    (time.time(), f"job {job['id']} {state}: {reason}", r["id"]),
+                    (self.clock(), f"job {job['id']} {state}: {reason}", r["id"]),
                 )
                 if r["node"] is not None and r["state"] != "queued":
-                    self.attempts.end(str(r["id"]), int(r["attempt"]), "cancelled", time.time())
+                    self.attempts.end(str(r["id"]), int(r["attempt"]), "cancelled", self.clock())
                     self.cancels.append((str(r["node"]), str(r["id"]), int(r["attempt"])))
             elif r["state"] == "completed":
                 c.execute("UPDATE jobs SET verdict = ?, paid = 0 WHERE id = ?", (verdict, r["id"]))

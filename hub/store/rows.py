@@ -11,6 +11,7 @@ import json
 import secrets
 import sqlite3
 import time
+from collections.abc import Callable
 from typing import Any
 
 from hub.store.db import Database
@@ -296,6 +297,7 @@ def new_id(prefix: str) -> str:
 class Store:
     def __init__(self, db: Database) -> None:
         self.db = db
+        self.clock: Callable[[], float] = time.time  # the hub's (Jobs sets it): blobs' times
         db.migrate("store", MIGRATIONS)
 
     # --- users -------------------------------------------------------------
@@ -446,7 +448,7 @@ class Store:
             c.execute("UPDATE nodes SET last_seen = ? WHERE state != 'offline'", (time.time(),))
 
     # --- blobs ---------------------------------------------------------------
-    def put_blob(self, data: bytes, now: float | None = None) -> str:
+    def put_blob(self, data: bytes) -> str:
         """Store bytes under their sha256. Storing them again renews their time: an upload
         nothing refers to yet is kept for the hub's blob_grace_s from its latest upload."""
         digest = hashlib.sha256(data).hexdigest()
@@ -454,7 +456,7 @@ class Store:
             c.execute(
                 "INSERT INTO blobs (sha256, size, data, created_at) VALUES (?,?,?,?)"
                 " ON CONFLICT (sha256) DO UPDATE SET created_at = excluded.created_at",
-                (digest, len(data), data, time.time() if now is None else now),
+                (digest, len(data), data, self.clock()),
             )
         return digest
 

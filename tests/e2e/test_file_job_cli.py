@@ -183,7 +183,7 @@ def test_file_problems_are_said_before_anything_is_sent(tmp_path: Path) -> None:
 
 
 def test_the_file_name_rule_is_the_hubs() -> None:
-    from edge.cli_job import FILE_NAME_PATTERN
+    from edge.cli_files import FILE_NAME_PATTERN
     from hub.market.spec import FILE_PATH_PATTERN
 
     assert FILE_NAME_PATTERN == FILE_PATH_PATTERN

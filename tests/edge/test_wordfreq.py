@@ -93,3 +93,26 @@ def test_wasm3_engine_refuses_wordfreq_naming_the_engines_with_files() -> None:
     out = edge_run(str(wasm_jobs.path("wordfreq.wasm")))
     assert out.returncode == 65
     assert b"path_open" in out.stderr and b"wasmtime and wasm3-run engines give files" in out.stderr
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_the_readme_tour_runs_as_written(tmp_path: Path, engine: str) -> None:
+    """The README's wordfreq block: its command, run as written (the output folder moved to a
+    temporary one), prints what the README says and writes the files it shows."""
+    readme = (JOBS_DIR.parent / "README.md").read_text()
+    block = readme.split("edge-run job --engine wasm3-run wasm-jobs/wordfreq.wasm", 1)[1]
+    block = block.split("```", 1)[0]
+    lines = block.splitlines()
+    flags = lines[1].split("#")[0].split()
+    assert flags[-2:] == ["--outputs", "/tmp/wordfreq-out"], flags
+    said = lines[2].lstrip("# ")
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [*EDGE, "--engine", engine, "wasm-jobs/wordfreq.wasm", *flags[:-1], str(out)],
+        capture_output=True, timeout=120, cwd=JOBS_DIR.parent,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.decode() == said + "\n"
+    summary = lines[3].split("# ", 1)[1]
+    assert (out / "summary.json").read_text().strip() == summary
+    assert (out / "counts.tsv").read_text().startswith("the\t37\nand\t25\nin\t15\n")
