@@ -78,10 +78,10 @@ def _parse_env(values: tuple[str, ...]) -> dict[str, str]:
 @click.option(
     "--engine",
     type=click.Choice(["wasm3", "wasmtime", "wasm3-run", "docker", "native"]),
-    default="wasm3",
-    show_default=True,
+    default=None,
     help="wasm3/wasmtime/wasm3-run: TARGET is a .wasm file (wasm3-run: the C runner of "
-    "MicroPython nodes); docker: an image; native: a command.",
+    "MicroPython nodes); docker: an image; native: a command. Default: wasm3, or wasm3-run "
+    "for a job with files (as a node does).",
 )
 @click.option(
     "--input",
@@ -142,7 +142,7 @@ def _parse_env(values: tuple[str, ...]) -> dict[str, str]:
 def job_cmd(
     target: str,
     args: tuple[str, ...],
-    engine: str,
+    engine: str | None,
     input_path: Path | None,
     env: tuple[str, ...],
     dirs: tuple[str, ...],
@@ -181,6 +181,8 @@ def job_cmd(
     if network and engine not in ("docker", "native"):
         fail("--network applies to --engine docker or native; Wasm jobs have no network", 2)
     file_job = bool(files) or outputs_dir is not None
+    if engine is None:  # pywasm3's WASI has no files; the C runner's has
+        engine = "wasm3-run" if dirs or file_job else "wasm3"
     if (dirs or file_job) and engine not in FILE_ENGINES:
         flag = "--dir" if dirs else "--file" if files else "--outputs"
         fail(

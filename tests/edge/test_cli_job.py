@@ -176,7 +176,7 @@ def test_dir_gives_a_wasmtime_job_host_directories(tmp_path: Path, wasm: Build) 
     "args, words",
     [
         (
-            ("--dir", "."),
+            ("--engine", "wasm3", "--dir", "."),
             "edge-run: --dir: the wasm3 engine gives a job no files; use --engine "
             "wasmtime or --engine wasm3-run\n",
         ),
@@ -328,12 +328,21 @@ def test_file_problems_are_one_line(
 
 def test_file_needs_an_engine_with_files(tmp_path: Path) -> None:
     (tmp_path / "README.txt").write_text("words")
-    out = run_files(tmp_path, job("wordfreq"), "--file", "README.txt")
+    out = run_files(tmp_path, "--engine", "wasm3", job("wordfreq"), "--file", "README.txt")
     assert out.returncode == 2
     assert out.stderr == (
         "edge-run: --file: the wasm3 engine gives a job no files; use --engine wasmtime or "
         "--engine wasm3-run\n"
     )
+
+
+def test_without_an_engine_a_file_job_runs_on_wasm3_run(tmp_path: Path) -> None:
+    """As a node does: pywasm3's WASI has no files, the C runner's has."""
+    (tmp_path / "README.txt").write_text("words words")
+    out = run_files(tmp_path, job("wordfreq"), "--file", "README.txt", "--outputs", "out")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("wordfreq: 1 files, 11 bytes, 2 words, 1 distinct")
+    assert (tmp_path / "out" / "counts.tsv").read_text() == "words\t2\n"
 
 
 def test_a_directory_gives_its_files_not_its_symlinks(tmp_path: Path) -> None:
