@@ -24,6 +24,7 @@ package(
         "core/jobs.py",
         "core/session.py",
         "core/outbox.py",
+        "core/jobfiles.py",
         "core/mqtt_umqtt.py",
     ),
     base_path="..",

@@ -50,7 +50,8 @@ EXPECTED: dict[str, dict[str, Any]] = {
 }
 NODE_MODULES = [
     "edge/__init__.py", "edge/core/__init__.py", "edge/core/compat.py", "edge/core/protocol.py",
-    "edge/core/jobs.py", "edge/core/outbox.py", "edge/core/session.py", "edge/core/mqtt_umqtt.py",
+    "edge/core/jobs.py", "edge/core/jobfiles.py", "edge/core/outbox.py", "edge/core/session.py",
+    "edge/core/mqtt_umqtt.py",
     "edge/mp_main.py",
     "edge/executors/__init__.py", "edge/executors/wasm3_cli.py",
 ]  # fmt: skip

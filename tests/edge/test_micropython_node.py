@@ -32,7 +32,8 @@ from tests.conftest import Proc, require_mosquitto, start_hub, wait_until
 ROOT = Path(__file__).resolve().parents[2]
 MP_TESTS = Path(__file__).parent / "mp"
 SCRIPTS = ["core_protocol", "core_jobs", "core_executor", "core_session"]
-# Every module a MicroPython node loads (edge/core/outbox.py comes with edge/core/session.py).
+# Every module a MicroPython node loads (edge/core/outbox.py comes with edge/core/session.py,
+# edge/core/jobfiles.py with edge/core/jobs.py).
 NODE_MODULES = [
     "edge/__init__.py",
     "edge/core/__init__.py",
@@ -40,6 +41,7 @@ NODE_MODULES = [
     "edge/core/protocol.py",
     "edge/core/jobs.py",
     "edge/core/outbox.py",
+    "edge/core/jobfiles.py",
     "edge/core/session.py",
     "edge/core/mqtt_umqtt.py",
     "edge/mp_main.py",
