@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import ssl
 import time
 import urllib.error
 import urllib.request
@@ -13,6 +14,7 @@ from typing import Any
 from urllib.parse import quote
 
 from edge.cli_files import save_output
+from edge.enroll import EnrollError, fetch_ca_pem, is_pin, pem_fingerprint, tls_context
 
 # The states a job ends in, as the REST API reports them (the job lifecycle in
 # docs/protocol.md). The client keeps its own copy so it never imports the server;
@@ -31,26 +33,76 @@ class HubError(Exception):
 
 
 class Client:
-    def __init__(self, hub: str, token: str | None = None, timeout_s: float = 30.0) -> None:
+    """ca: for an https:// hub, the CA to trust: a PEM file, or "sha256:<hex>" to fetch the
+    hub's CA and trust it only if it has that fingerprint (docs/tls.md). None: the system's
+    CAs (a hub with a Let's Encrypt certificate, or one behind a reverse proxy)."""
+
+    def __init__(
+        self, hub: str, token: str | None = None, timeout_s: float = 30.0, ca: str | None = None
+    ) -> None:
         self.hub = hub.rstrip("/")
         self.token = token
         self.timeout_s = timeout_s
+        self.ca = ca
         self._jwt: str | None = None
         self._jwt_exp = 0
+        self._context: ssl.SSLContext | None = None
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """How this client verifies the hub; None for an http:// hub. Made on first use (a
+        fingerprint costs one request) and kept."""
+        if not self.hub.lower().startswith("https://"):
+            return None
+        if self._context is None:
+            try:
+                if self.ca is not None and is_pin(self.ca):
+                    pem = fetch_ca_pem(self.hub, self.ca, self.timeout_s)
+                    self._context = tls_context(ca_pem=pem)
+                elif self.ca is not None:
+                    with open(self.ca) as f:
+                        pem_fingerprint(f.read())  # a clear error for a file that is no CA
+                    self._context = tls_context(ca_file=self.ca)
+                else:
+                    self._context = tls_context()
+            except EnrollError as e:
+                raise HubError(str(e)) from None
+            except (ValueError, ssl.SSLError):  # SSLError is an OSError too: first
+                raise HubError(
+                    f"{self.ca} holds no PEM certificate; --ca takes the hub's CA file or its "
+                    "sha256: fingerprint"
+                ) from None
+            except OSError as e:
+                raise HubError(f"cannot read the CA file {self.ca}: {e.strerror or e}") from None
+        return self._context
+
+    def _unreachable(self, e: Exception) -> HubError:
+        reason = getattr(e, "reason", e)
+        if isinstance(reason, ssl.SSLCertVerificationError):
+            how = (
+                "is this the hub whose CA you gave?"
+                if self.ca
+                else "pass --ca with the hub's CA file or the sha256: fingerprint `deparrow "
+                "node token` prints (env DEPARROW_CA)"
+            )
+            return HubError(
+                f"cannot reach the hub at {self.hub}: its certificate is not trusted "
+                f"({reason.verify_message}): {how}"
+            )
+        return HubError(f"cannot reach the hub at {self.hub}: {reason}")
 
     def request_text(self, method: str, path: str) -> str:
         req = urllib.request.Request(
             self.hub + path, method=method, headers={"Authorization": "Bearer " + self.jwt()}
         )
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+            with urllib.request.urlopen(
+                req, timeout=self.timeout_s, context=self.ssl_context()
+            ) as resp:
                 return str(resp.read().decode())
         except urllib.error.HTTPError as e:
             raise HubError(str(e.reason), e.code) from None
         except (urllib.error.URLError, OSError) as e:
-            raise HubError(
-                f"cannot reach the hub at {self.hub}: {getattr(e, 'reason', e)}"
-            ) from None
+            raise self._unreachable(e) from None
 
     def request(
         self,
@@ -86,8 +138,9 @@ class Client:
         if auth:
             hdrs["Authorization"] = "Bearer " + self.jwt()
         req = urllib.request.Request(self.hub + path, data=data, method=method, headers=hdrs)
+        context = self.ssl_context()
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+            with urllib.request.urlopen(req, timeout=self.timeout_s, context=context) as resp:
                 return resp.read(), dict(resp.headers)
         except urllib.error.HTTPError as e:
             try:
@@ -96,8 +149,7 @@ class Client:
                 err = {"error": str(e.reason)}
             raise HubError(str(err.get("error") or e.reason), e.code, err) from None
         except (urllib.error.URLError, OSError) as e:
-            reason = getattr(e, "reason", e)
-            raise HubError(f"cannot reach the hub at {self.hub}: {reason}") from None
+            raise self._unreachable(e) from None
 
     def jwt(self) -> str:
         if self._jwt and time.time() < self._jwt_exp - 30:

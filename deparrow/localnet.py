@@ -122,39 +122,51 @@ class LocalHub:
         heartbeat_s: float = 1.0,
         extra: Sequence[str] = (),
         log_path: Path | None = None,
+        tls: bool = False,
+        ca: str | None = None,
     ) -> None:
+        """tls: serve HTTPS and MQTT over TLS (on a free port) with a CA the hub makes; the
+        clients here trust that CA (self.ca), and nodes pin it as `deparrow node token` says.
+        With --tls-cert and --tls-key in extra, ca is the CA file that issued them."""
         self.data_dir = data_dir
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.tls = tls
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
+        self.ca = ca or (str(data_dir / "tls" / "ca.pem") if tls else None)
         cmd = [
             sys.executable, "-m", "deparrow.cli", "hub", "--port", str(self.port),
             "--data-dir", str(data_dir), "--heartbeat", str(heartbeat_s), *extra,
         ]  # fmt: skip
         cmd += ["--mqtt", mqtt_url] if mqtt_url else ["--broker", broker, "--broker-port", "0"]
+        if tls:
+            cmd += ["--tls", "--tls-mqtt-port", "0"]
         data_dir.mkdir(parents=True, exist_ok=True)
         self.proc = Proc("hub", cmd, log_path or data_dir.parent / f"{data_dir.name}.log")
         token_path = data_dir / "admin-token"
-        probe = Client(self.url)
-        wait_for(
-            "the hub to answer",
-            lambda: token_path.exists() and probe.status()["broker"]["connected"],
-            60,
-            [self.proc],
-        )
-        self.admin = Client(self.url, token_path.read_text().strip())
+
+        def up() -> bool:
+            # A new client each time: the CA file appears when the hub has started.
+            probe = Client(self.url, ca=self.ca)
+            return token_path.exists() and bool(probe.status()["broker"]["connected"])
+
+        wait_for("the hub to answer", up, 60, [self.proc])
+        self.admin = Client(self.url, token_path.read_text().strip(), ca=self.ca)
 
     def user(self, name: str) -> tuple[dict[str, Any], Client]:
         """A new user (with the welcome grant) and a client acting as them."""
         u = self.admin.create_user(name)
-        return u, Client(self.url, u["token"])
+        return u, Client(self.url, u["token"], ca=self.ca)
 
     def start_node(
         self, owner: Client, data_dir: Path, name: str, wait_s: float = 60, verbose: bool = True
     ) -> Proc:
-        """Enroll and start an edge-run node for owner; returns once it is idle."""
-        token = owner.enrollment_token()["token"]
+        """Enroll and start an edge-run node for owner; returns once it is idle. Over TLS it
+        pins the hub's CA by the fingerprint the enrollment token comes with."""
+        grant = owner.enrollment_token()
+        token, pin = grant["token"], grant.get("ca")
         cmd = [
             sys.executable, "-m", "edge.cli", "--hub", self.url, "--token", token,
+            *(["--ca", pin] if pin else []),
             "--name", name, "--data-dir", str(data_dir), *(["-v"] if verbose else []),
             # A local network shares this machine with its own hub and tests: the nodes run
             # whatever the owner does, and several nodes cannot all have the page on 8080.

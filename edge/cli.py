@@ -25,6 +25,14 @@ log = logging.getLogger("edge")
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--hub", envvar="DEPARROW_HUB", help="Hub URL, e.g. http://127.0.0.1:8765")
 @click.option("--token", envvar="DEPARROW_ENROLL_TOKEN", help="Enrollment token from the hub.")
+@click.option(
+    "--ca",
+    envvar="DEPARROW_CA",
+    default=None,
+    metavar="sha256:FINGERPRINT|FILE",
+    help="The hub's CA to pin (https:// hubs): the fingerprint `deparrow node token` prints, "
+    "or a PEM file. Kept beside node.json at enrollment (env DEPARROW_CA).",
+)
 @click.option("--name", default=None, help="Name shown on the hub (default: host name).")
 @click.option(
     "--data-dir",
@@ -69,6 +77,7 @@ def main(
     ctx: click.Context,
     hub: str | None,
     token: str | None,
+    ca: str | None,
     name: str | None,
     data_dir: Path | None,
     max_cpu: float | None,
@@ -82,6 +91,7 @@ def main(
 
     \b
     edge-run --hub http://HUB:8765 --token dpe_...   start (and on first run, enroll) a node
+    edge-run --hub https://HUB:8765 --token dpe_... --ca sha256:...   the same over TLS
     edge-run job fib.wasm --invoke fib -- 25        run one job locally, no hub
     edge-run diagnose                               check DNS, hub, broker, login, clock
     """
@@ -113,7 +123,7 @@ def main(
             )
         import socket
 
-        config = enroll(hub, token, name or socket.gethostname(), config_path)
+        config = enroll(hub, token, name or socket.gethostname(), config_path, ca)
         click.echo(f"enrolled as {config['node_id']} (identity in {config_path})", err=True)
     if preferences is not None:
         config["preferences"] = preferences  # for this run; node.json keeps the identity only

@@ -4,6 +4,9 @@ paho runs its network loop in a thread and reconnects on its own, waiting 1 s, t
 long after each failed attempt up to `max_backoff_s`; this adapter re-subscribes after a
 reconnect and tells the session (reconnected()) so it announces itself again.
 
+mqtts:// (the hub's broker with --tls) connects over TLS, verifying the broker against
+ca_certs (the CA the node pinned at enrollment, edge/enroll.py) or else the system's CAs.
+
 While the broker is away, publish() returns False instead of handing the message to paho: paho's
 queue lives in this process and dies with it, the session's outbox is a file. publish() returns
 paho's MQTTMessageInfo otherwise, and delivered() says when the broker acknowledged it.
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import socket
+import ssl
 import threading
 import time
 from typing import Literal
@@ -35,12 +39,17 @@ class PahoMqtt:
         connect_timeout_s: float = 30.0,
         min_backoff_s: int = 1,
         max_backoff_s: int = 30,
+        ca_certs: str | None = None,
     ) -> None:
         parts = urlsplit(url)
-        if parts.scheme not in ("mqtt", "tcp") or not parts.hostname:
-            raise ValueError(f"MQTT URL must look like mqtt://host:port, got {url!r}")
+        if parts.scheme not in ("mqtt", "tcp", "mqtts", "ssl") or not parts.hostname:
+            raise ValueError(
+                f"MQTT URL must look like mqtt://host:port or mqtts://host:port, got {url!r}"
+            )
         self.host = parts.hostname
-        self.port = parts.port or 1883
+        self.tls = parts.scheme in ("mqtts", "ssl")
+        self.port = parts.port or (8883 if self.tls else 1883)
+        self.ca_certs = ca_certs
         self.connect_timeout_s = connect_timeout_s
         if not 1 <= min_backoff_s <= max_backoff_s:
             raise ValueError("reconnect backoff must satisfy 1 <= min_backoff_s <= max_backoff_s")
@@ -68,12 +77,23 @@ class PahoMqtt:
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
         c.on_socket_open = _no_delay
+        if self.tls:
+            from edge.enroll import tls_context
+
+            c.tls_set_context(tls_context(self.ca_certs))
         self.client = c
         deadline = time.monotonic() + self.connect_timeout_s
         while True:
             try:
                 c.connect(self.host, self.port, keepalive=30)
                 break
+            except ssl.SSLCertVerificationError as e:
+                # Retrying cannot help: this broker is not the one the node pinned.
+                raise ConnectionError(
+                    f"the MQTT broker at {self.host}:{self.port} presents a certificate this "
+                    f"node does not trust ({e.verify_message}); enroll again with the hub's "
+                    "current --ca fingerprint"
+                ) from e
             except OSError as e:
                 if time.monotonic() > deadline:
                     raise ConnectionError(

@@ -16,17 +16,30 @@ def default_data_dir() -> Path:
     return Path(os.environ.get("DEPARROW_EDGE_DATA", str(Path(base) / "deparrow-edge")))
 
 
-def enroll(hub: str, token: str, name: str, config_path: Path) -> dict[str, Any]:
-    from edge.enroll import EnrollError
+def enroll(
+    hub: str, token: str, name: str, config_path: Path, ca: str | None = None
+) -> dict[str, Any]:
+    """Enroll with the hub and write node.json. ca (an https:// hub): "sha256:..." to fetch
+    the hub's CA and keep it only if it has that fingerprint, or a PEM file of the CA to
+    trust; either way it is kept as ca.pem beside node.json, which names it. Without ca an
+    https:// hub is verified against the system's CAs."""
+    from edge.enroll import EnrollError, fetch_ca, is_pin
     from edge.enroll import enroll as request_enrollment
     from edge.resources import machine
 
     body = {"token": token, "name": name, "engines": ["wasm"], **machine()}
+    config_path.parent.mkdir(parents=True, exist_ok=True)
+    ca_path = None
     try:
-        config = request_enrollment(hub, body)
+        if ca is not None:
+            ca_path = str((config_path.parent / "ca.pem").resolve())
+            if is_pin(ca):
+                fetch_ca(hub, ca, ca_path)
+            else:
+                _copy_ca(ca, ca_path)
+        config = request_enrollment(hub, body, ca=ca_path)
     except EnrollError as e:
         raise click.ClickException(str(e)) from None
-    config_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = config_path.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
@@ -35,6 +48,27 @@ def enroll(hub: str, token: str, name: str, config_path: Path) -> dict[str, Any]
         os.fsync(f.fileno())
     os.replace(tmp, config_path)  # a crash mid-write never leaves half a config
     return config
+
+
+def _copy_ca(source: str, dest: str) -> None:
+    """--ca FILE: the node keeps its own copy, so node.json never names a file in Downloads."""
+    from edge.enroll import EnrollError, pem_fingerprint
+
+    try:
+        with open(source) as f:
+            pem = f.read()
+        pem_fingerprint(pem)
+    except OSError as e:
+        raise EnrollError(f"cannot read the CA file {source}: {e.strerror}") from None
+    except ValueError:
+        raise EnrollError(
+            f"{source} holds no PEM certificate; --ca takes the hub's CA file or its "
+            "sha256: fingerprint"
+        ) from None
+    if os.path.abspath(source) != dest:
+        with open(dest + ".tmp", "w") as f:
+            f.write(pem)
+        os.replace(dest + ".tmp", dest)
 
 
 def load_config(path: Path) -> dict[str, Any] | None:

@@ -7,6 +7,7 @@ import contextlib
 import functools
 import logging
 import os
+import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from hub import web as dashboard
 from hub.agents.registry import Agents
 from hub.api import agents, http, routes
 from hub.api.jobs import fetch_inputs
+from hub.api.nodes import TLS, HubTls
 from hub.api.services import SERVICES, Services
 from hub.config import HubConfig
 from hub.ledger.ledger import Ledger
@@ -29,6 +31,7 @@ from hub.mqtt.broker import ChildBroker, choose, free_port
 from hub.store import passwords
 from hub.store.db import Database, snapshot_reads
 from hub.store.rows import Store
+from hub.tls import ensure_tls, server_context, server_names
 from hub.web import live
 
 log = logging.getLogger(__name__)
@@ -86,12 +89,26 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
         # Our own broker: logins and ACLs are ours to keep. An outside one (--mqtt) is the
         # operator's, and the hub logs in to it anonymously.
         kind = choose(config.broker)
-        port = config.broker_port or free_port(config.host)
+        tls = app.get(TLS)
         hub_password = logins.hub_password(config.data_dir)
         services.hub_login = logins.hub_account(passwords.hash_password(hub_password))
-        services.broker = ChildBroker(
-            kind, config.host, port, config.data_dir / "broker", auth=True
-        )
+        if tls is not None and tls.mqtt_port is not None:
+            # Nodes and agents on the TLS listener; the plain one is the bridge's, on loopback.
+            services.broker = ChildBroker(
+                kind,
+                config.host,
+                config.broker_port or free_port("127.0.0.1"),
+                config.data_dir / "broker",
+                auth=True,
+                tls_cert=tls.files.cert,
+                tls_key=tls.files.key,
+                tls_port=tls.mqtt_port,
+            )
+        else:
+            port = config.broker_port or free_port(config.host)
+            services.broker = ChildBroker(
+                kind, config.host, port, config.data_dir / "broker", auth=True
+            )
         services.sync_broker()
         stale = services.store.logins_without_broker_hash()
         if stale:
@@ -173,12 +190,49 @@ async def snapshot_reads_middleware(
     return await handler(request)
 
 
+def _tls(config: HubConfig) -> HubTls:
+    """The TLS files (made on first start when the operator gave none), and the port of the
+    broker's TLS listener when the broker is ours. Raises hub.tls.TlsError."""
+    files = ensure_tls(
+        config.data_dir,
+        config.tls_cert,
+        config.tls_key,
+        server_names(config.host, config.tls_names),
+    )
+    server_context(files)  # a key that does not fit fails here, before anything listens
+    own_broker = config.mqtt_url is None
+    port = (config.tls_mqtt_port or free_port(config.host)) if own_broker else None
+    return HubTls(files, port)
+
+
+def ssl_context(app: web.Application) -> ssl.SSLContext | None:
+    """What web.run_app serves HTTPS with; None when the hub serves plain HTTP."""
+    tls = app.get(TLS)
+    return server_context(tls.files) if tls is not None else None
+
+
+def tls_of(app: web.Application) -> HubTls | None:
+    """The TLS files and ports the hub serves with; None when it serves none."""
+    return app.get(TLS)
+
+
 def create_app(config: HubConfig, services: Services | None = None) -> web.Application:
+    problem = config.exposure_problem()
+    if problem:
+        raise ValueError(problem)
     config = config.with_secret()
     app = web.Application(
         middlewares=[http.error_middleware, snapshot_reads_middleware],
         client_max_size=max(config.max_module_bytes * 2, config.max_files_bytes) + 1024 * 1024,
     )
+    if config.tls:
+        app[TLS] = _tls(config)
+    elif config.insecure_no_tls:
+        log.warning(
+            "serving %s without TLS (--insecure-no-tls): tokens, node passwords and results "
+            "cross the network in plain text",
+            config.host,
+        )
     services = services or open_services(config)
     bootstrap_admin(services)
     app[SERVICES] = services

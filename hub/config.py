@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import secrets
 from dataclasses import dataclass, field
@@ -11,6 +12,17 @@ from pathlib import Path
 def default_data_dir() -> Path:
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(os.environ.get("DEPARROW_DATA", str(Path(base) / "deparrow")))
+
+
+def is_loopback(host: str) -> bool:
+    """Whether an address to listen on reaches this machine only. A name other than
+    localhost may resolve to anything, so it counts as beyond loopback."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -55,6 +67,16 @@ class HubConfig:
     # it fails and is refunded; each lost attempt is retried on another node.
     max_attempts: int = 3
     enrollment_ttl_s: int = 24 * 3600
+    # TLS (docs/tls.md): HTTPS, and MQTT over TLS on tls_mqtt_port (0: any free port) for
+    # nodes and agents, with the operator's tls_cert/tls_key or, with none, a CA and a server
+    # certificate the hub makes in data_dir/tls covering tls_names besides its own names.
+    tls: bool = False
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_names: tuple[str, ...] = ()
+    tls_mqtt_port: int = 8883
+    # Listening beyond loopback without TLS is refused unless the operator says so.
+    insecure_no_tls: bool = False
 
     @property
     def db_path(self) -> Path:
@@ -63,6 +85,24 @@ class HubConfig:
     @property
     def admin_token_path(self) -> Path:
         return self.data_dir / "admin-token"
+
+    def exposure_problem(self) -> str | None:
+        """Why the hub must not start on this address as configured, or None.
+
+        Beyond loopback, tokens, node passwords and results would cross the network in plain
+        text: that takes TLS, or the operator saying in so many words that the network is
+        trusted (or that a TLS proxy in front of the hub is what the world sees)."""
+        if self.tls and self.insecure_no_tls:
+            return "--tls and --insecure-no-tls contradict each other: choose one"
+        if self.tls or self.insecure_no_tls or is_loopback(self.host):
+            return None
+        return (
+            f"refusing to listen on {self.host} without TLS: API tokens, node passwords and "
+            "results would cross the network readable and changeable by anyone on the path. "
+            "Add --tls (the hub makes its own certificate, or give --tls-cert and --tls-key), "
+            "or keep the hub on 127.0.0.1 behind a TLS reverse proxy (docs/tls.md), or pass "
+            "--insecure-no-tls on a network you trust"
+        )
 
     def with_secret(self) -> HubConfig:
         """Fill in a JWT secret that survives restarts (kept in the data directory)."""

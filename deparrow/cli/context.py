@@ -15,6 +15,14 @@ import click
 from deparrow.client import Client, HubError
 
 DEFAULT_HUB = "http://127.0.0.1:8765"
+# The local hub at its default address, with or without --tls: its admin token and the CA it
+# made are read from its data directory.
+LOCAL_HUBS = (
+    DEFAULT_HUB,
+    "https://127.0.0.1:8765",
+    "http://localhost:8765",
+    "https://localhost:8765",
+)
 
 
 def local_data_dir() -> Path:
@@ -36,6 +44,12 @@ def _default_token() -> str | None:
         return None
 
 
+def _local_ca() -> str | None:
+    """The CA the local hub made (deparrow hub --tls), when there is one."""
+    path = local_data_dir() / "tls" / "ca.pem"
+    return str(path) if path.exists() else None
+
+
 def die(message: str, code: int = 1) -> NoReturn:
     click.echo(f"deparrow: {message}", err=True)
     sys.exit(code)
@@ -46,18 +60,29 @@ def emit(obj: Any) -> None:
 
 
 class Ctx:
-    def __init__(self, hub: str, token: str | None) -> None:
+    def __init__(self, hub: str, token: str | None, ca: str | None = None) -> None:
         self.hub = hub
         self.token = token
+        # --ca, else DEPARROW_CA: a PEM file or a sha256: fingerprint (deparrow/client.py)
+        self.ca = ca or os.environ.get("DEPARROW_CA") or None
+
+    def is_local(self) -> bool:
+        return self.hub.rstrip("/").lower() in LOCAL_HUBS
 
     def api_token(self) -> str | None:
         """--token, or the local hub's admin token when --hub is the local default."""
-        if self.token is None and self.hub.rstrip("/") == DEFAULT_HUB:
+        if self.token is None and self.is_local():
             return _default_token()
         return self.token
 
+    def hub_ca(self) -> str | None:
+        """--ca, or the CA the local hub made when --hub is the local default over https."""
+        if self.ca is None and self.is_local() and self.hub.lower().startswith("https:"):
+            return _local_ca()
+        return self.ca
+
     def client(self) -> Client:
-        return Client(self.hub, self.api_token())
+        return Client(self.hub, self.api_token(), ca=self.hub_ca())
 
 
 def run_cli(fn: Any) -> Any:

@@ -103,6 +103,45 @@ from deparrow.cli.context import die
     type=click.Path(exists=True, dir_okay=False),
     help="A PEM file of CAs to trust for https:// inputs, besides the system's.",
 )
+@click.option(
+    "--tls",
+    is_flag=True,
+    help="Serve HTTPS, and MQTT over TLS to nodes and agents, with --tls-cert/--tls-key or, "
+    "without them, a CA and certificate the hub makes in its data dir (docs/tls.md).",
+)
+@click.option(
+    "--tls-cert",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="PEM certificate (chain) to serve, e.g. Let's Encrypt's fullchain.pem; implies --tls.",
+)
+@click.option(
+    "--tls-key",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="The PEM key of --tls-cert, e.g. privkey.pem.",
+)
+@click.option(
+    "--tls-name",
+    "tls_names",
+    multiple=True,
+    metavar="NAME",
+    help="A DNS name or address nodes reach the hub by, for the certificate the hub makes "
+    "(besides localhost, its addresses and host name); repeatable.",
+)
+@click.option(
+    "--tls-mqtt-port",
+    default=8883,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="Port of the broker's TLS listener with --tls (0: any free port).",
+)
+@click.option(
+    "--insecure-no-tls",
+    is_flag=True,
+    help="Listen beyond loopback without TLS: tokens and results cross the network readable. "
+    "Only on a network you trust.",
+)
 @click.option("-v", "--verbose", is_flag=True)
 def hub_cmd(
     host: str,
@@ -121,6 +160,12 @@ def hub_cmd(
     max_files_mb: int,
     fetch_private: bool,
     fetch_ca: str | None,
+    tls: bool,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    tls_names: tuple[str, ...],
+    tls_mqtt_port: int,
+    insecure_no_tls: bool,
     verbose: bool,
 ) -> None:
     """Run the hub: REST API, ledger, scheduler, MQTT bridge and web page."""
@@ -128,7 +173,7 @@ def hub_cmd(
         from aiohttp import web
 
         from hub.api.services import SERVICES
-        from hub.app import create_app
+        from hub.app import create_app, ssl_context, tls_of
         from hub.config import HubConfig, default_data_dir
         from hub.mqtt.bridge import parse_mqtt_url
     except ModuleNotFoundError as e:  # a client-only install: the server is an extra
@@ -144,6 +189,9 @@ def hub_cmd(
             parse_mqtt_url(mqtt_url)
         except ValueError as e:
             die(str(e), 2)
+    if (tls_cert is None) != (tls_key is None):
+        die("give both --tls-cert and --tls-key, or neither (the hub then makes its own)", 2)
+    tls = tls or tls_cert is not None
     config = HubConfig(
         data_dir=data_dir or default_data_dir(),
         host=host,
@@ -161,34 +209,60 @@ def hub_cmd(
         max_files_bytes=max_files_mb * 1024 * 1024,
         fetch_allow_private=fetch_private,
         fetch_ca_file=fetch_ca,
+        tls=tls,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        tls_names=tls_names,
+        tls_mqtt_port=tls_mqtt_port,
+        insecure_no_tls=insecure_no_tls,
     )
+    problem = config.exposure_problem()
+    if problem:
+        die(problem, 2)
+    if insecure_no_tls and not tls:
+        click.echo(
+            f"deparrow: warning: serving {host} without TLS (--insecure-no-tls): API tokens, "
+            "node passwords and results cross the network in plain text",
+            err=True,
+        )
     try:
         app = create_app(config)
-    except Exception as e:  # a database we cannot open, a disk we cannot write
+        context = ssl_context(app)
+    except Exception as e:  # a database we cannot open, a disk we cannot write, a bad key
         die(f"cannot start the hub: {e}")
     services = app[SERVICES]
 
     def announce(_message: str) -> None:
         # run_app calls this once the listening socket is bound, so nothing is claimed early.
-        url = f"http://{host}:{port}"
+        where = f"[{host}]" if ":" in host else host
+        url = f"{'https' if tls else 'http'}://{where}:{port}"
         default = data_dir is None and port == 8765 and host == "127.0.0.1"
-        cli = (
-            "deparrow"
-            if default
-            else f"deparrow --hub {url} --token $(cat {config.admin_token_path})"
-        )
+        ca = config.data_dir / "tls" / "ca.pem"
+        pin = f" --ca {ca}" if tls and tls_cert is None and not default else ""
+        if default:
+            cli = "deparrow" + (f" --hub {url}" if tls else "")
+        else:
+            cli = f"deparrow --hub {url}{pin} --token $(cat {config.admin_token_path})"
         click.echo(f"DEparrow hub on {url}  (web page: {url}/)", err=True)
         click.echo(
             f"  MQTT broker: {services.mqtt_url}"
             f" ({services.broker.kind if services.broker else 'external'})",
             err=True,
         )
+        info = tls_of(app)
+        if info is not None:
+            if info.mqtt_port is not None:
+                click.echo(f"  MQTT over TLS for nodes and agents: port {info.mqtt_port}", err=True)
+            click.echo(f"  certificate: {info.files.cert}", err=True)
+            click.echo(f"  fingerprint nodes pin: {info.files.fingerprint}", err=True)
         click.echo(f"  data: {config.data_dir}", err=True)
         click.echo(f"  admin token: {config.admin_token_path}", err=True)
         click.echo(f"  add a node:  {cli} node token   (prints the edge-run command)", err=True)
 
     try:
-        web.run_app(app, host=host, port=port, print=announce, handle_signals=True)
+        web.run_app(
+            app, host=host, port=port, print=announce, handle_signals=True, ssl_context=context
+        )
     except ConnectionError as e:  # the broker (an OSError too, so it comes first)
         die(str(e))
     except OSError as e:

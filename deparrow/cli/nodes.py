@@ -38,7 +38,8 @@ def node_list(obj: Ctx, as_json: bool) -> None:
 @click.pass_obj
 @run_cli
 def node_token(obj: Ctx, as_json: bool) -> None:
-    """Create a single-use enrollment token and print the edge-run command that uses it."""
+    """Create a single-use enrollment token and print the edge-run command that uses it
+    (with --ca and the fingerprint of the hub's CA when the hub serves TLS)."""
     t = obj.client().enrollment_token()
     if as_json:
         emit(t)

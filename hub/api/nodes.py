@@ -1,12 +1,15 @@
-"""REST routes of nodes: enrollment tokens, enrolling, and a node's record and removal."""
+"""REST routes of nodes: enrollment tokens, enrolling, the CA a node pins, and a node's record
+and removal."""
 
 from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import logging
 import secrets
 import time
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -23,8 +26,21 @@ from hub.api.types import (
 from hub.market.errors import NotAllowed
 from hub.market.jobs import wallet_of
 from hub.store.rows import token_hash
+from hub.tls import TlsError, TlsFiles
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class HubTls:
+    """The hub serves TLS (--tls): with these files, and MQTT over TLS on mqtt_port when the
+    broker is the hub's own (None with an outside broker: its URL is the operator's)."""
+
+    files: TlsFiles
+    mqtt_port: int | None
+
+
+TLS = web.AppKey("tls", HubTls)
 
 
 def node_password_ok(node: Any, password: str) -> bool:
@@ -35,16 +51,63 @@ def node_password_ok(node: Any, password: str) -> bool:
     )
 
 
+def _url_host(host: str) -> str:
+    """A host as it goes in a URL: an IPv6 address in brackets."""
+    try:
+        return f"[{host}]" if ipaddress.ip_address(host).version == 6 else host
+    except ValueError:
+        return host
+
+
+def _from_proxy(request: web.Request) -> bool:
+    """A reverse proxy on this machine (docs/tls.md) tells us the scheme and host the world
+    used; anyone else's X-Forwarded-* headers are not believed."""
+    try:
+        return ipaddress.ip_address(request.remote or "").is_loopback
+    except ValueError:
+        return False
+
+
+def public_hub_url(request: web.Request) -> str:
+    """The hub's URL as the caller reached it: what a node is told to enroll with."""
+    scheme, host = request.url.scheme, f"{_url_host(request.url.host or '127.0.0.1')}"
+    netloc = f"{host}:{request.url.port}" if request.url.port else host
+    if _from_proxy(request) and request.headers.get("X-Forwarded-Proto") in ("http", "https"):
+        scheme = request.headers["X-Forwarded-Proto"]
+        netloc = request.headers.get("X-Forwarded-Host", "").split(",")[0].strip() or netloc
+    return f"{scheme}://{netloc}"
+
+
 def public_mqtt_url(request: web.Request) -> str:
     services = _services(request)
     if services.config.mqtt_public_url:
         return str(services.config.mqtt_public_url)
+    tls = request.app.get(TLS)
+    if tls is not None and tls.mqtt_port is not None:
+        # Nodes and agents get the TLS listener, under the name they reached us by (the one
+        # the certificate must cover); the plain one is the hub's own, on loopback.
+        return f"mqtts://{_url_host(request.url.host or '127.0.0.1')}:{tls.mqtt_port}"
     parts = urlsplit(services.mqtt_url)
     host = parts.hostname or "127.0.0.1"
     if host in ("0.0.0.0", "::", "127.0.0.1", "localhost"):
         # Tell the node to reach the broker the way it reached us.
         host = request.url.host or host
-    return f"mqtt://{host}:{parts.port or 1883}"
+    scheme = "mqtts" if parts.scheme in ("mqtts", "ssl") else "mqtt"
+    return f"{scheme}://{_url_host(host)}:{parts.port or (8883 if scheme == 'mqtts' else 1883)}"
+
+
+def ca_pin(request: web.Request) -> str | None:
+    """The fingerprint a node pins at enrollment (--ca sha256:...), None when it needs none
+    (no TLS, or a certificate the system already trusts)."""
+    tls = request.app.get(TLS)
+    return tls.files.fingerprint if tls is not None and tls.files.pinned else None
+
+
+def enroll_command(request: web.Request, token: str) -> str:
+    """The edge-run command that enrolls a node with this token, its CA pin included."""
+    pin = ca_pin(request)
+    command = f"edge-run --hub {public_hub_url(request)} --token {token}"
+    return command + (f" --ca {pin}" if pin else "")
 
 
 async def create_enrollment_token(request: web.Request) -> web.Response:
@@ -53,12 +116,32 @@ async def create_enrollment_token(request: web.Request) -> web.Response:
     token, exp = services.store.create_enrollment_token(
         who.user_id, services.config.enrollment_ttl_s
     )
-    hub_url = f"{request.url.scheme}://{request.url.host}:{request.url.port}"
     return json_response(
         EnrollmentTokenView(
-            token=token, expires_at=int(exp), command=f"edge-run --hub {hub_url} --token {token}"
+            token=token,
+            expires_at=int(exp),
+            command=enroll_command(request, token),
+            ca=ca_pin(request),
         ),
         201,
+    )
+
+
+async def tls_ca(request: web.Request) -> web.Response:
+    """The certificate nodes pin, as PEM, to anyone: a node fetches it before it trusts
+    anything, and checks its fingerprint against the one in its enrollment command."""
+    tls = request.app.get(TLS)
+    if tls is None:
+        return error(404, "this hub does not serve TLS (it was started without --tls)")
+    try:
+        pem = tls.files.pin_pem
+    except (OSError, TlsError) as e:
+        log.error("cannot read the CA certificate: %s", e)
+        return error(503, "the hub cannot read its CA certificate; see its log")
+    return web.Response(
+        body=pem,
+        content_type="application/x-pem-file",
+        headers={"X-Fingerprint": tls.files.fingerprint},
     )
 
 

@@ -25,6 +25,7 @@ from hub.api.nodes import (
     node_password_ok,
     public_mqtt_url,
     remove_node,
+    tls_ca,
 )
 from hub.api.types import (
     CreateUser,
@@ -150,3 +151,4 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/api/v1/ledger/audit", ledger_audit)
     r.add_get("/api/v1/status", status)
     r.add_get("/api/v1/openapi.json", openapi_doc)
+    r.add_get("/api/v1/tls/ca", tls_ca)
