@@ -28,13 +28,25 @@ from hub.ledger.money import (
 )
 
 
-def require_same(existing: Entry, reason: str, legs: Sequence[Leg]) -> None:
+def require_same(
+    existing: Entry,
+    reason: str,
+    legs: Sequence[Leg],
+    same_memo: bool = False,
+    memo: str | None = None,
+) -> None:
+    """Posting existing's key again is a replay of it, or IdempotencyConflict. With
+    same_memo the memo (as memo_json writes it) must match too."""
     if existing.reason != reason:
         raise IdempotencyConflict(
             existing.idem_key, existing.id, f"reason {existing.reason!r}, not {reason!r}"
         )
     if sorted(existing.legs) != sorted(legs):
         raise IdempotencyConflict(existing.idem_key, existing.id, describe(existing))
+    if same_memo and memo_json(existing.memo) != memo:
+        raise IdempotencyConflict(
+            existing.idem_key, existing.id, f"memo {existing.memo!r}, not {memo_load(memo)!r}"
+        )
 
 
 def transfer_problem(

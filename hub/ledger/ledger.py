@@ -159,6 +159,7 @@ class Ledger:
         legs: list[Leg],
         memo: dict[str, Any] | None,
         memo_json: str | None,
+        same_memo: bool = False,
     ) -> Entry:
         """`post` after its arguments were checked: legs well-formed, non-zero, balanced.
 
@@ -172,7 +173,7 @@ class Ledger:
                 now = self.clock()
                 entry_id = self._write_optimistic(c, idem_key, reason, legs, memo_json, now)
         except _TakeCarefulPath:
-            return self._post_checked(idem_key, reason, legs, memo, memo_json)
+            return self._post_checked(idem_key, reason, legs, memo, memo_json, same_memo)
         return Entry(entry_id, idem_key, reason, tuple(legs), now, memo, replayed=False)
 
     def _write_optimistic(
@@ -219,12 +220,13 @@ class Ledger:
         legs: list[Leg],
         memo: dict[str, Any] | None,
         memo_json: str | None,
+        same_memo: bool = False,
     ) -> Entry:
         """Check everything before writing; raise the first problem found."""
         with self.db.transaction() as c:
             existing = self.entry(idem_key)
             if existing is not None:
-                require_same(existing, reason, legs)
+                require_same(existing, reason, legs, same_memo, memo_json)
                 return existing
             net: dict[str, int] = {}
             for account, amount in legs:
@@ -266,9 +268,13 @@ class Ledger:
         amount: int,
         reason: str,
         memo: dict[str, Any] | None = None,
+        same_memo: bool = False,
     ) -> Entry:
+        """Move amount from src to dst exactly once. With same_memo, a replay of the key must
+        carry the same memo too (else IdempotencyConflict): for a user's transfer, whose
+        memo is part of what they asked for."""
         legs, memo_json = check_transfer(idem_key, src, dst, amount, reason, memo)
-        return self._post(idem_key, reason, legs, memo, memo_json)
+        return self._post(idem_key, reason, legs, memo, memo_json, same_memo)
 
     def transfer_many(self, requests: Sequence[TransferRequest]) -> list[Entry | Exception]:
         """Apply transfers in order, as `transfer` called once per request would.
@@ -283,7 +289,9 @@ class Ledger:
         error propagates.
         """
         results: list[Any] = []  # an Entry or an exception per request, once decided
-        checked: list[tuple[int, str, str, int, list[Leg], dict[str, Any] | None, str | None]] = []
+        checked: list[
+            tuple[int, str, str, int, list[Leg], dict[str, Any] | None, str | None, bool]
+        ] = []
         accounts: set[str] = set()
         keys: set[str] = set()
         for i, r in enumerate(requests):
@@ -295,7 +303,9 @@ class Ledger:
                 results.append(e)
                 continue
             results.append(None)
-            checked.append((i, r.idem_key, r.reason, r.amount, legs, r.memo, memo_json))
+            checked.append(
+                (i, r.idem_key, r.reason, r.amount, legs, r.memo, memo_json, r.same_memo)
+            )
             accounts.add(r.src)
             accounts.add(r.dst)
             keys.add(r.idem_key)
@@ -327,9 +337,9 @@ class Ledger:
             top = c.execute("SELECT MAX(id) FROM entries").fetchone()[0]
             next_id = 1 if top is None else int(top) + 1
             if next_id + len(checked) > INT64_MAX:  # SQLite would pick random ids: go slow
-                for i, key, reason, _, legs, memo, memo_json in checked:
+                for i, key, reason, _, legs, memo, memo_json, same in checked:
                     try:
-                        results[i] = self._post_checked(key, reason, legs, memo, memo_json)
+                        results[i] = self._post_checked(key, reason, legs, memo, memo_json, same)
                     except Exception as e:
                         results[i] = e
                 return results
@@ -339,7 +349,7 @@ class Ledger:
             # Keys written earlier in this call: a later request with one replays what the
             # database would return. Kept as rows; an Entry is built only for such a replay.
             fresh: dict[str, tuple[int, str, tuple[Leg, ...], str | None]] = {}
-            for i, key, reason, amount, legs, memo, memo_json in checked:
+            for i, key, reason, amount, legs, memo, memo_json, same in checked:
                 existing = known.get(key)
                 if existing is None and key in fresh:
                     entry_id, f_reason, f_legs, f_memo = fresh[key]
@@ -349,7 +359,7 @@ class Ledger:
                     known[key] = existing
                 if existing is not None:
                     try:
-                        require_same(existing, reason, legs)
+                        require_same(existing, reason, legs, same, memo_json)
                     except Exception as e:
                         results[i] = e
                     else:

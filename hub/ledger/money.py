@@ -8,6 +8,7 @@ maps to statuses; a movement that happened is an Entry. Nothing here touches the
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any, NamedTuple
@@ -77,6 +78,9 @@ class TransferRequest(NamedTuple):
     amount: int
     reason: str
     memo: dict[str, Any] | None = None
+    # A replay must carry the same memo too (a user's transfer, whose memo is part of what
+    # they asked for); else the memo is descriptive and a replay may differ in it.
+    same_memo: bool = False
 
 
 # --- amounts ------------------------------------------------------------------------------
@@ -91,8 +95,14 @@ def check_amount(amount: object, what: str = "amount") -> int:
     return amount
 
 
+# A plain decimal in ASCII: what Decimal() would also take ("1_0", "+1", " 0.5 ", "1e3",
+# "nan", digits of other scripts) is refused, so an amount means what it reads as.
+_PLAIN_DECIMAL = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")
+
+
 def credits_to_micro(value: str | int | Decimal) -> int:
-    """Parse credits exactly ("1.5" -> 1_500_000). Signed; callers decide whether < 0 is ok."""
+    """Parse credits exactly ("1.5" -> 1_500_000). Signed; callers decide whether < 0 is ok.
+    A string must be a plain decimal: ASCII digits, an optional leading '-' and one '.'."""
     if isinstance(value, bool | float):
         raise InvalidAmount(
             f"credits must be given as a string or integer, not {type(value).__name__}"
@@ -103,9 +113,16 @@ def credits_to_micro(value: str | int | Decimal) -> int:
     elif isinstance(value, Decimal):
         d = value
     elif isinstance(value, str):
+        if len(value) > 64:
+            raise InvalidAmount(f"an amount of credits has at most 64 characters, not {len(value)}")
+        if not _PLAIN_DECIMAL.fullmatch(value):
+            raise InvalidAmount(
+                f"{value!r} is not a number of credits: write a plain decimal such as 2.5"
+                " (digits 0-9, an optional '-' and '.', nothing else)"
+            )
         try:
-            d = Decimal(value.strip())
-        except InvalidOperation:
+            d = Decimal(value)
+        except InvalidOperation:  # not reached: the pattern is a subset of Decimal's syntax
             raise InvalidAmount(f"{value!r} is not a number of credits") from None
     else:
         raise InvalidAmount(f"credits must be a string or integer, not {type(value).__name__}")

@@ -154,6 +154,7 @@ class Writer:
         amount: int,
         reason: str,
         memo: dict[str, Any] | None = None,
+        same_memo: bool = False,
     ) -> Entry:
         """`Ledger.transfer` in the next batch; the Entry once the batch is committed.
 
@@ -167,7 +168,9 @@ class Writer:
             self._ledger = Ledger(self.db)  # migrations already applied: only checks them
         assert self._wakeup is not None
         fut: asyncio.Future[Entry] = asyncio.get_running_loop().create_future()
-        self._queue.append((TransferRequest(idem_key, src, dst, amount, reason, memo), fut))
+        self._queue.append(
+            (TransferRequest(idem_key, src, dst, amount, reason, memo, same_memo), fut)
+        )
         self._wakeup.set()
         return await fut
 

@@ -469,6 +469,7 @@ _requests = st.builds(
     | st.sampled_from([MAX_AMOUNT + 1, True, 1.5]),
     reason=st.sampled_from(["pay", "other", "test funds"]) | st.just(""),
     memo=st.none() | st.sampled_from([{"a": 1}, {"b": [1, 2]}]),
+    same_memo=st.booleans(),
 )
 
 
