@@ -37,6 +37,7 @@ from hub.agents.schema import COMPONENT, MIGRATIONS
 from hub.agents.types import (
     DEFAULT_CALL_TIMEOUT_S,
     MAX_CALL_TIMEOUT_S,
+    MAX_JSON_DEPTH,
     AgentError,
     AgentNotFound,
     CallConflict,
@@ -65,6 +66,21 @@ def schema_problem(schema: dict[str, Any], instance: Any) -> str | None:
 
 def _json_size(value: Any) -> int:
     return len(json.dumps(value, separators=(",", ":")))
+
+
+def _too_deep(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Does value nest more than limit arrays and objects? (Without recursing: it may.)"""
+    level: list[Any] = [value]  # after k rounds: what sits inside k arrays and objects
+    for _ in range(limit):
+        level = [
+            v
+            for item in level
+            if isinstance(item, dict | list)
+            for v in (item.values() if isinstance(item, dict) else item)
+        ]
+        if not level:
+            return False
+    return any(isinstance(v, dict | list) for v in level)
 
 
 class Calls:
@@ -128,6 +144,10 @@ class Calls:
         """Check, hold the price, record the call. Returns (call row, new); a repeated key
         returns the first call (new=False) and moves nothing. InsufficientFunds: nothing is
         stored. The caller then publishes the call with send_call() if it is new."""
+        if _too_deep(input):  # the schema check and json.dumps below would recurse too far
+            raise AgentError(
+                f"input nests deeper than {MAX_JSON_DEPTH} levels of arrays and objects", "input"
+            )
         key = caller + ":" + idem_key  # one key space per caller
         existing = self.db.query_one("SELECT * FROM calls WHERE idem_key = ?", (key,))
         if existing is not None:
@@ -288,6 +308,10 @@ class Calls:
             msg = msgspec.json.decode(payload, type=Response)
         except msgspec.DecodeError as e:
             return self._ignored(agent_id, f"malformed response: {e}")
+        if msg.v != protocol.VERSION:
+            return self._ignored(
+                agent_id, f"response in protocol version {msg.v}, not {protocol.VERSION}"
+            )
         call = self.call_row(msg.call_id)
         if call is None:
             return self._ignored(agent_id, f"response to unknown call {msg.call_id}")
@@ -346,6 +370,13 @@ class Calls:
             )
             return f"invoke refused ({status}): {error}"
 
+        if msg.v != protocol.VERSION:
+            return refuse(
+                400,
+                f"protocol version {msg.v} is not supported: this hub speaks version"
+                f" {protocol.VERSION} (docs/protocol.md)",
+                field="v",
+            )
         if not self._token_of(agent_id, msg.token):
             return refuse(401, "token does not belong to this agent")
         try:

@@ -19,6 +19,10 @@ MAX_CALL_TIMEOUT_S = 300.0
 MAX_PRICE_CREDITS = 1_000_000
 MAX_SCHEMA_BYTES = 64 * 1024
 MAX_TAGS = 16
+# The deepest JSON the hub reads from anyone (REST bodies, MQTT messages, a call's input and
+# output): far more than any spec or schema needs, and far from what the decoders and the
+# schema checks, which recurse, can take before they crash.
+MAX_JSON_DEPTH = 64
 CALL_STATES = ("pending", "completed", "failed", "timeout")
 
 

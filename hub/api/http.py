@@ -4,8 +4,9 @@ middleware that turns domain errors into HTTP statuses (the only place that does
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 import msgspec
 from aiohttp import web
@@ -23,6 +24,7 @@ from hub.ledger.money import (
 )
 from hub.market.errors import JobConflict, JobError, JobNotFound, NotAllowed
 from hub.market.spec import error_field
+from hub.mqtt.wire import json_problem
 
 T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -46,10 +48,53 @@ def error(status: int, message: str, **extra: Any) -> web.Response:
     return json_response(body, status)
 
 
+class BadRequest(Exception):
+    """A request the API cannot read (its body, a header, a query parameter): a 400 naming
+    the part at fault."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def header_problem(request: web.Request) -> web.Response | None:
+    """A header no handler could use: bytes that are not UTF-8 (aiohttp hands them on as
+    lone surrogates, which SQLite, JWT and base64 then choke on), or credentials that are not
+    ASCII (a JWT and HTTP Basic are both base64)."""
+    for name, value in request.headers.items():
+        if value.isascii():
+            continue
+        if name.lower() == "authorization":
+            return error(
+                401, "the Authorization header must be ASCII: 'Bearer <jwt>' (or HTTP Basic"
+                " for a node), as POST /api/v1/auth/token returns it",
+            )  # fmt: skip
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return error(400, f"the {name} header is not UTF-8 text", field=str(name))
+    return None
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    refused = header_problem(request)
+    if refused is not None:
+        return refused
     try:
         return await handler(request)
+    except BadRequest as e:
+        return error(400, str(e), field=e.field)
+    except web.RequestPayloadError as e:
+        # The body could not be read as sent (Content-Encoding: gzip, say, on bytes that
+        # are not gzip). Nothing of it was read; the rest of it is dropped with the connection.
+        request.content.feed_eof()
+        response = error(
+            400, f"the request body cannot be read: {str(e).split(':', 1)[-1].strip()} (send "
+            "it as Content-Encoding says, or without Content-Encoding)",
+        )  # fmt: skip
+        response.force_close()
+        return response
     except AuthError as e:
         return error(401, str(e))
     except InsufficientFunds as e:
@@ -88,14 +133,44 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             405: f"{request.method} is not allowed on {request.path}",
             413: f"request body is over the hub's {request.app._client_max_size} byte limit",
         }.get(e.status, e.reason)
-        return error(e.status, message)
+        response = error(e.status, message)
+        if isinstance(e, web.HTTPMethodNotAllowed):
+            response.headers["Allow"] = ", ".join(sorted(e.allowed_methods))
+        return response
 
 
 async def decode_body(request: web.Request, type_: type[T]) -> T:
     body = await request.read()
     if not body:
         raise msgspec.ValidationError("request body is empty; send a JSON object")
-    return msgspec.json.decode(body, type=type_)
+    problem = json_problem(body)
+    if problem is not None:
+        raise BadRequest("request body " + problem)
+    try:
+        return msgspec.json.decode(body, type=type_)
+    except RecursionError:  # json_problem bounds the depth; this is in case a type recurses
+        raise BadRequest("request body nests too deep") from None
+
+
+_WHOLE = re.compile(r"-?[0-9]{1,19}")
+
+
+@overload
+def query_int(request: web.Request, name: str, lo: int, hi: int, default: int) -> int: ...
+@overload
+def query_int(request: web.Request, name: str, lo: int, hi: int) -> int | None: ...
+def query_int(
+    request: web.Request, name: str, lo: int, hi: int, default: int | None = None
+) -> int | None:
+    """A whole-number query parameter from lo to hi (default when absent): plain ASCII
+    digits, as the OpenAPI document declares it; BadRequest naming it otherwise."""
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    value = int(raw) if _WHOLE.fullmatch(raw) else None
+    if value is None or not lo <= value <= hi:
+        raise BadRequest(f"{name} must be a whole number from {lo} to {hi}, not {raw!r}", name)
+    return value
 
 
 def identity(request: web.Request, node_ok: bool = False) -> Identity:

@@ -12,7 +12,7 @@ import msgspec
 from aiohttp import web
 
 from hub.api.fetch import FetchError, fetch
-from hub.api.http import _services, decode_body, error, identity, json_response
+from hub.api.http import _services, decode_body, error, identity, json_response, query_int
 from hub.api.types import (
     BlobView,
     SubmitResponse,
@@ -22,6 +22,8 @@ from hub.market.errors import JobError, JobNotFound
 from hub.market.spec import JOB_STATES, InputFile, JobSpec
 
 log = logging.getLogger(__name__)
+
+MAX_LIST = 500  # jobs per answer of GET /api/v1/jobs
 
 
 async def upload_blob(request: web.Request) -> web.Response:
@@ -153,11 +155,11 @@ async def list_jobs(request: web.Request) -> web.Response:
     state = request.query.get("state")
     if state is not None and state not in JOB_STATES:
         return error(400, f"state must be one of {', '.join(JOB_STATES)}", field="state")
-    try:
-        limit = min(500, max(1, int(request.query.get("limit", "50"))))
-    except ValueError:
-        return error(400, "limit must be an integer", field="limit")
-    owner = None if who.is_admin and request.query.get("all") == "1" else who.user_id
+    limit = query_int(request, "limit", 1, MAX_LIST, default=50)
+    everyone = request.query.get("all", "0")
+    if everyone not in ("0", "1"):
+        return error(400, f"all must be 0 or 1, not {everyone!r}", field="all")
+    owner = None if who.is_admin and everyone == "1" else who.user_id
     rows = services.store.jobs(owner=owner, state=state, limit=limit)
     return json_response({"jobs": [services.jobs.view(r) for r in rows]})
 

@@ -8,15 +8,25 @@ from datetime import UTC, datetime
 
 from aiohttp import web
 
-from hub.api.http import _services, decode_body, error, identity, json_response, require_admin
+from hub.api.http import (
+    _services,
+    decode_body,
+    error,
+    identity,
+    json_response,
+    query_int,
+    require_admin,
+)
 from hub.api.types import (
     HistoryItem,
     TransferRequest,
     TransferResponse,
     WalletView,
 )
-from hub.ledger.money import credits_to_micro, format_micro
+from hub.ledger.money import INT64_MAX, credits_to_micro, format_micro
 from hub.market.jobs import wallet_of
+
+MAX_HISTORY = 1000  # entries per page of a wallet's history
 
 
 async def wallet(request: web.Request) -> web.Response:
@@ -39,14 +49,11 @@ async def wallet(request: web.Request) -> web.Response:
 async def wallet_history(request: web.Request) -> web.StreamResponse:
     who = identity(request)
     ledger = _services(request).ledger
-    try:
-        limit = min(1000, max(1, int(request.query.get("limit", "50"))))
-    except ValueError:
-        return error(400, "limit must be an integer", field="limit")
-    try:
-        before = int(request.query["before"]) if "before" in request.query else None
-    except ValueError:
-        return error(400, "before must be an entry number", field="before")
+    limit = query_int(request, "limit", 1, MAX_HISTORY, default=50)
+    before = query_int(request, "before", 1, INT64_MAX)  # an entry number
+    output = request.query.get("format", "json")
+    if output not in ("json", "csv"):
+        return error(400, f"format must be json or csv, not {output!r}", field="format")
     rows = ledger.history(wallet_of(who.user_id), limit=limit, before_entry_id=before)
     items = [
         HistoryItem(entry=r.entry_id, at=r.created_at, reason=r.reason,
@@ -54,7 +61,7 @@ async def wallet_history(request: web.Request) -> web.StreamResponse:
                     counterparties=list(r.counterparties))
         for r in rows
     ]  # fmt: skip
-    if request.query.get("format") == "csv":
+    if output == "csv":
         buf = io.StringIO()
         out = csv.writer(buf)
         out.writerow(["entry", "time_utc", "reason", "amount", "balance_after", "counterparties"])
@@ -94,8 +101,9 @@ async def wallet_transfer(request: web.Request) -> web.Response:
     # Through the writer: concurrent transfers share one durable commit, and the answer is
     # sent only once that commit is on disk.
     entry = await services.writer.transfer(
-        f"transfer:{who.user_id}:{key}", src, dst, amount, f"transfer to {req.to}", memo=memo
-    )
+        f"transfer:{who.user_id}:{key}", src, dst, amount, f"transfer to {req.to}", memo=memo,
+        same_memo=True,  # the same key with another memo is another request: 409
+    )  # fmt: skip
     return json_response(
         TransferResponse(entry=entry.id, to=req.to, amount=format_micro(amount),
                          balance=format_micro(services.ledger.balance(src)),

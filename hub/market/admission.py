@@ -18,6 +18,8 @@ from hub.market.errors import JobError
 from hub.market.spec import DockerEngine, InputFile, JobSpec, WasmEngine
 from hub.store.rows import Store
 
+WASM_MAGIC = b"\0asm"  # the first bytes of every WebAssembly module
+
 
 def resolve_ref(store: Store, ref: str, field: str, limit: int) -> str:
     """Turn a module/input reference into the sha256 of a stored blob."""
@@ -61,6 +63,14 @@ def resolve_ref(store: Store, ref: str, field: str, limit: int) -> str:
         raise JobError(f"{field}: unknown reference {ref!r}", field)
     if len(data) > limit:
         raise JobError(f"{field}: {len(data)} bytes is over the {limit}-byte limit", field)
+    if field == "engine.module" and not data.startswith(WASM_MAGIC):
+        # Refused before it is stored (the submit's caller checks uploaded modules).
+        raise JobError(
+            f"{field}: the module is empty ({ref!r} carries no bytes)"
+            if not data
+            else f"{field}: not a WebAssembly module (it does not start with \\0asm)",
+            field,
+        )
     return store.put_blob(data)
 
 

@@ -147,10 +147,15 @@ class Messages:
         if len(payload) > limit:
             return self._drop(topic, f"{len(payload)} bytes is over the {limit}-byte limit")
         if space == "agents":
-            if kind in (protocol.INVOKE, protocol.RESPONSE) and self.agents is not None:
-                return self.agents.handle(ident, kind, payload)
-            if kind != protocol.SUBMIT:
+            if kind not in (protocol.SUBMIT, protocol.INVOKE, protocol.RESPONSE):
                 return self._drop(topic, "agents may only publish submit, invoke and response")
+            problem = wire.json_problem(payload)
+            if problem is not None:
+                return self._refuse_unreadable(topic, ident, kind, payload, problem)
+            if kind != protocol.SUBMIT:
+                if self.agents is None:
+                    return self._drop(topic, "this hub takes no service calls")
+                return self.agents.handle(ident, kind, payload)
             return self._on_submit(topic, ident, payload)
         if not payload and kind == protocol.STATUS:
             return "ignored: retained status cleared"
@@ -158,6 +163,8 @@ class Messages:
             msg = msgspec.json.decode(payload, type=wire.NODE_TYPES[kind])
         except msgspec.DecodeError as e:
             return self._drop(topic, f"malformed {kind}: {e}")
+        except RecursionError:  # unknown fields are skipped, recursively
+            return self._drop(topic, f"malformed {kind}: it nests too deep")
         if msg.v != protocol.VERSION:  # type: ignore[attr-defined]
             return self._drop(topic, f"protocol version {msg.v} is not {protocol.VERSION}")  # type: ignore[attr-defined]
         if msg.node_id != ident:  # type: ignore[attr-defined]
@@ -295,6 +302,20 @@ class Messages:
         self._fetching.add(task)
         task.add_done_callback(self._fetching.discard)
 
+    def _refuse_unreadable(
+        self, topic: str, agent_id: str, kind: str, payload: bytes | bytearray, problem: str
+    ) -> str:
+        """An agent's message that no decoder should read (nested too deep, a key twice):
+        a submit or invoke is answered on the agent's own reply topic, when its request_id
+        can be read; anything else is dropped."""
+        request_id = wire.top_level_string(payload, "request_id")
+        if kind == protocol.RESPONSE or not request_id or len(request_id) > 128:
+            return self._drop(topic, f"{kind} {problem}")
+        body = {"error": f"{kind} {problem}", "status": 400}
+        self.publish(protocol.agent_topic(agent_id, protocol.REPLY),
+                     protocol.reply(request_id, False, body))  # fmt: skip
+        return f"{kind} rejected: {problem}"
+
     def _on_submit(self, topic: str, agent_id: str, payload: bytes | bytearray) -> str:
         try:
             req = msgspec.json.decode(payload, type=wire.Submit)
@@ -306,6 +327,10 @@ class Messages:
             self.publish(reply_topic, protocol.reply(req.request_id, ok, body))
             return "submit " + ("accepted" if ok else "rejected: " + str(body.get("error")))
 
+        if req.v != protocol.VERSION:
+            return answer(False, {"error": f"protocol version {req.v} is not supported: this"
+                                  f" hub speaks version {protocol.VERSION} (docs/protocol.md)",
+                                  "field": "v", "status": 400})  # fmt: skip
         user = self.store.user_by_token(req.token)
         if user is None or user["id"] != agent_id:
             return answer(False, {"error": "token does not belong to this agent", "status": 401})
@@ -322,7 +347,10 @@ class Messages:
             self._fetch_then_submit(topic, req, spec, answer)
             return "submit: fetching its inputs"
         try:
-            job = self.jobs.submit(agent_id, spec, submit_key="mqtt:" + req.request_id)
+            # In a savepoint of its own: a refused submit leaves nothing behind (the blobs of
+            # its inline module and files included), as a refused REST submit does.
+            with self.store.db.transaction():
+                job = self.jobs.submit(agent_id, spec, submit_key="mqtt:" + req.request_id)
         except InsufficientFunds as e:
             return answer(
                 False, {"error": str(e), "shortfall": format_micro(e.shortfall), "status": 402}

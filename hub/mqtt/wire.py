@@ -7,9 +7,13 @@ two cannot drift apart silently.
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Annotated, Any
 
 import msgspec
+
+from hub.agents.types import MAX_JSON_DEPTH
 
 Id = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 # Every integer is bounded: SQLite stores 64-bit integers, and a node must not be able to make
@@ -122,3 +126,78 @@ NODE_TYPES: dict[str, type[msgspec.Struct]] = {
     "event": Event,
     "result": Result,
 }
+
+
+# --- what no decoder refuses: nesting and duplicate keys ---------------------------------------
+# A whole JSON string (so that brackets and quotes inside strings are skipped), with the colon
+# after it when it is an object's key; or a bracket.
+_STRING = rb'"[^"\\]*(?:\\.[^"\\]*)*"'
+_TOKEN = re.compile(_STRING + rb"(\s*:)?|[\[\]{}]", re.DOTALL)
+# Every string of a text, and the colon after it when it is a key.
+_STRINGS = re.compile(rb"(" + _STRING + rb")(\s*:)?", re.DOTALL)
+_OPEN = frozenset(b"[{")
+
+
+def json_problem(data: bytes | bytearray) -> str | None:
+    """Why a JSON text that a decoder would take is still refused, or None: it nests deeper
+    than MAX_JSON_DEPTH (msgspec and json decode recursively, and the schema checks after
+    them recurse further: deep input would crash them rather than be refused), or an object
+    has a key twice (decoders keep the last one silently, so a reader of the raw text could
+    see another request than the hub). Not a validator: malformed JSON is the decoder's to
+    refuse.
+
+    Regular expressions over the strings and brackets only. The usual body (no key twice in
+    the whole text, few brackets) is settled by one findall; the others are walked token by
+    token, an object's keys apart from another's."""
+    if data.count(b"[") + data.count(b"{") <= MAX_JSON_DEPTH:
+        keys = [k for k, colon in _STRINGS.findall(data) if colon]
+        if len(set(keys)) == len(keys) and not any(b"\\" in k for k in keys):
+            return None
+    seen_stack: list[set[bytes] | None] = []  # per open bracket: an object's keys, or None
+    for m in _TOKEN.finditer(data):
+        first = data[m.start()]
+        if first == 0x22:  # a string
+            if m.start(1) < 0 or not seen_stack:
+                continue
+            seen = seen_stack[-1]
+            if seen is None:  # a colon after a string in an array: malformed, the decoder's
+                continue
+            key = bytes(data[m.start() : m.start(1)])
+            if b"\\" in key:  # "a" and "\u0061" are the same key: compare them unescaped
+                try:
+                    name = json.loads(key)
+                except ValueError:
+                    continue
+                key = json.dumps(name, ensure_ascii=False).encode("utf-8", "surrogatepass")
+            if key in seen:
+                name = json.loads(key) if b"\\" in key else key[1:-1].decode("utf-8", "replace")
+                return f"has the key {name!r} twice in one object: send each key once"
+            seen.add(key)
+        elif first in _OPEN:
+            seen_stack.append(set() if first == 0x7B else None)
+            if len(seen_stack) > MAX_JSON_DEPTH:
+                return f"nests deeper than {MAX_JSON_DEPTH} levels of arrays and objects"
+        elif seen_stack:
+            seen_stack.pop()
+    return None
+
+
+def top_level_string(data: bytes | bytearray, name: str) -> str | None:
+    """The value of a top-level string field of a JSON object the decoder cannot take whole
+    (too deep, say): the request_id to answer a refused message with. None when absent."""
+    depth, want, wanted = 0, ('"' + name + '"').encode(), False
+    for m in _TOKEN.finditer(data):
+        first = data[m.start()]
+        if first == 0x22:
+            if depth == 1 and m.start(1) >= 0:
+                wanted = data[m.start() : m.start(1)] == want
+            elif depth == 1 and wanted:
+                try:
+                    value = json.loads(data[m.start() : m.end()])
+                except ValueError:
+                    return None
+                return value if isinstance(value, str) else None
+        else:
+            depth += 1 if first in _OPEN else -1
+            wanted = False
+    return None

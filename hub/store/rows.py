@@ -484,9 +484,11 @@ class Store:
         return bytes(row["data"]) if row else None
 
     def blob_head(self, digest: str, n: int) -> bytes:
+        """The first n bytes of a blob (fewer when it is shorter; b"" when it is empty or
+        absent: SQLite's substr of an empty blob is NULL)."""
         row = self.db.query_one("SELECT substr(data, 1, ?) AS h FROM blobs WHERE sha256 = ?",
                                 (n, digest))  # fmt: skip
-        return bytes(row["h"]) if row else b""
+        return bytes(row["h"]) if row and row["h"] is not None else b""
 
     def has_blob(self, digest: str) -> bool:
         return self.db.query_one("SELECT 1 FROM blobs WHERE sha256 = ?", (digest,)) is not None

@@ -127,12 +127,12 @@ def parse_job_form(post: MultiDictProxy[Any], svc: Any) -> tuple[Form, Errors, J
         args = []
     if form["priority"] not in ("normal", "high"):
         errors["priority"] = "Priority is normal or high."
-    try:
-        timeout = int(form["timeout"])
-    except ValueError:
+    # Plain ASCII digits only: int() would also take "1_0", "+5" and digits of other scripts.
+    if not re.fullmatch(r"[0-9]{1,9}", form["timeout"]):
         errors["timeout"] = f"“{form['timeout']}” is not a whole number of seconds."
         timeout = 0
     else:
+        timeout = int(form["timeout"])
         if not 1 <= timeout <= svc.config.max_timeout_s:
             errors["timeout"] = (
                 f"The timeout is from 1 to {svc.config.max_timeout_s:,} seconds on this hub."
