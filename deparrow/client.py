@@ -14,7 +14,14 @@ from typing import Any
 from urllib.parse import quote
 
 from edge.cli_files import save_output
-from edge.enroll import EnrollError, fetch_ca_pem, is_pin, pem_fingerprint, tls_context
+from edge.enroll import (
+    EnrollError,
+    fetch_ca_pem,
+    is_pin,
+    pem_fingerprint,
+    tls_context,
+    untrusted,
+)
 
 # The states a job ends in, as the REST API reports them (the job lifecycle in
 # docs/protocol.md). The client keeps its own copy so it never imports the server;
@@ -78,16 +85,8 @@ class Client:
     def _unreachable(self, e: Exception) -> HubError:
         reason = getattr(e, "reason", e)
         if isinstance(reason, ssl.SSLCertVerificationError):
-            how = (
-                "is this the hub whose CA you gave?"
-                if self.ca
-                else "pass --ca with the hub's CA file or the sha256: fingerprint `deparrow "
-                "node token` prints (env DEPARROW_CA)"
-            )
-            return HubError(
-                f"cannot reach the hub at {self.hub}: its certificate is not trusted "
-                f"({reason.verify_message}): {how}"
-            )
+            why = untrusted(reason, self.hub, self.ca is not None)
+            return HubError(f"cannot reach the hub at {self.hub}: {why} (env DEPARROW_CA)")
         return HubError(f"cannot reach the hub at {self.hub}: {reason}")
 
     def request_text(self, method: str, path: str) -> str:

@@ -17,6 +17,7 @@ import ssl
 import urllib.error
 import urllib.request
 from typing import Any
+from urllib.parse import urlsplit
 
 PIN_PREFIX = "sha256:"
 CA_PATH = "/api/v1/tls/ca"
@@ -62,6 +63,30 @@ def tls_context(ca_file: str | None = None, ca_pem: str | None = None) -> ssl.SS
     if ca_file is not None or ca_pem is not None:
         ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
     return ctx
+
+
+# OpenSSL's verify codes for a certificate that is trusted but names another host
+NAME_MISMATCH = (62, 64)  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
+
+
+def untrusted(e: ssl.SSLCertVerificationError, url: str, pinned: bool) -> str:
+    """Why a hub's (or broker's) certificate was refused, and what to do, in words."""
+    host = urlsplit(url).hostname or url
+    if e.verify_code in NAME_MISMATCH:
+        return (
+            f"its certificate does not name {host}: start the hub with --tls-name {host} (it "
+            "then issues itself a certificate for that name too, and pins stay valid), or "
+            "reach it by a name its certificate has"
+        )
+    if pinned:
+        return (
+            f"its certificate is not from the CA given with --ca ({e.verify_message}): is "
+            "this the hub that CA belongs to?"
+        )
+    return (
+        f"its certificate is not trusted ({e.verify_message}): pass --ca with the hub's CA "
+        "file or the sha256: fingerprint `deparrow node token` prints"
+    )
 
 
 def fetch_ca(hub: str, pin: str, dest: str, timeout_s: float = 15.0) -> str:
@@ -151,11 +176,8 @@ def enroll(
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
         if isinstance(reason, ssl.SSLCertVerificationError):
-            raise EnrollError(
-                f"the hub at {hub} presents a certificate this node does not trust "
-                f"({reason.verify_message}): pass --ca with the fingerprint `deparrow node "
-                "token` printed"
-            ) from None
+            why = untrusted(reason, hub, ca is not None)
+            raise EnrollError(f"cannot enroll with the hub at {hub}: {why}") from None
         raise EnrollError(f"cannot reach the hub at {hub}: {reason}") from None
     try:
         return node_config(hub, answer, ca)

@@ -25,6 +25,8 @@ from urllib.parse import urlsplit
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from edge.enroll import tls_context, untrusted
+
 
 def _no_delay(_client, _userdata, sock):  # type: ignore[no-untyped-def]
     """Small QoS 1 messages and their acks must not wait out Nagle + delayed ACK (~40 ms)."""
@@ -78,8 +80,6 @@ class PahoMqtt:
         c.on_message = self._on_message
         c.on_socket_open = _no_delay
         if self.tls:
-            from edge.enroll import tls_context
-
             c.tls_set_context(tls_context(self.ca_certs))
         self.client = c
         deadline = time.monotonic() + self.connect_timeout_s
@@ -89,10 +89,9 @@ class PahoMqtt:
                 break
             except ssl.SSLCertVerificationError as e:
                 # Retrying cannot help: this broker is not the one the node pinned.
+                why = untrusted(e, f"mqtts://{self.host}:{self.port}", self.ca_certs is not None)
                 raise ConnectionError(
-                    f"the MQTT broker at {self.host}:{self.port} presents a certificate this "
-                    f"node does not trust ({e.verify_message}); enroll again with the hub's "
-                    "current --ca fingerprint"
+                    f"cannot connect to the MQTT broker at {self.host}:{self.port}: {why}"
                 ) from e
             except OSError as e:
                 if time.monotonic() > deadline:

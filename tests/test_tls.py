@@ -217,6 +217,12 @@ def test_a_node_pins_the_ca_by_fingerprint_and_runs_a_job_over_tls(
         assert listening.get(plain.port) == "127.0.0.1", listening.get(plain.port)
         assert listening.get(mqtts.port) == "0.0.0.0", listening.get(mqtts.port)
 
+        # An address the certificate does not name: refused, and the message says the fix.
+        other = deparrow("--hub", f"https://127.0.0.2:{hub.port}", "--ca", str(ca),
+                         "--token", hub.admin.token or "", "wallet")  # fmt: skip
+        assert other.returncode == 1
+        assert "does not name 127.0.0.2: start the hub with --tls-name 127.0.0.2" in other.stderr
+
         # What an operator checks by hand: the chain on the MQTT port, and an agent's login
         # over TLS with the CA (and not without it).
         seen = s_client(mqtts.port, ca)

@@ -254,7 +254,10 @@ def hub_cmd(
             if info.mqtt_port is not None:
                 click.echo(f"  MQTT over TLS for nodes and agents: port {info.mqtt_port}", err=True)
             click.echo(f"  certificate: {info.files.cert}", err=True)
-            click.echo(f"  fingerprint nodes pin: {info.files.fingerprint}", err=True)
+            if info.files.pinned:
+                click.echo(f"  nodes pin: --ca {info.files.fingerprint}", err=True)
+            else:
+                click.echo("  nodes trust it through their system's CAs (no pin)", err=True)
         click.echo(f"  data: {config.data_dir}", err=True)
         click.echo(f"  admin token: {config.admin_token_path}", err=True)
         click.echo(f"  add a node:  {cli} node token   (prints the edge-run command)", err=True)
