@@ -7,6 +7,9 @@ from typing import Any
 import msgspec
 
 from hub.api import types
+from hub.api.jobs import MAX_LIST
+from hub.api.wallet import MAX_HISTORY
+from hub.ledger.money import INT64_MAX
 from hub.market import spec
 
 _TYPES: list[Any] = [
@@ -14,6 +17,8 @@ _TYPES: list[Any] = [
     types.SubmitResponse,
     types.JobView,
     types.WalletView,
+    types.TransferRequest,
+    types.TransferResponse,
     types.TokenRequest,
     types.TokenResponse,
     types.NodeTokenRequest,
@@ -26,6 +31,12 @@ _TYPES: list[Any] = [
     types.ErrorBody,
     types.BlobView,
 ]
+
+
+def _int_param(name: str, lo: int, hi: int, description: str) -> dict[str, Any]:
+    """A whole-number query parameter, bounded as its handler checks it (hub/api/http.py)."""
+    schema = {"type": "integer", "minimum": lo, "maximum": hi}
+    return {"name": name, "in": "query", "description": description, "schema": schema}
 
 
 def _ref(name: str) -> dict[str, Any]:
@@ -94,12 +105,12 @@ def document() -> dict[str, Any]:
             "get": {
                 **_op("My wallet's movements, newest first (?format=csv for a statement)", None),
                 "parameters": [
-                    {"name": "limit", "in": "query", "schema": {"type": "integer"}},
-                    {"name": "before", "in": "query", "schema": {"type": "integer"}},
+                    _int_param("limit", 1, MAX_HISTORY, "entries per page (default 50)"),
+                    _int_param("before", 1, INT64_MAX, "the next page: entries before this one"),
                     {
                         "name": "format",
                         "in": "query",
-                        "schema": {"type": "string", "enum": ["csv"]},
+                        "schema": {"type": "string", "enum": ["json", "csv"]},
                     },
                 ],
             }
@@ -169,9 +180,18 @@ def document() -> dict[str, Any]:
             "get": {
                 **_op("My jobs, newest first", None),
                 "parameters": [
-                    {"name": "state", "in": "query", "schema": {"type": "string"}},
-                    {"name": "limit", "in": "query", "schema": {"type": "integer"}},
-                    {"name": "all", "in": "query", "schema": {"type": "string", "enum": ["1"]}},
+                    {
+                        "name": "state",
+                        "in": "query",
+                        "schema": {"type": "string", "enum": list(spec.JOB_STATES)},
+                    },
+                    _int_param("limit", 1, MAX_LIST, "jobs per answer (default 50)"),
+                    {
+                        "name": "all",
+                        "in": "query",
+                        "description": "1: everyone's (an admin)",
+                        "schema": {"type": "string", "enum": ["0", "1"]},
+                    },
                 ],
             },
         },
