@@ -100,6 +100,24 @@ def test_an_operators_key_that_does_not_fit_its_certificate_is_refused(tmp_path:
     assert not (tmp_path / "tls").exists()
 
 
+def test_the_cli_finds_the_local_hubs_ca_as_it_finds_its_admin_token(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from deparrow.cli.context import Ctx
+
+    monkeypatch.setenv("DEPARROW_DATA", str(tmp_path))
+    monkeypatch.delenv("DEPARROW_CA", raising=False)
+    ensure_tls(tmp_path)
+    local = str(tmp_path / "tls" / "ca.pem")
+    assert Ctx("https://127.0.0.1:8765", None).hub_ca() == local
+    assert Ctx("https://localhost:8765/", None).hub_ca() == local
+    assert Ctx("https://hub.example.org:8765", None).hub_ca() is None  # never another hub's
+    assert Ctx("http://127.0.0.1:8765", None).hub_ca() is None
+    assert Ctx("https://127.0.0.1:8765", None, "mine.pem").hub_ca() == "mine.pem"
+    monkeypatch.setenv("DEPARROW_CA", "sha256:" + "1" * 64)
+    assert Ctx("https://hub.example.org:8765", None).hub_ca() == "sha256:" + "1" * 64
+
+
 # --- a hub with its own CA -------------------------------------------------------------
 def test_https_with_the_hubs_own_ca_the_pin_it_hands_out_and_the_cli(
     tmp_path: Path, mosquitto: str
