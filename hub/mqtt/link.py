@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import select
 import socket
 import time
@@ -57,9 +58,12 @@ class Link:
         self._connected = asyncio.Event()
         self._was_connected = False
         self._writing = False
+        # The hub's own broker uses the login's name (deparrow-hub) as client id whatever is
+        # sent. An outside broker may take it as sent: several hubs there need ids of their
+        # own, and one nobody can guess, or anyone able to connect could take the hub's over.
         self.client = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=f"deparrow-hub-{int(time.time() * 1000) % 10**9}",
+            client_id=f"deparrow-hub-{secrets.token_hex(8)}",
             clean_session=True,
         )
         self.client.on_connect = self._on_connect

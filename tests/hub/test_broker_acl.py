@@ -20,7 +20,8 @@ import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
+from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -56,10 +57,12 @@ class Peer:
         client_id: str = "",
         clean: bool = True,
         will: tuple[str, bytes] | None = None,
+        tls_ca: Path | None = None,
     ) -> None:
         self.inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self.seen: list[tuple[str, bytes]] = []
         self.rc: Any = None
+        self.disconnects = 0  # connections lost after the CONNACK
         self._answered = threading.Event()
         self._suback: queue.Queue[list[Any]] = queue.Queue()
         self.c = mqtt.Client(
@@ -71,13 +74,15 @@ class Peer:
             self.c.username_pw_set(username, password)
         if will is not None:
             self.c.will_set(will[0], will[1], qos=1, retain=True)
+        if tls_ca is not None:
+            self.c.tls_set(ca_certs=str(tls_ca))
         self.c.on_connect = self._on_connect
-        self.c.on_disconnect = lambda *_a: self._answered.set()
+        self.c.on_disconnect = self._on_disconnect
         self.c.on_subscribe = lambda _c, _u, _m, codes, _p: self._suback.put(list(codes))
         self.c.on_message = lambda _c, _u, m: self.inbox.put((m.topic, bytes(m.payload)))
         self.c.reconnect_delay_set(60, 60)  # a refused login is an answer, not to be retried
-        host, port = parse_mqtt_url(url)
-        self.c.connect(host, port, keepalive=30)
+        parts = urlsplit(url)  # mqtt:// or, with tls_ca, mqtts://
+        self.c.connect(parts.hostname or "127.0.0.1", parts.port or 1883, keepalive=30)
         self.c.loop_start()
         assert self._answered.wait(10), "the broker answered neither yes nor no"
         if not self.ok:
@@ -85,6 +90,11 @@ class Peer:
 
     def _on_connect(self, _c: Any, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
         self.rc = rc
+        self._answered.set()
+
+    def _on_disconnect(self, *_a: Any) -> None:
+        if self._answered.is_set():
+            self.disconnects += 1
         self._answered.set()
 
     @property
@@ -138,10 +148,6 @@ def raw_connect(
     return sock
 
 
-def hub_login(hub: LocalHub) -> tuple[str, str]:
-    return logins.HUB_USER, (hub.data_dir / "mqtt-password").read_text().strip()
-
-
 def enroll(hub: LocalHub, owner: Any, name: str) -> dict[str, Any]:
     token = owner.enrollment_token()["token"]
     creds: dict[str, Any] = owner.request(
@@ -161,12 +167,58 @@ def own_hub(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LocalHub
     hub.stop()
 
 
+HUB = logins.HUB_USER
+NODE_A, NODE_B, AGENT = "n_" + "a" * 16, "n_" + "b" * 16, "u_" + "c" * 16
+OTHER = "u_" + "d" * 16  # no login of that name
+
+
+class OwnBroker(NamedTuple):
+    broker: ChildBroker
+    url: str  # where nodes and agents connect: the TLS listener when there is one
+    passwords: dict[str, str]
+
+
+def start_broker(kind: str, workdir: Path, tls: tuple[Path, Path] | None = None) -> OwnBroker:
+    """The hub's own broker with the logins the hub writes (itself, two nodes, an agent), and
+    no hub: the test may log in as the hub without taking the hub's connection over."""
+    if kind == "mosquitto":
+        require_mosquitto()
+    pw = {name: f"{name}-pw-{i}" * 2 for i, name in enumerate((HUB, NODE_A, NODE_B, AGENT))}
+    hashed = {name: passwords.hash_password(p) for name, p in pw.items()}
+    accounts = logins.accounts(
+        logins.hub_account(hashed[HUB]),
+        [(NODE_A, hashed[NODE_A]), (NODE_B, hashed[NODE_B])],
+        [(AGENT, hashed[AGENT])],
+    )
+    if tls is None:
+        broker = ChildBroker(kind, "127.0.0.1", free_port(), workdir, auth=True)
+    else:
+        # Nodes and agents on 127.0.0.2 (TLS), the hub's plain listener on 127.0.0.1: both
+        # loopback, yet a socket bound to one does not answer on the other.
+        broker = ChildBroker(
+            kind, "127.0.0.2", free_port(), workdir, auth=True,
+            tls_cert=tls[0], tls_key=tls[1], tls_port=free_port("127.0.0.2"),
+        )  # fmt: skip
+    broker.write_auth(accounts)
+    broker.start()
+    return OwnBroker(broker, broker.tls_url or broker.url, pw)
+
+
+@pytest.fixture(params=KINDS)
+def own(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[OwnBroker]:
+    b = start_broker(request.param, tmp_path / request.param)
+    yield b
+    b.broker.stop()
+
+
 # --- the hub's own broker, through a real hub process ----------------------------------------
 def test_nodes_and_agents_reach_only_their_own_topics(own_hub: LocalHub) -> None:
+    """The hub's own login is the hub's alone (a second connection would replace the hub's),
+    so this test watches what the hub does; test_a_login_reads_only_its_own_topics below
+    watches the wire."""
     hub = own_hub
     url = hub.admin.status()["broker"]["url"]
     owner_user, owner = hub.user("owner")
-    owner_id = owner_user["id"]
     a, b = enroll(hub, owner, "a"), enroll(hub, owner, "b")  # enrolled while the hub runs
     a_id, b_id = a["node_id"], b["node_id"]
 
@@ -180,50 +232,30 @@ def test_nodes_and_agents_reach_only_their_own_topics(own_hub: LocalHub) -> None
     assert mqtt_login(*parse_mqtt_url(url), b_id, a["mqtt"]["password"], 5) != 0
     assert mqtt_login(*parse_mqtt_url(url), "n_0000000000000000", "x" * 32, 5) != 0
 
-    observer = Peer(url, *hub_login(hub))  # sees all of dp/v1, as the hub does
-    assert observer.ok and observer.subscribe("dp/v1/#")
-
     # A node enrolled a moment ago logs in at once, without a hub restart.
     node = Peer(url, a_id, a["mqtt"]["password"], client_id=a_id)
     assert node.ok, node.rc
 
-    # Speaking as node b: refused. As itself: delivered, to the hub too.
+    # Speaking as node b: refused. As itself: delivered to the hub.
     forged = protocol.encode(protocol.hello(b_id, ["wasm"], {"cpu": 64, "memory_mb": 1 << 20}, "x"))
     own = protocol.encode(protocol.hello(a_id, ["wasm"], {"cpu": 1, "memory_mb": 256}, "t"))
     node.publish(protocol.node_topic(b_id, protocol.HELLO), forged)
     node.publish(protocol.node_topic(a_id, protocol.HELLO), own)
-    got = observer.wait_for(protocol.node_topic(a_id, protocol.HELLO), own)
-    assert not [t for t, _ in got if b_id in t], got
     states = wait_until(
         "the hub to hear node a",
         lambda: (s := {n["id"]: n["state"] for n in owner.nodes()})[a_id] == "idle" and s,
     )
     assert states[b_id] == "offline"  # b's forged hello never reached the hub
 
-    # Reading: its own assignments only, never another node's nor an agent's traffic (a
-    # submit carries the agent's API token). Mosquitto grants a wide subscription and leaves
-    # out what the login may not read; the embedded broker refuses it outright.
-    wide = node.subscribe("dp/v1/#")
-    assert wide == (hub.admin.status()["broker"]["kind"] == "mosquitto")
-    assert not node.subscribe(protocol.node_topic(b_id, protocol.ASSIGN)) or wide
-    assert node.subscribe(protocol.node_topic(a_id, protocol.CANCEL))
-    hub_side = Peer(url, *hub_login(hub))
-    hub_side.publish(protocol.node_topic(b_id, protocol.CANCEL), b"for b")
-    hub_side.publish(protocol.agent_topic(owner_id, protocol.REPLY), b"for the owner")
-    hub_side.publish(protocol.node_topic(a_id, protocol.CANCEL), b"for a")
-    got = node.wait_for(protocol.node_topic(a_id, protocol.CANCEL), b"for a")
-    assert all(t.startswith(f"dp/v1/nodes/{a_id}/") for t, _ in got), got
-
     # An agent: its user id and API token. Its submit reaches the hub and its reply comes
     # back; a submit in another agent's name does not get through.
     agent_user, agent = hub.user("agent")
     agent_id, token = agent_user["id"], agent_user["token"]
-    peer = Peer(url, agent_id, token, client_id=f"{agent_id}-t")
+    peer = Peer(url, agent_id, token, client_id=agent_id)
     assert peer.ok, peer.rc
     assert peer.subscribe(protocol.agent_topic(agent_id, protocol.REPLY))
-    assert not peer.subscribe(protocol.agent_topic(owner_id, protocol.REPLY)) or wide
     submit = {"v": 1, "request_id": "r1", "token": token, "spec": FIB}
-    peer.publish(protocol.agent_topic(owner_id, protocol.SUBMIT),
+    peer.publish(protocol.agent_topic(owner_user["id"], protocol.SUBMIT),
                  json.dumps({**submit, "request_id": "forged"}).encode())  # fmt: skip
     peer.publish(protocol.agent_topic(agent_id, protocol.SUBMIT), json.dumps(submit).encode())
     topic, payload = peer.inbox.get(timeout=10)
@@ -232,58 +264,97 @@ def test_nodes_and_agents_reach_only_their_own_topics(own_hub: LocalHub) -> None
     assert reply["request_id"] == "r1" and reply["ok"], reply
     assert [j["id"] for j in agent.jobs()] == [reply["body"]["id"]]
     assert owner.jobs() == []  # nothing was submitted in the owner's name
-    got = observer.wait_for(protocol.agent_topic(agent_id, protocol.REPLY), payload)
-    assert protocol.agent_topic(owner_id, protocol.SUBMIT) not in [t for t, _ in got], got
-
-    for p in (node, peer, observer, hub_side):
+    assert hub.admin.status()["broker"]["connected"]  # nobody took the hub's connection
+    for p in (node, peer):
         p.close()
 
 
-def test_a_forged_last_will_or_session_takeover_gets_nothing(own_hub: LocalHub) -> None:
-    hub = own_hub
-    url = hub.admin.status()["broker"]["url"]
-    embedded = hub.admin.status()["broker"]["kind"] == "embedded"
-    _, owner = hub.user("owner")
-    a, b = enroll(hub, owner, "a"), enroll(hub, owner, "b")
-    a_id, b_id, a_pw = a["node_id"], b["node_id"], a["mqtt"]["password"]
-    observer = Peer(url, *hub_login(hub))
+# --- the hub's own broker and its logins, without a hub ----------------------------------------
+def test_a_login_reads_only_its_own_topics(own: OwnBroker) -> None:
+    """Reading: a node its own assignments only, never another node's nor an agent's traffic
+    (a submit carries the agent's API token). Mosquitto grants a wide subscription and leaves
+    out what the login may not read; the embedded broker refuses it outright."""
+    url, pw = own.url, own.passwords
+    mosquitto = own.broker.kind == "mosquitto"
+    node = Peer(url, NODE_A, pw[NODE_A], client_id=NODE_A)
+    wide = node.subscribe("dp/v1/#")
+    assert wide == mosquitto
+    assert not node.subscribe(protocol.node_topic(NODE_B, protocol.ASSIGN)) or wide
+    assert node.subscribe(protocol.node_topic(NODE_A, protocol.CANCEL))
+    agent = Peer(url, AGENT, pw[AGENT], client_id=AGENT)
+    assert agent.subscribe(protocol.agent_topic(AGENT, protocol.REPLY))
+    assert not agent.subscribe(protocol.agent_topic(NODE_A, protocol.REPLY)) or wide
+    assert not agent.subscribe(protocol.node_topic(NODE_A, protocol.CANCEL)) or wide
+
+    # Only the hub may speak on everyone's topics; a forged message goes first, a genuine one
+    # after it on the same connection.
+    hub_side = Peer(url, HUB, pw[HUB], client_id=HUB)
+    hub_side.publish(protocol.node_topic(NODE_B, protocol.CANCEL), b"for b")
+    hub_side.publish(protocol.agent_topic(AGENT, protocol.REPLY), b"for the agent")
+    hub_side.publish(protocol.node_topic(NODE_A, protocol.CANCEL), b"for a")
+    got = node.wait_for(protocol.node_topic(NODE_A, protocol.CANCEL), b"for a")
+    assert all(t.startswith(f"dp/v1/nodes/{NODE_A}/") for t, _ in got), got
+    got = agent.wait_for(protocol.agent_topic(AGENT, protocol.REPLY), b"for the agent")
+    assert got == [(protocol.agent_topic(AGENT, protocol.REPLY), b"for the agent")], got
+
+    # A node or an agent speaking on another's topic: dropped, and the hub never sees it.
+    observer = hub_side
+    assert observer.subscribe("dp/v1/#")
+    node.publish(protocol.node_topic(NODE_B, protocol.HELLO), b"forged hello")
+    agent.publish(protocol.agent_topic(OTHER, protocol.SUBMIT), b"forged submit")
+    agent.publish(protocol.agent_topic(AGENT, protocol.SUBMIT), b"own submit")
+    node.publish(protocol.node_topic(NODE_A, protocol.HELLO), b"own hello")
+    seen = observer.wait_for(protocol.agent_topic(AGENT, protocol.SUBMIT), b"own submit")
+    seen += observer.wait_for(protocol.node_topic(NODE_A, protocol.HELLO), b"own hello")
+    assert not [t for t, _ in seen if NODE_B in t or OTHER in t], seen
+    for p in (node, agent, hub_side):
+        p.close()
+
+
+def test_a_forged_last_will_or_session_takeover_gets_nothing(own: OwnBroker) -> None:
+    url, pw = own.url, own.passwords
+    embedded = own.broker.kind == "embedded"
+    a_pw = pw[NODE_A]
+    observer = Peer(url, HUB, pw[HUB], client_id=HUB)
     assert observer.subscribe("dp/v1/nodes/#")
 
     # Node a registers a last will on b's status topic, then vanishes; then once more with a
     # will on its own topic. The broker publishes only the second.
-    offline_b = protocol.encode(protocol.status(b_id, protocol.OFFLINE))
-    offline_a = protocol.encode(protocol.status(a_id, protocol.OFFLINE))
+    offline_b = protocol.encode(protocol.status(NODE_B, protocol.OFFLINE))
+    offline_a = protocol.encode(protocol.status(NODE_A, protocol.OFFLINE))
     forger = raw_connect(
-        url, a_id, a_pw, "will-1", (protocol.node_topic(b_id, "status"), offline_b)
+        url, NODE_A, a_pw, "will-1", (protocol.node_topic(NODE_B, "status"), offline_b)
     )
     answer = forger.recv(4)
     # The embedded broker refuses the login outright; Mosquitto accepts it and drops the will.
     assert answer[3:] == (b"\x05" if embedded else b"\x00"), answer
     forger.close()
     honest = raw_connect(
-        url, a_id, a_pw, "will-2", (protocol.node_topic(a_id, "status"), offline_a)
+        url, NODE_A, a_pw, "will-2", (protocol.node_topic(NODE_A, "status"), offline_a)
     )
     assert honest.recv(4)[3:] == b"\x00"
     honest.close()
-    got = observer.wait_for(protocol.node_topic(a_id, "status"), offline_a)
-    assert (protocol.node_topic(b_id, "status"), offline_b) not in got, got
+    got = observer.wait_for(protocol.node_topic(NODE_A, "status"), offline_a)
+    assert (protocol.node_topic(NODE_B, "status"), offline_b) not in got, got
 
     # Node b keeps a persistent session; something is queued in it while b is away. Node a
-    # connecting with b's client id does not get b's session or what waits in it.
-    b_session = Peer(url, b_id, b["mqtt"]["password"], client_id=b_id, clean=False)
-    assert b_session.subscribe(protocol.node_topic(b_id, protocol.ASSIGN))
+    # connecting with b's client id gets a session of its own (its own name is its client
+    # id, on both brokers), not b's nor what waits in it; b then finds its message there.
+    b_session = Peer(url, NODE_B, pw[NODE_B], client_id=NODE_B, clean=False)
+    assert b_session.subscribe(protocol.node_topic(NODE_B, protocol.ASSIGN))
     b_session.close()
-    hub_side = Peer(url, *hub_login(hub))
-    hub_side.publish(protocol.node_topic(b_id, protocol.ASSIGN), b"queued for b")
-    thief = Peer(url, a_id, a_pw, client_id=b_id, clean=False)
-    assert thief.ok != embedded  # the embedded broker refuses; Mosquitto gives a fresh session
-    if thief.ok:
-        assert thief.subscribe(protocol.node_topic(a_id, "diag"))
-        thief.publish(protocol.node_topic(a_id, "diag"), b"round trip")
-        got = thief.wait_for(protocol.node_topic(a_id, "diag"), b"round trip")
-        assert got == [(protocol.node_topic(a_id, "diag"), b"round trip")], got
-        thief.close()
-    for p in (observer, hub_side):
+    observer.publish(protocol.node_topic(NODE_B, protocol.ASSIGN), b"queued for b")
+    thief = Peer(url, NODE_A, a_pw, client_id=NODE_B, clean=False)
+    assert thief.ok, thief.rc
+    assert thief.subscribe(protocol.node_topic(NODE_A, "diag"))
+    thief.publish(protocol.node_topic(NODE_A, "diag"), b"round trip")
+    got = thief.wait_for(protocol.node_topic(NODE_A, "diag"), b"round trip")
+    assert got == [(protocol.node_topic(NODE_A, "diag"), b"round trip")], got
+    thief.close()
+    b_again = Peer(url, NODE_B, pw[NODE_B], client_id=NODE_B, clean=False)
+    got = b_again.wait_for(protocol.node_topic(NODE_B, protocol.ASSIGN), b"queued for b")
+    assert got == [(protocol.node_topic(NODE_B, protocol.ASSIGN), b"queued for b")], got
+    for p in (observer, b_again):
         p.close()
 
 
