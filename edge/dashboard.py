@@ -329,7 +329,7 @@ def start_dashboard(
     mqtt = config.get("mqtt") or {}
     hub = config.get("hub")
     earnings = (
-        Earnings(hub, str(config["node_id"]), mqtt.get("password"), data_dir)
+        Earnings(hub, str(config["node_id"]), mqtt.get("password"), data_dir, ca=config.get("ca"))
         if isinstance(hub, str) and hub
         else None  # no hub to ask: the page shows no credits
     )

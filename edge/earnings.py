@@ -23,6 +23,8 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
+from edge.enroll import tls_context
+
 log = logging.getLogger("edge.earnings")
 
 MICRO = 1_000_000
@@ -59,8 +61,11 @@ class Earnings:
         data_dir: Path | None,
         every_s: float = EARNINGS_EVERY_S,
         timeout_s: float = 10.0,
+        ca: str | None = None,
     ) -> None:
         self.url = hub.rstrip("/") + "/api/v1/nodes/" + node_id
+        # an https:// hub: verified against the CA the node pinned (node.json's "ca")
+        self._context = tls_context(ca) if self.url.lower().startswith("https:") else None
         token = base64.b64encode(f"{node_id}:{password or ''}".encode()).decode()
         self._auth = "Basic " + token
         self.baseline_path = data_dir / "earnings-day.json" if data_dir else None
@@ -110,7 +115,7 @@ class Earnings:
         """One reading; failures are shown on the page, never raised."""
         req = urllib.request.Request(self.url, headers={"Authorization": self._auth})
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+            with urllib.request.urlopen(req, timeout=self.timeout_s, context=self._context) as resp:
                 data = json.loads(resp.read())
             total = to_micro(data["earned"])
         except urllib.error.HTTPError as e:

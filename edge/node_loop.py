@@ -69,7 +69,8 @@ def run_node(
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    mqtt = PahoMqtt(config["mqtt"]["url"])
+    # mqtts:// (a hub with --tls): verified against the CA pinned at enrollment (node.json)
+    mqtt = PahoMqtt(config["mqtt"]["url"], ca_certs=config.get("ca"))
     page, warning = start_dashboard(config, *dashboard, data_dir) if dashboard else (None, None)
     if warning:  # the node runs on without its page
         click.echo(f"edge-run: warning: {warning}", err=True)

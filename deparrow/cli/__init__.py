@@ -38,10 +38,18 @@ __all__ = ["main"]
     default=None,
     help="API token (env DEPARROW_TOKEN; default: the local hub's admin token).",
 )
+@click.option(
+    "--ca",
+    envvar="DEPARROW_CA",
+    default=None,
+    metavar="FILE|sha256:FINGERPRINT",
+    help="The CA of an https:// hub: a PEM file, or the fingerprint `deparrow node token` "
+    "prints (env DEPARROW_CA; default: the system's CAs, or the local hub's own).",
+)
 @click.pass_context
-def main(ctx: click.Context, hub: str, token: str | None) -> None:
+def main(ctx: click.Context, hub: str, token: str | None, ca: str | None) -> None:
     """DEparrow: idle machines run other people's WebAssembly jobs for credits."""
-    ctx.obj = Ctx(hub, token)
+    ctx.obj = Ctx(hub, token, ca)
 
 
 for _command in (

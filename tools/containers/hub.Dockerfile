@@ -39,4 +39,5 @@ ENV PATH=/opt/deparrow/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sb
 # elsewhere the broker's address: add --mqtt-public-url mqtt://THIS-HOST:1883.
 EXPOSE 8765 1883
 VOLUME /var/lib/deparrow
-CMD ["deparrow", "hub", "--host", "0.0.0.0", "--data-dir", "/var/lib/deparrow", "--broker", "embedded"]
+# TLS with a CA the hub makes in the volume (docs/tls.md); add --tls-name HUB-ADDRESS for nodes
+CMD ["deparrow", "hub", "--host", "0.0.0.0", "--tls", "--data-dir", "/var/lib/deparrow", "--broker", "embedded"]
