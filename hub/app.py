@@ -10,6 +10,7 @@ import os
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp_jinja2
 import jinja2
@@ -17,7 +18,7 @@ from aiohttp import web
 
 from hub import web as dashboard
 from hub.agents.registry import Agents
-from hub.api import agents, http, routes
+from hub.api import agents, http, limits, routes
 from hub.api.jobs import fetch_inputs
 from hub.api.nodes import TLS, HubTls
 from hub.api.services import SERVICES, Services
@@ -216,13 +217,28 @@ def tls_of(app: web.Application) -> HubTls | None:
     return app.get(TLS)
 
 
+def _limits(config: HubConfig) -> list[Any]:
+    """The rate-limit middleware (hub/api/limits.py), unless both limits are off."""
+    if config.rate_requests_per_s <= 0 and config.rate_logins_per_s <= 0:
+        return []
+    requests = limits.Rate(config.rate_requests_per_s, config.rate_requests_burst)
+    logins = limits.Rate(config.rate_logins_per_s, config.rate_logins_burst)
+    return [
+        limits.middleware(
+            requests if config.rate_requests_per_s > 0 else None,
+            logins if config.rate_logins_per_s > 0 else None,
+            exempt_loopback=not config.rate_limit_loopback,
+        )
+    ]
+
+
 def create_app(config: HubConfig, services: Services | None = None) -> web.Application:
     problem = config.exposure_problem()
     if problem:
         raise ValueError(problem)
     config = config.with_secret()
     app = web.Application(
-        middlewares=[http.error_middleware, snapshot_reads_middleware],
+        middlewares=[*_limits(config), http.error_middleware, snapshot_reads_middleware],
         client_max_size=max(config.max_module_bytes * 2, config.max_files_bytes) + 1024 * 1024,
     )
     if config.tls:

@@ -77,6 +77,14 @@ class HubConfig:
     tls_mqtt_port: int = 8883
     # Listening beyond loopback without TLS is refused unless the operator says so.
     insecure_no_tls: bool = False
+    # Rate limits on the REST API and the dashboard (hub/api/limits.py, docs/security.md): per
+    # token (or address without one), and logins per address. 0 turns one off. Loopback
+    # callers are exempt unless rate_limit_loopback (a proxy on this machine: limit there).
+    rate_requests_per_s: float = 100.0
+    rate_requests_burst: float = 200.0
+    rate_logins_per_s: float = 1.0
+    rate_logins_burst: float = 20.0
+    rate_limit_loopback: bool = False
 
     @property
     def db_path(self) -> Path:

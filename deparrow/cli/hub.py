@@ -142,6 +142,20 @@ from deparrow.cli.context import die
     help="Listen beyond loopback without TLS: tokens and results cross the network readable. "
     "Only on a network you trust.",
 )
+@click.option(
+    "--rate-limit",
+    default=100.0,
+    show_default=True,
+    type=click.FloatRange(0),
+    help="API requests a second per token (or address), bursts of twice that; 0: off.",
+)
+@click.option(
+    "--login-rate",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(0),
+    help="Logins a second per address, bursts of 20; 0: off. Loopback callers are exempt.",
+)
 @click.option("-v", "--verbose", is_flag=True)
 def hub_cmd(
     host: str,
@@ -166,6 +180,8 @@ def hub_cmd(
     tls_names: tuple[str, ...],
     tls_mqtt_port: int,
     insecure_no_tls: bool,
+    rate_limit: float,
+    login_rate: float,
     verbose: bool,
 ) -> None:
     """Run the hub: REST API, ledger, scheduler, MQTT bridge and web page."""
@@ -208,6 +224,9 @@ def hub_cmd(
         output_retention_s=output_retention,
         max_files_bytes=max_files_mb * 1024 * 1024,
         fetch_allow_private=fetch_private,
+        rate_requests_per_s=rate_limit,
+        rate_requests_burst=2 * rate_limit,
+        rate_logins_per_s=login_rate,
         fetch_ca_file=fetch_ca,
         tls=tls,
         tls_cert=tls_cert,

@@ -75,14 +75,14 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def middleware(
-    requests: Rate,
-    logins: Rate,
+    requests: Rate | None,
+    logins: Rate | None,
     exempt_loopback: bool = True,
     clock: Callable[[], float] = time.monotonic,
 ) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
-    """The aiohttp middleware enforcing both limits."""
-    per_caller = Buckets(requests, clock)
-    per_login = Buckets(logins, clock)
+    """The aiohttp middleware enforcing both limits (None: that one is off)."""
+    per_caller = Buckets(requests, clock) if requests else None
+    per_login = Buckets(logins, clock) if logins else None
 
     @web.middleware
     async def limit(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -90,9 +90,14 @@ def middleware(
         if exempt_loopback and _loopback(address):
             return await handler(request)
         if request.method == "POST" and request.path in LOGIN_PATHS:
+            if per_login is None:
+                return await handler(request)
             wait = per_login.take("login:" + str(address))
-            what = f"{logins.per_s:g} logins a second from one address (bursts of {logins.burst:g})"
+            rate = per_login.rate
+            what = f"{rate.per_s:g} logins a second from one address (bursts of {rate.burst:g})"
         else:
+            if per_caller is None:
+                return await handler(request)
             auth = request.headers.get("Authorization", "")
             key = (
                 "token:" + hashlib.sha256(auth.encode("utf-8", "replace")).hexdigest()
@@ -101,7 +106,8 @@ def middleware(
             )
             wait = per_caller.take(key)
             who = "one token" if auth else "one address"
-            what = f"{requests.per_s:g} requests a second from {who} (bursts of {requests.burst:g})"
+            rate = per_caller.rate
+            what = f"{rate.per_s:g} requests a second from {who} (bursts of {rate.burst:g})"
         if wait <= 0:
             return await handler(request)
         retry = max(1, math.ceil(wait))

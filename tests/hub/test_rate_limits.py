@@ -85,3 +85,24 @@ def test_buckets_forget_the_least_recently_seen_past_the_cap(monkeypatch: Any) -
         assert b.take(key) == 0.0
     assert b.take("d") == 1.0  # d is remembered: empty
     assert b.take("a") == 0.0  # a was forgotten: a full bucket again
+
+
+async def test_the_hubs_app_limits_logins_as_configured(
+    aiohttp_client: Any, tmp_path: Any, mosquitto: str
+) -> None:
+    from hub.app import create_app
+    from hub.config import HubConfig
+
+    config = HubConfig(data_dir=tmp_path / "hub", mqtt_url=mosquitto, rate_logins_per_s=0.001,
+                       rate_logins_burst=3, rate_limit_loopback=True)  # fmt: skip
+    client = await aiohttp_client(create_app(config))
+    got = await statuses(client, 4, "POST", "/api/v1/auth/token", json={"token": "dpt_x"})
+    assert got == [401, 401, 401, 429]
+    r = await client.post("/api/v1/auth/token", json={"token": "dpt_x"})
+    assert r.status == 429 and "logins a second from one address" in (await r.json())["error"]
+    # loopback is exempt by default: the same hub without rate_limit_loopback
+    other = HubConfig(data_dir=tmp_path / "hub2", mqtt_url=mosquitto, rate_logins_per_s=0.001,
+                      rate_logins_burst=3)  # fmt: skip
+    client2 = await aiohttp_client(create_app(other))
+    got = await statuses(client2, 5, "POST", "/api/v1/auth/token", json={"token": "dpt_x"})
+    assert got == [401] * 5
