@@ -33,6 +33,11 @@ _TYPES: list[Any] = [
 ]
 
 
+# More than 0 credits, at most 6 decimals, under the largest amount: a plain ASCII decimal.
+_SMALL = "|".join(f"0{{{k}}}[1-9][0-9]{{0,{5 - k}}}" for k in range(6))  # 0.000001 to 0.999999
+POSITIVE_CREDITS = rf"^(0*[1-9][0-9]{{0,11}}(\.[0-9]{{0,6}}0*)?|0*\.({_SMALL})0*)$"
+
+
 def _int_param(name: str, lo: int, hi: int, description: str) -> dict[str, Any]:
     """A whole-number query parameter, bounded as its handler checks it (hub/api/http.py)."""
     schema = {"type": "integer", "minimum": lo, "maximum": hi}
@@ -74,6 +79,9 @@ def document() -> dict[str, Any]:
     _, components = msgspec.json.schema_components(
         _TYPES + agents_api.API_TYPES, ref_template="#/components/schemas/{name}"
     )
+    # What hub/ledger/money.py takes as a transfer's amount, which the handler checks with a
+    # message of its own (a pattern on the type would answer with the regex instead).
+    components["TransferRequest"]["properties"]["amount"]["pattern"] = POSITIVE_CREDITS
     job_id = [{"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}]
     node_id = [{"name": "node_id", "in": "path", "required": True, "schema": {"type": "string"}}]
     paths: dict[str, Any] = {
@@ -129,7 +137,7 @@ def document() -> dict[str, Any]:
                         "name": "Idempotency-Key",
                         "in": "header",
                         "required": True,
-                        "schema": {"type": "string", "maxLength": 128},
+                        "schema": {"type": "string", "minLength": 1, "maxLength": 128},
                     }
                 ],
             }
@@ -153,7 +161,7 @@ def document() -> dict[str, Any]:
                     "required": True,
                     "content": {
                         "application/octet-stream": {
-                            "schema": {"type": "string", "format": "binary"}
+                            "schema": {"type": "string", "format": "binary", "minLength": 1}
                         }
                     },
                 },
@@ -173,7 +181,7 @@ def document() -> dict[str, Any]:
                         "name": "Idempotency-Key",
                         "in": "header",
                         "required": False,
-                        "schema": {"type": "string", "maxLength": 128},
+                        "schema": {"type": "string", "minLength": 1, "maxLength": 128},
                     }
                 ],
             },
@@ -289,6 +297,11 @@ def document() -> dict[str, Any]:
         "/api/v1/openapi.json": {"get": _op("This document", None, errors=(), auth=False)},
         **agents_api.openapi_paths(_op),
     }
+    for ops in paths.values():  # every handler takes a key of 1 to 128 characters
+        for op in ops.values():
+            for param in op.get("parameters", []):
+                if param["name"] == "Idempotency-Key" and param["in"] == "header":
+                    param["schema"] = {"type": "string", "minLength": 1, "maxLength": 128}
     return {
         "openapi": "3.1.0",
         "info": {

@@ -146,8 +146,11 @@ def add_routes(app: web.Application) -> None:
     r.add_post("/api/v1/enrollment-tokens", create_enrollment_token)
     r.add_post("/api/v1/nodes/enroll", enroll_node)
     r.add_get("/api/v1/nodes", list_nodes)
-    r.add_get("/api/v1/nodes/{node_id}", get_node)
-    r.add_delete("/api/v1/nodes/{node_id}", remove_node)
+    # Any id but "enroll", whose own route takes POST only: a GET there is a 405 that allows
+    # POST, as the OpenAPI document says, not a lookup of a node named "enroll".
+    node = "/api/v1/nodes/{node_id:(?!enroll$)[^/]+}"
+    r.add_get(node, get_node)
+    r.add_delete(node, remove_node)
     r.add_get("/api/v1/ledger/audit", ledger_audit)
     r.add_get("/api/v1/status", status)
     r.add_get("/api/v1/openapi.json", openapi_doc)

@@ -21,6 +21,7 @@ import pytest
 
 from edge.core import protocol
 from hub.api import openapi
+from hub.ledger.money import credits_to_micro
 from hub.mqtt import wire
 from tests.conftest import ROOT
 from tests.hub.conftest import login
@@ -388,6 +389,18 @@ async def test_the_openapi_document_defines_every_schema_it_references(setup: Se
     refs = set(re.findall(r'"#/components/schemas/(\w+)"', json.dumps(doc)))
     assert {"TransferRequest", "TransferResponse"} <= refs
     assert refs <= set(doc["components"]["schemas"]), refs - set(doc["components"]["schemas"])
+    # It says what the handlers take, so a value it allows is not refused (schemathesis).
+    keys = [p["schema"] for ops in doc["paths"].values() for op in ops.values()
+            for p in op.get("parameters", []) if p["name"] == "Idempotency-Key"]  # fmt: skip
+    assert len(keys) == 3 and all(k["minLength"] == 1 and k["maxLength"] == 128 for k in keys)
+    pattern = doc["components"]["schemas"]["TransferRequest"]["properties"]["amount"]["pattern"]
+    for amount in ["1", "0.5", ".5", "0.000001", "2.500000000", "999999999999"]:
+        assert re.fullmatch(pattern, amount) and credits_to_micro(amount) > 0, amount
+    for amount in ["0", "0.0", "-1", "0.0000001", "1e3", "+1", " 1", "1_0", "\uff11"]:
+        assert not re.fullmatch(pattern, amount), amount
+    history = {p["name"]: p["schema"] for p in doc["paths"]["/api/v1/wallet/history"]["get"]
+               ["parameters"]}  # fmt: skip
+    assert history["before"] == {"type": "integer", "minimum": 1, "maximum": 2**63 - 1}
 
 
 async def test_a_405_says_which_methods_are_allowed(setup: Setup) -> None:
@@ -396,6 +409,7 @@ async def test_a_405_says_which_methods_are_allowed(setup: Setup) -> None:
         ("PUT", "/api/v1/wallet/transfer", "POST"),
         ("GET", "/api/v1/wallet/transfer", "POST"),
         ("DELETE", "/api/v1/jobs", "GET, HEAD, POST"),
+        ("GET", "/api/v1/nodes/enroll", "POST"),  # not a node named "enroll"
     ]:
         r = await hub.api.request(method, path, headers=setup.alice)
         await refused(r, 405, method, "not allowed")
