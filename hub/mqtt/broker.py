@@ -497,16 +497,31 @@ def _embedded_broker(config: dict[str, Any], rules: _EmbeddedRules | None) -> An
             user = payload.username if flags.username_flag else None
             will = (payload.will_topic or "") if flags.will_flag else None
             why = checked.refusal(user, payload.password if flags.password_flag else None, will)
-            if why is not None:
+            if why is not None or user is None:  # (a login without a name never passes)
+                why = why or "refused a login without a user name"
                 log.info("%s (client %r from %s)", why, payload.client_id, remote_address)
                 with contextlib.suppress(OSError):  # it may have hung up already
                     await ConnackPacket.build(0, NOT_AUTHORIZED).to_stream(writer)
                     await writer.close()
                 raise MQTTError(why)
             payload.client_id, payload.client_id_is_random = user, False
+            await self._close_earlier_connection(user)
             return await super()._initialize_client_session(
                 _ConnectReplay(connect.to_bytes(), reader), writer, remote_address, remote_port
             )
+
+        async def _close_earlier_connection(self, client_id: str) -> None:
+            """One connection per login, as on Mosquitto: a login that connects again closes
+            its earlier connection (whose will is published). amqtt would, on a clean session,
+            drop the earlier session's subscriptions and leave its connection open, deaf."""
+            session, handler = self._sessions.get(client_id, (None, None))
+            if session is None or handler is None or not session.transitions.is_connected():
+                return
+            log.info("%s connects again: its earlier connection is closed", client_id)
+            await handler.handle_connection_closed()
+            deadline = time.monotonic() + 2.0
+            while session.transitions.is_connected() and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)  # its own task ends it (will, disconnect events)
 
         async def _publish_retained_messages_for_subscription(
             self, subscription: tuple[str, int], session: Session

@@ -26,6 +26,7 @@ from edge.core import protocol
 from hub.mqtt import logins
 from hub.mqtt.broker import ChildBroker, mqtt_login
 from hub.store import passwords
+from tests.conftest import wait_until
 from tests.hub.test_broker_acl import (
     AGENT,
     HUB,
@@ -115,9 +116,18 @@ def test_no_login_can_take_another_logins_client_id(own: OwnBroker) -> None:
         for victim in (NODE_A, HUB):
             assert raw_login(host, port, thief, own.passwords[thief], victim, False) == 0
     still_served(hub, node, NODE_A, b"after the bare ones")
-    # The node's own login may reconnect: its new connection replaces its old one.
+    # One connection per login: the node's own login connecting again (under whatever client
+    # id) replaces its earlier connection, which is closed, not left open without its
+    # subscriptions; its last will tells the hub.
+    will = protocol.node_topic(NODE_A, protocol.STATUS)
+    assert hub.subscribe(will)
     node.close()
-    again = Peer(own.url, NODE_A, own.passwords[NODE_A], client_id=NODE_A)
+    node = Peer(own.url, NODE_A, own.passwords[NODE_A], client_id=NODE_A, will=(will, b"gone"))
+    assert node.subscribe(assign(NODE_A))
+    again = Peer(own.url, NODE_A, own.passwords[NODE_A], client_id=NODE_A + "-diag")
+    hub.wait_for(will, b"gone")
+    wait_until("the earlier connection to close", lambda: node.disconnects == 1, 10)
+    node.c.loop_stop()
     assert again.subscribe(assign(NODE_A))
     still_served(hub, again, NODE_A, b"reconnected")
     for p in (hub, again):
