@@ -295,6 +295,26 @@ def document() -> dict[str, Any]:
             )
         },
         "/api/v1/openapi.json": {"get": _op("This document", None, errors=(), auth=False)},
+        "/api/v1/tls/ca": {
+            "get": {
+                "summary": "The certificate nodes pin (the hub's CA), as PEM, for a node to "
+                "fetch before it trusts anything and check against the fingerprint in its "
+                "enrollment command (docs/tls.md); 404 when the hub serves no TLS",
+                "responses": {
+                    "200": {
+                        "description": "OK",
+                        "content": {"application/x-pem-file": {"schema": {"type": "string"}}},
+                        "headers": {
+                            "X-Fingerprint": {
+                                "description": "sha256: and the hex SHA-256 of its DER bytes",
+                                "schema": {"type": "string"},
+                            }
+                        },
+                    },
+                    "404": {"description": "Error", **_json("ErrorBody")},
+                },
+            }
+        },
         **agents_api.openapi_paths(_op),
     }
     for ops in paths.values():  # every handler takes a key of 1 to 128 characters

@@ -173,6 +173,9 @@ class EnrollmentTokenView(msgspec.Struct):
     token: str
     expires_at: int
     command: str
+    # The fingerprint ("sha256:<hex>") of the certificate a node pins when the hub serves TLS
+    # with its own CA (docs/tls.md); None when the node needs no pin.
+    ca: str | None = None
 
 
 class EnrollRequest(msgspec.Struct, forbid_unknown_fields=True):
