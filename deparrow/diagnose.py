@@ -1,7 +1,7 @@
 """`deparrow network diagnose` and `deparrow status --deep`: the network checks as a user sees
 them. The probes themselves are edge/diagnose.py, shared with `edge-run diagnose`; this module
-adds what only a user has: an API token (checked at the hub, it names the echo topic) and the
-broker address the hub gives out.
+adds what only a user has: an API token (checked at the hub, it names the echo topic), the
+broker address the hub gives out, and the CA the CLI trusts an https:// hub with (--ca).
 
 A client-side tool: the hub's server code never imports it.
 """
@@ -9,6 +9,7 @@ A client-side tool: the hub's server code never imports it.
 from __future__ import annotations
 
 import secrets
+import ssl
 
 from deparrow.client import Client, HubError
 from edge.core import protocol
@@ -38,8 +39,11 @@ def user_checks(
     mqtt_password: str | None = None,
     timeout_s: float = 5.0,
     max_skew_s: float = MAX_SKEW_S,
+    ca: str | None = None,
 ) -> list[Check]:
-    """Every check for a user of the hub at hub_url. ValueError for a malformed URL."""
+    """Every check for a user of the hub at hub_url. ValueError for a malformed URL.
+    ca: the CA an https:// hub and an mqtts:// broker are verified with, as the CLI's --ca
+    takes it (a PEM file or a sha256: fingerprint; None: the system's CAs)."""
     if mqtt_url is not None:
         split_mqtt_url(mqtt_url)
     if mqtt_password is not None and not mqtt_username:
@@ -47,7 +51,7 @@ def user_checks(
     if mqtt_username is None and token:
         # The hub's own broker takes a user's id and API token as its login.
         try:
-            who = Client(hub_url, timeout_s=timeout_s).request(
+            who = Client(hub_url, timeout_s=timeout_s, ca=ca).request(
                 "POST", "/api/v1/auth/token", {"token": token}, auth=False
             )
             mqtt_username, mqtt_password = str(who["user"]), token
@@ -64,16 +68,23 @@ def user_checks(
         login="check --mqtt-username and --mqtt-password",
         hub_auth="check --token (env DEPARROW_TOKEN); an admin creates one with "
         "'deparrow user create NAME'",
+        tls=(
+            "check --ca (env DEPARROW_CA): the hub's CA file, or the sha256: fingerprint "
+            "'deparrow node token' prints"
+            if ca
+            else "pass --ca with the hub's CA file or the sha256: fingerprint 'deparrow node "
+            "token' prints (env DEPARROW_CA)"
+        ),
     )
 
-    def auth(answer: HubAnswer | None) -> tuple[Check, str]:
+    def auth(answer: HubAnswer | None, _verified: ssl.SSLContext | None) -> tuple[Check, str]:
         anonymous = protocol.agent_topic("diag-" + secrets.token_hex(4), DIAG_KIND)
         if answer is None:
             return Check("hub API token", SKIP, "the hub did not answer"), anonymous
         if not token:
             return Check("hub API token", SKIP, "none given (pass --token)"), anonymous
         try:
-            who = Client(hub_url, timeout_s=timeout_s).request(
+            who = Client(hub_url, timeout_s=timeout_s, ca=ca).request(
                 "POST", "/api/v1/auth/token", {"token": token}, auth=False
             )
         except HubError as e:
@@ -94,4 +105,5 @@ def user_checks(
         hints=hints,
         timeout_s=timeout_s,
         max_skew_s=max_skew_s,
+        ca=ca,
     )

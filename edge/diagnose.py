@@ -6,14 +6,16 @@ owner and a submitter read the same lines. It lives in edge/ because edge/ never
 and a node image need not carry the hub. CPython only (sockets, urllib, paho), like
 edge/mqtt_paho.py: a board never runs it.
 
-Checks, in order: DNS of the hub's host; the hub's HTTP API; the hub's own link to its broker;
-clock skew against the hub; HTTP round trip; the caller's credentials at the hub; DNS of the
-broker's host (when another); broker TCP; MQTT login; MQTT round trip (publish, receive the
-echo on a topic the caller may use).
+Checks, in order: DNS of the hub's host; the hub's certificate (https:// hubs); the hub's HTTP
+API; the hub's own link to its broker; clock skew against the hub; HTTP round trip; the
+caller's credentials at the hub; DNS of the broker's host (when another); broker TCP; the
+broker's certificate (mqtts://); MQTT login; MQTT round trip (publish, receive the echo on a
+topic the caller may use).
 
 The checks live by family: edge/diagnose_report.py (the report's types and shared probes),
-edge/diagnose_hub.py (HTTP to the hub, clock) and edge/diagnose_broker.py (MQTT); this module
-runs them in order, for a node (node_checks) or for any caller (run_checks).
+edge/diagnose_hub.py (HTTP to the hub, clock), edge/diagnose_tls.py (certificates) and
+edge/diagnose_broker.py (MQTT); this module runs them in order, for a node (node_checks) or
+for any caller (run_checks).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import base64
 import json
 import secrets
+import ssl
 from collections.abc import Callable
 from typing import Any
 
@@ -45,11 +48,14 @@ from edge.diagnose_report import (
     HubAnswer,
     check_dns,
     http_get,
+    hub_tls,
+    mqtt_tls,
     passed,
     split_hub_url,
     split_mqtt_url,
     why,
 )
+from edge.diagnose_tls import Trust, check_tls
 
 # Importable from here, as before the split (deparrow/diagnose.py, tests/test_diagnose.py).
 __all__ = [
@@ -63,6 +69,7 @@ __all__ = [
     "Check",
     "Hints",
     "HubAnswer",
+    "Trust",
     "broker_url_from",
     "check_clock",
     "check_dns",
@@ -71,6 +78,7 @@ __all__ = [
     "check_hub_broker",
     "check_mqtt",
     "check_tcp",
+    "check_tls",
     "http_get",
     "node_checks",
     "passed",
@@ -83,12 +91,14 @@ __all__ = [
 
 
 # --- whole runs ------------------------------------------------------------------------------
-AuthStep = Callable[[HubAnswer | None], tuple[Check, str]]
+# Checks the caller's credentials at the hub (an https:// one verified with the context given)
+# and names the echo topic.
+AuthStep = Callable[[HubAnswer | None, ssl.SSLContext | None], tuple[Check, str]]
 
 
 def broker_url_from(answer: HubAnswer | None, hub_url: str) -> str | None:
     """The broker URL the hub gives out: its public one, else its own with a wildcard or
-    loopback host replaced by the host we reached the hub at."""
+    loopback host replaced by the host we reached the hub at; mqtts:// stays mqtts://."""
     if answer is None:
         return None
     broker = answer.status.get("broker") or {}
@@ -103,7 +113,12 @@ def broker_url_from(answer: HubAnswer | None, hub_url: str) -> str | None:
     if host in ("0.0.0.0", "::") or (host in ("127.0.0.1", "localhost", "::1") and not
                                       broker.get("public_url")):  # fmt: skip
         host = hub_host
-    return f"mqtt://{host}:{port}"
+    scheme = "mqtts" if mqtt_tls(url) else "mqtt"
+    return f"{scheme}://{_url_host(host)}:{port}"
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 def run_checks(
@@ -117,15 +132,30 @@ def run_checks(
     hints: Hints,
     timeout_s: float = 5.0,
     max_skew_s: float = MAX_SKEW_S,
+    ca: str | None = None,
 ) -> list[Check]:
     """Every check, in order. mqtt_url None: the broker the hub advertises.
-    `auth` checks the caller's credentials at the hub and names the echo topic."""
+    `auth` checks the caller's credentials at the hub and names the echo topic. ca: what an
+    https:// hub and an mqtts:// broker are verified with: a PEM file, a sha256: pin, or None
+    for the system's CAs (edge/diagnose_tls.py)."""
     hub_host, hub_port = split_hub_url(hub_url)
+    trust = Trust(ca, hub_url, timeout_s)
     checks = [check_dns(hub_host, hub_port, f"check the host name; {hints.hub}")]
-    hub_check, answer = check_hub(hub_url, timeout_s, hints.hub)
-    checks.append(hub_check)
+    context = None
+    answer = None
+    tls = None
+    if hub_tls(hub_url):
+        tls = check_tls("hub", hub_host, hub_port, trust, timeout_s, hints.tls)
+        checks.append(tls)
+        if tls.status == OK:
+            context = trust.context()
+    if tls is not None and tls.status == FAIL:
+        checks.append(Check(f"hub HTTP {hub_url}", SKIP, "the hub's certificate is not trusted"))
+    else:
+        hub_check, answer = check_hub(hub_url, timeout_s, hints.hub, context)
+        checks.append(hub_check)
     if answer is None:
-        gone = "the hub did not answer"
+        gone = "the hub did not answer" if checks[-1].status != SKIP else checks[-1].detail
         checks += [Check("hub's broker link", SKIP, gone), Check("clock", SKIP, gone),
                    Check("HTTP round trip", SKIP, gone)]  # fmt: skip
     else:
@@ -136,8 +166,8 @@ def run_checks(
                                 "an old hub? upgrade it"))  # fmt: skip
         else:
             checks.append(check_clock(when[0], when[1], answer.t0, answer.t1, max_skew_s))
-        checks.append(check_http_round_trip(hub_url, answer.ms, timeout_s))
-    auth_check, topic = auth(answer)
+        checks.append(check_http_round_trip(hub_url, answer.ms, timeout_s, context=context))
+    auth_check, topic = auth(answer, context)
     checks.append(auth_check)
     url = mqtt_url or broker_url_from(answer, hub_url)
     if url is None:
@@ -150,11 +180,20 @@ def run_checks(
         checks.append(check_dns(host, port, f"check the host name; {hints.mqtt}"))
     tcp = check_tcp(host, port, timeout_s, hints.mqtt)
     checks.append(tcp)
+    login, trip = f"MQTT login as {username or 'anonymous'}", f"MQTT round trip on {topic}"
     if tcp.status != OK:
-        checks += [Check(f"MQTT login as {username or 'anonymous'}", SKIP, "broker unreachable"),
-                   Check(f"MQTT round trip on {topic}", SKIP, "broker unreachable")]  # fmt: skip
-        return checks
-    checks += check_mqtt(host, port, username, password, client_id, topic, timeout_s, hints)
+        return [*checks, Check(login, SKIP, "broker unreachable"),
+                Check(trip, SKIP, "broker unreachable")]  # fmt: skip
+    mqtt_context = None
+    if mqtt_tls(url):
+        tls = check_tls("broker", host, port, trust, timeout_s, hints.tls)
+        checks.append(tls)
+        if tls.status != OK:
+            no_tls = "no trusted TLS connection to the broker"
+            return [*checks, Check(login, SKIP, no_tls), Check(trip, SKIP, no_tls)]
+        mqtt_context = trust.context()
+    checks += check_mqtt(host, port, username, password, client_id, topic, timeout_s, hints,
+                         context=mqtt_context)  # fmt: skip
     return checks
 
 
@@ -185,18 +224,34 @@ def node_checks(
         raise ValueError(f"{source}: mqtt.username must be a string")
     if password is not None and not isinstance(password, str):
         raise ValueError(f"{source}: mqtt.password must be a string")
+    ca = config.get("ca")
+    if ca is not None and (not isinstance(ca, str) or not ca):
+        raise ValueError(f"{source}: ca must be the path of the hub's CA file")
     reenroll = (
         f"re-enroll: remove {source} and run edge-run --hub URL --token TOKEN "
         "(a token from 'deparrow node token')"
     )
+    if ca is not None:
+        tls = (
+            f"this node trusts only the CA in {ca} ({source}'s 'ca', pinned at enrollment): "
+            "if the hub made a new CA (its tls/ folder was removed), re-enroll: remove "
+            f"{source} and run the command 'deparrow node token' prints (its --ca sha256:...)"
+        )
+    else:
+        tls = (
+            f"{source} pins no CA ('ca'), so the system's CAs are used: re-enroll with the "
+            "command 'deparrow node token' prints (its --ca sha256:...) against a hub with "
+            "its own CA"
+        )
     hints = Hints(
         hub=f"the hub URL is 'hub' in {source}",
         mqtt=f"the broker URL is mqtt.url in {source}; a firewall may block its port",
         login=f"the broker does not take this node's credentials; {reenroll}",
         hub_auth=f"the hub does not know this node (was its database reset?); {reenroll}",
+        tls=tls,
     )
 
-    def auth(answer: HubAnswer | None) -> tuple[Check, str]:
+    def auth(answer: HubAnswer | None, context: ssl.SSLContext | None) -> tuple[Check, str]:
         topic = protocol.node_topic(node_id, DIAG_KIND)
         name = f"hub knows node {node_id}"
         if answer is None:
@@ -204,7 +259,9 @@ def node_checks(
         token = base64.b64encode(f"{node_id}:{password or ''}".encode()).decode()
         url = hub.rstrip("/") + "/api/v1/nodes/" + node_id
         try:
-            code, body, _, _ = http_get(url, timeout_s, {"Authorization": "Basic " + token})
+            code, body, _, _ = http_get(
+                url, timeout_s, {"Authorization": "Basic " + token}, context
+            )
         except (OSError, ValueError) as e:
             return Check(name, FAIL, why(e, timeout_s), "the hub stopped answering"), topic
         try:
@@ -228,4 +285,5 @@ def node_checks(
         hints=hints,
         timeout_s=timeout_s,
         max_skew_s=max_skew_s,
+        ca=ca,
     )

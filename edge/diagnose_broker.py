@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import secrets
 import socket
+import ssl
 import time
 from typing import Any
 
@@ -33,9 +34,11 @@ def check_mqtt(
     timeout_s: float,
     hints: Hints,
     max_ms: float = MAX_ROUND_TRIP_MS,
+    context: ssl.SSLContext | None = None,
 ) -> list[Check]:
     """Log in (CONNECT with these credentials), then publish on `topic` and wait for our own
-    message to come back: [login, round trip]."""
+    message to come back: [login, round trip]. context: MQTT over TLS, verified with it (the
+    TLS line, edge/diagnose_tls.py, has checked the certificate already)."""
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
@@ -59,6 +62,8 @@ def check_mqtt(
     )
     if username:
         c.username_pw_set(username, password)
+    if context is not None:
+        c.tls_set_context(context)
     c.on_connect = on_connect
     c.on_subscribe = on_subscribe
     c.on_message = on_message
@@ -84,8 +89,10 @@ def check_mqtt(
                 if seen.get("lost")
                 else f"no answer to the MQTT login within {timeout_s:g} s"
             )
-            return [Check(login, FAIL, detail, f"is {host}:{port} an MQTT broker? {hints.mqtt}"),
-                    skip]  # fmt: skip
+            hint = f"is {host}:{port} an MQTT broker? {hints.mqtt}"
+            if context is None:
+                hint += "; a TLS port takes an mqtts:// URL"
+            return [Check(login, FAIL, detail, hint), skip]
         rc = seen["connack"]
         if rc.is_failure:
             return [Check(login, FAIL, f"refused by the broker: {rc}", hints.login), skip]

@@ -4,6 +4,7 @@ clock against the hub's, and the HTTP round trip."""
 from __future__ import annotations
 
 import json
+import ssl
 import statistics
 import time
 from email.utils import parsedate_to_datetime
@@ -20,12 +21,15 @@ from edge.diagnose_report import (
 )
 
 
-def check_hub(hub_url: str, timeout_s: float, hint: str) -> tuple[Check, HubAnswer | None]:
+def check_hub(
+    hub_url: str, timeout_s: float, hint: str, context: ssl.SSLContext | None = None
+) -> tuple[Check, HubAnswer | None]:
+    """GET /api/v1/status. context: how an https:// hub is verified (edge/diagnose_tls.py)."""
     name = f"hub HTTP {hub_url}"
     url = hub_url.rstrip("/") + "/api/v1/status"
     t0 = time.time()
     try:
-        code, body, headers, ms = http_get(url, timeout_s)
+        code, body, headers, ms = http_get(url, timeout_s, context=context)
     except (OSError, ValueError) as e:
         hint = f"is the hub running at {hub_url}? {hint}"
         return Check(name, FAIL, why(e, timeout_s), hint), None
@@ -94,14 +98,18 @@ def check_clock(
 
 
 def check_http_round_trip(
-    hub_url: str, first_ms: float, timeout_s: float, max_ms: float = MAX_ROUND_TRIP_MS
+    hub_url: str,
+    first_ms: float,
+    timeout_s: float,
+    max_ms: float = MAX_ROUND_TRIP_MS,
+    context: ssl.SSLContext | None = None,
 ) -> Check:
     """Median of three GETs of the status (the first one already done)."""
     samples = [first_ms]
     url = hub_url.rstrip("/") + "/api/v1/status"
     for _ in range(2):
         try:
-            samples.append(http_get(url, timeout_s)[3])
+            samples.append(http_get(url, timeout_s, context=context)[3])
         except (OSError, ValueError) as e:
             return Check("HTTP round trip", FAIL, why(e, timeout_s), "the hub stopped answering")
     ms = statistics.median(samples)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import ssl
 import time
 import urllib.error
 import urllib.request
@@ -65,13 +66,17 @@ def passed(checks: list[Check]) -> bool:
 
 
 class Hints:
-    """Where the user fixes each input: a flag on the CLI, a field of node.json."""
+    """Where the user fixes each input: a flag on the CLI, a field of node.json. tls: what to
+    do when the hub's or the broker's certificate is not trusted by the CA the caller uses."""
 
-    def __init__(self, hub: str, mqtt: str, login: str, hub_auth: str) -> None:
+    def __init__(
+        self, hub: str, mqtt: str, login: str, hub_auth: str, tls: str = "pass the hub's CA"
+    ) -> None:
         self.hub = hub
         self.mqtt = mqtt
         self.login = login
         self.hub_auth = hub_auth
+        self.tls = tls
 
 
 class HubAnswer:
@@ -108,14 +113,18 @@ def why(e: BaseException, timeout_s: float) -> str:
 
 
 def http_get(
-    url: str, timeout_s: float, headers: dict[str, str] | None = None
+    url: str,
+    timeout_s: float,
+    headers: dict[str, str] | None = None,
+    context: ssl.SSLContext | None = None,
 ) -> tuple[int, bytes, Message, float]:
     """(status, body, headers, milliseconds). HTTP errors are answers, not exceptions;
-    unreachable hosts raise OSError (urllib.error.URLError is one)."""
+    unreachable hosts raise OSError (urllib.error.URLError is one). context: how an https://
+    hub is verified (edge/diagnose_tls.py)."""
     req = urllib.request.Request(url, headers=headers or {})
     start = time.perf_counter()
     try:
-        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+        with urllib.request.urlopen(req, timeout=timeout_s, context=context) as resp:
             body = resp.read()
             return resp.status, body, resp.headers, (time.perf_counter() - start) * 1000
     except urllib.error.HTTPError as e:
@@ -137,17 +146,32 @@ def split_hub_url(url: str) -> tuple[str, int]:
     return parts.hostname, port
 
 
+TLS_SCHEMES = ("mqtts", "ssl")  # MQTT over TLS, as edge/mqtt_paho.py takes it
+
+
 def split_mqtt_url(url: str) -> tuple[str, int]:
-    """(host, port) of an mqtt:// URL; ValueError naming the problem."""
+    """(host, port) of an mqtt:// or mqtts:// URL (1883 and 8883 by default); ValueError
+    naming the problem."""
     if not isinstance(url, str):
         raise ValueError(f"the MQTT URL must be a string, not {type(url).__name__}")
     parts = urlsplit(url)
-    if parts.scheme not in ("mqtt", "tcp") or not parts.hostname:
-        raise ValueError(f"the MQTT URL must look like mqtt://host:port, not {url!r}")
+    if parts.scheme not in ("mqtt", "tcp", *TLS_SCHEMES) or not parts.hostname:
+        raise ValueError(
+            f"the MQTT URL must look like mqtt://host:port or mqtts://host:port, not {url!r}"
+        )
     try:
-        return parts.hostname, parts.port or 1883
+        return parts.hostname, parts.port or (8883 if mqtt_tls(url) else 1883)
     except ValueError:
         raise ValueError(f"the MQTT URL {url!r} has an invalid port") from None
+
+
+def mqtt_tls(url: str) -> bool:
+    """Whether an MQTT URL is MQTT over TLS (mqtts://)."""
+    return urlsplit(url).scheme in TLS_SCHEMES
+
+
+def hub_tls(url: str) -> bool:
+    return urlsplit(url).scheme == "https"
 
 
 # --- shared by the hub's and the broker's checks ---------------------------------------------
