@@ -60,6 +60,7 @@ def _network_checks(
             mqtt_username=mqtt_username,
             mqtt_password=mqtt_password,
             timeout_s=timeout,
+            ca=obj.hub_ca(),
         )
     except ValueError as e:
         die(str(e), 2)
