@@ -30,6 +30,13 @@ on_done=fn)` calls fn(job) once when it arrives::
     job = buyer.run_job({"engine": {...}, "timeout": 10}, via="mqtt")
     print(job["result"], job["cost"])
 
+A hub that serves TLS (`deparrow hub --tls`, docs/tls.md) is reached at its https:// URL, and
+its broker at the mqtts:// URL it gives out, both verified with `ca`: the hub's CA file or the
+sha256: fingerprint `deparrow node token` prints, as the CLI's --ca takes it (default: the
+environment's DEPARROW_CA, else the system's CAs)::
+
+    buyer = Agent("https://hub.example.org:8765", "dpt_...", ca="sha256:5f1c...")
+
 Errors are exceptions that say what went wrong: `AuthError` (401/403), `InsufficientCredits`
 (402, with the shortfall), `NotFound` (404), `CallFailed` and `JobFailed` (the work ended
 without a result), `DeparrowError` for the rest.
@@ -39,6 +46,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import ssl
 import threading
 import time
 import urllib.error
@@ -52,8 +61,9 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from deparrow.client import TERMINAL_STATES
+from deparrow.client import TERMINAL_STATES, Client, HubError
 from edge.core import protocol
+from edge.enroll import is_pin, tls_context, untrusted
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +185,9 @@ class _Served:
 class Agent:
     """One identity on a hub: an agent (or any user) with its API token."""
 
-    def __init__(self, hub_url: str, token: str, *, timeout_s: float = 30.0) -> None:
+    def __init__(
+        self, hub_url: str, token: str, *, timeout_s: float = 30.0, ca: str | None = None
+    ) -> None:
         if not hub_url.startswith(("http://", "https://")):
             raise ValueError(f"hub_url must be an http(s) URL, not {hub_url!r}")
         if not token:
@@ -183,6 +195,10 @@ class Agent:
         self.hub = hub_url.rstrip("/")
         self.token = token
         self.timeout_s = timeout_s
+        # The CA an https:// hub and an mqtts:// broker are verified with: a PEM file or a
+        # sha256: fingerprint (the CLI's --ca); the client makes (and keeps) the context.
+        self.ca = ca or os.environ.get("DEPARROW_CA") or None
+        self._tls = Client(self.hub, timeout_s=timeout_s, ca=self.ca)
         self._jwt: str | None = None
         self._jwt_exp = 0.0
         self._id: str | None = None
@@ -204,12 +220,14 @@ class Agent:
 
     # --- creating agents --------------------------------------------------------------------
     @classmethod
-    def create(cls, hub_url: str, owner_token: str, name: str, fund: str | int = 0) -> Agent:
+    def create(
+        cls, hub_url: str, owner_token: str, name: str, fund: str | int = 0, ca: str | None = None
+    ) -> Agent:
         """Create a new agent owned by the holder of owner_token, moving `fund` credits from
         the owner's wallet to it, and return it (its token is `agent.token`)."""
-        owner = cls(hub_url, owner_token)
+        owner = cls(hub_url, owner_token, ca=ca)
         body = owner.request("POST", "/api/v1/agents", {"name": name, "fund": str(fund)})
-        return cls(hub_url, str(body["token"]))
+        return cls(hub_url, str(body["token"]), ca=owner.ca)
 
     # --- identity and REST --------------------------------------------------------------------
     @property
@@ -246,8 +264,11 @@ class Agent:
             jwt = self._jwt if self._jwt and time.time() < self._jwt_exp - 30 else self._login()
             hdrs["Authorization"] = "Bearer " + jwt
         req = urllib.request.Request(self.hub + path, data=data, method=method, headers=hdrs)
+        context = self._hub_context()
         try:
-            with urllib.request.urlopen(req, timeout=timeout_s or self.timeout_s) as resp:
+            with urllib.request.urlopen(
+                req, timeout=timeout_s or self.timeout_s, context=context
+            ) as resp:
                 payload = resp.read()
         except urllib.error.HTTPError as e:
             try:
@@ -257,6 +278,9 @@ class Agent:
             raise _error(e.code, err) from None
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", e)
+            if isinstance(reason, ssl.SSLCertVerificationError):
+                why = untrusted(reason, self.hub, self.ca is not None)
+                raise DeparrowError(f"cannot reach the hub at {self.hub}: {why}") from None
             raise DeparrowError(f"cannot reach the hub at {self.hub}: {reason}") from None
         return json.loads(payload) if payload else None
 
@@ -496,6 +520,27 @@ class Agent:
         answer: dict[str, Any] = self.request("GET", f"/api/v1/agents/{self.id}")
         return answer
 
+    # --- TLS --------------------------------------------------------------------------------
+    def _hub_context(self) -> ssl.SSLContext | None:
+        """How an https:// hub is verified (None for http://); made on first use and kept."""
+        try:
+            return self._tls.ssl_context()
+        except HubError as e:  # an unreadable CA file, a fingerprint the hub's CA lacks
+            raise DeparrowError(str(e)) from None
+
+    def _broker_context(self) -> ssl.SSLContext:
+        """How an mqtts:// broker is verified: as the hub (the hub's own CA signs both), or,
+        for an http:// hub behind a proxy, with the CA file given, else the system's CAs."""
+        context = self._hub_context()
+        if context is not None:
+            return context
+        if self.ca is not None and is_pin(self.ca):
+            raise DeparrowError(
+                f"a sha256: fingerprint as ca pins an https:// hub's CA; {self.hub} is not one: "
+                "pass the broker's CA file instead"
+            )
+        return tls_context(ca_file=self.ca)
+
     # --- MQTT -------------------------------------------------------------------------------
     def _connect(self) -> Any:
         with self._lock:
@@ -509,6 +554,9 @@ class Agent:
             client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2,
                                  client_id=f"{self.id}-{uuid.uuid4().hex[:8]}")  # fmt: skip
             client.username_pw_set(self.id, self.token)
+            tls = url.scheme in ("mqtts", "ssl")
+            if tls:  # a hub with --tls gives out its broker's TLS listener
+                client.tls_set_context(self._broker_context())
             subscribed = threading.Event()
             refused: list[str] = []
             connects: list[int] = []
@@ -527,8 +575,14 @@ class Agent:
             client.on_connect = on_connect
             client.on_subscribe = lambda *_a: subscribed.set()
             client.on_message = self._on_message
+            port = url.port or (8883 if tls else 1883)
             try:
-                client.connect(url.hostname or "127.0.0.1", url.port or 1883, keepalive=30)
+                client.connect(url.hostname or "127.0.0.1", port, keepalive=30)
+            except ssl.SSLCertVerificationError as e:
+                why = untrusted(e, url.geturl(), self.ca is not None)
+                raise DeparrowError(
+                    f"cannot reach the hub's broker at {url.geturl()}: {why}"
+                ) from None
             except OSError as e:
                 raise DeparrowError(
                     f"cannot reach the hub's broker at {url.geturl()}: {e}"
