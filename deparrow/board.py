@@ -7,6 +7,11 @@ mtools at that offset, so nothing is mounted. What goes there is the contract ev
 image reads at boot (buildroot/board/common/rootfs-overlay/usr/sbin/deparrow-boot):
 `deparrow/node.json` (the file `edge-run` writes at enrollment), `deparrow/wifi.json`, and the
 image's own `deparrow/board.json` says which board it is for.
+
+An https:// hub with its own CA (`deparrow hub --tls`, docs/tls.md) is pinned as `edge-run`
+pins it: `--ca sha256:...` fetches the CA and keeps it only if it has that fingerprint (or
+`--ca FILE` gives it); enrollment verifies the hub with it, and it goes on the image as
+`deparrow/ca.pem`, which node.json names ("ca") at the path the booted board reads it from.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edge.enroll import EnrollError
+from edge.enroll import EnrollError, fetch_ca_pem, is_pin, pem_fingerprint
 from edge.enroll import enroll as request_enrollment
 
 SECTOR = 512
@@ -36,6 +41,11 @@ FAT_GPT_TYPES = {
     "c12a7328-f81f-11d2-ba4b-00a0c93ec93b",  # EFI system partition
 }
 BOOT_LABEL = "DPBOOT"
+CA_FILE = "deparrow/ca.pem"
+# Where the booted board reads the CA: deparrow-boot mounts the boot partition on /boot
+# (DEPARROW_BOOT_MNT) and keeps it mounted while the node runs, and copies node.json, which
+# names this path, beside the node's other files.
+BOARD_CA_PATH = "/boot/" + CA_FILE
 # What a board offers when its image does not say (deparrow/board.json) and no option does.
 DEFAULT_BOARD = {"arch": "x86_64", "cpu": 1.0, "memory_mb": 256, "engines": ["wasm"]}
 
@@ -200,10 +210,40 @@ def check_wifi(ssid: str, psk: str | None) -> dict[str, str]:
     return {"ssid": ssid, "psk": psk or ""}
 
 
+def hub_ca(hub: str, ca: str, timeout_s: float = 15.0) -> str:
+    """The PEM of the CA the board will pin: fetched from the hub and kept only if it has the
+    fingerprint ca names ("sha256:..."), or read from the file ca. BoardError otherwise."""
+    if not hub.lower().startswith("https://"):
+        raise BoardError(f"--ca is the CA of an https:// hub; {hub} is not one")
+    if is_pin(ca):
+        try:
+            return fetch_ca_pem(hub, ca, timeout_s)
+        except EnrollError as e:
+            raise BoardError(str(e)) from None
+    try:
+        pem = Path(ca).read_text()
+        pem_fingerprint(pem)
+    except OSError as e:
+        raise BoardError(f"cannot read the CA file {ca}: {e.strerror or e}") from None
+    except ValueError:
+        raise BoardError(
+            f"{ca} holds no PEM certificate; --ca takes the hub's CA file or the sha256: "
+            "fingerprint 'deparrow node token' prints"
+        ) from None
+    return pem
+
+
 def enroll(
-    hub: str, token: str, name: str, profile: dict[str, Any], timeout_s: float = 15.0
+    hub: str,
+    token: str,
+    name: str,
+    profile: dict[str, Any],
+    timeout_s: float = 15.0,
+    ca_pem: str | None = None,
 ) -> dict[str, Any]:
-    """POST /api/v1/nodes/enroll as edge-run does; returns the node.json the board will use."""
+    """POST /api/v1/nodes/enroll as edge-run does; returns the node.json the board will use.
+    ca_pem: the CA (PEM) an https:// hub is verified with; node.json then names the path the
+    board finds it at (BOARD_CA_PATH). Without it, the system's CAs."""
     if not hub.startswith(("http://", "https://")):
         raise BoardError(f"--hub must be an http:// or https:// URL, not {hub!r}")
     if not token.startswith("dpe_"):
@@ -217,9 +257,16 @@ def enroll(
         "memory_mb": int(profile["memory_mb"]),
     }
     try:
-        return request_enrollment(hub, body, timeout_s)
+        if ca_pem is None:
+            return request_enrollment(hub, body, timeout_s)
+        with tempfile.TemporaryDirectory() as tmp:
+            ca_file = Path(tmp) / "ca.pem"
+            ca_file.write_text(ca_pem)
+            config = request_enrollment(hub, body, timeout_s, ca=str(ca_file))
     except EnrollError as e:
         raise BoardError(str(e)) from None
+    config["ca"] = BOARD_CA_PATH
+    return config
 
 
 @dataclass(frozen=True)
@@ -229,6 +276,7 @@ class Provisioned:
     partition: Partition
     files: list[str]
     replaced: str | None  # the node id that was on the image before, if any
+    ca: str | None = None  # the fingerprint of the CA the board pins (deparrow/ca.pem)
 
 
 def provision(
@@ -240,8 +288,11 @@ def provision(
     arch: str | None = None,
     cpu: float | None = None,
     memory_mb: int | None = None,
+    ca: str | None = None,
 ) -> Provisioned:
-    """Enroll a board with the hub and write its identity onto the image's boot partition."""
+    """Enroll a board with the hub and write its identity onto the image's boot partition.
+    ca: the hub's CA to pin (a PEM file or "sha256:..."), written on the image beside the
+    identity."""
     part = boot_partition(image)  # before enrolling: a wrong file must not cost a token
     profile = board_profile(image, part)
     for key, value in (("arch", arch), ("cpu", cpu), ("memory_mb", memory_mb)):
@@ -255,14 +306,21 @@ def provision(
         except ValueError:
             replaced = "an unreadable identity"
     node_name = name or f"{profile.get('board') or 'board'}-{secrets.token_hex(2)}"
-    config = enroll(hub, token, node_name, profile)
+    ca_pem = hub_ca(hub, ca) if ca is not None else None  # a wrong pin costs no token either
+    config = enroll(hub, token, node_name, profile, ca_pem=ca_pem)
     files = ["deparrow/node.json"]
+    if ca_pem is not None:
+        write_file(image, CA_FILE, ca_pem.encode(), part)  # before the identity that names it
+        files.append(CA_FILE)
+    else:
+        delete_file(image, CA_FILE, part)  # a CA of an earlier provisioning pins nothing now
     write_file(image, "deparrow/node.json", (json.dumps(config, indent=2) + "\n").encode(), part)
     if wifi is not None:
         write_file(image, "deparrow/wifi.json", (json.dumps(wifi) + "\n").encode(), part)
         files.append("deparrow/wifi.json")
     delete_file(image, "deparrow/enroll.json", part)  # the identity supersedes a token
-    return Provisioned(config["node_id"], config["owner"], part, files, replaced)
+    fingerprint = pem_fingerprint(ca_pem) if ca_pem is not None else None
+    return Provisioned(config["node_id"], config["owner"], part, files, replaced, fingerprint)
 
 
 # --- flash ---------------------------------------------------------------------------------
