@@ -20,6 +20,7 @@ from aiohttp import web
 
 import wasm_jobs
 from hub.api.auth import Identity
+from hub.api.nodes import ca_pin, enroll_command
 from hub.ledger.money import InsufficientFunds, UnknownAccount, format_micro
 from hub.market.errors import JobError, NotAllowed
 from hub.market.jobs import wallet_of
@@ -461,7 +462,6 @@ async def _nodes_context(request: web.Request, who: Identity) -> Context:
         "nodes": views,
         "has_reputation": "reputation" in columns,
         "enrollment": None,
-        "hub_url": f"{request.url.scheme}://{request.url.host}:{request.url.port}",
     }
 
 
@@ -476,8 +476,11 @@ async def enrollment_token(request: web.Request) -> web.Response:
     svc = services(request)
     token, exp = svc.store.create_enrollment_token(who.user_id, svc.config.enrollment_ttl_s)
     ctx = await _nodes_context(request, who)
-    command = f"edge-run --hub {ctx['hub_url']} --token {token}"
-    ctx["enrollment"] = {"token": token, "expires_at": exp, "command": command}
+    # The command `deparrow node token` prints: the hub's URL as the browser reached it (or as
+    # a reverse proxy says) and, when the hub serves TLS with its own CA, the --ca pin.
+    command = enroll_command(request, token)
+    ctx["enrollment"] = {"token": token, "expires_at": exp, "command": command,
+                         "ca": ca_pin(request)}  # fmt: skip
     return render(request, who, "nodes.html", "nodes", ctx, started, 201)
 
 
