@@ -5,22 +5,28 @@ TLS, and the deparrow CLI over HTTPS."""
 
 from __future__ import annotations
 
+import html
 import json
 import os
+import re
 import ssl
 import stat
 import subprocess
 import sys
+import threading
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlsplit
+from typing import Any
+from urllib.parse import urlencode, urlsplit
 
 import psutil
 import pytest
 import trustme
 
+from deparrow.client import Client
 from deparrow.localnet import LocalHub, Proc, free_port, wait_for
-from edge.enroll import pem_fingerprint
+from edge.enroll import pem_fingerprint, tls_context
 from hub.tls import TlsError, ensure_tls, server_names
 from tests.conftest import require_mosquitto
 
@@ -310,3 +316,241 @@ def test_listening_beyond_loopback_without_tls_is_refused_unless_asked_for(
         assert "without TLS (--insecure-no-tls)" in hub.proc.output()
     finally:
         hub.stop()
+
+
+# --- the tools around a TLS hub: one hub with its own CA and broker, and a node pinning it ----
+@pytest.fixture(scope="module")
+def tls_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalHub, str]]:
+    """A hub with its own CA and its own Mosquitto over TLS, and an owner's API token."""
+    require_mosquitto()
+    tmp = tmp_path_factory.mktemp("tls-tools")
+    hub = LocalHub(tmp / "hub", broker="mosquitto", tls=True, log_path=tmp / "hub.log")
+    try:
+        yield hub, hub.user("owner")[0]["token"]
+    finally:
+        hub.stop()
+
+
+@pytest.fixture(scope="module")
+def tls_node(
+    tls_hub: tuple[LocalHub, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Path]:
+    """A running edge-run node that pinned the hub's CA (enrolled with --ca sha256:...): its
+    data directory."""
+    hub, owner = tls_hub
+    data = tmp_path_factory.mktemp("tls-node")
+    node = hub.start_node(Client(hub.url, owner, ca=hub.ca), data, "pinned", verbose=False)
+    try:
+        yield data
+    finally:
+        node.stop()
+
+
+def pin_of(hub: LocalHub) -> str:
+    return pem_fingerprint(Path(hub.ca or "").read_text())
+
+
+def check_lines(out: str) -> dict[str, str]:
+    """A diagnosis's lines by check name (what comes before the address or the colon)."""
+    found = {}
+    for line in out.splitlines():
+        name = line[6:].split(": ")[0]
+        for key in ("hub TLS", "broker TLS", "hub HTTP", "MQTT login", "MQTT round trip"):
+            if name.startswith(key):
+                found[key] = line
+    return found
+
+
+def other_ca(path: Path) -> Path:
+    trustme.CA().cert_pem.write_to_path(str(path))
+    return path
+
+
+def test_the_dashboard_shows_the_enrollment_command_the_api_gives(
+    tls_hub: tuple[LocalHub, str], tmp_path: Path
+) -> None:
+    hub, owner = tls_hub
+    https = urllib.request.HTTPSHandler(context=tls_context(ca_file=hub.ca))
+    browser = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(), https)
+    browser.open(hub.url + "/signin", data=urlencode({"token": owner}).encode(), timeout=30)
+    page = browser.open(hub.url + "/nodes/token", data=b"", timeout=30).read().decode()
+    shown = re.search(r'<pre class="code" id="enroll-command">(.*?)</pre>', page)
+    assert shown is not None, page
+    command = html.unescape(shown.group(1)).split()
+    api = Client(hub.url, owner, ca=hub.ca).enrollment_token()["command"].split()
+    # the same command but for its one-time token, --ca pin included
+    assert command[:4] == api[:4] == ["edge-run", "--hub", hub.url, "--token"]
+    assert command[5:] == api[5:] == ["--ca", pin_of(hub)]
+    assert command[4].startswith("dpe_") and command[4] != api[4]
+    assert 'id="enroll-ca"' in page and "pins it by its fingerprint" in page
+
+    # It enrolls a node as printed: the node pins the CA and comes online over mqtts://.
+    node = Proc(
+        "dashboard-node",
+        [sys.executable, "-m", "edge.cli", *command[1:], "--name", "from-the-page",
+         "--data-dir", str(tmp_path / "node"), "--always-run", "--dashboard-port", "0"],
+        tmp_path / "node.log",
+    )  # fmt: skip
+    try:
+        admin = hub.admin
+        wait_for("the node from the page", lambda: any(
+            n["name"] == "from-the-page" and n["state"] == "idle" for n in admin.nodes()
+        ), 60, [node, hub.proc])  # fmt: skip
+        config = json.loads((tmp_path / "node" / "node.json").read_text())
+        assert config["mqtt"]["url"].startswith("mqtts://")
+        assert pem_fingerprint(Path(config["ca"]).read_text()) == pin_of(hub)
+    finally:
+        node.stop()
+
+
+def test_edge_run_diagnose_checks_the_certificates_with_the_nodes_pinned_ca(
+    tls_hub: tuple[LocalHub, str], tls_node: Path, tmp_path: Path
+) -> None:
+    out = subprocess.run([sys.executable, "-m", "edge.cli", "diagnose", "--data-dir",
+                          str(tls_node)], capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    found = check_lines(out.stdout)
+    ca = str((tls_node / "ca.pem").resolve())
+    for key in ("hub TLS", "broker TLS"):
+        assert found[key].startswith("ok    "), out.stdout
+        assert f"verified against the CA in {ca}" in found[key]
+    assert found["MQTT round trip"].startswith("ok    ")
+
+    # The same identity trusting another CA (a hub that made a new one): the certificate lines
+    # fail and say so, and what to do; nothing reads as "the hub is down".
+    config = json.loads((tls_node / "node.json").read_text())
+    config["ca"] = str(other_ca(tmp_path / "other-ca.pem"))
+    (tmp_path / "node.json").write_text(json.dumps(config))
+    bad = subprocess.run([sys.executable, "-m", "edge.cli", "diagnose", "--data-dir",
+                          str(tmp_path), "--json"], capture_output=True, text=True,
+                         timeout=60)  # fmt: skip
+    assert bad.returncode == 1
+    checks = {" ".join(c["name"].split()[:2]): c for c in json.loads(bad.stdout)["checks"]}
+    for key in ("hub TLS", "broker TLS"):
+        assert checks[key]["status"] == "FAIL", checks
+        assert checks[key]["detail"].startswith("certificate problem: not trusted by the CA in")
+        assert "re-enroll" in checks[key]["hint"] and "--ca sha256:" in checks[key]["hint"]
+    assert checks["hub HTTP"]["status"] == "skip"
+    assert checks["hub HTTP"]["detail"] == "the hub's certificate is not trusted"
+    assert checks["MQTT login"]["status"] == "skip"
+
+
+def test_deparrow_network_diagnose_pins_the_ca_and_names_a_certificate_problem(
+    tls_hub: tuple[LocalHub, str], tmp_path: Path
+) -> None:
+    hub, owner = tls_hub
+    base = ["--hub", hub.url, "--token", owner]
+    for how in (["--ca", pin_of(hub)], ["--ca", hub.ca or ""]):
+        out = deparrow(*base, *how, "network", "diagnose")
+        assert out.returncode == 0, (how, out.stdout + out.stderr)
+        found = check_lines(out.stdout)
+        assert found["hub TLS"].startswith("ok    hub TLS 127.0.0.1:"), out.stdout
+        assert found["broker TLS"].startswith("ok    broker TLS 127.0.0.1:"), out.stdout
+        assert found["MQTT round trip"].startswith("ok    "), out.stdout
+
+    no_ca = deparrow(*base, "network", "diagnose", env={"DEPARROW_CA": ""})
+    assert no_ca.returncode == 1
+    line = check_lines(no_ca.stdout)["hub TLS"]
+    assert line.startswith("FAIL  hub TLS 127.0.0.1:")
+    assert "certificate problem: not trusted by the system's CAs" in line
+    assert "pass --ca with the hub's CA file or the sha256: fingerprint" in line
+
+    wrong = "sha256:" + "ab" * 32
+    other = deparrow(*base, "--ca", wrong, "status", "--deep")
+    assert other.returncode == 1
+    line = check_lines(other.stdout)["hub TLS"]
+    assert f"presents a CA with fingerprint {pin_of(hub)}, not {wrong}" in line
+
+    # A plain port named as MQTT over TLS: its own line says there is no TLS there.
+    plain = urlsplit(hub.admin.status()["broker"]["url"])
+    out = deparrow(*base, "--ca", hub.ca or "", "network", "diagnose",
+                   "--mqtt", f"mqtts://127.0.0.1:{plain.port}")  # fmt: skip
+    assert out.returncode == 1
+    line = check_lines(out.stdout)["broker TLS"]
+    assert line.startswith(f"FAIL  broker TLS 127.0.0.1:{plain.port}: no TLS handshake")
+    assert "a TLS port?" in line
+
+
+def test_an_agent_submits_over_mqtt_tls_and_receives_its_final_reply(
+    tls_hub: tuple[LocalHub, str], tls_node: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from deparrow import Agent, DeparrowError
+
+    hub, owner = tls_hub
+    monkeypatch.delenv("DEPARROW_CA", raising=False)
+    with pytest.raises(DeparrowError, match="certificate is not trusted"):
+        Agent(hub.url, owner).wallet()  # no CA: the system's do not know the hub's
+    agent = Agent.create(hub.url, owner, "tls-agent", fund="1", ca=pin_of(hub))
+    assert agent.ca == pin_of(hub)
+    finals: list[dict[str, Any]] = []
+    done = threading.Event()
+
+    def on_done(job: dict[str, Any]) -> None:
+        finals.append(job)
+        done.set()
+
+    try:
+        job_id = agent.submit_job(FIB, via="mqtt", on_done=on_done)
+        assert done.wait(60), agent.job(job_id)
+        (final,) = finals
+        assert final["id"] == job_id and final["state"] == "completed"
+        assert final["result"]["returns"] == [6765]
+        # the connection it came on is the broker's TLS listener
+        assert urlsplit(hub.admin.status()["broker"]["public_url"]).scheme == "mqtts"
+    finally:
+        agent.close()
+
+
+def test_board_provision_pins_the_ca_and_writes_it_on_the_image(
+    tls_hub: tuple[LocalHub, str], tmp_path: Path
+) -> None:
+    from deparrow import board
+    from tests.images.test_board import make_disk, mtype
+
+    hub, owner = tls_hub
+    client = Client(hub.url, owner, ca=hub.ca)
+    img = tmp_path / "sdcard.img"
+    offset = make_disk(img, board_json={"board": "picoclaw", "arch": "riscv64", "cpu": 1,
+                                        "memory_mb": 256})  # fmt: skip
+    token = client.enrollment_token()["token"]
+    wrong = deparrow("board", "provision", str(img), "--hub", hub.url, "--token", token,
+                     "--ca", "sha256:" + "ab" * 32)  # fmt: skip
+    assert wrong.returncode == 1 and "refusing to trust it" in wrong.stderr
+    assert board.read_file(img, "deparrow/node.json") is None  # and the token is not spent
+
+    out = deparrow("board", "provision", str(img), "--hub", hub.url, "--token", token,
+                   "--ca", pin_of(hub), "--name", "board-1")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "deparrow/node.json, deparrow/ca.pem" in out.stdout
+    assert f"the board trusts only the hub's CA {pin_of(hub)}" in out.stdout
+    on_image = mtype(img, offset, "deparrow/ca.pem").stdout
+    assert on_image.encode() == Path(hub.ca or "").read_bytes()
+    identity = json.loads(mtype(img, offset, "deparrow/node.json").stdout)
+    assert identity["ca"] == board.BOARD_CA_PATH == "/boot/deparrow/ca.pem"
+    assert identity["mqtt"]["url"].startswith("mqtts://")
+
+    # A node started from that identity, finding the CA where the booted board would (here
+    # under a stand-in for /boot), comes online over TLS.
+    boot = tmp_path / "boot" / "deparrow"
+    boot.mkdir(parents=True)
+    (boot / "ca.pem").write_text(on_image)
+    identity["ca"] = str(boot / "ca.pem")
+    data = tmp_path / "board-data"
+    data.mkdir()
+    (data / "node.json").write_text(json.dumps(identity))
+    node = Proc("board-node", [sys.executable, "-m", "edge.cli", "--data-dir", str(data),
+                               "--always-run", "--dashboard-port", "0"],
+                tmp_path / "board-node.log")  # fmt: skip
+    try:
+        wait_for("the provisioned board online", lambda: any(
+            n["name"] == "board-1" and n["state"] == "idle" for n in client.nodes()
+        ), 60, [node])  # fmt: skip
+    finally:
+        node.stop()
+
+    # --json says which CA; DEPARROW_CA stands for --ca, as everywhere in deparrow.
+    again = deparrow("board", "provision", str(img), "--hub", hub.url, "--token",
+                     client.enrollment_token()["token"], "--json",
+                     env={"DEPARROW_CA": str(hub.ca)})  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["ca"] == pin_of(hub)
