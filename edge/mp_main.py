@@ -10,6 +10,10 @@ writes at enrollment, so a node enrolled by `edge-run --data-dir DIR` runs here 
 given --hub and --token instead, it enrolls itself (with MicroPython's `requests`).
 The same file runs on CPython too (paho-mqtt then stands in for umqtt). See
 docs/edge-micropython.md.
+
+A hub with --tls (docs/tls.md): --ca takes the fingerprint `deparrow node token` prints, or
+the CA's PEM file; it is kept as DIR/ca.pem and node.json names it. Enrollment verifies the hub
+against it and mqtts:// the broker (edge/mp_tls.py, loaded only then).
 """
 
 import sys
@@ -43,6 +47,9 @@ USAGE = """usage: micropython edge/mp_main.py --data-dir DIR [--hub URL --token 
   --data-dir DIR      the node's identity (DIR/node.json) and job files (DIR/jobs)
   --hub URL           enroll with this hub when DIR/node.json does not exist yet
   --token TOKEN       the enrollment token (from 'deparrow node token')
+  --ca sha256:HEX|FILE  an https:// hub's CA: the fingerprint 'deparrow node token' prints,
+                      or a PEM file (kept as DIR/ca.pem); default: node.json's "ca",
+                      else DIR/ca.pem
   --name NAME         the node's name on the hub (default: mp-node)
   --cpu N             CPU-equivalents to offer (default 1)
   --memory-mb N       RAM to offer, MiB (default: MemAvailable from /proc/meminfo, else 64)
@@ -72,7 +79,9 @@ def parse_args(argv):
             opts["verbose"] = True
             i += 1
             continue
-        if a not in ("--data-dir", "--hub", "--token", "--name", "--runner") and a not in numbers:
+        if a not in ("--data-dir", "--hub", "--token", "--ca", "--name", "--runner") and (
+            a not in numbers
+        ):
             raise UsageError("unknown option " + a)
         if i + 1 >= len(argv):
             raise UsageError(a + " needs a value")
@@ -132,12 +141,21 @@ def load_config(path):
     return config
 
 
-def _post_json(url, body):
+def _post_json(url, body, cadata=None):
+    data = compat.json_dumps(body)
+    if url.startswith("https://"):
+        if cadata is None:
+            raise ValueError(
+                "an https:// hub needs --ca: the sha256: fingerprint 'deparrow node token' "
+                "prints, or the hub's CA file (a MicroPython node has no system CAs)"
+            )
+        from edge.mp_tls import https
+
+        return _answer(*https(url, cadata, data))
     try:
         import requests  # MicroPython's (frozen in the unix port; `mip install requests`)
     except ImportError:
         requests = None
-    data = compat.json_dumps(body)
     if requests is not None:
         resp = requests.post(url, data=data, headers={"Content-Type": "application/json"})
         try:
@@ -154,6 +172,10 @@ def _post_json(url, body):
                 status, text = r.status, r.read()
         except urllib.error.HTTPError as e:
             status, text = e.code, e.read()
+    return _answer(status, text)
+
+
+def _answer(status, text):
     try:
         answer = compat.json_loads(text)
     except ValueError:
@@ -165,16 +187,25 @@ def _post_json(url, body):
     return answer
 
 
-def enroll(hub, token, name, cpu, memory_mb, path):
+def enroll(hub, token, name, cpu, memory_mb, path, ca=None):
+    """Enroll and write node.json at path; ca (an https:// hub): a pin or a PEM file, kept as
+    ca.pem beside node.json, which names it."""
     try:
         arch = _read("/proc/sys/kernel/arch").strip()
     except OSError:
         arch = ""
+    ca_path = cadata = None
     try:
+        if ca is not None:
+            from edge.mp_tls import pin_ca
+
+            ca_path = path[: path.rfind("/") + 1] + "ca.pem"
+            cadata = pin_ca(hub, ca, ca_path)
         answer = _post_json(
             hub.rstrip("/") + "/api/v1/nodes/enroll",
             {"token": token, "name": name, "engines": ["wasm"], "arch": arch, "cpu": cpu,
              "memory_mb": memory_mb},
+            cadata,
         )  # fmt: skip
     except OSError as e:
         raise ValueError("cannot reach the hub at " + hub + ": " + repr(e)) from None
@@ -186,6 +217,8 @@ def enroll(hub, token, name, cpu, memory_mb, path):
         "mqtt": answer["mqtt"],
         "heartbeat_interval_s": answer["heartbeat_interval_s"],
     }
+    if ca_path is not None:
+        config["ca"] = ca_path
     tmp = path + ".tmp"
     os.system("umask 077 && : > '" + tmp.replace("'", "'\"'\"'") + "'")  # the secret is 0600
     with open(tmp, "w") as f:
@@ -210,14 +243,30 @@ class Offered:
         return {"cpu": self.cpu, "memory_mb": mem, "gpu": 0, "load": min(1.0, round(load, 3))}
 
 
-def make_mqtt(url, log):
+def node_ca(opts, config, data_dir):
+    """The CA file the hub and its broker are verified with: --ca FILE, node.json's "ca", or
+    DIR/ca.pem; None when there is none."""
+    ca = opts.get("ca")
+    if ca and not ca.startswith("sha256:"):  # a pin was for enrollment: ca.pem is its CA
+        return ca
+    if isinstance(config.get("ca"), str):
+        return config["ca"]
+    return data_dir + "/ca.pem" if compat.path_exists(data_dir + "/ca.pem") else None
+
+
+def make_mqtt(url, log, ca=None):
     try:
-        from edge.core.mqtt_umqtt import UmqttMqtt
+        from edge.core.mqtt_umqtt import UmqttMqtt, is_tls
     except ImportError:  # CPython: umqtt.simple needs MicroPython's u-modules
         from edge.mqtt_paho import PahoMqtt
 
-        return PahoMqtt(url)
-    return UmqttMqtt(url, log=log)
+        return PahoMqtt(url, ca_certs=ca)
+    params = None
+    if is_tls(url) and ca is not None:  # without a CA, UmqttMqtt says what is missing
+        from edge.mp_tls import mqtt_ssl_params
+
+        params = mqtt_ssl_params(ca)
+    return UmqttMqtt(url, log=log, ssl_params=params)
 
 
 def main(argv):
@@ -245,9 +294,11 @@ def main(argv):
                     "(create a token on the hub with 'deparrow node token')"
                 )
             mem = opts.get("memory_mb") or memory_available_mb()
-            config = enroll(opts["hub"], opts["token"], opts["name"], opts["cpu"], mem, path)
+            config = enroll(
+                opts["hub"], opts["token"], opts["name"], opts["cpu"], mem, path, opts.get("ca")
+            )
             print("mp_main: enrolled as " + config["node_id"] + " (identity in " + path + ")")
-        mqtt = make_mqtt(config["mqtt"]["url"], log)
+        mqtt = make_mqtt(config["mqtt"]["url"], log, node_ca(opts, config, data_dir))
         executor = Wasm3CliExecutor(
             data_dir + "/jobs", runner=opts.get("runner"), stdout_cap=opts["stdout_cap"]
         )

@@ -9,6 +9,13 @@ the keepalive, notices a dead connection, reconnects with backoff (1 s doubling 
 re-subscribes, and re-sends the QoS 1 messages published while the broker was away (the
 latest `queue_cap`; heartbeats, QoS 0, are dropped: the next one replaces them).
 tools/fetch-umqtt.py installs umqtt.simple where edge/mp_main.py looks for it.
+
+mqtts:// (a hub with --tls, docs/tls.md) is MQTT over TLS: umqtt.simple's `ssl=True` with
+`ssl_params`, the arguments of the port's ssl.wrap_socket, which the node passes in
+(edge/mp_main.py: the pinned CA as `cadata`, `cert_reqs` CERT_REQUIRED); this module adds
+`server_hostname`, so the broker's certificate must name the host of the URL. A certificate
+the node does not trust fails the connection at once (retrying cannot help), and every
+reconnect verifies it again.
 """
 
 try:
@@ -29,12 +36,28 @@ class MqttUnavailable(OSError):
     """The broker cannot be reached, or refused the connection."""
 
 
+TLS_SCHEMES = ("mqtts", "ssl")
+SCHEMES = ("mqtt", "tcp", "mqtts", "ssl")
+
+
+class MqttUntrusted(MqttUnavailable):
+    """The broker's certificate is not one the node trusts (not from its CA, or not naming the
+    broker's host)."""
+
+
+def is_tls(url):
+    """Whether an MQTT URL is MQTT over TLS (mqtts://)."""
+    return url.partition("://")[0] in TLS_SCHEMES
+
+
 def parse_url(url):
-    """'mqtt://host:port' -> (host, port)."""
+    """'mqtt://host:port' or 'mqtts://host:port' -> (host, port)."""
     scheme, sep, rest = url.partition("://")
     host, _, port = rest.partition("/")[0].rpartition(":")
-    if not sep or scheme not in ("mqtt", "tcp") or not host:
-        raise ValueError("MQTT URL must look like mqtt://host:port, got " + repr(url))
+    if not sep or scheme not in SCHEMES or not host:
+        raise ValueError(
+            "MQTT URL must look like mqtt://host:port or mqtts://host:port, got " + repr(url)
+        )
     try:
         port = int(port)
     except ValueError:
@@ -43,8 +66,19 @@ def parse_url(url):
 
 
 class UmqttMqtt:
-    def __init__(self, url, connect_timeout_s=30, keepalive_s=30, queue_cap=32, log=None):
+    def __init__(
+        self, url, connect_timeout_s=30, keepalive_s=30, queue_cap=32, log=None, ssl_params=None
+    ):
         self.host, self.port = parse_url(url)
+        self.ssl_params = None
+        if is_tls(url):
+            if ssl_params is None:
+                raise ValueError(
+                    url + " is MQTT over TLS: the node needs the hub's CA to verify it (--ca "
+                    "FILE, or ca.pem in its data directory)"
+                )
+            self.ssl_params = dict(ssl_params)
+            self.ssl_params["server_hostname"] = self.host
         self.connect_timeout_s = connect_timeout_s
         self.keepalive_s = keepalive_s
         self.queue_cap = queue_cap
@@ -72,6 +106,7 @@ class UmqttMqtt:
                 return
             except Exception as e:  # umqtt raises OSError, MQTTException, even IndexError
                 self._close()
+                self._check_trusted(e)
                 if compat.ticks_diff(compat.ticks_ms(), start) > self.connect_timeout_s * 1000:
                     raise MqttUnavailable(
                         "cannot reach the MQTT broker at "
@@ -144,11 +179,26 @@ class UmqttMqtt:
         self._close()
 
     # -- the machinery -------------------------------------------------------------------
+    def _check_trusted(self, e):
+        """MicroPython's TLS raises ValueError, with mbedTLS's words, for a certificate it
+        does not trust (CPython's SSLCertVerificationError is a ValueError too)."""
+        if self.ssl_params is not None and isinstance(e, ValueError):
+            raise MqttUntrusted(
+                "the MQTT broker at " + self.host + ":" + str(self.port) + " presents a "
+                "certificate this node does not trust (" + str(e).strip() + "): is the CA the "
+                "node has (--ca, node.json's \"ca\", ca.pem) this hub's, and does its "
+                "certificate name " + self.host + "?"
+            )  # fmt: skip
+
     def _open(self):
         client_id, username, password, will_topic, will_payload = self.params
+        tls = {}
+        if self.ssl_params is not None:
+            tls = {"ssl": True, "ssl_params": self.ssl_params}
         c = MQTTClient(
-            client_id, self.host, self.port, username or None, password or None, self.keepalive_s
-        )
+            client_id, self.host, self.port, username or None, password or None,
+            self.keepalive_s, **tls,
+        )  # fmt: skip
         c.set_callback(self._on_message)
         c.set_last_will(will_topic, will_payload, True, 1)
         c.connect()

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[2]
 MP_TESTS = Path(__file__).parent / "mp"
 SCRIPTS = ["core_protocol", "core_jobs", "core_executor", "core_session"]
 # Every module a MicroPython node loads (edge/core/outbox.py comes with edge/core/session.py,
-# edge/core/jobfiles.py with edge/core/jobs.py).
+# edge/core/jobfiles.py with edge/core/jobs.py, edge/mp_tls.py with a hub's TLS).
 NODE_MODULES = [
     "edge/__init__.py",
     "edge/core/__init__.py",
@@ -45,6 +45,7 @@ NODE_MODULES = [
     "edge/core/session.py",
     "edge/core/mqtt_umqtt.py",
     "edge/mp_main.py",
+    "edge/mp_tls.py",  # loaded for a hub with --tls only
     "edge/executors/__init__.py",
     "edge/executors/wasm3_cli.py",
 ]
@@ -256,6 +257,77 @@ def test_micropython_node_heartbeats_and_runs_wasm_jobs_against_a_real_hub(
         hub.stop()
     # stopped by a signal, MicroPython cannot say goodbye: its last will says it
     assert not list((tmp_path / "mp1" / "jobs").iterdir())
+
+
+def test_micropython_node_pins_a_tls_hubs_ca_and_runs_jobs_over_mqtts(
+    tmp_path: Path, micropython: str, native: dict[str, Path]
+) -> None:
+    """The command `deparrow node token` prints for a hub with --tls, on the real MicroPython
+    unix port: the CA pinned by its fingerprint, enrollment over HTTPS verified against it (not
+    MicroPython's `requests`, which verifies nothing), MQTT over TLS with umqtt.simple."""
+    import trustme
+
+    from deparrow.localnet import LocalHub
+    from edge.enroll import pem_fingerprint
+
+    require_mosquitto()
+    hub = LocalHub(tmp_path / "hub", broker="mosquitto", tls=True, heartbeat_s=0.5,
+                   log_path=tmp_path / "hub.log")  # fmt: skip
+    ca = tmp_path / "hub" / "tls" / "ca.pem"
+    nodes: list[Any] = []
+    try:
+        _, owner = hub.user("owner")
+        grant = owner.enrollment_token()
+        pin = grant["ca"]
+        assert pin == pem_fingerprint(ca.read_text())
+        enroll = ["--hub", hub.url, "--token", grant["token"], "--name", "mp-tls"]
+
+        # A wrong fingerprint: refused, nothing kept, the token not spent.
+        wrong = start_mp_node(micropython, native, tmp_path / "bad", tmp_path / "bad.log",
+                              *enroll, "--ca", "sha256:" + "ab" * 32)  # fmt: skip
+        assert wrong.p.wait(60) == 1
+        assert f"presents a CA with fingerprint {pin}, not sha256:{'ab' * 32}" in wrong.output()
+        assert not (tmp_path / "bad" / "node.json").exists()
+        assert not (tmp_path / "bad" / "ca.pem").exists()
+        no_ca = start_mp_node(micropython, native, tmp_path / "bad", tmp_path / "noca.log",
+                              *enroll)  # fmt: skip
+        assert no_ca.p.wait(60) == 1 and "an https:// hub needs --ca" in no_ca.output()
+
+        data = tmp_path / "mp-tls"
+        node = start_mp_node(micropython, native, data, tmp_path / "mp-tls.log", *enroll,
+                             "--ca", pin)  # fmt: skip
+        nodes.append(node)
+        first = wait_until(
+            "the MicroPython node online over TLS",
+            lambda: next((n for n in owner.nodes() if n["state"] == "idle"), None),
+            60,
+            [node, hub.proc],
+        )
+        config = json.loads((data / "node.json").read_text())
+        assert config["ca"] == str(data / "ca.pem") and (data / "ca.pem").read_bytes() == (
+            ca.read_bytes()
+        )
+        assert config["mqtt"]["url"].startswith("mqtts://")
+        fib = {"type": "wasm", "module": "example:fib", "entrypoint": "fib", "args": ["20"]}
+        job = owner.submit({"engine": fib, "timeout": 20})
+        done = owner.wait(job["id"], timeout_s=60)
+        assert done["state"] == "completed" and done["node"] == first["id"], done
+        assert done["result"]["returns"] == [6765]
+        node.stop()
+
+        # The same identity told to trust another CA (--ca FILE): the broker is refused at
+        # once, with the reason, instead of retrying for ever.
+        other = tmp_path / "other-ca.pem"
+        trustme.CA().cert_pem.write_to_path(str(other))
+        distrust = start_mp_node(micropython, native, data, tmp_path / "distrust.log",
+                                 "--ca", str(other))  # fmt: skip
+        nodes.append(distrust)
+        assert distrust.p.wait(60) == 1
+        assert "presents a certificate this node does not trust" in distrust.output()
+    finally:
+        for n in nodes:
+            n.stop()
+        hub.stop()
 
 
 def test_micropython_node_comes_back_after_a_broker_restart(
