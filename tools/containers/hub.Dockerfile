@@ -35,9 +35,11 @@ RUN --mount=type=bind,from=wheels,source=/wheels,target=/wheels \
  && /opt/deparrow/bin/pip install -q --no-cache-dir --no-index --find-links /wheels deparrow
 ENV PATH=/opt/deparrow/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     PYTHONUNBUFFERED=1
-# The REST API and web page on 8765, the hub's own MQTT broker (embedded) on 1883. Give nodes
-# elsewhere the broker's address: add --mqtt-public-url mqtt://THIS-HOST:1883.
-EXPOSE 8765 1883
+# HTTPS (the REST API and web page) on 8765, and the embedded broker's MQTT over TLS for nodes
+# and agents on 8883, with a CA the hub makes once in the volume (docs/tls.md); nodes pin it by
+# the fingerprint `deparrow node token` prints. Add --tls-name HUB-ADDRESS, the name nodes use.
+# The broker's plain port (1883) is the hub's own, on the container's loopback; a hub behind a
+# TLS-terminating proxy publishes it to the proxy instead (docs/containers.md).
+EXPOSE 8765 8883
 VOLUME /var/lib/deparrow
-# TLS with a CA the hub makes in the volume (docs/tls.md); add --tls-name HUB-ADDRESS for nodes
 CMD ["deparrow", "hub", "--host", "0.0.0.0", "--tls", "--data-dir", "/var/lib/deparrow", "--broker", "embedded"]
