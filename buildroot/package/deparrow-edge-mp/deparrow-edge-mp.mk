@@ -13,7 +13,7 @@ DEPARROW_EDGE_MP_DEPENDENCIES = micropython wasm3-run
 # What a MicroPython node loads (docs/edge-micropython.md); the CPython-only adapters
 # (paho, psutil, the pywasm3 pool, the dashboard) stay out of a 256 MB board's image.
 DEPARROW_EDGE_MP_FILES = __init__.py core/__init__.py core/compat.py core/protocol.py \
-	core/jobs.py core/jobfiles.py core/session.py core/outbox.py core/mqtt_umqtt.py mp_main.py \
+	core/jobs.py core/jobfiles.py core/session.py core/outbox.py core/mqtt_umqtt.py mp_main.py mp_tls.py \
 	executors/__init__.py executors/wasm3_cli.py
 
 define DEPARROW_EDGE_MP_INSTALL_TARGET_CMDS
