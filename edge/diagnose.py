@@ -133,8 +133,12 @@ def run_checks(
     timeout_s: float = 5.0,
     max_skew_s: float = MAX_SKEW_S,
     ca: str | None = None,
+    in_use: Callable[[], str | None] | None = None,
 ) -> list[Check]:
     """Every check, in order. mqtt_url None: the broker the hub advertises.
+    in_use: asked after `auth`, why the login must not be tried now on the broker the hub gives
+    out (None: try it): a login holds one connection, so logging in as a running node there
+    would close the node's.
     `auth` checks the caller's credentials at the hub and names the echo topic. ca: what an
     https:// hub and an mqtts:// broker are verified with: a PEM file, a sha256: pin, or None
     for the system's CAs (edge/diagnose_tls.py)."""
@@ -192,13 +196,18 @@ def run_checks(
             no_tls = "no trusted TLS connection to the broker"
             return [*checks, Check(login, SKIP, no_tls), Check(trip, SKIP, no_tls)]
         mqtt_context = trust.context()
+    # only the broker the hub gives out holds the node's connection
+    busy = in_use() if in_use is not None and url == broker_url_from(answer, hub_url) else None
+    if busy:
+        return [*checks, Check(login, SKIP, busy), Check(trip, SKIP, busy)]
     checks += check_mqtt(host, port, username, password, client_id, topic, timeout_s, hints,
                          context=mqtt_context)  # fmt: skip
     return checks
 
 
 def _diag_client_id(base: str) -> str:
-    # Never the node's own client id: the broker would drop the running node to let us in.
+    # The hub's brokers use the login's name whatever we ask (one connection per login); an
+    # outside broker keeps this one, which is never the running node's.
     return f"{base}-diag-{secrets.token_hex(3)}"
 
 
@@ -251,6 +260,8 @@ def node_checks(
         tls=tls,
     )
 
+    seen: dict[str, Any] = {}  # the node's record, as the hub answered it
+
     def auth(answer: HubAnswer | None, context: ssl.SSLContext | None) -> tuple[Check, str]:
         topic = protocol.node_topic(node_id, DIAG_KIND)
         name = f"hub knows node {node_id}"
@@ -269,11 +280,22 @@ def node_checks(
         except ValueError:
             data = {}
         if code == 200 and isinstance(data, dict):
+            seen["state"] = data.get("state")
             return Check(
                 name, OK, f"state {data.get('state')}, earned {data.get('earned')} credits"
             ), topic
         message = data.get("error") if isinstance(data, dict) else None
         return Check(name, FAIL, f"HTTP {code}: {message or 'refused'}", hints.hub_auth), topic
+
+    def in_use() -> str | None:
+        state = seen.get("state")
+        if state in (None, "offline"):
+            return None
+        return (
+            f"the node is connected now (the hub has it {state}): a login holds one connection,"
+            " so logging in as it would close the node's; that the hub hears it shows the login"
+            " works (stop the node to check it here)"
+        )
 
     return run_checks(
         hub,
@@ -286,4 +308,5 @@ def node_checks(
         timeout_s=timeout_s,
         max_skew_s=max_skew_s,
         ca=ca,
+        in_use=in_use,
     )

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from deparrow.localnet import LocalHub, Proc
+from deparrow.localnet import LocalHub, Proc, wait_for
 from edge.diagnose import FAIL, OK, HubAnswer, check_clock, server_time
 from hub.mqtt.broker import ChildBroker, free_port, wait_port
 from tests.conftest import require_mosquitto, start_hub, wait_until
@@ -219,11 +219,14 @@ def test_edge_run_diagnose_uses_node_json(
         assert out.returncode == 0, out.stdout + out.stderr
         node_id = owner.nodes()[0]["id"]
         assert f"ok    hub knows node {node_id}: state idle" in out.stdout
-        assert f"ok    MQTT login as {node_id}: accepted" in out.stdout
-        assert f"dp/v1/nodes/{node_id}/diag" in out.stdout
-        assert out.stderr.strip() == "all checks passed"
+        # A login holds one connection: logging in as the running node would close its
+        # connection, so the login is not tried beside it, and says why.
+        login = next(x for x in out.stdout.splitlines() if "MQTT login as" in x)
+        assert "the node is connected now (the hub has it idle)" in login, login
+        assert not login.startswith(FAIL)
         # Diagnosing beside the running node did not take its broker session away.
         assert node.alive() and owner.nodes()[0]["state"] == "idle"
+        assert "reconnected to the broker" not in node.output()
         job = owner.submit({"name": "fib", "engine": {"type": "wasm", "module": "example:fib",
                             "entrypoint": "fib", "args": ["20"]}, "timeout": 20})  # fmt: skip
         assert owner.wait(job["id"], 60)["state"] == "completed"
@@ -250,6 +253,13 @@ def test_edge_run_diagnose_uses_node_json(
         assert line.startswith(FAIL) and "HTTP 401" in line and "re-enroll" in line
     finally:
         node.stop()
+    # the node stopped: its login is tried, and works
+    wait_for("the node offline", lambda: owner.nodes()[0]["state"] == "offline", 20, [])
+    out = edge_run("--data-dir", str(tmp_path / "n1"), "diagnose")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"ok    MQTT login as {node_id}: accepted" in out.stdout
+    assert f"dp/v1/nodes/{node_id}/diag" in out.stdout
+    assert out.stderr.strip() == "all checks passed"
     empty = edge_run("diagnose", "--data-dir", str(tmp_path / "nobody"))
     assert empty.returncode == 1 and "not enrolled yet" in empty.stderr
     (tmp_path / "broken").mkdir()
