@@ -149,15 +149,20 @@ async def wallet_chart(request: web.Request) -> web.Response:
     """Earned and spent per day for the signed-in wallet (the charts fetch this)."""
     who = session.require(request)
     svc = services(request)
-    try:
-        days = min(90, max(1, int(request.query.get("days", "14"))))
-    except ValueError:
-        days = 14
+    days = min(90, max(1, _whole(request.query.get("days")) or 14))
     data = queries.wallet_by_day(svc.db, wallet_of(who.user_id), days)
     return web.json_response(data)
 
 
 # --- jobs ---------------------------------------------------------------------------------
+def _whole(value: str | None) -> int | None:
+    """A page's whole-number parameter (a cursor, a count): plain ASCII digits that SQLite can
+    hold, else None, and the page shows its default (a link is never an error here)."""
+    if value is None or not value.isascii() or not value.isdigit() or len(value) > 18:
+        return None
+    return int(value)
+
+
 def _cursor(value: str | None) -> float | None:
     try:
         return float(value) if value else None
@@ -358,10 +363,7 @@ def _history(svc: Any, user_id: str, before: int | None) -> tuple[list[Context],
 
 async def _wallet_context(request: web.Request, who: Identity) -> Context:
     svc = services(request)
-    try:
-        before = int(request.query["before"]) if "before" in request.query else None
-    except ValueError:
-        before = None
+    before = _whole(request.query.get("before"))
     items, older = _history(svc, who.user_id, before)
     return {
         "wallet": wallet_summary(svc, who.user_id),

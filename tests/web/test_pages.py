@@ -221,6 +221,18 @@ async def test_wallet_chart_counts_what_was_earned_and_spent(hub: Any) -> None:
     assert len(day["t"]) == 14 and day["t"][-1] % 86400 == 0
 
 
+async def test_page_parameters_out_of_range_show_the_default_page(hub: Any) -> None:
+    """A cursor or a count no link would carry (past SQLite's integers, not ASCII digits)
+    shows the page as it is by default, never a 500."""
+    _, token = user(hub, "kim")
+    await sign_in(hub, token)
+    for value in ("9" * 30, "１２", "-3", "1e3", ""):
+        r = await hub.get("/wallet", params={"before": value})
+        assert r.status == 200 and "welcome grant" in await r.text(), value
+        r = await hub.get("/wallet/chart.json", params={"days": value})
+        assert r.status == 200 and len((await r.json())["t"]) == 14, value
+
+
 async def test_live_stream_carries_only_what_the_identity_may_see(hub: Any) -> None:
     _, alice = user(hub, "kim")
     _, bob = user(hub, "lee")
