@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edge.enroll import EnrollError, fetch_ca_pem, is_pin, pem_fingerprint
+from edge.enroll import EnrollError, fetch_ca_pem, is_pin, pem_fingerprint, read_ca_pem
 from edge.enroll import enroll as request_enrollment
 
 SECTOR = 512
@@ -221,16 +221,9 @@ def hub_ca(hub: str, ca: str, timeout_s: float = 15.0) -> str:
         except EnrollError as e:
             raise BoardError(str(e)) from None
     try:
-        pem = Path(ca).read_text()
-        pem_fingerprint(pem)
-    except OSError as e:
-        raise BoardError(f"cannot read the CA file {ca}: {e.strerror or e}") from None
-    except ValueError:
-        raise BoardError(
-            f"{ca} holds no PEM certificate; --ca takes the hub's CA file or the sha256: "
-            "fingerprint 'deparrow node token' prints"
-        ) from None
-    return pem
+        return read_ca_pem(ca)
+    except EnrollError as e:
+        raise BoardError(str(e)) from None
 
 
 def enroll(

@@ -54,6 +54,22 @@ def pem_fingerprint(pem: str) -> str:
     return PIN_PREFIX + hashlib.sha256(der).hexdigest()
 
 
+def read_ca_pem(path: str) -> str:
+    """The PEM of a CA file given as --ca FILE; EnrollError naming what is wrong with it."""
+    try:
+        with open(path) as f:
+            pem = f.read()
+        pem_fingerprint(pem)
+    except OSError as e:
+        raise EnrollError(f"cannot read the CA file {path}: {e.strerror or e}") from None
+    except ValueError:
+        raise EnrollError(
+            f"{path} holds no PEM certificate; --ca takes the hub's CA file or the sha256: "
+            "fingerprint 'deparrow node token' prints"
+        ) from None
+    return pem
+
+
 def tls_context(ca_file: str | None = None, ca_pem: str | None = None) -> ssl.SSLContext:
     """A client context that verifies the hub: against the pinned CA alone when given (a file
     or PEM text; partial chains are accepted, so a pinned server certificate is enough too),

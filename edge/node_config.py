@@ -52,19 +52,9 @@ def enroll(
 
 def _copy_ca(source: str, dest: str) -> None:
     """--ca FILE: the node keeps its own copy, so node.json never names a file in Downloads."""
-    from edge.enroll import EnrollError, pem_fingerprint
+    from edge.enroll import read_ca_pem
 
-    try:
-        with open(source) as f:
-            pem = f.read()
-        pem_fingerprint(pem)
-    except OSError as e:
-        raise EnrollError(f"cannot read the CA file {source}: {e.strerror}") from None
-    except ValueError:
-        raise EnrollError(
-            f"{source} holds no PEM certificate; --ca takes the hub's CA file or its "
-            "sha256: fingerprint"
-        ) from None
+    pem = read_ca_pem(source)
     if os.path.abspath(source) != dest:
         with open(dest + ".tmp", "w") as f:
             f.write(pem)
