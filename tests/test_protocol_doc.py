@@ -8,6 +8,7 @@ fenced block, and the topic table with `<!-- topics -->`. Change the doc and the
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -21,10 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import psutil
 import pytest
 from aiohttp import web
 
 import wasm_jobs
+from deparrow import localnet
 from deparrow.client import Client
 from edge.core import compat, protocol
 from hub.api import routes as api
@@ -43,7 +46,8 @@ FIB = {
 }
 # What the doc's recipes need besides bash; all come with Debian's coreutils, sed,
 # mosquitto-clients and openssl (tools/install-system-deps.sh installs the last two).
-TOOLS = ("bash", "sed", "sha256sum", "base64", "mosquitto_pub", "mosquitto_sub", "openssl")
+TOOLS = ("bash", "sed", "sha256sum", "base64", "mkfifo", "mosquitto_pub", "mosquitto_sub",
+         "mosquitto_rr", "openssl")  # fmt: skip
 
 
 def doc() -> str:
@@ -76,6 +80,36 @@ def require_tools() -> None:
             f"the shell recipes in docs/protocol.md need {', '.join(missing)}: "
             "run `make deps` (or apt-get install them)"
         )
+
+
+def kill_while_connected(proc: localnet.Proc, broker_port: int) -> None:
+    """SIGKILL the shell node while its connection with the last will is open: the main
+    loop's wait, where an idle node spends nearly all its time. Killed in the milliseconds
+    between two waits (a heartbeat), a node leaves no will and the hub notices its missed
+    heartbeats instead; so the node is frozen, and killed once its wait is connected, or else
+    let run a little."""
+    deadline = time.monotonic() + 10
+    while True:
+        os.killpg(proc.p.pid, signal.SIGSTOP)
+        for p in psutil.Process(proc.p.pid).children(recursive=True):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if p.name() != "mosquitto_sub" or "--will-topic" not in p.cmdline():
+                    continue
+                conns = (
+                    p.net_connections("tcp")
+                    if hasattr(p, "net_connections")
+                    else p.connections("tcp")
+                )
+                if any(
+                    c.status == psutil.CONN_ESTABLISHED and c.raddr and c.raddr.port == broker_port
+                    for c in conns
+                ):
+                    os.killpg(proc.p.pid, signal.SIGKILL)
+                    proc.kill()
+                    return
+        os.killpg(proc.p.pid, signal.SIGCONT)
+        assert time.monotonic() < deadline, "the shell node's wait never connected"
+        time.sleep(0.05)
 
 
 def have_curl() -> bool:
@@ -326,33 +360,11 @@ def test_shell_node_runs_a_job_and_is_paid(tmp_path: Path) -> None:
         time.sleep(2.0)
         assert owner.nodes()[0]["state"] == "idle", proc.output()
 
-        # The node's cached result, sent again (as for a re-sent assignment): nothing moves.
+        # The node dies without a goodbye: the broker publishes its last will, retained.
         host, port = parse_mqtt_url(hub.admin.status()["broker"]["url"])
+        kill_while_connected(proc, port)
         password = (work / "mqtt-password").read_text()
         broker = ["-h", host, "-p", str(port), "-u", node["id"], "-P", password]
-        (cached,) = work.glob("result.*.json")
-        subprocess.run(
-            [
-                "mosquitto_pub",
-                *broker,
-                "-q",
-                "1",
-                "-t",
-                protocol.node_topic(node["id"], protocol.RESULT),
-                "-f",
-                str(cached),
-            ],
-            check=True,
-            timeout=10,
-        )
-        time.sleep(0.5)
-        assert alice.job(job["id"])["cost"] == "0.005555"
-        assert owner.wallet()["balance"] == "100.005555"
-        assert hub.admin.request("GET", "/api/v1/ledger/audit")["balanced"]
-
-        # The node dies without a goodbye: the broker publishes its last will, retained.
-        os.killpg(proc.p.pid, signal.SIGKILL)
-        proc.kill()
         status_topic = protocol.node_topic(node["id"], protocol.STATUS)
 
         def retained_status() -> Any:
@@ -369,6 +381,21 @@ def test_shell_node_runs_a_job_and_is_paid(tmp_path: Path) -> None:
         wait_until(
             "the hub to see the node offline", lambda: owner.nodes()[0]["state"] == "offline", 5
         )
+
+        # The node's cached result, sent again (as for a re-sent assignment): nothing moves.
+        # Sent as the node now that it is gone: a login has one connection at a time, and
+        # this one would have closed the node's.
+        (cached,) = work.glob("result.*.json")
+        result_topic = protocol.node_topic(node["id"], protocol.RESULT)
+        subprocess.run(
+            ["mosquitto_pub", *broker, "-q", "1", "-t", result_topic, "-f", str(cached)],
+            check=True,
+            timeout=10,
+        )
+        time.sleep(0.5)
+        assert alice.job(job["id"])["cost"] == "0.005555"
+        assert owner.wallet()["balance"] == "100.005555"
+        assert hub.admin.request("GET", "/api/v1/ledger/audit")["balanced"]
     finally:
         if proc is not None and proc.p.poll() is None:
             os.killpg(proc.p.pid, signal.SIGKILL)
