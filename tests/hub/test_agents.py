@@ -1,5 +1,6 @@
 """The agent registry and paid service calls: the real app factory, a real SQLite file, and the
-hub's own Mosquitto with its logins and ACLs; serving agents are ordinary paho clients."""
+hub's own Mosquitto (or its embedded broker, where a test asks) with its logins and ACLs;
+serving agents are ordinary paho clients."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from hub.api.services import SERVICES
 from hub.app import create_app
 from hub.config import HubConfig
 from hub.ledger.ledger import Ledger
-from hub.mqtt import bridge, logins
+from hub.mqtt import bridge
 from hub.mqtt.bridge import parse_mqtt_url
 from hub.store.db import Database
 from hub.store.rows import Store
@@ -100,6 +101,14 @@ class Peer:
         self.c.loop_stop()
 
 
+def drain(peer: Peer) -> list[tuple[str, dict[str, Any]]]:
+    """Every message the agent has received and not yet read."""
+    out = []
+    while not peer.inbox.empty():
+        out.append(peer.inbox.get_nowait())
+    return out
+
+
 async def eventually(what: str, check: Callable[[], bool], timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while not check():
@@ -112,9 +121,12 @@ def fib_answer(call: dict[str, Any]) -> tuple[bool, Any]:
 
 
 @pytest.fixture
-async def api(aiohttp_client: Any, tmp_path: Path) -> Any:
-    require_mosquitto()
-    config = HubConfig(data_dir=tmp_path / "hub", broker="mosquitto", broker_port=0,
+async def api(aiohttp_client: Any, tmp_path: Path, request: pytest.FixtureRequest) -> Any:
+    """The hub with its own broker: Mosquitto, or another kind a test names (indirect)."""
+    broker = getattr(request, "param", "mosquitto")
+    if broker == "mosquitto":
+        require_mosquitto()
+    config = HubConfig(data_dir=tmp_path / "hub", broker=broker, broker_port=0,
                        welcome_grant_credits=10, heartbeat_interval_s=0.5)  # fmt: skip
     app = create_app(config)
     client = await aiohttp_client(app)
@@ -362,7 +374,10 @@ async def test_an_error_or_a_bad_output_refunds(api: Any) -> None:
         peer.stop()
 
 
-async def test_a_reply_from_another_agent_moves_nothing(api: Any) -> None:
+@pytest.mark.parametrize("api", ["mosquitto", "embedded"], indirect=True)
+async def test_a_reply_from_another_agent_moves_nothing(
+    api: Any, caplog: pytest.LogCaptureFixture
+) -> None:
     _, alice = await new_user(api, "alice")
     seller_id, seller_token, seller = await new_agent(api, alice, "seller", fund="0")
     thief_id, thief_token, thief = await new_agent(api, alice, "thief", fund="0")
@@ -370,11 +385,16 @@ async def test_a_reply_from_another_agent_moves_nothing(api: Any) -> None:
     svc = await register(api, seller)
     seller_peer = Peer(broker_url(api), seller_id, seller_token, None)
     thief_peer = Peer(broker_url(api), thief_id, thief_token, None)
-    # A second login of the hub's own, to see what the broker lets through to the hub.
-    observer = Peer(broker_url(api), logins.HUB_USER,
-                    logins.hub_password(api.services.config.data_dir), None)  # fmt: skip
-    observer.c.subscribe(protocol.agent_topic("+", protocol.RESPONSE), qos=1)
-    await asyncio.sleep(0.2)
+    # Each agent also reads its own response topic, on its one connection (a login has one):
+    # what the broker lets through there reaches its owner as well as the hub.
+    for peer in (seller_peer, thief_peer):
+        peer.c.subscribe(protocol.agent_topic(peer.id, protocol.RESPONSE), qos=1)
+    await asyncio.sleep(0.2)  # the SUBACKs
+
+    def hub_ignored() -> list[str]:  # what reached the hub's agent handler and was ignored
+        return [r.getMessage() for r in caplog.records if r.name == "hub.agents.calls"
+                and r.getMessage().startswith("ignored message from agent")]  # fmt: skip
+
     try:
         r = await api.post(
             f"/api/v1/agents/services/{svc['id']}/call?wait=0",
@@ -383,20 +403,28 @@ async def test_a_reply_from_another_agent_moves_nothing(api: Any) -> None:
         )
         c = await r.json()
         await seller_peer.next("call")
-        # The thief answers on its own topic: the hub ignores it (the call is not its).
-        thief_peer.respond(c["id"], True, {"fib": 55})
-        # ... and on the seller's topic: the broker drops it (the thief's login may not).
+        # The thief answers on the seller's topic: the broker drops it (the thief's login may
+        # not publish there) ...
         thief_peer.respond(c["id"], True, {"fib": 55}, topic_agent=seller_id)
-        await asyncio.sleep(0.5)
+        # ... and on its own topic: the hub ignores it (the call is not the thief's). Both go
+        # out on one connection, in order: once the hub has the second, it would have the first.
+        thief_peer.respond(c["id"], True, {"fib": 55})
+        ignored = f"ignored message from agent {thief_id}: response to call {c['id']} from agent"
+        await eventually("the hub to ignore the thief's answer",
+                         lambda: any(m.startswith(ignored) for m in hub_ignored()), 5)  # fmt: skip
+        await eventually("the thief's answer back on its own topic",
+                         lambda: not thief_peer.inbox.empty(), 5)  # fmt: skip
+        await asyncio.sleep(0.2)
         row = api.services.agents.call_row(c["id"])
         assert row["state"] == "pending"
-        seen = []
-        while not observer.inbox.empty():
-            seen.append(observer.inbox.get_nowait()[0])
-        # The broker passed the thief's answer on its own topic, and dropped the other.
+        # The hub got the thief's answer on the thief's own topic, and nothing on the seller's.
+        assert hub_ignored() == [
+            f"{ignored} {thief_id}, but that call went to {seller_id}; nothing moved"
+        ]
+        assert drain(seller_peer) == []  # nor did the seller: the broker dropped it
+        # The thief never even sees the seller's calls; it reads back its own answer only.
+        seen = [topic for topic, _ in drain(thief_peer)]
         assert seen == [protocol.agent_topic(thief_id, protocol.RESPONSE)]
-        # The thief never even sees the seller's calls.
-        assert thief_peer.inbox.empty()
         r = await api.get(f"/api/v1/agents/calls/{c['id']}?wait=5", headers=buyer)
         done = await r.json()
         assert done["state"] == "timeout"
@@ -406,7 +434,6 @@ async def test_a_reply_from_another_agent_moves_nothing(api: Any) -> None:
     finally:
         seller_peer.stop()
         thief_peer.stop()
-        observer.stop()
 
 
 async def test_calls_over_mqtt_and_nobody_spends_another_wallet(api: Any) -> None:
