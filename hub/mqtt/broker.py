@@ -506,6 +506,12 @@ def _embedded_broker(config: dict[str, Any], rules: _EmbeddedRules | None) -> An
                 raise MQTTError(why)
             payload.client_id, payload.client_id_is_random = user, False
             await self._close_earlier_connection(user)
+            earlier = self._sessions.get(user, (None, None))[0]
+            if earlier is not None and earlier.clean_session and not flags.clean_session_flag:
+                # A clean session ended at its disconnect (MQTT 3.1.1): amqtt would otherwise
+                # hand this persistent connection that session, clean flag and all, and its
+                # session monitor would drop it (subscriptions, queued messages) within 1 s.
+                await self._delete_session(user)
             return await super()._initialize_client_session(
                 _ConnectReplay(connect.to_bytes(), reader), writer, remote_address, remote_port
             )

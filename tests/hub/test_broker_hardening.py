@@ -171,6 +171,25 @@ def test_a_refused_login_touches_no_session(own: OwnBroker) -> None:
         p.close()
 
 
+def test_a_persistent_session_after_a_clean_one_keeps_what_is_queued(own: OwnBroker) -> None:
+    """A login connects with a clean session, then (at once) with a persistent one that
+    subscribes, and goes away: what is published for it meanwhile waits for it, past the
+    embedded broker's session sweep (every second), as on Mosquitto (the agent recipe of
+    docs/protocol.md does exactly this)."""
+    hub = Peer(own.url, HUB, own.passwords[HUB], client_id=HUB)
+    first = Peer(own.url, NODE_B, own.passwords[NODE_B], client_id=NODE_B, clean=True)
+    first.close()
+    keeper = Peer(own.url, NODE_B, own.passwords[NODE_B], client_id=NODE_B, clean=False)
+    assert keeper.subscribe(assign(NODE_B))
+    keeper.close()
+    hub.publish(assign(NODE_B), b"kept for b")
+    time.sleep(2.5)  # past amqtt's session monitor (it wakes every 1 s), not our own timing
+    back = Peer(own.url, NODE_B, own.passwords[NODE_B], client_id=NODE_B, clean=False)
+    assert back.wait_for(assign(NODE_B), b"kept for b")[-1] == (assign(NODE_B), b"kept for b")
+    for p in (hub, back):
+        p.close()
+
+
 # --- finding 4: retained messages go only where the ACL lets them -------------------------------
 def test_retained_messages_reach_only_logins_that_may_read_them(own: OwnBroker) -> None:
     hub = Peer(own.url, HUB, own.passwords[HUB], client_id=HUB)
