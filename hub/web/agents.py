@@ -15,6 +15,7 @@ from aiohttp import web
 from hub.agents.types import AgentError, AgentNotFound, CallConflict
 from hub.api.auth import Identity
 from hub.ledger.money import InsufficientFunds
+from hub.mqtt.wire import json_problem
 from hub.web import forms, queries, session
 from hub.web.pages import Context, not_found, page, render
 from hub.web.session import services
@@ -119,13 +120,19 @@ async def console_call(request: web.Request) -> web.Response:
     key = str(post.get("key") or "")[:64] or forms.new_key()
     ctx["form"] = {"input": text, "key": key}
     errors: dict[str, str] = {}
-    try:
-        value = json.loads(text) if text else None
-    except json.JSONDecodeError as e:
-        errors["input"] = (
-            f"That is not JSON ({e.msg}, line {e.lineno}). Write it like "
-            '{"text": "hi"}, with double quotes around names and strings.'
-        )
+    # What the REST API refuses before decoding (hub/mqtt/wire.py): nesting deeper than
+    # json.loads can recurse, and a key given twice.
+    problem = json_problem(text.encode())
+    if problem is not None:
+        errors["input"] = f"The input {problem}."
+    else:
+        try:
+            value = json.loads(text) if text else None
+        except json.JSONDecodeError as e:
+            errors["input"] = (
+                f"That is not JSON ({e.msg}, line {e.lineno}). Write it like "
+                '{"text": "hi"}, with double quotes around names and strings.'
+            )
     if not errors:
         registry = _registry(request)
         try:
