@@ -6,6 +6,7 @@ as 402 for a caller who cannot pay, go through the API's error middleware).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Annotated, Any
 
@@ -27,8 +28,8 @@ from hub.agents.types import (
     call_view,
 )
 from hub.api.auth import Identity
-from hub.api.http import _services, decode_body, identity, json_response
-from hub.ledger.money import credits_to_micro
+from hub.api.http import BadRequest, _services, decode_body, identity, json_response, query_int
+from hub.ledger.money import credits_to_micro, format_micro
 
 Credits = str | int  # a decimal string ("0.01") or a whole number of credits
 
@@ -83,11 +84,28 @@ def _key(request: web.Request) -> str:
     return key
 
 
-def _limit(request: web.Request, default: int, most: int) -> int:
-    try:
-        return min(most, max(1, int(request.query.get("limit", str(default)))))
-    except ValueError:
-        raise AgentError("limit must be an integer", "limit") from None
+MAX_CALLS_LISTED = 500
+MAX_SERVICES_LISTED = 500
+# Seconds as plain ASCII decimals (an exponent allowed): float() would also take "nan",
+# "inf", " 5" and digits of other scripts.
+_SECONDS = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
+def _seconds(request: web.Request, name: str) -> float:
+    """A query parameter of seconds to wait, 0 when absent; over the longest call's timeout
+    it waits that long."""
+    raw = request.query.get(name, "0")
+    if not _SECONDS.fullmatch(raw):
+        raise BadRequest(f"{name} must be a number of seconds (0 to {MAX_CALL_TIMEOUT_S:g}), "
+                         f"not {raw!r}", name)  # fmt: skip
+    return min(float(raw), MAX_CALL_TIMEOUT_S)
+
+
+def _flag(request: web.Request, name: str, default: str) -> bool:
+    raw = request.query.get(name, default)
+    if raw not in ("0", "1"):
+        raise BadRequest(f"{name} must be 0 or 1, not {raw!r}", name)
+    return raw == "1"
 
 
 def _visible_agent(request: web.Request) -> tuple[Identity, str]:
@@ -113,8 +131,6 @@ async def create_agent(request: web.Request) -> web.Response:
     # The agent logs in to the broker with its id and token: the broker must know it now.
     await services.broker_accepts(agent_id, token)
     balance = services.ledger.balance("wallet:" + agent_id)
-    from hub.ledger.money import format_micro
-
     return json_response(
         AgentCreated(agent_id, req.name, who.user_id, token, format_micro(balance)), 201
     )
@@ -123,7 +139,7 @@ async def create_agent(request: web.Request) -> web.Response:
 async def list_agents(request: web.Request) -> web.Response:
     who = identity(request)
     agents = _agents(request)
-    viewer = None if who.is_admin and request.query.get("all", "1") == "1" else who.user_id
+    viewer = None if _flag(request, "all", "1") and who.is_admin else who.user_id
     return json_response({"agents": [agents.agent_view(r) for r in agents.agents(viewer)]})
 
 
@@ -137,7 +153,7 @@ async def get_agent(request: web.Request) -> web.Response:
 
 async def agent_calls(request: web.Request) -> web.Response:
     _, agent_id = _visible_agent(request)
-    limit = _limit(request, 50, 500)
+    limit = query_int(request, "limit", 1, MAX_CALLS_LISTED, default=50)
     return json_response({"calls": _agents(request).calls(agent_id, limit)})
 
 
@@ -173,7 +189,7 @@ async def search_services(request: web.Request) -> web.Response:
     q = request.query.get("q")
     tag = request.query.get("tag")
     agent = request.query.get("agent")
-    limit = _limit(request, 100, 500)
+    limit = query_int(request, "limit", 1, MAX_SERVICES_LISTED, default=100)
     found = _agents(request).search(q=q, tag=tag, agent=agent, limit=limit)
     return json_response({"services": found})
 
@@ -200,6 +216,7 @@ async def call_service(request: web.Request) -> web.Response:
     GET /api/v1/agents/calls/{id} (when `wait=0` is asked)."""
     who = identity(request)
     key = _key(request)
+    wait = _flag(request, "wait", "1")  # before anything is held
     req = await decode_body(request, CallRequest)
     agents = _agents(request)
     call, new = agents.start_call(
@@ -207,7 +224,6 @@ async def call_service(request: web.Request) -> web.Response:
     )
     if new:
         agents.send_call(call)
-    wait = request.query.get("wait", "1") != "0"
     if wait:
         call = await agents.wait(call["id"], MAX_CALL_TIMEOUT_S)
     status = 202 if call["state"] == "pending" else 200 if not new else 201
@@ -227,12 +243,9 @@ async def get_call(request: web.Request) -> web.Response:
         or who.user_id in (agents.owner_of(call["caller"]), agents.owner_of(call["agent"]))
     ):
         raise AgentNotFound(f"no call {call_id}")
-    try:
-        wait = float(request.query.get("wait", "0"))
-    except ValueError:
-        raise AgentError("wait must be a number of seconds", "wait") from None
+    wait = _seconds(request, "wait")
     if wait > 0:
-        call = await agents.wait(call_id, min(wait, MAX_CALL_TIMEOUT_S))
+        call = await agents.wait(call_id, wait)
     return json_response(call_view(call))
 
 
@@ -253,28 +266,55 @@ def add_routes(app: web.Application) -> None:
 def openapi_paths(op: Callable[..., dict[str, Any]]) -> dict[str, Any]:
     """This module's part of the OpenAPI document (hub/openapi.py builds the rest)."""
 
-    def param(name: str, where: str = "path") -> dict[str, Any]:
+    def param(name: str, where: str = "path", **schema: Any) -> dict[str, Any]:
         return {
             "name": name,
             "in": where,
             "required": where == "path",
-            "schema": {"type": "string"},
+            "schema": {"type": "string", **schema},
         }
+
+    def limit(most: int, default: int) -> dict[str, Any]:
+        schema = {"type": "integer", "minimum": 1, "maximum": most}
+        return {**param("limit", "query"), "schema": schema, "description": f"default {default}"}
+
+    def flag(name: str, description: str) -> dict[str, Any]:
+        return {**param(name, "query", enum=["0", "1"]), "description": description}
 
     call_op = op(
         "Call a service: hold its price, wait for the agent's answer; pays the agent once on "
-        "success, refunds on error or timeout (Idempotency-Key header required)",
+        "success, refunds on error or timeout (Idempotency-Key header required). 201: a new "
+        "call, answered; 200: the same key again; 202: still pending (with wait=0, or when "
+        "the agent has not answered yet)",
         "CallView",
         body="CallRequest",
         errors=(400, 401, 402, 404, 409),
     )
-    call_op["parameters"] = [param("service_id"), param("Idempotency-Key", "header")]
-    call_op["parameters"][1]["required"] = True
+    for status in ("201", "202"):
+        call_op["responses"][status] = call_op["responses"]["200"]
+    call_op["parameters"] = [
+        param("service_id"),
+        {**param("Idempotency-Key", "header"), "required": True},
+        flag("wait", "1 (the default): wait for the answer; 0: answer 202 at once"),
+    ]
+    register_op = op(
+        "Register (201) or update (200: the same agent and name) a service of the calling agent",
+        "ServiceView",
+        201,
+        body="RegisterService",
+        errors=(400, 401, 403),
+    )
+    register_op["responses"]["200"] = register_op["responses"]["201"]
+    seconds = {"type": "number", "minimum": 0}
+    wait = {**param("wait", "query"), "schema": seconds, "description": "at most 300 s"}
     return {
         "/api/v1/agents": {
-            "get": op("Agents (mine and the ones I own; all for an admin)", None),
+            "get": {
+                **op("Agents (mine and the ones I own; all for an admin)", None),
+                "parameters": [flag("all", "an admin's: 1 (the default) all, 0 their own")],
+            },
             "post": op(
-                "Create an agent I own, funded from my wallet",
+                "Create an agent I own, funded from my wallet (402: the wallet cannot pay it)",
                 "AgentCreated",
                 201,
                 body="CreateAgent",
@@ -286,22 +326,21 @@ def openapi_paths(op: Callable[..., dict[str, Any]]) -> dict[str, Any]:
         },
         "/api/v1/agents/{agent_id}/calls": {
             "get": {
-                **op("An agent's recent calls (made and served)", None, errors=(401, 404)),
-                "parameters": [param("agent_id")],
+                **op("An agent's recent calls (made and served)", None, errors=(400, 401, 404)),
+                "parameters": [param("agent_id"), limit(MAX_CALLS_LISTED, 50)],
             }
         },
         "/api/v1/agents/services": {
             "get": {
-                **op("Find services by text (q) and tag", None, errors=(401,)),
-                "parameters": [param("q", "query"), param("tag", "query")],
+                **op("Find services by text (q), tag and agent", None, errors=(400, 401)),
+                "parameters": [
+                    param("q", "query"),
+                    param("tag", "query"),
+                    param("agent", "query"),
+                    limit(MAX_SERVICES_LISTED, 100),
+                ],
             },
-            "post": op(
-                "Register (or update) a service of the calling agent",
-                "ServiceView",
-                201,
-                body="RegisterService",
-                errors=(400, 401, 403),
-            ),
+            "post": register_op,
         },
         "/api/v1/agents/services/{service_id}": {
             "get": {
@@ -316,8 +355,8 @@ def openapi_paths(op: Callable[..., dict[str, Any]]) -> dict[str, Any]:
         "/api/v1/agents/services/{service_id}/call": {"post": call_op},
         "/api/v1/agents/calls/{call_id}": {
             "get": {
-                **op("One call; ?wait=S long-polls", "CallView", errors=(401, 404)),
-                "parameters": [param("call_id"), param("wait", "query")],
+                **op("One call; ?wait=S long-polls", "CallView", errors=(400, 401, 404)),
+                "parameters": [param("call_id"), wait],
             },
         },
     }

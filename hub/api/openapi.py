@@ -6,11 +6,12 @@ from typing import Any
 
 import msgspec
 
+from hub.agents.types import MAX_PRICE_CREDITS
 from hub.api import types
 from hub.api.jobs import MAX_LIST
 from hub.api.wallet import MAX_HISTORY
-from hub.ledger.money import INT64_MAX
-from hub.market import spec
+from hub.ledger.money import INT64_MAX, MAX_CREDITS
+from hub.market import spec, verification
 
 _TYPES: list[Any] = [
     spec.JobSpec,
@@ -33,9 +34,32 @@ _TYPES: list[Any] = [
 ]
 
 
-# More than 0 credits, at most 6 decimals, under the largest amount: a plain ASCII decimal.
-_SMALL = "|".join(f"0{{{k}}}[1-9][0-9]{{0,{5 - k}}}" for k in range(6))  # 0.000001 to 0.999999
-POSITIVE_CREDITS = rf"^(0*[1-9][0-9]{{0,11}}(\.[0-9]{{0,6}}0*)?|0*\.({_SMALL})0*)$"
+def credits_pattern(most: int, zero: bool = False) -> str:
+    """The decimal strings hub/ledger/money.py takes as an amount from 0.000001 (or from 0,
+    with zero) to `most` credits, a power of ten: plain ASCII digits, at most 6 decimals (zeros
+    after them are fine), a '-' only on a zero. Exact, so that a string it refuses is one the
+    hub refuses too (schemathesis sends those, expecting a 400)."""
+    digits = len(str(most)) - 1
+    assert most == 10**digits, most
+    small = "|".join(f"0{{{k}}}[1-9][0-9]{{0,{5 - k}}}" for k in range(6))  # .000001 to .999999
+    forms = [
+        rf"0*[1-9][0-9]{{0,{digits - 1}}}(\.[0-9]{{0,6}}0*)?",  # 1 to just under `most`
+        rf"0*\.({small})0*",  # under 1
+        rf"0*1{'0' * digits}(\.0*)?",  # `most` itself
+    ]
+    if zero:
+        forms.append(r"-?(0+(\.0*)?|0*\.0+)")
+    return f"^({'|'.join(forms)})$"
+
+
+POSITIVE_CREDITS = credits_pattern(MAX_CREDITS)
+
+
+def _credits(most: int, default: str | None = None) -> dict[str, Any]:
+    """A `str | int` field of credits from 0 to `most`, as the handler takes it."""
+    text = {"type": "string", "maxLength": 64, "pattern": credits_pattern(most, zero=True)}
+    whole = {"type": "integer", "minimum": 0, "maximum": most}
+    return {"anyOf": [text, whole]} | ({"default": default} if default is not None else {})
 
 
 def _int_param(name: str, lo: int, hi: int, description: str) -> dict[str, Any]:
@@ -82,6 +106,12 @@ def document() -> dict[str, Any]:
     # What hub/ledger/money.py takes as a transfer's amount, which the handler checks with a
     # message of its own (a pattern on the type would answer with the regex instead).
     components["TransferRequest"]["properties"]["amount"]["pattern"] = POSITIVE_CREDITS
+    # The same for an agent's funds and a service's price (hub/api/agents.py), and the bounds
+    # of a job's replicas (hub/market/admission.py, again with messages of their own).
+    components["CreateAgent"]["properties"]["fund"] = _credits(MAX_CREDITS, default="0")
+    components["RegisterService"]["properties"]["price"] = _credits(MAX_PRICE_CREDITS)
+    replicas = components["Verify"]["properties"]["replicas"]
+    replicas.update(minimum=1, maximum=verification.MAX_REPLICAS)
     job_id = [{"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}]
     node_id = [{"name": "node_id", "in": "path", "required": True, "schema": {"type": "string"}}]
     paths: dict[str, Any] = {
@@ -174,7 +204,7 @@ def document() -> dict[str, Any]:
                     "SubmitResponse",
                     201,
                     "JobSpec",
-                    (400, 401, 402),
+                    (400, 401, 402, 409),
                 ),
                 "parameters": [
                     {

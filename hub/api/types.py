@@ -186,7 +186,8 @@ class EnrollRequest(msgspec.Struct, forbid_unknown_fields=True):
     )
     arch: Annotated[str, msgspec.Meta(max_length=64)] = ""
     cpu: Annotated[float, msgspec.Meta(ge=0, le=4096)] = 1.0
-    memory_mb: Annotated[int, msgspec.Meta(ge=0)] = 0
+    # Bounded as a node's heartbeat is (hub/mqtt/wire.py): SQLite keeps 64-bit integers.
+    memory_mb: Annotated[int, msgspec.Meta(ge=0, le=2**40)] = 0
 
 
 class MqttCredentials(msgspec.Struct):
