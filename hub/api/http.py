@@ -147,9 +147,26 @@ async def decode_body(request: web.Request, type_: type[T]) -> T:
     if problem is not None:
         raise BadRequest("request body " + problem)
     try:
-        return msgspec.json.decode(body, type=type_)
+        try:
+            return msgspec.json.decode(body, type=type_)
+        except msgspec.ValidationError as e:
+            if "got `float`" not in str(e):
+                raise
+            # JSON has numbers, not ints and floats: 2.0 is the integer 2 (JSON Schema agrees)
+            return msgspec.convert(_whole_numbers(msgspec.json.decode(body)), type=type_)
     except RecursionError:  # json_problem bounds the depth; this is in case a type recurses
         raise BadRequest("request body nests too deep") from None
+
+
+def _whole_numbers(value: Any) -> Any:
+    """A decoded JSON value with each float that is a whole number (2.0) as that integer."""
+    if isinstance(value, float):
+        return int(value) if value.is_integer() and abs(value) <= 2**53 else value
+    if isinstance(value, list):
+        return [_whole_numbers(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _whole_numbers(v) for k, v in value.items()}
+    return value
 
 
 _WHOLE = re.compile(r"-?[0-9]{1,19}")
