@@ -270,3 +270,21 @@ async def test_agent_console_pages(hub: Any) -> None:
     assert (await hub.get("/agents/u_0000000000000000")).status == 404
     other_id, _ = user(hub, "nia")
     assert (await hub.get(f"/agents/{other_id}")).status == 404  # a user, not an agent
+
+
+async def test_the_console_refuses_input_too_deep_or_with_a_key_twice(hub: Any) -> None:
+    """The form comes back with the reason, never a 500, and nothing is held."""
+    owner_id, token = user(hub, "ola")
+    agent_id, _ = hub.services.agents.create_agent(owner_id, "echo", fund=0)
+    service, _ = hub.services.agents.register(
+        agent_id, name="echo", description="echoes", tags=[], price="0.01",
+        input_schema={}, output_schema={},
+    )  # fmt: skip
+    await sign_in(hub, token)
+    before = hub.services.ledger.balance(wallet_of(owner_id))
+    url = f"/agents/console/{service.id}"
+    r = await hub.post(url, data={"input": "[" * 100_000 + "]" * 100_000})
+    assert r.status == 400 and "nests deeper than 64 levels" in await r.text()
+    r = await hub.post(url, data={"input": '{"a": 1, "a": 2}'})
+    assert r.status == 400 and "twice" in await r.text()
+    assert hub.services.ledger.balance(wallet_of(owner_id)) == before
