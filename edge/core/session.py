@@ -30,25 +30,27 @@ from edge.core.outbox import Outbox
 VERSION = "0.1.0"
 
 
+def _engines_where(executor, attr):
+    """The engines whose executor says `attr` is True (a router: per engine)."""
+    by_engine = getattr(executor, "by_engine", None)  # a router: one executor per engine
+    if by_engine is None:
+        by_engine = {engine: executor for engine in executor.engines}
+    return sorted([e for e, ex in by_engine.items() if getattr(ex, attr, False) is True])
+
+
 def network_engines(executor):
     """The engines whose jobs may use the network on this node: those whose executor the
     owner let (docker.allow_network, native.allow_network). Told to the hub in hello and
     heartbeats, so that it sends a job that asks for network access only where it may run."""
-    by_engine = getattr(executor, "by_engine", None)  # a router: one executor per engine
-    if by_engine is None:
-        by_engine = {engine: executor for engine in executor.engines}
-    return sorted([e for e, ex in by_engine.items() if getattr(ex, "allow_network", False) is True])
+    return _engines_where(executor, "allow_network")
 
 
 def file_engines(executor):
     """The engines whose executor gives a job files (its "dirs": wasmtime, wasm3-run, docker,
     native; pywasm3's worker does not)."""
-    if hasattr(executor, "file_engines"):  # a router: it knows which engines have them
+    if hasattr(executor, "file_engines"):  # a router: it also knows its executors for files
         return executor.file_engines()
-    by_engine = getattr(executor, "by_engine", None)
-    if by_engine is None:
-        by_engine = {engine: executor for engine in executor.engines}
-    return sorted([e for e, ex in by_engine.items() if getattr(ex, "takes_files", False) is True])
+    return _engines_where(executor, "takes_files")
 
 
 def file_caps(config, executor):

@@ -137,6 +137,11 @@ async def get_output(request: web.Request) -> web.Response:
         listed = [r["path"] for r in services.store.job_files(job["id"], "output")]
         have = ", ".join(listed[:20]) if listed else "none"
         return error(404, f"job {job['id']} has no output {path!r} (it has: {have})")
+    return file_response(path, data)
+
+
+def file_response(path: str, data: bytes) -> web.Response:
+    """An output file as a download (the API's and the job page's): its name, its digest."""
     name = path.rsplit("/", 1)[-1].replace('"', "")
     return web.Response(
         body=data,

@@ -20,6 +20,7 @@ from aiohttp import web
 
 import wasm_jobs
 from hub.api.auth import Identity
+from hub.api.jobs import file_response
 from hub.api.nodes import ca_pin, enroll_command
 from hub.ledger.money import InsufficientFunds, UnknownAccount, format_micro
 from hub.market.errors import JobError, NotAllowed
@@ -312,13 +313,7 @@ async def job_file(request: web.Request) -> web.Response:
         gone = row["outputs_expired_at"] is not None
         raise not_found(f"the outputs of job {row['id']} expired" if gone
                         else f"job {row['id']} has no output {path}")  # fmt: skip
-    name = path.rsplit("/", 1)[-1].replace('"', "")
-    return web.Response(
-        body=data,
-        content_type="application/octet-stream",
-        headers={"Content-Disposition": f'attachment; filename="{name}"',
-                 "X-Content-Type-Options": "nosniff"},
-    )  # fmt: skip
+    return file_response(path, data)
 
 
 async def cancel_job(request: web.Request) -> web.Response:
