@@ -165,8 +165,8 @@ def test_json_examples_decode_with_the_wire_types() -> None:
     } <= set(ex)
     secret = "ab" * 32
     built = {
-        "hello": protocol.hello("n", [], {}, "", []),
-        "heartbeat": protocol.heartbeat("n", 0, "idle", {}, []),
+        "hello": protocol.hello("n", [], {}, "", [], gpus=[{"index": 0}]),
+        "heartbeat": protocol.heartbeat("n", 0, "idle", {}, [], free={}),
         "status": protocol.status("n", "online"),
         "event": protocol.event("n", "j", 1, "running", "why"),
         "result": protocol.result("n", secret, "j", 1, {"status": "completed"}),
@@ -195,7 +195,7 @@ def test_json_examples_decode_with_the_wire_types() -> None:
 
     # The assignment example is what the hub sends for the fib example job.
     assign = ex["assign"]
-    assert set(assign) == set(protocol.assign("j", 1, {}, "", "", None, 1, 1))
+    assert set(assign) == set(protocol.assign("j", 1, {}, "", "", None, 1, 1, cpu=1))
     assert set(assign["engine"]) == {"type", "entrypoint", "args", "env"}
     module = base64.b64decode(assign["module_b64"])
     assert module == wasm_jobs.path("fib.wasm").read_bytes()

@@ -9,6 +9,8 @@ from edge.core import compat, jobfiles, protocol
 
 RESULT_CACHE = 16  # finished results kept to answer a re-sent assignment
 OWNER_ACTIVE = "owner is using the machine"  # why assignments are turned down while held
+GPU_HELD = "GPUs are offered only while the owner is idle"  # why GPU jobs wait
+MAX_GPUS = 64
 
 
 def _check_assignment(msg, engine):
@@ -38,6 +40,16 @@ def _check_assignment(msg, engine):
         return "engine.command must be a list of strings"
     if engine.get("image") is not None and not isinstance(engine.get("image"), str):
         return "engine.image must be a string"
+    cpu = msg.get("cpu")
+    if cpu is not None and (
+        isinstance(cpu, bool) or not isinstance(cpu, (int, float)) or not 0 < cpu <= 4096
+    ):
+        return "cpu must be a number between 0 and 4096"
+    gpu = msg.get("gpu")
+    if gpu is not None and (
+        isinstance(gpu, bool) or not isinstance(gpu, int) or not 0 <= gpu <= MAX_GPUS
+    ):
+        return "gpu must be a whole number from 0 to " + str(MAX_GPUS)
     gas = msg.get("gas")
     if gas is not None and (isinstance(gas, bool) or not isinstance(gas, int) or gas < 1):
         return "gas must be a positive integer"
@@ -85,14 +97,21 @@ def _inputs(files, cap):
 
 
 class JobRunner:
-    def __init__(self, node_id, secret, executor, publish, slots=1, log=None, files=None):
-        """files: where and how large file jobs may be here ({"dir", "engines",
-        "max_input_bytes", "max_output_bytes", "max_output_files"}), or None: no file jobs."""
+    def __init__(
+        self, node_id, secret, executor, publish, slots=1, log=None, files=None, gpus=None
+    ):  # fmt: skip
+        """slots: how many jobs run at once (each in its own worker, process or container).
+        files: where and how large file jobs may be here ({"dir", "engines",
+        "max_input_bytes", "max_output_bytes", "max_output_files"}), or None: no file jobs.
+        gpus: this machine's GPUs ([{"index", "uuid", ...}]); a GPU job gets as many of the
+        free ones as it asked for, each GPU one job's at a time."""
         self.node_id = node_id
         self.secret = secret
         self.executor = executor
         self.publish = publish  # publish(kind, msg): the session sends it on our topics
-        self.slots = slots
+        self.slots = max(1, int(slots))
+        self.gpus = list(gpus or [])
+        self.gpu_held = None  # why GPU jobs may not run now (the owner's preference), or None
         self.log = log or (lambda *a: None)
         self.running = {}  # job_id -> {"attempt", "handle"}
         self.done = []  # [(job_id, attempt, result msg)], oldest first
@@ -106,6 +125,21 @@ class JobRunner:
 
     def busy(self):
         return len(self.running) >= self.slots
+
+    def in_use(self):
+        """What the running jobs were given: {"cpu", "memory_mb", "gpu", "slots"}."""
+        cpu, mem, gpu = 0.0, 0, 0
+        for r in self.running.values():
+            cpu += r["cpu"]
+            mem += r["memory_mb"]
+            gpu += len(r["gpus"])
+        return {"cpu": cpu, "memory_mb": mem, "gpu": gpu, "slots": len(self.running)}
+
+    def _free_gpus(self):
+        taken = []
+        for r in self.running.values():
+            taken.extend(r["gpus"])
+        return [g for g in self.gpus if g.get("index") not in taken]
 
     def running_ids(self):
         return list(self.running.keys())
@@ -146,6 +180,18 @@ class JobRunner:
         if engine.get("type") not in self.executor.engines:
             self._event(job_id, attempt, protocol.REJECTED, "engine not available here")
             return "rejected"
+        gpus = []
+        want = msg.get("gpu") or 0
+        if want:
+            if self.gpu_held is not None:
+                self._event(job_id, attempt, protocol.REJECTED, self.gpu_held)
+                return "rejected"
+            free = self._free_gpus()
+            if len(free) < want:
+                why = "not enough free GPUs (" + str(len(free)) + " of " + str(want) + ")"
+                self._event(job_id, attempt, protocol.REJECTED, why)
+                return "rejected"
+            gpus = free[:want]
         try:
             stdin = compat.b64decode(msg.get("stdin_b64") or "")
         except Exception:
@@ -164,6 +210,8 @@ class JobRunner:
             "timeout_s": msg.get("timeout_s") or 60,
             "memory_mb": msg.get("memory_mb") or 64,
         }
+        if gpus:
+            job["gpus"] = [{"index": g.get("index"), "uuid": g.get("uuid")} for g in gpus]
         if engine.get("type") == "wasm":
             try:
                 module = compat.b64decode(msg.get("module_b64") or "")
@@ -205,7 +253,9 @@ class JobRunner:
             raise
         now = compat.ticks_ms()
         self.running[job_id] = {
-            "attempt": attempt, "handle": handle, "root": root, "checked": now, "started": now
+            "attempt": attempt, "handle": handle, "root": root, "checked": now, "started": now,
+            "cpu": msg.get("cpu") or 1, "memory_mb": job["memory_mb"], "paused": False,
+            "gpus": [g.get("index") for g in gpus],
         }  # fmt: skip
         self._event(job_id, attempt, protocol.RUNNING)
         self.log("job " + job_id + " running")
@@ -233,23 +283,45 @@ class JobRunner:
         """The owner needs the machine: stop running jobs (where the executor can) and turn
         new assignments down until release()."""
         self.held = why or OWNER_ACTIVE
-        self._each_running("suspend")
+        self._apply()
 
     def release(self):
         self.held = None
-        self._each_running("resume")
+        self._apply()
 
-    def _each_running(self, verb):
+    def hold_gpus(self, why):
+        """The owner's preference keeps the GPUs to them now (gpu_only_when_idle): stop the
+        GPU jobs and turn new ones down until release_gpus(); the others run on."""
+        self.gpu_held = why or GPU_HELD
+        self._apply()
+
+    def release_gpus(self):
+        self.gpu_held = None
+        self._apply()
+
+    def _apply(self):
+        """Stop or continue each running job as the holds now say: every job while the owner
+        holds the machine, GPU jobs while the GPUs are held too."""
+        for job_id in list(self.running.keys()):
+            current = self.running[job_id]
+            pause = self.held is not None or (bool(current["gpus"]) and self.gpu_held is not None)
+            if pause != current["paused"] and self._act(
+                "suspend" if pause else "resume", job_id, current
+            ):
+                current["paused"] = pause
+
+    def _act(self, verb, job_id, current):
         act = getattr(self.executor, verb, None)
         if act is None:
-            if verb == "suspend" and self.running:
-                self.log("this executor cannot suspend jobs: they run on")
-            return
-        for job_id in list(self.running.keys()):
-            try:
-                act(self.running[job_id]["handle"])
-            except Exception as e:  # a job that ended meanwhile; the next poll collects it
-                self.log("could not " + verb + " job " + job_id + ": " + repr(e))
+            if verb == "suspend":
+                self.log("this executor cannot suspend jobs: job " + job_id + " runs on")
+            return False
+        try:
+            act(current["handle"])
+        except Exception as e:  # a job that ended meanwhile; the next poll collects it
+            self.log("could not " + verb + " job " + job_id + ": " + repr(e))
+            return False
+        return True
 
     def on_cancel(self, msg):
         """Stop the job the hub cancelled, if this node runs that attempt (or an older one).

@@ -93,12 +93,17 @@ def decode(payload):
 # --- node -> hub -------------------------------------------------------------
 
 
-def hello(node_id, engines, resources, version, running=(), allow_network=(), files=None):
+def hello(
+    node_id, engines, resources, version, running=(), allow_network=(), files=None, slots=1,
+    gpus=None,
+):  # fmt: skip
     """running: jobs still running from before a reconnect (the hub requeues the others).
     allow_network: the engines whose jobs may use the network here (the owner's choice); the
     hub sends a job that asks for network access only to a node that lists its engine.
     files: {"engines", "max_input_bytes", "max_output_bytes", "max_output_files"}: the
-    engines that take file jobs here and how large; None: no file jobs."""
+    engines that take file jobs here and how large; None: no file jobs.
+    slots: how many jobs it runs at once (a board: 1). gpus: the GPUs it has, each
+    {"index", "name", "uuid", "memory_mb"}; what it offers of them now is in resources.gpu."""
     msg = {
         "v": VERSION,
         "node_id": node_id,
@@ -107,15 +112,21 @@ def hello(node_id, engines, resources, version, running=(), allow_network=(), fi
         "version": version,
         "running": list(running),
         "allow_network": list(allow_network),
+        "slots": slots,
     }
     if files is not None:
         msg["files"] = files
+    if gpus:
+        msg["gpus"] = gpus
     return msg
 
 
-def heartbeat(node_id, seq, state, resources, running, allow_network=()):
-    """resources: {"cpu": cores offered, "memory_mb": RAM offered, "gpu": n, "load": 0..1}"""
-    return {
+def heartbeat(node_id, seq, state, resources, running, allow_network=(), free=None):
+    """resources: {"cpu": cores offered, "memory_mb": RAM offered, "gpu": n, "load": 0..1}.
+    state: idle while a slot is free, busy when every slot runs a job, suspended while the
+    owner's preferences stop jobs. free: what is left of the offer after the running jobs'
+    shares, {"cpu", "memory_mb", "gpu", "slots"}."""
+    msg = {
         "v": VERSION,
         "node_id": node_id,
         "seq": seq,
@@ -125,6 +136,9 @@ def heartbeat(node_id, seq, state, resources, running, allow_network=()):
         "running": list(running),
         "allow_network": list(allow_network),
     }
+    if free is not None:
+        msg["free"] = free
+    return msg
 
 
 def status(node_id, state):
@@ -271,8 +285,12 @@ def assign(
     memory_mb,
     gas=None,
     files=None,
+    cpu=None,
+    gpu=0,
 ):
     """engine: {"type": "wasm", "entrypoint", "args", "env"} (or docker/native, no module).
+    cpu: the CPU-equivalents the job was given (its share of the node); gpu: how many of the
+    node's GPUs it gets (absent: none).
     gas: a budget for a wasm module instrumented with metering.usegas; None: unmetered.
     files: {"inputs": [{"path", "sha256", "b64"}]} for a file job (it sees them read-only
     under /inputs, and what it writes under /outputs comes back in its result); None: none."""
@@ -287,10 +305,14 @@ def assign(
         "timeout_s": timeout_s,
         "memory_mb": memory_mb,
     }
+    if cpu is not None:
+        msg["cpu"] = cpu
     if gas is not None:
         msg["gas"] = gas
     if files is not None:
         msg["files"] = files
+    if gpu:
+        msg["gpu"] = gpu
     return msg
 
 

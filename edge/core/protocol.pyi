@@ -53,9 +53,17 @@ def hello(
     running: Any = ...,
     allow_network: Any = ...,
     files: Msg | None = ...,
+    slots: int = ...,
+    gpus: list[Msg] | None = ...,
 ) -> Msg: ...
 def heartbeat(
-    node_id: str, seq: int, state: str, resources: Msg, running: Any, allow_network: Any = ...
+    node_id: str,
+    seq: int,
+    state: str,
+    resources: Msg,
+    running: Any,
+    allow_network: Any = ...,
+    free: Msg | None = ...,
 ) -> Msg: ...
 def status(node_id: str, state: str) -> Msg: ...
 def event(node_id: str, job_id: str, attempt: int, state: str, detail: str | None = ...) -> Msg: ...
@@ -95,6 +103,8 @@ def assign(
     memory_mb: int,
     gas: int | None = None,
     files: Msg | None = None,
+    cpu: float | None = None,
+    gpu: int = 0,
 ) -> Msg: ...
 def cancel(job_id: str, attempt: int) -> Msg: ...
 def submit(request_id: str, token: str, spec: Msg) -> Msg: ...

@@ -73,7 +73,8 @@ class Session:
     def __init__(self, config, mqtt, executor, offered, log=None, outbox=None, gate=None):
         """config: {"node_id", "node_secret", "mqtt": {...}, "heartbeat_interval_s"}, and
         "files" ({"dir", "max_input_bytes", "max_output_bytes", "max_output_files"}) where
-        the node takes file jobs."""
+        the node takes file jobs, "slots" (jobs at once; 1 without it) and "gpus" (the
+        machine's GPUs, [{"index", "name", "uuid", "memory_mb"}]) where it has them."""
         self.config = config
         self.node_id = config["node_id"]
         self.mqtt = mqtt
@@ -88,8 +89,10 @@ class Session:
             config["node_secret"],
             executor,
             self._publish_kind,
+            slots=config.get("slots") or 1,
             log=self.log,
             files=self.files,
+            gpus=config.get("gpus"),
         )
         self.allow_network = network_engines(executor)
         self.outbox = outbox if outbox is not None else Outbox(None, log=self.log)
@@ -217,6 +220,8 @@ class Session:
                 self.runner.running_ids(),
                 self.allow_network,
                 self._announced_files(),
+                self.runner.slots,
+                self.config.get("gpus"),
             ),
         )
         self.heartbeat()
@@ -237,13 +242,20 @@ class Session:
     def heartbeat(self):
         self.seq += 1
         self.last_beat = compat.ticks_ms()
+        offer = self.offered(self.runner.busy() or not self.allowed)
+        used = self.runner.in_use()
+        free = {"slots": self.runner.slots - used["slots"]}
+        for key in ("cpu", "memory_mb", "gpu"):
+            free[key] = max(0, (offer.get(key) or 0) - used[key])
+        free["cpu"] = round(free["cpu"], 3)
         msg = protocol.heartbeat(
             self.node_id,
             self.seq,
             self.state(),
-            self.offered(self.runner.busy() or not self.allowed),
+            offer,
             self.runner.running_ids(),
             self.allow_network,
+            free,
         )
         self._publish_kind(protocol.HEARTBEAT, msg)
 
@@ -252,6 +264,8 @@ class Session:
         hub at once."""
         if self.gate is None:
             return
+        if self.runner.gpus:
+            self._check_gpus()
         try:
             allowed, why = self.gate()
         except Exception as e:  # a broken reading must not stop the node: keep the last answer
@@ -269,6 +283,24 @@ class Session:
             self.log("owner active (" + str(why) + "): jobs suspended, new ones turned down")
             self.runner.hold(why)
         self.heartbeat()
+
+    def _check_gpus(self):
+        """GPU jobs run only while the offer has GPUs (the owner's gpu_only_when_idle): stop
+        them when it drops to none, continue them when it comes back."""
+        try:
+            gpus = int(self.offered(False).get("gpu") or 0)
+        except Exception as e:  # a broken reading: keep the last answer
+            self.log("GPU offer failed: " + repr(e))
+            return
+        held = self.runner.gpu_held is not None
+        if gpus <= 0 and not held:
+            self.log("GPUs held for the owner: GPU jobs suspended, new ones turned down")
+            self.runner.hold_gpus(None)
+            self.heartbeat()
+        elif gpus > 0 and held:
+            self.log("GPUs offered again: GPU jobs continue")
+            self.runner.release_gpus()
+            self.heartbeat()
 
     def handle(self, topic, payload):
         if topic == self.topic(protocol.ASSIGN) or topic == self.topic(protocol.CANCEL):

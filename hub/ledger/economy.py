@@ -72,10 +72,13 @@ def uptime_cap(rates: Rates = RATES) -> int:
 UPTIME_PAYOUT_MIN = max(1, uptime_due(UPTIME_PAYOUT_MIN_MS, 0))
 
 
+def _gpu_cost(gpus: int, seconds: int, rates: Rates) -> int:
+    return gpus * seconds * rates.gpu_credits_per_hour * MICRO // SECONDS_PER_HOUR
+
+
 def gpu_pay(gpus: int, wall_ms: int, timeout_s: int, rates: Rates = RATES) -> int:
     """+50 credits per GPU-hour while a GPU job runs (pro rata by the started second)."""
-    seconds = billable_seconds(wall_ms, timeout_s)
-    return gpus * seconds * rates.gpu_credits_per_hour * MICRO // SECONDS_PER_HOUR
+    return _gpu_cost(gpus, billable_seconds(wall_ms, timeout_s), rates)
 
 
 def billable_seconds(wall_ms: int, timeout_s: int) -> int:
@@ -84,24 +87,38 @@ def billable_seconds(wall_ms: int, timeout_s: int) -> int:
     return min(seconds, timeout_s)
 
 
-def node_pay(cpu_milli: int, wall_ms: int, timeout_s: int, rates: Rates = RATES) -> int:
-    """What the node owner earns for running a job that used wall_ms of its time."""
-    return _cpu_cost(cpu_milli, billable_seconds(wall_ms, timeout_s), rates)
+def node_pay(
+    cpu_milli: int, wall_ms: int, timeout_s: int, rates: Rates = RATES, gpus: int = 0
+) -> int:
+    """What the node owner earns for running a job that used wall_ms of its time: the CPU it
+    was given at the CPU rate, and each GPU it was given at the GPU rate. Each part is rounded
+    down on its own, so a GPU job pays exactly its CPU part plus gpu_pay()."""
+    seconds = billable_seconds(wall_ms, timeout_s)
+    return _cpu_cost(cpu_milli, seconds, rates) + _gpu_cost(gpus, seconds, rates)
 
 
 def job_charge(
-    cpu_milli: int, wall_ms: int, timeout_s: int, priority: str, rates: Rates = RATES
+    cpu_milli: int,
+    wall_ms: int,
+    timeout_s: int,
+    priority: str,
+    rates: Rates = RATES,
+    gpus: int = 0,
 ) -> int:
     """What the submitter pays for actual use (high priority costs more)."""
     mult = rates.high_priority_multiplier if priority == "high" else 1
-    return node_pay(cpu_milli, wall_ms, timeout_s, rates) * mult
+    return node_pay(cpu_milli, wall_ms, timeout_s, rates, gpus) * mult
 
 
-def max_price(cpu_milli: int, timeout_s: int, priority: str, rates: Rates = RATES) -> int:
+def max_price(
+    cpu_milli: int, timeout_s: int, priority: str, rates: Rates = RATES, gpus: int = 0
+) -> int:
     """The hold placed at submission: the charge if the job ran for its whole timeout."""
-    return job_charge(cpu_milli, timeout_s * 1000, timeout_s, priority, rates)
+    return job_charge(cpu_milli, timeout_s * 1000, timeout_s, priority, rates, gpus)
 
 
-def period_price(cpu_milli: int, period_s: int, priority: str, rates: Rates = RATES) -> int:
+def period_price(
+    cpu_milli: int, period_s: int, priority: str, rates: Rates = RATES, gpus: int = 0
+) -> int:
     """A service job's charge for one whole billing period (and what is held for the next)."""
-    return job_charge(cpu_milli, period_s * 1000, period_s, priority, rates)
+    return job_charge(cpu_milli, period_s * 1000, period_s, priority, rates, gpus)

@@ -95,8 +95,12 @@ class Jobs:
         if spec.timeout > limit:
             what = "limit for a service's lifetime" if service else "limit"
             raise JobError(f"timeout: {spec.timeout}s is over the hub's {limit}s {what}", "timeout")
-        if spec.resources.gpu:
-            raise JobError("resources.gpu: GPU jobs are not supported yet", "resources.gpu")
+        if spec.resources.gpu and isinstance(spec.engine, WasmEngine):
+            raise JobError(
+                "resources.gpu: a wasm job cannot use a GPU; GPU jobs run on the docker or"
+                " native engine",
+                "resources.gpu",
+            )
         module: str | None = None
         if spec.gas is not None and not isinstance(spec.engine, WasmEngine):
             raise JobError("gas: a gas budget applies to wasm jobs only", "gas")
@@ -127,16 +131,20 @@ class Jobs:
             return existing
         if service:  # one period held ahead (or the whole lifetime, when shorter)
             period = min(spec.timeout, self.config.service_period_s)
-            price = economy.period_price(spec.cpu_milli, period, spec.priority)
+            price = economy.period_price(
+                spec.cpu_milli, period, spec.priority, gpus=spec.resources.gpu
+            )
         else:  # a verified job holds the maximum of each of its k replicas
-            price = k * economy.max_price(spec.cpu_milli, spec.timeout, spec.priority)
+            price = k * economy.max_price(
+                spec.cpu_milli, spec.timeout, spec.priority, gpus=spec.resources.gpu
+            )
         job_id = new_id("j")
         now = self.clock()
         insert = (
             "INSERT INTO jobs (id, owner, name, spec, state, priority, cpu_milli, memory_mb,"
             " timeout_s, module_sha256, input_sha256, hold, submitted_at, submit_key, reason,"
-            " kind, replicas, parent, replica, queued_at, files_bytes)"
-            " VALUES (?,?,?,?,'queued',?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+            " kind, replicas, parent, replica, queued_at, files_bytes, gpu)"
+            " VALUES (?,?,?,?,'queued',?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
         )
 
         def values(
@@ -163,6 +171,7 @@ class Jobs:
                 n,
                 now,
                 files_bytes,
+                spec.resources.gpu,
             )
 
         with self.db.transaction() as c:
@@ -202,6 +211,8 @@ class Jobs:
             if not assigned:
                 return None
             self.attempts.begin(job["id"], attempt, node_id, now, int(assigned[0][0]))
+            # equally good nodes take turns: the one given a job longest ago goes first
+            c.execute("UPDATE nodes SET last_job_at = ? WHERE id = ?", (now, node_id))
             if job["parent"] is not None:  # a replica: its verified job is under way
                 c.execute(
                     "UPDATE jobs SET state = 'running', assigned_at = ?, reason = NULL"
@@ -237,6 +248,8 @@ class Jobs:
             int(job["memory_mb"]),
             spec.gas,
             files,
+            int(job["cpu_milli"]) / economy.MILLI,
+            int(job["gpu"]),
         )
         return msg
 
@@ -369,8 +382,9 @@ class Jobs:
         self, job: sqlite3.Row, node: sqlite3.Row, wall_ms: int, result: dict[str, Any]
     ) -> None:
         timeout = int(job["timeout_s"])
-        pay = economy.node_pay(int(job["cpu_milli"]), wall_ms, timeout)
-        charge = economy.job_charge(int(job["cpu_milli"]), wall_ms, timeout, job["priority"])
+        cpu, gpus = int(job["cpu_milli"]), int(job["gpu"])
+        pay = economy.node_pay(cpu, wall_ms, timeout, gpus=gpus)
+        charge = economy.job_charge(cpu, wall_ms, timeout, job["priority"], gpus=gpus)
         payouts = [(wallet_of(node["owner"]), pay)]
         if charge > pay:
             payouts.append((REVENUE, charge - pay))
@@ -535,8 +549,8 @@ class Jobs:
                 runs.append((str(node_id), "", 0, 0))
             else:
                 pay, charge = (
-                    economy.node_pay(cpu, ms, timeout),
-                    economy.job_charge(cpu, ms, timeout, prio),
+                    economy.node_pay(cpu, ms, timeout, gpus=int(job["gpu"])),
+                    economy.job_charge(cpu, ms, timeout, prio, gpus=int(job["gpu"])),
                 )
                 runs.append((str(node_id), str(node["owner"]), pay, charge))
         reason = (

@@ -12,6 +12,11 @@ import sqlite3
 from typing import Final
 
 NEUTRAL: Final = 0.5
+# At or above this a node is in good standing: the scheduler treats such nodes as equally
+# suitable and lets them take turns (the one given a job longest ago first), so every honest
+# node earns; below it (three lost jobs in a row, or one outvoted replica) a node gets work
+# only when no node in good standing can take it, the most reputable first.
+GOOD_STANDING: Final = 0.4
 
 # event -> (weight, counter column). Gains: r + w * (1 - r). Losses: r * (1 - w).
 GAINS: Final = {

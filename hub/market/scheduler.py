@@ -1,12 +1,14 @@
-"""The scheduler: give each queued job to an eligible idle node.
+"""The scheduler: give each queued job to an eligible node with room for it.
 
-Eligible: online, idle (not busy, not suspended by its owner's activity), speaks the job's
+Eligible: online, idle (a slot free, not suspended by its owner's activity), speaks the job's
 engine, lets that engine's jobs use the network if the job asks for it (the owner's choice, in
-the node's hello and heartbeats), offers enough CPU and RAM, and runs nothing else. High
-priority first, then oldest. Among the nodes that fit, the most reputable first
-(hub/market/reputation.py), then the longest enrolled. The replicas of a verified job go to nodes of
-distinct owners. When nothing fits, the job's `reason` says why, so the submitter is not left
-guessing.
+the node's hello and heartbeats), and has enough CPU, RAM and GPUs free: what it offers less
+the shares of the jobs the hub has given it (a node runs as many jobs at once as its slots and
+its offer allow). High priority first, then oldest. Among the nodes that fit, those in good
+standing (hub/market/reputation.py) take turns: the one given a job longest ago first, so
+identical honest nodes earn alike; nodes below good standing come after, the most reputable
+first. The replicas of a verified job go to nodes of distinct owners. When nothing fits, the
+job's `reason` says why, so the submitter is not left guessing.
 
 A pass decides first (`plan()`, which writes nothing) and then commits every decision in one
 transaction (`schedule()`). It is built for fleets: about O(nodes log nodes + jobs +
@@ -29,6 +31,7 @@ from typing import NamedTuple
 from edge.core import protocol
 from hub.config import HubConfig
 from hub.market.jobs import Assignment, Jobs
+from hub.market.reputation import GOOD_STANDING
 from hub.store.rows import Store
 
 log = logging.getLogger(__name__)
@@ -53,12 +56,21 @@ class Offer(NamedTuple):
     owner: str
     kinds: tuple[Kind, ...] = ()  # the kinds of requirement it serves, see Kind
     files_max: int = 0  # the most input bytes of a file job it takes
+    gpu: int = 0  # GPUs offered now (none while the owner keeps them: gpu_only_when_idle)
+    gpus_had: int = 0  # GPUs it has (its hello): what it could offer
+    slots: int = 1  # jobs it runs at once
 
 
 @functools.lru_cache(maxsize=4096)
 def _capacity(
-    resources: str, engines: str, cpu: float, memory_mb: int, network: str, files: str | None
-) -> tuple[frozenset[str], float, int, tuple[Kind, ...], int]:
+    resources: str,
+    engines: str,
+    cpu: float,
+    memory_mb: int,
+    network: str,
+    files: str | None,
+    gpus: str | None,
+) -> tuple[frozenset[str], float, int, tuple[Kind, ...], int, int, int]:
     """A node row's offer, parsed. Most nodes of a fleet offer the same few shapes, so the
     JSON is parsed once per distinct shape rather than once per node and pass."""
     try:  # validated by hub/mqtt/wire.py before it was stored; a bad row offers nothing
@@ -67,6 +79,7 @@ def _capacity(
         allowed = runs & frozenset(json.loads(network or "[]"))
         caps = json.loads(files) if files else {}
         with_files = runs & frozenset(caps.get("engines") or ())
+        had = len(json.loads(gpus)) if gpus else 0
         kinds = [
             (e, net, f)
             for e in sorted(runs)
@@ -80,22 +93,28 @@ def _capacity(
             int(res.get("memory_mb", memory_mb)),
             tuple(kinds),
             int(caps.get("max_input_bytes") or 0) if with_files else 0,
+            min(int(res.get("gpu") or 0), had),  # a node never offers GPUs it did not list
+            had,
         )
     except (TypeError, ValueError, AttributeError):
-        return frozenset(), 0.0, 0, (), 0
+        return frozenset(), 0.0, 0, (), 0, 0, 0
 
 
 def offer(node: sqlite3.Row) -> Offer:
-    engines, cpu, mem, kinds, files_max = _capacity(
+    engines, cpu, mem, kinds, files_max, gpu, had = _capacity(
         node["resources"],
         node["engines"],
         node["cpu"],
         node["memory_mb"],
         node["allow_network"],
         node["files"],
+        node["gpus"],
     )
     idle = node["state"] == protocol.IDLE
-    return Offer(node["id"], idle, engines, cpu, mem, node["owner"], kinds, files_max)
+    return Offer(
+        node["id"], idle, engines, cpu, mem, node["owner"], kinds, files_max, gpu, had,
+        int(node["slots"] or 1),
+    )  # fmt: skip
 
 
 def _misfit(kind: Kind, job: sqlite3.Row, capable: Capabilities) -> str:
@@ -103,6 +122,9 @@ def _misfit(kind: Kind, job: sqlite3.Row, capable: Capabilities) -> str:
     the engine, then network access, then files, then CPUs, then RAM."""
     engine, network, files = kind
     cpu, memory_mb = job["cpu_milli"] / 1000, int(job["memory_mb"])
+    gpu = int(job["gpu"] or 0)
+    if gpu and not capable.gpus_anywhere:
+        return "no node with a GPU online"
     if not capable.runs((engine, False, False)):
         return f"no online node runs the {engine} engine"
     if network and not capable.runs((engine, True, False)):
@@ -122,6 +144,13 @@ def _misfit(kind: Kind, job: sqlite3.Row, capable: Capabilities) -> str:
             f" (the most offered: {capable.most_files(kind)})"
         )
     which = "no online node that allows network access" if network else "no online node"
+    if gpu:
+        most = capable.most_gpus(kind)
+        if most == 0:
+            return f"no online node with a GPU runs the {engine} engine"
+        if most < gpu:
+            return f"{which} has {gpu} GPUs (the most: {most})"
+        return f"{which} has {gpu} GPUs, {cpu:g} CPUs and {memory_mb} MB of RAM at once"
     most_cpu, most_ram = capable.most(kind)
     if most_cpu < cpu:
         return f"{which} offers {cpu:g} CPUs"
@@ -141,6 +170,9 @@ class Capabilities:
     def __init__(self, online: Sequence[Offer]) -> None:
         shapes: dict[Kind, list[tuple[float, int]]] = {}
         self._files: dict[Kind, int] = {}  # the most input bytes offered, per file kind
+        # GPU jobs are few and so are GPU nodes: a GPU question is a scan of these
+        self._gpu_nodes = [n for n in online if n.gpus_had > 0]
+        self.gpus_anywhere = bool(self._gpu_nodes)
         for n in online:
             for kind in n.kinds:
                 shapes.setdefault(kind, []).append((n.cpu, n.memory_mb))
@@ -164,7 +196,19 @@ class Capabilities:
     def most_files(self, kind: Kind) -> int:
         return self._files.get(kind, 0)
 
-    def fit(self, kind: Kind, cpu: float, memory_mb: int, files_bytes: int = 0) -> bool:
+    def most_gpus(self, kind: Kind) -> int:
+        """The most GPUs one online node of this kind has."""
+        return max((n.gpus_had for n in self._gpu_nodes if kind in n.kinds), default=0)
+
+    def fit(
+        self, kind: Kind, cpu: float, memory_mb: int, files_bytes: int = 0, gpu: int = 0
+    ) -> bool:
+        if gpu:
+            return any(
+                kind in n.kinds and n.gpus_had >= gpu and n.cpu >= cpu
+                and n.memory_mb >= memory_mb and n.files_max >= files_bytes
+                for n in self._gpu_nodes
+            )  # fmt: skip
         index = self._index.get(kind)
         if index is None or self._files.get(kind, 0) < files_bytes:
             return False
@@ -174,42 +218,53 @@ class Capabilities:
 
 
 class _Free:
-    """The idle nodes of one pass, in order of preference, per requirement kind (engine,
-    network).
+    """The nodes with room of one pass, in order of preference, per requirement kind (engine,
+    network, files), and what each has left: slots, milli-CPUs, RAM and GPUs.
 
-    A job takes the first node of its kind's list that fits and is not taken yet. Within a
-    pass nodes are only ever taken, never freed, so a node skipped for a requirement stays
-    unfit for it: a cursor per requirement (engine, network, CPU, RAM) resumes where the last
-    job with that requirement stopped. Each list is walked about once per distinct requirement.
+    A job takes the first node of its kind's list that has room for it. Within a pass room is
+    only ever taken, never given back, so a node skipped for a requirement stays unfit for it:
+    a cursor per requirement (kind, CPU, RAM, files, GPUs) resumes where the last job with that
+    requirement stopped. Each list is walked about once per distinct requirement.
     """
 
-    def __init__(self, nodes: Sequence[Offer]) -> None:
+    def __init__(self, nodes: Sequence[Offer], held: dict[str, tuple[int, int, int, int]]) -> None:
+        """held: node id -> (jobs, milli-CPUs, MB of RAM, GPUs) of the jobs it runs now."""
         self.nodes = nodes
-        self.left = len(nodes)
-        self._taken = bytearray(len(nodes))
+        self.slots: list[int] = []
+        self.cpu: list[int] = []
+        self.ram: list[int] = []
+        self.gpu: list[int] = []
         self._by_kind: dict[Kind, list[int]] = {}
         for i, n in enumerate(nodes):
+            jobs, cpu, ram, gpu = held.get(n.id, (0, 0, 0, 0))
+            self.slots.append(max(0, n.slots - jobs))
+            self.cpu.append(round(n.cpu * 1000) - cpu)
+            self.ram.append(n.memory_mb - ram)
+            self.gpu.append(n.gpu - gpu)
             for kind in n.kinds:
                 self._by_kind.setdefault(kind, []).append(i)
-        self._cursor: dict[tuple[Kind, int, int, int], int] = {}
+        self.left = sum(1 for s in self.slots if s > 0)
+        self._cursor: dict[tuple[Kind, int, int, int, int], int] = {}
 
-    def pick(self, kind: Kind, cpu_milli: int, memory_mb: int, files: int = 0) -> int | None:
-        """The index of the preferred free node for this requirement, or None. files: the
-        input bytes of a file job (0 for others)."""
+    def _fits(self, c: int, cpu_milli: int, memory_mb: int, files: int, gpu: int) -> bool:
+        return (
+            self.slots[c] > 0 and self.cpu[c] >= cpu_milli and self.ram[c] >= memory_mb
+            and self.gpu[c] >= gpu and self.nodes[c].files_max >= files
+        )  # fmt: skip
+
+    def pick(
+        self, kind: Kind, cpu_milli: int, memory_mb: int, files: int = 0, gpu: int = 0
+    ) -> int | None:
+        """The index of the preferred node with room for this requirement, or None. files:
+        the input bytes of a file job (0 for others)."""
         candidates = self._by_kind.get(kind)
         if candidates is None or not self.left:
             return None
-        key = (kind, cpu_milli, memory_mb, files)
-        cpu = cpu_milli / 1000
-        nodes, taken = self.nodes, self._taken
+        key = (kind, cpu_milli, memory_mb, files, gpu)
         i = self._cursor.get(key, 0)
         end = len(candidates)
-        while i < end:
-            c = candidates[i]
-            if not taken[c]:
-                n = nodes[c]
-                if n.cpu >= cpu and n.memory_mb >= memory_mb and n.files_max >= files:
-                    break
+        fits = self._fits
+        while i < end and not fits(candidates[i], cpu_milli, memory_mb, files, gpu):
             i += 1
         self._cursor[key] = i
         return candidates[i] if i < end else None
@@ -223,23 +278,25 @@ class _Free:
         humans: dict[str, str],
         files: int = 0,
     ) -> int | None:
-        """Like pick, for a replica: the preferred free node whose person (its owner, or the
-        owner's owner for an agent: `humans`) is not in `owners` (the people of its sibling
+        """Like pick, for a replica: the preferred node with room whose person (its owner, or
+        the owner's owner for an agent: `humans`) is not in `owners` (the people of its sibling
         replicas). A plain scan: verified jobs are few, and the cursors of pick() must not
         skip nodes that were only unfit for this job's owners."""
-        cpu = cpu_milli / 1000
-        nodes, taken = self.nodes, self._taken
         for c in self._by_kind.get(kind, ()):
-            n = nodes[c]
-            if taken[c] or n.cpu < cpu or n.memory_mb < memory_mb or n.files_max < files:
+            if not self._fits(c, cpu_milli, memory_mb, files, 0):
                 continue
-            if humans.get(n.owner, n.owner) not in owners:
+            owner = self.nodes[c].owner
+            if humans.get(owner, owner) not in owners:
                 return c
         return None
 
-    def take(self, index: int) -> None:
-        self._taken[index] = 1
-        self.left -= 1
+    def take(self, index: int, cpu_milli: int, memory_mb: int, gpu: int = 0) -> None:
+        self.slots[index] -= 1
+        self.cpu[index] -= cpu_milli
+        self.ram[index] -= memory_mb
+        self.gpu[index] -= gpu
+        if self.slots[index] == 0:
+            self.left -= 1
 
 
 class Plan(NamedTuple):
@@ -264,7 +321,7 @@ class Scheduler:
         on its own)."""
         # A verified job (replicas > 1) is never placed itself: its replicas are.
         queued = self.store.db.query(
-            "SELECT id, attempt, cpu_milli, memory_mb, reason, parent, files_bytes,"
+            "SELECT id, attempt, cpu_milli, memory_mb, gpu, reason, parent, files_bytes,"
             " json_extract(spec, '$.engine.type') AS engine,"
             " json_extract(spec, '$.engine.network') AS network"
             " FROM jobs WHERE state = 'queued' AND replicas = 1"
@@ -274,15 +331,9 @@ class Scheduler:
         if not queued:
             return plan
         online = [offer(n) for n in self._online_nodes()]
-        busy = {
-            r["node"]
-            for r in self.store.db.query(
-                "SELECT DISTINCT node FROM jobs WHERE state IN ('assigned', 'running')"
-            )
-        }
-        free = _Free([n for n in online if n.idle and n.id not in busy])
+        free = _Free([n for n in online if n.idle], self._held())
         capable = Capabilities(online)
-        whys: dict[tuple[Kind, int, int, int], str] = {}
+        whys: dict[tuple[Kind, int, int, int, int], str] = {}
         apart: dict[str, set[str]] | None = None  # verified job -> people of its replicas
         humans: dict[str, str] = {}  # agent -> the person who owns it
         for job in queued:
@@ -290,10 +341,10 @@ class Scheduler:
             files = job["files_bytes"]
             kind = (str(job["engine"] or "unknown"), job["network"] == 1, files is not None)
             cpu_milli, memory_mb = int(job["cpu_milli"]), int(job["memory_mb"])
-            files = int(files or 0)
+            files, gpu = int(files or 0), int(job["gpu"] or 0)
             parent = job["parent"]
             if parent is None:
-                pick = free.pick(kind, cpu_milli, memory_mb, files)
+                pick = free.pick(kind, cpu_milli, memory_mb, files, gpu)
             else:
                 if apart is None:
                     humans = self.store.humans()
@@ -304,10 +355,10 @@ class Scheduler:
                     owner = free.nodes[pick].owner
                     owners.add(humans.get(owner, owner))
             if pick is not None:
-                free.take(pick)
+                free.take(pick, cpu_milli, memory_mb, gpu)
                 plan.assign.append((job, free.nodes[pick].id))
                 continue
-            key = (kind, cpu_milli, memory_mb, files)
+            key = (kind, cpu_milli, memory_mb, files, gpu)
             why = whys.get(key)
             if why is None:
                 why = whys[key] = self._why(kind, job, online, capable)
@@ -318,6 +369,16 @@ class Scheduler:
                 )
             plan.wait.append((job, why))
         return plan
+
+    def _held(self) -> dict[str, tuple[int, int, int, int]]:
+        """What the jobs the hub has given each node hold of it: (jobs, milli-CPUs, MB, GPUs)."""
+        return {
+            str(r[0]): (int(r[1]), int(r[2]), int(r[3]), int(r[4]))
+            for r in self.store.db.query(
+                "SELECT node, COUNT(*), SUM(cpu_milli), SUM(memory_mb), SUM(gpu) FROM jobs"
+                " WHERE state IN ('assigned', 'running') AND node IS NOT NULL GROUP BY node"
+            )
+        }
 
     def _replica_owners(self, humans: dict[str, str]) -> dict[str, set[str]]:
         """For each verified job with a replica waiting: the people who own the nodes its
@@ -355,14 +416,18 @@ class Scheduler:
 
     def _online_nodes(self) -> list[sqlite3.Row]:
         """Online, not revoked (a revoked node has lost its broker login; it gets nothing even
-        if a stale state still says online), in order of preference: the most reputable first,
-        then the longest enrolled. Only the columns matching reads: at fleet scale building
-        rows of every column costs more than the matching."""
+        if a stale state still says online), in order of preference: nodes in good standing,
+        the one given a job longest ago first (never given one: first of all), then the
+        others, the most reputable first; ties to the longest enrolled. Only the columns
+        matching reads: at fleet scale building rows of every column costs more than the
+        matching."""
         return self.store.db.query(
-            "SELECT id, state, resources, engines, allow_network, files, cpu, memory_mb, owner"
-            " FROM nodes"
-            " WHERE state != ? AND revoked_at IS NULL ORDER BY reputation DESC, created_at",
-            (protocol.OFFLINE,),
+            "SELECT id, state, resources, engines, allow_network, files, gpus, slots, cpu,"
+            " memory_mb, owner FROM nodes WHERE state != ?1 AND revoked_at IS NULL"
+            " ORDER BY reputation < ?2,"
+            " CASE WHEN reputation < ?2 THEN -reputation ELSE COALESCE(last_job_at, 0) END,"
+            " created_at",
+            (protocol.OFFLINE, GOOD_STANDING),
         )
 
     def _why(self, kind: Kind, job: sqlite3.Row, online: list[Offer], capable: Capabilities) -> str:
@@ -370,7 +435,8 @@ class Scheduler:
         if not online:
             return "no node is online"
         files = int(job["files_bytes"] or 0)
-        if capable.fit(kind, job["cpu_milli"] / 1000, job["memory_mb"], files):
+        gpu = int(job["gpu"] or 0)
+        if capable.fit(kind, job["cpu_milli"] / 1000, job["memory_mb"], files, gpu):
             return "every node that can run it is busy or its owner is using it"
         return _misfit(kind, job, capable)
 

@@ -54,10 +54,10 @@ class ServiceBilling:
         ran_ms = max(0, min(ran_ms, period * 1000))
         if ran_ms == 0:
             return 0, 0
-        cpu = int(job["cpu_milli"])
+        cpu, gpus = int(job["cpu_milli"]), int(job["gpu"])
         return (
-            economy.node_pay(cpu, ran_ms, period),
-            economy.job_charge(cpu, ran_ms, period, job["priority"]),
+            economy.node_pay(cpu, ran_ms, period, gpus=gpus),
+            economy.job_charge(cpu, ran_ms, period, job["priority"], gpus=gpus),
         )
 
     def payouts(self, node: sqlite3.Row, pay: int, charge: int) -> list[tuple[str, int]]:
@@ -165,7 +165,9 @@ class ServiceBilling:
         if node is None:
             return False
         pay, charge = self.split(job, period * 1000)
-        price = economy.period_price(int(job["cpu_milli"]), period, job["priority"])
+        price = economy.period_price(
+            int(job["cpu_milli"]), period, job["priority"], gpus=int(job["gpu"])
+        )
         wallet = wallet_id(job["owner"])
         with contextlib.suppress(Stale), self.db.transaction() as c:
             cur = c.execute(
@@ -223,6 +225,8 @@ class ServiceBilling:
             "periods_billed": job["periods_billed"],
             "period_start": job["period_start"],
             "period_price": format_micro(
-                economy.period_price(int(job["cpu_milli"]), period, job["priority"])
+                economy.period_price(
+                    int(job["cpu_milli"]), period, job["priority"], gpus=int(job["gpu"])
+                )
             ),
         }

@@ -122,9 +122,9 @@ class JobSpec(msgspec.Struct, forbid_unknown_fields=True):
 
     @property
     def cpu_milli(self) -> int:
-        """CPU-equivalents billed, in milli-CPUs: at least one whole CPU, since a node gives a
-        job a core of its own (it runs one job at a time)."""
-        return max(1000, round(self.resources.cpu * 1000))
+        """The CPU-equivalents the job asked for, in milli-CPUs (at least one): what the
+        scheduler takes from a node's free CPU and what the job is billed for."""
+        return max(1, round(self.resources.cpu * 1000))
 
 
 _FIELD_RE = re.compile(r"(?:at|in) `\$\.?([^`]*)`")

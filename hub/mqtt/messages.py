@@ -184,6 +184,8 @@ class Messages:
                 resources=msgspec.json.encode(msg.resources).decode(),
                 allow_network=json.dumps(msg.allow_network),
                 files=msgspec.json.encode(msg.files).decode() if msg.files else None,
+                slots=msg.slots,
+                gpus=msgspec.json.encode(msg.gpus).decode() if msg.gpus else None,
             )
             for job in self.store.jobs_on_node(ident):
                 if job["id"] not in msg.running:
@@ -210,6 +212,7 @@ class Messages:
                     running=json.dumps(msg.running),
                     last_seq=msg.seq,
                     allow_network=json.dumps(msg.allow_network),
+                    free=msgspec.json.encode(msg.free).decode() if msg.free else None,
                 )
             if msg.state == protocol.IDLE:
                 self._redeliver_lost(ident, msg.running, now)

@@ -45,15 +45,35 @@ class FileCaps(msgspec.Struct):
     max_output_files: Count
 
 
+class GpuInfo(msgspec.Struct):
+    """One GPU a node has (edge/gpu.py): what the dashboard and `deparrow node list` show."""
+
+    index: Annotated[int, msgspec.Meta(ge=0, le=1024)]
+    name: Annotated[str, msgspec.Meta(max_length=128)] = "GPU"
+    uuid: Annotated[str, msgspec.Meta(max_length=128)] | None = None
+    memory_mb: Annotated[int, msgspec.Meta(ge=0, le=2**40)] | None = None
+
+
+class FreeResources(msgspec.Struct):
+    """What a node has left of its offer after its running jobs' shares."""
+
+    cpu: Annotated[float, msgspec.Meta(ge=0, le=4096)] = 0.0
+    memory_mb: Annotated[int, msgspec.Meta(ge=0, le=2**40)] = 0
+    gpu: Annotated[int, msgspec.Meta(ge=0, le=64)] = 0
+    slots: Annotated[int, msgspec.Meta(ge=0, le=256)] = 0
+
+
 class Hello(msgspec.Struct):
     v: Version
     node_id: Id
     engines: list[EngineName]
     resources: OfferedResources
     version: Annotated[str, msgspec.Meta(max_length=64)]
-    running: Annotated[list[Id], msgspec.Meta(max_length=64)] = []
+    running: Annotated[list[Id], msgspec.Meta(max_length=256)] = []
     allow_network: AllowNetwork = []
     files: FileCaps | None = None  # None: no file jobs (a board without storage, or older)
+    slots: Annotated[int, msgspec.Meta(ge=1, le=256)] = 1  # jobs at once; older nodes: one
+    gpus: Annotated[list[GpuInfo], msgspec.Meta(max_length=64)] = []
 
 
 class Heartbeat(msgspec.Struct):
@@ -63,8 +83,9 @@ class Heartbeat(msgspec.Struct):
     ts: Int
     state: Annotated[str, msgspec.Meta(pattern="^(idle|busy|suspended)$")]
     resources: OfferedResources
-    running: Annotated[list[Id], msgspec.Meta(max_length=64)]
+    running: Annotated[list[Id], msgspec.Meta(max_length=256)]
     allow_network: AllowNetwork = []
+    free: FreeResources | None = None
 
 
 class Status(msgspec.Struct):

@@ -283,6 +283,23 @@ MIGRATIONS: list[tuple[int, str, str]] = [
             WHERE files_bytes IS NOT NULL AND outputs_expired_at IS NULL;
         """,
     ),
+    (
+        11,
+        "slots, GPUs and fair spreading",
+        # nodes.slots: how many jobs the node runs at once (its hello; 1 for a board or an
+        # older node). nodes.gpus: the GPUs it has, from its hello (JSON list, NULL: none).
+        # nodes.free: what its last heartbeat said is free (JSON). nodes.last_job_at: when
+        # the hub last gave it a job, so that equally good nodes take turns. jobs.gpu: the
+        # GPUs a job asked for.
+        """
+        ALTER TABLE nodes ADD COLUMN slots INTEGER NOT NULL DEFAULT 1;
+        ALTER TABLE nodes ADD COLUMN gpus TEXT;
+        ALTER TABLE nodes ADD COLUMN free TEXT;
+        ALTER TABLE nodes ADD COLUMN last_job_at REAL;
+        ALTER TABLE jobs ADD COLUMN gpu INTEGER NOT NULL DEFAULT 0;
+        CREATE INDEX jobs_live_node ON jobs(node) WHERE state IN ('assigned', 'running');
+        """,
+    ),
 ]
 
 

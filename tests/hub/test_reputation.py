@@ -90,29 +90,57 @@ def test_the_rule_in_the_database_is_the_documented_one(services: Services) -> N
     assert reputation.after(0.26725, "lost") == pytest.approx(0.240525)
 
 
-def test_the_most_reputable_idle_node_gets_the_job_never_a_busy_or_suspended_one(
+def test_nodes_in_good_standing_take_turns_never_a_busy_or_suspended_one(
     services: Services,
 ) -> None:
     s = services
     owner, _, _ = s.create_user("owner", "user")
     user, _, _ = s.create_user("alice", "user")
-    old, good = add_node(s, owner), add_node(s, owner)
-    with s.db.transaction() as c:
-        reputation.record(c, good["id"], "agreed")
-    job = submit(s, user)
-    assert placed(s) == {job["id"]: good["id"]}  # enrolled later, but more reputable
-    assert send(s, job["id"]) == "settled"
-    assert score(s, good) == pytest.approx(reputation.after(0.525, "completed"))
+    first, second = add_node(s, owner), add_node(s, owner)
+    with s.db.transaction() as c:  # a better score does not jump the queue: both are good
+        reputation.record(c, second["id"], "agreed")
+    order = []
+    for _ in range(4):  # one job at a time: each goes to the node that waited longest
+        job = submit(s, user)
+        [(job_id, node_id)] = placed(s).items()
+        assert job_id == job["id"]
+        order.append(node_id)
+        assert send(s, job["id"]) == "settled"
+    assert order == [first["id"], second["id"], first["id"], second["id"]]
+    assert score(s, second) == pytest.approx(
+        reputation.after(reputation.after(0.525, "completed"), "completed")
+    )
 
     for state in ("busy", "suspended", "offline"):
-        s.store.update_node(good["id"], state=state)
+        s.store.update_node(second["id"], state=state)
         job = submit(s, user)
-        assert placed(s) == {job["id"]: old["id"]}, state
+        assert placed(s) == {job["id"]: first["id"]}, state
         assert send(s, job["id"]) == "settled"
-    s.store.update_node(old["id"], state="suspended")
+    s.store.update_node(first["id"], state="suspended")
     job = submit(s, user)
     assert placed(s) == {}
     assert "busy or its owner is using it" in s.store.job(job["id"])["reason"]
+
+
+def test_a_node_below_good_standing_works_only_when_no_good_node_can(
+    services: Services,
+) -> None:
+    s = services
+    owner, _, _ = s.create_user("owner", "user")
+    user, _, _ = s.create_user("alice", "user")
+    outvoted, worse, good = add_node(s, owner), add_node(s, owner), add_node(s, owner)
+    with s.db.transaction() as c:
+        reputation.record(c, outvoted["id"], "dissented")  # 0.25
+        reputation.record(c, worse["id"], "dissented")
+        reputation.record(c, worse["id"], "lost")  # 0.225
+    assert score(s, outvoted) < reputation.GOOD_STANDING <= score(s, good)
+    for _ in range(2):  # good is preferred however recently it worked
+        job = submit(s, user)
+        assert placed(s) == {job["id"]: good["id"]}
+        assert send(s, job["id"]) == "settled"
+    s.store.update_node(good["id"], state="busy")
+    job = submit(s, user)
+    assert placed(s) == {job["id"]: outvoted["id"]}  # below standing: the most reputable
 
 
 def test_a_broken_executor_is_the_nodes_fault_the_job_moves_on(services: Services) -> None:
