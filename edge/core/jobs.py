@@ -209,6 +209,7 @@ class JobRunner:
             "stdin": stdin,
             "timeout_s": msg.get("timeout_s") or 60,
             "memory_mb": msg.get("memory_mb") or 64,
+            "cpu": msg.get("cpu") or 1,  # a container's CPU quota; wasm runs one thread anyway
         }
         if gpus:
             job["gpus"] = [{"index": g.get("index"), "uuid": g.get("uuid")} for g in gpus]
