@@ -514,10 +514,22 @@ def test_nvidia_smi_parser() -> None:
 
 
 def test_gpu_detection_on_this_machine() -> None:
+    """The real NVML binding (nvidia-ml-py, installed with deparrow[full]) against this
+    machine's driver: its GPUs where it has some, none (and no error) where it has none."""
+    import re
+
+    import pynvml  # type: ignore[import-not-found]  # noqa: F401  # a declared dependency
+
+    from edge.gpu import _from_nvml
+
     gpus = detect()
     assert isinstance(gpus, list) and all(isinstance(g, Gpu) for g in gpus)
     if not os.path.exists("/dev/nvidiactl"):
+        assert _from_nvml() is None  # NVML's library is not here: the binding says so
         assert gpus == []  # no NVIDIA driver here: nothing offered, no error
+    else:
+        boards = [d for d in os.listdir("/dev") if re.fullmatch(r"nvidia\d+", d)]
+        assert len(gpus) == len(boards) and all(g.name for g in gpus)
 
 
 def test_job_workers_run_at_the_lowest_cpu_priority() -> None:
