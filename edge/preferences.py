@@ -23,7 +23,7 @@ def check_preferences(prefs: dict[str, Any]) -> None:
     if prefs.get("wasm_engine", "wasm3") not in ("wasm3", "wasmtime", "wasm3-run"):
         raise ValueError('wasm_engine must be "wasm3", "wasmtime" or "wasm3-run"')
     for section, allowed in (
-        ("docker", ("enabled", "url", "allow_network")),
+        ("docker", ("enabled", "url", "allow_network", "gpu")),
         ("native", ("enabled", "allow_network", "allow_unsandboxed")),
     ):
         value = prefs.get(section, {})
@@ -34,10 +34,15 @@ def check_preferences(prefs: dict[str, Any]) -> None:
                 raise ValueError(
                     f"{section}.{key} is not a preference; known: {', '.join(allowed)}"
                 )
-            if key != "url" and not isinstance(item, bool):
+            if key not in ("url", "gpu") and not isinstance(item, bool):
                 raise ValueError(f"{section}.{key} must be true or false")
         if "url" in value and not isinstance(value["url"], str):
             raise ValueError(f"{section}.url must be a string like unix:///run/podman/podman.sock")
+        if value.get("gpu", "nvidia") not in ("nvidia", "cdi"):
+            raise ValueError(
+                f'{section}.gpu must be "nvidia" (the NVIDIA Container Toolkit) or "cdi" (a CDI '
+                "spec, as Podman needs)"
+            )
     check_files(prefs.get("files", {}))
 
 
@@ -146,7 +151,7 @@ def _docker_executor(docker: dict[str, Any], node_id: str, warn: Callable[[str],
         )
         return None
     ex = DockerExecutor(docker.get("url"), allow_network=bool(docker.get("allow_network")),
-                        node=node_id)  # fmt: skip
+                        node=node_id, gpu=docker.get("gpu", "nvidia"))  # fmt: skip
     try:
         ex.remove_leftovers()  # also checks that the engine answers
         return ex

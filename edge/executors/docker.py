@@ -10,7 +10,10 @@ resume() only set flags and wake that thread, and never wait on the engine thems
 Containers carry the labels deparrow.node and deparrow.job, are removed after every job, and
 remove_leftovers() clears what a crashed node left behind.
 
-A job's "dirs" are bind-mounted at their guest paths, read-only unless "write" is true.
+A job's "dirs" are bind-mounted at their guest paths, read-only unless "write" is true. A job's
+"gpus" (edge/executors/gpus.py) are given to its container by a device request for exactly
+those GPUs, in the style the owner chose (`gpu`: "nvidia" for the NVIDIA Container Toolkit,
+"cdi" for a CDI spec; docker_job._device_requests says which engine takes which).
 
 The job dict, its handle and outcome are in docker_spec.py; the job's thread, which talks to
 the engine, is in docker_job.py.
@@ -42,6 +45,7 @@ from edge.executors.docker_spec import (
 __all__ = [
     "DEFAULT_BASE_URL",
     "DEFAULT_TIMEOUT_S",
+    "GPU_STYLES",
     "JOB_LABEL",
     "MIN_MEMORY_MB",
     "NODE_LABEL",
@@ -52,6 +56,7 @@ __all__ = [
 
 DEFAULT_BASE_URL = "unix:///run/podman/podman.sock"
 DEFAULT_TIMEOUT_S = 60.0
+GPU_STYLES = ("nvidia", "cdi")
 
 
 class DockerExecutor:
@@ -72,7 +77,11 @@ class DockerExecutor:
         pids_default: int = 256,
         api_timeout_s: float = 60.0,
         stats_interval_s: float = 1.0,
+        gpu: str = "nvidia",
     ) -> None:
+        if gpu not in GPU_STYLES:
+            raise ValueError(f"gpu must be one of {', '.join(GPU_STYLES)}, not {gpu!r}")
+        self.gpu = gpu  # how a GPU job's container asks for its GPUs (docker_job._device_requests)
         self.base_url = base_url or os.environ.get("DOCKER_HOST") or DEFAULT_BASE_URL
         self.allow_network = bool(allow_network)
         self.node = node

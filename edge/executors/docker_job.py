@@ -26,6 +26,7 @@ from edge.executors.docker_spec import (
     finish,
     unreachable,
 )
+from edge.executors.gpus import gpu_ids
 
 if TYPE_CHECKING:
     from edge.executors.docker import DockerExecutor
@@ -80,28 +81,7 @@ class ContainerJob:
         api, handle, spec = self.api, self.handle, self.spec
         if handle.want_cancel:
             return "cancelled", None, None
-        host = api.create_host_config(
-            mounts=_mounts(spec.dirs),
-            network_mode="bridge" if spec.network else "none",
-            mem_limit=spec.memory_mb << 20,
-            memswap_limit=spec.memory_mb << 20,  # no swap: the limit is the limit
-            nano_cpus=int(spec.cpu * 1e9),
-            pids_limit=spec.pids,
-            cap_drop=["ALL"],
-            security_opt=["no-new-privileges"],
-            log_config={"type": "none"},  # output comes over the attach stream, capped
-        )
-        config = api.create_container_config(
-            spec.image,
-            command=spec.command,
-            entrypoint=spec.entrypoint,
-            environment=spec.env,
-            stdin_open=bool(self.stdin),
-            tty=False,
-            labels={NODE_LABEL: self.ex.node, JOB_LABEL: spec.job_id},
-            host_config=host,
-        )
-        config["StdinOnce"] = bool(self.stdin)  # stdin's end closes the job's stdin
+        config = container_config(api, spec, self.ex.node, self.ex.gpu, bool(self.stdin))
         handle.container = api.create_container_from_config(config, None)["Id"]
         # Attached before the start, so no output is missed and none is buffered inside the
         # HTTP client (the socket is read directly).
@@ -251,6 +231,67 @@ class ContainerJob:
             self._obey()
             self._check_deadline()
         raise AssertionError("unreachable")
+
+
+def container_config(api: Any, spec: Spec, node: str, gpu: str, stdin: bool) -> dict[str, Any]:
+    """The body of the engine's container create call for a job (`gpu`: the owner's style of
+    GPU request, "nvidia" or "cdi"; see _device_requests)."""
+    host = api.create_host_config(
+        mounts=_mounts(spec.dirs),
+        network_mode="bridge" if spec.network else "none",
+        mem_limit=spec.memory_mb << 20,
+        memswap_limit=spec.memory_mb << 20,  # no swap: the limit is the limit
+        nano_cpus=int(spec.cpu * 1e9),
+        pids_limit=spec.pids,
+        cap_drop=["ALL"],
+        security_opt=["no-new-privileges"],
+        log_config={"type": "none"},  # output comes over the attach stream, capped
+        device_requests=_device_requests(spec.gpus, gpu),
+    )
+    config: dict[str, Any] = api.create_container_config(
+        spec.image,
+        command=spec.command,
+        entrypoint=spec.entrypoint,
+        environment=spec.env,
+        stdin_open=stdin,
+        tty=False,
+        labels={NODE_LABEL: node, JOB_LABEL: spec.job_id},
+        host_config=host,
+    )
+    config["StdinOnce"] = stdin  # stdin's end closes the job's stdin
+    return config
+
+
+def _device_requests(
+    gpus: list[dict[str, Any]], style: str
+) -> list[docker.types.DeviceRequest] | None:
+    """The container's request for exactly the job's GPUs (None: no GPU, and no request).
+
+    "nvidia", the default, is what `docker run --gpus device=…` sends: Docker Engine hands it
+    to the NVIDIA Container Toolkit's hook, so the toolkit must be on the host. "cdi" is what
+    `docker run --device nvidia.com/gpu=…` sends: the engine applies the host's CDI spec, in
+    Docker 25 and later (on by default from 28.2). `nvidia-ctk cdi generate` writes one naming
+    each GPU by its index and by its UUID, as the node names them (gpus.gpu_ids). Capability
+    "cdi" is what Docker 25's CDI driver matched requests on; later ones ignore it.
+
+    Podman's Docker-compatible API (pkg/api/handlers/compat/containers_create.go) ignores
+    device requests up to 5.3 (Debian 12 has 4.3); from 5.4 (containers/podman#25171) it takes
+    those of driver "cdi", their device ids as CDI names as `podman run --device` does, and
+    drops any other without a word. So on Podman only "cdi" gives a GPU, and only from 5.4;
+    there a CDI name the host's spec lacks fails the container's creation. The job's
+    NVIDIA_VISIBLE_DEVICES (docker_spec.py) is read by the toolkit's runtime or OCI hook
+    where the engine runs one for every container."""
+    if not gpus:
+        return None
+    ids = gpu_ids(gpus)
+    if style == "cdi":
+        return [
+            docker.types.DeviceRequest(
+                driver="cdi", device_ids=[f"nvidia.com/gpu={i}" for i in ids],
+                capabilities=[["cdi"]],
+            )
+        ]  # fmt: skip
+    return [docker.types.DeviceRequest(driver="nvidia", device_ids=ids, capabilities=[["gpu"]])]
 
 
 def _mounts(dirs: list[dict[str, Any]]) -> list[docker.types.Mount]:

@@ -7,6 +7,9 @@ read-only unless "write" is true. The host paths are this machine's, so the engi
 here (a local Docker or Podman service). They are mounted as they are, without an SELinux
 relabel (`:z` would change the labels of the node's own folders): none is needed where SELinux
 is off, as on Debian; on an enforcing host a container cannot read them.
+
+A job's "gpus" (edge/executors/gpus.py) become a device request of the container
+(docker_job.py) and its NVIDIA_VISIBLE_DEVICES.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any
 import requests
 
 from edge.core import jobfiles, protocol
+from edge.executors.gpus import NVIDIA_VISIBLE_DEVICES, gpu_ids, gpus_problem
 
 NODE_LABEL = "deparrow.node"
 JOB_LABEL = "deparrow.job"
@@ -53,7 +57,19 @@ class Spec:
             isinstance(k, str) and k and "=" not in k and isinstance(v, str) for k, v in env.items()
         ):
             raise JobError("invalid job: env must map names (without '=') to strings")
-        self.env = [f"{k}={v}" for k, v in env.items()]
+        problem = gpus_problem(job.get("gpus"))
+        if problem:
+            raise JobError(f"invalid job: {problem}")
+        self.gpus: list[dict[str, Any]] = list(job.get("gpus") or [])
+        # NVIDIA_VISIBLE_DEVICES is the node's: the container toolkit gives a container the GPUs
+        # it names (where the engine runs the toolkit's runtime or hook for every container),
+        # so a job setting it, or an image (nvidia/cuda has "all"), could take GPUs it was not
+        # given. A job without GPUs gets "void": no GPU and no driver. CUDA_VISIBLE_DEVICES is
+        # not set: in the container the toolkit shows only the job's GPUs, renumbered from 0,
+        # so the host's indices would name the wrong ones (or none).
+        visible = ",".join(gpu_ids(self.gpus)) or "void"
+        self.env = [f"{k}={v}" for k, v in env.items() if k != NVIDIA_VISIBLE_DEVICES]
+        self.env.append(f"{NVIDIA_VISIBLE_DEVICES}={visible}")
         self.stdin = job.get("stdin") or b""
         if not isinstance(self.stdin, (bytes, bytearray)):
             raise JobError("invalid job: stdin must be bytes")

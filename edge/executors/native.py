@@ -14,6 +14,11 @@ job's own allowance. Without bwrap the executor refuses to start, unless the own
 `allow_unsandboxed=True`: jobs then get the rlimits, the user and a private working directory,
 and nothing else.
 
+A job's "gpus" (edge/executors/gpus.py) are the device files of exactly those GPUs, bound into
+its sandbox, and CUDA_VISIBLE_DEVICES and NVIDIA_VISIBLE_DEVICES naming them (by UUID, else
+index); a job without GPUs has neither variable. Without a sandbox a GPU job gets the variables
+only: CUDA honours them, but nothing keeps the job from the machine's other GPUs.
+
 A job's "dirs" are bound into its sandbox at their guest paths, read-only unless "write" is
 true (native_sandbox.py). Without a sandbox a job with dirs is refused ("invalid job: dirs
 need ..."): nothing could put the directories at their guest paths nor keep a read-only one
@@ -47,8 +52,10 @@ import time
 from typing import Any
 
 from edge.core import protocol
+from edge.executors.gpus import GPU_ENV, gpu_ids, gpus_problem
 from edge.executors.native_sandbox import (
     DEFAULT_PATH,
+    GPU_INFO_DIR,
     NOBODY,
     SYSTEM_DIRS,
     bwrap_argv,
@@ -56,6 +63,7 @@ from edge.executors.native_sandbox import (
     descendants,
     dirs_problem,
     exited,
+    gpu_devices,
     limiter,
     unreachable,
     visible,
@@ -105,6 +113,20 @@ class _Spec:
         self.job_env: dict[str, str] = env
         self.env = {"PATH": DEFAULT_PATH, "HOME": "/tmp", "TMPDIR": "/tmp", "LANG": "C.UTF-8"}
         self.env.update(env)
+        problem = gpus_problem(job.get("gpus"))
+        if problem:
+            raise JobError(f"invalid job: {problem}")
+        self.gpus: list[dict[str, Any]] = list(job.get("gpus") or [])
+        # The GPU variables are the node's: CUDA uses only the GPUs these name, by UUID, else
+        # by index, and an index in NVML's (PCI) order, as the node counts, only with
+        # CUDA_DEVICE_ORDER=PCI_BUS_ID (CUDA's own order puts the fastest first). A job
+        # without GPUs has neither variable, whatever its own env says.
+        for name in GPU_ENV:
+            self.env.pop(name, None)
+            if self.gpus:
+                self.env[name] = ",".join(gpu_ids(self.gpus))
+        if self.gpus:
+            self.env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
         self.stdin = job.get("stdin") or b""
         if not isinstance(self.stdin, (bytes, bytearray)):
             raise JobError("invalid job: stdin must be bytes")
@@ -232,6 +254,8 @@ class NativeExecutor:
         stderr_cap: int = 64 << 10,
         run_as: int | None = None,
         bwrap: str | None = None,
+        dev_dir: str = "/dev",
+        gpu_info_dir: str = GPU_INFO_DIR,
     ) -> None:
         if enabled is not True:
             raise NativeDisabled("native executor is off; enable it in the node's preferences")
@@ -242,6 +266,8 @@ class NativeExecutor:
         self.memory_mb_default = memory_mb_default
         self.timeout_s_default = timeout_s_default
         self.stdout_cap, self.stderr_cap = int(stdout_cap), int(stderr_cap)
+        # where the host's GPU device files are, and the driver's page of each GPU (a test's own)
+        self.dev_dir, self.gpu_info_dir = dev_dir, gpu_info_dir
         if os.geteuid() == 0:
             self.run_as: int | None = NOBODY if run_as is None else int(run_as)
             if self.run_as == 0:
@@ -401,8 +427,13 @@ class NativeExecutor:
         workdir = None
         env = dict(spec.env)
         if self.bwrap is not None:
-            argv = [*bwrap_argv(self.bwrap, spec.network, mem, spec.dirs), *spec.command]
-            cwd = "/"
+            try:
+                devices = gpu_devices(spec.gpus, self.dev_dir, self.gpu_info_dir)
+            except FileNotFoundError as e:
+                self._not_started(handle, f"executor error: {e}")
+                return
+            sandbox = bwrap_argv(self.bwrap, spec.network, mem, spec.dirs, devices)
+            argv, cwd = [*sandbox, *spec.command], "/"
         else:  # no sandbox: a private working directory is all the isolation there is
             workdir = tempfile.mkdtemp(prefix="deparrow-native-")
             if self.run_as is not None:

@@ -6,6 +6,11 @@ only, as bwrap is.
 A job's "dirs" (edge/core/jobfiles.py) are bound at their guest paths, `--ro-bind` unless
 "write" is true (`--bind`). bwrap mounts them as the job's user, so that user must be able to
 reach them: the node checks it first, and says so as its own "executor error".
+
+A job's "gpus" (edge/executors/gpus.py) are the device files of exactly those GPUs
+(/dev/nvidia<N>, N the minor number the driver gives the GPU's UUID, else its index) and the
+shared ones the driver needs, bound with `--dev-bind`; the other GPUs' files are not in the
+sandbox at all, so the job cannot open them whatever it sets.
 """
 
 from __future__ import annotations
@@ -87,10 +92,65 @@ def unreachable(dirs: Sequence[dict[str, Any]], uid: int | None) -> str | None:
     return None
 
 
+# what every NVIDIA GPU's user needs besides the GPU's own /dev/nvidiaN: the driver's control
+# node, unified memory (CUDA opens nvidia-uvm-tools too since driver 570), modesetting, and the
+# MIG capabilities; only those this host has are given
+GPU_SHARED = ("nvidiactl", "nvidia-uvm", "nvidia-uvm-tools", "nvidia-modeset", "nvidia-caps")
+# the driver's page of each GPU: its UUID and the minor number of its device file
+GPU_INFO_DIR = "/proc/driver/nvidia/gpus"
+
+
+def device_minors(info_dir: str = GPU_INFO_DIR) -> dict[str, int]:
+    """{UUID: minor number} of the GPUs the driver lists (empty where it lists none). NVML's
+    index, which the node gives, is the GPUs' PCI order; the device file is /dev/nvidia<minor>,
+    the order the driver found them in: mostly the same, but not always."""
+    found = {}
+    with contextlib.suppress(OSError):
+        for bus in os.listdir(info_dir):
+            fields = {}
+            with (
+                contextlib.suppress(OSError),
+                open(os.path.join(info_dir, bus, "information")) as f,
+            ):
+                for line in f:
+                    key, _, value = line.partition(":")
+                    fields[key.strip()] = value.strip()
+            with contextlib.suppress(KeyError, ValueError):
+                found[fields["GPU UUID"]] = int(fields["Device Minor"])
+    return found
+
+
+def gpu_devices(
+    gpus: Sequence[dict[str, Any]], dev_dir: str = "/dev", info_dir: str = GPU_INFO_DIR
+) -> list[tuple[str, str]]:
+    """(host path, sandbox path) of the device files the job's GPUs need, to bind into the
+    sandbox (`dev_dir`: where the host's are): each GPU's own (by its UUID's minor number where
+    the driver lists it, else by its index) and the shared ones. FileNotFoundError names a GPU
+    whose device file is missing: its job must not run as if it had it."""
+    minors = device_minors(info_dir) if gpus else {}
+    found = []
+    for gpu in gpus:
+        minor = minors.get(gpu.get("uuid") or "", gpu["index"])
+        own = os.path.join(dev_dir, f"nvidia{minor}")
+        if not os.path.exists(own):
+            raise FileNotFoundError(f"GPU {gpu['index']} has no device file {own}")
+        found.append((own, f"/dev/nvidia{minor}"))
+    if found:
+        for name in GPU_SHARED:
+            if os.path.exists(os.path.join(dev_dir, name)):
+                found.append((os.path.join(dev_dir, name), "/dev/" + name))
+    return found
+
+
 def bwrap_argv(
-    bwrap: str, network: bool, tmp_bytes: int, dirs: Sequence[dict[str, Any]] = ()
+    bwrap: str,
+    network: bool,
+    tmp_bytes: int,
+    dirs: Sequence[dict[str, Any]] = (),
+    devices: Sequence[tuple[str, str]] = (),
 ) -> list[str]:
-    """bwrap and its options, up to the `--` before the job's command."""
+    """bwrap and its options, up to the `--` before the job's command. `devices`: the host's
+    device files to give the job (gpu_devices), each at its path in the sandbox's /dev."""
     argv = [bwrap, "--unshare-all", "--unshare-user", "--disable-userns"]
     argv += ["--share-net"] if network else []
     argv += ["--die-with-parent", "--cap-drop", "ALL"]
@@ -102,6 +162,15 @@ def bwrap_argv(
     for path in ETC + (ETC_NET if network else ()):
         argv += ["--ro-bind-try", path, path]
     argv += ["--proc", "/proc", "--dev", "/dev", "--size", str(tmp_bytes), "--tmpfs", "/tmp"]
+    # --dev-bind, not --bind: bwrap's /dev is nodev, and a device file bound without dev could
+    # not be opened (NVML: "Insufficient Permissions")
+    for host, guest in devices:
+        argv += ["--dev-bind", host, guest]
+    if devices:
+        # CUDA's cuInit fails (CUDA_ERROR_OPERATING_SYSTEM) without sysfs, which it reads for
+        # the GPUs' PCI and NUMA topology (nvidia-smi does without): read-only, as a container
+        # has it, and only for a job given devices
+        argv += ["--ro-bind", "/sys", "/sys"]
     # the job's directories: parents before children, each on a mount point bwrap makes in its
     # root (or in /tmp) while that is still writable
     for d in sorted(dirs, key=lambda d: d["guest"].count("/")):
