@@ -2,6 +2,7 @@
 
     python tools/simnet.py --hub http://127.0.0.1:8765 --token dpt_... --nodes 20 \\
         [--fail 0.01] [--broken 0] [--cheat 0] [--silent 0 --silent-for 30] [--speed 10-50] \\
+        [--slots 1] [--gpus 0 --gpu-share 1] [--engines wasm,native] \\
         [--wasm] [--duration 60] [--identities sim.json] [--json]
 
 For tests, benchmarks and demos. Each simulated node is what `edge-run` is on the wire:
@@ -13,7 +14,14 @@ For tests, benchmarks and demos. Each simulated node is what `edge-run` is on th
 - assignments go through the node's own state machine (`edge/core/jobs.py`: duplicates ignored,
   finished results re-sent, a busy node turns jobs down), which publishes `accepted` and
   `running` events and the result, signed with the node's secret (`edge/core/protocol.py`);
-- a job "runs" for a time drawn from `--speed`, or for real on wasm3 with `--wasm`.
+- a job "runs" for a time drawn from `--speed`, or for real on wasm3 with `--wasm`
+  (`hold`, for callers of the library: until they let it finish, `SimNode.release()`);
+- `--slots N`: it runs up to N jobs at once (hello's `slots`; heartbeats say what is `free`);
+- `--gpus N`: it has N simulated GPUs (`--gpu-share F`: only that share of the nodes does),
+  listed in its hello with the name "simulated GPU (simnet)" and a uuid that says simnet, so
+  no dashboard can take them for hardware. GPU jobs run on the docker or native engine:
+  offer one (`--engines wasm,native`). Nothing touches a GPU; the job is simulated like any
+  other, and the state machine gives it GPUs of the node's as edge-run does.
 
 Misbehaviour, drawn per job with the node's own seeded random generator:
 - `--fail P`: the job fails (`trap: simulated failure`); the hub refunds its submitter;
@@ -47,6 +55,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -83,13 +92,16 @@ BROKEN = "executor error: simulated broken executor (simnet)"
 # --- what a node does -------------------------------------------------------------------
 class RunTime:
     """How long a simulated job runs, in milliseconds: `20` (always 20), `10-50` (uniform),
-    `exp:20` (exponential with mean 20, like a service time), `0` (at once)."""
+    `exp:20` (exponential with mean 20, like a service time), `0` (at once), or `hold`: until
+    the caller releases it (SimNode.release()), which is how a test decides when jobs end."""
 
     def __init__(self, spec: str | float = 0) -> None:
         text = str(spec).strip()
         self.spec = text
         try:
-            if text.startswith("exp:"):
+            if text == "hold":
+                self.kind, self.a, self.b = "hold", 0.0, 0.0
+            elif text.startswith("exp:"):
                 self.kind, self.a, self.b = "exp", float(text[4:]), 0.0
             elif "-" in text.lstrip("-"):
                 lo, hi = text.split("-", 1)
@@ -98,7 +110,7 @@ class RunTime:
                 self.kind, self.a, self.b = "fixed", float(text), 0.0
         except ValueError:
             raise ValueError(
-                f"speed {text!r}: expected milliseconds like 20, 10-50 or exp:20"
+                f"speed {text!r}: expected milliseconds like 20, 10-50 or exp:20, or hold"
             ) from None
         if not (math.isfinite(self.a) and math.isfinite(self.b)):
             raise ValueError(f"speed {text!r}: times must be finite")
@@ -106,6 +118,9 @@ class RunTime:
             raise ValueError(f"speed {text!r}: times must be >= 0 and low-high in order")
 
     def sample_s(self, rng: random.Random) -> float:
+        """Seconds the job runs; math.inf for `hold` (it ends when released)."""
+        if self.kind == "hold":
+            return math.inf
         if self.kind == "fixed":
             ms = self.a
         elif self.kind == "uniform":
@@ -132,6 +147,8 @@ class Behaviour:
     engines: tuple[str, ...] = ("wasm",)
     cpu: float = 2.0
     memory_mb: int = 1024
+    slots: int = 1  # jobs at once
+    gpus: int = 0  # simulated GPUs; GPU jobs need a docker or native engine in `engines`
 
     def __post_init__(self) -> None:
         for name in ("fail", "cheat", "broken", "silent"):
@@ -146,6 +163,15 @@ class Behaviour:
             )
         if self.silent_s <= 0:
             raise ValueError("silent_s must be positive (math.inf: silent for good)")
+        if not 1 <= self.slots <= 256:  # what a hello may say (hub/mqtt/wire.py)
+            raise ValueError(f"slots is jobs at once: 1 to 256, not {self.slots!r}")
+        if not 0 <= self.gpus <= edge_jobs.MAX_GPUS:
+            raise ValueError(f"gpus: 0 to {edge_jobs.MAX_GPUS} per node, not {self.gpus!r}")
+        if self.gpus and not {"docker", "native"} & set(self.engines):
+            raise ValueError(
+                "a node with GPUs needs the docker or native engine (GPU jobs run only on "
+                "those): add one to the engines, e.g. wasm,native"
+            )
 
 
 @dataclass
@@ -158,6 +184,7 @@ class Stats:
     results: int = 0  # result messages sent, copies included (--repeat)
     silenced: int = 0  # times a node froze
     rejected: int = 0
+    gpu_jobs: int = 0  # jobs that were given simulated GPUs
     duplicates: int = 0  # assignments seen before (ignored or answered from the cache)
     cancelled: int = 0
     heartbeats: int = 0
@@ -182,6 +209,16 @@ class _Run:
         self.outcome: dict[str, Any] | None = None
         self.real: Any = None  # the wasm3 handle, with --wasm
         self.timer: asyncio.TimerHandle | None = None
+
+
+def simulated_gpus(node_id: str, count: int) -> list[dict[str, Any]]:
+    """A simulated node's GPUs as its hello lists them: named and numbered so that nobody
+    mistakes them for hardware (edge/gpu.py reports real ones)."""
+    return [
+        {"index": i, "name": "simulated GPU (simnet)", "uuid": f"GPU-simnet-{node_id}-{i}",
+         "memory_mb": 16384}
+        for i in range(count)
+    ]  # fmt: skip
 
 
 def honest_output(job: dict[str, Any]) -> bytes:
@@ -216,10 +253,14 @@ class _SimExecutor:
                 fate = name
                 break
         run = _Run(job, fate, b.speed.sample_s(node.rng))
+        if job.get("gpus"):
+            node.stats.gpu_jobs += 1
         wasm = node.net.wasm
         if wasm is not None and job.get("engine") == "wasm":
             run.real = wasm.submit(job)
             node.net.watch(run, node)
+        elif math.isinf(run.wall_s):
+            node.held.append(run)  # `hold`: it ends when the caller releases it
         else:
             run.timer = node.net.loop.call_later(run.wall_s, node.finish, run)
         return run
@@ -233,6 +274,8 @@ class _SimExecutor:
         if run.real is not None and self.node.net.wasm is not None:
             self.node.net.wasm.cancel(run.real)
         self.node.net.unwatch(run)
+        if run in self.node.held:
+            self.node.held.remove(run)
         run.outcome = {"status": "cancelled"}
 
 
@@ -393,7 +436,12 @@ class SimNode:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
-        self.runner = JobRunner(self.id, self.secret, _SimExecutor(self), self.publish, slots=1)
+        self.held: list[_Run] = []  # jobs run with `--speed hold`, until release()
+        self.gpus = simulated_gpus(self.id, behaviour.gpus)
+        self.runner = JobRunner(
+            self.id, self.secret, _SimExecutor(self), self.publish, slots=behaviour.slots,
+            gpus=self.gpus,
+        )  # fmt: skip
 
     def topic(self, kind: str) -> str:
         return protocol.node_topic(self.id, kind)
@@ -455,9 +503,11 @@ class SimNode:
             protocol.hello(
                 self.id,
                 b.engines,
-                {"cpu": b.cpu, "memory_mb": b.memory_mb},
+                {"cpu": b.cpu, "memory_mb": b.memory_mb, "gpu": len(self.gpus)},
                 VERSION,
                 self.runner.running_ids(),
+                slots=self.runner.slots,
+                gpus=self.gpus or None,
             ),
         )
         self.heartbeat()
@@ -500,19 +550,28 @@ class SimNode:
         self.stats.heartbeats += 1
         busy = self.runner.busy()
         b = self.behaviour
+        used = self.runner.in_use()
+        # As edge-run (edge/resources.py): the whole offer, busy or not (the state says busy,
+        # and the hub subtracts the shares of the jobs it gave); `free` is what is left.
+        offer = {
+            "cpu": b.cpu,
+            "memory_mb": b.memory_mb,
+            "gpu": len(self.gpus),
+            "load": round(used["slots"] / self.runner.slots, 3),
+        }
+        free = {"slots": self.runner.slots - used["slots"]}
+        for key in ("cpu", "memory_mb", "gpu"):
+            free[key] = max(0, offer[key] - used[key])
+        free["cpu"] = round(free["cpu"], 3)
         self.publish(
             protocol.HEARTBEAT,
             protocol.heartbeat(
                 self.id,
                 self.seq,
                 protocol.BUSY if busy else protocol.IDLE,
-                {
-                    "cpu": 0 if busy else b.cpu,
-                    "memory_mb": 0 if busy else b.memory_mb,
-                    "gpu": 0,
-                    "load": 1.0 if busy else 0.0,
-                },
+                offer,
                 self.runner.running_ids(),
+                free=free,
             ),
         )
 
@@ -557,6 +616,16 @@ class SimNode:
             else:
                 self.stats.completed += 1
             self.heartbeat()  # idle again: the hub can send the next job now
+
+    def release(self, count: int | None = None) -> int:
+        """Let `count` (None: all) of the jobs held by `--speed hold` finish now, oldest first;
+        each reports the time it ran. Returns how many were released."""
+        runs = self.held[:count] if count is not None else list(self.held)
+        for run in runs:
+            self.held.remove(run)
+            run.wall_s = time.monotonic() - run.started
+            self.finish(run)
+        return len(runs)
 
     # -- misbehaviour ----------------------------------------------------------------------
     def freeze(self, seconds: float = math.inf) -> None:
@@ -935,6 +1004,21 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help="run wasm jobs for real on wasm3 with this many worker processes",
     )
     ap.add_argument("--engines", default="wasm", help="comma-separated engines offered")
+    ap.add_argument("--slots", type=int, default=1, help="jobs each node runs at once (default 1)")
+    ap.add_argument(
+        "--gpus",
+        type=int,
+        default=0,
+        metavar="N",
+        help="simulated GPUs per node (default 0); GPU jobs need --engines with docker or native",
+    )
+    ap.add_argument(
+        "--gpu-share",
+        type=float,
+        default=1.0,
+        metavar="F",
+        help="the share of the nodes that have the --gpus GPUs, 0 to 1 (default 1: all)",
+    )
     ap.add_argument("--cpu", type=float, default=2.0, help="CPUs each node offers")
     ap.add_argument("--memory", type=int, default=1024, help="MB each node offers")
     ap.add_argument(
@@ -1007,10 +1091,15 @@ async def main_async(args: argparse.Namespace) -> int:
             engines=tuple(e for e in args.engines.split(",") if e),
             cpu=args.cpu,
             memory_mb=args.memory,
+            slots=args.slots,
+            gpus=args.gpus,
         )
+        if not 0.0 <= args.gpu_share <= 1.0:
+            raise ValueError(f"--gpu-share is a share of the nodes, 0 to 1, not {args.gpu_share}")
     except ValueError as e:
         print(f"simnet: {e}", file=sys.stderr)
         return 2
+    with_gpus = round(args.nodes * args.gpu_share) if args.gpus else 0
 
     def emit(obj: dict[str, Any], line: str) -> None:
         print(json.dumps(obj) if args.json else line, flush=True)
@@ -1036,7 +1125,9 @@ async def main_async(args: argparse.Namespace) -> int:
             idents += await net.enroll(args.nodes - len(idents), Tokens(args.token), behaviour)
             if args.identities is not None:
                 args.identities.write_text(json.dumps(idents, indent=1))
-        await net.start(idents, behaviour)
+        plain = dataclasses.replace(behaviour, gpus=0)
+        await net.start(idents[:with_gpus], behaviour)
+        await net.start(idents[with_gpus:], plain)
     except (RuntimeError, ValueError, TimeoutError, aiohttp.ClientError, OSError) as e:
         print(f"simnet: {e}", file=sys.stderr)
         await net.stop(goodbye=False)
@@ -1045,10 +1136,13 @@ async def main_async(args: argparse.Namespace) -> int:
         {
             "event": "ready",
             "nodes": [n.id for n in net.nodes],
+            "gpu_nodes": [n.id for n in net.nodes if n.gpus],
+            "slots": args.slots,
             "seconds": round(time.monotonic() - t0, 3),
         },
         f"{len(net.nodes)} simulated nodes online at {args.hub} "
-        f"({time.monotonic() - t0:.1f}s to enroll and connect)",
+        f"({time.monotonic() - t0:.1f}s to enroll and connect; {args.slots} slots each, "
+        f"{with_gpus} with {args.gpus} simulated GPUs)",
     )
     if args.flood:
         sent = await net.flood(args.flood, args.duration or 5.0)
