@@ -42,6 +42,12 @@ log = logging.getLogger("edge")
 )
 @click.option("--max-cpu", type=float, default=None, help="CPU-equivalents to offer at most.")
 @click.option(
+    "--max-jobs",
+    type=click.IntRange(1, 256),
+    default=None,
+    help="Jobs to run at once at most (default: one per usable core; the preference max_jobs).",
+)
+@click.option(
     "--config",
     "prefs_path",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -81,6 +87,7 @@ def main(
     name: str | None,
     data_dir: Path | None,
     max_cpu: float | None,
+    max_jobs: int | None,
     prefs_path: Path | None,
     dashboard_port: int,
     dashboard_host: str,
@@ -129,6 +136,8 @@ def main(
         config["preferences"] = preferences  # for this run; node.json keeps the identity only
     if always_run:
         config["preferences"] = {**(config.get("preferences") or {}), "always_run": True}
+    if max_jobs is not None:
+        config["preferences"] = {**(config.get("preferences") or {}), "max_jobs": max_jobs}
     page = (dashboard_host, dashboard_port) if dashboard_port else None
     run_node(config, max_cpu, page, config_path.parent)
 

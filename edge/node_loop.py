@@ -83,17 +83,31 @@ def run_node(
         else Preferences.from_dict(prefs.get("idle"), where="idle")
     )
     from edge.core import jobfiles
+    from edge.gpu import detect
+    from edge.preferences import slots
+
+    # The GPUs are read once: a node offers (resources.gpu) at most those it announced.
+    gpus = [
+        {"index": g.index, "name": g.name, "uuid": g.uuid, "memory_mb": g.memory_mb}
+        for g in detect()
+    ]
+    jobs_at_once = slots(prefs, idle.usable_cores(os.cpu_count() or 1))
 
     # the executors keep their job directories under the node's own data directory
-    config = {**config, "data_dir": str(data_dir or default_data_dir())}
+    config = {
+        **config,
+        "data_dir": str(data_dir or default_data_dir()),
+        "slots": jobs_at_once,
+        "gpus": gpus,
+    }
     caps = jobfiles.limits(prefs.get("files"))
     if caps is not None:  # file jobs' directories, emptied at start (edge/core/jobfiles.py)
         native = bool((prefs.get("native") or {}).get("enabled"))
         where = jobfiles_dir(data_dir or default_data_dir(), str(config["node_id"]), native)
         config = {**config, "files": {**caps, "dir": where}}
-    # One job at a time for now: the scheduler gives a node one job.
     with build_executors(config, warn) as executor:
-        gate = IdleGate(idle, Monitor(exclude=executor.job_pids), executor=executor)
+        monitor = Monitor(exclude=executor.job_pids, gpus=len(gpus))
+        gate = IdleGate(idle, monitor, executor=executor)
         outbox = Outbox(str((data_dir or default_data_dir()) / "outbox.log"), log=log.warning)
         session = Session(
             config,
@@ -110,9 +124,11 @@ def run_node(
             if page is not None:
                 page.stop()
             raise click.ClickException(str(e)) from None
+        gpu_text = ", ".join(f"{g['name']} (GPU {g['index']})" for g in gpus) or "no GPU"
         click.echo(
             f"node {config['node_id']} online at {config['mqtt']['url']}; "
-            f"earning for {config['owner']}. Ctrl-C stops.",
+            f"earning for {config['owner']}; up to {jobs_at_once} jobs at once; {gpu_text}."
+            " Ctrl-C stops.",
             err=True,
         )
         if not prefs.get("always_run") and not idle.run_if_user_active:

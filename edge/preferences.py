@@ -7,7 +7,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-PREFERENCE_KEYS = ("idle", "always_run", "wasm_engine", "docker", "native", "files")
+PREFERENCE_KEYS = ("idle", "always_run", "wasm_engine", "docker", "native", "files", "max_jobs")
+MAX_SLOTS = 256  # jobs at once on one node, at most (the protocol's bound)
 
 
 def check_preferences(prefs: dict[str, Any]) -> None:
@@ -20,6 +21,13 @@ def check_preferences(prefs: dict[str, Any]) -> None:
     Preferences.from_dict(prefs.get("idle"), where="idle")
     if not isinstance(prefs.get("always_run", False), bool):
         raise ValueError("always_run must be true or false")
+    jobs = prefs.get("max_jobs")
+    if jobs is not None and (
+        isinstance(jobs, bool) or not isinstance(jobs, int) or not 1 <= jobs <= MAX_SLOTS
+    ):
+        raise ValueError(
+            f"max_jobs must be a whole number from 1 to {MAX_SLOTS} or null, got {jobs!r}"
+        )
     if prefs.get("wasm_engine", "wasm3") not in ("wasm3", "wasmtime", "wasm3-run"):
         raise ValueError('wasm_engine must be "wasm3", "wasmtime" or "wasm3-run"')
     for section, allowed in (
@@ -63,18 +71,27 @@ def check_files(value: Any) -> None:
     jobfiles.limits(value)  # ValueError naming a bad cap
 
 
+def slots(prefs: dict[str, Any], usable_cores: int) -> int:
+    """How many jobs the node runs at once: the owner's `max_jobs`, else one per usable core
+    (the idle preferences' max_cores). Each job still gets only the CPU it asked for."""
+    jobs = prefs.get("max_jobs")
+    return max(1, min(MAX_SLOTS, int(jobs) if jobs else usable_cores))
+
+
 def build_executors(config: dict[str, Any], warn: Callable[[str], None]) -> Any:
     """The node's executors from its preferences: wasm always, docker and native when the
-    owner turned them on. A docker engine that does not answer is left out with a warning."""
+    owner turned them on. A docker engine that does not answer is left out with a warning.
+    config["slots"]: jobs at once, so the wasm executors keep that many workers."""
     from edge.executors.router import ExecutorRouter
 
     prefs = config.get("preferences") or {}
+    workers = int(config.get("slots") or 1)
     executors: dict[str, Any] = {}
     if prefs.get("wasm_engine") == "wasmtime":
         try:
             from edge.executors.wasmtime_exec import WasmtimeExecutor
 
-            executors["wasm"] = WasmtimeExecutor()
+            executors["wasm"] = WasmtimeExecutor(workers=workers)
         except (ImportError, RuntimeError) as e:  # WasmtimeUnavailable: not installed here
             warn(f"wasmtime unavailable ({e}); using wasm3")
     if prefs.get("wasm_engine") == "wasm3-run":  # the runner MicroPython nodes use
@@ -92,7 +109,7 @@ def build_executors(config: dict[str, Any], warn: Callable[[str], None]) -> Any:
     if "wasm" not in executors:
         from edge.executors.wasm3 import Wasm3Executor
 
-        executors["wasm"] = Wasm3Executor(workers=1)
+        executors["wasm"] = Wasm3Executor(workers=workers)
         # pywasm3's WASI has no files; wasm3-run's (edge/native, in C) has: file jobs go
         # there, the others stay on the warm worker (0.9 ms a small job against ~5 ms for
         # a runner process; docs/jobs.md)

@@ -446,8 +446,12 @@ class NativeExecutor:
         nproc = count_processes(uid) + spec.processes + 2
         # CPU seconds: a backstop that never bites before the wall clock, even on every core
         cpu = math.ceil(spec.timeout_s * (os.cpu_count() or 1)) + 1
+        # The memory cap is the address space, except for a GPU job: CUDA reserves far more
+        # address space than it uses (cuInit fails under an address-space cap), but that
+        # reservation is not writable, so the data limit caps what the job really allocates.
+        memory = resource.RLIMIT_DATA if spec.gpus else resource.RLIMIT_AS
         limits = [
-            (resource.RLIMIT_AS, mem, mem),
+            (memory, mem, mem),
             (resource.RLIMIT_CPU, cpu, cpu + 1),  # SIGXCPU, then SIGKILL a second later
             (resource.RLIMIT_NPROC, nproc, nproc),
             (resource.RLIMIT_FSIZE, mem, mem),

@@ -189,6 +189,21 @@ def test_native_gpu_job_gets_exactly_its_gpus_devices(
     assert out["stdout"] == b"unset unset\n0\n", out
 
 
+def test_a_native_gpu_jobs_memory_cap_is_its_data_not_its_address_space(dev_dir: Path) -> None:
+    """CUDA reserves terabytes of address space: a GPU job is capped by RLIMIT_DATA instead."""
+    ex = gpu_executor(dev_dir)
+    show = "grep -E 'Max (address space|data size)' /proc/self/limits | tr -s ' '"
+    capped = str(64 * 1024 * 1024)
+    out = ex.run(native_job(show, gpus=[GPU0], memory_mb=64))
+    assert out["status"] == "completed", out
+    assert [line.strip() for line in out["stdout"].decode().splitlines()] == [
+        f"Max data size {capped} {capped} bytes",
+        "Max address space unlimited unlimited bytes",
+    ], out
+    out = ex.run(native_job(show, memory_mb=64))  # without a GPU: the address space, as before
+    assert out["stdout"].decode().splitlines()[1].startswith("Max address space " + capped), out
+
+
 def test_native_gpu_device_file_by_the_drivers_minor_number(dev_dir: Path) -> None:
     """NVML's index (PCI order) and the device file's minor number (the driver's order) may
     differ: the driver's page of the GPU with the job's UUID says which file is its."""

@@ -99,3 +99,15 @@ def test_each_gpu_is_one_jobs_and_the_owner_keeps_them_while_active(
         node.send(protocol.CANCEL, protocol.cancel(job_id, 1))
         node.wait_for("event", job_id=job_id, state="cancelled")
     node.wait_for("heartbeat", state="idle", running=[])
+
+
+def test_max_jobs_is_checked_and_defaults_to_one_job_per_usable_core() -> None:
+    from edge.preferences import check_preferences, slots
+
+    check_preferences({"max_jobs": 4})
+    check_preferences({"max_jobs": None})
+    for bad in (0, 257, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="max_jobs must be a whole number from 1 to 256"):
+            check_preferences({"max_jobs": bad})
+    assert slots({}, 16) == 16 and slots({"max_jobs": None}, 2) == 2
+    assert slots({"max_jobs": 3}, 16) == 3 and slots({}, 0) == 1
