@@ -49,6 +49,56 @@ def test_wallet_transfer_history_audit_and_status(tmp_path: Path, mosquitto: str
         hub.stop()
 
 
+def test_node_list_shows_jobs_of_slots_and_gpus(tmp_path: Path, mosquitto: str) -> None:
+    """Two nodes say hello over MQTT as edge-run does (edge/core/protocol.py): one with 2
+    slots and an NVIDIA L4 (the hello's claim: no GPU is needed here), one as a board."""
+    import paho.mqtt.publish as publish
+
+    from deparrow.localnet import wait_for
+    from edge.core import protocol
+    from hub.mqtt.bridge import parse_mqtt_url
+
+    l4 = {"index": 0, "name": "NVIDIA L4", "uuid": "GPU-5e1c1d0a", "memory_mb": 23034}
+    hub = start_hub(tmp_path, mqtt_url=mosquitto)
+    try:
+        alice, client = hub.user("alice")
+        ids = {}
+        for name, engines, extra in [
+            ("gpu-box", ["docker"], {"slots": 2, "gpus": [l4]}),
+            ("board", ["wasm"], {}),
+        ]:
+            token = client.enrollment_token()["token"]
+            creds = client.request(
+                "POST", "/api/v1/nodes/enroll", {"token": token, "name": name}, auth=False
+            )
+            node_id = ids[name] = creds["node_id"]
+            hello = protocol.hello(node_id, engines, {"cpu": 2, "memory_mb": 512}, "t", **extra)
+            host, port = parse_mqtt_url(creds["mqtt"]["url"])
+            login = {"username": node_id, "password": creds["mqtt"]["password"]}
+            topic = protocol.node_topic(node_id, protocol.HELLO)
+            publish.single(topic, protocol.encode(hello), qos=1, hostname=host, port=port,
+                           client_id=node_id, auth=login)  # fmt: skip
+        wait_for("both hellos", lambda: all(n["last_seen"] for n in client.nodes()), 30, [hub.proc])
+
+        out = cli(hub.url, alice["token"], "node", "list")
+        assert out.returncode == 0, out.stderr
+        header, *rows = out.stdout.splitlines()
+        assert header.split() == ["node", "state", "name", "jobs", "resources", "gpu", "earned"]
+        lines = {line.split()[0]: line for line in rows}
+        assert "gpu-box" in lines[ids["gpu-box"]] and " 0/2 " in lines[ids["gpu-box"]]
+        assert " 1x NVIDIA L4 " in lines[ids["gpu-box"]]
+        assert " 0/1 " in lines[ids["board"]]
+        assert lines[ids["board"]].split()[-2] == "-"  # no GPU; then what it earned
+
+        out = cli(hub.url, alice["token"], "node", "list", "--json")
+        nodes = {n["name"]: n for n in json.loads(out.stdout)}
+        assert nodes["gpu-box"]["gpus"] == [l4] and nodes["gpu-box"]["slots"] == 2
+        assert nodes["gpu-box"]["jobs_running"] == 0
+        assert nodes["board"]["gpus"] == [] and nodes["board"]["slots"] == 1
+    finally:
+        hub.stop()
+
+
 def test_the_client_cli_imports_nothing_of_the_server() -> None:
     # `deparrow hub` imports the server when it runs; every other command works without it.
     code = (

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from deparrow.cli.context import Ctx, emit, run_cli
@@ -12,12 +14,23 @@ def node_group() -> None:
     """Nodes: list them, create enrollment tokens, remove them."""
 
 
+def gpu_label(gpus: list[dict[str, Any]] | None) -> str:
+    """A node's GPUs as count and model ("1x NVIDIA L4", "2x NVIDIA L4, 1x NVIDIA T4"), "-"
+    for none."""
+    models: dict[str, int] = {}
+    for g in gpus or []:
+        name = str(g.get("name") or "GPU")
+        models[name] = models.get(name, 0) + 1
+    return ", ".join(f"{n}x {name}" for name, n in models.items()) or "-"
+
+
 @node_group.command("list")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
 @run_cli
 def node_list(obj: Ctx, as_json: bool) -> None:
-    """Nodes I own (all nodes for an admin)."""
+    """Nodes I own (all nodes for an admin): state; jobs, the hub's jobs on it out of the jobs
+    it runs at once (1/2); CPU and memory; GPUs (count and model); credits earned."""
     nodes = obj.client().nodes()
     if as_json:
         emit(nodes)
@@ -25,11 +38,17 @@ def node_list(obj: Ctx, as_json: bool) -> None:
     if not nodes:
         click.echo("no nodes; add one with: deparrow node token")
     else:
-        click.echo(f"{'node':<18}  {'state':<9} {'name':<20} resources          earned")
-    for n in nodes:
         click.echo(
-            f"{n['id']}  {n['state']:<9} {n['name']:<20} {n['cpu']:g} CPU "
-            f"{n['memory_mb']} MB  earned {n['earned']}"
+            f"{'node':<18}  {'state':<9} {'name':<20} {'jobs':>5}  {'resources':<18} "
+            f"{'gpu':<20} earned"
+        )
+    for n in nodes:
+        # A hub older than slots and GPUs leaves the fields out: one job at a time, no GPU.
+        jobs = f"{n.get('jobs_running', 0)}/{n.get('slots', 1)}"
+        resources = f"{n['cpu']:g} CPU {n['memory_mb']} MB"
+        click.echo(
+            f"{n['id']:<18}  {n['state']:<9} {n['name']:<20} {jobs:>5}  {resources:<18} "
+            f"{gpu_label(n.get('gpus')):<20} {n['earned']}"
         )
 
 

@@ -195,10 +195,10 @@ async def list_nodes(request: web.Request) -> web.Response:
     who = identity(request)
     services = _services(request)
     owner = None if who.is_admin else who.user_id
-    from hub.api.views import node_view
+    from hub.api.views import node_views
 
-    nodes = [node_view(n) for n in services.store.nodes(owner) if n["revoked_at"] is None]
-    return json_response({"nodes": nodes})
+    rows = [n for n in services.store.nodes(owner) if n["revoked_at"] is None]
+    return json_response({"nodes": node_views(services.store.db, rows)})
 
 
 async def get_node(request: web.Request) -> web.Response:
@@ -230,9 +230,9 @@ async def get_node(request: web.Request) -> web.Response:
             return error(404, f"no node {node_id}")  # someone else's: don't confirm it exists
         if node is None:
             return error(404, f"no node {node_id}")
-    from hub.api.views import node_view
+    from hub.api.views import node_views
 
-    return json_response(node_view(node))
+    return json_response(node_views(services.store.db, [node])[0])
 
 
 async def remove_node(request: web.Request) -> web.Response:

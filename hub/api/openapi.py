@@ -29,6 +29,7 @@ _TYPES: list[Any] = [
     types.EnrollRequest,
     types.EnrollResponse,
     types.NodeView,
+    types.NodeList,
     types.ErrorBody,
     types.BlobView,
 ]
@@ -294,12 +295,12 @@ def document() -> dict[str, Any]:
                 auth=False,
             )
         },
-        "/api/v1/nodes": {"get": _op("Nodes (mine; all for an admin)", None)},
+        "/api/v1/nodes": {"get": _op("Nodes (mine; all for an admin)", "NodeList")},
         "/api/v1/nodes/{node_id}": {
             "get": {
                 **_op(
-                    "One node: state and credits earned. The node itself authenticates with "
-                    "HTTP Basic (node id, MQTT password); users with their JWT",
+                    "One node: state, slots, GPUs and credits earned. The node itself "
+                    "authenticates with HTTP Basic (node id, MQTT password); users with their JWT",
                     "NodeView",
                     errors=(401, 404),
                 ),

@@ -205,6 +205,24 @@ class EnrollResponse(msgspec.Struct):
     heartbeat_interval_s: float
 
 
+class GpuView(msgspec.Struct):
+    """One GPU a node has, as its hello described it (a node's claim: the hub cannot look)."""
+
+    index: int
+    name: str
+    uuid: str | None = None
+    memory_mb: int | None = None
+
+
+class FreeView(msgspec.Struct):
+    """What a node's last heartbeat said it has left after its running jobs' shares."""
+
+    cpu: float
+    memory_mb: int
+    gpu: int
+    slots: int
+
+
 class NodeView(msgspec.Struct):
     id: str
     name: str
@@ -215,12 +233,20 @@ class NodeView(msgspec.Struct):
     cpu: float
     memory_mb: int
     last_seen: float | None
-    running: list[str]
+    running: list[str]  # the job ids its last heartbeat named
     earned: str
     uptime_s: int  # availability paid or payable (docs/economy.md, "Staying online")
+    slots: int  # jobs it runs at once (its hello; 1 for a board or an older node)
+    jobs_running: int  # the hub's jobs on it now, assigned or running: of `slots`
+    gpus: list[GpuView]  # the GPUs it has, from its hello; [] when none
+    free: FreeView | None  # what its last heartbeat said is free; None when it did not say
     reputation: float | None = None  # 0..1, 0.5 for a new node (docs/economy.md)
     uptime_waiting_s: int = 0  # today's availability, unpaid until a job proves the node
     allow_network: list[str] = []  # engines whose jobs may use the network there
+
+
+class NodeList(msgspec.Struct):
+    nodes: list[NodeView]  # mine (an admin: everyone's), removed ones left out
 
 
 class ErrorBody(msgspec.Struct):

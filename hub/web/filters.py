@@ -57,12 +57,27 @@ def mb(n: float | None) -> str:
     return f"{n / 1024:.1f} GB" if n >= 1024 else f"{n:.0f} MB"
 
 
+def gpus(listed: list[dict[str, Any]] | None) -> str:
+    """A node's GPUs in a line: '1 GPU · NVIDIA L4 22.5 GB', '3 GPUs · 2x NVIDIA L4 22.5 GB,
+    NVIDIA T4 15.0 GB'; '' for none."""
+    if not listed:
+        return ""
+    models: dict[str, int] = {}
+    for g in listed:
+        model = g.get("name") or "GPU"
+        if g.get("memory_mb"):
+            model += " " + mb(g["memory_mb"])
+        models[model] = models.get(model, 0) + 1
+    kinds = ", ".join(f"{n}x {m}" if n > 1 else m for m, n in models.items())
+    return f"{len(listed)} GPU{'s' if len(listed) > 1 else ''} · {kinds}"
+
+
 def qs(params: dict[str, Any]) -> str:
     return urlencode({k: v for k, v in params.items() if v})
 
 
 def install(env: jinja2.Environment, static_dir: Path) -> None:
-    env.filters.update(ago=ago, when=when, clock=clock, dur=dur, mb=mb, qs=qs)
+    env.filters.update(ago=ago, when=when, clock=clock, dur=dur, mb=mb, gpus=gpus, qs=qs)
 
     # Cache-busting by file modification time: a new hub version never serves stale scripts.
     def static(name: str) -> str:

@@ -22,6 +22,7 @@ import wasm_jobs
 from hub.api.auth import Identity
 from hub.api.jobs import file_response
 from hub.api.nodes import ca_pin, enroll_command
+from hub.api.views import jobs_running, node_view
 from hub.ledger.money import InsufficientFunds, UnknownAccount, format_micro
 from hub.market.errors import JobError, NotAllowed
 from hub.market.jobs import wallet_of
@@ -437,10 +438,8 @@ async def transfer(request: web.Request) -> web.Response:
 
 
 # --- nodes --------------------------------------------------------------------------------
-def _node_row(n: Any, columns: set[str], names: dict[str, str]) -> Context:
-    from hub.api.views import node_view
-
-    view = node_view(n)
+def _node_row(n: Any, columns: set[str], names: dict[str, str], running: int) -> Context:
+    view = node_view(n, running)
     view["offered"] = queries.offered(n)
     view["reputation"] = n["reputation"] if "reputation" in columns else None
     view["owner_name"] = names.get(n["owner"], n["owner"])
@@ -452,7 +451,8 @@ async def _nodes_context(request: web.Request, who: Identity) -> Context:
     nodes = svc.store.nodes(None if who.is_admin else who.user_id)
     columns = queries.node_columns(svc.db)
     names = queries.user_names(svc.db, {n["owner"] for n in nodes}) if who.is_admin else {}
-    views = [_node_row(n, columns, names) for n in nodes]
+    running = jobs_running(svc.db, [n["id"] for n in nodes])
+    views = [_node_row(n, columns, names, running.get(n["id"], 0)) for n in nodes]
     order = {"busy": 0, "idle": 1, "suspended": 2, "offline": 3}
     views.sort(key=lambda v: (order.get(v["state"], 2), v["name"]))
     return {
@@ -492,7 +492,7 @@ async def node_page(request: web.Request, who: Identity) -> Context:
     names = queries.user_names(svc.db, {n["owner"]})
     beats = live.heartbeats(request.app, node_id)
     return {
-        "node": _node_row(n, columns, names),
+        "node": _node_row(n, columns, names, jobs_running(svc.db, [node_id]).get(node_id, 0)),
         "has_reputation": "reputation" in columns,
         "beats": beats,
         "recent_beats": list(reversed(beats[-12:])),

@@ -4,22 +4,31 @@ artifacts/screenshots/.
 
 The tests share one hub and run in order, like a person's first session: Bob signs in,
 Alice adds a node from the Nodes page, Bob runs a job from the Jobs page and watches it
-and his wallet change live, then the forms are given bad input.
+and his wallet change live, then the forms are given bad input. Last, a node with two slots and a
+GPU (a simulated one: the GPU is its hello's claim) shows them, and a job on it.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
 
 from deparrow import localnet
+from deparrow.client import Client
+from edge.core import protocol
 from hub.ledger.money import MICRO, credits_to_micro, format_micro
+from hub.mqtt.bridge import parse_mqtt_url
 from tests.conftest import ROOT, require_mosquitto
 
 CHROMIUM = "/usr/bin/chromium"
@@ -306,3 +315,107 @@ def test_admin_sees_the_whole_network(browser: Browser, net: Net) -> None:
     expect(page.locator("#books")).to_contain_text("ledger balanced")
     shot(page, "dashboard-admin")
     ctx.close()
+
+
+L4 = {"index": 0, "name": "NVIDIA L4", "uuid": "GPU-5e1c1d0a-7f3e-4b7c-9d1e-2a6f0c9b8e41",
+      "memory_mb": 23034}  # fmt: skip
+GPU_OFFER = {"cpu": 4, "memory_mb": 8192, "gpu": 1, "load": 0.0}
+
+
+class GpuNode:
+    """A node with 2 slots and an NVIDIA L4, speaking edge/core/protocol.py over the hub's
+    broker with its own login, as edge-run does. The GPU is its hello's claim: no GPU is
+    needed. It keeps the jobs it is assigned (listed in its heartbeats) and runs none."""
+
+    def __init__(self, owner: Client, name: str) -> None:
+        token = owner.enrollment_token()["token"]
+        machine = {"arch": "x86_64", "cpu": 4, "memory_mb": 16384, "engines": ["docker"]}
+        creds = owner.request(
+            "POST", "/api/v1/nodes/enroll", {"token": token, "name": name, **machine}, auth=False
+        )
+        self.id: str = creds["node_id"]
+        self.jobs: list[str] = []
+        self.c = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=self.id)
+        self.c.username_pw_set(self.id, creds["mqtt"]["password"])
+        self.c.on_message = self._message
+        subscribed = threading.Event()
+        self.c.on_subscribe = lambda *_a: subscribed.set()
+        self.c.connect(*parse_mqtt_url(creds["mqtt"]["url"]))
+        self.c.loop_start()
+        self.c.subscribe([(protocol.node_topic(self.id, k), 1) for k in protocol.NODE_IN])
+        assert subscribed.wait(10), "the broker did not confirm the subscription"
+        hello = protocol.hello(self.id, ["docker"], GPU_OFFER, "sim", slots=2, gpus=[L4])
+        self.send(protocol.HELLO, hello, qos=1)
+        self._stop = threading.Event()
+        self._beats = threading.Thread(target=self._beat, daemon=True)
+        self._beats.start()
+
+    def send(self, kind: str, msg: dict[str, Any], qos: int = 0) -> None:
+        self.c.publish(protocol.node_topic(self.id, kind), protocol.encode(msg), qos=qos)
+
+    def _message(self, _c: Any, _u: Any, m: Any) -> None:
+        job_id = json.loads(m.payload)["job_id"]
+        if m.topic.endswith("/" + protocol.ASSIGN) and job_id not in self.jobs:
+            self.jobs.append(job_id)
+        elif m.topic.endswith("/" + protocol.CANCEL) and job_id in self.jobs:
+            self.jobs.remove(job_id)
+
+    def _beat(self) -> None:
+        seq = 0
+        while not self._stop.wait(0.25):
+            seq += 1
+            n = len(self.jobs)
+            free = {"cpu": 4.0 - n, "memory_mb": 8192 - 64 * n, "gpu": max(0, 1 - n),
+                    "slots": 2 - n}  # fmt: skip
+            state = protocol.IDLE if n < 2 else protocol.BUSY
+            beat = protocol.heartbeat(self.id, seq, state, GPU_OFFER, list(self.jobs), free=free)
+            self.send(protocol.HEARTBEAT, beat)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._beats.join(5)
+        self.c.disconnect()
+        self.c.loop_stop()
+
+
+def test_a_node_shows_its_gpu_and_its_jobs_of_slots(browser: Browser, net: Net) -> None:
+    box = GpuNode(net.alice_client, "gpu-box")
+    ctx, page = signed_in(browser, net, net.alice["token"])
+    try:
+        page.goto("/nodes")
+        row = page.locator("#nodes-table tr", has_text="gpu-box")
+        expect(row).to_be_visible(timeout=LIVE_MS)
+        expect(row.locator(f"[data-node-gpus='{box.id}']")).to_have_text(
+            "1 GPU · NVIDIA L4 22.5 GB"
+        )
+        expect(row.locator(f"[data-node-jobs='{box.id}']")).to_have_text("0/2 jobs")
+        # A node without a GPU (edge-run on this machine) shows none; its slots are its own.
+        laptop = page.locator("#nodes-table tr", has_text="alice-laptop")
+        expect(laptop.locator("[data-node-gpus]")).to_have_count(0)
+        expect(laptop.locator("[data-node-jobs]")).to_have_text(re.compile(r"^0/[1-9]\d* jobs$"))
+
+        # Bob's GPU job can go only to the node with a GPU: one of its two slots.
+        spec = {"name": "cuda", "resources": {"gpu": 1}, "timeout": 60,
+                "engine": {"type": "docker", "image": "nvidia/cuda:12.4.1-base-ubuntu22.04",
+                           "command": ["nvidia-smi"]}}  # fmt: skip
+        job = net.bob_client.submit(spec)
+        localnet.wait_for(
+            "the GPU job on gpu-box", lambda: job["id"] in box.jobs, LIVE_MS / 1000, [net.hub.proc]
+        )
+        page.reload()
+        expect(row.locator(f"[data-node-jobs='{box.id}']")).to_have_text("1/2 jobs")
+        shot(page, "nodes-gpu")
+
+        row.locator("a").first.click()
+        expect(page.locator("h1")).to_contain_text("gpu-box")
+        expect(page.locator("#node-jobs")).to_have_text("1/2 jobs")
+        gpu = page.locator("#gpus tbody tr")
+        expect(gpu).to_have_count(1)
+        expect(gpu).to_contain_text("NVIDIA L4")
+        expect(gpu).to_contain_text("22.5 GB")
+        expect(gpu).to_contain_text(L4["uuid"])
+        shot(page, "node-gpu")
+        net.bob_client.cancel(job["id"])
+    finally:
+        ctx.close()
+        box.stop()
