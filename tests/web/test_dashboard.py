@@ -389,6 +389,7 @@ def test_a_node_shows_its_gpu_and_its_jobs_of_slots(browser: Browser, net: Net) 
             "1 GPU · NVIDIA L4 22.5 GB"
         )
         expect(row.locator(f"[data-node-jobs='{box.id}']")).to_have_text("0/2 jobs")
+        mark(page)
         # A node without a GPU (edge-run on this machine) shows none; its slots are its own.
         laptop = page.locator("#nodes-table tr", has_text="alice-laptop")
         expect(laptop.locator("[data-node-gpus]")).to_have_count(0)
@@ -402,8 +403,9 @@ def test_a_node_shows_its_gpu_and_its_jobs_of_slots(browser: Browser, net: Net) 
         localnet.wait_for(
             "the GPU job on gpu-box", lambda: job["id"] in box.jobs, LIVE_MS / 1000, [net.hub.proc]
         )
-        page.reload()
+        # live, from the node's heartbeats: no reload
         expect(row.locator(f"[data-node-jobs='{box.id}']")).to_have_text("1/2 jobs")
+        assert not_reloaded(page), "the node's jobs should follow its heartbeats"
         shot(page, "nodes-gpu")
 
         row.locator("a").first.click()
