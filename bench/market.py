@@ -1,11 +1,12 @@
 """The compute market under load: scheduling at fleet scale, jobs end to end, heartbeats.
 
-    python bench/market.py [--json] [--only scheduler,e2e,heartbeats]
+    python bench/market.py [--json] [--only scheduler,e2e,heartbeats,fairness] [--slots 1]
         [--sched-nodes 10000] [--sched-jobs 10000]
         [--e2e-nodes 20] [--e2e-rate 200] [--e2e-seconds 10] [--burst 3000]
         [--hb-nodes 200] [--hb-seconds 4] [--profile-hub FILE]
+        [--fair-nodes 4] [--fair-jobs 200] [--fair-rate 20] [--fair-speed 20]
 
-Three parts, each against a baseline measured in the same run:
+Four parts, each against a baseline measured in the same run (fairness: against the ideal):
 
 - **scheduler**: 10,000 nodes (mixed engines, CPUs, RAM; idle, busy, suspended, offline) and
   10,000 queued jobs (mixed requirements, some no node can run, a tenth high priority) in a
@@ -27,6 +28,15 @@ Three parts, each against a baseline measured in the same run:
   `heartbeats_per_s` is the highest rate it kept up with (`heartbeats_sender_limited`: the
   simulator could not send faster). Baseline: one durable commit per heartbeat, as the bridge
   did before group commit, on the same disk.
+- **fairness**: `--fair-nodes` identical simulated nodes (`tools/simnet.py`, a process of its
+  own, jobs of `--fair-speed` ms) and a real hub; a light stream of `--fair-jobs` jobs at
+  `--fair-rate` jobs/s (the nodes mostly idle: where a fixed order of preference gives one
+  node everything), then the same number as a burst (every node busy). Per phase, what each
+  node's owner earned (the jobs' costs, which at normal priority are the pay): the max/min
+  ratio (1 is even; null in the JSON: a node earned nothing) and the Gini coefficient (0 is
+  even; one node taking all is (n-1)/n).
+
+`--slots N` gives the simulated nodes of the e2e and fairness parts N slots each (default 1).
 
 The e2e part also prints where a job's time goes (REST submit, queued, to the node, settled)
 and the CPU each process spent per job: on a small machine the hub's one thread is the limit.
@@ -527,10 +537,13 @@ def bench_e2e(args: argparse.Namespace, tmp: Path, say: Callable[[str], None]) -
         user = hub.admin.create_user("bench")
         client = Client(hub.url, user["token"])
         module_ref = client.upload(wasm_jobs.path("fib.wasm").read_bytes())
-        sim = SimProcess(hub.url, user["token"], args.e2e_nodes, tmp / "simnet.log", "--speed", "0")
+        sim = SimProcess(
+            hub.url, user["token"], args.e2e_nodes, tmp / "simnet.log",
+            "--speed", "0", "--slots", str(args.slots),
+        )  # fmt: skip
         say(
-            f"e2e: {args.e2e_nodes} simulated nodes online ({sim.ready['seconds']}s); "
-            f"broker {hub.mqtt_url}"
+            f"e2e: {args.e2e_nodes} simulated nodes with {args.slots} slot(s) each online "
+            f"({sim.ready['seconds']}s); broker {hub.mqtt_url}"
         )
         rest = rest_rtt_ms(hub.url)
         mq = mqtt_rtt_ms(hub.mqtt_url, user)
@@ -596,6 +609,7 @@ def bench_e2e(args: argparse.Namespace, tmp: Path, say: Callable[[str], None]) -
         )
         return {
             "e2e_nodes": args.e2e_nodes,
+            "e2e_slots": args.slots,
             "e2e_jobs_per_s": round(burst["jobs_per_s"], 1),
             "e2e_p50_ms": round(paced["p50_ms"], 1),
             "e2e_p99_ms": round(paced["p99_ms"], 1),
@@ -614,6 +628,80 @@ def bench_e2e(args: argparse.Namespace, tmp: Path, say: Callable[[str], None]) -
             "mqtt_rtt_ms": round(mq, 2),
             "ledger_balanced": bool(audit["balanced"]),
         }
+    finally:
+        if sim is not None:
+            sim.stop()
+        hub.stop()
+
+
+# --- fairness -------------------------------------------------------------------------------------
+def gini(values: list[float]) -> float:
+    """0 when everyone has the same, (n-1)/n when one has everything."""
+    xs, n = sorted(values), len(values)
+    total = sum(xs)
+    if n == 0 or total == 0:
+        return 0.0
+    return sum((2 * i - n - 1) * x for i, x in enumerate(xs, 1)) / (n * total)
+
+
+def spread(nodes: list[str], views: list[dict[str, Any]]) -> dict[str, Any]:
+    """What each node earned over these jobs (the costs of the completed ones: at normal
+    priority the charge is the pay) and how evenly."""
+    earned = dict.fromkeys(nodes, 0.0)
+    jobs = dict.fromkeys(nodes, 0)
+    for v in views:
+        if v["state"] == "completed" and v["node"] in earned:
+            earned[v["node"]] += float(v["cost"])
+            jobs[v["node"]] += 1
+    pay = sorted(earned.values())
+    return {
+        "jobs": sum(jobs.values()),
+        "jobs_per_node": sorted(jobs.values()),
+        "earned_per_node": [round(x, 6) for x in pay],
+        "max_over_min": round(pay[-1] / pay[0], 3) if pay[0] > 0 else None,  # None: infinite
+        "gini": round(gini(pay), 4),
+    }
+
+
+def bench_fairness(
+    args: argparse.Namespace, tmp: Path, say: Callable[[str], None]
+) -> dict[str, Any]:
+    hub = Hub(tmp / "fair-hub", heartbeat_s=5.0)
+    sim: SimProcess | None = None
+    n = args.fair_nodes
+    try:
+        user = hub.admin.create_user("fair")
+        client = Client(hub.url, user["token"])
+        module_ref = client.upload(wasm_jobs.path("fib.wasm").read_bytes())
+        sim = SimProcess(
+            hub.url, user["token"], n, tmp / "fair-simnet.log",
+            "--speed", str(args.fair_speed), "--slots", str(args.slots),
+        )  # fmt: skip
+        nodes = list(sim.ready["nodes"])
+        say(
+            f"fairness: {n} identical simulated nodes, {args.slots} slot(s) each, jobs of "
+            f"{args.fair_speed} ms"
+        )
+        out: dict[str, Any] = {"fair_nodes": n, "fair_slots": args.slots}
+        phases = (("light", args.fair_rate), ("burst", None))
+        for name, rate in phases:
+            views = asyncio.run(
+                run_jobs(hub.url, user["token"], module_ref, args.fair_jobs, rate, 32)
+            )
+            f = spread(nodes, views)
+            pace = f"at {rate:g}/s" if rate else "at once"
+            say(
+                f"  {name} ({f['jobs']} jobs {pace}): jobs per node {f['jobs_per_node']}, "
+                f"earned max/min {f['max_over_min'] or 'inf'}, Gini {f['gini']} (one node "
+                f"taking all: {(n - 1) / n:.2f})"
+            )
+            out.update({f"fair_{name}_{k}": v for k, v in f.items()})
+            if rate:
+                out["fair_light_rate"] = rate
+        sim.stop()
+        sim = None
+        out["fair_ledger_balanced"] = bool(hub.admin.audit()["balanced"])
+        return out
     finally:
         if sim is not None:
             sim.stop()
@@ -757,7 +845,10 @@ def bench_heartbeats(
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--json", action="store_true", help="only the JSON line on stdout")
-    p.add_argument("--only", default="scheduler,e2e,heartbeats", help="parts to run")
+    p.add_argument("--only", default="scheduler,e2e,heartbeats,fairness", help="parts to run")
+    p.add_argument(
+        "--slots", type=int, default=1, help="slots of each simulated node (e2e, fairness)"
+    )
     p.add_argument("--sched-nodes", type=int, default=10_000)
     p.add_argument("--sched-jobs", type=int, default=10_000)
     p.add_argument("--e2e-nodes", type=int, default=20)
@@ -768,6 +859,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hb-nodes", type=int, default=200)
     p.add_argument("--hb-seconds", type=float, default=4.0)
     p.add_argument("--hb-max", type=float, default=60_000.0, help="highest rate to offer")
+    p.add_argument("--fair-nodes", type=int, default=4, help="identical nodes (fairness)")
+    p.add_argument("--fair-jobs", type=int, default=200, help="jobs per fairness phase")
+    p.add_argument("--fair-rate", type=float, default=20.0, help="light stream, jobs/s")
+    p.add_argument("--fair-speed", default="20", help="ms a fairness job runs on its node")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument(
         "--profile-hub",
@@ -792,6 +887,8 @@ def main(argv: list[str] | None = None) -> int:
             result.update(bench_e2e(args, d, say))
         if "heartbeats" in parts:
             result.update(bench_heartbeats(args, d, say))
+        if "fairness" in parts:
+            result.update(bench_fairness(args, d, say))
     b = BACALHAU
     result["bacalhau_noop_avg_ms"] = b["noop_avg_ms"]
     result["bacalhau_jobs_per_s_200_nodes"] = b["jobs_per_s_at_200_nodes"]
