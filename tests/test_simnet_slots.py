@@ -78,7 +78,9 @@ def test_a_gpu_job_waits_for_a_gpu_node_then_runs_there_billed_for_its_gpu(
 
     gpu_behaviour = Behaviour(engines=engines, speed=speed, gpus=1)
     [gpu] = sim.start_nodes(1, [u["token"]], gpu_behaviour, "gpu")
-    assert [g["name"] for g in gpu.gpus] == ["simulated GPU (simnet)"]
+    listed = node_view(owner, gpu.id)["gpus"]
+    assert [(g["index"], g["name"]) for g in listed] == [(0, "simulated GPU (simnet)")]
+    assert node_view(owner, plain.id)["gpus"] == []
     done = settled(alice, job["id"])
     assert done["state"] == "completed" and done["node"] == gpu.id
     assert sim.call(lambda: (gpu.stats.gpu_jobs, plain.stats.assigned)) == (1, 0)
@@ -111,11 +113,12 @@ def test_a_node_with_two_slots_runs_two_jobs_at_once_and_a_third_waits(
     two_running = [("queued", None, BUSY), ("running", node.id, None), ("running", node.id, None)]
     wait_until("two jobs running and one waiting", lambda: states() == two_running, 20)
     assert sim.call(lambda: len(node.held)) == 2
-    wait_until(
+    view = wait_until(
         "the node's heartbeat after its second job: busy",
-        lambda: node_view(owner, node.id)["state"] == "busy",
+        lambda: (v := node_view(owner, node.id))["state"] == "busy" and v,
         10,
     )
+    assert (view["slots"], view["jobs_running"], view["free"]["slots"]) == (2, 2, 0)
 
     assert sim.call(lambda: node.release(1)) == 1  # a slot frees: the third job takes it
     wait_until(
@@ -163,6 +166,9 @@ def test_the_command_line_gives_a_share_of_the_nodes_simulated_gpus(hub: HubProc
         ready = json.loads(sim.stdout.readline())
         assert ready["event"] == "ready" and ready["slots"] == 3
         [with_gpus] = ready["gpu_nodes"]
+        views = {n["id"]: n for n in owner.nodes()}
+        assert {v["slots"] for v in views.values()} == {3}
+        assert [g["name"] for g in views[with_gpus]["gpus"]] == ["simulated GPU (simnet)"] * 2
         # Only the node with two GPUs can take a job that asks for two.
         spec = {**GPU_SPEC, "resources": {"cpu": 1, "gpu": 2}}
         done = [settled(alice, alice.submit(spec)["id"]) for _ in range(3)]
