@@ -32,6 +32,21 @@ except ImportError:  # pragma: no cover
     _hmac = None
 
 
+try:
+    import gc as _gc
+except ImportError:  # pragma: no cover
+    _gc = None
+
+
+def heap_free():
+    """Bytes free on MicroPython's heap now (after a collection), None on CPython: there the
+    process grows as it needs to."""
+    if _gc is None or not hasattr(_gc, "mem_free"):
+        return None
+    _gc.collect()
+    return _gc.mem_free()
+
+
 def json_dumps(obj):
     s = _json.dumps(obj)
     return s.encode() if isinstance(s, str) else s

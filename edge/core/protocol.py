@@ -96,6 +96,7 @@ def decode(payload):
 def hello(
     node_id, engines, resources, version, running=(), allow_network=(), files=None, slots=1,
     gpus=None,
+    max_message=None,
 ):  # fmt: skip
     """running: jobs still running from before a reconnect (the hub requeues the others).
     allow_network: the engines whose jobs may use the network here (the owner's choice); the
@@ -103,7 +104,9 @@ def hello(
     files: {"engines", "max_input_bytes", "max_output_bytes", "max_output_files"}: the
     engines that take file jobs here and how large; None: no file jobs.
     slots: how many jobs it runs at once (a board: 1). gpus: the GPUs it has, each
-    {"index", "name", "uuid", "memory_mb"}; what it offers of them now is in resources.gpu."""
+    {"index", "name", "uuid", "memory_mb"}; what it offers of them now is in resources.gpu.
+    max_message: the largest message (bytes) it can take, a board's share of its heap; the
+    hub sends it no larger assignment. None: no limit of its own."""
     msg = {
         "v": VERSION,
         "node_id": node_id,
@@ -118,6 +121,8 @@ def hello(
         msg["files"] = files
     if gpus:
         msg["gpus"] = gpus
+    if max_message:
+        msg["max_message"] = max_message
     return msg
 
 

@@ -55,6 +55,7 @@ def hello(
     files: Msg | None = ...,
     slots: int = ...,
     gpus: list[Msg] | None = ...,
+    max_message: int | None = ...,
 ) -> Msg: ...
 def heartbeat(
     node_id: str,

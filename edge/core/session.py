@@ -69,6 +69,19 @@ def file_caps(config, executor):
     return caps
 
 
+# Taking an assignment holds it about three times over at its peak on a board: the payload as
+# umqtt reads it, the decoded message (the module as base64 text) and the module's bytes.
+MESSAGE_SHARE = 3
+
+
+def max_message():
+    """The largest message this node can take: a third of the heap free when it starts, on
+    MicroPython (None on CPython: no limit of its own). Told to the hub in hello, which sends
+    no larger assignment, instead of one the board runs out of memory reading."""
+    free = compat.heap_free()
+    return None if free is None else free // MESSAGE_SHARE
+
+
 class Session:
     def __init__(self, config, mqtt, executor, offered, log=None, outbox=None, gate=None):
         """config: {"node_id", "node_secret", "mqtt": {...}, "heartbeat_interval_s"}, and
@@ -95,6 +108,7 @@ class Session:
             gpus=config.get("gpus"),
         )
         self.allow_network = network_engines(executor)
+        self.max_message = config.get("max_message") or max_message()
         self.outbox = outbox if outbox is not None else Outbox(None, log=self.log)
         self.gate = gate
         self.allowed = True  # what the gate said last
@@ -222,6 +236,7 @@ class Session:
                 self._announced_files(),
                 self.runner.slots,
                 self.config.get("gpus"),
+                self.max_message,
             ),
         )
         self.heartbeat()

@@ -153,6 +153,27 @@ def engine_message(spec: JobSpec) -> dict[str, Any]:
     return msg
 
 
+def message_bytes(
+    spec: JobSpec, module_size: int, stdin_size: int, inputs: list[tuple[str, str, int]]
+) -> int:
+    """How large the job's assign message is, at most (bytes): the module, stdin and input
+    files in base64, the engine object, and room for the rest (ids, hashes, limits). A node
+    that announces a max_message below it (a board: a share of its heap) is never sent it."""
+
+    def b64(n: int) -> int:
+        return 4 * ((n + 2) // 3)
+
+    size = ENVELOPE_BYTES + len(msgspec.json.encode(engine_message(spec)))
+    size += b64(module_size) + b64(stdin_size)
+    return size + sum(b64(n) + len(path) + FILE_ENTRY_BYTES for path, _, n in inputs)
+
+
+# What an assign message carries besides the engine object and the payloads (keys, two
+# sha256 hex digests, ids, numbers), with room to spare; and per input file (its sha256 and keys).
+ENVELOPE_BYTES = 512
+FILE_ENTRY_BYTES = 128
+
+
 def by_reference(
     spec: JobSpec,
     module: str | None,

@@ -121,6 +121,12 @@ class Jobs:
         )
         inputs = admission.resolve_inputs(self.store, spec, self.config.max_files_bytes)
         files_bytes = sum(size for _, _, size in inputs) if spec.files else None
+        message_bytes = admission.message_bytes(
+            spec,
+            self.store.blob_size(module) if module else 0,
+            self.store.blob_size(stdin) if stdin else 0,
+            inputs,
+        )
         spec = admission.by_reference(spec, module, stdin, inputs)
         if existing is not None:
             if msgspec.json.decode(existing["spec"], type=JobSpec) != spec:
@@ -143,8 +149,8 @@ class Jobs:
         insert = (
             "INSERT INTO jobs (id, owner, name, spec, state, priority, cpu_milli, memory_mb,"
             " timeout_s, module_sha256, input_sha256, hold, submitted_at, submit_key, reason,"
-            " kind, replicas, parent, replica, queued_at, files_bytes, gpu)"
-            " VALUES (?,?,?,?,'queued',?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+            " kind, replicas, parent, replica, queued_at, files_bytes, gpu, message_bytes)"
+            " VALUES (?,?,?,?,'queued',?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
         )
 
         def values(
@@ -172,6 +178,7 @@ class Jobs:
                 now,
                 files_bytes,
                 spec.resources.gpu,
+                message_bytes,
             )
 
         with self.db.transaction() as c:

@@ -45,6 +45,19 @@ log = logging.getLogger(__name__)
 Kind = tuple[str, bool, bool]
 
 
+UNLIMITED = 2**62  # a node that announced no max_message takes any assignment the hub sends
+
+
+def message_need(size: int | None) -> int:
+    """A job's assignment size as the scheduler asks for it: rounded up to 4 significant bits
+    (at most 1/8 more), so jobs of about one size share a cursor in _Free.pick."""
+    n = int(size or 0)
+    if n <= 16:
+        return n
+    shift = n.bit_length() - 4
+    return -(-n >> shift) << shift
+
+
 class Offer(NamedTuple):
     """What one online node can take, parsed once per scheduling pass."""
 
@@ -59,6 +72,7 @@ class Offer(NamedTuple):
     gpu: int = 0  # GPUs offered now (none while the owner keeps them: gpu_only_when_idle)
     gpus_had: int = 0  # GPUs it has (its hello): what it could offer
     slots: int = 1  # jobs it runs at once
+    max_message: int = UNLIMITED  # the largest assignment it takes (bytes; its hello)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -113,7 +127,7 @@ def offer(node: sqlite3.Row) -> Offer:
     idle = node["state"] == protocol.IDLE
     return Offer(
         node["id"], idle, engines, cpu, mem, node["owner"], kinds, files_max, gpu, had,
-        int(node["slots"] or 1),
+        int(node["slots"] or 1), int(node["max_message"] or UNLIMITED),
     )  # fmt: skip
 
 
@@ -143,6 +157,14 @@ def _misfit(kind: Kind, job: sqlite3.Row, capable: Capabilities) -> str:
             f"no online node takes {need} bytes of input files"
             f" (the most offered: {capable.most_files(kind)})"
         )
+    size = message_need(job["message_bytes"])
+    if capable.most_message(kind) < size:
+        kib = -(-int(job["message_bytes"]) // 1024)
+        return (
+            f"no online node takes an assignment of {kib} KiB (the most a node"
+            f" announced: {capable.most_message(kind) // 1024} KiB; boards take a third of"
+            " their free heap)"
+        )
     which = "no online node that allows network access" if network else "no online node"
     if gpu:
         most = capable.most_gpus(kind)
@@ -170,6 +192,7 @@ class Capabilities:
     def __init__(self, online: Sequence[Offer]) -> None:
         shapes: dict[Kind, list[tuple[float, int]]] = {}
         self._files: dict[Kind, int] = {}  # the most input bytes offered, per file kind
+        self._message: dict[Kind, int] = {}  # the largest assignment taken, per kind
         # GPU jobs are few and so are GPU nodes: a GPU question is a scan of these
         self._gpu_nodes = [n for n in online if n.gpus_had > 0]
         self.gpus_anywhere = bool(self._gpu_nodes)
@@ -178,6 +201,7 @@ class Capabilities:
                 shapes.setdefault(kind, []).append((n.cpu, n.memory_mb))
                 if kind[2]:
                     self._files[kind] = max(self._files.get(kind, 0), n.files_max)
+                self._message[kind] = max(self._message.get(kind, 0), n.max_message)
         self._index: dict[Kind, tuple[list[float], list[int]]] = {}
         for kind, nodes in shapes.items():
             nodes.sort(key=lambda s: -s[0])
@@ -196,13 +220,24 @@ class Capabilities:
     def most_files(self, kind: Kind) -> int:
         return self._files.get(kind, 0)
 
+    def most_message(self, kind: Kind) -> int:
+        return self._message.get(kind, 0)
+
     def most_gpus(self, kind: Kind) -> int:
         """The most GPUs one online node of this kind has."""
         return max((n.gpus_had for n in self._gpu_nodes if kind in n.kinds), default=0)
 
     def fit(
-        self, kind: Kind, cpu: float, memory_mb: int, files_bytes: int = 0, gpu: int = 0
+        self,
+        kind: Kind,
+        cpu: float,
+        memory_mb: int,
+        files_bytes: int = 0,
+        gpu: int = 0,
+        message: int = 0,
     ) -> bool:
+        if self._message.get(kind, 0) < message:
+            return False
         if gpu:
             return any(
                 kind in n.kinds and n.gpus_had >= gpu and n.cpu >= cpu
@@ -244,27 +279,37 @@ class _Free:
             for kind in n.kinds:
                 self._by_kind.setdefault(kind, []).append(i)
         self.left = sum(1 for s in self.slots if s > 0)
-        self._cursor: dict[tuple[Kind, int, int, int, int], int] = {}
+        self._cursor: dict[tuple[Kind, int, int, int, int, int], int] = {}
 
-    def _fits(self, c: int, cpu_milli: int, memory_mb: int, files: int, gpu: int) -> bool:
+    def _fits(
+        self, c: int, cpu_milli: int, memory_mb: int, files: int, gpu: int, message: int = 0
+    ) -> bool:
+        n = self.nodes[c]
         return (
             self.slots[c] > 0 and self.cpu[c] >= cpu_milli and self.ram[c] >= memory_mb
-            and self.gpu[c] >= gpu and self.nodes[c].files_max >= files
+            and self.gpu[c] >= gpu and n.files_max >= files and n.max_message >= message
         )  # fmt: skip
 
     def pick(
-        self, kind: Kind, cpu_milli: int, memory_mb: int, files: int = 0, gpu: int = 0
+        self,
+        kind: Kind,
+        cpu_milli: int,
+        memory_mb: int,
+        files: int = 0,
+        gpu: int = 0,
+        message: int = 0,
     ) -> int | None:
         """The index of the preferred node with room for this requirement, or None. files:
-        the input bytes of a file job (0 for others)."""
+        the input bytes of a file job (0 for others); message: its assignment's size, as
+        message_need() rounds it."""
         candidates = self._by_kind.get(kind)
         if candidates is None or not self.left:
             return None
-        key = (kind, cpu_milli, memory_mb, files, gpu)
+        key = (kind, cpu_milli, memory_mb, files, gpu, message)
         i = self._cursor.get(key, 0)
         end = len(candidates)
         fits = self._fits
-        while i < end and not fits(candidates[i], cpu_milli, memory_mb, files, gpu):
+        while i < end and not fits(candidates[i], cpu_milli, memory_mb, files, gpu, message):
             i += 1
         self._cursor[key] = i
         return candidates[i] if i < end else None
@@ -277,13 +322,14 @@ class _Free:
         owners: set[str],
         humans: dict[str, str],
         files: int = 0,
+        message: int = 0,
     ) -> int | None:
         """Like pick, for a replica: the preferred node with room whose person (its owner, or
         the owner's owner for an agent: `humans`) is not in `owners` (the people of its sibling
         replicas). A plain scan: verified jobs are few, and the cursors of pick() must not
         skip nodes that were only unfit for this job's owners."""
         for c in self._by_kind.get(kind, ()):
-            if not self._fits(c, cpu_milli, memory_mb, files, 0):
+            if not self._fits(c, cpu_milli, memory_mb, files, 0, message):
                 continue
             owner = self.nodes[c].owner
             if humans.get(owner, owner) not in owners:
@@ -322,6 +368,7 @@ class Scheduler:
         # A verified job (replicas > 1) is never placed itself: its replicas are.
         queued = self.store.db.query(
             "SELECT id, attempt, cpu_milli, memory_mb, gpu, reason, parent, files_bytes,"
+            " message_bytes,"
             " json_extract(spec, '$.engine.type') AS engine,"
             " json_extract(spec, '$.engine.network') AS network"
             " FROM jobs WHERE state = 'queued' AND replicas = 1"
@@ -333,7 +380,7 @@ class Scheduler:
         online = [offer(n) for n in self._online_nodes()]
         free = _Free([n for n in online if n.idle], self._held())
         capable = Capabilities(online)
-        whys: dict[tuple[Kind, int, int, int, int], str] = {}
+        whys: dict[tuple[Kind, int, int, int, int, int], str] = {}
         apart: dict[str, set[str]] | None = None  # verified job -> people of its replicas
         humans: dict[str, str] = {}  # agent -> the person who owns it
         for job in queued:
@@ -342,15 +389,16 @@ class Scheduler:
             kind = (str(job["engine"] or "unknown"), job["network"] == 1, files is not None)
             cpu_milli, memory_mb = int(job["cpu_milli"]), int(job["memory_mb"])
             files, gpu = int(files or 0), int(job["gpu"] or 0)
+            size = message_need(job["message_bytes"])
             parent = job["parent"]
             if parent is None:
-                pick = free.pick(kind, cpu_milli, memory_mb, files, gpu)
+                pick = free.pick(kind, cpu_milli, memory_mb, files, gpu, size)
             else:
                 if apart is None:
                     humans = self.store.humans()
                     apart = self._replica_owners(humans)
                 owners = apart.setdefault(parent, set())
-                pick = free.pick_apart(kind, cpu_milli, memory_mb, owners, humans, files)
+                pick = free.pick_apart(kind, cpu_milli, memory_mb, owners, humans, files, size)
                 if pick is not None:
                     owner = free.nodes[pick].owner
                     owners.add(humans.get(owner, owner))
@@ -358,7 +406,7 @@ class Scheduler:
                 free.take(pick, cpu_milli, memory_mb, gpu)
                 plan.assign.append((job, free.nodes[pick].id))
                 continue
-            key = (kind, cpu_milli, memory_mb, files, gpu)
+            key = (kind, cpu_milli, memory_mb, files, gpu, size)
             why = whys.get(key)
             if why is None:
                 why = whys[key] = self._why(kind, job, online, capable)
@@ -423,7 +471,7 @@ class Scheduler:
         matching."""
         return self.store.db.query(
             "SELECT id, state, resources, engines, allow_network, files, gpus, slots, cpu,"
-            " memory_mb, owner FROM nodes WHERE state != ?1 AND revoked_at IS NULL"
+            " memory_mb, owner, max_message FROM nodes WHERE state != ?1 AND revoked_at IS NULL"
             " ORDER BY reputation < ?2,"
             " CASE WHEN reputation < ?2 THEN -reputation ELSE COALESCE(last_job_at, 0) END,"
             " created_at",
@@ -436,7 +484,8 @@ class Scheduler:
             return "no node is online"
         files = int(job["files_bytes"] or 0)
         gpu = int(job["gpu"] or 0)
-        if capable.fit(kind, job["cpu_milli"] / 1000, job["memory_mb"], files, gpu):
+        size = message_need(job["message_bytes"])
+        if capable.fit(kind, job["cpu_milli"] / 1000, job["memory_mb"], files, gpu, size):
             return "every node that can run it is busy or its owner is using it"
         return _misfit(kind, job, capable)
 

@@ -186,6 +186,7 @@ class Messages:
                 files=msgspec.json.encode(msg.files).decode() if msg.files else None,
                 slots=msg.slots,
                 gpus=msgspec.json.encode(msg.gpus).decode() if msg.gpus else None,
+                max_message=msg.max_message,
             )
             for job in self.store.jobs_on_node(ident):
                 if job["id"] not in msg.running:

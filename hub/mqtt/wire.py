@@ -74,6 +74,8 @@ class Hello(msgspec.Struct):
     files: FileCaps | None = None  # None: no file jobs (a board without storage, or older)
     slots: Annotated[int, msgspec.Meta(ge=1, le=256)] = 1  # jobs at once; older nodes: one
     gpus: Annotated[list[GpuInfo], msgspec.Meta(max_length=64)] = []
+    # the largest message it takes (a board: a share of its heap); None: no limit of its own
+    max_message: Annotated[int, msgspec.Meta(ge=1, le=2**40)] | None = None
 
 
 class Heartbeat(msgspec.Struct):

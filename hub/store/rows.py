@@ -300,6 +300,17 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         CREATE INDEX jobs_live_node ON jobs(node) WHERE state IN ('assigned', 'running');
         """,
     ),
+    (
+        12,
+        "the largest message a node takes",
+        # nodes.max_message: the `max_message` of its hello (bytes; a board's share of its
+        # heap), NULL for no limit of its own. jobs.message_bytes: how large the job's
+        # assignment is, at most (hub/market/admission.py); NULL for jobs from before.
+        """
+        ALTER TABLE nodes ADD COLUMN max_message INTEGER;
+        ALTER TABLE jobs ADD COLUMN message_bytes INTEGER;
+        """,
+    ),
 ]
 
 

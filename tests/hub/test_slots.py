@@ -47,12 +47,15 @@ def announce(
     gpus: list[dict[str, Any]] | None = None,
     gpu_offered: int | None = None,
     engines: tuple[str, ...] = ("wasm", "native"),
+    max_message: int | None = None,
 ) -> None:
     """A hello and an idle heartbeat from the node, as edge/core/session.py sends them."""
     bridge = Bridge("mqtt://127.0.0.1:9", s.store, s.jobs, s.scheduler)
     offer = {"cpu": cpu, "memory_mb": memory_mb,
              "gpu": len(gpus or []) if gpu_offered is None else gpu_offered, "load": 0}  # fmt: skip
-    hello = protocol.hello(node["id"], list(engines), offer, "t", [], (), None, slots, gpus)
+    hello = protocol.hello(
+        node["id"], list(engines), offer, "t", [], (), None, slots, gpus, max_message
+    )
     assert bridge.handle(protocol.node_topic(node["id"], protocol.HELLO),
                          protocol.encode(hello)) == "hello"  # fmt: skip
     beat = protocol.heartbeat(node["id"], 1, protocol.IDLE, offer, [])
@@ -194,3 +197,31 @@ def test_the_gpu_worked_example_of_docs_economy() -> None:
     assert economy.max_price(1000, 60, "normal", gpus=1) == 166_666 + 833_333 == 999_999
     assert economy.node_pay(1000, 1500, 60, gpus=1) == 5_555 + 27_777 == 33_332
     assert economy.max_price(1000, 60, "high", gpus=1) == 2 * 999_999
+
+
+def test_a_node_is_never_sent_an_assignment_larger_than_it_takes(s: Services) -> None:
+    """A board announces the largest message it can take (a third of its free heap); the hub
+    sends it nothing larger, and a job no online node can take says why."""
+    import base64
+
+    owner, alice = users(s)
+    board = add_node(s, owner)
+    announce(s, board, max_message=20 * 1024)
+    small = submit(s, alice)
+    big_stdin = "base64:" + base64.b64encode(bytes(30 * 1024)).decode()
+    fib = {"type": "wasm", "module": "example:fib", "entrypoint": "fib"}
+    spec = {"engine": fib, "input": big_stdin, "timeout": 10}
+    big = s.jobs.submit(alice, msgspec.convert(spec, JobSpec))
+    assert placed(s) == {small["id"]: board["id"]}
+    assert reason(s, big) == (
+        "no online node takes an assignment of 41 KiB (the most a node announced: 20 KiB;"
+        " boards take a third of their free heap)"
+    )
+    for job in (small, big):  # the estimate holds the real message, with little to spare
+        real = len(protocol.encode(s.jobs.assign_message(job["id"])))
+        estimate = int(s.store.job(job["id"])["message_bytes"])
+        assert real <= estimate <= real + 1024, (real, estimate)
+    settle(s, small, 100)
+    laptop = add_node(s, owner)
+    announce(s, laptop)  # a full machine: no limit of its own
+    assert placed(s) == {big["id"]: laptop["id"]}
