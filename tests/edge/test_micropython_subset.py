@@ -19,7 +19,7 @@ CORE = sorted(p.stem for p in CORE_DIR.glob("*.py"))
 # MicroPython's own names and CPython's, as edge/core/compat.py feature-detects them; hmac comes
 # from micropython-lib where a board has it (compat falls back to RFC 2104 by hand).
 STDLIB = {"json", "ujson", "hashlib", "uhashlib", "binascii", "ubinascii", "time", "utime",
-          "os", "uos", "hmac", "select", "uselect"}  # fmt: skip
+          "os", "uos", "hmac", "select", "uselect", "gc"}  # fmt: skip
 ADAPTER = {"mqtt_umqtt": {"umqtt.simple"}}  # firmware/manifest.py require()s it
 
 
