@@ -4,8 +4,11 @@
 
 It runs the same edge core as `edge-run` (edge/core/: session.py, jobs.py, protocol.py) with
 MicroPython's adapters: umqtt.simple for MQTT (edge/core/mqtt_umqtt.py; tools/fetch-umqtt.py
-installs it in edge/native/lib) and wasm3-run for jobs (edge/executors/wasm3_cli.py;
-tools/build-wasm3-runner.sh builds it). Its identity is DIR/node.json, the file `edge-run`
+installs it in edge/native/lib) and, for jobs, the firmware's dpwasm3 module in this process
+(firmware/wasm3_exec.py) where the MicroPython was built with it (firmware/build.sh --unix,
+whose binary has this node frozen in: `micropython -m edge.mp_main ...`), else a wasm3-run
+process per job (edge/executors/wasm3_cli.py; tools/build-wasm3-runner.sh builds it), as also
+with --runner. Its identity is DIR/node.json, the file `edge-run`
 writes at enrollment, so a node enrolled by `edge-run --data-dir DIR` runs here unchanged;
 given --hub and --token instead, it enrolls itself (with MicroPython's `requests`).
 The same file runs on CPython too (paho-mqtt then stands in for umqtt). See
@@ -32,16 +35,18 @@ def _root():
 ROOT = _root()
 # Run as a script, this file's own directory comes first on the path: edge/ is a package,
 # not a place to import from. The repository root and the MicroPython libraries go there.
-while ROOT + "/edge" in sys.path:
-    sys.path.remove(ROOT + "/edge")
-for _p in (ROOT + "/edge/native/lib", ROOT):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+# Imported (`micropython -m edge.mp_main`, frozen into the firmware or not) the path is left
+# as it is: the edge package was found already.
+if ROOT + "/edge" in sys.path:
+    while ROOT + "/edge" in sys.path:
+        sys.path.remove(ROOT + "/edge")
+    for _p in (ROOT + "/edge/native/lib", ROOT):
+        if _p not in sys.path:
+            sys.path.insert(0, _p)
 
 from edge.core import compat  # noqa: E402 - after the path is set
 from edge.core.outbox import Outbox  # noqa: E402
 from edge.core.session import Session  # noqa: E402
-from edge.executors.wasm3_cli import Wasm3CliExecutor  # noqa: E402
 
 USAGE = """usage: micropython edge/mp_main.py --data-dir DIR [--hub URL --token TOKEN] [options]
   --data-dir DIR      the node's identity (DIR/node.json) and job files (DIR/jobs)
@@ -53,7 +58,8 @@ USAGE = """usage: micropython edge/mp_main.py --data-dir DIR [--hub URL --token 
   --name NAME         the node's name on the hub (default: mp-node)
   --cpu N             CPU-equivalents to offer (default 1)
   --memory-mb N       RAM to offer, MiB (default: MemAvailable from /proc/meminfo, else 64)
-  --runner PATH       the wasm3-run program (default: edge/native/bin/wasm3-run)
+  --runner PATH       run jobs in this wasm3-run program, not in the firmware's dpwasm3
+                      (default where there is no dpwasm3: edge/native/bin/wasm3-run)
   --stdout-cap BYTES  keep at most this much of a job's stdout (default 65536)
   --files-max-bytes N file jobs: at most N bytes of inputs and N of outputs (default 65536;
                       0: no file jobs here)
@@ -243,6 +249,35 @@ class Offered:
         return {"cpu": self.cpu, "memory_mb": mem, "gpu": 0, "load": min(1.0, round(load, 3))}
 
 
+# wasm3-run's limits, which the in-process engine is given too: the same outcomes either way.
+STDERR_CAP = 64 << 10
+MEMORY_MB_DEFAULT = 64
+
+
+def make_executor(opts, data_dir):
+    """The firmware's dpwasm3 (jobs in this process, on a thread of their own), unless
+    --runner names a wasm3-run or this MicroPython has no dpwasm3; then wasm3-run, a process
+    per job, which also gives jobs files (dpwasm3 has none: a board has no directories)."""
+    if not opts.get("runner"):
+        try:
+            from wasm3_exec import Wasm3ModuleExecutor  # ImportError without dpwasm3
+        except ImportError:
+            Wasm3ModuleExecutor = None
+        if Wasm3ModuleExecutor is not None:
+            executor = Wasm3ModuleExecutor(
+                memory_mb_default=MEMORY_MB_DEFAULT, stdout_cap=opts["stdout_cap"],
+                stderr_cap=STDERR_CAP,
+            )  # fmt: skip
+            return executor, "dpwasm3, in this process"
+    from edge.executors.wasm3_cli import Wasm3CliExecutor
+
+    executor = Wasm3CliExecutor(
+        data_dir + "/jobs", runner=opts.get("runner"), stdout_cap=opts["stdout_cap"],
+        stderr_cap=STDERR_CAP, memory_mb_default=MEMORY_MB_DEFAULT,
+    )  # fmt: skip
+    return executor, executor.runner
+
+
 def node_ca(opts, config, data_dir):
     """The CA file the hub and its broker are verified with: --ca FILE, node.json's "ca", or
     DIR/ca.pem; None when there is none."""
@@ -299,9 +334,7 @@ def main(argv):
             )
             print("mp_main: enrolled as " + config["node_id"] + " (identity in " + path + ")")
         mqtt = make_mqtt(config["mqtt"]["url"], log, node_ca(opts, config, data_dir))
-        executor = Wasm3CliExecutor(
-            data_dir + "/jobs", runner=opts.get("runner"), stdout_cap=opts["stdout_cap"]
-        )
+        executor, engine = make_executor(opts, data_dir)
     except (ValueError, OSError) as e:  # RunnerMissing is an OSError
         print("mp_main: " + str(e))
         return 1
@@ -318,6 +351,7 @@ def main(argv):
         config["files"] = {"dir": data_dir + "/jobfiles", "max_input_bytes": cap,
                            "max_output_bytes": cap, "max_output_files": 16}  # fmt: skip
     session = Session(config, mqtt, executor, offered, log, outbox=outbox)
+    print("mp_main: wasm jobs run in " + engine)
     return session.serve(lambda text: print("mp_main: " + text), opts.get("exit_after"), 0.002)
 
 

@@ -1,13 +1,17 @@
-# ruff: noqa: F821 - include/require/package/module are given by MicroPython's manifest tool
+# ruff: noqa: F821 - include/require/package/module/options are given by MicroPython's manifest tool
 # The DEparrow node, frozen into MicroPython firmware (micropython-lib manifest conventions):
 #   make -C ports/esp32 BOARD=ESP32_GENERIC_S3 FROZEN_MANIFEST=path/to/firmware/manifest.py \
 #        USER_C_MODULES=path/to/firmware/micropython.cmake
-# (firmware/build.sh runs that). The frozen set is exactly what a board's node imports: the
-# edge core, its umqtt adapter, the board's start-up module and its wasm3 executor.
-# tests/firmware/test_firmware.py checks it against what a running node loads.
+# (firmware/build.sh runs that; the unix port takes manifest_unix.py, which includes this one).
+# The frozen set is exactly what a board's node imports: the edge core, its umqtt adapter, the
+# board's start-up module and its wasm3 executor. tests/firmware/test_firmware.py checks it
+# against what a running node loads.
 
 # Everything the port freezes anyway (asyncio, network helpers, ...): keeps the board stock.
-include("$(PORT_DIR)/boards/manifest.py")
+# esp32 and rp2 keep that set in boards/manifest.py; the unix port has no boards/, and
+# manifest_unix.py names its variant's set instead.
+options.defaults(port_manifest="$(PORT_DIR)/boards/manifest.py")
+include(options.port_manifest)
 
 # micropython-lib's MQTT client, the protocol level edge/core/mqtt_umqtt.py builds on.
 require("umqtt.simple")

@@ -8,6 +8,8 @@
 #   systemd                   systemd-analyze verify for `edge-run service` units (tests/edge/test_service.py)
 #   debootstrap               the local Debian base of the container images (tools/containers)
 #   gcc-multilib              the firmware's wasm engine compiled for a 32-bit target (tests/firmware)
+#   build-essential patch     MicroPython's unix port with the node frozen in (firmware/build.sh
+#                             --unix: gcc, make, libc headers; patch for wasm3's core)
 set -euo pipefail
 
 need=()
@@ -25,6 +27,8 @@ command -v chromium >/dev/null || need+=(chromium)
 command -v socat >/dev/null || need+=(socat)
 command -v systemd-analyze >/dev/null || need+=(systemd)
 command -v debootstrap >/dev/null || need+=(debootstrap)
+{ command -v gcc && command -v make && command -v g++; } >/dev/null || need+=(build-essential)
+command -v patch >/dev/null || need+=(patch)
 [ -e /usr/include/x86_64-linux-gnu/gnu/stubs-32.h ] || [ "$(uname -m)" != x86_64 ] \
   || need+=(gcc-multilib)
 

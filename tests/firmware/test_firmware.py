@@ -34,9 +34,21 @@ FW = ROOT / "firmware"
 FALLBACK = {"edge/executors/__init__.py", "edge/executors/wasm3_cli.py"}
 
 
-def frozen_set() -> set[str]:
-    """firmware/manifest.py's frozen files (repository paths), by running it with stubs of the
-    functions MicroPython's manifest tool gives it (tools/manifestfile.py)."""
+class Options:
+    """The `options` of MicroPython's manifest tool: the include() keywords, with defaults."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.__dict__.update(kwargs)
+
+    def defaults(self, **kwargs: Any) -> None:
+        for k, v in kwargs.items():
+            self.__dict__.setdefault(k, v)
+
+
+def run_manifest(name: str, **options: Any) -> tuple[set[str], list[str], list[str]]:
+    """firmware/<name>'s frozen files (repository paths), included manifests and required
+    packages, by running it with stubs of the functions MicroPython's manifest tool gives it
+    (tools/manifestfile.py); an include() of one of ours is followed, as the tool does."""
     files: set[str] = set()
     required: list[str] = []
     included: list[str] = []
@@ -53,18 +65,47 @@ def frozen_set() -> set[str]:
     def module(name: str, base_path: str = ".", opt: Any = None) -> None:
         files.add(str((FW / base_path / name).resolve().relative_to(ROOT)))
 
+    def include(path: str, **kw: Any) -> None:
+        if (FW / path).is_file():
+            more, inc, req = run_manifest(path, **kw)
+            files.update(more)
+            included.extend(inc)
+            required.extend(req)
+        else:
+            included.append(path)
+
     env = {
-        "include": included.append,
+        "include": include,
         "require": lambda name, **kw: required.append(name),
         "package": lambda name, files=None, base_path=".", opt=None: package(
             name, files, base_path, opt
         ),
         "module": module,
+        "options": Options(**options),
     }
-    exec(compile((FW / "manifest.py").read_text(), "manifest.py", "exec"), env)
+    exec(compile((FW / name).read_text(), name, "exec"), env)
+    return files, included, required
+
+
+def frozen_set() -> set[str]:
+    """A board's frozen files (firmware/manifest.py)."""
+    files, included, required = run_manifest("manifest.py")
     assert included == ["$(PORT_DIR)/boards/manifest.py"]  # the port's own set stays in
     assert required == ["umqtt.simple"]
     return files
+
+
+# The unix node's entry point and its wasm3-run executor, frozen into the unix port's binary
+# (firmware/manifest_unix.py) besides a board's set.
+UNIX_EXTRA = {"edge/mp_main.py"} | FALLBACK
+
+
+def test_the_unix_manifest_is_the_boards_over_the_unix_ports_set() -> None:
+    files, included, required = run_manifest("manifest_unix.py")
+    # the unix port keeps its set per variant: the standard one, as `make` builds by default
+    assert included == ["$(PORT_DIR)/variants/standard/manifest.py"]
+    assert required == ["umqtt.simple"]
+    assert files == frozen_set() | UNIX_EXTRA
 
 
 def test_manifest_freezes_files_that_exist() -> None:
