@@ -131,6 +131,7 @@ def make_executor(workdir):
     except ImportError:
         Wasm3ModuleExecutor = None
     if Wasm3ModuleExecutor is not None:
+        say("wasm jobs run in dpwasm3, in the firmware")
         return Wasm3ModuleExecutor(stdout_cap=STDOUT_CAP, stderr_cap=STDERR_CAP)
     try:
         from edge.executors.wasm3_cli import Wasm3CliExecutor

