@@ -86,32 +86,49 @@ def need(tool: str, package: str) -> str:
 
 
 # --- inputs ------------------------------------------------------------------------------
-def kernel_deb(cache: Path, given: Path | None) -> Path:
+def kernel_deb(cache: Path, given: Path | None, arch: str = "amd64") -> Path:
+    """Debian's kernel for arch (a Debian architecture: amd64, arm64): the package that
+    linux-image-ARCH depends on, downloaded once into cache/debs."""
     if given is not None:
         if not given.is_file():
             raise BuildError(f"--kernel-deb {given}: no such file")
         return given
-    debs = cache / "debs"
-    found = sorted(debs.glob("linux-image-*-amd64_*_amd64.deb"))
+    found = sorted((cache / "debs").glob(f"linux-image-*-{arch}_*_{arch}.deb"))
     if found:
         return found[-1]
     need("apt-get", "apt")
-    dep = subprocess.run(
-        ["apt-cache", "depends", "linux-image-amd64"], capture_output=True, text=True
-    )
-    m = re.search(r"Depends: (linux-image-[0-9][^\s]*-amd64)", dep.stdout)
+    meta = f"linux-image-{arch}" + ("" if arch == native_arch() else f":{arch}")
+    dep = subprocess.run(["apt-cache", "depends", meta], capture_output=True, text=True)
+    m = re.search(rf"Depends: (linux-image-[0-9][^\s:]*-{arch})", dep.stdout)
     if not m:
         raise BuildError(
-            "apt-cache does not know linux-image-amd64: run apt-get update, or pass --kernel-deb"
+            f"apt-cache does not know {meta}: run tools/install-image-deps.sh (it adds the "
+            "architecture and runs apt-get update), or pass --kernel-deb"
         )
+    return package_deb(cache, m.group(1), arch)
+
+
+def native_arch() -> str:
+    out = subprocess.run(["dpkg", "--print-architecture"], capture_output=True, text=True)
+    return out.stdout.strip() or "amd64"
+
+
+def package_deb(cache: Path, package: str, arch: str) -> Path:
+    """A Debian package's .deb for arch, downloaded once into cache/debs (not installed:
+    another architecture's busybox-static would replace this machine's /bin/busybox)."""
+    debs = cache / "debs"
+    found = sorted(debs.glob(f"{package}_*_{arch}.deb"))
+    if found:
+        return found[-1]
+    need("apt-get", "apt")
     debs.mkdir(parents=True, exist_ok=True)
-    print(f"build-test-image: downloading {m.group(1)} (once)", file=sys.stderr)
-    got = subprocess.run(
-        ["apt-get", "download", m.group(1)], cwd=debs, capture_output=True, text=True
-    )
-    found = sorted(debs.glob("linux-image-*-amd64_*_amd64.deb"))
+    name = package if arch == native_arch() else f"{package}:{arch}"
+    print(f"build-image: downloading {name} (once)", file=sys.stderr)
+    got = subprocess.run(["apt-get", "download", name], cwd=debs, capture_output=True, text=True)
+    found = sorted(debs.glob(f"{package}_*_{arch}.deb"))
     if got.returncode != 0 or not found:
-        raise BuildError(f"apt-get download {m.group(1)} failed: {got.stderr.strip()[-300:]}")
+        hint = "" if arch == native_arch() else " (tools/install-image-deps.sh adds its arch)"
+        raise BuildError(f"apt-get download {name} failed{hint}: {got.stderr.strip()[-300:]}")
     return found[-1]
 
 
@@ -200,10 +217,12 @@ def strip_binaries(root: Path) -> None:
                 subprocess.run([strip, "--strip-unneeded", str(p)], capture_output=True)
 
 
-def add_busybox(root: Path) -> None:
-    copy(BUSYBOX, root / "bin" / "busybox")
+def add_busybox(root: Path, busybox: Path = BUSYBOX, runner: tuple[str, ...] = ()) -> None:
+    """busybox as /bin/busybox and a link for each applet; runner: what runs a busybox of
+    another architecture here (qemu-user), to list its applets."""
+    copy(busybox, root / "bin" / "busybox")
     applets = subprocess.run(
-        [str(BUSYBOX), "--list-full"], capture_output=True, text=True, check=True
+        [*runner, str(busybox), "--list-full"], capture_output=True, text=True, check=True
     ).stdout.split()
     for rel in applets:
         link = root / rel
@@ -278,7 +297,9 @@ def add_edge(root: Path) -> list[Path]:
     return binaries
 
 
-def add_modules(root: Path, tree: Path) -> str:
+def add_modules(root: Path, tree: Path, modules: tuple[str, ...] = MODULES) -> str:
+    """The kernel package's modules named (and what they depend on), with a modules.dep for
+    BusyBox modprobe; returns the kernel's version."""
     kver = next(p.name for p in (tree / "lib" / "modules").iterdir())
     src = tree / "lib" / "modules" / kver
     by_name = {p.stem.replace("-", "_"): p for p in (src / "kernel").rglob("*.ko")}
@@ -296,7 +317,7 @@ def add_modules(root: Path, tree: Path) -> str:
         for d in chosen[name]:
             visit(d)
 
-    for m in MODULES:
+    for m in modules:
         visit(m)
     dst = root / "lib" / "modules" / kver
     lines = []
@@ -353,9 +374,9 @@ def add_skeleton(root: Path) -> None:
     init.chmod(0o755)
 
 
-def add_overlay(root: Path) -> None:
-    for src in OVERLAY.rglob("*"):
-        dst = root / src.relative_to(OVERLAY)
+def add_overlay(root: Path, overlay: Path = OVERLAY) -> None:
+    for src in overlay.rglob("*"):
+        dst = root / src.relative_to(overlay)
         if src.is_dir():
             dst.mkdir(parents=True, exist_ok=True)
         else:

@@ -6,9 +6,29 @@
 #   mtools dosfstools         build the FAT boot partition; 'deparrow board provision' writes it
 #   mount                     (losetup) the flash tests' loop devices
 #   binutils                  (strip) keeps the test image small
-# The Debian kernel itself is not installed: tools/build-test-image.py downloads the
-# linux-image-amd64 package with `apt-get download` and unpacks it into its cache.
+#   qemu-system-arm           boots the emulated aarch64 board (tests/images/test_board_arm64.py)
+#   qemu-user-static          runs aarch64 binaries here (the board's busybox applet list, checks)
+#   gcc-aarch64-linux-gnu     cross-builds the board's MicroPython node (firmware/build.sh --arch)
+# The Debian kernels and the aarch64 busybox-static are not installed: tools/build-test-image.py
+# and tools/build-board-image.py download them with `apt-get download` and unpack them into
+# their cache. For arm64's, dpkg must know the architecture (multiarch): this adds it and
+# refreshes apt's index once. (Installing busybox-static:arm64 would replace this machine's
+# /bin/busybox, so nothing of arm64 is installed.)
+# Debian's cross compilers conflict with gcc-multilib, which apt then removes: what -m32 needs
+# of it (the firmware's 32-bit check, tools/install-system-deps.sh) is named here to stay.
 set -euo pipefail
+
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO=sudo
+if ! dpkg --print-foreign-architectures | grep -qx arm64; then
+  echo "adding dpkg's arm64 architecture (the aarch64 board image's Debian packages)" >&2
+  $SUDO dpkg --add-architecture arm64
+  rm -f "${TMPDIR:-/tmp}/deparrow-apt-index-refreshed"  # apt-install.sh refreshes the index
+elif ! apt-cache show busybox-static:arm64 >/dev/null 2>&1; then
+  rm -f "${TMPDIR:-/tmp}/deparrow-apt-index-refreshed"
+fi
+arm64_index=0
+apt-cache show busybox-static:arm64 >/dev/null 2>&1 || arm64_index=1
 
 need=()
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
@@ -19,5 +39,18 @@ command -v mcopy >/dev/null || need+=(mtools)
 command -v mkfs.vfat >/dev/null || [ -x /sbin/mkfs.vfat ] || need+=(dosfstools)
 command -v losetup >/dev/null || [ -x /sbin/losetup ] || need+=(mount)
 command -v strip >/dev/null || need+=(binutils)
+command -v qemu-system-aarch64 >/dev/null || need+=(qemu-system-arm)
+command -v qemu-aarch64-static >/dev/null || need+=(qemu-user-static)
+if ! command -v aarch64-linux-gnu-gcc >/dev/null; then
+  need+=(gcc-aarch64-linux-gnu)
+  if [ "$(uname -m)" = x86_64 ] && command -v gcc >/dev/null; then
+    need+=(libc6-dev-i386 "lib32gcc-$(gcc -dumpversion | cut -d. -f1)-dev")
+  fi
+fi
+# apt-install.sh refreshes the index only with something to install
+if [ "$arm64_index" = 1 ] && [ ${#need[@]} -eq 0 ]; then
+  $SUDO apt-get update -qq
+  touch "${TMPDIR:-/tmp}/deparrow-apt-index-refreshed"
+fi
 
 exec "$(dirname "$0")/apt-install.sh" "${need[@]}"

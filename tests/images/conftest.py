@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -22,6 +23,7 @@ from hub.mqtt.broker import die_with_parent, free_port
 from tests.conftest import ROOT, require_mosquitto
 
 BUILDER = ROOT / "tools" / "build-test-image.py"
+BOARD_BUILDER = ROOT / "tools" / "build-board-image.py"
 
 
 def host_address() -> str:
@@ -93,17 +95,62 @@ def run_doc(name: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedPr
     )  # fmt: skip
 
 
+def doc_qemu_args(name: str, qemu: str, values: dict[str, str]) -> list[str]:
+    """docs/install.md's qemu command line `name`, with $NAMEs replaced from values and
+    without what Guest sets itself (-m, and -nic: the page port is a free one)."""
+    words = shlex.split(doc_block(name))
+    assert words[0] == qemu, words
+    out, skip = [], False
+    for w in words[1:]:
+        if skip:
+            skip = False
+            continue
+        if w in ("-nic", "-m"):
+            skip = True
+            continue
+        for key, value in values.items():
+            w = w.replace(f"${key}", value)
+        out.append(w)
+    return out
+
+
+def board_image(arch: str) -> Path:
+    """tools/build-board-image.py's output for arch: the cross-built MicroPython node
+    (firmware/build.sh, cached there) in an initramfs around Debian's kernel and busybox
+    (seconds when cached, a few minutes the first time)."""
+    tools = {
+        "qemu-system-aarch64": "qemu-system-arm", "qemu-aarch64-static": "qemu-user-static",
+        "aarch64-linux-gnu-gcc": "gcc-aarch64-linux-gnu", "mcopy": "mtools",
+        "mkfs.vfat": "dosfstools",
+    }  # fmt: skip
+    for tool, package in tools.items():
+        if shutil.which(tool) is None and shutil.which(tool, path="/usr/sbin:/sbin") is None:
+            pytest.fail(f"{tool} ({package}) is not installed: run tools/install-image-deps.sh")
+    out = subprocess.run(
+        [sys.executable, str(BOARD_BUILDER), "--arch", arch, "--json"],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert out.returncode == 0, f"build-board-image --arch {arch} failed:\n{out.stderr}"
+    return Path(json.loads(out.stdout)["dir"])
+
+
+@pytest.fixture(scope="session")
+def aarch64_image() -> Path:
+    return board_image("aarch64")
+
+
 class Guest:
-    """A qemu-system-x86_64 guest with the given arguments (docs/install.md's), its console
-    in a file, and the node's port 80 forwarded to a free port here."""
+    """A qemu guest (qemu-system-x86_64 unless told) with the given arguments (docs/install.md's),
+    its console in a file, and the node's port 80 forwarded to a free port here."""
 
     def __init__(
-        self, log: Path, boot: list[str], cwd: Path | None = None, memory_mb: int = 512
-    ) -> None:
+        self, log: Path, boot: list[str], cwd: Path | None = None, memory_mb: int = 512,
+        qemu: str = "qemu-system-x86_64",
+    ) -> None:  # fmt: skip
         self.log = log
         self.page_port = free_port()
         cmd = [
-            "qemu-system-x86_64", *boot, "-m", str(memory_mb),
+            qemu, *boot, "-m", str(memory_mb),
             "-nic", f"user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:{self.page_port}-:80",
         ]  # fmt: skip
         with open(log, "wb") as out:
