@@ -43,7 +43,10 @@ JOBS=${JOBS:-2}
 UNIX_FLAGS=(MICROPY_PY_SSL=0 MICROPY_PY_BTREE=0 MICROPY_PY_FFI=0
   # dpwasm3 runs a job on a thread of its own with the GIL released, as on the ESP32s
   # (whose port has the GIL): with it, the job's thread and the node's never run Python at once.
-  MICROPY_PY_THREAD_GIL=1)
+  MICROPY_PY_THREAD_GIL=1
+  # C's printf is the C library's, as on the ESP32s (ESP-IDF's newlib): dpwasm3's messages
+  # are C99 formats (%llu), which MicroPython's own printf, the unix port's default, lacks.
+  CFLAGS_EXTRA=-DMICROPY_USE_INTERNAL_PRINTF=0)
 
 # -- a board from a checkout (esp32, rp2) ------------------------------------------------------
 
@@ -182,7 +185,13 @@ unix_build() {
     say "in a checkout, run 'git submodule update --init lib/micropython-lib'"; exit 66; }
 
   BUILD=$WORK/build-unix-$ARCH
+  # make rebuilds what changed, but not for other flags or another compiler: start afresh then
+  local how="${CROSS:-native} $CC_ID ${UNIX_FLAGS[*]}"
+  if [ "$(cat "$BUILD/.deparrow-flags" 2>/dev/null)" != "$how" ]; then
+    rm -rf "$BUILD"
+  fi
   mkdir -p "$BUILD"
+  printf '%s' "$how" >"$BUILD/.deparrow-flags"
   LOG=$BUILD/build.log
   local t0=$SECONDS
   say "building MicroPython's unix port for $ARCH in $BUILD (log: $LOG)"
