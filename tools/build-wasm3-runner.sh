@@ -32,7 +32,8 @@ done
 PYWASM3_VERSION=0.5.0
 PYWASM3_SHA256=5a47c8a39f7f6ae71b3316b2e5d86c9d0db6e771a65f09a86e4d4aa3a19aefcc
 NATIVE=$ROOT/edge/native
-SOURCES=("$NATIVE"/wasm3run.c "$NATIVE"/module.c "$NATIVE"/wasi.c "$NATIVE"/wasi_fs.c "$NATIVE"/textbuf.c)
+SOURCES=("$NATIVE"/wasm3run.c "$NATIVE"/wasm3loop.c "$NATIVE"/module.c "$NATIVE"/wasi.c "$NATIVE"/wasi_fs.c
+  "$NATIVE"/textbuf.c)
 CORE_PATCH=$ROOT/tools/wasm3-core.patch
 CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/deparrow
 SDIST=${PYWASM3_SDIST:-$CACHE/pywasm3-$PYWASM3_VERSION.tar.gz}

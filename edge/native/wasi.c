@@ -268,7 +268,7 @@ m3ApiRawFunction(w_fd_prestat_get) {
 #ifndef DEPARROW_NO_FILES
     if (fd > 2) RET32(fs_prestat_get(runtime, fd, buf));
 #endif
-    (void)buf;
+    (void)fd, (void)buf;
     RET32(W_EBADF);
 }
 
@@ -280,13 +280,13 @@ m3ApiRawFunction(w_fd_prestat_dir_name) {
 #ifndef DEPARROW_NO_FILES
     if (fd > 2) RET32(fs_prestat_dir_name(runtime, fd, path, len));
 #endif
-    (void)path, (void)len;
+    (void)fd, (void)path, (void)len;
     RET32(W_EBADF);
 }
 
 m3ApiRawFunction(w_proc_exit) {
     ARG32(code);
-    finish(1, code, NULL, NULL, 0);
+    finish(1, code, NULL, NULL);
     return m3Err_trapExit;
 }
 

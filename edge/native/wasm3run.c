@@ -30,8 +30,10 @@
  *     tools/build-wasm3-runner.sh); RLIMIT_AS bounds wasm3's own allocations;
  *   - a job runs on a thread with a 64 MiB stack, because wasm3 recurses on the C stack for
  *     wasm calls and its own 1 MiB wasm stack must overflow (a clean trap) first.
- * Every way out goes through finish(), which is async-signal-safe: it formats the result
- * without malloc or stdio, writes it and _exit()s, so no exit path can hang or half-write.
+ * The job itself runs in wasm3loop.c, the loop the boards' engine shares; this file is the
+ * process around it. Every way out goes through write_result(), which is async-signal-safe: it
+ * formats the result without malloc or stdio, writes it and _exit()s, so no exit path can hang
+ * or half-write.
  */
 
 #include "wasm3run.h"
@@ -49,12 +51,9 @@ static int64_t deadline_ns;
 static pid_t parent_pid;
 static char timeout_msg[128], cpu_timeout_msg[160];
 static volatile int done_flag;
-static uint32_t cap_pages, limit_pages;
-static int grow_past_limit_fails; /* the cap, not the module's own maximum, is the limit */
-char errbuf[ERR_MAX];
 
 /* ------------------------------------------------------------------------------------------ */
-/* finish(): the async-signal-safe way out                                                     */
+/* write_result(): the async-signal-safe way out                                              */
 
 /* Length of the valid UTF-8 sequence at s (n bytes left), or 0 when it is not valid. */
 static int utf8_len(const unsigned char *s, size_t n) {
@@ -77,7 +76,7 @@ static int utf8_len(const unsigned char *s, size_t n) {
 }
 
 /* A JSON string; bytes that are not UTF-8 become U+FFFD, as Python's "replace" would. */
-void sb_json(Sb *b, const char *s, size_t n) {
+static void sb_json(Sb *b, const char *s, size_t n) {
     static const char hex[] = "0123456789abcdef";
     sb_raw(b, "\"", 1);
     const unsigned char *u = (const unsigned char *)s;
@@ -153,8 +152,8 @@ static int64_t paused_ns(void) {
 /* Writes the result and ends the process. exit_code < 0: null. Only async-signal-safe calls:
  * this runs from signal handlers too. The first caller wins; a signal handler that comes
  * second returns (the process is on its way out), anyone else waits for the end. */
-void finish(int completed, int64_t exit_code, const char *error, const char *returns,
-                   int from_signal) {
+static void write_result(int completed, int64_t exit_code, const char *error,
+                         const char *returns, int from_signal) {
     if (!__sync_bool_compare_and_swap(&done_flag, 0, 1)) {
         if (from_signal) return;
         for (;;) pause();
@@ -190,17 +189,10 @@ void finish(int completed, int64_t exit_code, const char *error, const char *ret
     _exit(ok ? 0 : 70);
 }
 
-void fail(const char *error) {
-    finish(0, -1, error, NULL, 0);
+/* An ending before the job's loop (the job file, a path) or, by job_thread, after it. */
+void runner_end(const Outcome *o) {
+    write_result(o->completed, o->exit_code, o->error, o->returns, 0);
     for (;;) pause();
-}
-
-void failf(const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(errbuf, sizeof errbuf, fmt, ap);
-    va_end(ap);
-    fail(errbuf);
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -218,16 +210,16 @@ static void on_alarm(int sig) {
     (void)sig;
     int saved = errno;
     int64_t left = deadline_ns + paused_ns() - mono_ns();
-    if (left <= 0) finish(0, -1, timeout_msg, NULL, 1);
+    if (left <= 0) write_result(0, -1, timeout_msg, NULL, 1);
     else if (parent_pid > 1 && kill(parent_pid, 0) == -1 && errno == ESRCH)
-        finish(0, -1, "executor error: the node that started this job went away", NULL, 1);
+        write_result(0, -1, "executor error: the node that started this job went away", NULL, 1);
     else arm_timer(left < TICK_NS ? left : TICK_NS);
     errno = saved;
 }
 
 static void on_xcpu(int sig) {
     (void)sig;
-    finish(0, -1, cpu_timeout_msg, NULL, 1);
+    write_result(0, -1, cpu_timeout_msg, NULL, 1);
 }
 
 static void on_fatal(int sig) {
@@ -242,7 +234,7 @@ static void on_fatal(int sig) {
     case SIGINT: msg = "executor error: wasm3 runner stopped by SIGINT"; break;
     default: msg = "executor error: wasm3 runner stopped by SIGHUP"; break;
     }
-    finish(0, -1, msg, NULL, 1);
+    write_result(0, -1, msg, NULL, 1);
     _exit(70); /* finishing already, and then this: do not loop on the fault */
 }
 
@@ -256,40 +248,7 @@ static void on(int sig, void (*handler)(int), int flags) {
 }
 
 /* ------------------------------------------------------------------------------------------ */
-/* The memory cap: wasm3's interpreter calls this instead of ResizeMemory (see the build)      */
-
-M3Result deparrow_ResizeMemory(IM3Runtime rt, u32 pages);
-
-M3Result deparrow_ResizeMemory(IM3Runtime rt, u32 pages) {
-    if (grow_past_limit_fails && pages > cap_pages)
-        failf("memory limit: job exceeded %llu MiB (memory.grow past the cap)",
-              (unsigned long long)job.memory_mb);
-    M3Result r = ResizeMemory(rt, pages);
-    if (r && pages <= limit_pages)
-        failf("memory limit: job exceeded %llu MiB (the host could not allocate more)",
-              (unsigned long long)job.memory_mb);
-    return r;
-}
-
-/* ------------------------------------------------------------------------------------------ */
-/* Running the job                                                                             */
-
-/* wasm3's error, as one of the executor's error kinds (runner._explain). */
-static void fail_wasm3(M3Result r, IM3Runtime rt) {
-    M3ErrorInfo ei;
-    memset(&ei, 0, sizeof ei);
-    if (rt) m3_GetErrorInfo(rt, &ei);
-    char msg[ERR_MAX - 64];
-    if (ei.message && *ei.message) snprintf(msg, sizeof msg, "%s (%s)", r, ei.message);
-    else snprintf(msg, sizeof msg, "%s", r);
-    if (r == m3Err_mallocFailed || strstr(msg, "memory allocation failed") || strstr(msg, "out of memory"))
-        failf("memory limit: job exceeded %llu MiB (the host could not allocate more)",
-              (unsigned long long)job.memory_mb);
-    if (!strncmp(msg, "[trap] Out of gas", 17) && job.gas)
-        failf("gas limit: job used more than its %llu units of gas", (unsigned long long)job.gas);
-    if (!strncmp(msg, "[trap] ", 7)) failf("trap: %s", msg + 7);
-    failf("invalid module: %s", msg);
-}
+/* The job: its files, its limits, and the loop on a thread of its own                        */
 
 static uint8_t *read_file(const char *path, size_t *len, int required) {
     int fd = open(path, O_RDONLY);
@@ -395,7 +354,7 @@ static uint64_t vm_bytes(void) {
     return pages * (uint64_t)sysconf(_SC_PAGESIZE);
 }
 
-static void set_limits(uint64_t module_len) {
+static void set_limits(uint64_t module_len, uint32_t cap_pages) {
     uint64_t vm = vm_bytes();
     if (vm) {
         uint64_t want = vm + 2 * (uint64_t)cap_pages * PAGE + 4 * module_len + AS_SLACK;
@@ -417,157 +376,14 @@ static void set_limits(uint64_t module_len) {
     }
 }
 
-static int is(Str s, const char *lit) { return s.n == strlen(lit) && !memcmp(s.p, lit, s.n); }
-
-static IM3Function function_at(IM3Module module, IM3Runtime rt, uint32_t index) {
-    IM3Function f = Module_GetFunction(module, index);
-    if (!f) fail("invalid module: export refers to a missing function");
-    if (!f->compiled) {
-        M3Result r = CompileFunction(f);
-        if (r) fail_wasm3(r, rt);
-    }
-    return f;
-}
-
-static void run(const char *dir) {
-    char path[PATH_MAX];
-    size_t module_len = 0;
-    snprintf(path, sizeof path, "%s/module.wasm", dir);
-    uint8_t *module_bytes = read_file(path, &module_len, 1);
-
-    cap_pages = job.memory_mb > (1u << 20) ? (1u << 24) : (uint32_t)(job.memory_mb * 16);
-    if (!cap_pages) cap_pages = 1;
-    /* wasm3 takes the length in 32 bits: a larger module would be read cut short */
-    if (module_len > UINT32_MAX) fail("invalid module: larger than 4 GiB");
-    read_module(module_bytes, module_len);
-
-    const Export *entry = find_export(job.entry);
-    if (!entry || entry->kind != 0) {
-        Sb b = {errbuf, sizeof errbuf, 0};
-        sb_str(&b, "invalid module: no exported function ");
-        repr(&b, job.entry);
-        sb_str(&b, " (it exports: ");
-        const Str **names = calloc(info.nexports + 1, sizeof *names);
-        uint32_t k = 0;
-        for (uint32_t i = 0; names && i < info.nexports; i++)
-            if (info.exports[i].kind == 0) names[k++] = &info.exports[i].name;
-        if (names) qsort(names, k, sizeof *names, cmp_names);
-        for (uint32_t i = 0; i < k; i++) {
-            if (i) sb_str(&b, ", ");
-            sb_raw(&b, (const char *)names[i]->p, names[i]->n);
-        }
-        sb_str(&b, k ? ")" : "no functions)");
-        fail(errbuf);
-    }
-
-    Sb miss = {errbuf, sizeof errbuf, 0};
-    sb_str(&miss, "invalid module: unsupported import ");
-    size_t start = miss.len;
-    for (int pass = 0; pass < 2; pass++) /* functions first, then other kinds, as runner.py */
-        for (uint32_t i = 0; i < info.nimports; i++) {
-            const Import *im = &info.imports[i];
-            if ((pass == 0) != (im->kind == 0)) continue;
-            if (pass == 0 && (wasi_fn(im->mod, im->name) || is_gas_import(im->mod, im->name)))
-                continue;
-            if (miss.len > start) sb_str(&miss, ", ");
-            sb_raw(&miss, (const char *)im->mod.p, im->mod.n);
-            sb_str(&miss, ".");
-            sb_raw(&miss, (const char *)im->name.p, im->name.n);
-            if (pass) {
-                sb_str(&miss, " (");
-                sb_str(&miss, im->kind < 4 ? KINDS[im->kind] : "?");
-                sb_str(&miss, ")");
-            }
-        }
-    if (miss.len > start) {
-        sb_str(&miss, " (this executor provides WASI preview1 args, environ, clocks, random, "
-                      "stdio and proc_exit, files in the job's preopened directories, no "
-                      "sockets)");
-        fail(errbuf);
-    }
-    if (info.has_memory && info.mem_min > cap_pages)
-        failf("memory limit: job exceeded %g MiB (the module asks for %g MiB of initial memory)",
-              cap_pages / 16.0, info.mem_min / 16.0);
-    limit_pages = info.has_memory && info.has_max && info.mem_max < cap_pages ? info.mem_max : cap_pages;
-    /* past the module's own maximum memory.grow answers -1 (the spec); past the job's cap,
-       below that maximum, the job is over its limit */
-    grow_past_limit_fails = !(info.has_memory && info.has_max && info.mem_max <= cap_pages);
-
-    argv_count = is(job.entry, "_start") ? job.nargs + 1 : 1;
-    argv_items = calloc(argv_count, sizeof(Str));
-    if (!argv_items) fail("executor error: out of memory");
-    argv_items[0] = job.job_id;
-    for (uint32_t i = 1; i < argv_count; i++) argv_items[i] = job.args[i - 1];
-
+/* What wasm3-run gives a job that the boards' engine cannot: its directories, and limits on
+ * the process (the job is all that runs in it). */
+static void prepare(size_t module_len, uint32_t cap_pages) {
     fs_open_preopens(); /* before the address-space limit: a failure here is the node's */
-    set_limits(module_len);
-    IM3Environment env = m3_NewEnvironment();
-    IM3Runtime rt = env ? m3_NewRuntime(env, WASM_STACK_BYTES, NULL) : NULL;
-    if (!rt) fail_wasm3(m3Err_mallocFailed, NULL);
-    IM3Module module;
-    M3Result r = m3_ParseModule(env, &module, module_bytes, (uint32_t)module_len);
-    if (r) fail_wasm3(r, NULL);
-    r = m3_LoadModule(rt, module);
-    if (r) fail_wasm3(r, rt);
-    rt->memory.maxPages = limit_pages;
-    if (job.gas) gas_left = job.gas > (uint64_t)INT64_MAX ? INT64_MAX : (int64_t)job.gas;
-    for (uint32_t i = 0; i < info.nimports; i++) {
-        if (info.imports[i].kind == 0 && is_gas_import(info.imports[i].mod, info.imports[i].name)) {
-            r = m3_LinkRawFunction(module, "metering", "usegas", "v(i)", metering_usegas);
-            if (r && r != m3Err_functionLookupFailed) fail_wasm3(r, rt);
-            continue;
-        }
-        const WasiFn *w = wasi_fn(info.imports[i].mod, info.imports[i].name);
-        if (!w) continue;
-        r = m3_LinkRawFunction(module, WASI, w->name, w->sig, w->fn);
-        if (r && r != m3Err_functionLookupFailed) fail_wasm3(r, rt);
-    }
-    r = m3_RunStart(module);
-    if (r) fail_wasm3(r, rt);
-
-    uint64_t vals[MAX_VALUES];
-    const void *ptrs[MAX_VALUES];
-    for (int i = 0; i < MAX_VALUES; i++) ptrs[i] = &vals[i];
-    int start_entry = is(job.entry, "_start");
-    const Export *init = find_export((Str){(const uint8_t *)"_initialize", 11});
-    if (!start_entry && init && init->kind == 0) {
-        IM3Function f = function_at(module, rt, init->index);
-        r = m3_Call(f, 0, NULL);
-        if (r) fail_wasm3(r, rt);
-    }
-    IM3Function f = function_at(module, rt, entry->index);
-    if (start_entry) {
-        if (m3_GetArgCount(f)) fail("invalid module: _start takes parameters");
-        r = m3_Call(f, 0, NULL);
-        if (r) fail_wasm3(r, rt);
-        finish(1, 0, NULL, NULL, 0);
-    }
-    convert_args(f, vals);
-    r = m3_Call(f, job.nargs, ptrs);
-    if (r) fail_wasm3(r, rt);
-    uint32_t nrets = m3_GetRetCount(f);
-    if (nrets > MAX_VALUES) failf("invalid module: more than %d results", MAX_VALUES);
-    memset(vals, 0, sizeof vals);
-    r = nrets ? m3_GetResults(f, nrets, ptrs) : NULL;
-    if (r) fail_wasm3(r, rt);
-    static char rets[MAX_VALUES * 32 + 8];
-    Sb b = {rets, sizeof rets, 0};
-    sb_str(&b, "[");
-    for (uint32_t i = 0; i < nrets; i++) {
-        if (i) sb_str(&b, ",");
-        M3ValueType t = m3_GetRetType(f, i);
-        int32_t i32;
-        int64_t i64;
-        float f32;
-        double f64;
-        if (t == c_m3Type_i32) memcpy(&i32, &vals[i], 4), sb_i64(&b, i32);
-        else if (t == c_m3Type_i64) memcpy(&i64, &vals[i], 8), sb_i64(&b, i64);
-        else if (t == c_m3Type_f32) memcpy(&f32, &vals[i], 4), sb_double(&b, f32);
-        else memcpy(&f64, &vals[i], 8), sb_double(&b, f64);
-    }
-    sb_str(&b, "]");
-    finish(1, 0, NULL, rets, 0);
+    set_limits(module_len, cap_pages);
 }
+
+static const Runner PROCESS = {WASM_STACK_BYTES, "executor error: out of memory", prepare};
 
 static const char *job_dir;
 
@@ -597,8 +413,11 @@ static void *job_thread(void *arg) {
     static char alt[1 << 16];
     stack_t ss = {.ss_sp = alt, .ss_size = sizeof alt, .ss_flags = 0};
     sigaltstack(&ss, NULL);
-    run(job_dir);
-    return NULL;
+    char path[PATH_MAX];
+    snprintf(path, sizeof path, "%s/module.wasm", job_dir);
+    job.module = read_file(path, &job.module_len, 1);
+    Outcome o = run_job(&PROCESS);
+    runner_end(&o);
 }
 
 static int open_output(const char *dir, const char *name) {

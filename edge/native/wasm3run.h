@@ -1,7 +1,9 @@
 /* Shared by the parts of wasm3-run: wasm3run.c (the job's life: job file, limits, signals,
- * the result), module.c (the module and the call's arguments, read before wasm3 sees them),
- * wasi.c (the host functions) and wasi_fs.c (WASI's files, confined to the job's preopened
- * directories). What the program does: wasm3run.c. */
+ * the result), wasm3loop.c (the job in wasm3, from the module's bytes to its outcome),
+ * module.c (the module and the call's arguments, read before wasm3 sees them), wasi.c (the
+ * host functions) and wasi_fs.c (WASI's files, confined to the job's preopened directories).
+ * The boards' engine (firmware/wasm3/dp_engine.c) is built from the same files but wasm3run.c
+ * and wasi_fs.c. What the program does: wasm3run.c. */
 
 #ifndef DEPARROW_WASM3RUN_H
 #define DEPARROW_WASM3RUN_H
@@ -63,6 +65,8 @@ typedef struct {
 } Preopen;
 
 typedef struct {
+    const uint8_t *module;
+    size_t module_len;
     Str entry, job_id;
     Str *args;
     uint32_t nargs;
@@ -78,7 +82,7 @@ extern int out_fd, err_fd, in_fd;
 extern uint64_t out_size, err_size;
 extern char errbuf[ERR_MAX];
 
-/* wasm3run.c: text without malloc (signal handlers use it) and the ways out */
+/* textbuf.c: text without malloc (signal handlers use it) and the clock */
 typedef struct {
     char *buf;
     size_t cap, len;
@@ -88,14 +92,44 @@ void sb_raw(Sb *b, const char *s, size_t n);
 void sb_str(Sb *b, const char *s);
 void sb_u64(Sb *b, uint64_t v);
 void sb_i64(Sb *b, int64_t v);
-void sb_json(Sb *b, const char *s, size_t n);
 int64_t ns_of(const struct timespec *t);
 int64_t mono_ns(void);
-int write_all(int fd, const char *p, size_t n);
-void finish(int completed, int64_t exit_code, const char *error, const char *returns,
-            int from_signal);
+
+/* wasm3loop.c: one job in wasm3, from `job` to how it ended. A runner (wasm3run.c, a process
+ * per job; firmware/wasm3/dp_engine.c, a job at a time in a process that lives on) fills in
+ * `job`, calls run_job() and reports the outcome its own way. */
+typedef struct {
+    int completed;       /* 1: "completed", 0: "failed" */
+    int64_t exit_code;   /* -1: none */
+    const char *error;   /* the executor's error words, or NULL */
+    const char *returns; /* a JSON array, or NULL */
+    int64_t wall_ns;     /* run_job's, from its start to the job's end */
+} Outcome;
+
+/* What differs between the runners. */
+typedef struct {
+    uint32_t wasm_stack;           /* bytes of wasm stack */
+    const char *no_memory_for_argv; /* the error when even the job's argv cannot be allocated */
+    /* Called once the module and the job have passed the checks, before wasm3 starts; may
+     * fail(). NULL: nothing to do. */
+    void (*prepare)(size_t module_len, uint32_t cap_pages);
+} Runner;
+
+extern int job_running; /* inside run_job: an ending goes back to it */
+Outcome run_job(const Runner *runner);
+/* Frees what wasm3 and the checks allocated for the last job (a runner that lives on). */
+void end_job(void);
+/* The job ends: inside run_job, by a longjmp back to it; before or after (a runner's own
+ * checks), by the runner's runner_end(). Called by the loop, module.c and the host functions
+ * (proc_exit, a cap). */
+void finish(int completed, int64_t exit_code, const char *error, const char *returns)
+    __attribute__((noreturn));
 void fail(const char *error) __attribute__((noreturn));
 void failf(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
+
+/* The runner's: its output streams, and its way out for an ending outside run_job. */
+int write_all(int fd, const char *p, size_t n);
+void runner_end(const Outcome *o) __attribute__((noreturn));
 
 /* module.c */
 typedef struct {

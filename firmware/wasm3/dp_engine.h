@@ -3,11 +3,11 @@
  * is built and tested on a PC too (tests/firmware/test_wasm3_engine.py); modwasm3.c is the
  * MicroPython binding around it.
  *
- * The host functions and the module checks are edge/native/wasi.c and edge/native/module.c,
- * compiled unchanged into both wasm3-run and the firmware: dp_engine.c supplies what they
- * expect from wasm3run.c (the job, the output streams, fail() and finish()), but for a
- * process that must live on after the job: output goes to capped buffers, and fail()/finish()
- * end the job (a longjmp back to dp_run) instead of the process. */
+ * The job's loop, the host functions and the module checks are edge/native/wasm3loop.c,
+ * wasi.c and module.c, compiled unchanged into both wasm3-run and the firmware: dp_engine.c
+ * supplies what they expect from their runner (the job, the output streams), for a process
+ * that must live on after the job: output goes to capped buffers, and the job's outcome comes
+ * back to dp_run instead of ending the process. */
 
 #ifndef DEPARROW_DP_ENGINE_H
 #define DEPARROW_DP_ENGINE_H

@@ -17,6 +17,7 @@ add_library(usermod_dpwasm3 INTERFACE)
 target_sources(usermod_dpwasm3 INTERFACE
     ${DPWASM3_DIR}/modwasm3.c
     ${DPWASM3_DIR}/dp_engine.c
+    ${DPWASM3_DIR}/dp_wasm3loop.c
     ${DPWASM3_DIR}/dp_wasi.c
     ${DPWASM3_DIR}/dp_module.c
     ${DPWASM3_DIR}/dp_textbuf.c
