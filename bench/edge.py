@@ -12,8 +12,10 @@
 - cold_start_to_heartbeat_ms: from starting an enrolled `edge-run` to its first heartbeat
   reaching the hub: the time the hub records it at (the node's `last_seen`, read over REST;
   the hub's clock is this machine's). Target <= 1000, aim <= 200.
-- micropython_min_heap_kb: the smallest `micropython -X heapsize` that completes a heartbeat
-  and a wasm job against a real hub (tools/mp_min_heap.py). Target <= 256, aim <= 64.
+- micropython_min_heap_kb: the smallest `micropython -X heapsize` in which the firmware's node
+  (`make firmware-unix`: the node frozen in, jobs in dpwasm3) completes a heartbeat and a wasm
+  job (fib) against a real hub (tools/mp_min_heap.py; the same binary running the .py sources
+  is measured too, as micropython.source). Target <= 64 (issue 17).
 
 Prints each figure with its target, and as its last line one JSON object. Exit status 1 when a
 figure misses its target.
@@ -45,7 +47,7 @@ TARGETS = {  # figure: (target, aim); lower is better
     "wasm3_job_overhead_ms": (10.0, 2.0),
     "cpython_rss_idle_mb": (40.0, None),
     "cold_start_to_heartbeat_ms": (1000.0, 200.0),
-    "micropython_min_heap_kb": (256.0, 64.0),
+    "micropython_min_heap_kb": (64.0, None),
 }
 
 NATIVE_FIB = r"""
