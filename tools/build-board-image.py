@@ -1,23 +1,24 @@
 #!/usr/bin/env python3
-"""Builds a DEparrow board image for an emulated aarch64 board from Debian parts, with the
-Buildroot tree's overlay and init scripts and the MicroPython node.
+"""Builds a DEparrow board image for an emulated aarch64 or riscv64 board from Debian parts,
+with the Buildroot tree's overlay and init scripts and the MicroPython node.
 
-    python tools/build-board-image.py --arch aarch64 [--micropython FILE] [--cache DIR]
-                                      [--kernel-deb FILE] [--json]
+    python tools/build-board-image.py --arch aarch64|riscv64 [--micropython FILE]
+                                      [--cache DIR] [--kernel-deb FILE] [--json]
 
 The board the issue calls "$10 boards": no CPython, the node is the `micropython` binary that
 firmware/build.sh cross-builds from MicroPython's source (the edge core frozen in, the dpwasm3
 wasm engine compiled in) and runs as `micropython -m edge.mp_main`. Around it, as
 tools/build-test-image.py does for x86_64 (and with its code): Debian's kernel for the
-architecture (linux-image-arm64's Image and the virtio, FAT and NLS modules, loaded by the
-overlay's deparrow-boot), busybox-static of that architecture as /bin/sh, init and every small
-tool, the C library the binary links against (the cross toolchain's), and the overlays
-buildroot/board/common/rootfs-overlay and buildroot/board/picoclaw/rootfs-overlay (the
-small-board settings: one CPU, 128 MiB offered). The Debian packages are downloaded with
+architecture (linux-image-arm64's or linux-image-riscv64's, with the virtio, FAT and NLS
+modules the overlay's deparrow-boot loads), busybox-static of that architecture as /bin/sh,
+init and every small tool, the C library the binary links against (the cross toolchain's), and
+the overlays buildroot/board/common/rootfs-overlay and buildroot/board/picoclaw/rootfs-overlay
+(the small-board settings: one CPU, 128 MiB offered). The Debian packages are downloaded with
 `apt-get download` (never installed: another architecture's busybox-static would replace this
-machine's /bin/busybox). Output, in a directory keyed by a hash of every input:
+machine's /bin/busybox); riscv64's come from Debian trixie (bookworm has none), through an apt
+index of its own in the cache. Output, in a directory keyed by a hash of every input:
 
-    vmlinuz       the kernel (qemu-system-aarch64 -M virt -kernel)
+    vmlinuz       the kernel (qemu-system-ARCH -M virt -kernel)
     initrd.img    the root file system (gzip'd cpio), run from RAM
     boot.img      a FAT file system labelled DPBOOT with deparrow/board.json: attached as a
                   disk, it is the board's boot partition ('deparrow board provision' writes
@@ -25,9 +26,9 @@ machine's /bin/busybox). Output, in a directory keyed by a hash of every input:
     manifest.json what went in
 
 It prints the directory (or, with --json, the manifest). Without --micropython it runs
-firmware/build.sh for the architecture (cached there). Needs: the architecture added to dpkg
-and apt's index (tools/install-image-deps.sh does both), qemu-user-static (to list the foreign
-busybox's applets), mtools and dosfstools.
+firmware/build.sh --unix --arch ARCH (cached there). Needs: arm64 added to dpkg and apt's index
+(tools/install-image-deps.sh does both, and installs the rest), qemu-user-static (to list the
+foreign busybox's applets), the cross compiler, mtools and dosfstools.
 """
 
 from __future__ import annotations
@@ -76,6 +77,10 @@ class Arch:
     qemu_user: str  # runs a binary of the architecture here
     console: str  # the kernel's serial console on qemu's virt machine
     board: dict[str, object]  # deparrow/board.json: what 'deparrow board provision' assumes
+    # The Debian release the kernel and busybox come from when this machine's has none for
+    # the architecture (bookworm has no riscv64; trixie, the next, does): its own apt index,
+    # kept in the cache, this machine's apt sources untouched.
+    suite: str | None = None
 
 
 ARCHES = {
@@ -85,7 +90,16 @@ ARCHES = {
         board={"board": "qemu-virt-aarch64", "arch": "aarch64", "cpu": 1, "memory_mb": 256,
                "engines": ["wasm"]},
     ),
+    "riscv64": Arch(
+        name="riscv64", deb="riscv64", triplet="riscv64-linux-gnu",
+        qemu_user="qemu-riscv64-static", console="ttyS0",
+        board={"board": "qemu-virt-riscv64", "arch": "riscv64", "cpu": 1, "memory_mb": 256,
+               "engines": ["wasm"]},
+        suite="trixie",
+    ),
 }  # fmt: skip
+DEBIAN_MIRROR = "http://deb.debian.org/debian"
+DEBIAN_KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 # The board's network card, disk, entropy and FAT (virtio on qemu's virt machine); Debian's
 # arm64 kernel has them as modules, which deparrow-boot loads.
 MODULES = (
@@ -100,6 +114,48 @@ def kernel_cmdline(arch: Arch) -> str:
 
 
 # --- inputs ------------------------------------------------------------------------------
+def apt_index(cache: Path, arch: Arch) -> tuple[str, ...]:
+    """apt-get/apt-cache options for arch.suite's package index of arch, kept in
+    cache/apt/SUITE-ARCH and fetched again when a week old; () for this machine's own index."""
+    if arch.suite is None:
+        return ()
+    base = (cache / "apt" / f"{arch.suite}-{arch.deb}").resolve()
+    opts = (
+        f"-oDir::State={base}/state", f"-oDir::State::status={base}/state/status",
+        f"-oDir::State::Lists={base}/lists", f"-oDir::Cache={base}/cache",
+        f"-oDir::Etc::SourceList={base}/sources.list", f"-oDir::Etc::SourceParts={base}/none",
+        f"-oDir::Etc::Preferences={base}/none", f"-oDir::Etc::PreferencesParts={base}/none",
+        f"-oAPT::Architecture={arch.deb}", f"-oAPT::Architectures::={arch.deb}",
+    )  # fmt: skip
+    # apt dates the lists by the archive's own time, so this stamp says when we fetched them
+    stamp = base / "fetched"
+    fetched = stamp.exists() and any((base / "lists").glob("*_Packages*"))
+    if fetched and time.time() - stamp.stat().st_mtime < 7 * 86400:  # trixie's kernel moves on
+        return opts
+    if not DEBIAN_KEYRING.exists():
+        raise BuildError(f"{DEBIAN_KEYRING} is missing: apt-get install debian-archive-keyring")
+    for d in ("state", "lists/partial", "cache/archives/partial"):
+        (base / d).mkdir(parents=True, exist_ok=True)
+    (base / "state" / "status").touch()
+    (base / "sources.list").write_text(
+        f"deb [arch={arch.deb} signed-by={DEBIAN_KEYRING}] {DEBIAN_MIRROR} {arch.suite} main\n"
+    )
+    print(f"build-board-image: fetching Debian {arch.suite}'s {arch.deb} package index",
+          file=sys.stderr)  # fmt: skip
+    got = subprocess.run(["apt-get", *opts, "update"], capture_output=True, text=True)
+    if got.returncode == 0 and any((base / "lists").glob("*_Packages*")):
+        stamp.touch()
+    elif fetched:  # offline: the old index still names the debs, which may be cached
+        print(f"build-board-image: keeping the old index: {got.stderr.strip()[-200:]}",
+              file=sys.stderr)  # fmt: skip
+    else:
+        raise BuildError(
+            f"apt-get update of Debian {arch.suite} ({arch.deb}) failed: "
+            f"{got.stderr.strip()[-400:]}"
+        )
+    return opts
+
+
 def micropython_binary(arch: Arch, given: Path | None) -> Path:
     """The node: --micropython, or firmware/build.sh's cross build for the architecture."""
     if given is not None:
@@ -205,7 +261,7 @@ def make_boot_fat(out: Path, arch: Arch) -> None:
 
 
 def build(arch: Arch, cache: Path, kernel: Path, mp: Path) -> Path:
-    busybox_deb = parts.package_deb(cache, "busybox-static", arch.deb)
+    busybox_deb = parts.package_deb(cache, "busybox-static", arch.deb, apt_index(cache, arch))
     libs = runtime_libs(arch, mp)
     key = inputs_key(arch, kernel, busybox_deb, mp, libs)
     final = cache / f"{arch.name}-{key}"
@@ -219,10 +275,14 @@ def build(arch: Arch, cache: Path, kernel: Path, mp: Path) -> Path:
         tree, bb = work / "kernel", work / "busybox"
         subprocess.run(["dpkg-deb", "-x", str(kernel), str(tree)], check=True)
         subprocess.run(["dpkg-deb", "-x", str(busybox_deb), str(bb)], check=True)
-        vmlinuz = next((tree / "boot").glob("vmlinuz-*"))
+        # vmlinuz (arm64: a gzip'd Image) or vmlinux (riscv64: an Image with an EFI stub)
+        vmlinuz = next((tree / "boot").glob("vmlinu[xz]-*"))
         root = work / "root"
         parts.add_skeleton(root)
-        parts.add_busybox(root, bb / "bin" / "busybox", (qemu_user,))
+        # /bin/busybox, or /usr/bin/busybox in releases with a merged /usr (trixie)
+        busybox = next(p for p in (bb / "bin" / "busybox", bb / "usr" / "bin" / "busybox")
+                       if p.exists())  # fmt: skip
+        parts.add_busybox(root, busybox, (qemu_user,))
         parts.copy(mp, root / "usr" / "bin" / "micropython")
         (root / "usr" / "bin" / "micropython").chmod(0o755)
         for dst, src in libs.items():
@@ -279,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     arch = ARCHES[args.arch]
     try:
-        kernel = parts.kernel_deb(args.cache, args.kernel_deb, arch.deb)
+        apt = () if args.kernel_deb else apt_index(args.cache, arch)
+        kernel = parts.kernel_deb(args.cache, args.kernel_deb, arch.deb, apt)
         out = build(arch, args.cache, kernel, micropython_binary(arch, args.micropython))
     except BuildError as e:
         print(f"build-board-image: {e}", file=sys.stderr)

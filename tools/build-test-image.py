@@ -31,6 +31,7 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import json
+import lzma
 import marshal
 import os
 import re
@@ -86,9 +87,12 @@ def need(tool: str, package: str) -> str:
 
 
 # --- inputs ------------------------------------------------------------------------------
-def kernel_deb(cache: Path, given: Path | None, arch: str = "amd64") -> Path:
+def kernel_deb(
+    cache: Path, given: Path | None, arch: str = "amd64", apt: tuple[str, ...] = ()
+) -> Path:
     """Debian's kernel for arch (a Debian architecture: amd64, arm64): the package that
-    linux-image-ARCH depends on, downloaded once into cache/debs."""
+    linux-image-ARCH depends on, downloaded once into cache/debs. apt: options for apt-get and
+    apt-cache (another release's index)."""
     if given is not None:
         if not given.is_file():
             raise BuildError(f"--kernel-deb {given}: no such file")
@@ -98,14 +102,14 @@ def kernel_deb(cache: Path, given: Path | None, arch: str = "amd64") -> Path:
         return found[-1]
     need("apt-get", "apt")
     meta = f"linux-image-{arch}" + ("" if arch == native_arch() else f":{arch}")
-    dep = subprocess.run(["apt-cache", "depends", meta], capture_output=True, text=True)
+    dep = subprocess.run(["apt-cache", *apt, "depends", meta], capture_output=True, text=True)
     m = re.search(rf"Depends: (linux-image-[0-9][^\s:]*-{arch})", dep.stdout)
     if not m:
         raise BuildError(
             f"apt-cache does not know {meta}: run tools/install-image-deps.sh (it adds the "
             "architecture and runs apt-get update), or pass --kernel-deb"
         )
-    return package_deb(cache, m.group(1), arch)
+    return package_deb(cache, m.group(1), arch, apt)
 
 
 def native_arch() -> str:
@@ -113,7 +117,7 @@ def native_arch() -> str:
     return out.stdout.strip() or "amd64"
 
 
-def package_deb(cache: Path, package: str, arch: str) -> Path:
+def package_deb(cache: Path, package: str, arch: str, apt: tuple[str, ...] = ()) -> Path:
     """A Debian package's .deb for arch, downloaded once into cache/debs (not installed:
     another architecture's busybox-static would replace this machine's /bin/busybox)."""
     debs = cache / "debs"
@@ -124,7 +128,9 @@ def package_deb(cache: Path, package: str, arch: str) -> Path:
     debs.mkdir(parents=True, exist_ok=True)
     name = package if arch == native_arch() else f"{package}:{arch}"
     print(f"build-image: downloading {name} (once)", file=sys.stderr)
-    got = subprocess.run(["apt-get", "download", name], cwd=debs, capture_output=True, text=True)
+    got = subprocess.run(
+        ["apt-get", *apt, "download", name], cwd=debs, capture_output=True, text=True
+    )
     found = sorted(debs.glob(f"{package}_*_{arch}.deb"))
     if got.returncode != 0 or not found:
         hint = "" if arch == native_arch() else " (tools/install-image-deps.sh adds its arch)"
@@ -299,21 +305,37 @@ def add_edge(root: Path) -> list[Path]:
 
 def add_modules(root: Path, tree: Path, modules: tuple[str, ...] = MODULES) -> str:
     """The kernel package's modules named (and what they depend on), with a modules.dep for
-    BusyBox modprobe; returns the kernel's version."""
-    kver = next(p.name for p in (tree / "lib" / "modules").iterdir())
-    src = tree / "lib" / "modules" / kver
-    by_name = {p.stem.replace("-", "_"): p for p in (src / "kernel").rglob("*.ko")}
+    BusyBox modprobe; returns the kernel's version. Modules compressed with xz (Debian's
+    kernels from trixie on, under /usr/lib/modules) go in unpacked: BusyBox loads plain ones."""
+    base = next(
+        (b for b in (tree / "lib" / "modules", tree / "usr" / "lib" / "modules") if b.is_dir()),
+        None,
+    )
+    if base is None:
+        raise BuildError("the kernel package has no lib/modules or usr/lib/modules")
+    kver = next(p.name for p in base.iterdir())
+    src = base / kver
+    # name -> (the file in the package, its path in the image's /lib/modules/KVER)
+    by_name: dict[str, tuple[Path, Path]] = {}
+    for p in (src / "kernel").rglob("*.ko*"):
+        if p.name.endswith((".ko", ".ko.xz")):
+            rel = p.relative_to(src)
+            rel = rel.with_name(rel.name.removesuffix(".xz"))
+            by_name[rel.name.removesuffix(".ko").replace("-", "_")] = (p, rel)
     chosen: dict[str, list[str]] = {}
 
+    def content(ko: Path) -> bytes:
+        return lzma.decompress(ko.read_bytes()) if ko.suffix == ".xz" else ko.read_bytes()
+
     def depends(ko: Path) -> list[str]:
-        m = re.search(rb"\0depends=([^\0]*)\0", ko.read_bytes())
+        m = re.search(rb"\0depends=([^\0]*)\0", content(ko))
         names = m.group(1).decode().split(",") if m else []
         return [d.replace("-", "_") for d in names if d]
 
     def visit(name: str) -> None:
         if name in chosen or name not in by_name:
             return
-        chosen[name] = depends(by_name[name])
+        chosen[name] = depends(by_name[name][0])
         for d in chosen[name]:
             visit(d)
 
@@ -322,12 +344,13 @@ def add_modules(root: Path, tree: Path, modules: tuple[str, ...] = MODULES) -> s
     dst = root / "lib" / "modules" / kver
     lines = []
     for name in chosen:
-        rel = by_name[name].relative_to(src)
-        copy(by_name[name], dst / rel)
+        ko, rel = by_name[name]
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        (dst / rel).write_bytes(content(ko))
         # modules.dep, as depmod writes it: every dependency, each before its own
         # dependencies (modprobe loads the list from its end)
         post = _post_order(name, chosen)
-        deps = " ".join(str(by_name[d].relative_to(src)) for d in reversed(post) if d in by_name)
+        deps = " ".join(str(by_name[d][1]) for d in reversed(post) if d in by_name)
         lines.append(f"{rel}:{' ' + deps if deps else ''}")
     (dst / "modules.dep").write_text("\n".join(lines) + "\n")
     for f in ("modules.builtin", "modules.order"):

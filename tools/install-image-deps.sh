@@ -7,8 +7,10 @@
 #   mount                     (losetup) the flash tests' loop devices
 #   binutils                  (strip) keeps the test image small
 #   qemu-system-arm           boots the emulated aarch64 board (tests/images/test_board_arm64.py)
-#   qemu-user-static          runs aarch64 binaries here (the board's busybox applet list, checks)
-#   gcc-aarch64-linux-gnu     cross-builds the board's MicroPython node (firmware/build.sh --arch)
+#   qemu-system-misc          boots the emulated riscv64 board (OpenSBI comes with it)
+#   qemu-user-static          runs aarch64 and riscv64 binaries here (busybox applets, checks)
+#   gcc-aarch64-linux-gnu     cross-build the boards' MicroPython node (firmware/build.sh --arch),
+#   gcc-riscv64-linux-gnu     with libc6-dev-arm64-cross and libc6-dev-riscv64-cross
 # The Debian kernels and the aarch64 busybox-static are not installed: tools/build-test-image.py
 # and tools/build-board-image.py download them with `apt-get download` and unpack them into
 # their cache. For arm64's, dpkg must know the architecture (multiarch): this adds it and
@@ -23,12 +25,12 @@ SUDO=""
 if ! dpkg --print-foreign-architectures | grep -qx arm64; then
   echo "adding dpkg's arm64 architecture (the aarch64 board image's Debian packages)" >&2
   $SUDO dpkg --add-architecture arm64
-  rm -f "${TMPDIR:-/tmp}/deparrow-apt-index-refreshed"  # apt-install.sh refreshes the index
-elif ! apt-cache show busybox-static:arm64 >/dev/null 2>&1; then
-  rm -f "${TMPDIR:-/tmp}/deparrow-apt-index-refreshed"
 fi
 arm64_index=0
-apt-cache show busybox-static:arm64 >/dev/null 2>&1 || arm64_index=1
+if ! compgen -G "/var/lib/apt/lists/*_binary-arm64_Packages*" >/dev/null; then
+  arm64_index=1
+  rm -f "${TMPDIR:-/tmp}/deparrow-apt-index-refreshed"  # apt-install.sh refreshes the index
+fi
 
 need=()
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
@@ -40,12 +42,16 @@ command -v mkfs.vfat >/dev/null || [ -x /sbin/mkfs.vfat ] || need+=(dosfstools)
 command -v losetup >/dev/null || [ -x /sbin/losetup ] || need+=(mount)
 command -v strip >/dev/null || need+=(binutils)
 command -v qemu-system-aarch64 >/dev/null || need+=(qemu-system-arm)
+command -v qemu-system-riscv64 >/dev/null || need+=(qemu-system-misc)
 command -v qemu-aarch64-static >/dev/null || need+=(qemu-user-static)
-if ! command -v aarch64-linux-gnu-gcc >/dev/null; then
-  need+=(gcc-aarch64-linux-gnu)
-  if [ "$(uname -m)" = x86_64 ] && command -v gcc >/dev/null; then
-    need+=(libc6-dev-i386 "lib32gcc-$(gcc -dumpversion | cut -d. -f1)-dev")
-  fi
+cross=0
+for t in aarch64:arm64 riscv64:riscv64; do  # uname -m : Debian's name
+  command -v "${t%:*}-linux-gnu-gcc" >/dev/null || { need+=("gcc-${t%:*}-linux-gnu"); cross=1; }
+  # the C library's headers: only a recommendation of the compiler's package
+  [ -e "/usr/${t%:*}-linux-gnu/include/stdio.h" ] || need+=("libc6-dev-${t#*:}-cross")
+done
+if [ $cross = 1 ] && [ "$(uname -m)" = x86_64 ] && command -v gcc >/dev/null; then
+  need+=(libc6-dev-i386 "lib32gcc-$(gcc -dumpversion | cut -d. -f1)-dev")
 fi
 # apt-install.sh refreshes the index only with something to install
 if [ "$arm64_index" = 1 ] && [ ${#need[@]} -eq 0 ]; then

@@ -3,6 +3,7 @@ guests can reach, and qemu guests whose console is kept for the failure message.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -114,15 +115,22 @@ def doc_qemu_args(name: str, qemu: str, values: dict[str, str]) -> list[str]:
     return out
 
 
+# What each emulated board needs here: qemu for the machine and for its binaries, and the
+# cross compiler firmware/build.sh builds its MicroPython with.
+BOARD_TOOLS = {
+    "aarch64": {"qemu-system-aarch64": "qemu-system-arm", "qemu-aarch64-static":
+                "qemu-user-static", "aarch64-linux-gnu-gcc": "gcc-aarch64-linux-gnu"},
+    "riscv64": {"qemu-system-riscv64": "qemu-system-misc", "qemu-riscv64-static":
+                "qemu-user-static", "riscv64-linux-gnu-gcc": "gcc-riscv64-linux-gnu"},
+}  # fmt: skip
+
+
+@functools.cache
 def board_image(arch: str) -> Path:
     """tools/build-board-image.py's output for arch: the cross-built MicroPython node
     (firmware/build.sh, cached there) in an initramfs around Debian's kernel and busybox
-    (seconds when cached, a few minutes the first time)."""
-    tools = {
-        "qemu-system-aarch64": "qemu-system-arm", "qemu-aarch64-static": "qemu-user-static",
-        "aarch64-linux-gnu-gcc": "gcc-aarch64-linux-gnu", "mcopy": "mtools",
-        "mkfs.vfat": "dosfstools",
-    }  # fmt: skip
+    (seconds when cached, a few minutes the first time), built once per test session."""
+    tools = {**BOARD_TOOLS[arch], "mcopy": "mtools", "mkfs.vfat": "dosfstools"}
     for tool, package in tools.items():
         if shutil.which(tool) is None and shutil.which(tool, path="/usr/sbin:/sbin") is None:
             pytest.fail(f"{tool} ({package}) is not installed: run tools/install-image-deps.sh")
@@ -132,11 +140,6 @@ def board_image(arch: str) -> Path:
     )  # fmt: skip
     assert out.returncode == 0, f"build-board-image --arch {arch} failed:\n{out.stderr}"
     return Path(json.loads(out.stdout)["dir"])
-
-
-@pytest.fixture(scope="session")
-def aarch64_image() -> Path:
-    return board_image("aarch64")
 
 
 class Guest:
@@ -149,10 +152,13 @@ class Guest:
     ) -> None:  # fmt: skip
         self.log = log
         self.page_port = free_port()
-        cmd = [
-            qemu, *boot, "-m", str(memory_mb),
-            "-nic", f"user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:{self.page_port}-:80",
-        ]  # fmt: skip
+        if "-netdev" in boot:  # the doc's own network (-netdev and -device): the port is ours
+            forward = f"hostfwd=tcp:127.0.0.1:{self.page_port}-"
+            boot = [re.sub(r"hostfwd=tcp:127\.0\.0\.1:\d+-", forward, a) for a in boot]
+            net = []
+        else:
+            net = ["-nic", f"user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:{self.page_port}-:80"]
+        cmd = [qemu, *boot, "-m", str(memory_mb), *net]
         with open(log, "wb") as out:
             self.proc = subprocess.Popen(
                 cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
