@@ -162,7 +162,7 @@ def _misfit(kind: Kind, job: sqlite3.Row, capable: Capabilities) -> str:
         kib = -(-int(job["message_bytes"]) // 1024)
         return (
             f"no online node takes an assignment of {kib} KiB (the most a node"
-            f" announced: {capable.most_message(kind) // 1024} KiB; boards take a third of"
+            f" announced: {capable.most_message(kind) // 1024} KiB; boards take a quarter of"
             " their free heap)"
         )
     which = "no online node that allows network access" if network else "no online node"

@@ -1,4 +1,4 @@
-"""A MicroPython node announces the largest message it can take (a third of its free heap) and
+"""A MicroPython node announces the largest message it can take (a quarter of its free heap) and
 the hub never sends it a larger assignment: the job waits, saying why, instead of the node
 running out of memory reading it, dropping its connection and the job looping until its
 attempts run out. Real MicroPython, real Mosquitto, a real hub."""

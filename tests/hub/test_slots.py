@@ -200,7 +200,7 @@ def test_the_gpu_worked_example_of_docs_economy() -> None:
 
 
 def test_a_node_is_never_sent_an_assignment_larger_than_it_takes(s: Services) -> None:
-    """A board announces the largest message it can take (a third of its free heap); the hub
+    """A board announces the largest message it can take (a quarter of its free heap); the hub
     sends it nothing larger, and a job no online node can take says why."""
     import base64
 
@@ -215,7 +215,7 @@ def test_a_node_is_never_sent_an_assignment_larger_than_it_takes(s: Services) ->
     assert placed(s) == {small["id"]: board["id"]}
     assert reason(s, big) == (
         "no online node takes an assignment of 41 KiB (the most a node announced: 20 KiB;"
-        " boards take a third of their free heap)"
+        " boards take a quarter of their free heap)"
     )
     for job in (small, big):  # the estimate holds the real message, with little to spare
         real = len(protocol.encode(s.jobs.assign_message(job["id"])))
