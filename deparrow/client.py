@@ -291,11 +291,20 @@ class Client:
         result: dict[str, Any] = self.request("POST", "/api/v1/users", body)
         return result
 
-    def wait(self, job_id: str, timeout_s: float = 300.0, poll_s: float = 0.1) -> dict[str, Any]:
-        """Poll until the job is completed, failed or cancelled."""
+    def wait(
+        self,
+        job_id: str,
+        timeout_s: float = 300.0,
+        poll_s: float = 0.1,
+        on_view: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        """Poll until the job is completed, failed or cancelled. on_view sees each view of
+        the job polled, so a caller can say why it is queued as soon as the hub knows."""
         deadline = time.monotonic() + timeout_s
         while True:
             job = self.job(job_id)
+            if on_view is not None:
+                on_view(job)
             if job["state"] in TERMINAL_STATES:
                 return job
             if time.monotonic() > deadline:

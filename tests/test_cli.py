@@ -42,7 +42,15 @@ def test_wallet_transfer_history_audit_and_status(tmp_path: Path, mosquitto: str
         assert cli(hub.url, alice["token"], "ledger", "audit").returncode == 1  # not an admin
         status = cli(hub.url, alice["token"], "status")
         assert status.returncode == 0
-        assert [line.split()[0] for line in status.stdout.splitlines()] == ["ok"] * 4
+        # No node yet: said plainly, with what to do, not "nodes online: 0 of 0".
+        assert [line.split()[0] for line in status.stdout.splitlines()] == [
+            "ok",
+            "ok",
+            "note",
+            "ok",
+        ]
+        assert "no node is enrolled yet: `deparrow node token`" in status.stdout
+        assert "0 of 0" not in status.stdout
         nobody = cli(hub.url, "dpt_wrong", "wallet")
         assert nobody.returncode == 1 and "unknown API token" in nobody.stderr
     finally:
@@ -126,3 +134,41 @@ def test_the_clients_copies_of_server_constants_agree(
         for name, value in env.items():
             monkeypatch.setenv(name, value)
         assert local_data_dir() == default_data_dir(), env
+
+
+def test_job_run_wait_says_why_it_is_queued_at_once(tmp_path: Path, mosquitto: str) -> None:
+    """With no node online, `job run --wait` says so within seconds (the hub knows at once),
+    not only "waiting…"; and `status` says that the node it has is not online."""
+    import time
+
+    hub = start_hub(tmp_path, mqtt_url=mosquitto)
+    try:
+        alice, client = hub.user("alice")
+        cmd = [sys.executable, "-m", "deparrow.cli", "--hub", hub.url, "--token", alice["token"],
+               "job", "run", "example:fib", "--invoke", "fib", "--wait", "--", "20"]  # fmt: skip
+        proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+        try:
+            started = time.monotonic()
+            lines = []
+            assert proc.stderr is not None
+            while time.monotonic() - started < 30:
+                line = proc.stderr.readline()
+                if not line:
+                    break
+                lines.append(line.rstrip())
+                if line.startswith("queued:"):
+                    break
+            assert lines[-1] == "queued: no node is online", lines
+            assert time.monotonic() - started < 15
+        finally:
+            proc.kill()
+            proc.wait()
+
+        # A node enrolled but not online: said as such.
+        token = client.enrollment_token()["token"]
+        client.request("POST", "/api/v1/nodes/enroll", {"token": token, "name": "n"}, auth=False)
+        status = cli(hub.url, alice["token"], "status")
+        assert status.returncode == 0, status.stderr
+        assert "note  no node is online (1 enrolled, all offline)" in status.stdout
+    finally:
+        hub.stop()

@@ -265,7 +265,9 @@ def job_run(
         click.echo(
             f"submitted {submitted['id']}: {submitted['hold']} credits held; waiting…", err=True
         )
-    job = client.wait(submitted["id"], timeout_s=timeout + 120)
+    job = client.wait(
+        submitted["id"], timeout_s=timeout + 120, on_view=None if as_json else _QueuedSay()
+    )
     if as_json:
         emit(job)
     else:
@@ -278,6 +280,20 @@ def job_run(
     if job["state"] != "completed":
         sys.exit(1)
     sys.exit(int((job.get("result") or {}).get("exit_code") or 0))  # the job's own exit code
+
+
+class _QueuedSay:
+    """While a job waits for a node, say why on stderr as soon as the hub knows, and again
+    each time the reason changes (a node went offline, another came online busy…)."""
+
+    def __init__(self) -> None:
+        self.said: str | None = None
+
+    def __call__(self, job: dict[str, Any]) -> None:
+        reason = job.get("reason") if job.get("state") == "queued" else None
+        if reason and reason != self.said:
+            self.said = reason
+            click.echo(f"queued: {reason}", err=True)
 
 
 @job_group.command("get")

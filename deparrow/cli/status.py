@@ -66,6 +66,23 @@ def _network_checks(
         die(str(e), 2)
 
 
+def _nodes_line(nodes: dict[str, int]) -> str:
+    """Nodes are not the hub's health (the exit code stays 0), but a network with none online
+    runs no job, and "0 of 0" does not say what to do about it."""
+    online, total = nodes["online"], nodes["total"]
+    if total == 0:
+        return (
+            "note  no node is enrolled yet: `deparrow node token` prints the edge-run command "
+            "that adds one; jobs wait until a node is online"
+        )
+    if online == 0:
+        return (
+            f"note  no node is online ({total} enrolled, all offline): jobs wait until one "
+            "comes back; `deparrow node list` shows when each was last seen"
+        )
+    return f"ok    nodes online: {online} of {total}"
+
+
 @click.command("status")
 @click.option("--deep", is_flag=True, help="Also check the network: DNS, broker, login, clock.")
 @_diagnose_options
@@ -100,7 +117,7 @@ def status_cmd(
             ok = False
             lines.append(f"FAIL  broker at {broker['url']} is not connected to the hub")
         report["nodes"] = st["nodes"]
-        lines.append(f"ok    nodes online: {st['nodes']['online']} of {st['nodes']['total']}")
+        lines.append(_nodes_line(st["nodes"]))
     except HubError as e:
         ok = False
         report["hub_ok"] = False
