@@ -43,6 +43,27 @@ def jobfiles_dir(data_dir: Path, node_id: str, native: bool) -> str:
     return str(tmp)
 
 
+class BrokerWatch:
+    """One line on stderr each time the node loses the hub's broker and each time it has it
+    again: without -v a node said nothing while it was cut off (issue 19). paho reconnects on
+    its own; results made meanwhile wait in the outbox and go out once it is back."""
+
+    def __init__(self, url: str, say: Any) -> None:
+        self.url, self.say, self.up = url, say, True
+
+    def observe(self, connected: bool) -> None:
+        if connected == self.up:
+            return
+        self.up = connected
+        if connected:
+            self.say(f"edge-run: connected to the hub's broker at {self.url} again")
+        else:
+            self.say(
+                f"edge-run: lost the hub's broker at {self.url}; reconnecting (results wait in "
+                "the outbox until it is back)"
+            )
+
+
 def run_node(
     config: dict[str, Any],
     max_cpu: float | None,
@@ -138,8 +159,10 @@ def run_node(
                 " changes that",
                 err=True,
             )
+        watch = BrokerWatch(config["mqtt"]["url"], lambda line: click.echo(line, err=True))
         try:
             while not stopping:
+                watch.observe(mqtt.connected())
                 try:
                     session.step()
                 except Exception:  # keep serving; a fault here must not take the node down
