@@ -485,8 +485,28 @@ class Scheduler:
         files = int(job["files_bytes"] or 0)
         gpu = int(job["gpu"] or 0)
         size = message_need(job["message_bytes"])
-        if capable.fit(kind, job["cpu_milli"] / 1000, job["memory_mb"], files, gpu, size):
+        cpu, memory_mb = job["cpu_milli"] / 1000, int(job["memory_mb"])
+        if capable.fit(kind, cpu, memory_mb, files, gpu, size):
             return "every node that can run it is busy or its owner is using it"
+        # A suspended node offers nothing (cpu 0, memory 0) while its owner uses the machine,
+        # so the misfit would blame the job's CPUs. Judge those nodes by what they enrolled
+        # with (and the GPUs their hello listed) and say what really keeps the job waiting.
+        had = {
+            row["id"]: (float(row["cpu"]), int(row["memory_mb"]))
+            for row in self.store.db.query(
+                "SELECT id, cpu, memory_mb FROM nodes WHERE state = ?", (protocol.SUSPENDED,)
+            )
+        }
+        away = [
+            n._replace(cpu=had[n.id][0], memory_mb=had[n.id][1], gpu=n.gpus_had)
+            for n in online
+            if n.id in had
+        ]
+        if away and Capabilities(away).fit(kind, cpu, memory_mb, files, gpu, size):
+            return (
+                "every node that could run it is suspended: its owner is using the machine"
+                " (it runs once the owner leaves the machine idle)"
+            )
         return _misfit(kind, job, capable)
 
     def sweep(self, now: float | None = None) -> list[str]:
