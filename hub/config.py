@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import secrets
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 
 def default_data_dir() -> Path:
@@ -25,6 +28,48 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def is_unspecified(host: str) -> bool:
+    """Whether host is a listen-on-everything address (0.0.0.0, ::): no other machine can
+    use it to reach us, so it is never given out."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_unspecified
+    except ValueError:
+        return host == ""
+
+
+@functools.lru_cache(maxsize=2)
+def outward_address(ipv6: bool = False) -> str:
+    """This machine's address on the interface with the default route, what other machines
+    most likely reach it by: a UDP socket "connected" to a public address sends nothing but
+    makes the kernel pick the source address. Without a route, the host name."""
+    family, target = (socket.AF_INET6, "2001:db8::1") if ipv6 else (socket.AF_INET, "192.0.2.1")
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.connect((target, 9))
+            address = str(s.getsockname()[0])
+    except OSError:
+        return socket.gethostname()
+    return address if not is_unspecified(address) else socket.gethostname()
+
+
+def advertised_host(host: str) -> str:
+    """The host to give out for a listen address: itself, unless it is 0.0.0.0 or ::."""
+    return outward_address(":" in host) if is_unspecified(host) else host
+
+
+def advertised_url(url: str) -> str:
+    """url with a 0.0.0.0 or :: host replaced by advertised_host's answer."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if not is_unspecified(host):
+        return url
+    outward = advertised_host(host)
+    where = f"[{outward}]" if ":" in outward else outward
+    login = parts.netloc.rpartition("@")[0]
+    netloc = (f"{login}@" if login else "") + where + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 @dataclass(frozen=True)
 class HubConfig:
     data_dir: Path = field(default_factory=default_data_dir)
@@ -34,6 +79,10 @@ class HubConfig:
     mqtt_url: str | None = None
     # What nodes are told to connect to; None derives it from the host a node used to reach us.
     mqtt_public_url: str | None = None
+    # The hub's URL as other machines reach it (a name, a proxy's https:// address): what the
+    # enroll command and the start-up lines give out. None: the URL a caller reached us by,
+    # with 0.0.0.0 or :: replaced by this machine's outward address (advertised_host).
+    public_url: str | None = None
     broker: str = "auto"  # auto | mosquitto | embedded (only when mqtt_url is None)
     broker_port: int = 1883  # where the hub's own broker listens (0: any free port)
     jwt_secret: str = ""

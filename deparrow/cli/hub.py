@@ -41,7 +41,22 @@ from deparrow.cli.context import die
     type=click.IntRange(0, 65535),
     help="Port of the broker the hub starts (0: any free port).",
 )
-@click.option("--mqtt-public-url", default=None, help="Broker URL to give nodes.")
+@click.option(
+    "--mqtt-public-url",
+    default=None,
+    metavar="mqtt://HOST:PORT",
+    help="Broker URL to give nodes (default: the broker's port at the host they reached the "
+    "hub by).",
+)
+@click.option(
+    "--public-url",
+    default=None,
+    metavar="URL",
+    help="The hub's URL as other machines reach it, given out in the enroll command and the "
+    "start-up lines (default: the URL a caller used; with --host 0.0.0.0 or ::, this "
+    "machine's address on its default route). Set it when nodes know the hub by a name or "
+    "through a proxy.",
+)
 @click.option(
     "--welcome-grant",
     default=100,
@@ -165,6 +180,7 @@ def hub_cmd(
     broker: str,
     broker_port: int,
     mqtt_public_url: str | None,
+    public_url: str | None,
     welcome_grant: int,
     heartbeat: float,
     queue_ttl: float,
@@ -190,7 +206,7 @@ def hub_cmd(
 
         from hub.api.services import SERVICES
         from hub.app import create_app, ssl_context, tls_of
-        from hub.config import HubConfig, default_data_dir
+        from hub.config import HubConfig, advertised_host, advertised_url, default_data_dir
         from hub.mqtt.bridge import parse_mqtt_url
     except ModuleNotFoundError as e:  # a client-only install: the server is an extra
         die(f"the hub needs the server's packages ({e.name} is missing): "
@@ -216,6 +232,7 @@ def hub_cmd(
         broker=broker,
         broker_port=broker_port,
         mqtt_public_url=mqtt_public_url,
+        public_url=public_url.rstrip("/") if public_url else None,
         welcome_grant_credits=welcome_grant,
         heartbeat_interval_s=heartbeat,
         queue_ttl_s=queue_ttl,
@@ -253,8 +270,10 @@ def hub_cmd(
 
     def announce(_message: str) -> None:
         # run_app calls this once the listening socket is bound, so nothing is claimed early.
-        where = f"[{host}]" if ":" in host else host
-        url = f"{'https' if tls else 'http'}://{where}:{port}"
+        # 0.0.0.0 or :: is where the hub listens, not an address another machine can use
+        outward = advertised_host(host)
+        where = f"[{outward}]" if ":" in outward else outward
+        url = config.public_url or f"{'https' if tls else 'http'}://{where}:{port}"
         default = data_dir is None and port == 8765 and host == "127.0.0.1"
         ca = config.data_dir / "tls" / "ca.pem"
         pin = f" --ca {ca}" if tls and tls_cert is None and not default else ""
@@ -264,7 +283,7 @@ def hub_cmd(
             cli = f"deparrow --hub {url}{pin} --token $(cat {config.admin_token_path})"
         click.echo(f"DEparrow hub on {url}  (web page: {url}/)", err=True)
         click.echo(
-            f"  MQTT broker: {services.mqtt_url}"
+            f"  MQTT broker: {advertised_url(services.mqtt_url)}"
             f" ({services.broker.kind if services.broker else 'external'})",
             err=True,
         )
@@ -280,6 +299,12 @@ def hub_cmd(
         click.echo(f"  data: {config.data_dir}", err=True)
         click.echo(f"  admin token: {config.admin_token_path}", err=True)
         click.echo(f"  add a node:  {cli} node token   (prints the edge-run command)", err=True)
+        if outward != host and config.public_url is None:
+            click.echo(
+                f"  other machines: {url} is this machine's address on its default route; "
+                "if they know the hub by another name, restart with --public-url URL",
+                err=True,
+            )
 
     try:
         web.run_app(

@@ -23,6 +23,7 @@ from hub.api.types import (
     EnrollResponse,
     MqttCredentials,
 )
+from hub.config import advertised_host, is_unspecified
 from hub.market.errors import NotAllowed
 from hub.market.jobs import wallet_of
 from hub.store.rows import token_hash
@@ -68,14 +69,35 @@ def _from_proxy(request: web.Request) -> bool:
         return False
 
 
+def _caller_host(request: web.Request) -> str:
+    """The host the caller reached us by, unless it is 0.0.0.0 or :: (which reaches this
+    machine only from itself): then the --public-url's host, or this machine's outward
+    address."""
+    host = request.url.host or "127.0.0.1"
+    if not is_unspecified(host):
+        return host
+    public = _services(request).config.public_url
+    return (urlsplit(public).hostname if public else None) or advertised_host(host)
+
+
 def public_hub_url(request: web.Request) -> str:
-    """The hub's URL as the caller reached it: what a node is told to enroll with."""
-    scheme, host = request.url.scheme, f"{_url_host(request.url.host or '127.0.0.1')}"
+    """The hub's URL as the caller reached it (--public-url when the operator gave one):
+    what a node is told to enroll with."""
+    public = _services(request).config.public_url
+    if public:
+        return str(public).rstrip("/")
+    scheme, host = request.url.scheme, f"{_url_host(_caller_host(request))}"
     netloc = f"{host}:{request.url.port}" if request.url.port else host
     if _from_proxy(request) and request.headers.get("X-Forwarded-Proto") in ("http", "https"):
         scheme = request.headers["X-Forwarded-Proto"]
         netloc = request.headers.get("X-Forwarded-Host", "").split(",")[0].strip() or netloc
     return f"{scheme}://{netloc}"
+
+
+def _reached_as(request: web.Request) -> str:
+    """The host nodes reach the hub by: --public-url's when given, else the caller's."""
+    public = _services(request).config.public_url
+    return (urlsplit(public).hostname if public else None) or _caller_host(request)
 
 
 def public_mqtt_url(request: web.Request) -> str:
@@ -86,12 +108,12 @@ def public_mqtt_url(request: web.Request) -> str:
     if tls is not None and tls.mqtt_port is not None:
         # Nodes and agents get the TLS listener, under the name they reached us by (the one
         # the certificate must cover); the plain one is the hub's own, on loopback.
-        return f"mqtts://{_url_host(request.url.host or '127.0.0.1')}:{tls.mqtt_port}"
+        return f"mqtts://{_url_host(_reached_as(request))}:{tls.mqtt_port}"
     parts = urlsplit(services.mqtt_url)
     host = parts.hostname or "127.0.0.1"
     if host in ("0.0.0.0", "::", "127.0.0.1", "localhost"):
         # Tell the node to reach the broker the way it reached us.
-        host = request.url.host or host
+        host = _reached_as(request)
     scheme = "mqtts" if parts.scheme in ("mqtts", "ssl") else "mqtt"
     return f"{scheme}://{_url_host(host)}:{parts.port or (8883 if scheme == 'mqtts' else 1883)}"
 

@@ -35,6 +35,7 @@ from hub.api.types import (
     UserCreated,
 )
 from hub.api.wallet import ledger_audit, wallet, wallet_history, wallet_transfer
+from hub.config import advertised_url
 from hub.ledger.money import format_micro
 
 
@@ -97,7 +98,9 @@ async def status(request: web.Request) -> web.Response:
             # The hub's clock, for clients to measure their skew (`deparrow network diagnose`).
             "time": time.time(),
             "broker": {
-                "url": services.mqtt_url,
+                # The hub's own connection; a 0.0.0.0 or :: in it reaches this machine only
+                # from itself, so its outward address is shown instead.
+                "url": advertised_url(services.mqtt_url),
                 "public_url": public_mqtt_url(request),
                 "connected": bool(bridge and bridge.connected),
                 "kind": services.broker.kind if services.broker else "external",
