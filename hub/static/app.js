@@ -33,13 +33,18 @@ function refreshRegions(kind) {
     const doc = new DOMParser().parseFromString(await response.text(), "text/html");
     for (const el of regions) {
       const fresh = doc.querySelector(`[data-region="${el.dataset.region}"]`);
-      if (fresh && fresh.innerHTML !== el.innerHTML) el.innerHTML = fresh.innerHTML;
+      if (fresh && fresh.innerHTML !== el.innerHTML) {
+        el.innerHTML = fresh.innerHTML;
+        if (el.dataset.region === "hourly") redrawHourly();
+      }
     }
   }, 250);
 }
 
 function setState(kind, id, state) {
   for (const el of $$(`[data-${kind}-state="${id}"]`)) {
+    // "completed · exit 3" was rendered by the server, which knows the exit code: keep it.
+    if (el.dataset.exit && state === "completed") continue;
     el.textContent = state;
     el.className = `pill s-${state}`;
   }
@@ -118,6 +123,15 @@ function hourlyChart(el) {
   charts.hourly = { plot: new uPlot(opts, values, el), el };
 }
 
+// The per-hour counts came again with the page's "hourly" region: draw them (the set of
+// states may have changed, so the chart is built afresh rather than given new data).
+function redrawHourly() {
+  const c = charts.hourly;
+  if (!c || !window.uPlot) return;
+  c.plot.destroy();
+  hourlyChart(c.el);
+}
+
 async function loadWalletChart() {
   const c = charts.wallet;
   const r = await fetch(`/wallet/chart.json?days=${c.days}`, { credentials: "same-origin" });
@@ -169,6 +183,17 @@ function drawCharts() {
   });
 }
 
+// --- layout -------------------------------------------------------------------------------
+function menu() {
+  const button = $("#menu-button");
+  const links = $("#top-menu");
+  if (!button || !links) return;
+  button.addEventListener("click", () => {
+    const open = links.classList.toggle("open");
+    button.setAttribute("aria-expanded", String(open));
+  });
+}
+
 // --- forms --------------------------------------------------------------------------------
 function submitForm() {
   const form = $("#submit-form");
@@ -207,7 +232,10 @@ function copyButtons() {
   }
 }
 
+document.documentElement.classList.add("js"); // the narrow layout folds the menu only with us
+
 document.addEventListener("DOMContentLoaded", () => {
+  menu();
   drawCharts();
   submitForm();
   copyButtons();

@@ -72,12 +72,21 @@ def gpus(listed: list[dict[str, Any]] | None) -> str:
     return f"{len(listed)} GPU{'s' if len(listed) > 1 else ''} · {kinds}"
 
 
+def score(v: float | None) -> str:
+    """A reputation (0..1) to two decimals, '0.59'; the exact value goes in a title."""
+    if v is None:
+        return "—"
+    return f"{float(v):.2f}"
+
+
 def qs(params: dict[str, Any]) -> str:
     return urlencode({k: v for k, v in params.items() if v})
 
 
 def install(env: jinja2.Environment, static_dir: Path) -> None:
-    env.filters.update(ago=ago, when=when, clock=clock, dur=dur, mb=mb, gpus=gpus, qs=qs)
+    env.filters.update(
+        ago=ago, when=when, clock=clock, dur=dur, mb=mb, gpus=gpus, qs=qs, score=score
+    )
 
     # Cache-busting by file modification time: a new hub version never serves stale scripts.
     def static(name: str) -> str:

@@ -75,11 +75,12 @@ def _job_filter(owner: str | None, state: str | None, q: str | None) -> tuple[li
         where.append("state = ?")
         params.append(state)
     if q:
-        # A job id, or the start of a job name (prefix matches can use no index, but they
-        # only ever scan one owner's jobs in submission order until the page is full).
+        # A job id, or any part of a job name ("fib" finds "bob-fib-30"). A substring match
+        # can use no index, but it only scans jobs in submission order until the page is full.
+        # The search is literal: % and _ typed by the user match themselves.
         where.append("(id = ? OR name LIKE ? ESCAPE '\\')")
         escaped = q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-        params += [q, escaped + "%"]
+        params += [q, "%" + escaped + "%"]
     return where, params
 
 
@@ -324,6 +325,30 @@ def user_names(db: Database, ids: set[str]) -> dict[str, str]:
         return {}
     rows = db.query(
         "SELECT id, name FROM users WHERE id IN (SELECT value FROM json_each(?))",
+        (json.dumps(sorted(ids)),),
+    )
+    return {str(r["id"]): str(r["name"]) for r in rows}
+
+
+def node_names(db: Database, ids: set[str]) -> dict[str, str]:
+    """Node id -> its name, for the jobs list and the events feed."""
+    ids = {i for i in ids if i}
+    if not ids:
+        return {}
+    rows = db.query(
+        "SELECT id, name FROM nodes WHERE id IN (SELECT value FROM json_each(?))",
+        (json.dumps(sorted(ids)),),
+    )
+    return {str(r["id"]): str(r["name"]) for r in rows}
+
+
+def job_names(db: Database, ids: set[str]) -> dict[str, str]:
+    """Job id -> its name, for the events feed."""
+    ids = {i for i in ids if i}
+    if not ids:
+        return {}
+    rows = db.query(
+        "SELECT id, name FROM jobs WHERE id IN (SELECT value FROM json_each(?))",
         (json.dumps(sorted(ids)),),
     )
     return {str(r["id"]): str(r["name"]) for r in rows}
