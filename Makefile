@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: test deps venv edge-native firmware-unix lint typecheck pytest demo wasm clean
+.PHONY: bench test deps venv edge-native firmware-unix lint typecheck pytest demo wasm clean
 
 test: deps venv edge-native firmware-unix lint typecheck pytest
 
@@ -55,3 +55,11 @@ wasm:
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info
+
+# The benchmarks (bench/README.md), each printing its figures against a baseline measured in
+# the same run, with what they need built first: the system packages (Mosquitto...), the
+# venv, wasm3-run and umqtt, the firmware. A quiet machine gives the figures worth quoting.
+BENCHES ?= edge ledger market slots files job_latency
+bench: deps venv edge-native firmware-unix
+	@for b in $(BENCHES); do echo "== bench/$$b.py"; $(BIN)/python bench/$$b.py || exit 1; done
+
