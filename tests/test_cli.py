@@ -37,6 +37,11 @@ def test_wallet_transfer_history_audit_and_status(tmp_path: Path, mosquitto: str
         assert "1.25" in hist.stdout and "welcome grant" in hist.stdout
         csv = cli(hub.url, bob["token"], "wallet", "history", "--csv").stdout.splitlines()
         assert csv[0].startswith("entry,") and len(csv) == 3
+        # Each side reads the transfer from where it stands, by name (issue 19).
+        assert "transfer from alice" in hist.stdout and "transfer to" not in hist.stdout
+        assert "transfer from alice" in csv[1] and ",received," in csv[1]
+        sent = cli(hub.url, alice["token"], "wallet", "history").stdout
+        assert "transfer to bob" in sent
         audit = cli(hub.url, admin, "ledger", "audit")
         assert audit.returncode == 0 and audit.stdout.strip().endswith("balanced"), audit.stdout
         assert cli(hub.url, alice["token"], "ledger", "audit").returncode == 1  # not an admin

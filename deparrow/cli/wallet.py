@@ -48,7 +48,12 @@ def wallet_history(obj: Ctx, limit: int, as_csv: bool, as_json: bool) -> None:
         click.echo("no movements yet")
     for i in page["items"]:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(i["at"]))
-        click.echo(f"{when}  {i['amount']:>14}  = {i['balance_after']:>14}  {i['reason']}")
+        # The hub's words for the line ("transfer from alice"; a finished job's cost with
+        # what was held and came back); an older hub sends only the ledger's reason.
+        what = i.get("description", i["reason"])
+        if "held" in i:
+            what += f" (held {i['held']}, {i['came_back']} came back)"
+        click.echo(f"{when}  {i['amount']:>14}  = {i['balance_after']:>14}  {what}")
 
 
 @wallet_group.command("transfer")

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import csv
 import io
-from datetime import UTC, datetime
+from typing import Any
 
+import msgspec
 from aiohttp import web
 
 from hub.api.http import (
@@ -23,6 +24,7 @@ from hub.api.types import (
     TransferResponse,
     WalletView,
 )
+from hub.ledger import reports
 from hub.ledger.money import INT64_MAX, credits_to_micro, format_micro
 from hub.market.jobs import wallet_of
 
@@ -54,27 +56,39 @@ async def wallet_history(request: web.Request) -> web.StreamResponse:
     output = request.query.get("format", "json")
     if output not in ("json", "csv"):
         return error(400, f"format must be json or csv, not {output!r}", field="format")
-    rows = ledger.history(wallet_of(who.user_id), limit=limit, before_entry_id=before)
-    items = [
-        HistoryItem(entry=r.entry_id, at=r.created_at, reason=r.reason,
-                    amount=format_micro(r.amount), balance_after=format_micro(r.balance_after),
-                    counterparties=list(r.counterparties))
-        for r in rows
-    ]  # fmt: skip
+    account = wallet_of(who.user_id)
+    rows = ledger.history(account, limit=limit, before_entry_id=before)
+    lines = reports.describe(_services(request).db, account, rows)
     if output == "csv":
         buf = io.StringIO()
         out = csv.writer(buf)
-        out.writerow(["entry", "time_utc", "reason", "amount", "balance_after", "counterparties"])
-        for i in items:
-            when = datetime.fromtimestamp(i.at, UTC).isoformat(timespec="seconds")
-            out.writerow([i.entry, when, i.reason, i.amount, i.balance_after,
-                          " ".join(i.counterparties)])  # fmt: skip
+        out.writerow(reports.CSV_HEADER)
+        out.writerows(reports.csv_row(line) for line in lines)
         return web.Response(
             text=buf.getvalue(), content_type="text/csv",
             headers={"Content-Disposition": 'attachment; filename="wallet-history.csv"'},
         )  # fmt: skip
-    next_before = items[-1].entry if len(items) == limit else None
-    return json_response({"items": items, "next_before": next_before})
+    # A job's hold and its return are one line: a page may hold fewer lines than `limit`,
+    # and the next page starts below the last entry read.
+    next_before = rows[-1].entry_id if len(rows) == limit else None
+    return json_response({"items": [_item(line) for line in lines], "next_before": next_before})
+
+
+def _item(line: reports.Line) -> dict[str, Any]:
+    """A history line in JSON: the ledger's fields (`reason` is the ledger's) and how a
+    person reads it (`description`, `category`; a finished job's `held` and `came_back`)."""
+    item = msgspec.structs.asdict(
+        HistoryItem(entry=line.entry_id, at=line.created_at, reason=line.reason,
+                    amount=format_micro(line.amount),
+                    balance_after=format_micro(line.balance_after),
+                    counterparties=list(line.counterparties))
+    )  # fmt: skip
+    item.update(description=line.text, category=line.category)
+    if line.category in ("compute", "calls"):
+        item.update(held=format_micro(line.held), came_back=format_micro(line.back))
+    if line.link is not None:
+        item["link"] = {"kind": line.link[0], "id": line.link[1]}
+    return item
 
 
 async def wallet_transfer(request: web.Request) -> web.Response:

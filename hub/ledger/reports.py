@@ -6,11 +6,14 @@ All only read; the Ledger's reading methods (`entry`, `history`, `audit`) call i
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, Protocol
 
 from hub.ledger.checks import memo_load
-from hub.ledger.money import INT64_MAX, Entry
+from hub.ledger.money import INT64_MAX, Entry, format_micro
 from hub.store.db import Database
 
 
@@ -171,3 +174,175 @@ def audit(db: Database) -> Audit:
         and not unbalanced
         and not stranded,
     )
+
+
+# --- a wallet's history as a person reads it ----------------------------------------------
+# What each line of a wallet's history is, for the page, the CSV and the CLI alike. Earned:
+# WORK (pay for jobs its nodes ran and service calls its agents answered), UPTIME, BONUS
+# (referral), GRANT (welcome), RECEIVED (transfers in). Spent: COMPUTE (what its own jobs
+# cost), CALLS (what its service calls cost), SENT (transfers out). HELD: credits reserved for
+# a job still running; a hold and what comes back of it are not spending, so once the job
+# ends its hold lines fold into one line with the cost.
+EARNED = ("work", "uptime", "bonus", "grant", "received")
+SPENT = ("compute", "calls", "sent")
+
+
+class EntryLike(Protocol):
+    """A history row: this module's HistoryRow or the dashboard's page of them."""
+
+    @property
+    def entry_id(self) -> int: ...
+    @property
+    def created_at(self) -> float: ...
+    @property
+    def reason(self) -> str: ...
+    @property
+    def amount(self) -> int: ...
+    @property
+    def balance_after(self) -> int: ...
+    @property
+    def counterparties(self) -> tuple[str, ...]: ...
+    @property
+    def memo(self) -> dict[str, Any] | None: ...
+
+
+@dataclass(frozen=True)
+class Line:
+    entry_id: int
+    created_at: float
+    amount: int  # signed; a finished job's line is minus its cost
+    balance_after: int
+    category: str  # one of EARNED, SPENT, "held" or "other"
+    text: str  # "transfer from alice", "job completed j_…", "service call c_… answered"
+    link: tuple[str, str] | None  # ("job"|"agent"|"service"|"node", id) or nothing
+    held: int  # a finished job's or call's hold: everything that went into it
+    back: int  # and what of it came back
+    reason: str  # the ledger's own reason
+    counterparties: tuple[str, ...]
+    memo: dict[str, Any] | None
+
+
+def describe(db: Database, wallet: str, rows: Sequence[EntryLike]) -> list[Line]:
+    """The wallet's history rows (newest first, from Ledger.history or a page of them) as
+    lines a person reads. The entries that moved credits into one of the wallet's own holds
+    that is closed now are left out: the entry that closed it stands for the whole job."""
+    holds: dict[str, tuple[int, int | None]] = {}
+    users: set[str] = set()
+    for r in rows:
+        for c in r.counterparties:
+            kind, _, ident = c.partition(":")
+            if kind == "hold":
+                holds[ident] = (0, None)
+            elif kind == "wallet":
+                users.add(ident)
+    own: dict[str, tuple[int, int | None]] = {}
+    if holds:
+        for h in db.query(
+            "SELECT job_id, placed, closed_entry_id FROM holds"
+            " WHERE wallet = ? AND job_id IN (SELECT value FROM json_each(?))",
+            (wallet, json.dumps(sorted(holds))),
+        ):
+            closed = h["closed_entry_id"]
+            own[str(h["job_id"])] = (int(h["placed"]), int(closed) if closed is not None else None)
+        # A hold spent to the last micro-credit gives nothing back: the entry that closed it
+        # never touched the wallet, so the entries that filled it stand for the job instead.
+        closing = [c for _, c in own.values() if c is not None]
+        touched = {
+            int(p["entry_id"])
+            for p in db.query(
+                "SELECT entry_id FROM postings WHERE account_id = ?"
+                " AND entry_id IN (SELECT value FROM json_each(?))",
+                (wallet, json.dumps(closing)),
+            )
+        } if closing else set()  # fmt: skip
+        own = {k: (p, c if c is None or c in touched else -1) for k, (p, c) in own.items()}
+    names = {
+        str(u["id"]): str(u["name"])
+        for u in db.query(
+            "SELECT id, name FROM users WHERE id IN (SELECT value FROM json_each(?))",
+            (json.dumps(sorted(users)),),
+        )
+    } if users else {}  # fmt: skip
+    lines = []
+    for r in rows:
+        line = _line(r, own, names)
+        if line is not None:
+            lines.append(line)
+    return lines
+
+
+def _line(
+    r: EntryLike, own: dict[str, tuple[int, int | None]], names: dict[str, str]
+) -> Line | None:
+    held = back = 0
+    amount = r.amount
+    link: tuple[str, str] | None = None
+    hold = next((c[5:] for c in r.counterparties if c.startswith("hold:")), None)
+    people = [c[7:] for c in r.counterparties if c.startswith("wallet:")]
+    call = hold is not None and hold.startswith("c_")
+    if hold is not None and hold in own:
+        placed, closed = own[hold]
+        if closed is None:
+            category = "held"
+            text = r.reason
+        elif closed == -1:  # spent in full (see describe): each filling is a cost
+            category = "calls" if call else "compute"
+            held, back = -r.amount, 0
+            text = r.reason.removeprefix("hold for ")
+            text = ("service " + text) if text.startswith("call ") else text
+        elif r.entry_id != closed:
+            return None  # folded into the line of the entry that closed the hold
+        else:
+            category = "calls" if call else "compute"
+            held, back = placed, r.amount
+            amount = r.amount - placed
+            text = ("service " + r.reason) if r.reason.startswith("call ") else r.reason
+        if not call:
+            link = ("job", hold)
+        elif people:
+            link = ("agent", people[0])  # the agent that answered: its page
+        elif r.memo and isinstance(r.memo.get("service"), str):
+            link = ("service", r.memo["service"])  # the service called: its console
+    elif hold is not None and amount > 0:
+        category = "work"
+        text = ("answered service " if call else "node work: ") + r.reason
+    elif "mint" in r.counterparties:
+        if r.reason.startswith("uptime"):
+            category = "uptime"
+            node = r.reason.rsplit(" ", 1)[-1]
+            link = ("node", node) if node.startswith("n_") else None
+        elif r.reason.startswith("referral"):
+            category = "bonus"
+        else:
+            category = "grant"
+        text = r.reason
+    elif people:
+        who = names.get(people[0], people[0])
+        if amount > 0:
+            category, text = "received", f"transfer from {who}"
+        else:
+            category, text = "sent", f"transfer to {who}"
+    else:
+        category, text = "other", r.reason
+    return Line(
+        entry_id=r.entry_id, created_at=r.created_at, amount=amount,
+        balance_after=r.balance_after, category=category, text=text, link=link, held=held,
+        back=back, reason=r.reason, counterparties=r.counterparties, memo=r.memo,
+    )  # fmt: skip
+
+
+CSV_HEADER = ("entry", "time_utc", "reason", "amount", "balance_after", "counterparties",
+              "category", "held", "came_back", "ledger_reason")  # fmt: skip
+
+
+def csv_row(line: Line) -> list[str | int]:
+    """A history line in a CSV statement: exact amounts, the line's own words as its reason
+    and the ledger's reason in the last column."""
+    when = datetime.fromtimestamp(line.created_at, UTC).isoformat(timespec="seconds")
+    folded = line.category in ("compute", "calls")
+    return [
+        line.entry_id, when, line.text, format_micro(line.amount),
+        format_micro(line.balance_after), " ".join(line.counterparties), line.category,
+        format_micro(line.held) if folded else "", format_micro(line.back) if folded else "",
+        line.reason,
+    ]  # fmt: skip

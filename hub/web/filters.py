@@ -9,6 +9,9 @@ from typing import Any
 from urllib.parse import urlencode
 
 import jinja2
+from markupsafe import Markup, escape
+
+from hub.ledger.money import MICRO, format_micro
 
 
 def ago(t: float | None) -> str:
@@ -72,11 +75,25 @@ def gpus(listed: list[dict[str, Any]] | None) -> str:
     return f"{len(listed)} GPU{'s' if len(listed) > 1 else ''} · {kinds}"
 
 
-def score(v: float | None) -> str:
-    """A reputation (0..1) to two decimals, '0.59'; the exact value goes in a title."""
-    if v is None:
-        return "—"
-    return f"{float(v):.2f}"
+def credits(micro: int | None) -> str:
+    """An amount of µc to a sensible precision: two decimals, or three significant digits
+    below 0.01 credits (a job of 0.002777 is 0.00278, not 0.00)."""
+    if not micro:
+        return "0"
+    n = int(micro) / MICRO
+    if abs(n) >= 0.01:
+        text = f"{n:,.2f}"
+        return text[:-3] if text.endswith(".00") else text
+    return f"{n:.3g}" if abs(n) >= 1e-4 else f"{n:.6f}".rstrip("0")
+
+
+def money(micro: int | None, sign: bool = False) -> Markup:
+    """An amount rounded as `credits` does, with the exact value on hover."""
+    micro = int(micro or 0)
+    plus = "+" if sign and micro > 0 else ""
+    return Markup('<span class="money" title="{exact} credits">{plus}{shown}</span>').format(
+        exact=plus + format_micro(micro), plus=plus, shown=escape(credits(micro))
+    )
 
 
 def qs(params: dict[str, Any]) -> str:
@@ -85,7 +102,15 @@ def qs(params: dict[str, Any]) -> str:
 
 def install(env: jinja2.Environment, static_dir: Path) -> None:
     env.filters.update(
-        ago=ago, when=when, clock=clock, dur=dur, mb=mb, gpus=gpus, qs=qs, score=score
+        ago=ago,
+        when=when,
+        clock=clock,
+        dur=dur,
+        mb=mb,
+        gpus=gpus,
+        qs=qs,
+        credits=credits,
+        money=money,
     )
 
     # Cache-busting by file modification time: a new hub version never serves stale scripts.

@@ -5,16 +5,12 @@ in those libraries (forms.py only turns form fields into their inputs)."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import csv
 import io
 import json
-import logging
 import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
-from http import HTTPStatus
 from typing import Any
 from urllib.parse import quote
 
@@ -26,6 +22,7 @@ from hub.api.auth import Identity
 from hub.api.jobs import file_response
 from hub.api.nodes import ca_pin, enroll_command
 from hub.api.views import jobs_running, node_view
+from hub.ledger import reports
 from hub.ledger.money import InsufficientFunds, UnknownAccount, format_micro
 from hub.market.errors import JobError, NotAllowed
 from hub.market.jobs import wallet_of
@@ -33,7 +30,6 @@ from hub.market.spec import JOB_STATES, TERMINAL_STATES
 from hub.web import forms, live, queries, session
 from hub.web.session import services
 
-log = logging.getLogger(__name__)
 Context = dict[str, Any]
 PageFn = Callable[[web.Request, Identity], Awaitable[Context]]
 ACTIVE_STATES = ("queued", "assigned", "running")
@@ -96,69 +92,6 @@ def not_found(what: str) -> web.HTTPNotFound:
     return web.HTTPNotFound(text=f"{what} (or it is not yours to see)", content_type="text/plain")
 
 
-# --- error pages --------------------------------------------------------------------------
-# Paths that are not pages: the REST API keeps its JSON errors (hub/api/http.py), and the
-# event stream, static files and an operator's probes keep what their clients expect.
-NOT_PAGES = ("/api/", "/static/", "/live", "/metrics", "/healthz", "/readyz")
-ERROR_TITLES = {
-    404: "Page not found",
-    403: "Not allowed",
-    405: "Not allowed here",
-    413: "Too large",
-    500: "Something went wrong",
-}
-ERROR_HINTS = {
-    404: "There is nothing at {path}. Check the address, or find it from the dashboard.",
-    405: "{method} is not allowed on {path}.",
-    500: "The hub failed to show this page; it logged why. Try again, or go back to the dashboard.",
-}
-
-
-def _wants_page(request: web.Request) -> bool:
-    if request.path.startswith(NOT_PAGES):
-        return False
-    accept = request.headers.get("Accept", "")
-    return not accept or "text/html" in accept or "*/*" in accept
-
-
-def error_page(request: web.Request, status: int, detail: str | None) -> web.Response:
-    """An error inside the site's layout (with the navigation when signed in) and a way home."""
-    try:
-        title = ERROR_TITLES.get(status) or HTTPStatus(status).phrase
-    except ValueError:
-        title = f"Error {status}"
-    hint = ERROR_HINTS.get(status, "")
-    message = detail or hint.format(path=request.path, method=request.method) or title
-    ctx: Context = {"status": status, "title": title, "message": message, "nav": None}
-    who = session.current(request)
-    if who is not None:
-        with contextlib.suppress(Exception):  # the layout's own reads must not hide the error
-            ctx.update(common(request, who, "dashboard"))
-            ctx["nav"] = None
-    return aiohttp_jinja2.render_template("error.html", request, ctx, status=status)
-
-
-@web.middleware
-async def error_pages_middleware(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """404s and other errors of the pages as pages; everything else passes through."""
-    try:
-        return await handler(request)
-    except web.HTTPException as e:
-        if e.status < 400 or not _wants_page(request):
-            raise
-        detail = e.text if e.text and not e.text.startswith(f"{e.status}:") else None
-        return error_page(request, e.status, detail)
-    except (asyncio.CancelledError, ConnectionResetError):
-        raise
-    except Exception:
-        if not _wants_page(request):
-            raise
-        log.exception("error rendering %s %s", request.method, request.path)
-        return error_page(request, 500, None)
-
-
 # --- dashboard ----------------------------------------------------------------------------
 @page("dashboard.html", "dashboard")
 async def dashboard(request: web.Request, who: Identity) -> Context:
@@ -181,8 +114,6 @@ async def dashboard(request: web.Request, who: Identity) -> Context:
     events = [e for e in request.app[live.LIVE].events if e["kind"] in ("job", "node")]
     events = [e for e in events if seen.allows(e)][:12]
     recent = [svc.jobs.view(r) for r in svc.store.jobs(owner=owner, limit=6)]
-    node_ids = {e["id"] for e in events if e["kind"] == "node"}
-    job_ids = {e["id"] for e in events if e["kind"] == "job"}
     books = None
     if who.is_admin:
         # The cached balances' sum (cheap); `deparrow ledger audit` rescans every posting.
@@ -200,8 +131,6 @@ async def dashboard(request: web.Request, who: Identity) -> Context:
         "jobs_24h": sum(sum(v) for v in hourly["series"].values()),
         "hourly": hourly,
         "events": events,
-        "node_names": queries.node_names(svc.db, node_ids),
-        "job_names": queries.job_names(svc.db, job_ids),
         "recent": recent,
         "wallet": wallet_summary(svc, who.user_id),
     }
@@ -265,7 +194,6 @@ async def _jobs_context(request: web.Request, who: Identity) -> Context:
         "q": search or "",
         "scope": scope,
         "names": names,
-        "node_names": queries.node_names(svc.db, {r["node"] for r in pg.rows}),
         "states": JOB_STATES,
         "form": forms.job_form_defaults(),
         "examples": wasm_jobs.examples(),
@@ -360,9 +288,6 @@ async def job_page(request: web.Request, who: Identity) -> Context:
             for f in result.get("outputs") or []
         ],
         "inputs": job["spec"].get("inputs") or [],
-        "node_names": queries.node_names(
-            svc.db, {row["node"]} | {r["node"] for r in (verification or {}).get("runs", [])}
-        ),
     }
 
 
@@ -414,22 +339,38 @@ def _history(svc: Any, user_id: str, before: int | None) -> tuple[list[Context],
     except UnknownAccount:
         return [], None
     rows = queries.history_page(svc.db, wallet, balance, forms.HISTORY_PAGE, before)
-    ids = set()
-    for r in rows:
-        for c in r.counterparties:
-            if c.startswith("wallet:"):
-                ids.add(c[len("wallet:") :])
+    lines = reports.describe(svc.db, wallet, rows)
+    ids = {c[len("wallet:") :] for r in rows for c in r.counterparties if c.startswith("wallet:")}
     names = queries.user_names(svc.db, ids)
     items = [
-        {"entry": r.entry_id, "at": r.created_at, "reason": r.reason,
-         "amount": format_micro(r.amount), "incoming": r.amount > 0,
-         "balance_after": format_micro(r.balance_after),
-         "with": [forms.describe_account(c, names) for c in r.counterparties],
-         "memo": (r.memo or {}).get("memo")}
-        for r in rows
+        {"entry": line.entry_id, "at": line.created_at, "text": line.text,
+         "category": line.category, "href": _link(line.link), "amount": line.amount,
+         "held": line.held, "back": line.back, "balance_after": line.balance_after,
+         "with": [forms.describe_account(c, names) for c in line.counterparties
+                  if not c.startswith("hold:")],
+         "memo": (line.memo or {}).get("memo")}
+        for line in lines
     ]  # fmt: skip
     more = len(rows) == forms.HISTORY_PAGE
     return items, rows[-1].entry_id if rows and more else None
+
+
+# How the wallet page names each kind of line (hub/ledger/reports.py sorts them).
+CATEGORIES = {
+    "work": "earned: node work", "uptime": "earned: uptime", "bonus": "earned: bonus",
+    "grant": "earned: grant", "received": "earned: received", "compute": "spent: compute",
+    "calls": "spent: service call", "sent": "spent: sent", "held": "held for a running job",
+    "other": "",
+}  # fmt: skip
+
+
+def _link(link: tuple[str, str] | None) -> str | None:
+    """Where a history line leads: a job's page, an agent's, a node's; nothing else."""
+    if link is None:
+        return None
+    kind, ident = link
+    pages = {"job": "/jobs/", "agent": "/agents/", "service": "/agents/console/", "node": "/nodes/"}
+    return pages[kind] + quote(ident)
 
 
 async def _wallet_context(request: web.Request, who: Identity) -> Context:
@@ -439,6 +380,7 @@ async def _wallet_context(request: web.Request, who: Identity) -> Context:
     return {
         "wallet": wallet_summary(svc, who.user_id),
         "items": items,
+        "categories": CATEGORIES,
         "older": older,
         "first_page": before is None,
         "form": {"to": request.query.get("to", ""), "amount": "", "memo": ""},
@@ -462,7 +404,7 @@ async def wallet_csv(request: web.Request) -> web.StreamResponse:
     await response.prepare(request)
     buf = io.StringIO()
     out = csv.writer(buf)
-    out.writerow(["entry", "time_utc", "reason", "amount", "balance_after", "counterparties"])
+    out.writerow(reports.CSV_HEADER)
     before: int | None = None
     wallet = wallet_of(who.user_id)
     while True:
@@ -470,10 +412,7 @@ async def wallet_csv(request: web.Request) -> web.StreamResponse:
             rows = svc.ledger.history(wallet, limit=1000, before_entry_id=before)
         except UnknownAccount:
             rows = []
-        for r in rows:
-            when = datetime.fromtimestamp(r.created_at, UTC).isoformat(timespec="seconds")
-            out.writerow([r.entry_id, when, r.reason, format_micro(r.amount),
-                          format_micro(r.balance_after), " ".join(r.counterparties)])  # fmt: skip
+        out.writerows(reports.csv_row(line) for line in reports.describe(svc.db, wallet, rows))
         await response.write(buf.getvalue().encode())
         buf.seek(0)
         buf.truncate()

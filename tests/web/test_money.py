@@ -1,0 +1,169 @@
+"""Money you can read (issue 19): the wallet page, its CSV and the chart in a real Chromium
+against a real hub process, a real edge-run node and a real agent.
+
+bob runs a job on alice's node, sends alice credits and calls a service of alice's agent;
+each of them then reads their wallet: a finished job is one line with its cost, a transfer
+names the other side from where each stands, a service call leads to the agent (not to a job
+page that does not exist), and amounts are
+rounded with the exact value on hover.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
+
+from deparrow import localnet
+from deparrow.agent import Agent
+from hub.ledger.money import MICRO, credits_to_micro, format_micro
+from hub.web.filters import credits
+from tests.conftest import ROOT, require_mosquitto
+
+CHROMIUM = "/usr/bin/chromium"
+SHOTS = ROOT / "artifacts" / "screenshots"
+
+FIB = {
+    "engine": {"type": "wasm", "module": "example:fib", "entrypoint": "fib", "args": ["20"]},
+    "timeout": 10,
+}
+
+
+class Net:
+    """A hub with alice and bob (100 credits of welcome grant each) and alice's node."""
+
+    def __init__(self, tmp: Path) -> None:
+        require_mosquitto()
+        self.tmp = tmp
+        self.hub = localnet.LocalHub(tmp / "hub", heartbeat_s=0.5, log_path=tmp / "hub.log")
+        self.alice, self.alice_client = self.hub.user("alice")
+        self.bob, self.bob_client = self.hub.user("bob")
+        self.nodes: list[localnet.Proc] = []
+
+    def stop(self) -> None:
+        for n in self.nodes:
+            n.stop()
+        self.hub.stop()
+
+
+def shot(page: Page, name: str) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+def signed_in(browser: Browser, net: Net, token: str) -> tuple[BrowserContext, Page]:
+    ctx = browser.new_context(viewport={"width": 1280, "height": 860}, base_url=net.hub.url)
+    page = ctx.new_page()
+    page.goto("/signin")
+    page.fill("#token", token)
+    page.click("button[type=submit]")
+    expect(page.locator("header .user")).to_be_visible()
+    return ctx, page
+
+
+@pytest.fixture(scope="module")
+def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
+    n = Net(tmp_path_factory.mktemp("money"))
+    n.nodes.append(n.hub.start_node(n.alice_client, n.tmp / "alice-box", "alice-box"))
+    yield n
+    n.stop()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: run `make test` (tools/install-system-deps.sh)")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+def history_csv(page: Page) -> list[dict[str, str]]:
+    """The CSV statement as the Export button downloads it (the page's own session)."""
+    r = page.request.get("/wallet/history.csv")
+    assert r.ok, r.text()
+    return list(csv.DictReader(io.StringIO(r.text())))
+
+
+def test_a_finished_job_is_one_line_with_its_cost(browser: Browser, net: Net) -> None:
+    job = net.bob_client.submit(FIB)
+    done = net.bob_client.wait(job["id"], timeout_s=60)
+    assert done["state"] == "completed", done
+    cost = credits_to_micro(done["cost"])
+    assert 0 < cost < 10_000  # one started second: 0.002777, which a linear 2-decimal view loses
+    ctx, page = signed_in(browser, net, net.bob["token"])
+    page.goto("/wallet")
+    rows = page.locator("#history tbody tr", has_text=job["id"])
+    expect(rows).to_have_count(1)  # not a hold and a refund: one line
+    row = rows.first
+    assert row.get_attribute("data-category") == "compute"
+    expect(row).to_contain_text("job completed")
+    expect(row).to_contain_text(f"cost {credits(cost)}")
+    expect(row.locator("a", has_text=job["id"])).to_have_attribute("href", f"/jobs/{job['id']}")
+    amount = row.locator("td.num .money").first
+    expect(amount).to_have_text(credits(-cost))  # -0.00278: three significant digits
+    expect(amount).to_have_attribute("title", f"{format_micro(-cost)} credits")  # exact
+    balance = row.locator("td.num .money").nth(1)
+    expect(balance).to_have_attribute("title", f"{format_micro(100 * MICRO - cost)} credits")
+    assert "." not in balance.inner_text() or len(balance.inner_text().split(".")[1]) <= 2
+    shot(page, "money-job-line")
+    # The CSV has the same single line, exact.
+    [line] = [r for r in history_csv(page) if job["id"] in r["reason"]]
+    assert line["amount"] == format_micro(-cost) and line["category"] == "compute"
+    assert Decimal(line["held"]) - Decimal(line["came_back"]) == Decimal(done["cost"])
+    ctx.close()
+
+
+def test_a_transfer_names_the_other_side(browser: Browser, net: Net) -> None:
+    net.bob_client.transfer(net.alice["id"], "2.5", "money-gift", "for the node")
+    ctx, page = signed_in(browser, net, net.alice["token"])
+    page.goto("/wallet")
+    newest = page.locator("#history tbody tr").first
+    expect(newest).to_contain_text("transfer from bob")
+    expect(newest).not_to_contain_text("transfer to")
+    assert newest.get_attribute("data-category") == "received"
+    expect(newest.locator(".money").first).to_have_text("+2.50")
+    shot(page, "money-transfer-in")
+    [line] = [r for r in history_csv(page) if r["category"] == "received"]
+    assert line["reason"] == "transfer from bob" and line["amount"] == "2.5"
+    ctx.close()
+    ctx, page = signed_in(browser, net, net.bob["token"])
+    page.goto("/wallet")
+    newest = page.locator("#history tbody tr").first
+    expect(newest).to_contain_text("transfer to alice")
+    assert newest.get_attribute("data-category") == "sent"
+    ctx.close()
+
+
+def test_an_agent_call_leads_to_the_agent_not_a_job(browser: Browser, net: Net) -> None:
+    seller = Agent.create(net.hub.url, net.alice["token"], "echoer", fund="0.1")
+    service = seller.register_service(
+        "echo", lambda inp: inp, price="0.01",
+        input_schema={"type": "object"}, output_schema={"type": "object"},
+    )  # fmt: skip
+    seller.start()
+    try:
+        result = Agent(net.hub.url, net.bob["token"]).call(service, {"x": 1})
+    finally:
+        seller.stop()
+    ctx, page = signed_in(browser, net, net.bob["token"])
+    page.goto("/wallet")
+    row = page.locator("#history tbody tr", has_text=result.id)
+    expect(row).to_have_count(1)
+    assert row.get_attribute("data-category") == "calls"
+    expect(row).to_contain_text("service call")
+    # Spent in full, nothing came back: the line leads to the service's console.
+    link = row.locator("a", has_text=result.id)
+    expect(link).to_have_attribute("href", f"/agents/console/{service.id}")
+    assert page.locator("a[href^='/jobs/c_']").count() == 0
+    link.click()
+    expect(page.locator("main")).to_contain_text("echo")  # a page that exists
+    assert "404" not in page.title() and "not found" not in page.title().lower()
+    shot(page, "money-call-line")
+    ctx.close()
