@@ -75,6 +75,13 @@ def gpus(listed: list[dict[str, Any]] | None) -> str:
     return f"{len(listed)} GPU{'s' if len(listed) > 1 else ''} · {kinds}"
 
 
+def score(v: float | None) -> str:
+    """A reputation (0..1) to two decimals, '0.59'; the exact value goes in a title."""
+    if v is None:
+        return "—"
+    return f"{float(v):.2f}"
+
+
 def credits(micro: int | None) -> str:
     """An amount of µc to a sensible precision: two decimals, or three significant digits
     below 0.01 credits (a job of 0.002777 is 0.00278, not 0.00)."""
@@ -109,6 +116,7 @@ def install(env: jinja2.Environment, static_dir: Path) -> None:
         mb=mb,
         gpus=gpus,
         qs=qs,
+        score=score,
         credits=credits,
         money=money,
     )

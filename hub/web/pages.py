@@ -5,12 +5,15 @@ in those libraries (forms.py only turns form fields into their inputs)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import csv
 import io
 import json
+import logging
 import time
 from collections.abc import Awaitable, Callable
+from http import HTTPStatus
 from typing import Any
 from urllib.parse import quote
 
@@ -30,6 +33,7 @@ from hub.market.spec import JOB_STATES, TERMINAL_STATES
 from hub.web import forms, live, queries, session
 from hub.web.session import services
 
+log = logging.getLogger(__name__)
 Context = dict[str, Any]
 PageFn = Callable[[web.Request, Identity], Awaitable[Context]]
 ACTIVE_STATES = ("queued", "assigned", "running")
@@ -92,6 +96,69 @@ def not_found(what: str) -> web.HTTPNotFound:
     return web.HTTPNotFound(text=f"{what} (or it is not yours to see)", content_type="text/plain")
 
 
+# --- error pages --------------------------------------------------------------------------
+# Paths that are not pages: the REST API keeps its JSON errors (hub/api/http.py), and the
+# event stream, static files and an operator's probes keep what their clients expect.
+NOT_PAGES = ("/api/", "/static/", "/live", "/metrics", "/healthz", "/readyz")
+ERROR_TITLES = {
+    404: "Page not found",
+    403: "Not allowed",
+    405: "Not allowed here",
+    413: "Too large",
+    500: "Something went wrong",
+}
+ERROR_HINTS = {
+    404: "There is nothing at {path}. Check the address, or find it from the dashboard.",
+    405: "{method} is not allowed on {path}.",
+    500: "The hub failed to show this page; it logged why. Try again, or go back to the dashboard.",
+}
+
+
+def _wants_page(request: web.Request) -> bool:
+    if request.path.startswith(NOT_PAGES):
+        return False
+    accept = request.headers.get("Accept", "")
+    return not accept or "text/html" in accept or "*/*" in accept
+
+
+def error_page(request: web.Request, status: int, detail: str | None) -> web.Response:
+    """An error inside the site's layout (with the navigation when signed in) and a way home."""
+    try:
+        title = ERROR_TITLES.get(status) or HTTPStatus(status).phrase
+    except ValueError:
+        title = f"Error {status}"
+    hint = ERROR_HINTS.get(status, "")
+    message = detail or hint.format(path=request.path, method=request.method) or title
+    ctx: Context = {"status": status, "title": title, "message": message, "nav": None}
+    who = session.current(request)
+    if who is not None:
+        with contextlib.suppress(Exception):  # the layout's own reads must not hide the error
+            ctx.update(common(request, who, "dashboard"))
+            ctx["nav"] = None
+    return aiohttp_jinja2.render_template("error.html", request, ctx, status=status)
+
+
+@web.middleware
+async def error_pages_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """404s and other errors of the pages as pages; everything else passes through."""
+    try:
+        return await handler(request)
+    except web.HTTPException as e:
+        if e.status < 400 or not _wants_page(request):
+            raise
+        detail = e.text if e.text and not e.text.startswith(f"{e.status}:") else None
+        return error_page(request, e.status, detail)
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception:
+        if not _wants_page(request):
+            raise
+        log.exception("error rendering %s %s", request.method, request.path)
+        return error_page(request, 500, None)
+
+
 # --- dashboard ----------------------------------------------------------------------------
 @page("dashboard.html", "dashboard")
 async def dashboard(request: web.Request, who: Identity) -> Context:
@@ -114,6 +181,8 @@ async def dashboard(request: web.Request, who: Identity) -> Context:
     events = [e for e in request.app[live.LIVE].events if e["kind"] in ("job", "node")]
     events = [e for e in events if seen.allows(e)][:12]
     recent = [svc.jobs.view(r) for r in svc.store.jobs(owner=owner, limit=6)]
+    node_ids = {e["id"] for e in events if e["kind"] == "node"}
+    job_ids = {e["id"] for e in events if e["kind"] == "job"}
     books = None
     if who.is_admin:
         # The cached balances' sum (cheap); `deparrow ledger audit` rescans every posting.
@@ -131,6 +200,8 @@ async def dashboard(request: web.Request, who: Identity) -> Context:
         "jobs_24h": sum(sum(v) for v in hourly["series"].values()),
         "hourly": hourly,
         "events": events,
+        "node_names": queries.node_names(svc.db, node_ids),
+        "job_names": queries.job_names(svc.db, job_ids),
         "recent": recent,
         "wallet": wallet_summary(svc, who.user_id),
     }
@@ -194,6 +265,7 @@ async def _jobs_context(request: web.Request, who: Identity) -> Context:
         "q": search or "",
         "scope": scope,
         "names": names,
+        "node_names": queries.node_names(svc.db, {r["node"] for r in pg.rows}),
         "states": JOB_STATES,
         "form": forms.job_form_defaults(),
         "examples": wasm_jobs.examples(),
@@ -288,6 +360,9 @@ async def job_page(request: web.Request, who: Identity) -> Context:
             for f in result.get("outputs") or []
         ],
         "inputs": job["spec"].get("inputs") or [],
+        "node_names": queries.node_names(
+            svc.db, {row["node"]} | {r["node"] for r in (verification or {}).get("runs", [])}
+        ),
     }
 
 
