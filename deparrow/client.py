@@ -154,7 +154,11 @@ class Client:
         if self._jwt and time.time() < self._jwt_exp - 30:
             return self._jwt
         if not self.token:
-            raise HubError("no API token: pass --token or set DEPARROW_TOKEN")
+            raise HubError(
+                "no API token: pass --token TOKEN or set DEPARROW_TOKEN; for a hub on this "
+                "machine started with --data-dir DIR, `deparrow --data-dir DIR …` reads its "
+                "admin token from DIR/admin-token"
+            )
         answer = self.request("POST", "/api/v1/auth/token", {"token": self.token}, auth=False)
         self._jwt, self._jwt_exp = answer["jwt"], int(answer["expires_at"])
         return str(self._jwt)

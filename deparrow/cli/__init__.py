@@ -7,6 +7,8 @@ server (`hub`), and only when it runs.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from deparrow.cli.agents import agent_group
@@ -46,10 +48,21 @@ __all__ = ["main"]
     help="The CA of an https:// hub: a PEM file, or the fingerprint `deparrow node token` "
     "prints (env DEPARROW_CA; default: the system's CAs, or the local hub's own).",
 )
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    metavar="DIR",
+    help="The --data-dir of a hub on this machine: its admin token (DIR/admin-token) and, "
+    "over https, its CA are read from there (default: the local hub's, at the default "
+    "address only).",
+)
 @click.pass_context
-def main(ctx: click.Context, hub: str, token: str | None, ca: str | None) -> None:
+def main(
+    ctx: click.Context, hub: str, token: str | None, ca: str | None, data_dir: Path | None
+) -> None:
     """DEparrow: idle machines run other people's WebAssembly jobs for credits."""
-    ctx.obj = Ctx(hub, token, ca)
+    ctx.obj = Ctx(hub, token, ca, data_dir)
 
 
 for _command in (

@@ -34,19 +34,20 @@ def local_data_dir() -> Path:
     return Path(os.environ.get("DEPARROW_DATA", str(Path(base) / "deparrow")))
 
 
-def _default_token() -> str | None:
+def _default_token(data_dir: Path | None = None) -> str | None:
     """The local hub's admin token: used only when talking to the local hub at its default
-    address, so a token for one hub is never silently sent to another."""
-    path = local_data_dir() / "admin-token"
+    address, so a token for one hub is never silently sent to another; or the one in the
+    data directory the user named (--data-dir)."""
+    path = (data_dir or local_data_dir()) / "admin-token"
     try:
         return path.read_text().strip() or None
     except OSError:
         return None
 
 
-def _local_ca() -> str | None:
+def _local_ca(data_dir: Path | None = None) -> str | None:
     """The CA the local hub made (deparrow hub --tls), when there is one."""
-    path = local_data_dir() / "tls" / "ca.pem"
+    path = (data_dir or local_data_dir()) / "tls" / "ca.pem"
     return str(path) if path.exists() else None
 
 
@@ -60,9 +61,13 @@ def emit(obj: Any) -> None:
 
 
 class Ctx:
-    def __init__(self, hub: str, token: str | None, ca: str | None = None) -> None:
+    def __init__(
+        self, hub: str, token: str | None, ca: str | None = None, data_dir: Path | None = None
+    ) -> None:
         self.hub = hub
         self.token = token
+        # --data-dir: a hub on this machine started with --data-dir, whatever its address
+        self.data_dir = data_dir
         # --ca, else DEPARROW_CA: a PEM file or a sha256: fingerprint (deparrow/client.py)
         self.ca = ca or os.environ.get("DEPARROW_CA") or None
 
@@ -70,15 +75,29 @@ class Ctx:
         return self.hub.rstrip("/").lower() in LOCAL_HUBS
 
     def api_token(self) -> str | None:
-        """--token, or the local hub's admin token when --hub is the local default."""
+        """--token, else the admin token in --data-dir, else the local hub's when --hub is
+        the local default."""
+        if self.token is None and self.data_dir is not None:
+            token = _default_token(self.data_dir)
+            if token is None:
+                die(
+                    f"no admin token in {self.data_dir} ({self.data_dir / 'admin-token'} is "
+                    "missing or empty): give the --data-dir the hub was started with, once it "
+                    "has started, or pass --token",
+                    2,
+                )
+            return token
         if self.token is None and self.is_local():
             return _default_token()
         return self.token
 
     def hub_ca(self) -> str | None:
         """--ca, or the CA the local hub made when --hub is the local default over https."""
-        if self.ca is None and self.is_local() and self.hub.lower().startswith("https:"):
-            return _local_ca()
+        if self.ca is None and self.hub.lower().startswith("https:"):
+            if self.data_dir is not None:
+                return _local_ca(self.data_dir)
+            if self.is_local():
+                return _local_ca()
         return self.ca
 
     def client(self) -> Client:
