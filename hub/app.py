@@ -18,7 +18,7 @@ from aiohttp import web
 
 from hub import web as dashboard
 from hub.agents.registry import Agents
-from hub.api import agents, http, limits, routes
+from hub.api import agents, health, http, limits, metrics, routes
 from hub.api.jobs import fetch_inputs
 from hub.api.nodes import TLS, HubTls
 from hub.api.services import SERVICES, Services
@@ -34,7 +34,6 @@ from hub.store.db import Database, snapshot_reads
 from hub.store.rows import Store
 from hub.tls import ensure_tls, server_context, server_names
 from hub.web import live
-from hub.web.pages import error_pages_middleware
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +84,7 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
     services = app[SERVICES]
     config = services.config
     services.writer = Writer(services.db, ledger=services.ledger)
+    services.writer.on_commit = app[metrics.METRICS].committed
     await services.writer.start()
     hub_password: str | None = None
     if config.mqtt_url is None:
@@ -139,6 +139,8 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
 
     bridge.messages.fetch_inputs = fetch  # an agent's https:// inputs, fetched off the batch
     bridge.messages.requeue = bridge.requeue
+    bridge.messages.heard = app[metrics.METRICS].heartbeat
+    bridge.messages.settled = app[metrics.METRICS].result_settled
     if hub_password is not None:
         bridge.client.username_pw_set(logins.HUB_USER, hub_password)
     try:
@@ -240,9 +242,9 @@ def create_app(config: HubConfig, services: Services | None = None) -> web.Appli
     config = config.with_secret()
     app = web.Application(
         middlewares=[
+            metrics.middleware,  # outermost: every request is timed, refused ones too
             *_limits(config),
             http.error_middleware,
-            error_pages_middleware,  # the dashboard's errors as pages; the API's stay JSON
             snapshot_reads_middleware,
         ],
         client_max_size=max(config.max_module_bytes * 2, config.max_files_bytes) + 1024 * 1024,
@@ -258,6 +260,7 @@ def create_app(config: HubConfig, services: Services | None = None) -> web.Appli
     services = services or open_services(config)
     bootstrap_admin(services)
     app[SERVICES] = services
+    app[metrics.METRICS] = metrics.HubMetrics(services)  # this app's own registry
     aiohttp_jinja2.setup(
         app,
         loader=jinja2.FileSystemLoader(str(Path(__file__).parent / "templates")),
@@ -265,6 +268,8 @@ def create_app(config: HubConfig, services: Services | None = None) -> web.Appli
     )
     services.on_change = functools.partial(live.record, app)
     routes.add_routes(app)
+    metrics.add_routes(app)
+    health.add_routes(app)
     agents.add_routes(app)
     dashboard.add_routes(app)
     app.cleanup_ctx.append(_services_ctx)

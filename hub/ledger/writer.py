@@ -41,6 +41,7 @@ import asyncio
 import inspect
 import logging
 import sqlite3
+import time
 import types
 from collections import deque
 from collections.abc import Callable
@@ -104,6 +105,9 @@ class Writer:
         self._largest = 0
         self.restarts = 0
         self._in_hand: list[_Item] = []  # the batch being committed
+        # Told (writes, seconds from BEGIN to durable COMMIT) after each committed batch: the
+        # app points it at its metrics (hub/api/metrics.py).
+        self.on_commit: Callable[[int, float], None] | None = None
 
     @property
     def stats(self) -> WriterStats:
@@ -235,6 +239,7 @@ class Writer:
         conn = self.db.conn
         outcomes: list[tuple[asyncio.Future[Any], BaseException | None, Any]] = []
         tx = self.db.write_batch()
+        started = time.perf_counter()
         try:
             async with tx:
                 i, n = 0, len(live)
@@ -286,6 +291,8 @@ class Writer:
                     fut.set_exception(BatchAborted(f"the writer was interrupted: {e!r}"))
             raise
         self._resolve(live, outcomes)
+        if self.on_commit is not None:
+            self.on_commit(len(live), time.perf_counter() - started)
 
     def _resolve(
         self,

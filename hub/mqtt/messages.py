@@ -78,6 +78,10 @@ class Messages:
         self.fetch_inputs: Callable[[JobSpec], Awaitable[JobSpec]] | None = None
         self.requeue: Callable[[str, bytes], None] | None = None  # back into the inbox
         self._fetching: set[asyncio.Task[None]] = set()
+        # Counted by the app's metrics (hub/api/metrics.py): each heartbeat, and each result
+        # with what it did and the job's row after it.
+        self.heard: Callable[[], None] = lambda: None
+        self.settled: Callable[[str, Any], None] = lambda _outcome, _job: None
 
     # --- what goes to the nodes ------------------------------------------------------------
     def schedule(self) -> int:
@@ -85,7 +89,10 @@ class Messages:
         assignments = self.scheduler.schedule()
         for a in assignments:
             self.publish(protocol.node_topic(a.node_id, protocol.ASSIGN), a.message)
-            log.info("job %s -> node %s", a.message["job_id"], a.node_id)
+            job_id = a.message["job_id"]
+            log.info(
+                "job %s -> node %s", job_id, a.node_id, extra={"job": job_id, "node": a.node_id}
+            )
             self._changed("job", {"id": a.message["job_id"], "state": "assigned"})
         return len(assignments)
 
@@ -128,7 +135,11 @@ class Messages:
 
     def _bill(self, now: float) -> None:
         for node_id, job_id, attempt in self.jobs.bill_services(now=now):
-            log.info("service job %s stopped: its owner cannot pay on", job_id)
+            log.info(
+                "service job %s stopped: its owner cannot pay on",
+                job_id,
+                extra={"job": job_id, "node": node_id},
+            )
             self.cancel_on_node(node_id, job_id, attempt)
             self._changed("job", {"id": job_id, "state": "cancelled"})
             if self.agents is not None:
@@ -225,6 +236,7 @@ class Messages:
                 self._changed("node", {"id": ident, "state": msg.state})
             if msg.state == protocol.IDLE:
                 self.dispatch()
+            self.heard()
             return "heartbeat"
         if isinstance(msg, wire.Status):
             if msg.state == protocol.OFFLINE:
@@ -248,7 +260,14 @@ class Messages:
             settled = self.store.job(msg.job_id)
             if settled is not None:
                 self._changed("job", {"id": msg.job_id, "state": settled["state"]})
-            log.info("result for %s from %s: %s", msg.job_id, ident, outcome)
+            self.settled(outcome, settled)
+            log.info(
+                "result for %s from %s: %s",
+                msg.job_id,
+                ident,
+                outcome,
+                extra={"job": msg.job_id, "node": ident},
+            )
             self.dispatch()
             return outcome
         return self._drop(topic, "unhandled")
@@ -273,7 +292,12 @@ class Messages:
             if now - self._resent.get(job["id"], 0.0) < grace:
                 continue
             self._resent[job["id"]] = now
-            log.warning("job %s: node %s is idle without it; sending it again", job["id"], node_id)
+            log.warning(
+                "job %s: node %s is idle without it; sending it again",
+                job["id"],
+                node_id,
+                extra={"job": job["id"], "node": node_id},
+            )
             self.publish(protocol.node_topic(node_id, protocol.ASSIGN),
                          self.jobs.assign_message(job["id"]))  # fmt: skip
         if len(self._resent) > 10_000:
