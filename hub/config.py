@@ -52,9 +52,13 @@ def outward_address(ipv6: bool = False) -> str:
     return address if not is_unspecified(address) else socket.gethostname()
 
 
-def advertised_host(host: str) -> str:
-    """The host to give out for a listen address: itself, unless it is 0.0.0.0 or ::."""
-    return outward_address(":" in host) if is_unspecified(host) else host
+def advertised_host(host: str, by_name: bool = False) -> str:
+    """The host to give out for a listen address: itself, unless it is 0.0.0.0 or ::; then
+    the outward address, or with by_name (a TLS hub: its own certificate names the host
+    name, not the addresses) the host name."""
+    if not is_unspecified(host):
+        return host
+    return (socket.gethostname() if by_name else "") or outward_address(":" in host)
 
 
 def advertised_url(url: str) -> str:

@@ -41,7 +41,22 @@ from deparrow.cli.context import die
     type=click.IntRange(0, 65535),
     help="Port of the broker the hub starts (0: any free port).",
 )
-@click.option("--mqtt-public-url", default=None, help="Broker URL to give nodes.")
+@click.option(
+    "--mqtt-public-url",
+    default=None,
+    metavar="mqtt://HOST:PORT",
+    help="Broker URL to give nodes (default: the broker's port at the host they reached the "
+    "hub by).",
+)
+@click.option(
+    "--public-url",
+    default=None,
+    metavar="URL",
+    help="The hub's URL as other machines reach it, given out in the enroll command and the "
+    "start-up lines (default: the URL a caller used; with --host 0.0.0.0 or ::, this "
+    "machine's address on its default route). Set it when nodes know the hub by a name or "
+    "through a proxy.",
+)
 @click.option(
     "--welcome-grant",
     default=100,
@@ -156,14 +171,6 @@ from deparrow.cli.context import die
     type=click.FloatRange(0),
     help="Logins a second per address, bursts of 20; 0: off. Loopback callers are exempt.",
 )
-@click.option(
-    "--log-format",
-    type=click.Choice(["text", "json"]),
-    default="text",
-    show_default=True,
-    help="Log lines as text, or one JSON object per line (ts, level, logger, msg, job, node) "
-    "for a log shipper; the start-up message too (docs/operations.md).",
-)
 @click.option("-v", "--verbose", is_flag=True)
 def hub_cmd(
     host: str,
@@ -173,6 +180,7 @@ def hub_cmd(
     broker: str,
     broker_port: int,
     mqtt_public_url: str | None,
+    public_url: str | None,
     welcome_grant: int,
     heartbeat: float,
     queue_ttl: float,
@@ -190,7 +198,6 @@ def hub_cmd(
     insecure_no_tls: bool,
     rate_limit: float,
     login_rate: float,
-    log_format: str,
     verbose: bool,
 ) -> None:
     """Run the hub: REST API, ledger, scheduler, MQTT bridge and web page."""
@@ -199,23 +206,16 @@ def hub_cmd(
 
         from hub.api.services import SERVICES
         from hub.app import create_app, ssl_context, tls_of
-        from hub.config import HubConfig, default_data_dir
-        from hub.logs import setup as setup_logs
+        from hub.config import HubConfig, advertised_host, advertised_url, default_data_dir
         from hub.mqtt.bridge import parse_mqtt_url
     except ModuleNotFoundError as e:  # a client-only install: the server is an extra
         die(f"the hub needs the server's packages ({e.name} is missing): "
             "pip install 'deparrow[hub]'")  # fmt: skip
 
-    setup_logs(log_format, logging.INFO if verbose else logging.WARNING)
-    started = logging.getLogger("deparrow.hub")
-    started.setLevel(logging.INFO)  # the start-up message, whatever the level of the rest
-
-    def say(line: str) -> None:
-        if log_format == "json":
-            started.info(line.strip())
-        else:
-            click.echo(line, err=True)
-
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
     if mqtt_url:
         try:
             parse_mqtt_url(mqtt_url)
@@ -232,6 +232,7 @@ def hub_cmd(
         broker=broker,
         broker_port=broker_port,
         mqtt_public_url=mqtt_public_url,
+        public_url=public_url.rstrip("/") if public_url else None,
         welcome_grant_credits=welcome_grant,
         heartbeat_interval_s=heartbeat,
         queue_ttl_s=queue_ttl,
@@ -255,14 +256,11 @@ def hub_cmd(
     if problem:
         die(problem, 2)
     if insecure_no_tls and not tls:
-        warning = (
-            f"serving {host} without TLS (--insecure-no-tls): API tokens, "
-            "node passwords and results cross the network in plain text"
+        click.echo(
+            f"deparrow: warning: serving {host} without TLS (--insecure-no-tls): API tokens, "
+            "node passwords and results cross the network in plain text",
+            err=True,
         )
-        if log_format == "json":
-            started.warning(warning)
-        else:
-            click.echo("deparrow: warning: " + warning, err=True)
     try:
         app = create_app(config)
         context = ssl_context(app)
@@ -272,8 +270,10 @@ def hub_cmd(
 
     def announce(_message: str) -> None:
         # run_app calls this once the listening socket is bound, so nothing is claimed early.
-        where = f"[{host}]" if ":" in host else host
-        url = f"{'https' if tls else 'http'}://{where}:{port}"
+        # 0.0.0.0 or :: is where the hub listens, not an address another machine can use
+        outward = advertised_host(host, by_name=tls)  # a certificate names the host name
+        where = f"[{outward}]" if ":" in outward else outward
+        url = config.public_url or f"{'https' if tls else 'http'}://{where}:{port}"
         default = data_dir is None and port == 8765 and host == "127.0.0.1"
         ca = config.data_dir / "tls" / "ca.pem"
         pin = f" --ca {ca}" if tls and tls_cert is None and not default else ""
@@ -281,23 +281,31 @@ def hub_cmd(
             cli = "deparrow" + (f" --hub {url}" if tls else "")
         else:
             cli = f"deparrow --hub {url}{pin} --token $(cat {config.admin_token_path})"
-        say(f"DEparrow hub on {url}  (web page: {url}/)")
-        say(
-            f"  MQTT broker: {services.mqtt_url}"
+        click.echo(f"DEparrow hub on {url}  (web page: {url}/)", err=True)
+        click.echo(
+            f"  MQTT broker: {advertised_url(services.mqtt_url)}"
             f" ({services.broker.kind if services.broker else 'external'})",
+            err=True,
         )
         info = tls_of(app)
         if info is not None:
             if info.mqtt_port is not None:
-                say(f"  MQTT over TLS for nodes and agents: port {info.mqtt_port}")
-            say(f"  certificate: {info.files.cert}")
+                click.echo(f"  MQTT over TLS for nodes and agents: port {info.mqtt_port}", err=True)
+            click.echo(f"  certificate: {info.files.cert}", err=True)
             if info.files.pinned:
-                say(f"  nodes pin: --ca {info.files.fingerprint}")
+                click.echo(f"  nodes pin: --ca {info.files.fingerprint}", err=True)
             else:
-                say("  nodes trust it through their system's CAs (no pin)")
-        say(f"  data: {config.data_dir}")
-        say(f"  admin token: {config.admin_token_path}")
-        say(f"  add a node:  {cli} node token   (prints the edge-run command)")
+                click.echo("  nodes trust it through their system's CAs (no pin)", err=True)
+        click.echo(f"  data: {config.data_dir}", err=True)
+        click.echo(f"  admin token: {config.admin_token_path}", err=True)
+        click.echo(f"  add a node:  {cli} node token   (prints the edge-run command)", err=True)
+        if outward != host and config.public_url is None:
+            what = "name" if tls else "address on its default route"
+            click.echo(
+                f"  other machines: {url} is this machine's {what}; "
+                "if they know the hub by another name, restart with --public-url URL",
+                err=True,
+            )
 
     try:
         web.run_app(

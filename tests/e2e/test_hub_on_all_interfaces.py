@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from deparrow import localnet
 from deparrow.localnet import Proc, wait_for
 from hub.config import outward_address
 from tests.conftest import start_hub
@@ -83,5 +84,22 @@ def test_public_url_is_what_nodes_are_told(tmp_path: Path) -> None:
         assert "edge-run --hub http://hub.example.org:9999 --token " in token.stdout
         status = hub.admin.status()["broker"]
         assert status["public_url"].startswith("mqtt://hub.example.org:"), status
+    finally:
+        hub.stop()
+
+
+def test_a_tls_hub_on_0_0_0_0_gives_out_the_name_its_certificate_covers(tmp_path: Path) -> None:
+    """The hub's own certificate names this machine's host name, not its addresses: a node
+    told the outward address would refuse the certificate."""
+    import socket
+
+    hub = localnet.LocalHub(
+        tmp_path / "hub", heartbeat_s=0.5, extra=("--host", "0.0.0.0"), tls=True,
+        log_path=tmp_path / "hub.log",
+    )  # fmt: skip
+    try:
+        started = hub.proc.output()
+        assert f"DEparrow hub on https://{socket.gethostname()}:{hub.port}" in started, started
+        assert "is this machine's name; if they know the hub by another name" in started
     finally:
         hub.stop()
