@@ -171,6 +171,14 @@ from deparrow.cli.context import die
     type=click.FloatRange(0),
     help="Logins a second per address, bursts of 20; 0: off. Loopback callers are exempt.",
 )
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="Log lines as text, or one JSON object per line (ts, level, logger, msg, job, node) "
+    "for a log shipper; the start-up message too (docs/operations.md).",
+)
 @click.option("-v", "--verbose", is_flag=True)
 def hub_cmd(
     host: str,
@@ -198,6 +206,7 @@ def hub_cmd(
     insecure_no_tls: bool,
     rate_limit: float,
     login_rate: float,
+    log_format: str,
     verbose: bool,
 ) -> None:
     """Run the hub: REST API, ledger, scheduler, MQTT bridge and web page."""
@@ -207,15 +216,22 @@ def hub_cmd(
         from hub.api.services import SERVICES
         from hub.app import create_app, ssl_context, tls_of
         from hub.config import HubConfig, advertised_host, advertised_url, default_data_dir
+        from hub.logs import setup as setup_logs
         from hub.mqtt.bridge import parse_mqtt_url
     except ModuleNotFoundError as e:  # a client-only install: the server is an extra
         die(f"the hub needs the server's packages ({e.name} is missing): "
             "pip install 'deparrow[hub]'")  # fmt: skip
 
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
+    setup_logs(log_format, logging.INFO if verbose else logging.WARNING)
+    started = logging.getLogger("deparrow.hub")
+    started.setLevel(logging.INFO)  # the start-up message, whatever the level of the rest
+
+    def say(line: str) -> None:
+        if log_format == "json":
+            started.info(line.strip())
+        else:
+            click.echo(line, err=True)
+
     if mqtt_url:
         try:
             parse_mqtt_url(mqtt_url)
@@ -256,11 +272,14 @@ def hub_cmd(
     if problem:
         die(problem, 2)
     if insecure_no_tls and not tls:
-        click.echo(
-            f"deparrow: warning: serving {host} without TLS (--insecure-no-tls): API tokens, "
-            "node passwords and results cross the network in plain text",
-            err=True,
+        warning = (
+            f"serving {host} without TLS (--insecure-no-tls): API tokens, "
+            "node passwords and results cross the network in plain text"
         )
+        if log_format == "json":
+            started.warning(warning)
+        else:
+            click.echo("deparrow: warning: " + warning, err=True)
     try:
         app = create_app(config)
         context = ssl_context(app)
@@ -281,30 +300,28 @@ def hub_cmd(
             cli = "deparrow" + (f" --hub {url}" if tls else "")
         else:
             cli = f"deparrow --hub {url}{pin} --token $(cat {config.admin_token_path})"
-        click.echo(f"DEparrow hub on {url}  (web page: {url}/)", err=True)
-        click.echo(
+        say(f"DEparrow hub on {url}  (web page: {url}/)")
+        say(
             f"  MQTT broker: {advertised_url(services.mqtt_url)}"
             f" ({services.broker.kind if services.broker else 'external'})",
-            err=True,
         )
         info = tls_of(app)
         if info is not None:
             if info.mqtt_port is not None:
-                click.echo(f"  MQTT over TLS for nodes and agents: port {info.mqtt_port}", err=True)
-            click.echo(f"  certificate: {info.files.cert}", err=True)
+                say(f"  MQTT over TLS for nodes and agents: port {info.mqtt_port}")
+            say(f"  certificate: {info.files.cert}")
             if info.files.pinned:
-                click.echo(f"  nodes pin: --ca {info.files.fingerprint}", err=True)
+                say(f"  nodes pin: --ca {info.files.fingerprint}")
             else:
-                click.echo("  nodes trust it through their system's CAs (no pin)", err=True)
-        click.echo(f"  data: {config.data_dir}", err=True)
-        click.echo(f"  admin token: {config.admin_token_path}", err=True)
-        click.echo(f"  add a node:  {cli} node token   (prints the edge-run command)", err=True)
+                say("  nodes trust it through their system's CAs (no pin)")
+        say(f"  data: {config.data_dir}")
+        say(f"  admin token: {config.admin_token_path}")
+        say(f"  add a node:  {cli} node token   (prints the edge-run command)")
         if outward != host and config.public_url is None:
             what = "name" if tls else "address on its default route"
-            click.echo(
+            say(
                 f"  other machines: {url} is this machine's {what}; "
-                "if they know the hub by another name, restart with --public-url URL",
-                err=True,
+                "if they know the hub by another name, restart with --public-url URL"
             )
 
     try:
