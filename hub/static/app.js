@@ -132,26 +132,52 @@ function redrawHourly() {
   hourlyChart(c.el);
 }
 
+// Earned and spent per day, each kind of money its own series on a log scale: a job of
+// 0.003 credits stays visible beside a welcome grant of 100. data[1] and data[2] are the
+// day's totals (hidden: the kinds add up to them; the legend can show them).
+const WALLET_KINDS = [
+  ["earned_by", "work", "node work", "#16a34a"], ["earned_by", "uptime", "uptime", "#22c55e"],
+  ["earned_by", "bonus", "bonuses", "#84cc16"], ["earned_by", "grant", "grants", "#0ea5e9"],
+  ["earned_by", "received", "received", "#14b8a6"], ["spent_by", "compute", "compute", "#f97316"],
+  ["spent_by", "calls", "service calls", "#a855f7"], ["spent_by", "sent", "sent", "#dc2626"],
+  ["spent_by", "held", "held (running)", "#eab308"]];
+
 async function loadWalletChart() {
   const c = charts.wallet;
   const r = await fetch(`/wallet/chart.json?days=${c.days}`, { credentials: "same-origin" });
   if (!r.ok) return;
   const d = await r.json();
-  const data = [d.t, d.earned.map((v) => v / 1e6), d.spent.map((v) => v / 1e6)];
   const sum = (a) => a.reduce((x, y) => x + y, 0);
   const today = d.t.length - 1;
+  const parts = (side) => WALLET_KINDS.filter((k) => k[0] === side && d[side][k[1]][today])
+    .map((k) => `${k[2]} ${fmtCredits(d[side][k[1]][today])}`).join(", ");
   for (const el of $$("[data-chart-sum]")) {
-    el.innerHTML = `Today: earned <b>${fmtCredits(d.earned[today])}</b>, spent <b>${fmtCredits(d.spent[today])}</b> · ` +
+    el.innerHTML = `Today: earned <b>${fmtCredits(d.earned[today])}</b>${parts("earned_by") ? ` (${parts("earned_by")})` : ""}, ` +
+      `spent <b>${fmtCredits(d.spent[today])}</b>${parts("spent_by") ? ` (${parts("spent_by")})` : ""} · ` +
       `last ${c.days} days: earned <b>${fmtCredits(sum(d.earned))}</b>, spent <b>${fmtCredits(sum(d.spent))}</b> credits`;
   }
-  if (c.plot) { c.plot.setData(data); return; }
-  const opts = { width: width(c.el), height: 220,
-    series: [{}, { label: "earned", fill: "#16a34acc", stroke: "#16a34a", paths: uPlot.paths.bars({ size: [0.35, 24], align: -1 }), points: { show: false }, value: (u, v) => v == null ? "" : fmtCredits(v * 1e6) },
-                 { label: "spent", fill: "#f97316cc", stroke: "#f97316", paths: uPlot.paths.bars({ size: [0.35, 24], align: 1 }), points: { show: false }, value: (u, v) => v == null ? "" : fmtCredits(v * 1e6) }],
-    legend: { live: false },
-    scales: { x: { time: true, range: (u, min, max) => [min - DAY / 2, max + DAY / 2] }, y: { range: (u, min, max) => [0, Math.max(1, max * 1.15)] } },
-    axes: [{ space: 60, values: (u, ts) => ts.map((t) => new Date(t * 1000).toLocaleDateString(undefined, { month: "short", day: "numeric" })) }, { size: 50 }] };
+  // A kind with nothing in the range is left out; zeros are gaps (a log scale has no 0).
+  const kinds = WALLET_KINDS.filter((k) => d[k[0]][k[1]].some((v) => v > 0));
+  const key = kinds.map((k) => k[1]).join();
+  const data = [d.t, d.earned.map((v) => v / 1e6), d.spent.map((v) => v / 1e6),
+    ...kinds.map((k) => d[k[0]][k[1]].map((v) => (v > 0 ? v / 1e6 : null)))];
+  if (c.plot && c.key === key) { c.plot.setData(data); return; }
+  if (c.plot) c.plot.destroy();
+  const value = (u, v) => v == null ? "" : fmtCredits(v * 1e6);
+  const series = [{},
+    { label: "earned", stroke: "#16a34a", show: false, value },
+    { label: "spent", stroke: "#f97316", show: false, value },
+    // Markers, not bars: on a log scale a bar's height means little, and markers of several
+    // kinds on one day do not hide each other.
+    ...kinds.map((k) => ({ label: k[2], stroke: k[3], value, paths: () => null,
+      points: { show: true, size: 10, width: 2, fill: k[3] + "99" } }))];
+  const opts = { width: width(c.el), height: 240, series, legend: { live: false },
+    scales: { x: { time: true, range: (u, min, max) => [min - DAY / 2, max + DAY / 2] },
+              y: { distr: 3, log: 10, range: (u, min, max) => [Math.min(0.001, min || 1), 10 ** Math.ceil(Math.log10(Math.max(1, max || 1) * 1.5))] } },
+    axes: [{ space: 60, values: (u, ts) => ts.map((t) => new Date(t * 1000).toLocaleDateString(undefined, { month: "short", day: "numeric" })) },
+           { size: 60, values: (u, vs) => vs.map((v) => (Math.abs(Math.log10(v) - Math.round(Math.log10(v))) < 1e-6 ? fmtCredits(v * 1e6) : "")) }] };
   c.plot = new uPlot(opts, data, c.el);
+  c.key = key;
   c.el.dataset.ready = "1";
 }
 

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from hub.ledger import reports
 from hub.store.db import Database
 
 COMPONENT = "web"
@@ -162,12 +163,14 @@ def jobs_per_hour(
 def wallet_by_day(
     db: Database, wallet: str, days: int = 14, now: float | None = None
 ) -> dict[str, Any]:
-    """Credits (µc) a wallet earned and spent on each of the last `days` days.
+    """Credits (µc) a wallet earned and spent on each of the last `days` days, in total and
+    by kind (hub/ledger/reports.py sorts each line of the history).
 
-    Earned: everything that came in except the unused part of its own holds coming back
-    (payouts for its nodes' work, uptime, bonuses, grants, transfers in). Spent: what its
-    own holds kept (held minus returned: a hold counts until its unused part comes back)
-    plus transfers out. A hold placed and refunded the same day nets to nothing.
+    earned_by: node work, uptime, bonus (referral), grant (welcome), received (transfers in).
+    spent_by: compute (what finished jobs cost), calls (service calls), sent (transfers out)
+    and held (holds of jobs still running, placed that day): a hold is not spending, but
+    until its job ends nobody knows how much of it will be, so it shows apart. A job that
+    ends counts its cost on the day it ended; its hold and what came back count nowhere.
     """
     now = time.time() if now is None else now
     first = int(now // DAY) - days + 1
@@ -181,8 +184,8 @@ def wallet_by_day(
             ((first + i) * DAY,),
         )
         bounds.append(int(row["id"]) if row is not None and row["id"] is not None else None)
-    earned = [0] * days
-    spent = [0] * days
+    earned_by = {k: [0] * days for k in reports.EARNED}
+    spent_by = {k: [0] * days for k in (*reports.SPENT, "held")}
     for i in range(days):
         lo, hi = bounds[i], bounds[i + 1]
         if lo is None:
@@ -190,45 +193,69 @@ def wallet_by_day(
         key = (db.path, wallet, first + i)
         closed = hi is not None and now - (first + i + 1) * DAY > _SETTLED_S
         if closed and key in _DAY_CACHE:
-            earned[i], spent[i] = _DAY_CACHE[key]
-            continue
-        earned[i], spent[i] = _day_flows(db, wallet, lo, hi)
-        if closed:
-            if len(_DAY_CACHE) >= _DAY_CACHE_MAX:
-                _DAY_CACHE.pop(next(iter(_DAY_CACHE)))
-            _DAY_CACHE[key] = (earned[i], spent[i])
-    return {"t": t, "earned": earned, "spent": spent}
+            flows = _DAY_CACHE[key]
+        else:
+            flows = _day_flows(db, wallet, lo, hi)
+            if closed:
+                if len(_DAY_CACHE) >= _DAY_CACHE_MAX:
+                    _DAY_CACHE.pop(next(iter(_DAY_CACHE)))
+                _DAY_CACHE[key] = flows
+        for kind, amount in flows.items():
+            if kind in earned_by:
+                earned_by[kind][i] += amount
+            elif kind in spent_by:
+                spent_by[kind][i] -= amount
+    return {
+        "t": t,
+        "earned": [sum(s[i] for s in earned_by.values()) for i in range(days)],
+        "spent": [sum(s[i] for s in spent_by.values()) for i in range(days)],
+        "earned_by": earned_by,
+        "spent_by": spent_by,
+    }
 
 
 # Days that ended a while ago do not change: their sums are kept (bounded, oldest dropped).
 _SETTLED_S = 3600
 _DAY_CACHE_MAX = 20_000
-_DAY_CACHE: dict[tuple[str, str, int], tuple[int, int]] = {}
+_DAY_CACHE: dict[tuple[str, str, int], dict[str, int]] = {}
 
 
-def _day_flows(db: Database, wallet: str, lo: int, hi: int | None) -> tuple[int, int]:
-    """(earned, spent) over the wallet's postings in entries lo <= id < hi. Entries that
-    touch the wallet's own holds are hold movements: what comes back from them is not
-    earned, and what went into them counts as spent only once it stayed there."""
+def _day_flows(db: Database, wallet: str, lo: int, hi: int | None) -> dict[str, int]:
+    """The wallet's lines in entries lo <= id < hi, summed by kind (signed)."""
     hi = hi if hi is not None else 2**63 - 1
-    row = db.query_one(
-        "SELECT COALESCE(SUM(MAX(amount, 0)), 0) AS plus, COALESCE(SUM(MAX(-amount, 0)), 0)"
-        " AS minus FROM postings WHERE account_id = ? AND entry_id >= ? AND entry_id < ?",
+    sums = db.query(
+        "SELECT entry_id, SUM(amount) AS amount FROM postings"
+        " WHERE account_id = ? AND entry_id >= ? AND entry_id < ? GROUP BY entry_id",
         (wallet, lo, hi),
     )
-    own = db.query_one(
-        """
-        SELECT COALESCE(SUM(MAX(p.amount, 0)), 0) AS plus FROM postings p
-        WHERE p.account_id = ?1 AND p.entry_id IN (
-            SELECT q.entry_id FROM holds h JOIN postings q ON q.account_id = h.account_id
-            WHERE h.wallet = ?1 AND q.entry_id >= ?2 AND q.entry_id < ?3)
-        """,
-        (wallet, lo, hi),
-    )
-    plus = int(row["plus"]) if row is not None else 0
-    minus = int(row["minus"]) if row is not None else 0
-    own_plus = int(own["plus"]) if own is not None else 0
-    return plus - own_plus, minus - own_plus
+    if not sums:
+        return {}
+    ids = json.dumps([int(r["entry_id"]) for r in sums])
+    entries = {
+        int(e["id"]): e
+        for e in db.query(
+            "SELECT id, created_at, reason, memo FROM entries"
+            " WHERE id IN (SELECT value FROM json_each(?))",
+            (ids,),
+        )
+    }
+    others: dict[int, list[str]] = {}
+    for p in db.query(
+        "SELECT DISTINCT entry_id, account_id FROM postings"
+        " WHERE entry_id IN (SELECT value FROM json_each(?)) AND account_id != ?",
+        (ids, wallet),
+    ):
+        others.setdefault(int(p["entry_id"]), []).append(str(p["account_id"]))
+    rows = [
+        HistoryRow(int(r["entry_id"]), float(entries[int(r["entry_id"])]["created_at"]),
+                   str(entries[int(r["entry_id"])]["reason"]), int(r["amount"]), 0,
+                   tuple(sorted(others.get(int(r["entry_id"]), []))), None)
+        for r in sums
+    ]  # fmt: skip
+    flows: dict[str, int] = {}
+    for line in reports.describe(db, wallet, rows):
+        flows[line.category] = flows.get(line.category, 0) + line.amount
+    return flows
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ against a real hub process, a real edge-run node and a real agent.
 bob runs a job on alice's node, sends alice credits and calls a service of alice's agent;
 each of them then reads their wallet: a finished job is one line with its cost, a transfer
 names the other side from where each stands, a service call leads to the agent (not to a job
-page that does not exist), and amounts are
+page that does not exist), the welcome grant is a grant and not node work, and amounts are
 rounded with the exact value on hover.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -166,4 +167,29 @@ def test_an_agent_call_leads_to_the_agent_not_a_job(browser: Browser, net: Net) 
     expect(page.locator("main")).to_contain_text("echo")  # a page that exists
     assert "404" not in page.title() and "not found" not in page.title().lower()
     shot(page, "money-call-line")
+    ctx.close()
+
+
+def test_the_welcome_grant_is_a_grant_not_node_work(browser: Browser, net: Net) -> None:
+    ctx, page = signed_in(browser, net, net.alice["token"])
+    page.goto("/wallet")
+    r = page.request.get("/wallet/chart.json")
+    day = r.json()
+    split = {k: v[-1] for k, v in day["earned_by"].items()}
+    assert split["grant"] == 100 * MICRO
+    assert split["received"] == credits_to_micro("2.5")
+    assert 0 < split["work"] < MICRO  # bob's job on alice's node: 0.002777
+    assert sum(split.values()) == day["earned"][-1]
+    grant = page.locator("#history tbody tr", has_text="welcome grant")
+    assert grant.get_attribute("data-category") == "grant"
+    expect(grant).to_contain_text("earned: grant")
+    work = page.locator("#history tbody tr[data-category=work]")
+    expect(work).to_have_count(1)
+    # The chart draws each kind of money as its own series, on a scale where 0.003 shows.
+    expect(page.locator("#wallet-chart[data-ready='1']")).to_be_attached()
+    labels = page.evaluate("dpCharts.wallet.plot.series.map(s => s.label)")
+    assert {"node work", "grants", "received"} <= set(labels), labels
+    assert page.evaluate("dpCharts.wallet.plot.scales.y.distr") == 3  # logarithmic
+    assert re.search(r"node work", page.locator("#wallet-chart").inner_text())
+    shot(page, "money-wallet-split")
     ctx.close()
