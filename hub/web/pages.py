@@ -586,6 +586,7 @@ async def node_page(request: web.Request, who: Identity) -> Context:
         "beats": beats,
         "recent_beats": list(reversed(beats[-12:])),
         "jobs": [svc.jobs.view(r) for r in queries.jobs_on_node(svc.db, node_id)],
+        "earnings": queries.node_earnings(svc.db, n),
         "interval": svc.config.heartbeat_interval_s,
         "kept": live.HEARTBEATS_KEPT,
     }

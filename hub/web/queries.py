@@ -258,6 +258,33 @@ def _day_flows(db: Database, wallet: str, lo: int, hi: int | None) -> dict[str, 
     return flows
 
 
+def node_earnings(db: Database, node: Any, now: float | None = None) -> dict[str, Any]:
+    """What a node earned its owner (µc): in total and over the last day and week, split
+    into work (its jobs, replicas and service hours: each attempt's pay) and uptime (its
+    uptime payouts, keyed uptime:<node>:…), with the week's average per day, as BOINC
+    Manager shows a host's credit and its recent average."""
+    now = time.time() if now is None else now
+    node_id = str(node["id"])
+    uptime = int(node["uptime_paid"])
+    out: dict[str, Any] = {"total": int(node["earned"]), "work": int(node["earned"]) - uptime,
+                           "uptime": uptime}  # fmt: skip
+    for name, span in (("day", DAY), ("week", 7 * DAY)):
+        work = db.query_one(
+            "SELECT COALESCE(SUM(pay), 0) AS s FROM attempts WHERE node = ? AND ended_at >= ?",
+            (node_id, now - span),
+        )
+        up = db.query_one(
+            "SELECT COALESCE(SUM(p.amount), 0) AS s FROM entries e"
+            " JOIN postings p ON p.entry_id = e.id AND p.account_id != 'mint'"
+            " WHERE e.idem_key >= ? AND e.idem_key < ? AND e.created_at >= ?",
+            (f"uptime:{node_id}:", f"uptime:{node_id};", now - span),
+        )
+        w, u = int(work["s"]) if work else 0, int(up["s"]) if up else 0
+        out[name] = {"work": w, "uptime": u, "total": w + u}
+    out["week_per_day"] = out["week"]["total"] // 7
+    return out
+
+
 @dataclass(frozen=True)
 class HistoryRow:
     entry_id: int

@@ -92,6 +92,12 @@ def history_csv(page: Page) -> list[dict[str, str]]:
     return list(csv.DictReader(io.StringIO(r.text())))
 
 
+def title(page: Page, selector: str) -> str:
+    """The exact amount an element shows rounded (its title: "0.002777 credits")."""
+    text = page.locator(selector).get_attribute("title") or ""
+    return text.removesuffix(" credits")
+
+
 def test_a_finished_job_is_one_line_with_its_cost(browser: Browser, net: Net) -> None:
     job = net.bob_client.submit(FIB)
     done = net.bob_client.wait(job["id"], timeout_s=60)
@@ -192,4 +198,29 @@ def test_the_welcome_grant_is_a_grant_not_node_work(browser: Browser, net: Net) 
     assert page.evaluate("dpCharts.wallet.plot.scales.y.distr") == 3  # logarithmic
     assert re.search(r"node work", page.locator("#wallet-chart").inner_text())
     shot(page, "money-wallet-split")
+    ctx.close()
+
+
+def test_a_node_page_shows_what_it_earned_by_kind_and_lately(browser: Browser, net: Net) -> None:
+    [node] = net.alice_client.nodes()
+    earned = credits_to_micro(node["earned"])
+    assert earned > 0  # bob's job
+    ctx, page = signed_in(browser, net, net.alice["token"])
+    page.goto(f"/nodes/{node['id']}")
+    box = page.locator("#node-earned")
+    expect(box.locator(".stat-value .money")).to_have_attribute(
+        "title", f"{format_micro(earned)} credits"
+    )
+    expect(box.locator(".stat-value .money")).to_have_text(credits(earned))
+    # Work and uptime add up to it (uptime pays once a proved minute is due; bob's job was
+    # work), and all of it came in the last day and week.
+    work = credits_to_micro(title(page, "#earned-work .money"))
+    uptime = credits_to_micro(title(page, "#earned-uptime .money"))
+    assert work > 0 and work + uptime == earned
+    expect(page.locator("#earned-day .money")).to_have_text(credits(earned))
+    expect(page.locator("#earned-week .money")).to_have_text(credits(earned))
+    expect(page.locator("#earned-average .money")).to_have_attribute(
+        "title", f"{format_micro(earned // 7)} credits"
+    )
+    shot(page, "money-node")
     ctx.close()
