@@ -25,7 +25,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from edge.earnings import Earnings
+from edge.earnings import Earnings, format_micro, rounded
 
 log = logging.getLogger("edge.dashboard")
 
@@ -159,6 +159,11 @@ def _clock(t: Any) -> str:
     return time.strftime("%H:%M:%S", time.localtime(t)) if isinstance(t, int | float) else "—"
 
 
+def _money(name: str, micro: int) -> str:
+    """An amount rounded for reading, the exact one in its title (as on the hub's pages)."""
+    return f"<b id='{name}' title='{format_micro(micro)} credits'>{rounded(micro)}</b>"
+
+
 def render_fragment(snap: dict[str, Any]) -> str:
     """The page's body; the page fetches it again every few seconds."""
     e = html.escape
@@ -176,11 +181,21 @@ def render_fragment(snap: dict[str, Any]) -> str:
             f"<td class='num'>{e(_ms(j.get('wall_ms')))}</td></tr>"
         )
     jobs = "".join(rows) or "<tr><td colspan='4'>no jobs yet</td></tr>"
+    split = ""
     if earn.get("total") is not None:
         credits = (
             f"<b id='today'>{e(earn['today'])}</b> today · "
             f"<b id='total'>{e(earn['total'])}</b> in total"
         )
+        if "work_micro" in earn:
+            days = earn["recent_days"]
+            split = (
+                f"<tr><th>earned</th><td>work {_money('work', earn['work_micro'])} · uptime"
+                f" {_money('uptime', earn['uptime_micro'])}</td></tr>"
+                f"<tr><th>recently</th><td>{_money('recent', earn['recent_micro'])} in the last"
+                f" {days} day{'s' if days > 1 else ''} ({_money('per-day', earn['per_day_micro'])}"
+                f" a day)</td></tr>"
+            )
     else:
         credits = "not known yet"
     if earn.get("error"):
@@ -192,7 +207,7 @@ def render_fragment(snap: dict[str, Any]) -> str:
         f"<p class='state {e(snap['state'])}'><b id='state'>{e(snap['state'])}</b> — "
         f"<span id='why'>{e(snap['why'])}</span></p>"
         f"<table class='facts'>"
-        f"<tr><th>credits</th><td>{credits}</td></tr>"
+        f"<tr><th>credits</th><td>{credits}</td></tr>{split}"
         f"<tr><th>jobs</th><td><span id='completed'>{snap['jobs']['completed']}</span> completed,"
         f" <span id='failed'>{snap['jobs']['failed']}</span> failed</td></tr>"
         f"<tr><th>broker</th><td>{e(str(snap['broker']['url']))} ({broker})</td></tr>"

@@ -30,6 +30,11 @@ log = logging.getLogger("edge.earnings")
 MICRO = 1_000_000
 EARNINGS_EVERY_S = 60.0  # how often the hub is asked, when nothing happened
 EARNINGS_BURST_S = 15.0  # after a job finishes: ask every second until its pay shows up
+# The hub pays 100 credits per day of proved availability (docs/economy.md, "Staying
+# online"); the node's view gives its paid uptime in seconds, not in credits, so the page
+# shows uptime's share at this rate (less when its owner's daily cap cut it).
+UPTIME_MICRO_PER_S = 100 * MICRO / 86400
+RECENT_DAYS = 7  # the recent average, per day, over this many days (BOINC shows one too)
 
 
 def to_micro(text: object) -> int:
@@ -43,11 +48,28 @@ def to_micro(text: object) -> int:
     return int(value)
 
 
+def rounded(amount: int) -> str:
+    """An amount to a sensible precision, as the hub's pages show it: two decimals, three
+    significant digits below 0.01 (0.002777 is 0.00278); the exact one goes in a title."""
+    if not amount:
+        return "0"
+    n = amount / MICRO
+    if abs(n) >= 0.01:
+        text = f"{n:.2f}"
+        return text[:-3] if text.endswith(".00") else text
+    return f"{n:.3g}" if abs(n) >= 1e-4 else format_micro(amount)
+
+
 def format_micro(amount: int) -> str:
     """As the hub writes amounts: 2_500_000 -> "2.5", 10_000_000 -> "10"."""
     sign = "-" if amount < 0 else ""
     whole, frac = divmod(abs(amount), MICRO)
     return f"{sign}{whole}" if not frac else f"{sign}{whole}.{frac:06d}".rstrip("0")
+
+
+def _days_ago(n: int) -> str:
+    """The local date n days before today, as the day file writes dates."""
+    return time.strftime("%Y-%m-%d", time.localtime(time.time() - n * 86400))
 
 
 class Earnings:
@@ -74,6 +96,7 @@ class Earnings:
         self._view: dict[str, Any] = {"total": None, "today": None, "updated_at": None,
                                       "error": None, "hub_state": None}  # fmt: skip
         self._baseline: tuple[str, int] | None = None
+        self._days: dict[str, int] = {}  # the first total seen on each recent day
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._burst_until = 0.0
@@ -131,11 +154,23 @@ class Earnings:
             self._failed(f"the hub's answer is not a node's earnings ({e})")
             return
         today = total - self._day_start(total)
+        # Uptime's share from the paid seconds at the hub's rate, never more than the total;
+        # the rest is work (jobs, replicas and service hours).
+        uptime = min(total, int(int(data.get("uptime_s") or 0) * UPTIME_MICRO_PER_S))
+        days = [d for d in sorted(self._days) if d >= _days_ago(RECENT_DAYS - 1)]
+        recent = total - self._days[days[0]] if days else today
         self._view = {
             "total": format_micro(total),
             "today": format_micro(today),
             "total_micro": total,
             "today_micro": today,
+            "work_micro": total - uptime,
+            "uptime_micro": uptime,
+            # Since the first reading of the oldest of the last RECENT_DAYS days (today
+            # included) and its average per day over the days this node has seen.
+            "recent_micro": recent,
+            "recent_days": max(1, len(days)),
+            "per_day_micro": recent // max(1, len(days)),
             "updated_at": time.time(),
             "error": None,
             "hub_state": data.get("state"),
@@ -152,11 +187,16 @@ class Earnings:
             try:
                 saved = json.loads(self.baseline_path.read_text())
                 self._baseline = (str(saved["day"]), int(saved["start_micro"]))
+                self._days = {str(d): int(v) for d, v in dict(saved.get("days") or {}).items()}
             except (OSError, ValueError, KeyError, TypeError):
                 self._baseline = None  # none yet, or unreadable: start the day now
         if self._baseline is None or self._baseline[0] != day or self._baseline[1] > total:
             # A new day, or a total that went down (the hub's books were reset): start again.
+            if self._baseline is not None and self._baseline[1] > total:
+                self._days = {}
             self._baseline = (day, total)
+            self._days[day] = total
+            self._days = {d: t for d, t in self._days.items() if d >= _days_ago(RECENT_DAYS)}
             self._save_baseline()
         return self._baseline[1]
 
@@ -165,7 +205,8 @@ class Earnings:
             return
         tmp = self.baseline_path.with_suffix(".tmp")
         try:
-            tmp.write_text(json.dumps({"day": self._baseline[0], "start_micro": self._baseline[1]}))
+            tmp.write_text(json.dumps({"day": self._baseline[0], "start_micro": self._baseline[1],
+                                       "days": self._days}))  # fmt: skip
             os.replace(tmp, self.baseline_path)
         except OSError as e:
             log.warning("cannot keep today's earnings baseline in %s: %s", self.baseline_path, e)

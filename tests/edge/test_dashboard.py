@@ -4,9 +4,11 @@ job, read over real HTTP."""
 from __future__ import annotations
 
 import http.client
+import http.server
 import json
 import socket
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +19,7 @@ import pytest
 from deparrow.client import Client
 from deparrow.localnet import LocalHub, Proc
 from edge.dashboard import describe_state
-from edge.earnings import Earnings, format_micro, to_micro
+from edge.earnings import Earnings, format_micro, rounded, to_micro
 from hub.mqtt.broker import free_port
 from tests.conftest import start_hub, wait_until
 
@@ -112,6 +114,14 @@ def test_the_page_shows_the_node_and_follows_a_job(hub: LocalHub, tmp_path: Path
         assert f"DEparrow node <code>{node_id}</code>" in page
         assert f"<code>{job['id']}</code></td><td>completed</td>" in page
         assert f"<b id='total'>{earned}</b> in total" in page
+        # Its owner reads it by kind and lately, rounded, exact on hover (issue 19, item 5).
+        pay = to_micro(earned)
+        assert after["earnings"]["work_micro"] + after["earnings"]["uptime_micro"] == pay
+        assert after["earnings"]["recent_micro"] == pay and after["earnings"]["recent_days"] == 1
+        work = after["earnings"]["work_micro"]
+        assert f"work <b id='work' title='{format_micro(work)} credits'>{rounded(work)}</b>" in page
+        recent = f"<b id='recent' title='{earned} credits'>{rounded(pay)}</b>"
+        assert recent + " in the last 1 day" in page
         assert "<span id='completed'>1</span> completed" in page
         identity = json.loads((tmp_path / "n1" / "node.json").read_text())
         for secret in (identity["node_secret"], identity["mqtt"]["password"]):
@@ -123,7 +133,8 @@ def test_the_page_shows_the_node_and_follows_a_job(hub: LocalHub, tmp_path: Path
         assert get(port, "/api/state", host=f"localhost:{port}")[0] == 200
         # The day's starting point is kept for the next start.
         day = json.loads((tmp_path / "n1" / "earnings-day.json").read_text())
-        assert day == {"day": time.strftime("%Y-%m-%d"), "start_micro": 0}
+        today = time.strftime("%Y-%m-%d")
+        assert day == {"day": today, "start_micro": 0, "days": {today: 0}}
     finally:
         assert node.stop() == 0
     with pytest.raises(OSError):  # the page went with the node
@@ -224,3 +235,44 @@ def test_states_read_as_people_say_them() -> None:
         "offline",
         "not connected to the broker at mqtt://hub:1883; reconnecting",
     )
+
+
+def test_the_split_and_the_recent_average(tmp_path: Path) -> None:
+    """Uptime's share from the paid seconds, the rest work; the recent average from the first
+    total of each of the last days, kept across restarts in earnings-day.json."""
+    assert rounded(2777) == "0.00278" and rounded(2_500_000) == "2.50" and rounded(0) == "0"
+    assert rounded(100_000_000) == "100" and rounded(5) == "0.000005"
+
+    class Hub(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = json.dumps({"earned": "3", "uptime_s": 864, "state": "idle"}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        day = 86400
+        dates = [time.strftime("%Y-%m-%d", time.localtime(time.time() - k * day))
+                 for k in (9, 2, 1)]  # fmt: skip
+        (tmp_path / "earnings-day.json").write_text(json.dumps({
+            "day": dates[-1], "start_micro": 2_000_000,
+            "days": {dates[0]: 0, dates[1]: 1_000_000, dates[2]: 2_000_000}}))  # fmt: skip
+        e = Earnings(f"http://127.0.0.1:{server.server_address[1]}", "n_1", "pw", tmp_path)
+        e.fetch()
+        v = e.view()
+        assert v["error"] is None and v["total_micro"] == 3_000_000
+        assert v["uptime_micro"] == 1_000_000  # 864 s at 100 credits a day
+        assert v["work_micro"] == 2_000_000
+        # The 9-day-old reading fell out of the last 7 days: 3 days seen, 2 credits in them.
+        assert v["recent_micro"] == 2_000_000 and v["recent_days"] == 3
+        assert v["per_day_micro"] == 666_666
+        saved = json.loads((tmp_path / "earnings-day.json").read_text())
+        assert sorted(saved["days"]) == sorted([*dates[1:], time.strftime("%Y-%m-%d")])
+    finally:
+        server.shutdown()
