@@ -14,6 +14,10 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from deparrow.localnet import Proc
+from hub.api.metrics import METRICS
+from hub.api.services import SERVICES
+from hub.app import create_app
+from hub.config import HubConfig
 from hub.mqtt.broker import ChildBroker, free_port
 from tests.conftest import require_mosquitto, start_hub, start_node, wait_until
 from tests.e2e.test_loop import spec
@@ -150,9 +154,15 @@ def test_readyz_names_the_broker_when_it_stops(tmp_path: Path) -> None:
         broker.stop()
 
 
-async def test_health_and_route_patterns_in_process(api: Any) -> None:
-    """The app factory as the API tests use it: two apps in one process, each with its own
-    registry, and a URL that no route matches counted once as "unmatched"."""
+async def test_health_and_route_patterns_in_process(
+    api: Any, tmp_path: Path, mosquitto: str
+) -> None:
+    """The app factory as the API tests use it: a second app in the same process has its own
+    registry (the global one would refuse its metrics twice), and URLs are counted under their
+    route's pattern, or as "unmatched"."""
+    other = create_app(HubConfig(data_dir=tmp_path / "other", mqtt_url=mosquitto))
+    assert other[METRICS].registry is not api.app[METRICS].registry
+    other[SERVICES].db.close()
     assert (await api.get("/healthz")).status == 200
     r = await api.get("/readyz")
     assert r.status == 200, await r.text()
