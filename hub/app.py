@@ -34,6 +34,7 @@ from hub.store.db import Database, snapshot_reads
 from hub.store.rows import Store
 from hub.tls import ensure_tls, server_context, server_names
 from hub.web import live
+from hub.web.pages import error_pages_middleware
 
 log = logging.getLogger(__name__)
 
@@ -245,6 +246,7 @@ def create_app(config: HubConfig, services: Services | None = None) -> web.Appli
             metrics.middleware,  # outermost: every request is timed, refused ones too
             *_limits(config),
             http.error_middleware,
+            error_pages_middleware,  # the dashboard's errors as pages; the API's stay JSON
             snapshot_reads_middleware,
         ],
         client_max_size=max(config.max_module_bytes * 2, config.max_files_bytes) + 1024 * 1024,
