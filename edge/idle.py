@@ -159,6 +159,9 @@ class Decision:
     why: str
     offer: dict[str, Any]  # {"cpu", "memory_mb", "gpu", "load"} for heartbeats
     user_active: bool
+    # While jobs may not run: in how many seconds they may at the earliest (the owner staying
+    # away, the hours' window opening); None when no one can tell (on battery).
+    resume_in_s: float | None = None
 
 
 class IdleGate:
@@ -191,6 +194,11 @@ class IdleGate:
         self.decision = self.judge(self.monitor.sample(), self.clock())
         return self.decision
 
+    def resume_in_s(self) -> float | None:
+        """While jobs may not run: the soonest they may, in seconds (see Decision)."""
+        decision = self.decision
+        return None if decision is None or decision.run else decision.resume_in_s
+
     def offer(self) -> dict[str, Any]:
         """What to advertise now (the heartbeat's `resources`)."""
         return dict((self.decision or self.decide()).offer)
@@ -212,12 +220,16 @@ class IdleGate:
         measuring = p.user_cpu_busy_percent is not None and s.window_s == 0
 
         why = ""
+        resume: float | None = max(0.0, p.idle_time_to_run_s - max(0.0, idle_for))
         local = time.localtime(now_wall)
-        if p.hours is not None and not p.hours.contains(local.tm_hour * 60 + local.tm_min):
+        minute = local.tm_hour * 60 + local.tm_min
+        if p.hours is not None and not p.hours.contains(minute):
             why = f"outside the hours {p.hours.text} set in the preferences"
+            resume = max(0.0, ((p.hours.start - minute) % (24 * 60)) * 60.0 - local.tm_sec)
         elif s.on_battery and not p.run_on_battery:
             level = f" ({s.battery_percent:.0f}%)" if s.battery_percent is not None else ""
             why = f"on battery{level}: the preferences say not to run on battery"
+            resume = None  # until it is plugged in: no one can tell when
         elif not p.run_if_user_active and measuring:
             why = "measuring the machine's load"
         elif not p.run_if_user_active and cpu_busy:
@@ -236,9 +248,8 @@ class IdleGate:
                 f"(idle {max(0.0, idle_for):.0f} s)"
             )
         if why:
-            return Decision(
-                False, why, {"cpu": 0, "memory_mb": 0, "gpu": 0, "load": round(s.load, 3)}, active
-            )
+            offer = {"cpu": 0, "memory_mb": 0, "gpu": 0, "load": round(s.load, 3)}
+            return Decision(False, why, offer, active, resume)
 
         cpu = float(p.usable_cores(s.cores))
         if active:  # allowed while the owner works: offer only the cores they leave free

@@ -126,11 +126,14 @@ def hello(
     return msg
 
 
-def heartbeat(node_id, seq, state, resources, running, allow_network=(), free=None):
+def heartbeat(
+    node_id, seq, state, resources, running, allow_network=(), free=None, suspended=None
+):  # fmt: skip
     """resources: {"cpu": cores offered, "memory_mb": RAM offered, "gpu": n, "load": 0..1}.
     state: idle while a slot is free, busy when every slot runs a job, suspended while the
     owner's preferences stop jobs. free: what is left of the offer after the running jobs'
-    shares, {"cpu", "memory_mb", "gpu", "slots"}."""
+    shares, {"cpu", "memory_mb", "gpu", "slots"}. suspended: while state is suspended, why
+    and when jobs may run again, {"why", "resume_in_s"} (resume_in_s None: no one can tell)."""
     msg = {
         "v": VERSION,
         "node_id": node_id,
@@ -143,6 +146,8 @@ def heartbeat(node_id, seq, state, resources, running, allow_network=(), free=No
     }
     if free is not None:
         msg["free"] = free
+    if suspended is not None:
+        msg["suspended"] = suspended
     return msg
 
 

@@ -264,14 +264,22 @@ class Session:
         for key in ("cpu", "memory_mb", "gpu"):
             free[key] = max(0, (offer.get(key) or 0) - used[key])
         free["cpu"] = round(free["cpu"], 3)
+        state = self.state()
+        held = None
+        if state == protocol.SUSPENDED:  # why, and when jobs may run again (the gate's guess)
+            soon = getattr(self.gate, "resume_in_s", None)
+            soon = soon() if soon is not None else None
+            held = {"why": str(self.why or "")[:200],
+                    "resume_in_s": None if soon is None else int(soon)}  # fmt: skip
         msg = protocol.heartbeat(
             self.node_id,
             self.seq,
-            self.state(),
+            state,
             offer,
             self.runner.running_ids(),
             self.allow_network,
             free,
+            held,
         )
         self._publish_kind(protocol.HEARTBEAT, msg)
 

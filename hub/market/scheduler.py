@@ -181,6 +181,27 @@ def _misfit(kind: Kind, job: sqlite3.Row, capable: Capabilities) -> str:
     return f"{which} offers {cpu:g} CPUs and {memory_mb} MB of RAM at once"
 
 
+def _soonest(rows: Sequence[sqlite3.Row], ids: list[str], now: float) -> str:
+    """When the suspended node that may resume first may take the job, and why it waits, from
+    what its heartbeats said (nodes.suspended); "" when none said."""
+    best: tuple[float, str] | None = None
+    for row in rows:
+        if row["id"] not in ids or not row["suspended"]:
+            continue
+        try:
+            said = json.loads(row["suspended"])
+            at = said.get("resume_at")
+            why = str(said.get("why") or "")
+        except (TypeError, ValueError, AttributeError):
+            continue
+        if at is not None and (best is None or float(at) < best[0]):
+            best = (float(at), why)
+    if best is None:
+        return ""
+    wait = max(0, round(best[0] - now))
+    return f"; the soonest may take it in about {wait} s if its owner stays away ({best[1]})"
+
+
 class Capabilities:
     """Whether any online node, busy or not, could run a job: O(log n) per question.
 
@@ -491,22 +512,22 @@ class Scheduler:
         # A suspended node offers nothing (cpu 0, memory 0) while its owner uses the machine,
         # so the misfit would blame the job's CPUs. Judge those nodes by what they enrolled
         # with (and the GPUs their hello listed) and say what really keeps the job waiting.
-        had = {
-            row["id"]: (float(row["cpu"]), int(row["memory_mb"]))
-            for row in self.store.db.query(
-                "SELECT id, cpu, memory_mb FROM nodes WHERE state = ?", (protocol.SUSPENDED,)
-            )
-        }
+        rows = self.store.db.query(
+            "SELECT id, cpu, memory_mb, suspended FROM nodes WHERE state = ?",
+            (protocol.SUSPENDED,),
+        )
+        had = {row["id"]: (float(row["cpu"]), int(row["memory_mb"])) for row in rows}
         away = [
             n._replace(cpu=had[n.id][0], memory_mb=had[n.id][1], gpu=n.gpus_had)
             for n in online
             if n.id in had
         ]
         if away and Capabilities(away).fit(kind, cpu, memory_mb, files, gpu, size):
-            return (
+            why = (
                 "every node that could run it is suspended: its owner is using the machine"
                 " (it runs once the owner leaves the machine idle)"
             )
+            return why + _soonest(rows, [n.id for n in away], self.jobs.clock())
         return _misfit(kind, job, capable)
 
     def sweep(self, now: float | None = None) -> list[str]:

@@ -225,6 +225,7 @@ class Messages:
                     last_seq=msg.seq,
                     allow_network=json.dumps(msg.allow_network),
                     free=msgspec.json.encode(msg.free).decode() if msg.free else None,
+                    suspended=_suspended(msg, now),
                 )
             if msg.state == protocol.IDLE:
                 self._redeliver_lost(ident, msg.running, now)
@@ -395,3 +396,13 @@ class Messages:
         return answer(
             True, {"id": job["id"], "state": job["state"], "hold": format_micro(int(job["hold"]))}
         )
+
+
+def _suspended(beat: wire.Heartbeat, now: float) -> str | None:
+    """What a suspended node said of it, as stored: why, and when (hub time) it may run jobs
+    again at the earliest; None while it is not suspended."""
+    if beat.state != protocol.SUSPENDED or beat.suspended is None:
+        return None
+    s = beat.suspended
+    at = None if s.resume_in_s is None else now + s.resume_in_s
+    return json.dumps({"why": s.why, "resume_at": at})

@@ -63,6 +63,13 @@ class FreeResources(msgspec.Struct):
     slots: Annotated[int, msgspec.Meta(ge=0, le=256)] = 0
 
 
+class Suspended(msgspec.Struct):
+    """Why a suspended node runs nothing now, and in how many seconds it may at the earliest."""
+
+    why: Annotated[str, msgspec.Meta(max_length=256)] = ""
+    resume_in_s: Annotated[int, msgspec.Meta(ge=0, le=366 * 86400)] | None = None
+
+
 class Hello(msgspec.Struct):
     v: Version
     node_id: Id
@@ -88,6 +95,7 @@ class Heartbeat(msgspec.Struct):
     running: Annotated[list[Id], msgspec.Meta(max_length=256)]
     allow_network: AllowNetwork = []
     free: FreeResources | None = None
+    suspended: Suspended | None = None
 
 
 class Status(msgspec.Struct):

@@ -311,6 +311,13 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         ALTER TABLE jobs ADD COLUMN message_bytes INTEGER;
         """,
     ),
+    (
+        13,
+        "why a suspended node waits",
+        # nodes.suspended: while a node is suspended, what its heartbeat said (JSON: why, and
+        # resume_at, the hub time it may run jobs again at the earliest, or null); else NULL.
+        "ALTER TABLE nodes ADD COLUMN suspended TEXT;",
+    ),
 ]
 
 

@@ -254,6 +254,34 @@ def test_hysteresis_and_offers_on_readings(reading: Sample) -> None:
     assert not fresh.run and "measuring" in fresh.why
 
 
+def test_a_held_node_says_when_it_may_run_again(reading: Sample) -> None:
+    """The gate's guess of the soonest jobs may run again, which the heartbeat carries and the
+    hub names in a waiting job's reason: the idle time still to go, the hours' window opening,
+    nothing on battery (no one can tell when it is plugged in)."""
+    prefs = Preferences.from_dict({"idle_time_to_run_s": 60, "user_cpu_busy_percent": 30})
+    gate = IdleGate(prefs, Monitor(gpus=0, input_idle=no_input()))
+    calm = dataclasses.replace(reading, at=1000.0, window_s=1.0, user_cpu_percent=2.0,
+                               on_battery=None)  # fmt: skip
+    now = time.time()
+    typed = gate.judge(dataclasses.replace(calm, input_idle_s=12.0), now)
+    assert not typed.run and typed.resume_in_s == 48.0
+    busy = gate.judge(dataclasses.replace(calm, at=1001.0, user_cpu_percent=90.0), now)
+    assert not busy.run and busy.resume_in_s == 60.0  # at the earliest, once the load drops
+    later = gate.judge(dataclasses.replace(calm, at=1031.0), now)
+    assert not later.run and later.resume_in_s == 30.0
+    assert gate.judge(dataclasses.replace(calm, at=1061.0), now).run
+    gate.decision = later
+    assert gate.resume_in_s() == 30.0
+    unplugged = gate.judge(dataclasses.replace(calm, at=1100.0, on_battery=True), now)
+    assert not unplugged.run and unplugged.resume_in_s is None
+    local = time.localtime(now)
+    start = (local.tm_hour * 60 + local.tm_min + 90) % (24 * 60)  # opens in 90 minutes
+    hours = f"{start // 60:02d}:{start % 60:02d}-{(start + 60) // 60 % 24:02d}:{start % 60:02d}"
+    night = IdleGate(Preferences.from_dict({"hours": hours}), gate.monitor)
+    closed = night.judge(dataclasses.replace(calm, at=1200.0), now)
+    assert not closed.run and 90 * 60 - 60 < closed.resume_in_s <= 90 * 60  # type: ignore[operator]
+
+
 def test_allowed_while_active_offers_less(reading: Sample) -> None:
     prefs = Preferences.from_dict(
         {"run_if_user_active": True, "ram_fraction_busy": 0.25, "gpu_only_when_idle": True}

@@ -111,3 +111,38 @@ def test_max_jobs_is_checked_and_defaults_to_one_job_per_usable_core() -> None:
             check_preferences({"max_jobs": bad})
     assert slots({}, 16) == 16 and slots({"max_jobs": None}, 2) == 2
     assert slots({"max_jobs": 3}, 16) == 3 and slots({}, 0) == 1
+
+
+class Held:
+    """The node's gate (edge/idle.py's IdleGate does the same): the owner is at the keyboard."""
+
+    def __call__(self) -> tuple[bool, str]:
+        return False, "the owner used the keyboard or mouse 12 s ago (jobs run after 60 s idle)"
+
+    def resume_in_s(self) -> float:
+        return 48.4
+
+
+def test_a_suspended_node_says_why_and_when_it_may_run_jobs_again(mosquitto: str) -> None:
+    link = Link.__new__(Link)
+    link.node_id = "n_held00000001"
+    link.hub = PahoMqtt(mosquitto)
+    link.hub.connect("hub-held", None, None, "dp/v1/test/hub-held", b"")
+    link.hub.subscribe(protocol.node_topic(link.node_id, "+"))
+    link.seen, link.probed = [], False
+    link.hub.publish(protocol.node_topic(link.node_id, "probe"), b"{}", 1, False)
+    link._until("the hub's subscription", lambda: link.probed)
+    link.executor = Wasm3Executor(workers=1)
+    config = {"node_id": link.node_id, "node_secret": "s", "heartbeat_interval_s": 0.2,
+              "mqtt": {"url": mosquitto}}  # fmt: skip
+    link.session = Session(config, PahoMqtt(mosquitto), link.executor,
+                           lambda busy: {"cpu": 0, "memory_mb": 0}, gate=Held())  # fmt: skip
+    link.session.start()
+    try:
+        beat = link.wait_for("heartbeat", state="suspended")
+        assert beat["suspended"] == {
+            "why": "the owner used the keyboard or mouse 12 s ago (jobs run after 60 s idle)",
+            "resume_in_s": 48,
+        }
+    finally:
+        link.close()
