@@ -11,6 +11,23 @@ const fmtCredits = (micro) => {
   if (Math.abs(v) >= 1) return v.toFixed(2);
   return String(Number(v.toPrecision(3)));
 };
+// An exact amount ("99.994446") as the money filter shows it (hub/web/filters.py, credits):
+// two decimals without a bare ".00", or three significant digits below 0.01. Python's
+// f"{n:,.2f}" rounds an exact tie (x.125, x.375...) to even where toFixed rounds it up.
+function credits(exact) {
+  const n = Number(exact);
+  if (!n) return "0";
+  const a = Math.abs(n);
+  if (a < 0.01) return a >= 1e-4 ? trimZeros(n.toPrecision(3)) : trimZeros(n.toFixed(6));
+  let cents = Number(a.toFixed(2).replace(".", ""));
+  if (Number.isInteger(a * 8) && (a * 8) % 2 === 1 && cents % 2 === 1) cents -= 1;
+  const whole = Math.floor(cents / 100).toString().replace(/\B(?=(\d{3})+$)/g, ",");
+  const frac = cents % 100;
+  return (n < 0 ? "-" : "") + whole + (frac ? "." + String(frac).padStart(2, "0") : "");
+}
+const trimZeros = (s) => s.replace(/0+$/, "").replace(/\.$/, "");
+window.dpCredits = credits; // for the browser tests
+
 const DAY = 86400;
 const charts = {};
 window.dpCharts = charts; // for the browser tests and the curious
@@ -87,8 +104,12 @@ function connect() {
   });
   es.addEventListener("wallet", (e) => {
     const w = JSON.parse(e.data);
-    for (const el of $$('[data-bind="balance"]')) el.textContent = w.balance;
-    for (const el of $$('[data-bind="held"]')) el.textContent = w.held;
+    for (const key of ["balance", "held"]) {
+      for (const el of $$(`[data-bind="${key}"]`)) {
+        el.textContent = credits(w[key]);
+        el.title = `${w[key]} credits`;
+      }
+    }
     if (charts.wallet) loadWalletChart();
     refreshRegions("wallet");
   });

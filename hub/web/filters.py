@@ -11,7 +11,7 @@ from urllib.parse import urlencode
 import jinja2
 from markupsafe import Markup, escape
 
-from hub.ledger.money import MICRO, format_micro
+from hub.ledger.money import MICRO, credits_to_micro, format_micro
 
 
 def ago(t: float | None) -> str:
@@ -82,9 +82,13 @@ def score(v: float | None) -> str:
     return f"{float(v):.2f}"
 
 
-def credits(micro: int | None) -> str:
+def credits(micro: int | str | None) -> str:
     """An amount of µc to a sensible precision: two decimals, or three significant digits
-    below 0.01 credits (a job of 0.002777 is 0.00278, not 0.00)."""
+    below 0.01 credits (a job of 0.002777 is 0.00278, not 0.00). A string is an exact amount
+    in credits as format_micro writes it (the wallet's balance and held). hub/static/app.js
+    (credits) rounds the live updates by the same rule."""
+    if isinstance(micro, str):
+        micro = credits_to_micro(micro)
     if not micro:
         return "0"
     n = int(micro) / MICRO

@@ -2,7 +2,8 @@
 edge-run node: the jobs search keeps its state filter and finds names by any part of them,
 nodes are named, reputations are readable, a non-zero exit is not a green "completed", the
 jobs-per-hour chart follows new jobs live, errors are pages of the site, and the pages fit a
-phone. Screenshots at 390 px and 1400 px go to artifacts/screenshots/.
+phone, and balances are rounded with the exact value on hover. Screenshots at 390 px and
+1400 px go to artifacts/screenshots/.
 
 The hub and browser fixtures are in conftest.py (a hub of this module's own)."""
 
@@ -216,3 +217,27 @@ def test_pages_fit_a_phone_and_a_wide_screen(browser: Browser, net: Net) -> None
                 expect(page.locator("header nav >> text=Nodes")).to_be_visible()
                 shot(page, f"wide-{name}")
         ctx.close()
+
+
+def test_balances_are_rounded_with_the_exact_value_on_hover(browser: Browser, net: Net) -> None:
+    carol, carol_client = net.hub.user("carol")  # her own 100 credits: no other test's jobs
+    carol_client.transfer(net.alice["id"], "0.005554", key="carol-1")
+    ctx, page = signed_in(browser, net, carol["token"])
+    page.goto("/wallet")
+    boxes = [page.locator("header [data-bind=balance]"), page.locator("#balance [data-bind]")]
+    for el in boxes:
+        expect(el).to_have_text("99.99")
+        expect(el).to_have_attribute("title", "99.994446 credits")
+    held = page.locator("[data-bind=held]")
+    expect(held).to_have_text("0")
+    expect(held).to_have_attribute("title", "0 credits")
+    mark(page)
+
+    # 99.125 is an exact tie in binary: Python's format rounds it to even (99.12), so the
+    # live update must too, not to 99.13 as JavaScript's toFixed would.
+    carol_client.transfer(net.alice["id"], "0.869446", key="carol-2")
+    for el in boxes:
+        expect(el).to_have_attribute("title", "99.125 credits", timeout=LIVE_MS)
+        expect(el).to_have_text("99.12")
+    assert not_reloaded(page), "the balance should follow the wallet without a reload"
+    ctx.close()
