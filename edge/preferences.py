@@ -130,6 +130,7 @@ def build_executors(config: dict[str, Any], warn: Callable[[str], None]) -> Any:
                 enabled=True,
                 allow_network=bool(native.get("allow_network")),
                 allow_unsandboxed=bool(native.get("allow_unsandboxed")),
+                max_jobs=workers,  # as many at once as the node's slots
             )
         except (NativeDisabled, SandboxUnavailable) as e:
             warn(f"native jobs off: {e}")

@@ -167,7 +167,7 @@ def _download(client: Client, job: dict[str, Any], dest: Path, err: bool) -> lis
     default=1.0,
     show_default=True,
     type=click.FloatRange(0, 256, min_open=True),
-    help="CPU-equivalents (billed at least 1).",
+    help="CPU-equivalents: its share of a node, and what it is billed for.",
 )
 @click.option("--memory", default=64, show_default=True, type=click.IntRange(1), help="MiB.")
 @click.option("--priority", type=click.Choice(["normal", "high"]), default="normal")

@@ -11,6 +11,7 @@ while the others run on.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -146,3 +147,26 @@ def test_a_suspended_node_says_why_and_when_it_may_run_jobs_again(mosquitto: str
         }
     finally:
         link.close()
+
+
+def test_every_executor_of_a_two_slot_node_runs_two_jobs_at_once(tmp_path: Path) -> None:
+    """The node's executors from its preferences (edge/preferences.py) take as many jobs at
+    once as its slots: the native executor queued the second job behind the first before."""
+    import time
+
+    from edge.preferences import build_executors
+
+    config = {"node_id": "n_two", "slots": 2, "data_dir": str(tmp_path),
+              "preferences": {"native": {"enabled": True}}}  # fmt: skip
+    with build_executors(config, lambda warning: None) as ex:
+        jobs = [{"job_id": f"j{i}", "engine": "native", "command": ["sleep", "30"],
+                 "timeout_s": 60} for i in range(2)]  # fmt: skip
+        handles = [ex.submit(job) for job in jobs]
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not all(h.proc is not None for h in handles):
+            for h in handles:
+                ex.poll(h)
+            time.sleep(0.02)
+        assert all(h.proc is not None for h in handles), handles  # both started, none queued
+        for h in handles:
+            ex.cancel(h)
