@@ -550,19 +550,15 @@ class SimNode:
         self.stats.heartbeats += 1
         busy = self.runner.busy()
         b = self.behaviour
-        used = self.runner.in_use()
         # As edge-run (edge/resources.py): the whole offer, busy or not (the state says busy,
         # and the hub subtracts the shares of the jobs it gave); `free` is what is left.
         offer = {
             "cpu": b.cpu,
             "memory_mb": b.memory_mb,
             "gpu": len(self.gpus),
-            "load": round(used["slots"] / self.runner.slots, 3),
+            "load": round(len(self.runner.running) / self.runner.slots, 3),
         }
-        free = {"slots": self.runner.slots - used["slots"]}
-        for key in ("cpu", "memory_mb", "gpu"):
-            free[key] = max(0, offer[key] - used[key])
-        free["cpu"] = round(free["cpu"], 3)
+        free = self.runner.free(offer)
         self.publish(
             protocol.HEARTBEAT,
             protocol.heartbeat(

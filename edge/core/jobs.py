@@ -29,7 +29,7 @@ def _check_assignment(msg, engine):
     entry = engine.get("entrypoint") or "_start"
     if not isinstance(entry, str):
         return "engine.entrypoint must be a string"
-    for key, top in (("timeout_s", 7 * 86400), ("memory_mb", 1024 * 1024)):
+    for key, top in (("timeout_s", 7 * 86400), ("memory_mb", 1024 * 1024), ("cpu", 4096)):
         value = msg.get(key)
         if value is not None and (
             isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= top
@@ -40,11 +40,6 @@ def _check_assignment(msg, engine):
         return "engine.command must be a list of strings"
     if engine.get("image") is not None and not isinstance(engine.get("image"), str):
         return "engine.image must be a string"
-    cpu = msg.get("cpu")
-    if cpu is not None and (
-        isinstance(cpu, bool) or not isinstance(cpu, (int, float)) or not 0 < cpu <= 4096
-    ):
-        return "cpu must be a number between 0 and 4096"
     gpu = msg.get("gpu")
     if gpu is not None and (
         isinstance(gpu, bool) or not isinstance(gpu, int) or not 0 <= gpu <= MAX_GPUS
@@ -126,14 +121,20 @@ class JobRunner:
     def busy(self):
         return len(self.running) >= self.slots
 
-    def in_use(self):
-        """What the running jobs were given: {"cpu", "memory_mb", "gpu", "slots"}."""
+    def free(self, offer):
+        """What is left of the offer ({"cpu", "memory_mb", "gpu"}) after the running jobs'
+        shares, and the free slots: a heartbeat's `free`."""
         cpu, mem, gpu = 0.0, 0, 0
         for r in self.running.values():
             cpu += r["cpu"]
             mem += r["memory_mb"]
             gpu += len(r["gpus"])
-        return {"cpu": cpu, "memory_mb": mem, "gpu": gpu, "slots": len(self.running)}
+        return {
+            "cpu": round(max(0, (offer.get("cpu") or 0) - cpu), 3),
+            "memory_mb": max(0, (offer.get("memory_mb") or 0) - mem),
+            "gpu": max(0, (offer.get("gpu") or 0) - gpu),
+            "slots": self.slots - len(self.running),
+        }
 
     def _free_gpus(self):
         taken = []
@@ -255,7 +256,7 @@ class JobRunner:
         now = compat.ticks_ms()
         self.running[job_id] = {
             "attempt": attempt, "handle": handle, "root": root, "checked": now, "started": now,
-            "cpu": msg.get("cpu") or 1, "memory_mb": job["memory_mb"], "paused": False,
+            "cpu": job["cpu"], "memory_mb": job["memory_mb"], "paused": False,
             "gpus": [g.get("index") for g in gpus],
         }  # fmt: skip
         self._event(job_id, attempt, protocol.RUNNING)

@@ -259,11 +259,6 @@ class Session:
         self.seq += 1
         self.last_beat = compat.ticks_ms()
         offer = self.offered(self.runner.busy() or not self.allowed)
-        used = self.runner.in_use()
-        free = {"slots": self.runner.slots - used["slots"]}
-        for key in ("cpu", "memory_mb", "gpu"):
-            free[key] = max(0, (offer.get(key) or 0) - used[key])
-        free["cpu"] = round(free["cpu"], 3)
         state = self.state()
         held = None
         if state == protocol.SUSPENDED:  # why, and when jobs may run again (the gate's guess)
@@ -278,7 +273,7 @@ class Session:
             offer,
             self.runner.running_ids(),
             self.allow_network,
-            free,
+            self.runner.free(offer),
             held,
         )
         self._publish_kind(protocol.HEARTBEAT, msg)
