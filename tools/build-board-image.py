@@ -338,23 +338,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print the manifest")
     args = ap.parse_args(argv)
     arch = ARCHES[args.arch]
-    try:
+
+    def make() -> Path:
         apt = () if args.kernel_deb else apt_index(args.cache, arch)
         kernel = parts.kernel_deb(args.cache, args.kernel_deb, arch.deb, apt)
-        out = build(arch, args.cache, kernel, micropython_binary(arch, args.micropython))
-    except BuildError as e:
-        print(f"build-board-image: {e}", file=sys.stderr)
-        return 1
-    except subprocess.CalledProcessError as e:
-        err = (e.stderr or b"").decode(errors="replace").strip()[-400:]
-        print(f"build-board-image: {' '.join(map(str, e.cmd))} failed: {err}", file=sys.stderr)
-        return 1
-    if args.json:
-        manifest = json.loads((out / "manifest.json").read_text())
-        print(json.dumps({**manifest, "dir": str(out)}, indent=2))
-    else:
-        print(out)
-    return 0
+        return build(arch, args.cache, kernel, micropython_binary(arch, args.micropython))
+
+    return int(parts.report("build-board-image", make, args.json))
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ import sys
 import tempfile
 import time
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -575,16 +576,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kernel-deb", type=Path, default=None, help="a linux-image-*-amd64 .deb")
     ap.add_argument("--json", action="store_true", help="print the manifest")
     args = ap.parse_args(argv)
+    return report(
+        "build-test-image",
+        lambda: build(args.cache, kernel_deb(args.cache, args.kernel_deb)),
+        args.json,
+    )
+
+
+def report(name: str, make: Callable[[], Path], as_json: bool) -> int:
+    """Run an image build and say where it is (or, as_json, its manifest): a main() of the
+    image builders. A failure is one line naming what failed, and exit status 1."""
     try:
-        out = build(args.cache, kernel_deb(args.cache, args.kernel_deb))
+        out = make()
     except BuildError as e:
-        print(f"build-test-image: {e}", file=sys.stderr)
+        print(f"{name}: {e}", file=sys.stderr)
         return 1
     except subprocess.CalledProcessError as e:
         err = (e.stderr or b"").decode(errors="replace").strip()[-400:]
-        print(f"build-test-image: {' '.join(map(str, e.cmd))} failed: {err}", file=sys.stderr)
+        print(f"{name}: {' '.join(map(str, e.cmd))} failed: {err}", file=sys.stderr)
         return 1
-    if args.json:
+    if as_json:
         manifest = json.loads((out / "manifest.json").read_text())
         print(json.dumps({**manifest, "dir": str(out)}, indent=2))
     else:

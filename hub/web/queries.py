@@ -228,30 +228,7 @@ def _day_flows(db: Database, wallet: str, lo: int, hi: int | None) -> dict[str, 
         " WHERE account_id = ? AND entry_id >= ? AND entry_id < ? GROUP BY entry_id",
         (wallet, lo, hi),
     )
-    if not sums:
-        return {}
-    ids = json.dumps([int(r["entry_id"]) for r in sums])
-    entries = {
-        int(e["id"]): e
-        for e in db.query(
-            "SELECT id, created_at, reason, memo FROM entries"
-            " WHERE id IN (SELECT value FROM json_each(?))",
-            (ids,),
-        )
-    }
-    others: dict[int, list[str]] = {}
-    for p in db.query(
-        "SELECT DISTINCT entry_id, account_id FROM postings"
-        " WHERE entry_id IN (SELECT value FROM json_each(?)) AND account_id != ?",
-        (ids, wallet),
-    ):
-        others.setdefault(int(p["entry_id"]), []).append(str(p["account_id"]))
-    rows = [
-        HistoryRow(int(r["entry_id"]), float(entries[int(r["entry_id"])]["created_at"]),
-                   str(entries[int(r["entry_id"])]["reason"]), int(r["amount"]), 0,
-                   tuple(sorted(others.get(int(r["entry_id"]), []))), None)
-        for r in sums
-    ]  # fmt: skip
+    rows = _history_rows(db, wallet, sums, 0)
     flows: dict[str, int] = {}
     for line in reports.describe(db, wallet, rows):
         flows[line.category] = flows.get(line.category, 0) + line.amount
@@ -314,6 +291,15 @@ def history_page(
         " WHERE account_id = ? AND entry_id < ? GROUP BY entry_id ORDER BY entry_id DESC LIMIT ?",
         (account, before if before is not None else 2**63 - 1, limit),
     )
+    return _history_rows(db, account, sums, balance)
+
+
+def _history_rows(
+    db: Database, account: str, sums: list[sqlite3.Row], balance: int
+) -> list[HistoryRow]:
+    """The history rows of `sums` ((entry_id, amount) of the account, newest first), with
+    each entry's time, reason, memo and the other accounts it moved; `balance` is the
+    account's balance after the first of them."""
     if not sums:
         return []
     ids = json.dumps([int(r["entry_id"]) for r in sums])
