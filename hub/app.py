@@ -30,7 +30,7 @@ from hub.market.spec import JobSpec
 from hub.mqtt import logins
 from hub.mqtt.broker import ChildBroker, choose, free_port
 from hub.store import passwords
-from hub.store.db import Database, snapshot_reads
+from hub.store.db import open_database, snapshot_reads
 from hub.store.rows import Store
 from hub.tls import ensure_tls, server_context, server_names
 from hub.web import live
@@ -45,7 +45,7 @@ BROKER_SYNC_S = 10.0
 
 def open_services(config: HubConfig) -> Services:
     config.data_dir.mkdir(parents=True, exist_ok=True)
-    db = Database(config.db_path)
+    db = open_database(config.db_target)
     ledger = Ledger(db)
     ledger.ensure_mint()
     store = Store(db)

@@ -77,6 +77,9 @@ def advertised_url(url: str) -> str:
 @dataclass(frozen=True)
 class HubConfig:
     data_dir: Path = field(default_factory=default_data_dir)
+    # The store: None is the SQLite file data_dir/hub.sqlite; a postgresql:// URL puts it on a
+    # PostgreSQL server that several hub replicas may share (hub/store/pg.py, docs/scale.md).
+    db_url: str | None = None
     host: str = "127.0.0.1"
     port: int = 8765
     # None: the hub starts its own broker (Mosquitto when on PATH, else embedded amqtt).
@@ -142,6 +145,11 @@ class HubConfig:
     @property
     def db_path(self) -> Path:
         return self.data_dir / "hub.sqlite"
+
+    @property
+    def db_target(self) -> str | Path:
+        """What open_database() opens: the --db URL, else the SQLite file."""
+        return self.db_url or self.db_path
 
     @property
     def admin_token_path(self) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import subprocess
@@ -13,6 +14,7 @@ import pytest
 
 from deparrow import localnet
 from deparrow.client import Client
+from deparrow.pgserver import LocalPostgres, PostgresMissing
 from hub.mqtt.broker import ChildBroker, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -91,6 +93,44 @@ def start_node(
     hub: localnet.LocalHub, owner: Client, tmp_path: Path, name: str = "node"
 ) -> localnet.Proc:
     return hub.start_node(owner, tmp_path / name, name, wait_s=30)
+
+
+# -- Stores: SQLite, and PostgreSQL on a real server ----------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[LocalPostgres]:
+    """One real PostgreSQL server (initdb, pg_ctl) on a loopback port for the whole run; each
+    test gets a database of its own. Never skipped: without PostgreSQL it fails saying how to
+    install it."""
+    try:
+        server = LocalPostgres().start()
+    except PostgresMissing as e:
+        pytest.fail(str(e))
+    yield server
+    server.stop()
+
+
+_databases = itertools.count(1)
+
+
+@pytest.fixture
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> str | Path:
+    """Where a test's hub keeps its data: a SQLite file's path, or the URL of a fresh
+    PostgreSQL database. Tests in modules marked `both_stores` run on each (but those marked
+    `sqlite_only`: about SQLite's own files and settings); others on SQLite."""
+    if request.param == "sqlite":
+        return tmp_path / "hub.sqlite"
+    server: LocalPostgres = request.getfixturevalue("postgres_server")
+    return server.create_database(f"t{os.getpid()}_{next(_databases)}")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "store" in metafunc.fixturenames:
+        marked = metafunc.definition.get_closest_marker
+        both = marked("both_stores") is not None and marked("sqlite_only") is None
+        params = ["sqlite", "postgresql"] if both else ["sqlite"]
+        metafunc.parametrize("store", params, indirect=True)
 
 
 # -- MicroPython ---------------------------------------------------------------------------------

@@ -8,6 +8,7 @@
 #   systemd                   systemd-analyze verify for `edge-run service` units (tests/edge/test_service.py)
 #   debootstrap               the local Debian base of the container images (tools/containers)
 #   gcc-multilib              the firmware's wasm engine compiled for a 32-bit target (tests/firmware)
+#   postgresql-15             the hub's store on PostgreSQL (tests start their own server: initdb, pg_ctl)
 #   build-essential patch     MicroPython's unix port with the node frozen in (firmware/build.sh
 #                             --unix: gcc, make, libc headers; patch for wasm3's core)
 set -euo pipefail
@@ -29,6 +30,7 @@ command -v systemd-analyze >/dev/null || need+=(systemd)
 command -v debootstrap >/dev/null || need+=(debootstrap)
 { command -v gcc && command -v make && command -v g++; } >/dev/null || need+=(build-essential)
 command -v patch >/dev/null || need+=(patch)
+compgen -G "/usr/lib/postgresql/*/bin/pg_ctl" >/dev/null || need+=(postgresql-15)
 [ -e /usr/include/x86_64-linux-gnu/gnu/stubs-32.h ] || [ "$(uname -m)" != x86_64 ] \
   || need+=(gcc-multilib)
 

@@ -179,6 +179,14 @@ from deparrow.cli.context import die
     help="Log lines as text, or one JSON object per line (ts, level, logger, msg, job, node) "
     "for a log shipper; the start-up message too (docs/operations.md).",
 )
+@click.option(
+    "--db",
+    "db_url",
+    metavar="URL",
+    envvar="DEPARROW_DB",
+    help="The store: a postgresql://user@host/dbname URL, which several hub replicas may "
+    "share (docs/scale.md). Default: the SQLite file DATA_DIR/hub.sqlite.  [env: DEPARROW_DB]",
+)
 @click.option("-v", "--verbose", is_flag=True)
 def hub_cmd(
     host: str,
@@ -207,6 +215,7 @@ def hub_cmd(
     rate_limit: float,
     login_rate: float,
     log_format: str,
+    db_url: str | None,
     verbose: bool,
 ) -> None:
     """Run the hub: REST API, ledger, scheduler, MQTT bridge and web page."""
@@ -237,11 +246,15 @@ def hub_cmd(
             parse_mqtt_url(mqtt_url)
         except ValueError as e:
             die(str(e), 2)
+    if db_url is not None and not db_url.startswith(("postgresql://", "postgres://")):
+        die(f"--db takes a postgresql:// URL, not {db_url!r} (without --db the hub keeps a "
+            "SQLite file in its data directory)", 2)  # fmt: skip
     if (tls_cert is None) != (tls_key is None):
         die("give both --tls-cert and --tls-key, or neither (the hub then makes its own)", 2)
     tls = tls or tls_cert is not None
     config = HubConfig(
         data_dir=data_dir or default_data_dir(),
+        db_url=db_url,
         host=host,
         port=port,
         mqtt_url=mqtt_url,
@@ -315,6 +328,8 @@ def hub_cmd(
             else:
                 say("  nodes trust it through their system's CAs (no pin)")
         say(f"  data: {config.data_dir}")
+        if config.db_url:
+            say(f"  store: {services.db.describe()}")
         say(f"  admin token: {config.admin_token_path}")
         say(f"  add a node:  {cli} node token   (prints the edge-run command)")
         if outward != host and config.public_url is None:

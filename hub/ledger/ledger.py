@@ -198,8 +198,7 @@ class Ledger:
             cur = c.execute(INSERT_ENTRY, (idem_key, reason, memo_json, now))
         except sqlite3.IntegrityError:  # the key was used before: a replay or a conflict
             raise _TakeCarefulPath from None
-        entry_id = cur.lastrowid
-        assert entry_id is not None
+        entry_id = int(cur.fetchone()[0])
         if len(legs) == 2 and legs[0][0] != legs[1][0]:  # a transfer: one change per account
             changes = sorted(legs)
         else:
@@ -253,8 +252,9 @@ class Ledger:
                     raise HoldError(f"{account} is closed; credits cannot be moved into it")
                 new_balances.append((after, account))
             now = self.clock()
-            entry_id = c.execute(INSERT_ENTRY, (idem_key, reason, memo_json, now)).lastrowid
-            assert entry_id is not None
+            entry_id = int(
+                c.execute(INSERT_ENTRY, (idem_key, reason, memo_json, now)).fetchone()[0]
+            )
             insert_postings(c, entry_id, legs)
             for update in new_balances:
                 c.execute("UPDATE accounts SET balance = ? WHERE id = ?", update)

@@ -251,7 +251,7 @@ def describe(db: Database, wallet: str, rows: Sequence[EntryLike]) -> list[Line]
             int(p["entry_id"])
             for p in db.query(
                 "SELECT entry_id FROM postings WHERE account_id = ?"
-                " AND entry_id IN (SELECT value FROM json_each(?))",
+                " AND entry_id IN (SELECT CAST(value AS INTEGER) FROM json_each(?))",
                 (wallet, json.dumps(closing)),
             )
         } if closing else set()  # fmt: skip

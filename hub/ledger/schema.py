@@ -57,7 +57,12 @@ MIGRATIONS: list[tuple[int, str, str]] = [
 
 SELECT_ACCOUNT = "SELECT kind, balance FROM accounts WHERE id = ?"
 HOLD_CLOSED = "SELECT 1 FROM holds WHERE account_id = ? AND closed_entry_id IS NOT NULL"
-INSERT_ENTRY = "INSERT INTO entries (idem_key, reason, memo, created_at) VALUES (?, ?, ?, ?)"
+# The id is the next after the largest, as SQLite's rowid picks it, written out so that both
+# stores number entries alike (the batch path writes ids itself: INSERT_ENTRY_WITH_ID).
+INSERT_ENTRY = (
+    "INSERT INTO entries (id, idem_key, reason, memo, created_at)"
+    " VALUES ((SELECT COALESCE(MAX(id), 0) + 1 FROM entries), ?, ?, ?, ?) RETURNING id"
+)
 # Adds ?1 to account ?2's balance only if every rule of post() holds for it; otherwise it
 # changes no row. (The CASE makes SQLite look at `holds` only for holds receiving credits.)
 APPLY_CHANGE = """
@@ -68,7 +73,7 @@ APPLY_CHANGE = """
       AND CASE WHEN ?1 > 0 AND kind = 'hold'
           THEN NOT EXISTS (SELECT 1 FROM holds
                            WHERE account_id = ?2 AND closed_entry_id IS NOT NULL)
-          ELSE 1 END
+          ELSE TRUE END
 """
 INSERT_ENTRY_WITH_ID = (
     "INSERT INTO entries (id, idem_key, reason, memo, created_at) VALUES (?, ?, ?, ?, ?)"
@@ -79,7 +84,7 @@ SELECT_ACCOUNTS_JSON = """
     SELECT a.id, a.kind, a.balance,
            CASE WHEN a.kind = 'hold' THEN EXISTS (
                SELECT 1 FROM holds h WHERE h.account_id = a.id AND h.closed_entry_id IS NOT NULL)
-           ELSE 0 END
+           ELSE FALSE END
     FROM accounts a WHERE a.id IN (SELECT value FROM json_each(?1))
 """
 SELECT_ENTRIES_JSON = """

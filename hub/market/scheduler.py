@@ -405,9 +405,14 @@ class Scheduler:
         apart: dict[str, set[str]] | None = None  # verified job -> people of its replicas
         humans: dict[str, str] = {}  # agent -> the person who owns it
         for job in queued:
-            # json_extract gives JSON true as 1; wasm jobs have no `network` (NULL).
+            # json_extract gives JSON true as 1 (on PostgreSQL: 'true'); wasm jobs have no
+            # `network` (NULL).
             files = job["files_bytes"]
-            kind = (str(job["engine"] or "unknown"), job["network"] == 1, files is not None)
+            kind = (
+                str(job["engine"] or "unknown"),
+                job["network"] in (1, "true"),
+                files is not None,
+            )
             cpu_milli, memory_mb = int(job["cpu_milli"]), int(job["memory_mb"])
             files, gpu = int(files or 0), int(job["gpu"] or 0)
             size = message_need(job["message_bytes"])

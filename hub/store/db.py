@@ -173,8 +173,24 @@ def _wake(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
+def is_postgres_url(target: object) -> bool:
+    return isinstance(target, str) and target.startswith(("postgresql://", "postgres://"))
+
+
+def open_database(target: str | Path, *, commit_off_loop: bool = True) -> Database:
+    """The store a --db value names: a postgresql:// URL (hub/store/pg.py), else the path of
+    a SQLite file."""
+    if is_postgres_url(target):
+        from hub.store.pg import PgDatabase  # psycopg only where PostgreSQL is used
+
+        return PgDatabase(str(target), commit_off_loop=commit_off_loop)
+    return Database(target, commit_off_loop=commit_off_loop)
+
+
 class Database:
     """The one SQLite connection of the hub. Rows come back as `sqlite3.Row`."""
+
+    dialect = "sqlite"
 
     # Statements kept prepared by the sqlite3 module (its default is 128). The ledger's
     # statements are a few dozen, but IN (...) lists and multi-row VALUES vary with their
@@ -195,9 +211,7 @@ class Database:
         # a write_batch()'s COMMIT, run by the commit thread while the loop keeps off the
         # connection.
         self._conn = self._connect()
-        self._conn.execute("PRAGMA journal_mode = WAL")
-        self._conn.execute("PRAGMA synchronous = FULL")  # a commit survives power loss
-        self._conn.execute("PRAGMA foreign_keys = ON")
+        self._configure()
         self._depth = 0
         self._owner: tuple[int, object] | None = None
         self._closed = False
@@ -206,6 +220,19 @@ class Database:
         self._committer: ThreadPoolExecutor | None = None
         self._reader: sqlite3.Connection | None = None  # snapshot reads during a COMMIT
         self._reader_pinned = False  # the reader holds its snapshot until that COMMIT ends
+
+    def _configure(self) -> None:
+        self._conn.execute("PRAGMA journal_mode = WAL")
+        self._conn.execute("PRAGMA synchronous = FULL")  # a commit survives power loss
+        self._conn.execute("PRAGMA foreign_keys = ON")
+
+    def columns(self, table: str) -> set[str]:
+        """The names of a table's columns."""
+        return {str(r["name"]) for r in self.query(f"PRAGMA table_info({table})")}
+
+    def describe(self) -> str:
+        """Where the data lives, for logs and /readyz (never a password)."""
+        return self.path
 
     @property
     def conn(self) -> sqlite3.Connection:

@@ -307,14 +307,14 @@ def _history_rows(
         int(e["id"]): e
         for e in db.query(
             "SELECT id, created_at, reason, memo FROM entries"
-            " WHERE id IN (SELECT value FROM json_each(?))",
+            " WHERE id IN (SELECT CAST(value AS INTEGER) FROM json_each(?))",
             (ids,),
         )
     }
     others: dict[int, list[str]] = {}
     for p in db.query(
         "SELECT DISTINCT entry_id, account_id FROM postings"
-        " WHERE entry_id IN (SELECT value FROM json_each(?)) AND account_id != ?"
+        " WHERE entry_id IN (SELECT CAST(value AS INTEGER) FROM json_each(?)) AND account_id != ?"
         " ORDER BY entry_id, account_id",
         (ids, account),
     ):
@@ -337,7 +337,7 @@ def _history_rows(
 
 def node_columns(db: Database) -> set[str]:
     """The nodes table's columns: optional ones (reputation) are shown when they exist."""
-    return {str(r["name"]) for r in db.query("PRAGMA table_info(nodes)")}
+    return db.columns("nodes")
 
 
 def jobs_on_node(db: Database, node_id: str, limit: int = 20) -> list[sqlite3.Row]:

@@ -34,9 +34,12 @@ from hub.ledger.money import (
     credits_to_micro,
     format_micro,
 )
-from hub.store.db import Database, MigrationError, TransactionConflict, split_sql
+from hub.store.db import Database, MigrationError, TransactionConflict, open_database, split_sql
 
 U1, U2, U3 = "wallet:u1", "wallet:u2", "wallet:u3"
+
+
+pytestmark = pytest.mark.both_stores
 
 
 @pytest.fixture
@@ -45,8 +48,8 @@ def db_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def db(db_path: Path) -> Any:
-    database = Database(db_path)
+def db(store: str | Path) -> Any:
+    database = open_database(store)
     yield database
     database.close()
 
@@ -141,6 +144,7 @@ def test_format_micro_trims(micro: int, text: str) -> None:
 
 
 # --- database -----------------------------------------------------------------------------
+@pytest.mark.sqlite_only
 def test_database_is_durable_and_checks_foreign_keys(db: Database) -> None:
     assert db.query_one("PRAGMA journal_mode")[0] == "wal"  # type: ignore[index]
     assert db.query_one("PRAGMA synchronous")[0] == 2  # type: ignore[index]  # FULL
@@ -159,25 +163,30 @@ def test_migrations_are_recorded_per_component(db: Database) -> None:
     rows = db.query("SELECT component, version, name FROM schema_migrations ORDER BY 1, 2")
     assert [tuple(r) for r in rows] == [("alpha", 1, "t"), ("alpha", 2, "u"), ("beta", 1, "t")]
     # A later release adds migration 3: only it runs.
-    assert db.migrate("alpha", [*a, (3, "v", "CREATE TABLE c (z)")]) == [3]
+    assert db.migrate("alpha", [*a, (3, "v", "CREATE TABLE c (z INTEGER)")]) == [3]
 
 
 def test_failed_migration_leaves_no_trace(db: Database) -> None:
-    bad = [(1, "ok", "CREATE TABLE a (x)"), (2, "broken", "CREATE TABLE b (x); NOT SQL;")]
+    bad = [
+        (1, "ok", "CREATE TABLE a (x INTEGER)"),
+        (2, "broken", "CREATE TABLE b (x INTEGER); NOT SQL;"),
+    ]
     with pytest.raises(sqlite3.OperationalError):
         db.migrate("alpha", bad)
     assert db.schema_version("alpha") == 1
-    assert db.query_one("SELECT name FROM sqlite_master WHERE name = 'b'") is None
-    fixed = [bad[0], (2, "broken", "CREATE TABLE b (x)")]
+    assert not db.columns("b")
+    fixed = [bad[0], (2, "broken", "CREATE TABLE b (x INTEGER)")]
     assert db.migrate("alpha", fixed) == [2]
 
 
 def test_migration_mismatches_are_refused(db: Database) -> None:
-    db.migrate("alpha", [(1, "first", "CREATE TABLE a (x)"), (2, "second", "SELECT 1")])
+    db.migrate("alpha", [(1, "first", "CREATE TABLE a (x INTEGER)"), (2, "second", "SELECT 1")])
     with pytest.raises(MigrationError, match="does not know"):
-        db.migrate("alpha", [(1, "first", "CREATE TABLE a (x)")])
+        db.migrate("alpha", [(1, "first", "CREATE TABLE a (x INTEGER)")])
     with pytest.raises(MigrationError, match="renumbered"):
-        db.migrate("alpha", [(1, "renamed", "CREATE TABLE a (x)"), (2, "second", "SELECT 1")])
+        db.migrate(
+            "alpha", [(1, "renamed", "CREATE TABLE a (x INTEGER)"), (2, "second", "SELECT 1")]
+        )
     with pytest.raises(MigrationError, match="increasing"):
         db.migrate("gamma", [(2, "x", "SELECT 1"), (1, "y", "SELECT 1")])
 
@@ -187,7 +196,7 @@ def test_split_sql_keeps_triggers_and_literals_whole() -> None:
         -- a comment; with a semicolon
         CREATE TABLE a (x TEXT DEFAULT ';');
         CREATE TRIGGER t AFTER INSERT ON a BEGIN INSERT INTO a VALUES ('y'); SELECT 1; END;
-        CREATE TABLE b (y)
+        CREATE TABLE b (y INTEGER)
     """
     parts = split_sql(script)
     assert len(parts) == 3
@@ -650,8 +659,8 @@ def test_schema_refuses_negative_wallets_even_in_raw_sql(ledger: Ledger) -> None
 
 
 # --- restart and composition --------------------------------------------------------------
-def test_restart_keeps_balances_and_dedupes(db_path: Path) -> None:
-    db = Database(db_path)
+def test_restart_keeps_balances_and_dedupes(store: str | Path) -> None:
+    db = open_database(store)
     led = Ledger(db)
     led.open_account(U1, "wallet", "u1")
     led.open_account(U2, "wallet", "u2")
@@ -662,7 +671,7 @@ def test_restart_keeps_balances_and_dedupes(db_path: Path) -> None:
     audit = led.audit()
     db.close()
 
-    db = Database(db_path)  # the hub restarts
+    db = open_database(store)  # the hub restarts
     led = Ledger(db)
     assert led.audit() == audit and audit.balanced
     assert led.balance(U1) == 7 * MICRO and led.balance(U2) == MICRO

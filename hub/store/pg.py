@@ -1,0 +1,247 @@
+"""PostgreSQL as the hub's store: `deparrow hub --db postgresql://user@host/dbname`.
+
+`PgDatabase` is `Database` (hub/store/db.py) on a PostgreSQL server through psycopg 3: the
+same transactions, savepoints, group commits off the loop, snapshot reads and migrations, and
+the same SQL, said in PostgreSQL's dialect by hub/store/dialect.py.
+
+Several hub processes may share one database. What SQLite's BEGIN IMMEDIATE gave one process,
+a transaction-scoped advisory lock gives them all: every write transaction takes
+`pg_advisory_xact_lock(WRITE_LOCK)` after BEGIN, so write transactions run one at a time
+across every replica, each seeing the last one's commit. The ledger's rules (balances never
+below zero, each idempotency key once, a hold settled once) therefore hold exactly as they do
+on SQLite, with no read-modify-write race between replicas, while reads (the REST API, the
+dashboard) run in parallel on every replica without the lock. The unique indexes remain the
+last word: a key inserted twice fails, whatever the lock.
+
+Errors: psycopg's errors come out as the sqlite3 module's classes (IntegrityError,
+OperationalError, DatabaseError), the vocabulary the hub's code already catches, with the
+server's message and the original error as their cause.
+
+Values come back as they do from SQLite: integers as int (also SUM's NUMERIC), booleans as
+0/1, floats as float, bytea as bytes; rows index by position and by column name.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import psycopg
+from psycopg import pq
+from psycopg.adapt import Dumper, Loader
+
+from hub.store.db import Database, Params
+from hub.store.dialect import to_postgres
+
+# Any fixed 64-bit key: "deparrow" in ASCII. Every write transaction holds it until it ends.
+WRITE_LOCK = int.from_bytes(b"deparrow", "big") & 0x7FFF_FFFF_FFFF_FFFF
+BEGIN_WRITE = f"BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK})"
+BEGIN_SNAPSHOT = "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY"
+
+
+class Row(tuple):  # type: ignore[type-arg]
+    """A result row like sqlite3.Row: row[0], row["name"], row.keys(), dict(row)."""
+
+    __slots__ = ()
+    _index: dict[str, int] = {}
+    _names: list[str] = []
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, str):
+            try:
+                return tuple.__getitem__(self, self._index[key])
+            except KeyError:
+                raise IndexError(f"no such column: {key}") from None
+        return tuple.__getitem__(self, key)
+
+    def keys(self) -> list[str]:
+        return list(self._names)
+
+
+def _row_class(names: list[str]) -> type[Row]:
+    return type("Row", (Row,), {"__slots__": (), "_index": {n: i for i, n in enumerate(names)},
+                                "_names": names})  # fmt: skip
+
+
+def _row_factory(cursor: Any) -> Any:
+    desc = cursor.description
+    if desc is None:
+        return tuple
+    cls = _row_class([c.name for c in desc])
+    return cls
+
+
+class _NumericLoader(Loader):
+    """NUMERIC (what SUM of a BIGINT gives) as int when whole, else float."""
+
+    def load(self, data: Any) -> int | float:
+        text = bytes(data).decode()
+        return float(text) if any(ch in text for ch in ".eEN") else int(text)
+
+
+class _BoolLoader(Loader):
+    def load(self, data: Any) -> int:
+        return 1 if bytes(data) == b"t" else 0
+
+
+class _BoolDumper(Dumper):
+    """Python bools go in as 0/1 integers, as SQLite stores them."""
+
+    oid = psycopg.postgres.types["int8"].oid
+
+    def dump(self, obj: Any) -> bytes:
+        return b"1" if obj else b"0"
+
+
+class Cursor:
+    """What `execute()` returns: fetchone, fetchall, iteration, rowcount."""
+
+    __slots__ = ("_cur",)
+
+    def __init__(self, cur: psycopg.Cursor[Any]) -> None:
+        self._cur = cur
+
+    def fetchone(self) -> Any:
+        return self._cur.fetchone() if self._cur.description is not None else None
+
+    def fetchall(self) -> list[Any]:
+        return self._cur.fetchall() if self._cur.description is not None else []
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.fetchall())
+
+    @property
+    def rowcount(self) -> int:
+        return self._cur.rowcount
+
+    @property
+    def lastrowid(self) -> None:
+        raise sqlite3.NotSupportedError("PostgreSQL has no lastrowid: use RETURNING")
+
+    def close(self) -> None:
+        self._cur.close()
+
+
+def _mapped(e: psycopg.Error) -> sqlite3.Error:
+    if isinstance(e, psycopg.IntegrityError):
+        cls: type[sqlite3.Error] = sqlite3.IntegrityError
+    elif isinstance(e, psycopg.OperationalError | psycopg.ProgrammingError):
+        # SQLite's word for a syntax error, an unknown table or column, a lost connection
+        cls = sqlite3.OperationalError
+    elif isinstance(e, psycopg.InterfaceError):
+        cls = sqlite3.InterfaceError
+    else:
+        cls = sqlite3.DatabaseError
+    detail = e.diag.message_primary if e.diag and e.diag.message_primary else str(e)
+    err = cls(detail)
+    err.sqlite_errorname = type(e).__name__
+    return err
+
+
+class PgConnection:
+    """A psycopg connection that takes the hub's SQLite SQL and answers like sqlite3's."""
+
+    def __init__(self, url: str, *, read_only: bool = False) -> None:
+        try:
+            self._pg = psycopg.connect(url, autocommit=True, row_factory=_row_factory)
+        except psycopg.Error as e:
+            raise _mapped(e) from e
+        adapters = self._pg.adapters
+        adapters.register_loader("numeric", _NumericLoader)
+        adapters.register_loader("bool", _BoolLoader)
+        adapters.register_dumper(bool, _BoolDumper)
+        self.read_only = read_only
+
+    @property
+    def in_transaction(self) -> bool:
+        return self._pg.info.transaction_status != pq.TransactionStatus.IDLE
+
+    @property
+    def closed(self) -> bool:
+        return self._pg.closed
+
+    def execute(self, sql: str, params: Params = ()) -> Cursor:
+        if sql == "BEGIN IMMEDIATE":
+            return self._raw(BEGIN_WRITE)
+        if sql == "BEGIN":
+            return self._raw(BEGIN_SNAPSHOT if self.read_only else "BEGIN")
+        if sql.startswith(("PRAGMA", "pragma")):
+            raise sqlite3.OperationalError(f"a PRAGMA has no meaning on PostgreSQL: {sql}")
+        t = to_postgres(sql)
+        args: Any = params
+        if t.numbered and not isinstance(params, Mapping):
+            args = {f"p{i}": v for i, v in enumerate(params, 1)}
+        elif not isinstance(params, Mapping):
+            args = list(params)
+        cur = self._pg.cursor()
+        try:
+            cur.execute(t.sql, args)
+        except psycopg.Error as e:
+            raise _mapped(e) from e
+        return Cursor(cur)
+
+    def executemany(self, sql: str, seq: Sequence[Params]) -> Cursor:
+        t = to_postgres(sql)
+        rows: list[Any] = []
+        for params in seq:
+            if t.numbered and not isinstance(params, Mapping):
+                rows.append({f"p{i}": v for i, v in enumerate(params, 1)})
+            else:
+                rows.append(params)
+        cur = self._pg.cursor()
+        try:
+            cur.executemany(t.sql, rows)
+        except psycopg.Error as e:
+            raise _mapped(e) from e
+        return Cursor(cur)
+
+    def _raw(self, sql: str) -> Cursor:
+        cur = self._pg.cursor()
+        try:
+            cur.execute(sql.encode())  # no parameters: sent as is, several statements allowed
+        except psycopg.Error as e:
+            raise _mapped(e) from e
+        return Cursor(cur)
+
+    def close(self) -> None:
+        self._pg.close()
+
+
+class PgDatabase(Database):
+    """The hub's store on PostgreSQL; see the module's docstring."""
+
+    dialect = "postgresql"
+
+    def __init__(self, url: str, *, commit_off_loop: bool = True) -> None:
+        self.url = url
+        super().__init__(url, commit_off_loop=commit_off_loop)
+
+    def _configure(self) -> None:
+        pass  # durability and isolation are the server's settings
+
+    def _connect(self) -> Any:
+        return PgConnection(self.url)
+
+    def _open_reader(self) -> Any:
+        return PgConnection(self.url, read_only=True)
+
+    def start_checkpointer(self, interval_s: float = 0.2) -> None:
+        pass  # the server checkpoints its own WAL
+
+    def stop_checkpointer(self) -> None:
+        pass
+
+    def columns(self, table: str) -> set[str]:
+        rows = self.query(
+            "SELECT column_name AS name FROM information_schema.columns"
+            " WHERE table_schema = current_schema() AND table_name = ?",
+            (table,),
+        )
+        return {str(r["name"]) for r in rows}
+
+    def describe(self) -> str:
+        """The server and database, without the password."""
+        conn: Any = self._conn
+        info = conn._pg.info
+        return f"postgresql://{info.user}@{info.host}:{info.port}/{info.dbname}"
