@@ -80,6 +80,13 @@ class HubConfig:
     # The store: None is the SQLite file data_dir/hub.sqlite; a postgresql:// URL puts it on a
     # PostgreSQL server that several hub replicas may share (hub/store/pg.py, docs/scale.md).
     db_url: str | None = None
+    # Several replicas (docs/scale.md): where this one stands, given out by GET
+    # /api/v1/bootstrap so nodes and clients can prefer a near replica ("" when unsaid).
+    region: str = ""
+    # With replicas on one broker cluster: subscribe to the nodes' and agents' topics as MQTT
+    # shared subscriptions in this group, so the replicas split the traffic and each message
+    # is handled by one of them. None: a plain subscription (one hub).
+    mqtt_share_group: str | None = None
     host: str = "127.0.0.1"
     port: int = 8765
     # None: the hub starts its own broker (Mosquitto when on PATH, else embedded amqtt).

@@ -187,6 +187,20 @@ from deparrow.cli.context import die
     help="The store: a postgresql://user@host/dbname URL, which several hub replicas may "
     "share (docs/scale.md). Default: the SQLite file DATA_DIR/hub.sqlite.  [env: DEPARROW_DB]",
 )
+@click.option(
+    "--region",
+    default="",
+    metavar="NAME",
+    help="Where this replica stands (eu-west, home...), given out by /api/v1/bootstrap.",
+)
+@click.option(
+    "--mqtt-share",
+    "mqtt_share_group",
+    default=None,
+    metavar="GROUP",
+    help="Hub replicas on one broker cluster: share the nodes' and agents' traffic through "
+    "MQTT shared subscriptions in GROUP, each message handled once (docs/scale.md).",
+)
 @click.option("-v", "--verbose", is_flag=True)
 def hub_cmd(
     host: str,
@@ -216,6 +230,8 @@ def hub_cmd(
     login_rate: float,
     log_format: str,
     db_url: str | None,
+    region: str,
+    mqtt_share_group: str | None,
     verbose: bool,
 ) -> None:
     """Run the hub: REST API, ledger, scheduler, MQTT bridge and web page."""
@@ -255,6 +271,8 @@ def hub_cmd(
     config = HubConfig(
         data_dir=data_dir or default_data_dir(),
         db_url=db_url,
+        region=region,
+        mqtt_share_group=mqtt_share_group,
         host=host,
         port=port,
         mqtt_url=mqtt_url,
