@@ -159,9 +159,13 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
     services.agents.tick()  # calls whose deadline passed while the hub was down: refunded
     services.agents.resend_pending()
     resync = asyncio.create_task(_keep_broker_in_sync(services))
+    from hub.api import bootstrap
+
+    await bootstrap.join(app)  # this replica's row in the registry (GET /api/v1/bootstrap)
     try:
         yield
     finally:
+        await bootstrap.leave(app)
         resync.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await resync

@@ -7,7 +7,7 @@ from typing import Any
 import msgspec
 
 from hub.agents.types import MAX_PRICE_CREDITS
-from hub.api import types
+from hub.api import bootstrap, types
 from hub.api.jobs import MAX_LIST
 from hub.api.wallet import MAX_HISTORY
 from hub.ledger.money import INT64_MAX, MAX_CREDITS
@@ -32,6 +32,7 @@ _TYPES: list[Any] = [
     types.NodeList,
     types.ErrorBody,
     types.BlobView,
+    *bootstrap.API_TYPES,
 ]
 
 
@@ -326,6 +327,25 @@ def document() -> dict[str, Any]:
             )
         },
         "/api/v1/openapi.json": {"get": _op("This document", None, errors=(), auth=False)},
+        "/api/v1/bootstrap": {
+            "get": {
+                **_op(
+                    "The hub's live replicas and the MQTT brokers they give nodes, best first "
+                    "(in ?region= first, then the least loaded), and how often to ask again",
+                    "BootstrapView",
+                    errors=(400, 503),
+                    auth=False,
+                ),
+                "parameters": [
+                    {
+                        "name": "region",
+                        "in": "query",
+                        "description": "put the replicas of this region first",
+                        "schema": {"type": "string", "pattern": bootstrap.REGION_PATTERN},
+                    }
+                ],
+            }
+        },
         "/api/v1/tls/ca": {
             "get": {
                 "summary": "The certificate nodes pin (the hub's CA), as PEM, for a node to "

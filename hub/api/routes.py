@@ -13,7 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
-from hub.api import auth, openapi
+from hub.api import auth, bootstrap, openapi
 from hub.api.auth import AuthError
 from hub.api.http import _services, decode_body, error, json_response, require_admin
 from hub.api.jobs import cancel_job, get_job, get_output, list_jobs, submit_job, upload_blob
@@ -158,3 +158,4 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/api/v1/status", status)
     r.add_get("/api/v1/openapi.json", openapi_doc)
     r.add_get("/api/v1/tls/ca", tls_ca)
+    bootstrap.add_routes(app)  # GET /api/v1/bootstrap: the replicas and brokers, best first

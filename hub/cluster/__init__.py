@@ -1,0 +1,1 @@
+"""Several hub replicas on one store: who is alive and where (registry.py)."""
