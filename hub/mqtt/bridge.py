@@ -36,8 +36,8 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
-from typing import Any
-from urllib.parse import urlsplit
+from typing import Any, NamedTuple
+from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as mqtt
 
@@ -82,11 +82,49 @@ class BridgeStats:
         self.busy_s += seconds
 
 
+class MqttServer(NamedTuple):
+    """One broker server the hub connects to, and the login it uses there (None: anonymous)."""
+
+    host: str
+    port: int
+    username: str | None = None
+    password: str | None = None
+
+
+def parse_mqtt_urls(text: str) -> list[MqttServer]:
+    """`--mqtt`: one mqtt://[user:password@]host:port URL, or several separated by commas
+    (the servers of a broker cluster, docs/broker-cluster.md). ValueError names a bad one."""
+    servers = []
+    for url in (u.strip() for u in text.split(",")):
+        parts = urlsplit(url)
+        try:
+            port = parts.port or 1883
+        except ValueError:  # a port that is not a number, or out of range
+            port = 0
+        if parts.scheme not in ("mqtt", "tcp") or not parts.hostname or not port:
+            raise ValueError(f"MQTT URL must look like mqtt://host:port, got {url!r}")
+        login = (unquote(parts.username), unquote(parts.password or "")) if parts.username else None
+        servers.append(MqttServer(parts.hostname, port, *(login or (None, None))))
+    if len({(s.host, s.port) for s in servers}) < len(servers):
+        raise ValueError(f"an MQTT server is listed twice in {text!r}")
+    return servers
+
+
 def parse_mqtt_url(url: str) -> tuple[str, int]:
-    parts = urlsplit(url)
-    if parts.scheme not in ("mqtt", "tcp") or not parts.hostname:
-        raise ValueError(f"MQTT URL must look like mqtt://host:port, got {url!r}")
-    return parts.hostname, parts.port or 1883
+    """(host, port) of the first server of `--mqtt`; every URL of a list is checked."""
+    first = parse_mqtt_urls(url)[0]
+    return first.host, first.port
+
+
+class Receipts:
+    """paho's receipts of one message published on several servers: the message is out once
+    one server has acknowledged it (the node it is for is connected to one of them)."""
+
+    def __init__(self, receipts: list[mqtt.MQTTMessageInfo]) -> None:
+        self.receipts = receipts
+
+    def is_published(self) -> bool:
+        return any(r.is_published() for r in self.receipts)
 
 
 class Bridge:
@@ -101,12 +139,14 @@ class Bridge:
         max_batch: int = 64,
         agents: Agents | None = None,
         max_inbox: int = 100_000,
+        share_group: str | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, not {max_batch}")
         if max_inbox < 1:
             raise ValueError(f"max_inbox must be at least 1, not {max_inbox}")
-        self.host, self.port = parse_mqtt_url(url)
+        self.servers = parse_mqtt_urls(url)
+        self.host, self.port = self.servers[0].host, self.servers[0].port
         self.store = store
         self.jobs = jobs
         self.scheduler = scheduler
@@ -133,7 +173,17 @@ class Bridge:
         self._tasks: list[asyncio.Task[None]] = []
         # hub.writer.Writer, when the hub runs one: batches then commit together with it.
         self.writer: Any = None
-        self.link = Link(self.host, self.port, self._on_message, max_read=max_batch)
+        # One connection per server: the servers of a cluster do not pass messages to each
+        # other (docs/broker-cluster.md), so the hub listens on each, where nodes publish, and
+        # says what it has to say on each, where the node or agent it is for may be.
+        self.links = [
+            Link(s.host, s.port, self._on_message, max_read=max_batch, share_group=share_group)
+            for s in self.servers
+        ]
+        for server, link in zip(self.servers, self.links, strict=True):
+            if server.username is not None:
+                link.client.username_pw_set(server.username, server.password)
+        self.link = self.links[0]
         self.messages = Messages(
             store,
             jobs,
@@ -148,8 +198,14 @@ class Bridge:
 
     @property
     def client(self) -> mqtt.Client:
-        """The paho client (the app sets the hub's login on it before start())."""
+        """The first server's paho client (the app sets the hub's login on it before start():
+        its own broker is the one server; a cluster's logins come with its URLs, or login())."""
         return self.link.client
+
+    def login(self, username: str, password: str) -> None:
+        """Log in to every server as username (before start())."""
+        for link in self.links:
+            link.client.username_pw_set(username, password)
 
     @property
     def restarts(self) -> int:
@@ -157,21 +213,51 @@ class Bridge:
 
     # --- lifecycle -----------------------------------------------------------------
     async def start(self, timeout_s: float = 15.0) -> None:
+        """Connect to the broker; with several servers, to each that answers before the
+        deadline (at least one must accept the hub), and to the others in the background."""
         deadline = time.monotonic() + timeout_s
-        await self.link.open(deadline)
-        self._tasks = [self._start_task("keepalive", self.link.keepalive)]
+        if len(self.links) == 1:
+            await self.link.open(deadline)
+        else:
+            await asyncio.gather(*(self._open_or_keep_trying(link) for link in self.links))
+        self._tasks = [
+            self._start_task("keepalive" if i == 0 else f"keepalive-{i}", link.keepalive)
+            for i, link in enumerate(self.links)
+        ]
         try:
-            await self.link.accepted(max(1.0, deadline - time.monotonic()))
+            await self._first_accepted(max(1.0, deadline - time.monotonic()))
         except TimeoutError:
             await self._cancel_tasks()
-            self.link.forget_socket()
-            raise ConnectionError(
-                f"the MQTT broker at {self.host}:{self.port} did not accept the hub"
-            ) from None
+            for link in self.links:
+                link.forget_socket()
+            where = ", ".join(f"{s.host}:{s.port}" for s in self.servers)
+            raise ConnectionError(f"the MQTT broker at {where} did not accept the hub") from None
         self._tasks += [
             self._start_task("consumer", self._consume),
             self._start_task("ticker", self._ticker),
         ]
+
+    async def _open_or_keep_trying(self, link: Link) -> None:
+        """One try now: a server that is down must not hold up the others (it is tried again
+        in the background, and start() waits for any to accept until its deadline)."""
+        try:
+            await link.open(time.monotonic())
+        except ConnectionError as e:
+            log.warning("%s; the other servers carry the traffic meanwhile", e)
+            link.keep_trying()
+
+    async def _first_accepted(self, timeout_s: float) -> None:
+        """Until one server has accepted the hub; TimeoutError if none does in time."""
+        waits = [asyncio.ensure_future(link.accepted(timeout_s)) for link in self.links]
+        try:
+            for done in asyncio.as_completed(waits):
+                with contextlib.suppress(TimeoutError):
+                    await done
+                    return
+            raise TimeoutError
+        finally:
+            for w in waits:
+                w.cancel()
 
     def _start_task(
         self, name: str, body: Callable[[], Coroutine[Any, Any, None]]
@@ -205,8 +291,7 @@ class Bridge:
 
     async def _cancel_tasks(self) -> None:
         tasks, self._tasks = self._tasks, []
-        if self.link.reconnecting is not None:
-            tasks.append(self.link.reconnecting)
+        tasks += [link.reconnecting for link in self.links if link.reconnecting is not None]
         for t in tasks:
             t.cancel()
         for t in tasks:
@@ -214,13 +299,16 @@ class Bridge:
                 await t
 
     async def stop(self) -> None:
-        self.link.stopping = True
+        for link in self.links:
+            link.stopping = True
         await self._cancel_tasks()
-        self.link.close()
+        for link in self.links:
+            link.close()
 
     @property
     def connected(self) -> bool:
-        return self.link.connected
+        """Connected to the broker: to at least one of its servers."""
+        return any(link.connected for link in self.links)
 
     # --- the inbox, filled by paho's callbacks and the ticker ------------------------------
     def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
@@ -462,10 +550,17 @@ class Bridge:
             return
         self._send(topic, msg, qos)
 
-    def _send(self, topic: str, msg: dict[str, Any], qos: int = 1) -> mqtt.MQTTMessageInfo:
-        receipt = self.client.publish(topic, json.dumps(msg, separators=(",", ":")), qos=qos)
-        self.link.flush()
-        return receipt
+    def _send(self, topic: str, msg: dict[str, Any], qos: int = 1) -> Any:
+        """Publish on every server the hub is connected to (on all when it is connected to
+        none: paho sends a QoS 1 message once one is back); paho's receipt, or Receipts for
+        several."""
+        payload = json.dumps(msg, separators=(",", ":"))
+        links = [link for link in self.links if link.connected] or self.links
+        receipts = []
+        for link in links:
+            receipts.append(link.client.publish(topic, payload, qos=qos))
+            link.flush()
+        return receipts[0] if len(receipts) == 1 else Receipts(receipts)
 
     def _queue_final(self, job_id: str, topic: str, msg: dict[str, Any]) -> None:
         """A job's final reply, to publish once the batch has committed (finals.py)."""

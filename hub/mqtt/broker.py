@@ -35,15 +35,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from hub.mqtt.logins import (
-    Account,
-    Action,
-    AuthFileError,
-    Policy,
-    render_acl_file,
-    render_password_file,
-)
-from hub.mqtt.logins import write_atomic as _write_atomic
+from hub.mqtt.logins import Account, Action, AuthFileError, AuthFiles, Policy
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +165,7 @@ class ChildBroker:
         self.tls_key = tls_key
         self.tls_port: int | None = tls_port if tls_cert is not None else None
         self.proc: subprocess.Popen[bytes] | None = None
-        self._written: tuple[str, str] | None = None
+        self._files = AuthFiles(workdir)
 
     @property
     def plain_host(self) -> str:
@@ -200,11 +192,11 @@ class ChildBroker:
 
     @property
     def password_file(self) -> Path:
-        return self.workdir / "passwd"
+        return self._files.password_file
 
     @property
     def acl_file(self) -> Path:
-        return self.workdir / "acl"
+        return self._files.acl_file
 
     def write_auth(self, accounts: Iterable[Account]) -> bool:
         """Write these logins and their ACLs, and have a running broker reload them (SIGHUP).
@@ -212,16 +204,8 @@ class ChildBroker:
         whether they changed."""
         if not self.auth:
             raise RuntimeError("this broker was started without auth: it has no logins to write")
-        accounts = list(accounts)
-        texts = (render_password_file(accounts), render_acl_file(accounts))
-        if texts == self._written:
+        if not self._files.write(accounts):
             return False
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        # The ACL first: between the two replacements a new login has no topics yet, rather
-        # than a removed login keeping its topics.
-        _write_atomic(self.acl_file, texts[1])
-        _write_atomic(self.password_file, texts[0])
-        self._written = texts
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGHUP)
         return True
@@ -242,7 +226,7 @@ class ChildBroker:
 
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        if self.auth and self._written is None:
+        if self.auth and self._files.written is None:
             raise RuntimeError("write_auth() the broker's logins before starting it")
         if self.tls_port == 0:
             self.tls_port = free_port(self.host)

@@ -7,8 +7,10 @@ So all MQTT and database work happens on one thread (the ledger's single writer)
 Python thread competes for the GIL (with one, every message crossed threads, and a thread that
 wants the GIL back can wait up to the interpreter's 5 ms switch interval).
 
-The bridge (bridge.py) owns one Link: it hands paho's messages to the bridge's inbox, and the
-bridge supervises its keepalive task with its own.
+The bridge (bridge.py) owns one Link per broker server: it hands paho's messages to the
+bridge's inbox, and the bridge supervises their keepalive tasks with its own. With several hub
+replicas (a share group), each Link subscribes to the nodes' and agents' topics as MQTT shared
+subscriptions (`$share/GROUP/...`): the server gives each message to one replica of the group.
 """
 
 from __future__ import annotations
@@ -31,6 +33,23 @@ from edge.core import protocol
 log = logging.getLogger("hub.mqtt.bridge")  # one logger for the bridge, as before the split
 
 
+def subscriptions(share_group: str | None = None) -> list[tuple[str, int]]:
+    """What the hub listens to (QoS 1): every node's outgoing topics and the agents' requests.
+    With a share group, as shared subscriptions, so replicas of the hub split them; MQTT 3.1.1
+    clients may use them on Mosquitto (2.0 and later) just as MQTT 5 ones do."""
+    filters = [protocol.node_topic("+", kind) for kind in protocol.NODE_OUT]
+    filters.append(protocol.agent_topic("+", protocol.SUBMIT))
+    filters += [protocol.agent_topic("+", k) for k in (protocol.INVOKE, protocol.RESPONSE)]
+    if share_group is not None:
+        filters = [f"$share/{share_group}/{f}" for f in filters]
+    return [(f, 1) for f in filters]
+
+
+def valid_share_group(name: str) -> bool:
+    """A group name is one topic level: no `/`, no wildcards (MQTT 5, 4.8.2)."""
+    return bool(name) and not any(c in name for c in "/+#\x00")
+
+
 def _no_delay(_client: Any, _userdata: Any, sock: Any) -> None:
     """Small QoS 1 messages and their acks must not wait out Nagle + delayed ACK (~40 ms)."""
     if isinstance(sock, socket.socket):
@@ -41,7 +60,8 @@ class Link:
     """One paho client on the running event loop: connect, read, flush, keepalive, reconnect.
 
     `on_message` is paho's message callback (client, userdata, message), called on the loop;
-    `max_read` is how many packets one read takes at most (the bridge's batch size)."""
+    `max_read` is how many packets one read takes at most (the bridge's batch size);
+    `share_group`: subscribe as that group's shared subscriptions (None: plain ones)."""
 
     def __init__(
         self,
@@ -49,9 +69,13 @@ class Link:
         port: int,
         on_message: Callable[[Any, Any, mqtt.MQTTMessage], None],
         max_read: int,
+        share_group: str | None = None,
     ) -> None:
+        if share_group is not None and not valid_share_group(share_group):
+            raise ValueError(f"a share group is one topic level (no / + #), not {share_group!r}")
         self.host, self.port = host, port
         self.max_read = max_read
+        self.share_group = share_group
         self.stopping = False  # set by the bridge when it stops: no more reconnecting
         self.reconnecting: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -177,12 +201,9 @@ class Link:
 
     def _on_connect(self, client: mqtt.Client, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
         if rc.is_failure:
-            log.error("broker refused the hub: %s", rc)
+            log.error("the MQTT broker at %s:%d refused the hub: %s", self.host, self.port, rc)
             return
-        subs = [(protocol.node_topic("+", kind), 1) for kind in protocol.NODE_OUT]
-        subs.append((protocol.agent_topic("+", protocol.SUBMIT), 1))
-        subs += [(protocol.agent_topic("+", k), 1) for k in (protocol.INVOKE, protocol.RESPONSE)]
-        client.subscribe(subs)
+        client.subscribe(subscriptions(self.share_group))
         if self._was_connected:
             log.info("hub reconnected to the MQTT broker")
         self._was_connected = True
@@ -192,6 +213,14 @@ class Link:
         self._connected.clear()
         if self.stopping or self._loop is None:
             return
-        log.warning("hub lost the MQTT broker (%s); reconnecting", rc)
-        if self.reconnecting is None:
+        log.warning(
+            "hub lost the MQTT broker at %s:%d (%s); reconnecting", self.host, self.port, rc
+        )
+        self.keep_trying()
+
+    def keep_trying(self) -> None:
+        """Reconnect in the background (after a loss, or a server of a cluster that was away
+        when the hub started): the others carry the traffic meanwhile."""
+        if self.reconnecting is None and not self.stopping:
+            self._loop = self._loop or asyncio.get_running_loop()
             self.reconnecting = self._loop.create_task(self._reconnect())

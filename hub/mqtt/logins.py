@@ -237,6 +237,31 @@ def write_atomic(path: Path, text: str, mode: int = 0o600) -> None:
         raise
 
 
+class AuthFiles:
+    """Mosquitto's password_file and acl_file, rewritten (each whole) only when the accounts
+    change: for the hub's own broker, and for the servers of a broker cluster, which read
+    them from a directory the hub writes and reload them on SIGHUP (docs/broker-cluster.md)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.password_file = directory / "passwd"
+        self.acl_file = directory / "acl"
+        self.written: tuple[str, str] | None = None
+
+    def write(self, accounts: Iterable[Account]) -> bool:
+        """Write these logins and their ACLs; whether the files changed (a reload is due)."""
+        accounts = list(accounts)
+        texts = (render_password_file(accounts), render_acl_file(accounts))
+        if texts == self.written:
+            return False
+        self.acl_file.parent.mkdir(parents=True, exist_ok=True)
+        # The ACL first: between the two replacements a new login has no topics yet, rather
+        # than a removed login keeping its topics.
+        write_atomic(self.acl_file, texts[1])
+        write_atomic(self.password_file, texts[0])
+        self.written = texts
+        return True
+
+
 def hub_password(data_dir: Path) -> str:
     """The hub's own broker password: made at the first start, kept in the data directory."""
     path = data_dir / "mqtt-password"
