@@ -44,6 +44,7 @@ without a result), `DeparrowError` for the rest.
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import os
@@ -61,6 +62,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
+from deparrow.bootstrap import NOT_SENT, failure, resendable
 from deparrow.client import TERMINAL_STATES, Client, HubError
 from edge.core import protocol
 from edge.enroll import is_pin, tls_context, untrusted
@@ -82,6 +84,8 @@ class DeparrowError(Exception):
         super().__init__(message)
         self.status = status
         self.body = body or {}
+        # How the request failed, when another replica might do better (deparrow/bootstrap.py)
+        self.failover: str | None = None
 
 
 class AuthError(DeparrowError):
@@ -186,19 +190,37 @@ class Agent:
     """One identity on a hub: an agent (or any user) with its API token."""
 
     def __init__(
-        self, hub_url: str, token: str, *, timeout_s: float = 30.0, ca: str | None = None
+        self,
+        hub_url: str | None,
+        token: str,
+        *,
+        timeout_s: float = 30.0,
+        ca: str | None = None,
+        bootstrap: str | None = None,
+        region: str | None = None,
     ) -> None:
-        if not hub_url.startswith(("http://", "https://")):
+        """bootstrap: instead of hub_url (None), the URL(s) of the hub's replicas: the agent
+        uses the best one that answers and moves to the next when one fails, sending again
+        only what is safe to send twice (deparrow/bootstrap.py); region: prefer its
+        replicas."""
+        if hub_url is None and not bootstrap:
+            raise ValueError("hub_url (or bootstrap, the URL of any of the hub's replicas)")
+        if hub_url is not None and not hub_url.startswith(("http://", "https://")):
             raise ValueError(f"hub_url must be an http(s) URL, not {hub_url!r}")
         if not token:
             raise ValueError("an API token (dpt_...) is required")
-        self.hub = hub_url.rstrip("/")
         self.token = token
         self.timeout_s = timeout_s
         # The CA an https:// hub and an mqtts:// broker are verified with: a PEM file or a
         # sha256: fingerprint (the CLI's --ca); the client makes (and keeps) the context.
         self.ca = ca or os.environ.get("DEPARROW_CA") or None
-        self._tls = Client(self.hub, timeout_s=timeout_s, ca=self.ca)
+        # Which replica is in use, and how it is verified: the REST client keeps both.
+        try:
+            self._tls = Client(hub_url, timeout_s=timeout_s, ca=self.ca, bootstrap=bootstrap,
+                               region=region)  # fmt: skip
+        except HubError as e:
+            raise ValueError(str(e)) from None
+        self.bootstrap = bootstrap
         self._jwt: str | None = None
         self._jwt_exp = 0.0
         self._id: str | None = None
@@ -221,13 +243,29 @@ class Agent:
     # --- creating agents --------------------------------------------------------------------
     @classmethod
     def create(
-        cls, hub_url: str, owner_token: str, name: str, fund: str | int = 0, ca: str | None = None
+        cls,
+        hub_url: str | None,
+        owner_token: str,
+        name: str,
+        fund: str | int = 0,
+        ca: str | None = None,
+        bootstrap: str | None = None,
     ) -> Agent:
         """Create a new agent owned by the holder of owner_token, moving `fund` credits from
         the owner's wallet to it, and return it (its token is `agent.token`)."""
-        owner = cls(hub_url, owner_token, ca=ca)
+        owner = cls(hub_url, owner_token, ca=ca, bootstrap=bootstrap)
+        # Not sent again after a failure that may have reached a replica: the hub takes no
+        # Idempotency-Key for it, and a second agent would be funded twice.
         body = owner.request("POST", "/api/v1/agents", {"name": name, "fund": str(fund)})
-        return cls(hub_url, str(body["token"]), ca=owner.ca)
+        return cls(hub_url, str(body["token"]), ca=owner.ca, bootstrap=bootstrap)
+
+    @property
+    def hub(self) -> str:
+        """The hub's URL: the replica in use, with a bootstrap URL."""
+        try:
+            return self._tls.hub
+        except HubError as e:  # no replica answers the bootstrap list
+            raise DeparrowError(str(e)) from None
 
     # --- identity and REST --------------------------------------------------------------------
     @property
@@ -254,7 +292,43 @@ class Agent:
         timeout_s: float | None = None,
     ) -> Any:
         """Any REST call of the hub's API (docs: /api/v1/openapi.json) as this identity: the
-        decoded JSON answer, or the matching DeparrowError."""
+        decoded JSON answer, or the matching DeparrowError. With a bootstrap URL, a replica
+        that fails is left for the next one, and the request sent again there when that is
+        safe (deparrow/bootstrap.py)."""
+        if self._tls.replicas is None:
+            return self._request_once(method, path, body, auth, headers, timeout_s)
+        tried: list[str] = []
+        while True:
+            try:
+                return self._request_once(method, path, body, auth, headers, timeout_s)
+            except DeparrowError as e:
+                kind = getattr(e, "failover", None)
+                if kind is None:
+                    raise
+                if kind != NOT_SENT and not resendable(method, path, headers):
+                    unsafe = DeparrowError(
+                        f"{e}: {method} {path} may or may not have been done on {self.hub}, "
+                        "and sending it again is not safe; look before retrying",
+                        e.status, e.body,
+                    )  # fmt: skip
+                    unsafe.failover = kind
+                    raise unsafe from None
+                tried.append(self.hub)
+                try:
+                    self._tls._move_on(tried, HubError(str(e), e.status, e.body))
+                except HubError as gone:
+                    raise DeparrowError(str(gone), e.status, e.body) from None
+                self._jwt = None  # signed by the replica left behind
+
+    def _request_once(
+        self,
+        method: str,
+        path: str,
+        body: Any,
+        auth: bool,
+        headers: dict[str, str] | None,
+        timeout_s: float | None,
+    ) -> Any:
         hdrs = dict(headers or {})
         data = None
         if body is not None:
@@ -275,13 +349,17 @@ class Agent:
                 err = json.loads(e.read())
             except ValueError:
                 err = {"error": str(e.reason)}
-            raise _error(e.code, err) from None
-        except (urllib.error.URLError, OSError) as e:
+            refused = _error(e.code, err)
+            refused.failover = failure(e)
+            raise refused from None
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
             reason = getattr(e, "reason", e)
             if isinstance(reason, ssl.SSLCertVerificationError):
                 why = untrusted(reason, self.hub, self.ca is not None)
                 raise DeparrowError(f"cannot reach the hub at {self.hub}: {why}") from None
-            raise DeparrowError(f"cannot reach the hub at {self.hub}: {reason}") from None
+            gone = DeparrowError(f"cannot reach the hub at {self.hub}: {reason}")
+            gone.failover = failure(e)
+            raise gone from None
         return json.loads(payload) if payload else None
 
     # --- wallet -----------------------------------------------------------------------------

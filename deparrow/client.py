@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import ssl
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
+from deparrow.bootstrap import NOT_SENT, Replicas, failure, resendable
+from edge.bootstrap import BootstrapError, fetch_one
 from edge.cli_files import save_output
 from edge.enroll import (
     EnrollError,
@@ -28,32 +32,130 @@ from edge.enroll import (
 # tests/test_cli.py checks it against hub.market.spec.TERMINAL_STATES.
 TERMINAL_STATES = ("completed", "failed", "cancelled")
 UPLOAD_CHUNK = 256 * 1024  # bytes sent between two calls of an upload's progress
+T = TypeVar("T")
 
 
 class HubError(Exception):
     """The hub answered with an error (status and message), or could not be reached."""
 
-    def __init__(self, message: str, status: int = 0, body: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        status: int = 0,
+        body: dict[str, Any] | None = None,
+        failover: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.body = body or {}
+        # How the request failed, when another replica might do better (deparrow/bootstrap.py)
+        self.failover = failover
 
 
 class Client:
     """ca: for an https:// hub, the CA to trust: a PEM file, or "sha256:<hex>" to fetch the
     hub's CA and trust it only if it has that fingerprint (docs/tls.md). None: the system's
-    CAs (a hub with a Let's Encrypt certificate, or one behind a reverse proxy)."""
+    CAs (a hub with a Let's Encrypt certificate, or one behind a reverse proxy).
+
+    bootstrap: the URL(s) of the hub's replicas (comma-separated), instead of hub: the client
+    uses the best replica that answers and moves to the next when one fails, sending again
+    only what is safe to send twice (deparrow/bootstrap.py); region: prefer its replicas."""
 
     def __init__(
-        self, hub: str, token: str | None = None, timeout_s: float = 30.0, ca: str | None = None
+        self,
+        hub: str | None = None,
+        token: str | None = None,
+        timeout_s: float = 30.0,
+        ca: str | None = None,
+        *,
+        bootstrap: str | None = None,
+        region: str | None = None,
     ) -> None:
-        self.hub = hub.rstrip("/")
         self.token = token
         self.timeout_s = timeout_s
         self.ca = ca
         self._jwt: str | None = None
         self._jwt_exp = 0
         self._context: ssl.SSLContext | None = None
+        self.replicas: Replicas | None = None
+        if bootstrap:
+            try:
+                self.replicas = Replicas(
+                    bootstrap, region=region, timeout_s=min(timeout_s, 10.0),
+                    fetch_list=self._fetch_list,
+                )  # fmt: skip
+            except ValueError as e:
+                raise HubError(str(e)) from None
+        if hub is None and self.replicas is None:
+            raise HubError("a hub URL or a bootstrap URL is needed")
+        self._hub = hub.rstrip("/") if hub else None
+
+    @property
+    def hub(self) -> str:
+        """The replica in use: the hub given, else the best one the bootstrap URL lists."""
+        if self._hub is None:
+            assert self.replicas is not None
+            try:
+                self._hub = self.replicas.first()
+            except BootstrapError as e:
+                raise HubError(str(e)) from None
+        return self._hub
+
+    @hub.setter
+    def hub(self, url: str) -> None:
+        self._hub = url.rstrip("/")
+
+    def _fetch_list(self, urls: list[str]) -> dict[str, Any]:
+        """The bootstrap list from the first of urls that answers, verified as requests are."""
+        assert self.replicas is not None
+        problems = []
+        for url in urls:
+            try:
+                context = Client(url, ca=self.ca, timeout_s=self.replicas.timeout_s).ssl_context()
+                return fetch_one(url, self.replicas.region, self.replicas.timeout_s, context)
+            except urllib.error.HTTPError as e:
+                problems.append(f"{url}: HTTP {e.code}")
+            except (HubError, OSError, ValueError) as e:
+                problems.append(f"{url}: {getattr(e, 'reason', e)}")
+        raise BootstrapError(
+            "no replica answered with the hub's replica list (" + "; ".join(problems) + ")"
+        )
+
+    def _move_on(self, tried: list[str], error: HubError) -> None:
+        """After a replica failed: use the next one (HubError when none is left)."""
+        assert self.replicas is not None
+        nxt = self.replicas.next(tried)
+        if nxt is None:
+            raise HubError(
+                f"{error}; no other replica of the hub answers (tried {', '.join(tried)})",
+                error.status, error.body,
+            )  # fmt: skip
+        self._hub = nxt
+        self._context = None  # each replica is verified on its own
+        self._jwt = None  # JWTs are signed by one replica's secret
+
+    def _failing_over(self, method: str, path: str, headers: dict[str, str] | None,
+                      send: Callable[[], T]) -> T:  # fmt: skip
+        """send() on this replica, then on the next ones while the failure allows it."""
+        if self.replicas is None:
+            return send()
+        tried: list[str] = []
+        while True:
+            try:
+                return send()
+            except HubError as e:
+                if e.failover is None or (
+                    e.failover != NOT_SENT and not resendable(method, path, headers)
+                ):
+                    if e.failover is not None:
+                        raise HubError(
+                            f"{e}: {method} {path} may or may not have been done on "
+                            f"{self.hub}, and sending it again is not safe; look before "
+                            "retrying", e.status, e.body, e.failover,
+                        ) from None  # fmt: skip
+                    raise
+                tried.append(self.hub)
+                self._move_on(tried, e)
 
     def ssl_context(self) -> ssl.SSLContext | None:
         """How this client verifies the hub; None for an http:// hub. Made on first use (a
@@ -87,9 +189,12 @@ class Client:
         if isinstance(reason, ssl.SSLCertVerificationError):
             why = untrusted(reason, self.hub, self.ca is not None)
             return HubError(f"cannot reach the hub at {self.hub}: {why} (env DEPARROW_CA)")
-        return HubError(f"cannot reach the hub at {self.hub}: {reason}")
+        return HubError(f"cannot reach the hub at {self.hub}: {reason}", failover=failure(e))
 
     def request_text(self, method: str, path: str) -> str:
+        return self._failing_over(method, path, None, lambda: self._text_once(method, path))
+
+    def _text_once(self, method: str, path: str) -> str:
         req = urllib.request.Request(
             self.hub + path, method=method, headers={"Authorization": "Bearer " + self.jwt()}
         )
@@ -99,8 +204,8 @@ class Client:
             ) as resp:
                 return str(resp.read().decode())
         except urllib.error.HTTPError as e:
-            raise HubError(str(e.reason), e.code) from None
-        except (urllib.error.URLError, OSError) as e:
+            raise HubError(str(e.reason), e.code, failover=failure(e)) from None
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
             raise self._unreachable(e) from None
 
     def request(
@@ -128,15 +233,30 @@ class Client:
         self,
         method: str,
         path: str,
-        data: bytes | Iterator[bytes] | None = None,
+        data: bytes | Callable[[], Iterator[bytes]] | None = None,
         headers: dict[str, str] | None = None,
         auth: bool = True,
     ) -> tuple[bytes, dict[str, str]]:
-        """One request: the answer's body and headers, or HubError with the hub's message."""
+        """One request: the answer's body and headers, or HubError with the hub's message.
+        With a bootstrap URL, on the next replica too when this one fails and sending it
+        again is safe. data: the body, or a function making its chunks (called per try)."""
+        return self._failing_over(
+            method, path, headers, lambda: self._send_once(method, path, data, headers, auth)
+        )
+
+    def _send_once(
+        self,
+        method: str,
+        path: str,
+        data: bytes | Callable[[], Iterator[bytes]] | None,
+        headers: dict[str, str] | None,
+        auth: bool,
+    ) -> tuple[bytes, dict[str, str]]:
         hdrs = dict(headers or {})
         if auth:
             hdrs["Authorization"] = "Bearer " + self.jwt()
-        req = urllib.request.Request(self.hub + path, data=data, method=method, headers=hdrs)
+        body = data() if callable(data) else data
+        req = urllib.request.Request(self.hub + path, data=body, method=method, headers=hdrs)
         context = self.ssl_context()
         try:
             with urllib.request.urlopen(req, timeout=self.timeout_s, context=context) as resp:
@@ -146,8 +266,10 @@ class Client:
                 err = json.loads(e.read())
             except ValueError:
                 err = {"error": str(e.reason)}
-            raise HubError(str(err.get("error") or e.reason), e.code, err) from None
-        except (urllib.error.URLError, OSError) as e:
+            raise HubError(
+                str(err.get("error") or e.reason), e.code, err, failover=failure(e)
+            ) from None
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
             raise self._unreachable(e) from None
 
     def jwt(self) -> str:
@@ -207,11 +329,13 @@ class Client:
             "Content-Type": "application/octet-stream",
             "Content-Length": str(len(data)),  # sent as it is, not chunked
         }
-        payload, _ = self._send("POST", "/api/v1/blobs", chunks(), headers)
+        payload, _ = self._send("POST", "/api/v1/blobs", chunks, headers)
         return str(json.loads(payload)["ref"])
 
     def submit(self, spec: dict[str, Any], idempotency_key: str | None = None) -> dict[str, Any]:
-        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
+        """Submit a job. Without an idempotency_key one is made, so that a submission whose
+        answer was lost with a replica can be sent again to another without a second job."""
+        headers = {"Idempotency-Key": idempotency_key or uuid.uuid4().hex}
         result: dict[str, Any] = self.request("POST", "/api/v1/jobs", spec, headers=headers)
         return result
 

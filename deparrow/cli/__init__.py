@@ -35,6 +35,22 @@ __all__ = ["main"]
     help="Hub URL (env DEPARROW_HUB).",
 )
 @click.option(
+    "--bootstrap",
+    envvar="DEPARROW_BOOTSTRAP",
+    default=None,
+    metavar="URL[,URL...]",
+    help="Instead of --hub: the URL of any of the hub's replicas (several, comma-separated); "
+    "commands use the best one that answers and move to the next when one fails "
+    "(env DEPARROW_BOOTSTRAP).",
+)
+@click.option(
+    "--region",
+    envvar="DEPARROW_REGION",
+    default=None,
+    metavar="NAME",
+    help="With --bootstrap: prefer the hub's replicas in this region (env DEPARROW_REGION).",
+)
+@click.option(
     "--token",
     envvar="DEPARROW_TOKEN",
     default=None,
@@ -59,10 +75,16 @@ __all__ = ["main"]
 )
 @click.pass_context
 def main(
-    ctx: click.Context, hub: str, token: str | None, ca: str | None, data_dir: Path | None
+    ctx: click.Context,
+    hub: str,
+    bootstrap: str | None,
+    region: str | None,
+    token: str | None,
+    ca: str | None,
+    data_dir: Path | None,
 ) -> None:
     """DEparrow: idle machines run other people's WebAssembly jobs for credits."""
-    ctx.obj = Ctx(hub, token, ca, data_dir)
+    ctx.obj = Ctx(hub, token, ca, data_dir, bootstrap, region)
 
 
 for _command in (

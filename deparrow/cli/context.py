@@ -62,17 +62,29 @@ def emit(obj: Any) -> None:
 
 class Ctx:
     def __init__(
-        self, hub: str, token: str | None, ca: str | None = None, data_dir: Path | None = None
+        self,
+        hub: str,
+        token: str | None,
+        ca: str | None = None,
+        data_dir: Path | None = None,
+        bootstrap: str | None = None,
+        region: str | None = None,
     ) -> None:
         self.hub = hub
         self.token = token
+        # --bootstrap, else DEPARROW_BOOTSTRAP: the hub's replicas are listed there, and the
+        # client fails over between them (deparrow/bootstrap.py); --hub is then not used.
+        self.bootstrap = bootstrap or None
+        self.region = region or None  # with bootstrap: prefer this region's replicas
         # --data-dir: a hub on this machine started with --data-dir, whatever its address
         self.data_dir = data_dir
         # --ca, else DEPARROW_CA: a PEM file or a sha256: fingerprint (deparrow/client.py)
         self.ca = ca or os.environ.get("DEPARROW_CA") or None
 
     def is_local(self) -> bool:
-        return self.hub.rstrip("/").lower() in LOCAL_HUBS
+        # Replicas found through a bootstrap URL are never taken for the local hub: its admin
+        # token must not be sent to them.
+        return self.bootstrap is None and self.hub.rstrip("/").lower() in LOCAL_HUBS
 
     def api_token(self) -> str | None:
         """--token, else the admin token in --data-dir, else the local hub's when --hub is
@@ -101,6 +113,9 @@ class Ctx:
         return self.ca
 
     def client(self) -> Client:
+        if self.bootstrap:
+            return Client(token=self.api_token(), ca=self.ca, bootstrap=self.bootstrap,
+                          region=self.region)  # fmt: skip
         return Client(self.hub, self.api_token(), ca=self.hub_ca())
 
 
