@@ -33,6 +33,32 @@ log = logging.getLogger("edge")
     help="The hub's CA to pin (https:// hubs): the fingerprint `deparrow node token` prints, "
     "or a PEM file. Kept beside node.json at enrollment (env DEPARROW_CA).",
 )
+@click.option(
+    "--bootstrap",
+    envvar="DEPARROW_BOOTSTRAP",
+    default=None,
+    metavar="URL[,URL...]",
+    help="The URL of any of the hub's replicas (several, comma-separated): the node takes the "
+    "brokers its bootstrap list gives, best first, and moves to the next when its broker is "
+    "gone for --failover-after seconds; without --hub, it enrolls with the best replica "
+    "(env DEPARROW_BOOTSTRAP).",
+)
+@click.option(
+    "--region",
+    envvar="DEPARROW_REGION",
+    default=None,
+    metavar="NAME",
+    help="With --bootstrap: prefer the brokers of this region (env DEPARROW_REGION).",
+)
+@click.option(
+    "--failover-after",
+    type=click.FloatRange(0.5, 3600),
+    default=10.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="With --bootstrap: how long a lost broker may take to come back before the node "
+    "moves to the next one (its results wait in the outbox meanwhile).",
+)
 @click.option("--name", default=None, help="Name shown on the hub (default: host name).")
 @click.option(
     "--data-dir",
@@ -84,6 +110,9 @@ def main(
     hub: str | None,
     token: str | None,
     ca: str | None,
+    bootstrap: str | None,
+    region: str | None,
+    failover_after: float,
     name: str | None,
     data_dir: Path | None,
     max_cpu: float | None,
@@ -99,6 +128,7 @@ def main(
     \b
     edge-run --hub http://HUB:8765 --token dpe_...   start (and on first run, enroll) a node
     edge-run --hub https://HUB:8765 --token dpe_... --ca sha256:...   the same over TLS
+    edge-run --bootstrap http://HUB:8765 ...        fail over between the hub's brokers
     edge-run job fib.wasm --invoke fib -- 25        run one job locally, no hub
     edge-run diagnose                               check DNS, hub, broker, login, clock
     """
@@ -122,6 +152,8 @@ def main(
                 f"enroll with {hub} (or use --data-dir for a second identity)"
             )
         config = None  # a new hub and a new token: enroll again
+    if config is None and not hub and bootstrap and token:
+        hub = _best_replica(bootstrap, region, ca)
     if config is None:
         if not hub or not token:
             raise click.UsageError(
@@ -139,7 +171,27 @@ def main(
     if max_jobs is not None:
         config["preferences"] = {**(config.get("preferences") or {}), "max_jobs": max_jobs}
     page = (dashboard_host, dashboard_port) if dashboard_port else None
-    run_node(config, max_cpu, page, config_path.parent)
+    run_node(config, max_cpu, page, config_path.parent, bootstrap, region, failover_after)
+
+
+def _best_replica(bootstrap: str, region: str | None, ca: str | None) -> str:
+    """The replica to enroll with: the first of the hub's bootstrap list, fetched over https
+    with the CA given (a fingerprint: the CA the first bootstrap URL serves, if it has it)."""
+    from edge.bootstrap import base_urls, fetch, replica_urls
+    from edge.enroll import EnrollError, fetch_ca_pem, is_pin, tls_context
+
+    try:
+        first = base_urls(bootstrap)[0]
+        if ca is not None and is_pin(ca) and first.startswith("https://"):
+            context = tls_context(ca_pem=fetch_ca_pem(first, ca))
+        else:
+            context = tls_context(ca_file=ca if ca is not None and not is_pin(ca) else None)
+        replicas = replica_urls(fetch(bootstrap, region, 10.0, context))
+    except (OSError, ValueError, IndexError, EnrollError) as e:
+        raise click.ClickException(f"--bootstrap {bootstrap}: {e}") from None
+    if not replicas:
+        raise click.ClickException(f"the bootstrap list at {bootstrap} names no replica")
+    return replicas[0]
 
 
 main.add_command(job_cmd)

@@ -64,17 +64,58 @@ class BrokerWatch:
             )
 
 
+def node_mqtt(
+    config: dict[str, Any],
+    bootstrap: str | None = None,
+    region: str | None = None,
+    window_s: float | None = None,
+) -> Any:
+    """The node's MQTT adapter: node.json's broker; with a bootstrap URL, the brokers the
+    hub's bootstrap list gives (then node.json's), failing over between them
+    (edge/node_failover.py). mqtts:// is verified against the CA pinned at enrollment."""
+    from edge.mqtt_paho import PahoMqtt
+
+    ca = config.get("ca")
+    if not bootstrap:
+        return PahoMqtt(config["mqtt"]["url"], ca_certs=ca)
+    from edge.bootstrap import broker_urls, fetch
+    from edge.enroll import tls_context
+    from edge.node_failover import WINDOW_S, FailoverMqtt
+
+    def listed() -> list[str]:
+        return broker_urls(fetch(bootstrap, region, 10.0, tls_context(ca_file=ca)))
+
+    try:
+        brokers = listed()
+    except OSError as e:
+        click.echo(f"edge-run: warning: {e}; using the broker in node.json", err=True)
+        brokers = []
+    # node.json's own (a list, where the hub gives out a broker cluster's servers) come last
+    own = [u.strip() for u in str(config["mqtt"]["url"]).split(",") if u.strip()]
+    return FailoverMqtt(
+        [*brokers, *own],
+        refresh=listed,
+        window_s=WINDOW_S if window_s is None else window_s,
+        ca_certs=ca,
+        say=lambda line: click.echo(line, err=True),
+    )
+
+
 def run_node(
     config: dict[str, Any],
     max_cpu: float | None,
     dashboard: tuple[str, int] | None = None,
     data_dir: Path | None = None,
+    bootstrap: str | None = None,
+    region: str | None = None,
+    failover_after_s: float | None = None,
 ) -> None:
-    """dashboard: (host, port) of the node's page, None for none."""
+    """dashboard: (host, port) of the node's page, None for none. bootstrap: the hub's
+    replica URL(s) whose bootstrap list names the brokers to fail over between; region:
+    prefer its brokers; failover_after_s: how long a lost broker may take to come back."""
     from edge.core.outbox import Outbox
     from edge.dashboard import start_dashboard
     from edge.idle import IdleGate, Monitor, Preferences
-    from edge.mqtt_paho import PahoMqtt
     from edge.preferences import build_executors
 
     def warn(message: str) -> None:
@@ -90,8 +131,7 @@ def run_node(
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    # mqtts:// (a hub with --tls): verified against the CA pinned at enrollment (node.json)
-    mqtt = PahoMqtt(config["mqtt"]["url"], ca_certs=config.get("ca"))
+    mqtt = node_mqtt(config, bootstrap, region, failover_after_s)
     page, warning = start_dashboard(config, *dashboard, data_dir) if dashboard else (None, None)
     if warning:  # the node runs on without its page
         click.echo(f"edge-run: warning: {warning}", err=True)
@@ -146,8 +186,9 @@ def run_node(
                 page.stop()
             raise click.ClickException(str(e)) from None
         gpu_text = ", ".join(f"{g['name']} (GPU {g['index']})" for g in gpus) or "no GPU"
+        broker = getattr(mqtt, "url", None) or config["mqtt"]["url"]  # failover: the one taken
         click.echo(
-            f"node {config['node_id']} online at {config['mqtt']['url']}; "
+            f"node {config['node_id']} online at {broker}; "
             f"earning for {config['owner']}; up to {jobs_at_once} jobs at once; {gpu_text}."
             " Ctrl-C stops.",
             err=True,
@@ -162,7 +203,9 @@ def run_node(
         watch = BrokerWatch(config["mqtt"]["url"], lambda line: click.echo(line, err=True))
         try:
             while not stopping:
-                watch.observe(mqtt.connected())
+                up = mqtt.connected()  # with --bootstrap, this may move to another broker
+                watch.url = getattr(mqtt, "url", watch.url)
+                watch.observe(up)
                 try:
                     session.step()
                 except Exception:  # keep serving; a fault here must not take the node down
