@@ -70,17 +70,26 @@ def node_mqtt(
     region: str | None = None,
     window_s: float | None = None,
 ) -> Any:
-    """The node's MQTT adapter: node.json's broker; with a bootstrap URL, the brokers the
-    hub's bootstrap list gives (then node.json's), failing over between them
-    (edge/node_failover.py). mqtts:// is verified against the CA pinned at enrollment."""
+    """The node's MQTT adapter: node.json's broker (several, comma-separated: failing over
+    between them); with a bootstrap URL, the brokers the hub's bootstrap list gives, then
+    node.json's, failing over between them (edge/node_failover.py). mqtts:// is verified
+    against the CA pinned at enrollment."""
     from edge.mqtt_paho import PahoMqtt
+    from edge.node_failover import WINDOW_S
 
     ca = config.get("ca")
-    if not bootstrap:
-        return PahoMqtt(config["mqtt"]["url"], ca_certs=ca)
+    # node.json's own broker; a list where the hub gives out a broker cluster's servers
+    own = [u.strip() for u in str(config["mqtt"]["url"]).split(",") if u.strip()]
+    window = WINDOW_S if window_s is None else window_s
+    if not bootstrap and len(own) == 1:
+        return PahoMqtt(own[0], ca_certs=ca)
     from edge.bootstrap import broker_urls, fetch
     from edge.enroll import tls_context
-    from edge.node_failover import WINDOW_S, FailoverMqtt
+    from edge.node_failover import FailoverMqtt
+
+    if not bootstrap:
+        return FailoverMqtt(own, window_s=window, ca_certs=ca,
+                            say=lambda line: click.echo(line, err=True))  # fmt: skip
 
     def listed() -> list[str]:
         return broker_urls(fetch(bootstrap, region, 10.0, tls_context(ca_file=ca)))
@@ -90,12 +99,10 @@ def node_mqtt(
     except OSError as e:
         click.echo(f"edge-run: warning: {e}; using the broker in node.json", err=True)
         brokers = []
-    # node.json's own (a list, where the hub gives out a broker cluster's servers) come last
-    own = [u.strip() for u in str(config["mqtt"]["url"]).split(",") if u.strip()]
     return FailoverMqtt(
-        [*brokers, *own],
+        [*brokers, *own],  # node.json's come last
         refresh=listed,
-        window_s=WINDOW_S if window_s is None else window_s,
+        window_s=window,
         ca_certs=ca,
         say=lambda line: click.echo(line, err=True),
     )

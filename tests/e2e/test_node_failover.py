@@ -136,6 +136,25 @@ def test_node_moves_to_the_other_broker_and_delivers_its_result_once(tmp_path: P
         assert Decimal(wallet["balance"]) == Decimal(100) - spent
         assert Decimal(wallet["held"]) == 0
         assert hub.admin.audit()["balanced"]
+
+        # Started again, the node skips the listed broker that is gone and takes the next.
+        node.stop()
+        node = Proc("node2", [
+            sys.executable, "-m", "edge.cli", "--bootstrap", hub.url, "--data-dir",
+            str(tmp_path / "n1"), "-v", "--always-run", "--dashboard-port", "0",
+        ], tmp_path / "node2.log")  # fmt: skip
+        wait_for("the node to start on the second broker",
+                 lambda: f"online at {m2.url}" in node.output(), 60, [node])  # fmt: skip
+        again = user.wait(user.submit(fib(21))["id"], timeout_s=60)
+        assert again["state"] == "completed" and "10946" in str(again["result"])
+        # Without --bootstrap, the brokers the hub gave at enrollment (node.json) do the same.
+        node.stop()
+        node = Proc("node3", [
+            sys.executable, "-m", "edge.cli", "--data-dir", str(tmp_path / "n1"), "-v",
+            "--always-run", "--dashboard-port", "0",
+        ], tmp_path / "node3.log")  # fmt: skip
+        wait_for("the node to start on the second broker again",
+                 lambda: f"online at {m2.url}" in node.output(), 60, [node])  # fmt: skip
     finally:
         if node is not None:
             node.stop()
