@@ -138,6 +138,7 @@ class NodeClient:
         self.node_id = node_id
         self.at = at
         self.connects = 0
+        self.acked_by: dict[int, int] = {}  # message id -> the server that acknowledged it
         self.c = mqtt.Client(V2, client_id=node_id, clean_session=True)
         self.c.username_pw_set(node_id, password)
         self.c.max_inflight_messages_set(100)
@@ -147,6 +148,7 @@ class NodeClient:
             self.c.will_set(protocol.node_topic(node_id, protocol.STATUS), offline, 1, True)
         self.c.on_connect = self._connected
         self.c.on_disconnect = self._lost
+        self.c.on_publish = self._acked
         self.c.connect(*self.servers[at])
         self.c.loop_start()
         wait_for(f"node {node_id} to connect", lambda: self.connects > 0, 10)
@@ -154,6 +156,9 @@ class NodeClient:
     def _connected(self, _c: Any, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
         if not rc.is_failure:
             self.connects += 1
+
+    def _acked(self, _c: Any, _u: Any, mid: int, _rc: Any, _p: Any) -> None:
+        self.acked_by[mid] = self.at
 
     def _lost(self, c: mqtt.Client, _u: Any, _f: Any, _rc: Any, _p: Any) -> None:
         self.at = (self.at + 1) % len(self.servers)
@@ -285,32 +290,37 @@ def test_a_last_will_reaches_the_hub_through_the_server_the_node_was_on(
     hub.close()
 
 
-def test_killing_a_server_mid_stream_loses_no_qos1_message(
+def test_killing_a_server_mid_stream_loses_only_what_it_had_acknowledged(
     cluster: LocalBrokerCluster, nodes: list[str]
 ) -> None:
-    """A node streams QoS 1 events to server A; A is killed (SIGKILL) halfway; the node moves
-    to B and goes on. The group misses nothing; a message A had passed on but not yet
-    acknowledged to the node comes again (QoS 1 is at least once: the hub's idempotency keys
-    make a repeat harmless)."""
+    """A node streams 2000 QoS 1 events to server A as fast as it can; A is killed (SIGKILL)
+    while the group is a few hundred behind; the node moves to B and goes on. Every message
+    A had not acknowledged is sent again to B and reaches the group, and so does everything
+    after it. What A had acknowledged but not yet delivered dies with it: QoS 1 is hop by hop
+    and Mosquitto keeps no replica (docs/broker-cluster.md, "What a server's crash loses").
+    The figure is printed: 0 to 184 of 2000 (median 13) in 16 runs here, the burst queued
+    behind the kill."""
     a, b = Member("hub-a", cluster), Member("hub-b", cluster)
     node = NodeClient(cluster.urls, nodes[0], NODE_PASSWORD, at=0)
     n, stop_at = 2000, 600
+    mids = []
     for k in range(n):
         # paho keeps what it could not send (the server was gone) and sends it once connected
-        node.publish(protocol.EVENT, event(k))
+        mids.append(node.publish(protocol.EVENT, event(k)).mid)
         if k == stop_at:
             wait_for("half of it to arrive", lambda: len(_events(a, b)) >= stop_at // 2, 10)
             cluster.kill(0)
     wait_for("the node to move to another server", lambda: node.connects >= 2, 15)
-    everything = set(range(n))
-    try:
-        wait_for("the whole stream", lambda: everything <= set(_events(a, b)), 20)
-    finally:
-        got = Counter(_events(a, b))
-        lost = len(everything - set(got))
-        repeated = sum(c - 1 for c in got.values())
-        print(f"killed server 0 at message {stop_at} of {n}: lost {lost}, repeated {repeated}")
-    assert lost == 0
+    wait_for("every message to be acknowledged", lambda: len(node.acked_by) == n, 20)
+    safe = {k for k, mid in enumerate(mids) if node.acked_by[mid] != 0}
+    wait_for("what server A had not acknowledged", lambda: safe <= set(_events(a, b)), 20)
+    got = Counter(_events(a, b))
+    lost = set(range(n)) - set(got)
+    repeated = sum(c - 1 for c in got.values())
+    print(f"killed server 0 at message {stop_at} of {n}: {n - len(safe)} acknowledged by it,"
+          f" {len(safe)} re-sent to or sent after server 1; lost {len(lost)},"
+          f" repeated {repeated}")  # fmt: skip
+    assert all(node.acked_by[mids[k]] == 0 for k in lost)
     assert node.at == 1 and not cluster.alive(0)
     for x in (a, b, node):
         x.close()
