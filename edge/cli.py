@@ -152,6 +152,14 @@ def main(
                 f"enroll with {hub} (or use --data-dir for a second identity)"
             )
         config = None  # a new hub and a new token: enroll again
+    if bootstrap:
+        from edge.bootstrap import base_urls
+
+        try:
+            if not base_urls(bootstrap):
+                raise ValueError("--bootstrap needs the URL of one of the hub's replicas")
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--bootstrap") from None
     if config is None and not hub and bootstrap and token:
         hub = _best_replica(bootstrap, region, ca)
     if config is None:

@@ -83,7 +83,7 @@ def node_mqtt(
     window = WINDOW_S if window_s is None else window_s
     if not bootstrap and len(own) == 1:
         return PahoMqtt(own[0], ca_certs=ca)
-    from edge.bootstrap import broker_urls, fetch
+    from edge.bootstrap import base_urls, broker_urls, fetch, replica_urls
     from edge.enroll import tls_context
     from edge.node_failover import FailoverMqtt
 
@@ -91,8 +91,13 @@ def node_mqtt(
         return FailoverMqtt(own, window_s=window, ca_certs=ca,
                             say=lambda line: click.echo(line, err=True))  # fmt: skip
 
+    replicas = base_urls(bootstrap)
+
     def listed() -> list[str]:
-        return broker_urls(fetch(bootstrap, region, 10.0, tls_context(ca_file=ca)))
+        # Any live replica serves the list: the bootstrap URLs first, then those it named.
+        answer = fetch(replicas, region, 10.0, tls_context(ca_file=ca))
+        replicas.extend(u for u in replica_urls(answer) if u not in replicas)
+        return broker_urls(answer)
 
     try:
         brokers = listed()
