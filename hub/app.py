@@ -161,8 +161,8 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
     resync = asyncio.create_task(_keep_broker_in_sync(services))
     from hub.api import bootstrap
 
-    await bootstrap.join(app)  # this replica's row in the registry (GET /api/v1/bootstrap)
     try:
+        await bootstrap.join(app)  # this replica's row in the registry (GET /api/v1/bootstrap)
         yield
     finally:
         await bootstrap.leave(app)
