@@ -99,6 +99,7 @@ def test_cli_goes_on_through_the_other_replica(pair: Pair) -> None:
 
 def test_sdk_agent_and_client_go_on_through_the_other_replica(pair: Pair) -> None:
     user, _ = pair.eu.user("dave")
+    other, _ = pair.eu.user("erin")
     agent = Agent(None, user["token"], bootstrap=pair.us.url, region="eu")
     client = Client(token=user["token"], bootstrap=pair.us.url, region="eu")
     assert agent.wallet().balance == 100 and agent.hub == pair.eu.url
@@ -111,6 +112,9 @@ def test_sdk_agent_and_client_go_on_through_the_other_replica(pair: Pair) -> Non
     assert [j["id"] for j in client.jobs()] == [job_id]
     held = client.wallet()
     assert held["held"] == client.job(job_id)["hold"]  # held once
+    sent = agent.transfer(other["id"], "1", key="t-1")
+    assert agent.transfer(other["id"], "1", key="t-1")["entry"] == sent["entry"]
+    assert Client(pair.us.url, other["token"]).wallet()["balance"] == "101"  # moved once
 
 
 class Hole:
