@@ -123,7 +123,8 @@ class Bonuses:
             )
             c.execute(
                 "INSERT INTO uptime_owner_day (owner, day, paid) VALUES (?, ?, ?)"
-                " ON CONFLICT (owner, day) DO UPDATE SET paid = paid + excluded.paid",
+                " ON CONFLICT (owner, day)"
+                " DO UPDATE SET paid = uptime_owner_day.paid + excluded.paid",
                 (person, day, pay),
             )
         c.execute(

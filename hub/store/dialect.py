@@ -17,6 +17,8 @@ production:
 - `typeof(x) = 'integer'` as `TRUE` (SQLite turns an overflowing sum into a REAL; PostgreSQL
   raises instead, and the statement fails);
 - the epoch from `julianday('now')`;
+- SQLite's index hints (`INDEXED BY i`, `NOT INDEXED`) are dropped: PostgreSQL's planner
+  chooses;
 - in DDL: `INTEGER` as `BIGINT`, `INTEGER PRIMARY KEY` as an identity column, `REAL` as
   `DOUBLE PRECISION`, `BLOB` as `BYTEA`; `WITHOUT ROWID` is dropped.
 """
@@ -36,6 +38,7 @@ _CAST_INTEGER = re.compile(r"\bAS\s+INTEGER\s*\)", re.I)
 _INSERT_OR_IGNORE = re.compile(r"^\s*INSERT\s+OR\s+IGNORE\s+INTO\b", re.I)
 _RETURNING = re.compile(r"\bRETURNING\b", re.I)
 _MINMAX = re.compile(r"\b(MIN|MAX)\(", re.I)
+_INDEX_HINT = re.compile(r"\s+(INDEXED\s+BY\s+\w+|NOT\s+INDEXED)\b", re.I)
 
 
 class Translated:
@@ -55,6 +58,7 @@ def to_postgres(sql: str) -> Translated:
         sql = _ddl_types(sql)
     if _INSERT_OR_IGNORE.match(sql):
         sql = _on_conflict_nothing(_INSERT_OR_IGNORE.sub("INSERT INTO", sql, count=1))
+    sql = _INDEX_HINT.sub("", sql)
     sql = _JULIAN_NOW.sub("EXTRACT(EPOCH FROM now())", sql)
     sql = _TYPEOF_INTEGER.sub("TRUE", sql)
     sql = _CAST_INTEGER.sub("AS BIGINT)", sql)
@@ -119,7 +123,7 @@ def _json_each(sql: str) -> str:
         arg = sql[m.end() : close]
         rest = sql[close + 1 :]
         alias = re.match(r"\s+AS\s+(\w+)", rest, re.I)
-        name = alias.group(1) if alias else "json_each"
+        name = alias.group(1) if alias else "each"
         if alias:
             rest = rest[alias.end() :]
         sql = (

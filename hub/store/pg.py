@@ -123,7 +123,7 @@ class Cursor:
         self._cur.close()
 
 
-def _mapped(e: psycopg.Error) -> sqlite3.Error:
+def _mapped(e: psycopg.Error, sql: str | None = None) -> sqlite3.Error:
     if isinstance(e, psycopg.IntegrityError):
         cls: type[sqlite3.Error] = sqlite3.IntegrityError
     elif isinstance(e, psycopg.OperationalError | psycopg.ProgrammingError):
@@ -134,6 +134,8 @@ def _mapped(e: psycopg.Error) -> sqlite3.Error:
     else:
         cls = sqlite3.DatabaseError
     detail = e.diag.message_primary if e.diag and e.diag.message_primary else str(e)
+    if sql is not None and not isinstance(e, psycopg.IntegrityError | psycopg.OperationalError):
+        detail += f" (in: {' '.join(sql.split())[:300]})"  # a statement this dialect got wrong
     err = cls(detail)
     err.sqlite_errorname = type(e).__name__
     return err
@@ -178,7 +180,7 @@ class PgConnection:
         try:
             cur.execute(t.sql, args)
         except psycopg.Error as e:
-            raise _mapped(e) from e
+            raise _mapped(e, t.sql) from e
         return Cursor(cur)
 
     def executemany(self, sql: str, seq: Sequence[Params]) -> Cursor:

@@ -14,12 +14,21 @@ from hub.config import HubConfig
 
 
 @pytest.fixture
-async def api(aiohttp_client: Any, tmp_path: Path, mosquitto: str) -> Any:
-    config = HubConfig(data_dir=tmp_path / "hub", mqtt_url=mosquitto, welcome_grant_credits=10)
+async def api(aiohttp_client: Any, tmp_path: Path, mosquitto: str, store: str | Path) -> Any:
+    """The app on a SQLite file, or (in modules marked both_stores) also on PostgreSQL."""
+    config = HubConfig(
+        data_dir=tmp_path / "hub", db_url=db_url(store), mqtt_url=mosquitto,
+        welcome_grant_credits=10,
+    )  # fmt: skip
     app = create_app(config)
     client = await aiohttp_client(app)
     client.services = app[SERVICES]
     return client
+
+
+def db_url(store: str | Path) -> str | None:
+    """HubConfig's db_url for the `store` fixture's value (None: the SQLite file in data_dir)."""
+    return store if isinstance(store, str) else None
 
 
 async def login(api: Any, token: str) -> dict[str, str]:

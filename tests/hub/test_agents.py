@@ -29,10 +29,12 @@ from hub.config import HubConfig
 from hub.ledger.ledger import Ledger
 from hub.mqtt import bridge
 from hub.mqtt.bridge import parse_mqtt_url
-from hub.store.db import Database
+from hub.store.db import open_database
 from hub.store.rows import Store
 from tests.conftest import ROOT, require_mosquitto, wait_until
-from tests.hub.conftest import login, new_user
+from tests.hub.conftest import db_url, login, new_user
+
+pytestmark = pytest.mark.both_stores
 
 FIB_IN = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0}},
           "required": ["n"], "additionalProperties": False}  # fmt: skip
@@ -121,13 +123,17 @@ def fib_answer(call: dict[str, Any]) -> tuple[bool, Any]:
 
 
 @pytest.fixture
-async def api(aiohttp_client: Any, tmp_path: Path, request: pytest.FixtureRequest) -> Any:
-    """The hub with its own broker: Mosquitto, or another kind a test names (indirect)."""
+async def api(
+    aiohttp_client: Any, tmp_path: Path, request: pytest.FixtureRequest, store: str | Path
+) -> Any:
+    """The hub with its own broker: Mosquitto, or another kind a test names (indirect); on
+    each store."""
     broker = getattr(request, "param", "mosquitto")
     if broker == "mosquitto":
         require_mosquitto()
-    config = HubConfig(data_dir=tmp_path / "hub", broker=broker, broker_port=0,
-                       welcome_grant_credits=10, heartbeat_interval_s=0.5)  # fmt: skip
+    config = HubConfig(data_dir=tmp_path / "hub", db_url=db_url(store), broker=broker,
+                       broker_port=0, welcome_grant_credits=10,
+                       heartbeat_interval_s=0.5)  # fmt: skip
     app = create_app(config)
     client = await aiohttp_client(app)
     client.services = app[SERVICES]
@@ -485,9 +491,10 @@ async def test_calls_over_mqtt_and_nobody_spends_another_wallet(api: Any) -> Non
         buyer_peer.stop()
 
 
-def test_pending_calls_expire_when_the_hub_starts_again(tmp_path: Path) -> None:
+def test_pending_calls_expire_when_the_hub_starts_again(store: str | Path) -> None:
     """The deadline is in the database: a hub that was down past it refunds at its start."""
-    db = Database(tmp_path / "hub.sqlite")
+    target = store  # the name is reused below for the Store
+    db = open_database(target)
     ledger = Ledger(db)
     ledger.ensure_mint()
     store = Store(db)
@@ -505,7 +512,7 @@ def test_pending_calls_expire_when_the_hub_starts_again(tmp_path: Path) -> None:
     assert new and ledger.balance("wallet:" + buyer) == 2_000_000
     db.close()
 
-    db = Database(tmp_path / "hub.sqlite")  # the hub starts again, later
+    db = open_database(target)  # the hub starts again, later
     ledger, store = Ledger(db), Store(db)
     agents = Agents(db, store, ledger)
     agents.attach(lambda topic, msg: sent.append((topic, msg)))

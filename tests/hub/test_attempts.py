@@ -24,8 +24,11 @@ from hub.ledger.money import MICRO
 from hub.market.errors import JobError
 from hub.market.jobs import wallet_of
 from hub.market.spec import JobSpec
+from tests.hub.conftest import db_url
 from tests.hub.test_earnings import add_node
 from tests.hub.test_reputation import placed, score
+
+pytestmark = pytest.mark.both_stores
 
 HOUR = 3600
 T0 = 1_800_000_000.0
@@ -40,8 +43,8 @@ class Clock:
 
 
 @pytest.fixture
-def services(tmp_path: Path) -> Services:
-    s = open_services(HubConfig(data_dir=tmp_path, welcome_grant_credits=100))
+def services(tmp_path: Path, store: str | Path) -> Services:
+    s = open_services(HubConfig(data_dir=tmp_path, db_url=db_url(store), welcome_grant_credits=100))
     s.jobs.clock = Clock()
     return s
 

@@ -16,11 +16,16 @@ from hub.ledger import economy
 from hub.ledger.money import MICRO
 from hub.market.jobs import wallet_of
 from hub.market.spec import JobSpec
+from tests.hub.conftest import db_url
+
+pytestmark = pytest.mark.both_stores
 
 
 @pytest.fixture
-def services(tmp_path: Path) -> Services:
-    return open_services(HubConfig(data_dir=tmp_path, welcome_grant_credits=10))
+def services(tmp_path: Path, store: str | Path) -> Services:
+    return open_services(
+        HubConfig(data_dir=tmp_path, db_url=db_url(store), welcome_grant_credits=10)
+    )
 
 
 def add_node(s: Services, owner: str) -> Any:

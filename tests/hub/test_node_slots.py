@@ -10,11 +10,14 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
+import pytest
 
 from edge.core import protocol
 from hub.api.types import NodeList, NodeView
 from tests.hub.conftest import new_user
 from tests.hub.test_node_auth import enroll
+
+pytestmark = pytest.mark.both_stores
 
 L4 = {"index": 0, "name": "NVIDIA L4", "uuid": "GPU-5e1c1d0a-7f3e-4b7c-9d1e-2a6f0c9b8e41",
       "memory_mb": 23034}  # fmt: skip

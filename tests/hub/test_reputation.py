@@ -24,16 +24,20 @@ from hub.ledger.money import MICRO
 from hub.market import reputation
 from hub.market.jobs import wallet_of
 from hub.market.spec import JobSpec
-from tests.hub.conftest import login, new_user
+from tests.hub.conftest import db_url, login, new_user
 from tests.hub.test_earnings import add_node
+
+pytestmark = pytest.mark.both_stores
 
 FIB = {"type": "wasm", "module": "example:fib", "entrypoint": "fib", "args": ["20"]}
 PAY = economy.node_pay(1000, 10, 10)
 
 
 @pytest.fixture
-def services(tmp_path: Path) -> Services:
-    return open_services(HubConfig(data_dir=tmp_path, welcome_grant_credits=10))
+def services(tmp_path: Path, store: str | Path) -> Services:
+    return open_services(
+        HubConfig(data_dir=tmp_path, db_url=db_url(store), welcome_grant_credits=10)
+    )
 
 
 def submit(s: Services, user: str) -> Any:

@@ -21,15 +21,20 @@ from hub.ledger.money import MICRO
 from hub.market.errors import JobError
 from hub.market.jobs import wallet_of
 from hub.market.spec import JobSpec
+from tests.hub.conftest import db_url
 from tests.hub.test_earnings import add_node
+
+pytestmark = pytest.mark.both_stores
 
 HOUR = 3600
 PRICE = 10 * MICRO  # one CPU for one hour
 
 
 @pytest.fixture
-def services(tmp_path: Path) -> Services:
-    return open_services(HubConfig(data_dir=tmp_path, welcome_grant_credits=25))
+def services(tmp_path: Path, store: str | Path) -> Services:
+    return open_services(
+        HubConfig(data_dir=tmp_path, db_url=db_url(store), welcome_grant_credits=25)
+    )
 
 
 def service_spec(**over: Any) -> JobSpec:

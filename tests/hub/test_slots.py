@@ -22,7 +22,10 @@ from hub.ledger import economy
 from hub.market.jobs import JobError, wallet_of
 from hub.market.spec import JobSpec
 from hub.mqtt.bridge import Bridge
+from tests.hub.conftest import db_url
 from tests.hub.test_earnings import add_node
+
+pytestmark = pytest.mark.both_stores
 
 L4 = {"index": 0, "name": "NVIDIA L4", "uuid": "GPU-0", "memory_mb": 23034}
 
@@ -31,8 +34,10 @@ NOW = [1_800_000_000.0]  # the hub's clock: the time between assignment and resu
 
 
 @pytest.fixture
-def s(tmp_path: Path) -> Services:
-    services = open_services(HubConfig(data_dir=tmp_path, welcome_grant_credits=100))
+def s(tmp_path: Path, store: str | Path) -> Services:
+    services = open_services(
+        HubConfig(data_dir=tmp_path, db_url=db_url(store), welcome_grant_credits=100)
+    )
     services.jobs.clock = lambda: NOW[0]
     return services
 

@@ -23,7 +23,10 @@ from hub.ledger import economy
 from hub.market.jobs import wallet_of
 from hub.market.spec import JobSpec
 from hub.mqtt.bridge import Bridge
+from tests.hub.conftest import db_url
 from tests.hub.test_earnings import add_node, run_job
+
+pytestmark = pytest.mark.both_stores
 
 DAY = 86_400
 T0 = 20_000 * DAY  # a UTC midnight
@@ -57,8 +60,10 @@ class Hub:
 
 
 @pytest.fixture
-def hub(tmp_path: Path) -> Hub:
-    config = HubConfig(data_dir=tmp_path, welcome_grant_credits=10, heartbeat_interval_s=BEAT)
+def hub(tmp_path: Path, store: str | Path) -> Hub:
+    config = HubConfig(
+        data_dir=tmp_path, db_url=db_url(store), welcome_grant_credits=10, heartbeat_interval_s=BEAT
+    )
     return Hub(open_services(config))
 
 

@@ -24,8 +24,10 @@ from hub.market import verification
 from hub.market.errors import JobError
 from hub.market.jobs import wallet_of
 from hub.market.spec import JobSpec
-from tests.hub.conftest import new_user
+from tests.hub.conftest import db_url, new_user
 from tests.hub.test_earnings import add_node
+
+pytestmark = pytest.mark.both_stores
 
 FIB = {"type": "wasm", "module": "example:fib", "entrypoint": "fib", "args": ["20"]}
 CHARGE = economy.job_charge(1000, 10, 10, "normal")  # one started second of one CPU
@@ -34,8 +36,10 @@ HOLD = economy.max_price(1000, 10, "normal")
 
 
 @pytest.fixture
-def services(tmp_path: Path) -> Services:
-    return open_services(HubConfig(data_dir=tmp_path, welcome_grant_credits=10))
+def services(tmp_path: Path, store: str | Path) -> Services:
+    return open_services(
+        HubConfig(data_dir=tmp_path, db_url=db_url(store), welcome_grant_credits=10)
+    )
 
 
 def spec(k: int | None = 3, **over: Any) -> JobSpec:
