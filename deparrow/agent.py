@@ -44,6 +44,7 @@ without a result), `DeparrowError` for the rest.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import logging
@@ -72,6 +73,7 @@ log = logging.getLogger(__name__)
 Handler = Callable[[Any], Any]
 JobCallback = Callable[[dict[str, Any]], None]
 FINAL = "final"  # the field of a job's final reply (docs/protocol.md, "The final reply")
+BROKER_WINDOW_S = 10.0  # with a bootstrap URL, a broker lost this long is left for another
 KEEP_FINALS = 1000  # finished jobs remembered, to drop a duplicate final and serve wait_job
 
 
@@ -239,6 +241,10 @@ class Agent:
         self._finished: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._pending_jobs: set[str] = set()  # submitted over MQTT here, final not yet come
         self._on_done: dict[str, JobCallback] = {}
+        # With a bootstrap URL: a broker gone this long is left for another (_check_broker).
+        self.broker_window_s = BROKER_WINDOW_S
+        self._lost_at: float | None = None  # when the broker connection was lost
+        self.broker: str | None = None  # the MQTT broker it is connected to (or was last)
 
     # --- creating agents --------------------------------------------------------------------
     @classmethod
@@ -567,7 +573,7 @@ class Agent:
         self.start()
         try:
             while not self._stop.wait(0.5):
-                pass
+                self._check_broker()
         except KeyboardInterrupt:
             pass
         finally:
@@ -620,64 +626,117 @@ class Agent:
         return tls_context(ca_file=self.ca)
 
     # --- MQTT -------------------------------------------------------------------------------
+    def _broker_urls(self) -> list[str]:
+        """Where to connect: with a bootstrap URL, the brokers its list gives (fetched again),
+        best first; else the one the hub gives out (the first, for a broker cluster's list)."""
+        replicas = self._tls.replicas
+        if replicas is not None:
+            with contextlib.suppress(OSError):  # none answers the list: the one known
+                replicas.refresh()
+            if replicas.brokers:
+                return list(replicas.brokers)
+        given = self.request("GET", "/api/v1/status", auth=False)["broker"]["public_url"]
+        return [str(given).split(",")[0].strip()]
+
     def _connect(self) -> Any:
         with self._lock:
             if self._mqtt is not None:
                 return self._mqtt
-            import paho.mqtt.client as mqtt
-            from paho.mqtt.enums import CallbackAPIVersion
+            problem: DeparrowError | None = None
+            for url in self._broker_urls():
+                try:
+                    self._mqtt = self._connect_to(urllib.parse.urlsplit(url))
+                except DeparrowError as e:  # the next broker, with a bootstrap URL
+                    problem = e
+                    continue
+                self._lost_at, self.broker = None, url
+                return self._mqtt
+            assert problem is not None
+            raise problem
 
-            url = urllib.parse.urlsplit(self.request("GET", "/api/v1/status", auth=False)
-                                        ["broker"]["public_url"])  # fmt: skip
-            client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2,
-                                 client_id=f"{self.id}-{uuid.uuid4().hex[:8]}")  # fmt: skip
-            client.username_pw_set(self.id, self.token)
-            tls = url.scheme in ("mqtts", "ssl")
-            if tls:  # a hub with --tls gives out its broker's TLS listener
-                client.tls_set_context(self._broker_context())
-            subscribed = threading.Event()
-            refused: list[str] = []
-            connects: list[int] = []
+    def _check_broker(self) -> None:
+        """With a bootstrap URL: a broker lost for broker_window_s is left for the best one
+        the list gives now (and one left with none to take over is tried again here); final
+        replies missed meanwhile are read over REST."""
+        if self.bootstrap is None:
+            return
+        if self._mqtt is not None:
+            lost = self._lost_at
+            if lost is None or time.monotonic() - lost < self.broker_window_s:
+                return
+            with self._lock:
+                old, self._mqtt = self._mqtt, None
+            if old is None:
+                return
+            log.warning("agent %s: the broker at %s was gone for %g s; moving to another",
+                        self._id, getattr(old, "host", "?"), self.broker_window_s)  # fmt: skip
+            old.disconnect()
+            old.loop_stop()
+        try:
+            self._connect()
+        except DeparrowError as e:  # none takes us now: the next check tries again
+            log.warning("agent %s: no broker takes it: %s", self._id, e)
+            return
+        if self._pool is not None:
+            self._pool.submit(self._recover_finals)
 
-            def on_connect(c: Any, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
-                if rc.is_failure:
-                    refused.append(str(rc))
-                    subscribed.set()
-                    return
-                c.subscribe([(protocol.agent_topic(self.id, k), 1) for k in protocol.AGENT_IN])
-                connects.append(1)
-                if len(connects) > 1 and self._pool is not None:
-                    # A clean session: final replies sent while away were lost with it.
-                    self._pool.submit(self._recover_finals)
+    def _connect_to(self, url: urllib.parse.SplitResult) -> Any:
+        """A connection to one broker, subscribed; DeparrowError (AuthError: refused)."""
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
 
-            client.on_connect = on_connect
-            client.on_subscribe = lambda *_a: subscribed.set()
-            client.on_message = self._on_message
-            port = url.port or (8883 if tls else 1883)
-            try:
-                client.connect(url.hostname or "127.0.0.1", port, keepalive=30)
-            except ssl.SSLCertVerificationError as e:
-                why = untrusted(e, url.geturl(), self.ca is not None)
-                raise DeparrowError(
-                    f"cannot reach the hub's broker at {url.geturl()}: {why}"
-                ) from None
-            except OSError as e:
-                raise DeparrowError(
-                    f"cannot reach the hub's broker at {url.geturl()}: {e}"
-                ) from None
-            client.loop_start()
-            if not subscribed.wait(15) or refused:
-                client.loop_stop()
-                raise AuthError(
-                    f"the broker at {url.geturl()} refused agent {self.id}: "
-                    f"{refused[0] if refused else 'no answer'}"
-                )
+        client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2,
+                             client_id=f"{self.id}-{uuid.uuid4().hex[:8]}")  # fmt: skip
+        client.username_pw_set(self.id, self.token)
+        tls = url.scheme in ("mqtts", "ssl")
+        if tls:  # a hub with --tls gives out its broker's TLS listener
+            client.tls_set_context(self._broker_context())
+        subscribed = threading.Event()
+        refused: list[str] = []
+        connects: list[int] = []
+
+        def on_connect(c: Any, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
+            if rc.is_failure:
+                refused.append(str(rc))
+                subscribed.set()
+                return
+            c.subscribe([(protocol.agent_topic(self.id, k), 1) for k in protocol.AGENT_IN])
+            self._lost_at = None
+            connects.append(1)
+            if len(connects) > 1 and self._pool is not None:
+                # A clean session: final replies sent while away were lost with it.
+                self._pool.submit(self._recover_finals)
+
+        def on_disconnect(*_a: Any) -> None:
+            if self._lost_at is None and self._mqtt is client:
+                self._lost_at = time.monotonic()
+
+        client.on_connect = on_connect
+        client.on_disconnect = on_disconnect
+        client.on_subscribe = lambda *_a: subscribed.set()
+        client.on_message = self._on_message
+        port = url.port or (8883 if tls else 1883)
+        try:
+            client.connect(url.hostname or "127.0.0.1", port, keepalive=30)
+        except ssl.SSLCertVerificationError as e:
+            why = untrusted(e, url.geturl(), self.ca is not None)
+            raise DeparrowError(f"cannot reach the hub's broker at {url.geturl()}: {why}") from None
+        except OSError as e:
+            raise DeparrowError(f"cannot reach the hub's broker at {url.geturl()}: {e}") from None
+        client.loop_start()
+        if not subscribed.wait(15) or refused:
+            client.loop_stop()
+            raise AuthError(
+                f"the broker at {url.geturl()} refused agent {self.id}: "
+                f"{refused[0] if refused else 'no answer'}"
+            )
+        if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="deparrow-call")
-            self._mqtt = client
-            return client
+        return client
 
     def _ask(self, kind: str, request_id: str, msg: dict[str, Any], timeout_s: float) -> Any:
         """Publish on this agent's `kind` topic and wait for the reply with request_id."""
+        self._check_broker()
         client = self._connect()
         event: threading.Event = threading.Event()
         slot: list[dict[str, Any]] = []

@@ -23,7 +23,7 @@ import urllib.error
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from edge.bootstrap import base_urls, fetch, replica_urls
+from edge.bootstrap import base_urls, broker_urls, fetch, replica_urls
 
 NOT_SENT = "not-sent"  # the request never reached a replica: always safe to send again
 MAYBE_DONE = "maybe-done"  # it may have: send again only what is safe to repeat
@@ -82,6 +82,7 @@ class Replicas:
         self._fetch = fetch_list or (lambda urls: fetch(urls, region, timeout_s))
         self.clock = clock
         self.urls: list[str] = []
+        self.brokers: list[str] = []  # the MQTT brokers the replicas give out, best first
         self.refresh_s = 30.0
         self.fetched_at: float | None = None
 
@@ -94,6 +95,7 @@ class Replicas:
         order += [u for u in avoid if u not in order]
         answer = self._fetch(order)
         self.urls = replica_urls(answer)
+        self.brokers = broker_urls(answer)
         self.refresh_s = float(answer.get("refresh_s") or self.refresh_s)
         self.fetched_at = self.clock()
         return list(self.urls)

@@ -21,7 +21,7 @@ import pytest
 from deparrow import Agent, DeparrowError
 from deparrow.bootstrap import MAYBE_DONE, NOT_SENT, failure, resendable
 from deparrow.client import Client, HubError
-from deparrow.localnet import LocalHub
+from deparrow.localnet import LocalHub, wait_for
 from deparrow.pgserver import LocalPostgres
 from hub.cluster.registry import Registry
 from hub.store.db import open_database
@@ -115,6 +115,30 @@ def test_sdk_agent_and_client_go_on_through_the_other_replica(pair: Pair) -> Non
     sent = agent.transfer(other["id"], "1", key="t-1")
     assert agent.transfer(other["id"], "1", key="t-1")["entry"] == sent["entry"]
     assert Client(pair.us.url, other["token"]).wallet()["balance"] == "101"  # moved once
+
+
+def test_sdk_agent_mqtt_moves_to_the_broker_of_the_other_replica(pair: Pair) -> None:
+    user, _ = pair.eu.user("gina")
+    agent = Agent(None, user["token"], bootstrap=pair.us.url, region="eu")
+    agent.broker_window_s = 1.0
+    eu_broker, us_broker = (b["url"] for b in Client(pair.us.url).request(
+        "GET", "/api/v1/bootstrap?region=eu", auth=False)["brokers"])  # fmt: skip
+    serving = threading.Thread(target=agent.serve, daemon=True)
+    serving.start()
+    try:
+        wait_for("the agent on eu's broker", lambda: agent.broker == eu_broker, 30)
+        first = agent.submit_job(FIB, via="mqtt", key="m-1")  # handled by eu
+        pair.eu.proc.kill()  # the replica and its broker
+        # us's broker learns the agent's login from the shared store within its resync.
+        wait_for("the agent on us's broker", lambda: agent.broker == us_broker
+                 and agent._mqtt is not None and agent._mqtt.is_connected(), 60)  # fmt: skip
+        assert agent.submit_job(FIB, via="mqtt", key="m-1") == first  # the same job
+        second = agent.submit_job(FIB, via="mqtt", key="m-2")
+        mine = Client(pair.us.url, user["token"]).jobs()
+        assert sorted(j["id"] for j in mine) == sorted([first, second])
+    finally:
+        agent.stop()
+        serving.join(10)
 
 
 class Hole:
