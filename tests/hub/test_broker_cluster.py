@@ -413,6 +413,52 @@ async def _until(check: Any, timeout_s: float = 20.0) -> None:
         await asyncio.sleep(0.02)
 
 
+async def test_a_bridge_keeps_the_servers_it_has_and_joins_one_that_comes_back(
+    tmp_path: Path, services: Services, nodes: list[str]
+) -> None:
+    """Server B is down when the hub starts: it starts on A and C and hears nodes there; B
+    comes back and the hub joins it; A dies and the hub goes on with B and C."""
+    require_mosquitto()
+    cluster = LocalBrokerCluster(tmp_path / "brokers", 3, auth=True)
+    sync_logins(services, cluster)
+    cluster.start()
+    cluster.kill(1)
+    hub_url = cluster.hub_url_list(logins.HUB_USER, HUB_PASSWORD)
+    bridge = CountingBridge(hub_url, services.store, services.jobs, services.scheduler)
+    try:
+        await bridge.start()  # once one server has accepted it
+        await _until(lambda: [link.connected for link in bridge.links] == [True, False, True])
+        await _beat_through(cluster, nodes[0], at=2, seq=0)
+        await _until(lambda: bridge.handled == [0])
+
+        cluster.start()  # B again, on its ports
+        await _until(lambda: bridge.links[1].connected)
+        await _beat_through(cluster, nodes[0], at=1, seq=1)
+        await _until(lambda: bridge.handled == [0, 1])
+
+        cluster.kill(0)
+        await _until(lambda: not bridge.links[0].connected)
+        assert bridge.connected
+        await _beat_through(cluster, nodes[0], at=2, seq=2)
+        await _until(lambda: bridge.handled == [0, 1, 2])
+    finally:
+        await bridge.stop()
+        cluster.stop()
+
+
+async def _beat_through(cluster: LocalBrokerCluster, node_id: str, at: int, seq: int) -> None:
+    """One heartbeat (QoS 1) from the node through server `at`."""
+
+    def beat() -> None:
+        offer = {"cpu": 2, "memory_mb": 512, "gpu": 0, "load": 0}
+        node = NodeClient([cluster.urls[at]], node_id, NODE_PASSWORD)
+        msg = protocol.encode(protocol.heartbeat(node_id, seq, protocol.IDLE, offer, []))
+        node.publish(protocol.HEARTBEAT, msg).wait_for_publish(5)
+        node.close()
+
+    await asyncio.to_thread(beat)
+
+
 def test_the_mqtt_url_list_names_every_server_and_its_login() -> None:
     servers = parse_mqtt_urls("mqtt://deparrow-hub:p%40ss@10.0.0.1:1884, mqtt://10.0.0.2")
     assert [(s.host, s.port, s.username, s.password) for s in servers] == [
