@@ -28,7 +28,7 @@ from hub.api.services import Services
 from hub.app import open_services
 from hub.config import HubConfig
 from hub.mqtt import logins
-from hub.mqtt.bridge import Bridge, parse_mqtt_urls
+from hub.mqtt.bridge import Bridge, Receipts, parse_mqtt_urls
 from hub.mqtt.link import subscriptions
 from hub.store.passwords import hash_password
 from tests.conftest import require_mosquitto
@@ -441,6 +441,21 @@ async def test_a_bridge_keeps_the_servers_it_has_and_joins_one_that_comes_back(
         assert bridge.connected
         await _beat_through(cluster, nodes[0], at=2, seq=2)
         await _until(lambda: bridge.handled == [0, 1, 2])
+
+        # What the hub says goes out on every server it is on: the node on C gets it, once.
+        node = await asyncio.to_thread(NodeClient, [cluster.urls[2]], nodes[0], NODE_PASSWORD)
+        got: list[int] = []
+        acked: list[Any] = []
+        node.c.on_message = lambda _c, _u, m: got.append(json.loads(m.payload)["n"])
+        node.c.on_subscribe = lambda _c, _u, _m, rcs, _p: acked.extend(rcs)
+        node.c.subscribe(protocol.node_topic(nodes[0], protocol.CANCEL), 1)
+        await _until(lambda: acked)
+        receipts = [bridge._send(protocol.node_topic(nodes[0], protocol.CANCEL), {"n": n})
+                    for n in (1, 2)]  # fmt: skip
+        assert all(isinstance(r, Receipts) and len(r.receipts) == 2 for r in receipts)  # B, C
+        await _until(lambda: all(r.is_published() for r in receipts) and 2 in got)
+        assert got == [1, 2]
+        await asyncio.to_thread(node.close)
     finally:
         await bridge.stop()
         cluster.stop()
