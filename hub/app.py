@@ -22,6 +22,7 @@ from hub.api import agents, health, http, limits, metrics, routes
 from hub.api.jobs import fetch_inputs
 from hub.api.nodes import TLS, HubTls
 from hub.api.services import SERVICES, Services
+from hub.cluster.leader import leadership_for
 from hub.config import HubConfig
 from hub.ledger.ledger import Ledger
 from hub.market.jobs import Jobs
@@ -51,7 +52,9 @@ def open_services(config: HubConfig) -> Services:
     store = Store(db)
     jobs = Jobs(config, db, store, ledger)
     scheduler = Scheduler(config, store, jobs)
-    return Services(config, db, store, ledger, jobs, scheduler, Agents(db, store, ledger))
+    services = Services(config, db, store, ledger, jobs, scheduler, Agents(db, store, ledger))
+    services.leadership = leadership_for(config.db_target)
+    return services
 
 
 def bootstrap_admin(services: Services) -> None:
@@ -76,6 +79,15 @@ async def _keep_broker_in_sync(services: Services) -> None:
             services.sync_broker()
         except Exception:  # a full disk, say: the broker keeps the logins it has
             log.exception("could not update the broker's logins")
+
+
+def _take_the_lead(services: Services) -> None:
+    """A hub starting alone, or a replica taking over from a leader that died: assignments and
+    agent calls that may never have gone out go out again, and calls whose deadline passed
+    meanwhile are refunded."""
+    services.bridge.resend_assignments()
+    services.agents.tick()
+    services.agents.resend_pending()
 
 
 async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -154,10 +166,14 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
     # Nodes kept running while the hub was away: give each a full liveness window to be heard
     # before it is judged offline, instead of judging it by a heartbeat from before the restart.
     services.store.touch_nodes()
-    bridge.resend_assignments()
     services.agents.attach(bridge.publish)
-    services.agents.tick()  # calls whose deadline passed while the hub was down: refunded
-    services.agents.resend_pending()
+    lead = services.leadership
+    lead.on_lead = lambda: _take_the_lead(services)
+    lead.on_pass = bridge.dispatch
+    lead.on_change = functools.partial(live.record, app)  # another replica's change
+    bridge.messages.leading = lambda: lead.leading
+    bridge.messages.ask_leader = lead.request_pass
+    await lead.start()
     resync = asyncio.create_task(_keep_broker_in_sync(services))
     from hub.api import bootstrap
 
@@ -166,6 +182,7 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await bootstrap.leave(app)
+        await lead.stop()
         resync.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await resync
@@ -240,6 +257,12 @@ def _limits(config: HubConfig) -> list[Any]:
     ]
 
 
+def _changed(app: web.Application, kind: str, data: dict[str, Any]) -> None:
+    """A change this replica made: its open dashboards, and the other replicas' (hub/cluster)."""
+    live.record(app, kind, data)
+    app[SERVICES].leadership.share(kind, data)
+
+
 def create_app(config: HubConfig, services: Services | None = None) -> web.Application:
     problem = config.exposure_problem()
     if problem:
@@ -272,7 +295,7 @@ def create_app(config: HubConfig, services: Services | None = None) -> web.Appli
         loader=jinja2.FileSystemLoader(str(Path(__file__).parent / "templates")),
         autoescape=True,
     )
-    services.on_change = functools.partial(live.record, app)
+    services.on_change = functools.partial(_changed, app)
     routes.add_routes(app)
     metrics.add_routes(app)
     health.add_routes(app)

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 
 from hub.agents.registry import Agents
+from hub.cluster.leader import Leadership
 from hub.config import HubConfig
 from hub.ledger.ledger import Ledger
 from hub.ledger.money import MICRO
@@ -43,6 +44,8 @@ class Services:
     # A job or node changed state: the app factory points this at the dashboard's live feed
     # (hub/web/live.py), so neither the API nor the bridge imports the pages.
     on_change: Callable[[str, dict[str, Any]], None] = lambda _kind, _data: None
+    # Which replica runs the scheduler and the ticks (hub/cluster/leader.py); a hub alone leads.
+    leadership: Leadership = field(default_factory=Leadership)
 
     def sync_broker(self) -> bool:
         """Give the hub's own broker the logins and ACLs the store says (the hub, every node

@@ -80,12 +80,20 @@ class Messages:
         self._fetching: set[asyncio.Task[None]] = set()
         # Counted by the app's metrics (hub/api/metrics.py): each heartbeat, and each result
         # with what it did and the job's row after it.
+        # Replicas (hub/cluster/leader.py): only the leader schedules and ticks; another asks
+        # it for a pass instead.
+        self.leading: Callable[[], bool] = lambda: True
+        self.ask_leader: Callable[[], None] = lambda: None
         self.heard: Callable[[], None] = lambda: None
         self.settled: Callable[[str, Any], None] = lambda _outcome, _job: None
 
     # --- what goes to the nodes ------------------------------------------------------------
     def schedule(self) -> int:
-        """One scheduling pass; its assignments go out (QoS 1) after the batch commits."""
+        """One scheduling pass; its assignments go out (QoS 1) after the batch commits. A
+        replica that does not lead asks the leader instead."""
+        if not self.leading():
+            self.ask_leader()
+            return 0
         assignments = self.scheduler.schedule()
         for a in assignments:
             self.publish(protocol.node_topic(a.node_id, protocol.ASSIGN), a.message)
@@ -117,7 +125,9 @@ class Messages:
     # --- the scheduler's tick --------------------------------------------------------------
     def tick_steps(self, now: float) -> list[tuple[str, Callable[[], object]]]:
         """The tick's steps at `now`, named for the log; the bridge runs each in a savepoint
-        of its own."""
+        of its own. None on a replica that does not lead."""
+        if not self.leading():
+            return []
         steps: list[tuple[str, Callable[[], object]]] = [
             ("the liveness sweep", lambda: self._sweep(now)),
             ("service billing", lambda: self._bill(now)),
