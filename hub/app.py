@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -50,6 +51,8 @@ def open_services(config: HubConfig) -> Services:
     ledger = Ledger(db)
     ledger.ensure_mint()
     store = Store(db)
+    if config.db_url and not config.jwt_secret:  # replicas must sign and verify alike
+        config = dataclasses.replace(config, jwt_secret=store.shared_secret("jwt_secret"))
     jobs = Jobs(config, db, store, ledger)
     scheduler = Scheduler(config, store, jobs)
     services = Services(config, db, store, ledger, jobs, scheduler, Agents(db, store, ledger))
@@ -267,7 +270,10 @@ def create_app(config: HubConfig, services: Services | None = None) -> web.Appli
     problem = config.exposure_problem()
     if problem:
         raise ValueError(problem)
-    config = config.with_secret()
+    if not config.db_url:
+        config = config.with_secret()  # a hub alone keeps its JWT key in its data directory
+    services = services or open_services(config)
+    config = services.config
     app = web.Application(
         middlewares=[
             metrics.middleware,  # outermost: every request is timed, refused ones too
@@ -286,7 +292,6 @@ def create_app(config: HubConfig, services: Services | None = None) -> web.Appli
             "cross the network in plain text",
             config.host,
         )
-    services = services or open_services(config)
     bootstrap_admin(services)
     app[SERVICES] = services
     app[metrics.METRICS] = metrics.HubMetrics(services)  # this app's own registry

@@ -318,6 +318,14 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         # resume_at, the hub time it may run jobs again at the earliest, or null); else NULL.
         "ALTER TABLE nodes ADD COLUMN suspended TEXT;",
     ),
+    (
+        14,
+        "settings every replica shares",
+        # Secrets that hub replicas sharing this store must agree on (the JWT signing key), made
+        # by the first replica that asks (Store.shared_secret). A hub on SQLite keeps its key
+        # in its data directory instead.
+        "CREATE TABLE settings (name TEXT PRIMARY KEY, value TEXT NOT NULL);",
+    ),
 ]
 
 
@@ -334,6 +342,16 @@ class Store:
         self.db = db
         self.clock: Callable[[], float] = time.time  # the hub's (Jobs sets it): blobs' times
         db.migrate("store", MIGRATIONS)
+
+    def shared_secret(self, name: str) -> str:
+        """A random secret every replica on this store uses, made by the first that asks."""
+        with self.db.transaction() as c:
+            c.execute(
+                "INSERT OR IGNORE INTO settings (name, value) VALUES (?, ?)",
+                (name, secrets.token_hex(32)),
+            )
+            row = c.execute("SELECT value FROM settings WHERE name = ?", (name,)).fetchone()
+        return str(row[0])
 
     # --- users -------------------------------------------------------------
     def create_user(self, name: str, role: str, referred_by: str | None = None) -> tuple[str, str]:
