@@ -54,7 +54,7 @@ def _network_checks(
 
     try:
         return user_checks(
-            obj.hub,
+            obj.client().hub if obj.bootstrap else obj.hub,
             obj.api_token(),
             mqtt_url=mqtt_url,
             mqtt_username=mqtt_username,
@@ -102,12 +102,13 @@ def status_cmd(
     With --deep, the lines of `deparrow network diagnose` follow.
     """
     client = obj.client()
-    report: dict[str, Any] = {"hub": obj.hub}
+    report: dict[str, Any] = {"hub": obj.bootstrap or obj.hub}
     ok = True
     lines = []
     try:
         st = client.status()
-        lines.append(f"ok    hub reachable at {obj.hub}")
+        report["hub"] = client.hub  # with --bootstrap: the replica that answered
+        lines.append(f"ok    hub reachable at {client.hub}")
         report["hub_ok"] = True
         broker = st["broker"]
         report["broker"] = broker
