@@ -11,6 +11,8 @@
 #   postgresql-15             the hub's store on PostgreSQL (tests start their own server: initdb, pg_ctl)
 #   build-essential patch     MicroPython's unix port with the node frozen in (firmware/build.sh
 #                             --unix: gcc, make, libc headers; patch for wasm3's core)
+#   nginx                     the load balancer in front of hub replicas (deploy/nginx, tests/test_deploy.py)
+#   podman-compose            parses deploy/compose.yaml as podman-compose reads it (tests/test_deploy.py)
 set -euo pipefail
 
 need=()
@@ -31,6 +33,8 @@ command -v debootstrap >/dev/null || need+=(debootstrap)
 { command -v gcc && command -v make && command -v g++; } >/dev/null || need+=(build-essential)
 command -v patch >/dev/null || need+=(patch)
 compgen -G "/usr/lib/postgresql/*/bin/pg_ctl" >/dev/null || need+=(postgresql-15)
+command -v nginx >/dev/null || need+=(nginx)
+command -v podman-compose >/dev/null || need+=(podman-compose)
 [ -e /usr/include/x86_64-linux-gnu/gnu/stubs-32.h ] || [ "$(uname -m)" != x86_64 ] \
   || need+=(gcc-multilib)
 
