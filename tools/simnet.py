@@ -316,6 +316,11 @@ def _outcome(run: _Run, rng: random.Random, real: dict[str, Any] | None) -> dict
 
 
 # --- paho on one asyncio loop ---------------------------------------------------------------
+def _host_port(url: str) -> tuple[str, int]:
+    parts = urlsplit(url.strip())
+    return parts.hostname or "127.0.0.1", parts.port or 1883
+
+
 def _tcp_no_delay(sock: Any) -> None:
     if isinstance(sock, socket.socket):  # small QoS 1 messages must not wait out Nagle
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -418,8 +423,12 @@ class SimNode:
         self._beat: asyncio.TimerHandle | None = None
         self._stopping = False
         creds = identity["mqtt"]
-        parts = urlsplit(creds["url"])
-        self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 1883
+        # A broker cluster's servers (a comma-separated list, docs/broker-cluster.md): the
+        # nodes spread over them, and each moves to the next when its server is gone.
+        self.brokers = [_host_port(u) for u in str(creds["url"]).split(",") if u.strip()]
+        self.at = seed % len(self.brokers)
+        self.host, self.port = self.brokers[self.at]
+        self._tries = 0  # reconnects since the last connection: past one, try the next server
         self.client = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=creds.get("client_id") or self.id,
@@ -460,6 +469,7 @@ class SimNode:
         if rc.is_failure:
             self.net.log(f"{self.name}: the broker refused us: {rc}")
             return
+        self._tries = 0
         self.net.loop.call_soon(self._announce)
 
     def _on_disconnect(self, _c: Any, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
@@ -474,11 +484,17 @@ class SimNode:
             return
         self.stats.reconnects += 1
         try:
-            self.client.reconnect()
+            self._tries += 1
+            if len(self.brokers) > 1 and self._tries > 1:
+                self.at = (self.at + 1) % len(self.brokers)  # that server is gone: the next
+                self.host, self.port = self.brokers[self.at]
+                self.client.connect(self.host, self.port, keepalive=30)
+            else:
+                self.client.reconnect()
             self.net.driver.flush(self.client)
         except OSError as e:
-            self.net.log(f"{self.name}: reconnect failed ({e}); trying again")
-            self.net.loop.call_later(2.0, self._reconnect)
+            self.net.log(f"{self.name}: reconnect to {self.host}:{self.port} failed ({e})")
+            self.net.loop.call_later(0.5 if len(self.brokers) > 1 else 2.0, self._reconnect)
 
     def _announce(self) -> None:
         """As docs/protocol.md says: subscribe, then status online (retained), hello, and

@@ -65,9 +65,11 @@ async def readyz(request: web.Request) -> web.Response:
         )
         if problem is not None
     }
+    lead = services.leadership  # which replica this is, and whether it runs the scheduler
+    replica = {"replica": lead.replica, "leading": lead.leading}
     if problems:
-        return json_response({"ready": False, "not_ready": problems}, 503)
-    return json_response({"ready": True})
+        return json_response({"ready": False, "not_ready": problems, **replica}, 503)
+    return json_response({"ready": True, **replica})
 
 
 def add_routes(app: web.Application) -> None:

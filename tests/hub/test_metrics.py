@@ -137,7 +137,8 @@ def test_readyz_names_the_broker_when_it_stops(tmp_path: Path) -> None:
     hub = start_hub(tmp_path, mqtt_url=broker.url)
     try:
         assert get(hub.url + "/healthz") == (200, {"ok": True})
-        assert get(hub.url + "/readyz") == (200, {"ready": True})
+        status, body = get(hub.url + "/readyz")
+        assert status == 200 and body["ready"] is True and body["leading"] is True
         broker.stop()
         _, body = wait_until(
             "/readyz to say the broker is down",
