@@ -188,6 +188,15 @@ from deparrow.cli.context import die
     "share (docs/scale.md). Default: the SQLite file DATA_DIR/hub.sqlite.  [env: DEPARROW_DB]",
 )
 @click.option(
+    "--result-grace",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(0),
+    metavar="S",
+    help="How long past a job's timeout the hub waits for its result before it counts the "
+    "attempt lost and runs the job again.",
+)
+@click.option(
     "--region",
     default="",
     metavar="NAME",
@@ -230,6 +239,7 @@ def hub_cmd(
     login_rate: float,
     log_format: str,
     db_url: str | None,
+    result_grace: float,
     region: str,
     mqtt_share_group: str | None,
     verbose: bool,
@@ -272,6 +282,7 @@ def hub_cmd(
         data_dir=data_dir or default_data_dir(),
         db_url=db_url,
         region=region,
+        result_grace_s=result_grace,
         mqtt_share_group=mqtt_share_group,
         host=host,
         port=port,
