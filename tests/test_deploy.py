@@ -1,0 +1,390 @@
+"""deploy/: the files an operator runs DEparrow at scale with (docs/scale.md), checked by the
+tools that will read them. nginx's own parser on deploy/nginx/deparrow.conf, then a real nginx
+with that file in front of two real hub processes sharing one real PostgreSQL: requests reach
+both replicas, GETs and POSTs go on when one replica dies, and the dashboard's live stream
+passes through as the hub writes it. systemd's parser on the units; the compose file as YAML
+and as podman-compose reads it, with every `deparrow hub` flag it (and the rest of deploy/ and
+docs/scale.md) uses checked against `deparrow hub --help`.
+
+nginx runs as a child process on free loopback ports, with a prefix directory of its own; only
+the addresses in the file are rendered for the test (the replicas' and the listen ports, the
+certificate): every other line is the file as shipped."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import shlex
+import shutil
+import ssl
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import pytest
+import trustme
+import yaml
+
+from deparrow.client import Client
+from deparrow.localnet import LocalHub, Proc, free_port, wait_for
+from deparrow.pgserver import LocalPostgres
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+NGINX_CONF = DEPLOY / "nginx" / "deparrow.conf"
+UNIT = DEPLOY / "systemd" / "deparrow-hub@.service"
+COMPOSE = DEPLOY / "compose.yaml"
+SCALE_DOC = ROOT / "docs" / "scale.md"
+# The store's URL as deploy/ gives it: with TCP keepalives, so a lost server is noticed.
+KEEPALIVES = "keepalives=1&keepalives_idle=10&keepalives_interval=3&keepalives_count=3"
+
+
+def tool(name: str, package: str) -> str:
+    exe = shutil.which(name, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+    if exe is None:
+        pytest.fail(f"{name} is not installed: run `make test` (Debian package {package})")
+    return exe
+
+
+# --- nginx ------------------------------------------------------------------------------------
+
+
+class Nginx:
+    """deploy/nginx/deparrow.conf in a prefix directory of its own, for two upstreams."""
+
+    def __init__(self, prefix: Path, upstreams: tuple[str, str], cert: Path, key: Path) -> None:
+        self.exe = tool("nginx", "nginx")
+        self.prefix = prefix
+        self.http_port, self.https_port = free_port(), free_port()
+        self.url = f"https://127.0.0.1:{self.https_port}"
+        text = NGINX_CONF.read_text()
+        renders = [
+            ("server hub-1:8765 ", f"server {upstreams[0]} "),
+            ("server hub-2:8765 ", f"server {upstreams[1]} "),
+            ("listen 80;", f"listen 127.0.0.1:{self.http_port};"),
+            ("listen 443 ssl http2;", f"listen 127.0.0.1:{self.https_port} ssl http2;"),
+            ("/etc/nginx/deparrow/fullchain.pem", str(cert)),
+            ("/etc/nginx/deparrow/privkey.pem", str(key)),
+        ]
+        for old, new in renders:
+            assert text.count(old) == 1, f"{old!r} is no longer in {NGINX_CONF}"
+            text = text.replace(old, new)
+        prefix.mkdir(parents=True)
+        (prefix / "deparrow.conf").write_text(text)
+        temp = {n: prefix / "temp" / n for n in ("body", "proxy", "fastcgi", "uwsgi", "scgi")}
+        for d in temp.values():
+            d.mkdir(parents=True)
+        # As root the workers would be `nobody`, who cannot enter pytest's directories.
+        user = "user root;" if os.geteuid() == 0 else ""
+        (prefix / "nginx.conf").write_text(f"""
+{user}
+daemon off;
+worker_processes 1;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log info;
+events {{ worker_connections 256; }}
+http {{
+    access_log {prefix}/access.log;
+    client_body_temp_path {temp["body"]};
+    proxy_temp_path {temp["proxy"]};
+    fastcgi_temp_path {temp["fastcgi"]};
+    uwsgi_temp_path {temp["uwsgi"]};
+    scgi_temp_path {temp["scgi"]};
+    include {prefix}/deparrow.conf;
+}}
+""")
+        self.args = [self.exe, "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-e", "stderr"]
+        self.proc: Proc | None = None
+
+    def check(self) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*self.args, "-t"], capture_output=True, text=True, timeout=30)
+
+    def start(self) -> None:
+        self.proc = Proc("nginx", self.args, self.prefix / "nginx.log")
+
+        def answers() -> bool:
+            try:
+                with socket_to(self.https_port):
+                    return True
+            except OSError:
+                return False
+
+        wait_for("nginx to listen", answers, 15, [self.proc])
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop()
+
+
+def socket_to(port: int) -> Any:
+    import socket
+
+    return socket.create_connection(("127.0.0.1", port), timeout=2)
+
+
+@pytest.fixture
+def tls(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A throwaway CA and nginx's certificate for 127.0.0.1: (ca, cert chain, key)."""
+    ca = trustme.CA()
+    server = ca.issue_cert("127.0.0.1", "localhost")
+    ca_path, chain, key = tmp_path / "ca.pem", tmp_path / "fullchain.pem", tmp_path / "key.pem"
+    ca.cert_pem.write_to_path(str(ca_path))
+    server.private_key_and_cert_chain_pem.write_to_path(str(chain))
+    server.private_key_pem.write_to_path(str(key))
+    return ca_path, chain, key
+
+
+def test_nginx_accepts_the_file(tmp_path: Path, tls: tuple[Path, Path, Path]) -> None:
+    _, chain, key = tls
+    nginx = Nginx(tmp_path / "nginx", ("127.0.0.1:1", "127.0.0.1:2"), chain, key)
+    done = nginx.check()
+    assert done.returncode == 0, done.stderr
+    assert "syntax is ok" in done.stderr and "test is successful" in done.stderr
+
+
+class Cluster:
+    def __init__(self, hubs: list[LocalHub], nginx: Nginx, ca: Path) -> None:
+        self.hubs, self.nginx, self.ca = hubs, nginx, ca
+        self.ssl = ssl.create_default_context(cafile=str(ca))
+
+    def conn(self) -> http.client.HTTPSConnection:
+        return http.client.HTTPSConnection(
+            "127.0.0.1", self.nginx.https_port, context=self.ssl, timeout=15
+        )
+
+    def get(self, path: str) -> tuple[int, Any]:
+        c = self.conn()
+        try:
+            c.request("GET", path)
+            r = c.getresponse()
+            return r.status, json.loads(r.read() or b"null")
+        finally:
+            c.close()
+
+
+@pytest.fixture
+def cluster(
+    tmp_path: Path, postgres_server: LocalPostgres, mosquitto: str, tls: tuple[Path, Path, Path]
+) -> Iterator[Cluster]:
+    """Two hub replicas on one PostgreSQL database and one broker, behind nginx."""
+    db = postgres_server.create_database(f"deploy_{os.getpid()}_{tmp_path.name}"[:60])
+    flags = ("--db", f"{db}?{KEEPALIVES}", "--mqtt-share", "hubs")
+    hubs = [LocalHub(tmp_path / "hub1", mqtt_url=mosquitto, extra=flags)]
+    try:
+        # The first replica made the admin; the second reads its token from its own data
+        # directory, where an operator copies it.
+        (tmp_path / "hub2").mkdir()
+        shutil.copy(tmp_path / "hub1" / "admin-token", tmp_path / "hub2" / "admin-token")
+        hubs.append(LocalHub(tmp_path / "hub2", mqtt_url=mosquitto, extra=flags))
+        ca, chain, key = tls
+        upstreams = (f"127.0.0.1:{hubs[0].port}", f"127.0.0.1:{hubs[1].port}")
+        nginx = Nginx(tmp_path / "nginx", upstreams, chain, key)
+        nginx.start()
+    except BaseException:
+        for h in hubs:
+            h.stop()
+        raise
+    yield Cluster(hubs, nginx, ca)
+    nginx.stop()
+    for h in hubs:
+        h.stop()
+
+
+def replica_of(hub: LocalHub) -> str:
+    return str(Client(hub.url).request("GET", "/readyz", auth=False)["replica"])
+
+
+def test_requests_reach_both_replicas_and_go_on_when_one_dies(cluster: Cluster) -> None:
+    first, second = cluster.hubs
+    ids = [replica_of(first), replica_of(second)]
+    assert ids[0] != ids[1]
+
+    served = []
+    for _ in range(10):
+        status, body = cluster.get("/readyz")
+        assert status == 200, body
+        served.append(body["replica"])
+    assert set(served) == set(ids), served  # round robin over both
+
+    admin = Client(cluster.nginx.url, first.admin.token, ca=str(cluster.ca))
+    assert admin.create_user("before")["name"] == "before"
+
+    first.proc.kill()  # a crash: no goodbye
+    served = []
+    for _ in range(10):
+        status, body = cluster.get("/readyz")
+        assert status == 200, body
+        served.append(body["replica"])
+    assert set(served) == {ids[1]}
+    # A POST too: nginx sends it on only when it never reached the dead replica, which a
+    # refused connection is.
+    user = admin.create_user("after")
+    assert Client(second.url, user["token"]).wallet()["balance"] == "100"
+    status, body = cluster.get("/api/v1/bootstrap")
+    assert status == 200 and second.url in [r["url"] for r in body["replicas"]]
+
+
+def test_the_live_stream_passes_through_as_it_is_written(cluster: Cluster) -> None:
+    first, second = cluster.hubs
+    user, _ = first.user("watcher")
+    _, payer_client = second.user("payer")
+
+    c = cluster.conn()
+    form = urlencode({"token": user["token"], "next": "/"})
+    c.request("POST", "/signin", form, {"Content-Type": "application/x-www-form-urlencoded"})
+    signed = c.getresponse()
+    signed.read()
+    assert signed.status == 303
+    cookie = signed.getheader("Set-Cookie", "").split(";", 1)[0]
+    assert cookie.startswith("dp_session=")
+    c.close()
+
+    live = cluster.conn()
+    live.request("GET", "/live", headers={"Cookie": cookie, "Accept": "text/event-stream"})
+    stream = live.getresponse()
+    assert stream.status == 200
+    assert stream.getheader("Content-Type", "").startswith("text/event-stream")
+
+    def events() -> Iterator[tuple[str, dict[str, Any]]]:
+        kind = ""
+        while True:
+            line = stream.readline().decode()
+            assert line, "the stream ended"
+            if line.startswith("event: "):
+                kind = line[7:].strip()
+            elif line.startswith("data: "):
+                yield kind, json.loads(line[6:])
+
+    seen = events()
+    assert next(seen)[0] == "hello"
+    kind, wallet = next(seen)  # the balance as the page opens
+    assert kind == "wallet" and wallet["balance"] == "100"
+    # While the response stays open, a change made at the other replica arrives in it: each
+    # event is passed on as the hub writes it (a buffered proxy would sit on these few bytes).
+    payer_client.transfer(user["id"], "5", key="deploy-1")
+    kind, wallet = next(seen)
+    assert kind == "wallet" and wallet["balance"] == "105"
+    live.close()
+
+
+# --- systemd ----------------------------------------------------------------------------------
+
+
+def test_the_hub_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    exe = tool("systemd-analyze", "systemd")
+    # verify checks that ExecStart's program exists: this checkout's stands in for the one in
+    # /opt/deparrow the unit names.
+    deparrow = Path(sys.executable).parent / "deparrow"
+    assert deparrow.exists()
+    text = UNIT.read_text()
+    assert text.count("/opt/deparrow/bin/deparrow hub") == 1
+    unit = tmp_path / UNIT.name
+    unit.write_text(text.replace("/opt/deparrow/bin/deparrow", str(deparrow)))
+    done = subprocess.run([exe, "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    # And the check can fail.
+    unit.write_text(unit.read_text().replace("RestartSec=2", "RestartSec=soon"))
+    done = subprocess.run([exe, "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    assert "Failed to parse sec value" in done.stderr
+
+
+def test_the_env_example_gives_every_variable_the_unit_uses() -> None:
+    unit = UNIT.read_text()
+    used = set(re.findall(r"\$\{?(DEPARROW_[A-Z_]+)", unit)) | {"DEPARROW_DB"}
+    given = {
+        line.split("=", 1)[0]
+        for line in (DEPLOY / "systemd" / "hub.env.example").read_text().splitlines()
+        if line and not line.startswith("#")
+    }
+    assert used == given
+
+
+# --- the flags deploy/ and docs/scale.md use ----------------------------------------------------
+
+
+def hub_flags() -> set[str]:
+    done = subprocess.run([sys.executable, "-m", "deparrow.cli", "hub", "--help"],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", done.stdout))
+
+
+def hub_commands() -> dict[str, list[list[str]]]:
+    """Every `deparrow hub` command line in deploy/ and docs/scale.md, as words."""
+    found: dict[str, list[list[str]]] = {}
+    compose = yaml.safe_load(COMPOSE.read_text())
+    found["compose.yaml"] = [
+        [str(w) for w in s["command"]]
+        for s in compose["services"].values()
+        if s.get("command", [None])[0] == "hub"
+    ]
+    unit = UNIT.read_text().replace("\\\n", " ")
+    exec_start = next(ln for ln in unit.splitlines() if ln.startswith("ExecStart="))
+    found[UNIT.name] = [exec_start.split()[1:]]
+    doc = SCALE_DOC.read_text()
+    blocks = re.findall(r"```sh\n(.*?)```", doc, re.S)
+    lines = [ln for b in blocks for ln in b.replace("\\\n", " ").splitlines()]
+    found["docs/scale.md"] = [
+        shlex.split(ln.split("deparrow hub", 1)[1].split("#", 1)[0])
+        for ln in lines
+        if "deparrow hub" in ln
+    ]
+    return found
+
+
+def test_every_hub_flag_deploy_and_the_doc_use_exists() -> None:
+    known = hub_flags()
+    assert {"--db", "--mqtt", "--mqtt-share", "--public-url"} <= known
+    found = hub_commands()
+    assert all(found.values()), found
+    for where, commands in found.items():
+        for words in commands:
+            unknown = [w for w in words if w.startswith("--") and w not in known]
+            assert not unknown, f"{where}: `deparrow hub` has no {unknown}"
+
+
+def test_the_compose_file_has_the_whole_cluster() -> None:
+    compose = yaml.safe_load(COMPOSE.read_text())
+    services = compose["services"]
+    assert sorted(services) == ["broker-1", "broker-2", "broker-3", "hub-1", "hub-2", "nginx",
+                                "postgres"]  # fmt: skip
+    assert services["postgres"]["image"].endswith("postgres:15")
+    for name in ("hub-1", "hub-2"):
+        words = services[name]["command"]
+        assert words[words.index("--mqtt") + 1].count("mqtt://") == 3
+        assert words[words.index("--mqtt-share") + 1] == "hubs"
+        assert "postgresql://" in services[name]["environment"]["DEPARROW_DB"]
+    # The files it mounts from deploy/ and builds with are there.
+    for service in services.values():
+        for volume in service.get("volumes", []):
+            source = volume.split(":", 1)[0]
+            if source.startswith("./") and "certs" not in source and "auth" not in source:
+                assert (DEPLOY / source).exists(), source
+    build = services["hub-1"]["build"]
+    containerfile = (DEPLOY / build["context"] / build["dockerfile"]).resolve()
+    assert containerfile == DEPLOY / "Containerfile"
+    for line in containerfile.read_text().splitlines():
+        if line.startswith("COPY ") and "--from" not in line:
+            for source in line.split()[1:-1]:
+                assert (ROOT / source).exists(), line
+
+
+def test_podman_compose_reads_the_compose_file() -> None:
+    """podman-compose 1.0 (Debian bookworm) has no `config`; `ps` parses and interpolates the
+    whole file, then only lists containers."""
+    exe = tool("podman-compose", "podman-compose")
+    env = {**os.environ, "DEPARROW_DB_PASSWORD": "pw1", "DEPARROW_BROKER_PASSWORD": "pw2",
+           "DEPARROW_NAME": "hub.example.org"}  # fmt: skip
+    done = subprocess.run([exe, "-f", str(COMPOSE), "ps"], capture_output=True, text=True,
+                          timeout=120, env=env, cwd=DEPLOY)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    env.pop("DEPARROW_DB_PASSWORD")
+    missing = subprocess.run([exe, "-f", str(COMPOSE), "ps"], capture_output=True, text=True,
+                             timeout=120, env=env, cwd=DEPLOY)  # fmt: skip
+    assert missing.returncode != 0
+    assert "set DEPARROW_DB_PASSWORD in deploy/.env" in missing.stderr
