@@ -124,7 +124,21 @@ class Receipts:
         self.receipts = receipts
 
     def is_published(self) -> bool:
-        return any(r.is_published() for r in self.receipts)
+        return any(_published(r) for r in self.receipts)
+
+
+def _published(receipt: mqtt.MQTTMessageInfo) -> bool:
+    """paho raises for a publish it queued while disconnected, even once it has sent it."""
+    try:
+        return receipt.is_published()
+    except (RuntimeError, ValueError):
+        return False
+
+
+# A server of a cluster away for less than this is taken for a blip: what the hub publishes is
+# queued for it (paho sends it on reconnecting), as for a single broker. One away for longer is
+# taken for down: its nodes have moved to other servers, and a queue for it would only grow.
+QUEUE_WHILE_AWAY_S = 30.0
 
 
 class Bridge:
@@ -550,12 +564,16 @@ class Bridge:
             return
         self._send(topic, msg, qos)
 
-    def _send(self, topic: str, msg: dict[str, Any], qos: int = 1) -> Any:
-        """Publish on every server the hub is connected to (on all when it is connected to
-        none: paho sends a QoS 1 message once one is back); paho's receipt, or Receipts for
-        several."""
+    def _send(
+        self, topic: str, msg: dict[str, Any], qos: int = 1
+    ) -> mqtt.MQTTMessageInfo | Receipts:
+        """Publish on every server the hub is connected to or lost only just now (on all
+        when none is: paho sends a QoS 1 message once one is back); paho's receipt, or Receipts
+        for several."""
         payload = json.dumps(msg, separators=(",", ":"))
-        links = [link for link in self.links if link.connected] or self.links
+        links = [
+            link for link in self.links if link.connected or link.away_s() < QUEUE_WHILE_AWAY_S
+        ] or self.links
         receipts = []
         for link in links:
             receipts.append(link.client.publish(topic, payload, qos=qos))

@@ -77,6 +77,7 @@ class Link:
         self.max_read = max_read
         self.share_group = share_group
         self.stopping = False  # set by the bridge when it stops: no more reconnecting
+        self.away_since: float | None = None  # monotonic time the broker was lost (or missed)
         self.reconnecting: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connected = asyncio.Event()
@@ -204,13 +205,20 @@ class Link:
             log.error("the MQTT broker at %s:%d refused the hub: %s", self.host, self.port, rc)
             return
         client.subscribe(subscriptions(self.share_group))
+        self.away_since = None
         if self._was_connected:
             log.info("hub reconnected to the MQTT broker")
         self._was_connected = True
         self._connected.set()
 
+    def away_s(self) -> float:
+        """How long the broker has been away (0 while connected or never tried)."""
+        return 0.0 if self.away_since is None else time.monotonic() - self.away_since
+
     def _on_disconnect(self, _c: Any, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
         self._connected.clear()
+        if self.away_since is None:
+            self.away_since = time.monotonic()
         if self.stopping or self._loop is None:
             return
         log.warning(
@@ -221,6 +229,8 @@ class Link:
     def keep_trying(self) -> None:
         """Reconnect in the background (after a loss, or a server of a cluster that was away
         when the hub started): the others carry the traffic meanwhile."""
+        if self.away_since is None:
+            self.away_since = time.monotonic()
         if self.reconnecting is None and not self.stopping:
             self._loop = self._loop or asyncio.get_running_loop()
             self.reconnecting = self._loop.create_task(self._reconnect())
