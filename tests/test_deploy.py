@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
+import psycopg
 import pytest
 import trustme
 import yaml
@@ -229,6 +230,35 @@ def test_requests_reach_both_replicas_and_go_on_when_one_dies(cluster: Cluster) 
     assert status == 200 and second.url in [r["url"] for r in body["replicas"]]
 
 
+def test_the_proxy_limits_logins_and_keeps_the_health_endpoints_to_itself(
+    cluster: Cluster,
+) -> None:
+    """From another address than the proxy's own (127.0.0.2 is not 127.0.0.1 to nginx)."""
+
+    def request(method: str, path: str, body: str | None = None) -> http.client.HTTPResponse:
+        c = http.client.HTTPSConnection("127.0.0.1", cluster.nginx.https_port,
+                                        context=cluster.ssl, timeout=15,
+                                        source_address=("127.0.0.2", 0))  # fmt: skip
+        c.request(method, path, body, {"Content-Type": "application/json"})
+        r = c.getresponse()
+        r.body = r.read()  # type: ignore[attr-defined]
+        c.close()
+        return r
+
+    assert cluster.get("/readyz")[0] == 200  # on the proxy's machine
+    for path in ("/readyz", "/healthz", "/metrics"):
+        assert request("GET", path).status == 403, path
+    assert request("GET", "/api/v1/status").status == 200
+
+    statuses = [request("POST", "/api/v1/auth/token", '{"token": "dpt_wrong"}') for _ in range(30)]
+    refused = [r for r in statuses if r.status == 429]
+    assert statuses[0].status == 401  # the hub's answer, let through
+    assert refused and refused[0].getheader("Retry-After") == "1"
+    assert "too many requests" in json.loads(refused[0].body)["error"]  # type: ignore[attr-defined]
+    # The address's other requests are counted apart from its logins.
+    assert request("GET", "/api/v1/status").status == 200
+
+
 def test_the_live_stream_passes_through_as_it_is_written(cluster: Cluster) -> None:
     first, second = cluster.hubs
     user, _ = first.user("watcher")
@@ -270,6 +300,37 @@ def test_the_live_stream_passes_through_as_it_is_written(cluster: Cluster) -> No
     kind, wallet = next(seen)
     assert kind == "wallet" and wallet["balance"] == "105"
     live.close()
+
+
+def test_the_docs_backup_commands_restore_the_ledger(
+    tmp_path: Path, postgres_server: LocalPostgres, mosquitto: str
+) -> None:
+    """docs/scale.md's pg_dump and pg_restore lines, as written, but for the database's URL."""
+    blocks = re.findall(r"```sh\n(.*?)```", SCALE_DOC.read_text(), re.S)
+    lines = [ln for b in blocks for ln in b.splitlines() if ln.startswith(("pg_dump", "pg_rest"))]
+    assert [ln.split()[0] for ln in lines] == ["pg_dump", "pg_restore"]
+    doc_url = "postgresql://deparrow@10.0.1.5/deparrow"
+    dump_name = "deparrow-2026-12-07.dump"
+    assert all(doc_url in ln for ln in lines) and dump_name in lines[1]
+
+    db = postgres_server.create_database(f"backup_{os.getpid()}")
+    hub = LocalHub(tmp_path / "hub", mqtt_url=mosquitto, extra=("--db", db))
+    try:
+        hub.user("kept")
+        dump = lines[0].replace(doc_url, db).replace("$(date +%F)", "2026-12-07")
+        done = subprocess.run(dump, shell=True, cwd=tmp_path, capture_output=True, text=True,
+                              timeout=120)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        hub.user("lost")  # after the dump
+    finally:
+        hub.stop()
+    restore = lines[1].replace(doc_url, db)
+    done = subprocess.run(restore, shell=True, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    with psycopg.connect(db) as c:
+        names = {row[0] for row in c.execute("SELECT name FROM users")}
+    assert "kept" in names and "lost" not in names
 
 
 # --- systemd ----------------------------------------------------------------------------------
