@@ -59,7 +59,7 @@ clean:
 # The benchmarks (bench/README.md), each printing its figures against a baseline measured in
 # the same run, with what they need built first: the system packages (Mosquitto...), the
 # venv, wasm3-run and umqtt, the firmware. A quiet machine gives the figures worth quoting.
-BENCHES ?= edge ledger market slots files job_latency
+BENCHES ?= edge ledger market slots files job_latency cluster
 bench: deps venv edge-native firmware-unix
 	@for b in $(BENCHES); do echo "== bench/$$b.py"; $(BIN)/python bench/$$b.py || exit 1; done
 

@@ -61,7 +61,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -375,11 +375,19 @@ async def _jwt(http: aiohttp.ClientSession, hub: str, token: str) -> str:
 
 
 async def run_jobs(
-    hub: str, token: str, module_ref: str, count: int, rate: float | None, concurrency: int
+    hub: str | Sequence[str],
+    token: str,
+    module_ref: str,
+    count: int,
+    rate: float | None,
+    concurrency: int,
 ) -> list[dict[str, Any]]:
     """Submit `count` fib(1) jobs over REST (paced at `rate` per second, or as fast as
     `concurrency` requests in flight allow), wait until all are settled, return each job's
-    view with the client's submit time added."""
+    view with the client's submit time added. `hub`: one URL, or the URLs of several replicas
+    of one hub (bench/cluster.py): the submissions go round-robin over them, the waiting and
+    the views through the first."""
+    hubs = [hub] if isinstance(hub, str) else list(hub)
     spec = {
         "name": "noop",
         "timeout": 10,
@@ -387,14 +395,15 @@ async def run_jobs(
     }
     conn = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=conn) as http:
-        auth = {"Authorization": "Bearer " + await _jwt(http, hub, token)}
+        auths = [{"Authorization": "Bearer " + await _jwt(http, h, token)} for h in hubs]
+        hub, auth = hubs[0], auths[0]
         sent: list[tuple[float, str]] = []
         sem = asyncio.Semaphore(concurrency)
 
-        async def submit() -> None:
+        async def submit(at: str, auth: dict[str, str]) -> None:
             async with sem:
                 t = time.time()
-                async with http.post(hub + "/api/v1/jobs", json=spec, headers=auth) as r:
+                async with http.post(at + "/api/v1/jobs", json=spec, headers=auth) as r:
                     body = await r.json()
                     if r.status != 201:
                         raise RuntimeError(f"submit refused ({r.status}): {body}")
@@ -407,7 +416,8 @@ async def run_jobs(
                 delay = t0 + i / rate - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(submit()))
+            k = i % len(hubs)
+            tasks.append(asyncio.create_task(submit(hubs[k], auths[k])))
             if not rate and len(tasks) % concurrency == 0:
                 await asyncio.sleep(0)
         await asyncio.gather(*tasks)

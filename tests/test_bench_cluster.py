@@ -1,0 +1,39 @@
+"""bench/cluster.py runs end to end at tiny sizes: the SQLite baseline, one and two hub
+replicas on a real PostgreSQL and three Mosquitto servers, every job settled, the ledger
+balanced. No figure is asserted: benches print speeds, tests check that they run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.mosquitto
+
+
+def test_the_cluster_bench_runs_end_to_end() -> None:
+    cmd = [
+        sys.executable, str(ROOT / "bench" / "cluster.py"), "--json",
+        "--replicas", "1,2", "--nodes", "5", "--rate", "50", "--seconds", "1",
+        "--burst", "50", "--hb-nodes", "10", "--hb-start", "500", "--hb-max", "500",
+        "--hb-seconds", "0.5", "--pg-fsync", "off",
+    ]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=110, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["cpus"] >= 1 and out["pg_fsync"] is False
+    configs = [out["baseline_sqlite"], *out["postgres"].values()]
+    assert [c["hubs"] for c in configs] == [1, 1, 2]
+    for c in configs:
+        assert c["all_settled"] and c["ledger_balanced"]
+        assert c["burst_jobs"] == 50 and c["paced_jobs"] == 50
+        assert c["jobs_per_s"] > 0 and c["heartbeats_per_s"] is not None
+        assert c["cpu_ms_per_job"]["brokers"] >= 0
+    two = out["postgres"]["2"]
+    assert {"hub0", "hub1", "postgres", "simnet"} <= set(two["cpu_ms_per_job"])
+    assert two["ratio_vs_1_replica"] > 0 and two["ratio_vs_sqlite"] > 0
