@@ -27,6 +27,7 @@ import pwd
 import shutil
 import signal
 import socket
+import threading
 import time
 from pathlib import Path
 from types import TracebackType
@@ -64,6 +65,8 @@ class LocalBrokerCluster:
         self.ports = [free_port() for _ in range(n)]
         self.hub_ports = [free_port() for _ in range(n)]
         self.procs: list[Proc | None] = [None] * n
+        self._follower: threading.Thread | None = None
+        self._following = threading.Event()
 
     @property
     def urls(self) -> list[str]:
@@ -151,7 +154,34 @@ class LocalBrokerCluster:
             if proc is not None and proc.alive():
                 proc.p.send_signal(signal.SIGHUP)
 
+    def follow_logins(self, poll_s: float = 0.05) -> None:
+        """Reload the servers whenever the login files change, as deploy/broker's
+        deparrow-broker-logins.path unit does for a real cluster (the hub writes the files:
+        `deparrow hub --mqtt-auth-dir`)."""
+        if self._follower is not None:
+            return
+        self._following.clear()
+
+        def stamp() -> tuple[int, ...]:
+            files = (self.auth_dir / "passwd", self.auth_dir / "acl")
+            return tuple(f.stat().st_mtime_ns if f.exists() else 0 for f in files)
+
+        def follow() -> None:
+            seen = stamp()
+            while not self._following.wait(poll_s):
+                now = stamp()
+                if now != seen:
+                    seen = now
+                    self.reload()
+
+        self._follower = threading.Thread(target=follow, name="broker-logins", daemon=True)
+        self._follower.start()
+
     def stop(self) -> None:
+        if self._follower is not None:
+            self._following.set()
+            self._follower.join(5)
+            self._follower = None
         for proc in self.procs:
             if proc is not None:
                 proc.stop()

@@ -12,6 +12,7 @@ import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import aiohttp_jinja2
 import jinja2
@@ -62,11 +63,15 @@ def open_services(config: HubConfig) -> Services:
 
 def bootstrap_admin(services: Services) -> None:
     """First start: create the admin user and keep its token in the data directory."""
-    if any(u["role"] == "admin" for u in services.store.users()):
+    # One transaction, so that replicas starting together on an empty store make one admin
+    # (the second waits for the first's write lock, then finds its admin).
+    with services.db.transaction():
+        made = not any(u["role"] == "admin" for u in services.store.users())
+        token = services.create_user("admin", "admin")[1] if made else None
+    if token is None:
         path = services.config.admin_token_path
         services.admin_token = path.read_text().strip() if path.exists() else None
         return
-    _, token, _ = services.create_user("admin", "admin")
     path = services.config.admin_token_path
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
@@ -82,6 +87,18 @@ async def _keep_broker_in_sync(services: Services) -> None:
             services.sync_broker()
         except Exception:  # a full disk, say: the broker keeps the logins it has
             log.exception("could not update the broker's logins")
+
+
+def _hub_password_in(mqtt_urls: str) -> str:
+    """The hub's password in --mqtt's URLs: the login the cluster's files must let in."""
+    for url in mqtt_urls.split(","):
+        parts = urlsplit(url.strip())
+        if parts.username == logins.HUB_USER and parts.password:
+            return unquote(parts.password)
+    raise ValueError(
+        f"--mqtt-auth-dir: the hub logs in to the broker cluster as {logins.HUB_USER}, so its "
+        f"--mqtt URLs must carry that login: mqtt://{logins.HUB_USER}:PASSWORD@host:port"
+    )
 
 
 def _take_the_lead(services: Services) -> None:
@@ -139,6 +156,12 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
         services.mqtt_url = services.broker.url
     else:
         services.mqtt_url = config.mqtt_url
+        if config.mqtt_auth_dir is not None:  # the broker cluster's login files are ours
+            services.cluster_auth = logins.AuthFiles(config.mqtt_auth_dir)
+            services.hub_login = logins.hub_account(
+                logins.cluster_hub_hash(_hub_password_in(config.mqtt_url))
+            )
+            services.sync_broker()
     bridge = Bridge(
         services.mqtt_url,
         services.store,
@@ -147,6 +170,7 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
         tick_s=min(1.0, config.heartbeat_interval_s / 2),
         on_change=lambda kind, data: services.on_change(kind, data),
         agents=services.agents,
+        share_group=config.mqtt_share_group,
     )
     bridge.writer = services.writer  # one durable commit for messages and API writes
 

@@ -87,6 +87,10 @@ class HubConfig:
     # shared subscriptions in this group, so the replicas split the traffic and each message
     # is handled by one of them. None: a plain subscription (one hub).
     mqtt_share_group: str | None = None
+    # With a broker cluster (--mqtt): the directory where the hub writes the cluster's login
+    # files (Mosquitto's password and ACL files, docs/broker-cluster.md), from the store, for
+    # the servers to reload. None: the operator keeps the cluster's logins.
+    mqtt_auth_dir: Path | None = None
     host: str = "127.0.0.1"
     port: int = 8765
     # None: the hub starts its own broker (Mosquitto when on PATH, else embedded amqtt).

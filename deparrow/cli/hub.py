@@ -188,6 +188,14 @@ from deparrow.cli.context import die
     "share (docs/scale.md). Default: the SQLite file DATA_DIR/hub.sqlite.  [env: DEPARROW_DB]",
 )
 @click.option(
+    "--mqtt-auth-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    metavar="DIR",
+    help="With --mqtt (a broker cluster): write the cluster's login files (Mosquitto's "
+    "passwd and acl) here from the store, for the servers to reload (docs/broker-cluster.md).",
+)
+@click.option(
     "--result-grace",
     default=30.0,
     show_default=True,
@@ -239,6 +247,7 @@ def hub_cmd(
     login_rate: float,
     log_format: str,
     db_url: str | None,
+    mqtt_auth_dir: Path | None,
     result_grace: float,
     region: str,
     mqtt_share_group: str | None,
@@ -272,6 +281,12 @@ def hub_cmd(
             parse_mqtt_url(mqtt_url)
         except ValueError as e:
             die(str(e), 2)
+    if mqtt_url and "," in mqtt_url and not mqtt_public_url:
+        die("--mqtt names several servers (a broker cluster): give --mqtt-public-url, the "
+            "addresses nodes and agents reach them by (docs/broker-cluster.md)", 2)  # fmt: skip
+    if mqtt_auth_dir is not None and not mqtt_url:
+        die("--mqtt-auth-dir is for a broker cluster given with --mqtt; the hub's own broker "
+            "keeps its logins in the data directory", 2)  # fmt: skip
     if db_url is not None and not db_url.startswith(("postgresql://", "postgres://")):
         die(f"--db takes a postgresql:// URL, not {db_url!r} (without --db the hub keeps a "
             "SQLite file in its data directory)", 2)  # fmt: skip
@@ -283,6 +298,7 @@ def hub_cmd(
         db_url=db_url,
         region=region,
         result_grace_s=result_grace,
+        mqtt_auth_dir=mqtt_auth_dir,
         mqtt_share_group=mqtt_share_group,
         host=host,
         port=port,

@@ -109,7 +109,9 @@ def public_mqtt_url(request: web.Request) -> str:
         # Nodes and agents get the TLS listener, under the name they reached us by (the one
         # the certificate must cover); the plain one is the hub's own, on loopback.
         return f"mqtts://{_url_host(_reached_as(request))}:{tls.mqtt_port}"
-    parts = urlsplit(services.mqtt_url)
+    # With a broker cluster, --mqtt-public-url names the nodes' servers (the CLI requires
+    # it); without, the first server the hub uses.
+    parts = urlsplit(services.mqtt_url.split(",")[0].strip())
     host = parts.hostname or "127.0.0.1"
     if host in ("0.0.0.0", "::", "127.0.0.1", "localhost"):
         # Tell the node to reach the broker the way it reached us.

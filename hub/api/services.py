@@ -10,6 +10,7 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from aiohttp import web
 
@@ -24,6 +25,12 @@ from hub.mqtt import logins
 from hub.mqtt.broker import ChildBroker
 from hub.store.db import Database
 from hub.store.rows import Store
+
+
+def without_login(url: str) -> str:
+    parts = urlsplit(url.strip())
+    netloc = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 @dataclass
@@ -47,14 +54,27 @@ class Services:
     # Which replica runs the scheduler and the ticks (hub/cluster/leader.py); a hub alone leads.
     leadership: Leadership = field(default_factory=Leadership)
 
+    # A broker cluster's login files (--mqtt-auth-dir), when the hub writes them.
+    cluster_auth: logins.AuthFiles | None = None
+
     def sync_broker(self) -> bool:
-        """Give the hub's own broker the logins and ACLs the store says (the hub, every node
-        not revoked, every user); a no-op for an outside broker. True when they changed."""
+        """Give the hub's own broker, or the broker cluster's login files (--mqtt-auth-dir),
+        the logins and ACLs the store says (the hub, every node not revoked, every user); a
+        no-op for an outside broker the operator keeps. True when they changed."""
+        if self.hub_login is None:
+            return False
         broker = self.broker
-        if broker is None or not broker.auth or self.hub_login is None:
+        if self.cluster_auth is not None:
+            nodes, users = self.store.broker_logins()
+            return self.cluster_auth.write(logins.accounts(self.hub_login, nodes, users))
+        if broker is None or not broker.auth:
             return False
         nodes, users = self.store.broker_logins()
         return broker.write_auth(logins.accounts(self.hub_login, nodes, users))
+
+    def broker_shown(self) -> str:
+        """The broker URL(s) the hub uses, without the login in them: for status and logs."""
+        return ",".join(without_login(u) for u in self.mqtt_url.split(",") if u.strip())
 
     async def broker_accepts(self, username: str, password: str) -> bool:
         """Sync the broker's logins and wait until it accepts this one (it reloads them in

@@ -20,6 +20,8 @@ check logins with it, and neither should pull in the other's dependencies.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import os
 import re
@@ -30,7 +32,7 @@ from pathlib import Path
 from typing import Literal
 
 from edge.core import protocol
-from hub.store.passwords import MAX_PASSWORD, verify_password
+from hub.store.passwords import MAX_PASSWORD, SALT_BYTES, hash_password, verify_password
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,14 @@ class Account:
         for f in self.readwrite:
             if not valid_filter(f) or "\n" in f:
                 raise ValueError(f"broker user {self.username}: bad topic filter {f!r}")
+
+
+def cluster_hub_hash(password: str) -> str:
+    """The hub's login hash in a broker cluster's files. Every replica writes those files, so
+    every replica must write the same hash: its salt comes from the password (a long random
+    secret, never reused) instead of the random source."""
+    salt = hmac.new(b"deparrow hub login salt", password.encode(), hashlib.sha256).digest()
+    return hash_password(password, salt=salt[:SALT_BYTES])
 
 
 def hub_account(password_hash: str) -> Account:

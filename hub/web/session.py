@@ -101,7 +101,8 @@ async def signin(request: web.Request) -> web.Response:
         max_age=int(svc.config.jwt_ttl_s),
         httponly=True,
         samesite="Strict",
-        secure=request.secure,
+        # Behind a TLS proxy the hub itself sees plain HTTP: its public URL says HTTPS.
+        secure=request.secure or (svc.config.public_url or "").startswith("https://"),
         path="/",
     )
     raise response

@@ -2,10 +2,12 @@
 three hub replicas on them (one leads: it schedules and ticks), twenty simulated nodes and one
 real edge-run node, all on the real protocol. Mid-stream, the leading replica and one broker
 server are SIGKILLed. Every job still completes or is refunded, each is paid once, the ledger
-balances, and the time the cluster took to recover is printed."""
+balances, and the time the cluster took to recover is printed. The servers take only the
+logins the replicas write from the store."""
 
 from __future__ import annotations
 
+import secrets
 import shutil
 import time
 from pathlib import Path
@@ -17,6 +19,7 @@ from deparrow.brokercluster import LocalBrokerCluster
 from deparrow.client import Client, HubError
 from deparrow.localnet import LocalHub, wait_for
 from deparrow.pgserver import LocalPostgres
+from hub.mqtt import logins
 from tools.simnet import Background, Behaviour, RunTime
 
 SPEC = {
@@ -43,15 +46,23 @@ def test_the_cluster_survives_its_leader_and_a_broker_server(
     tmp_path: Path, postgres_server: LocalPostgres
 ) -> None:
     url = postgres_server.create_database("cluster")
-    with LocalBrokerCluster(tmp_path / "brokers", 3) as brokers:
+    # Per-node logins on the cluster: the replicas write the servers' login files from the
+    # store (--mqtt-auth-dir), and the servers reload them when they change.
+    brokers = LocalBrokerCluster(tmp_path / "brokers", 3, auth=True)
+    password = secrets.token_urlsafe(24)
+    hub_login = logins.hub_account(logins.cluster_hub_hash(password))
+    logins.AuthFiles(brokers.auth_dir).write([hub_login])  # until the first replica writes
+    with brokers:
+        brokers.follow_logins()
+        hub_mqtt = brokers.hub_url_list(logins.HUB_USER, password)
         shared = ("--db", url, "--mqtt-share", "hubs", "--mqtt-public-url", ",".join(brokers.urls),
-                  "--result-grace", "3")  # fmt: skip
-        hubs = [LocalHub(tmp_path / "a", mqtt_url=brokers.hub_url_list(), heartbeat_s=0.5,
+                  "--mqtt-auth-dir", str(brokers.auth_dir), "--result-grace", "3")  # fmt: skip
+        hubs = [LocalHub(tmp_path / "a", mqtt_url=hub_mqtt, heartbeat_s=0.5,
                          extra=shared, log_path=tmp_path / "hub-a.log")]  # fmt: skip
         for name in ("b", "c"):  # the admin was made by the first; its token file is shared
             (tmp_path / name).mkdir()
             shutil.copy(tmp_path / "a" / "admin-token", tmp_path / name / "admin-token")
-            hubs.append(LocalHub(tmp_path / name, mqtt_url=brokers.hub_url_list(),
+            hubs.append(LocalHub(tmp_path / name, mqtt_url=hub_mqtt,
                                  heartbeat_s=0.5, extra=shared,
                                  log_path=tmp_path / f"hub-{name}.log"))  # fmt: skip
         sim: Background | None = None

@@ -3,12 +3,18 @@ one writes the other serves, a JWT signed by one is good at the other, one of th
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import pytest
+from click.testing import CliRunner
+
+from deparrow.cli import main
 from deparrow.pgserver import LocalPostgres
-from hub.api.services import SERVICES
-from hub.app import create_app
+from hub.api.services import SERVICES, Services
+from hub.app import bootstrap_admin, create_app, open_services
 from hub.config import HubConfig
 from tests.hub.conftest import login
 from tests.hub.test_leader import until
@@ -27,7 +33,8 @@ async def test_replicas_share_users_tokens_and_one_leader(
 ) -> None:
     url = postgres_server.create_database("replicas")
     a = await replica(aiohttp_client, tmp_path / "a", url, mosquitto)
-    b = await replica(aiohttp_client, tmp_path / "b", url, mosquitto)
+    # b logs in to the broker with a password (as replicas do on a broker cluster)
+    b = await replica(aiohttp_client, tmp_path / "b", url, mosquitto.replace("//", "//u:s3cret@"))
     # One admin for the store: made by the first replica, whose data directory has its token.
     assert a.services.admin_token and b.services.admin_token is None
     admin = await login(a, a.services.admin_token)
@@ -40,5 +47,42 @@ async def test_replicas_share_users_tokens_and_one_leader(
     assert r.status == 200, await r.text()
     assert (await r.json())["balance"] == "10"
     assert a.services.config.jwt_secret == b.services.config.jwt_secret
+    status = await (await b.get("/api/v1/status")).text()
+    assert "s3cret" not in status and '"connected": true' in status.replace('":true', '": true')
     assert not (tmp_path / "a" / "jwt-secret").exists()
     await until(lambda: a.services.leadership.leading != b.services.leadership.leading)
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--db", "sqlite:///hub.db"], "--db takes a postgresql:// URL"),
+        (["--mqtt", "mqtt://127.0.0.1:1,mqtt://127.0.0.1:2"], "give --mqtt-public-url"),
+        (["--mqtt-auth-dir", "/tmp/x"], "--mqtt-auth-dir is for a broker cluster"),
+    ],
+)
+def test_cluster_flags_that_cannot_work_are_refused(args: list[str], says: str) -> None:
+    result = CliRunner().invoke(main, ["hub", *args])
+    assert result.exit_code == 2 and says in result.output, result.output
+
+
+def test_replicas_starting_together_on_an_empty_store_make_one_admin(
+    tmp_path: Path, postgres_server: LocalPostgres
+) -> None:
+    url = postgres_server.create_database("admins")
+    starts = [HubConfig(data_dir=tmp_path / n, db_url=url) for n in ("a", "b", "c", "d")]
+    barrier = threading.Barrier(len(starts))
+
+    def start(config: HubConfig) -> Services:
+        services = open_services(config)
+        barrier.wait()  # all four look for an admin at the same moment
+        bootstrap_admin(services)
+        return services
+
+    with ThreadPoolExecutor(len(starts)) as pool:
+        started = list(pool.map(start, starts))
+    admins = [u for u in started[0].store.users() if u["role"] == "admin"]
+    assert len(admins) == 1
+    assert sum(s.admin_token is not None for s in started) == 1
+    for s in started:
+        s.db.close()
