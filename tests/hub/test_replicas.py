@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
+import wasm_jobs
 from deparrow.cli import main
 from deparrow.pgserver import LocalPostgres
 from hub.api.services import SERVICES, Services
@@ -47,6 +48,16 @@ async def test_replicas_share_users_tokens_and_one_leader(
     assert r.status == 200, await r.text()
     assert (await r.json())["balance"] == "10"
     assert a.services.config.jwt_secret == b.services.config.jwt_secret
+    # Blobs live in the store: a module uploaded at a runs in a job submitted at b.
+    module = wasm_jobs.path("fib.wasm").read_bytes()
+    r = await a.post("/api/v1/blobs", data=module, headers=at_a)
+    assert r.status == 201, await r.text()
+    ref = (await r.json())["ref"]
+    engine = {"type": "wasm", "module": ref, "entrypoint": "fib", "args": ["1"]}
+    spec = {"name": "fib", "timeout": 10, "engine": engine}
+    r = await b.post("/api/v1/jobs", json=spec, headers=at_a)
+    assert r.status == 201, await r.text()
+    assert (await r.json())["state"] == "queued"
     status = await (await b.get("/api/v1/status")).text()
     assert "s3cret" not in status and '"connected": true' in status.replace('":true', '": true')
     assert not (tmp_path / "a" / "jwt-secret").exists()
