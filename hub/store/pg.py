@@ -23,6 +23,7 @@ Values come back as they do from SQLite: integers as int (also SUM's NUMERIC), b
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -33,6 +34,8 @@ from psycopg.adapt import Dumper, Loader
 
 from hub.store.db import Database, Params
 from hub.store.dialect import to_postgres
+
+log = logging.getLogger(__name__)
 
 # Any fixed 64-bit key: "deparrow" in ASCII. Every write transaction holds it until it ends.
 WRITE_LOCK = int.from_bytes(b"deparrow", "big") & 0x7FFF_FFFF_FFFF_FFFF
@@ -145,19 +148,54 @@ class PgConnection:
     """A psycopg connection that takes the hub's SQLite SQL and answers like sqlite3's."""
 
     def __init__(self, url: str, *, read_only: bool = False) -> None:
+        self.url = url
+        self.read_only = read_only
+        self.reconnects = 0
+        self._pg = self._open()
+
+    def _open(self) -> psycopg.Connection[Any]:
         try:
-            self._pg = psycopg.connect(url, autocommit=True, row_factory=_row_factory)
+            pg = psycopg.connect(self.url, autocommit=True, row_factory=_row_factory)
         except psycopg.Error as e:
             raise _mapped(e) from e
-        adapters = self._pg.adapters
-        adapters.register_loader("numeric", _NumericLoader)
-        adapters.register_loader("bool", _BoolLoader)
-        adapters.register_dumper(bool, _BoolDumper)
-        self.read_only = read_only
+        pg.adapters.register_loader("numeric", _NumericLoader)
+        pg.adapters.register_loader("bool", _BoolLoader)
+        pg.adapters.register_dumper(bool, _BoolDumper)
+        return pg
 
     @property
     def in_transaction(self) -> bool:
+        """A transaction is open here (a lost connection has none: the server ended it)."""
+        if self._pg.closed or self._pg.broken:
+            return False
         return self._pg.info.transaction_status != pq.TransactionStatus.IDLE
+
+    def _run(self, cur_sql: bytes | str, args: Any, sql_for_errors: str | None) -> Cursor:
+        """Execute; outside a transaction, a connection the server lost (a restart, a
+        failover, an idle timeout) is opened again and the statement sent once more: such a
+        statement is a read or a BEGIN, safe to repeat. Inside one, the error goes up and the
+        transaction fails whole; the next one starts on a new connection."""
+        idle = not self.in_transaction
+        for attempt in (1, 2):
+            if self._pg.closed or self._pg.broken:
+                if not idle:
+                    raise sqlite3.OperationalError("the connection to PostgreSQL was lost")
+                self._pg = self._open()
+                self.reconnects += 1
+            cur = self._pg.cursor()
+            try:
+                if args is None:
+                    cur.execute(cur_sql)
+                else:
+                    cur.execute(cur_sql, args)
+                return Cursor(cur)
+            except psycopg.OperationalError as e:
+                if attempt == 2 or not idle or not (self._pg.closed or self._pg.broken):
+                    raise _mapped(e, sql_for_errors) from e
+                log.warning("the connection to PostgreSQL was lost (%s); connecting again", e)
+            except psycopg.Error as e:
+                raise _mapped(e, sql_for_errors) from e
+        raise AssertionError("unreachable")
 
     @property
     def closed(self) -> bool:
@@ -176,12 +214,7 @@ class PgConnection:
             args = {f"p{i}": v for i, v in enumerate(params, 1)}
         elif not isinstance(params, Mapping):
             args = list(params)
-        cur = self._pg.cursor()
-        try:
-            cur.execute(t.sql, args)
-        except psycopg.Error as e:
-            raise _mapped(e, t.sql) from e
-        return Cursor(cur)
+        return self._run(t.sql, args, t.sql)
 
     def executemany(self, sql: str, seq: Sequence[Params]) -> Cursor:
         t = to_postgres(sql)
@@ -199,12 +232,7 @@ class PgConnection:
         return Cursor(cur)
 
     def _raw(self, sql: str) -> Cursor:
-        cur = self._pg.cursor()
-        try:
-            cur.execute(sql.encode())  # no parameters: sent as is, several statements allowed
-        except psycopg.Error as e:
-            raise _mapped(e) from e
-        return Cursor(cur)
+        return self._run(sql.encode(), None, None)  # as is: several statements allowed
 
     def close(self) -> None:
         self._pg.close()

@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from click.testing import CliRunner
 
@@ -97,3 +98,24 @@ def test_replicas_starting_together_on_an_empty_store_make_one_admin(
     assert sum(s.admin_token is not None for s in started) == 1
     for s in started:
         s.db.close()
+
+
+async def test_a_replica_goes_on_after_postgresql_drops_its_connections(
+    aiohttp_client: Any, tmp_path: Path, mosquitto: str, postgres_server: LocalPostgres
+) -> None:
+    """A database restart or failover ends every session: reads and new transactions open
+    a new connection; only the work in flight at that moment fails."""
+    url = postgres_server.create_database("dropped")
+    a = await replica(aiohttp_client, tmp_path / "a", url, mosquitto)
+    admin = await login(a, a.services.admin_token)
+    with psycopg.connect(url, autocommit=True) as c:
+        c.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid != pg_backend_pid()"
+        )
+    r = await a.post("/api/v1/users", json={"name": "bob"}, headers=admin)
+    assert r.status == 201, await r.text()
+    r = await a.get("/api/v1/wallet", headers=await login(a, (await r.json())["token"]))
+    assert r.status == 200 and (await r.json())["balance"] == "10"
+    assert a.services.db._conn.reconnects >= 1
+    await until(lambda: a.services.leadership.leading)  # the lock's connection came back too
