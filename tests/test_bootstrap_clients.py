@@ -105,7 +105,7 @@ def test_sdk_agent_and_client_go_on_through_the_other_replica(pair: Pair) -> Non
     assert agent.wallet().balance == 100 and agent.hub == pair.eu.url
     assert client.wallet()["balance"] == "100" and client.hub == pair.eu.url
     pair.eu.proc.kill()
-    job_id = agent.submit_job(FIB, key="s-1")  # and a JWT from eu is no good on us
+    job_id = agent.submit_job(FIB, key="s-1")  # on us (eu's JWT is good there: one key)
     assert agent.hub == pair.us.url
     assert agent.submit_job(FIB, key="s-1") == job_id  # the same key: the same job
     assert client.job(job_id)["id"] == job_id and client.hub == pair.us.url

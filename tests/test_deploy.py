@@ -2,9 +2,11 @@
 tools that will read them. nginx's own parser on deploy/nginx/deparrow.conf, then a real nginx
 with that file in front of two real hub processes sharing one real PostgreSQL: requests reach
 both replicas, GETs and POSTs go on when one replica dies, and the dashboard's live stream
-passes through as the hub writes it. systemd's parser on the units; the compose file as YAML
-and as podman-compose reads it, with every `deparrow hub` flag it (and the rest of deploy/ and
-docs/scale.md) uses checked against `deparrow hub --help`.
+passes through as the hub writes it. The compose file's broker script (busybox sh, as in the
+image) with deploy/broker/mosquitto.conf and a real Mosquitto, before a real hub writing the
+logins (--mqtt-auth-dir). systemd's parser on the units; the compose file as YAML and as
+podman-compose reads it, with every `deparrow hub` flag it (and the rest of deploy/,
+docs/scale.md and docs/broker-cluster.md) uses checked against `deparrow hub --help`.
 
 nginx runs as a child process on free loopback ports, with a prefix directory of its own; only
 the addresses in the file are rendered for the test (the replicas' and the listen ports, the
@@ -15,12 +17,14 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import pwd
 import re
 import shlex
 import shutil
 import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -28,10 +32,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
+import paho.mqtt.client as mqtt
 import psycopg
 import pytest
 import trustme
 import yaml
+from paho.mqtt.enums import CallbackAPIVersion
 
 from deparrow.client import Client
 from deparrow.localnet import LocalHub, Proc, free_port, wait_for
@@ -43,6 +49,9 @@ NGINX_CONF = DEPLOY / "nginx" / "deparrow.conf"
 UNIT = DEPLOY / "systemd" / "deparrow-hub@.service"
 COMPOSE = DEPLOY / "compose.yaml"
 SCALE_DOC = ROOT / "docs" / "scale.md"
+BROKER_DOC = ROOT / "docs" / "broker-cluster.md"
+# The docs that give `deparrow hub` command lines for deploy/.
+DOCS = (SCALE_DOC, BROKER_DOC, DEPLOY / "systemd" / "README.md")
 # The store's URL as deploy/ gives it: with TCP keepalives, so a lost server is noticed.
 KEEPALIVES = "keepalives=1&keepalives_idle=10&keepalives_interval=3&keepalives_count=3"
 
@@ -406,6 +415,98 @@ def test_the_docs_backup_commands_restore_the_ledger(
     assert "kept" in names and "lost" not in names
 
 
+# --- the brokers' logins in the compose file ---------------------------------------------------
+
+
+def mqtt_login(port: int, username: str, password: str, ca: Path) -> bool:
+    """Whether Mosquitto's TLS listener on port lets this login in."""
+    answered = threading.Event()
+    result: dict[str, bool] = {}
+
+    def on_connect(_c: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        result["ok"] = not reason.is_failure
+        answered.set()
+
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"check-{free_port()}")
+    client.username_pw_set(username, password)
+    client.tls_set(ca_certs=str(ca))
+    client.on_connect = on_connect
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    try:
+        answered.wait(10)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return result.get("ok", False)
+
+
+def test_the_compose_brokers_take_the_logins_the_hub_writes(
+    tls: tuple[Path, Path, Path],
+) -> None:
+    """The broker service's own shell script (compose.yaml, run by busybox as in the image)
+    with deploy/broker/mosquitto.conf, before a real `deparrow hub --mqtt-auth-dir`: Mosquitto
+    starts once the hub has written the logins, the hub connects with its own, and a user made
+    later logs in once the script has noticed the files changed and reloaded Mosquitto. Only
+    the paths and ports are rendered for the test; Mosquitto runs as us, not `mosquitto`."""
+    sh = tool("busybox", "busybox")
+    mosquitto = tool("mosquitto", "mosquitto")
+    me = pwd.getpwuid(os.getuid()).pw_name
+    # Mosquitto reads its configuration again on SIGHUP as the user it runs as.
+    work = Path(tempfile.mkdtemp(prefix="deparrow-compose-brokers-"))
+    work.chmod(0o755)
+    shared, etc = work / "broker-auth", work / "etc"
+    (etc / "certs").mkdir(parents=True)
+    shared.mkdir()
+    ca, chain, key = tls
+    shutil.copy(chain, etc / "certs" / "broker.pem")
+    shutil.copy(key, etc / "certs" / "broker.key")
+    node_port, hub_port = free_port(), free_port()
+    conf = (DEPLOY / "broker" / "mosquitto.conf").read_text()
+    assert conf.count("listener 8883\n") == 1 and "include_dir /etc/mosquitto/conf.d" in conf
+    conf = conf.replace("/etc/mosquitto", str(etc))
+    conf = conf.replace("listener 8883", f"listener {node_port}")
+    (etc / "mosquitto.conf").write_text(conf + f"user {me}\n")
+    broker = yaml.safe_load(COMPOSE.read_text())["x-broker"]
+    assert broker["command"][:2] == ["sh", "-euc"]
+    script = broker["command"][2].replace("$$", "$")
+    for shipped, here in [
+        ("/srv/deparrow/broker-auth", str(shared)),
+        ("/etc/mosquitto", str(etc)),
+        ("listener 1884", f"listener {hub_port}"),
+        ("chown mosquitto:mosquitto", f"chown {me}"),
+        ("mosquitto -c", f"{mosquitto} -c"),
+    ]:
+        assert shipped in script, shipped
+        script = script.replace(shipped, here)
+    brokers = Proc("broker", [sh, "sh", "-euc", script], work / "broker.log")
+    password = "hub-" + os.urandom(8).hex()
+    hub = None
+    try:
+        hub = LocalHub(
+            work / "hub",
+            mqtt_url=f"mqtt://deparrow-hub:{password}@127.0.0.1:{hub_port}",
+            extra=("--mqtt-auth-dir", str(shared),
+                   "--mqtt-public-url", f"mqtts://127.0.0.1:{node_port}"),
+        )  # fmt: skip
+        assert (etc / "deparrow" / "passwd").read_text() == (shared / "passwd").read_text()
+        user = hub.admin.create_user("agent")
+        wait_for(
+            "the new user's broker login",
+            lambda: mqtt_login(node_port, user["id"], user["token"], ca),
+            15,
+            [brokers],
+        )
+        assert not mqtt_login(node_port, user["id"], "not-the-token", ca)
+        assert brokers.alive(), brokers.tail()
+    finally:
+        if hub is not None:
+            hub.stop()
+        # The script hands SIGTERM on to Mosquitto and ends with it.
+        assert brokers.stop() == 0, brokers.tail()
+        shutil.rmtree(work, ignore_errors=True)
+
+
 # --- systemd ----------------------------------------------------------------------------------
 
 
@@ -449,7 +550,7 @@ def hub_flags() -> set[str]:
 
 
 def hub_commands() -> dict[str, list[list[str]]]:
-    """Every `deparrow hub` command line in deploy/ and docs/scale.md, as words."""
+    """Every `deparrow hub` command line in deploy/ and the docs about it, as words."""
     found: dict[str, list[list[str]]] = {}
     compose = yaml.safe_load(COMPOSE.read_text())
     found["compose.yaml"] = [
@@ -460,26 +561,42 @@ def hub_commands() -> dict[str, list[list[str]]]:
     unit = UNIT.read_text().replace("\\\n", " ")
     exec_start = next(ln for ln in unit.splitlines() if ln.startswith("ExecStart="))
     found[UNIT.name] = [exec_start.split()[1:]]
-    doc = SCALE_DOC.read_text()
-    blocks = re.findall(r"```sh\n(.*?)```", doc, re.S)
-    lines = [ln for b in blocks for ln in b.replace("\\\n", " ").splitlines()]
-    found["docs/scale.md"] = [
-        shlex.split(ln.split("deparrow hub", 1)[1].split("#", 1)[0])
-        for ln in lines
-        if "deparrow hub" in ln
-    ]
+    for doc in DOCS:
+        blocks = re.findall(r"```sh\n(.*?)```", doc.read_text(), re.S)
+        lines = [ln for b in blocks for ln in b.replace("\\\n", " ").splitlines()]
+        found[str(doc.relative_to(ROOT))] = [
+            shlex.split(ln.split("deparrow hub", 1)[1].split("#", 1)[0])
+            for ln in lines
+            if "deparrow hub" in ln
+        ]
     return found
+
+
+# Flags of other commands the docs name in prose: `deparrow --bootstrap`, `edge-run --bootstrap`
+# and `edge-run --failover-after`.
+NOT_THE_HUBS = {"--bootstrap", "--failover-after"}
 
 
 def test_every_hub_flag_deploy_and_the_doc_use_exists() -> None:
     known = hub_flags()
-    assert {"--db", "--mqtt", "--mqtt-share", "--public-url"} <= known
+    assert {"--db", "--mqtt", "--mqtt-share", "--mqtt-auth-dir", "--public-url"} <= known
     found = hub_commands()
-    assert all(found.values()), found
+    for where in ("compose.yaml", UNIT.name, "docs/scale.md", "docs/broker-cluster.md"):
+        assert found[where], f"{where}: no `deparrow hub` command line found"
     for where, commands in found.items():
         for words in commands:
             unknown = [w for w in words if w.startswith("--") and w not in known]
             assert not unknown, f"{where}: `deparrow hub` has no {unknown}"
+    # The env example's extra arguments, and every flag the docs name in prose (`--flag ...`).
+    env = (DEPLOY / "systemd" / "hub.env.example").read_text()
+    extra = re.search(r"^DEPARROW_HUB_ARGS=(.*)$", env, re.M)
+    assert extra is not None
+    named = {"hub.env.example": set(re.findall(r"--[a-z][a-z0-9-]*", extra.group(1)))}
+    for doc in DOCS:
+        named[doc.name] = set(re.findall(r"`(--[a-z][a-z0-9-]*)", doc.read_text()))
+    for where, flags in named.items():
+        unknown = sorted(flags - known - NOT_THE_HUBS)
+        assert not unknown, f"{where}: `deparrow hub` has no {unknown}"
 
 
 def test_the_compose_file_has_the_whole_cluster() -> None:
