@@ -324,7 +324,7 @@ class Agent:
                     self._tls._move_on(tried, HubError(str(e), e.status, e.body))
                 except HubError as gone:
                     raise DeparrowError(str(gone), e.status, e.body) from None
-                self._jwt = None  # signed by the replica left behind
+                self._jwt = None  # signed in again (replicas of one store share the JWT key)
 
     def _request_once(
         self,

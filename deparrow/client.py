@@ -132,7 +132,7 @@ class Client:
             )  # fmt: skip
         self._hub = nxt
         self._context = None  # each replica is verified on its own
-        self._jwt = None  # JWTs are signed by one replica's secret
+        self._jwt = None  # signed in again: a replica on another store has another JWT key
 
     def _failing_over(self, method: str, path: str, headers: dict[str, str] | None,
                       send: Callable[[], T]) -> T:  # fmt: skip

@@ -122,7 +122,8 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
     hub_password: str | None = None
     if config.mqtt_url is None:
         # Our own broker: logins and ACLs are ours to keep. An outside one (--mqtt) is the
-        # operator's, and the hub logs in to it anonymously.
+        # operator's: the hub logs in with the login in its URL(s), if any, and writes the
+        # logins only with --mqtt-auth-dir (a broker cluster, docs/broker-cluster.md).
         kind = choose(config.broker)
         tls = app.get(TLS)
         hub_password = logins.hub_password(config.data_dir)

@@ -80,6 +80,11 @@ class Services:
         """Sync the broker's logins and wait until it accepts this one (it reloads them in
         the background): whoever is handed these credentials can connect at once."""
         broker = self.broker
+        if self.cluster_auth is not None:
+            # A broker cluster's files: written now; its servers reload them on their own
+            # (deploy/broker), so the node may be refused for a moment and retries.
+            self.sync_broker()
+            return True
         if broker is None or not broker.auth:
             return True
         self.sync_broker()

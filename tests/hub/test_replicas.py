@@ -18,8 +18,10 @@ from deparrow.pgserver import LocalPostgres
 from hub.api.services import SERVICES, Services
 from hub.app import bootstrap_admin, create_app, open_services
 from hub.config import HubConfig
+from hub.mqtt import logins
 from tests.hub.conftest import login
 from tests.hub.test_leader import until
+from tests.hub.test_node_auth import enroll
 
 
 async def replica(aiohttp_client: Any, data_dir: Path, url: str, mqtt: str) -> Any:
@@ -119,3 +121,32 @@ async def test_a_replica_goes_on_after_postgresql_drops_its_connections(
     assert r.status == 200 and (await r.json())["balance"] == "10"
     assert a.services.db._conn.reconnects >= 1
     await until(lambda: a.services.leadership.leading)  # the lock's connection came back too
+
+
+async def test_on_a_broker_cluster_a_new_nodes_login_is_written_before_its_answer(
+    aiohttp_client: Any, tmp_path: Path, mosquitto: str, postgres_server: LocalPostgres
+) -> None:
+    """--mqtt-auth-dir: the cluster's login files hold an enrolled node before the node has
+    its credentials (the servers then reload them), and the hub's own login is the same
+    whichever replica wrote them."""
+    url = postgres_server.create_database("authdir")
+    auth = tmp_path / "broker-auth"
+    mqtt = mosquitto.replace("//", f"//{logins.HUB_USER}:hub-secret@")
+    apps = []
+    for name in ("a", "b"):
+        config = HubConfig(data_dir=tmp_path / name, db_url=url, mqtt_url=mqtt,
+                           mqtt_auth_dir=auth, welcome_grant_credits=10)  # fmt: skip
+        app = create_app(config)
+        client = await aiohttp_client(app)
+        client.services = app[SERVICES]
+        apps.append(client)
+    a, b = apps
+    first = (auth / "passwd").read_text()
+    assert f"\n{logins.HUB_USER}:$7$" in first
+    b.services.sync_broker()
+    assert (auth / "passwd").read_text() == first  # b writes exactly what a wrote
+    admin = await login(a, a.services.admin_token)
+    creds = await enroll(b, admin, "n1")  # at the other replica
+    written = (auth / "passwd").read_text()
+    assert creds["node_id"] + ":$7$" in written
+    assert creds["node_id"] in (auth / "acl").read_text()
