@@ -97,6 +97,27 @@ class _BoolDumper(Dumper):
         return b"1" if obj else b"0"
 
 
+class _Nothing:
+    """What a statement that needed no round trip returns: no rows."""
+
+    rowcount = -1
+
+    def fetchone(self) -> None:
+        return None
+
+    def fetchall(self) -> list[Any]:
+        return []
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(())
+
+    def close(self) -> None:
+        pass
+
+
+_NOTHING = _Nothing()
+
+
 class Cursor:
     """What `execute()` returns: fetchone, fetchall, iteration, rowcount."""
 
@@ -151,6 +172,9 @@ class PgConnection:
         self.url = url
         self.read_only = read_only
         self.reconnects = 0
+        # SAVEPOINT and RELEASE not sent yet (see _savepoints): they go out with the next
+        # statement, in one round trip, or never when nothing ran inside.
+        self._deferred: list[str] = []
         self._pg = self._open()
 
     def _open(self) -> psycopg.Connection[Any]:
@@ -184,7 +208,9 @@ class PgConnection:
                 self.reconnects += 1
             cur = self._pg.cursor()
             try:
-                if args is None:
+                if self._deferred:
+                    self._with_deferred(cur, cur_sql, args)
+                elif args is None:
                     cur.execute(cur_sql)
                 else:
                     cur.execute(cur_sql, args)
@@ -197,6 +223,41 @@ class PgConnection:
                 raise _mapped(e, sql_for_errors) from e
         raise AssertionError("unreachable")
 
+    def _with_deferred(self, cur: Any, cur_sql: bytes | str, args: Any) -> None:
+        """The savepoints not sent yet, then this statement, in one pipeline: one round trip.
+        An error in the statement comes up here, with the savepoints before it in place."""
+        ops, self._deferred = self._deferred, []
+        with self._pg.pipeline():
+            for op in ops:
+                self._pg.cursor().execute(op.encode())
+            cur.execute(cur_sql, args if args is not None else None)
+
+    def _savepoints(self, sql: str) -> Cursor | _Nothing | None:
+        """SAVEPOINT, RELEASE and ROLLBACK TO, as the store's nested transactions send them
+        (hub/store/db.py), each a round trip on its own on a network: deferred instead.
+        A savepoint nothing ran in is never sent, nor is its RELEASE or ROLLBACK TO; the
+        others go out with the next statement. None: not one of these."""
+        if sql.startswith("SAVEPOINT "):
+            self._deferred.append(sql)
+            return _NOTHING
+        if sql.startswith("RELEASE "):
+            mark = "SAVEPOINT " + sql[len("RELEASE ") :]
+            if self._deferred and self._deferred[-1] == mark:
+                self._deferred.pop()  # nothing ran inside it
+            else:
+                self._deferred.append(sql)
+            return _NOTHING
+        if sql.startswith("ROLLBACK TO "):
+            mark = "SAVEPOINT " + sql[len("ROLLBACK TO ") :]
+            if mark in self._deferred:  # nothing sent since it: nothing to undo on the server
+                del self._deferred[self._deferred.index(mark) + 1 :]
+                return _NOTHING
+            self._deferred.clear()  # undone by this rollback anyway
+            return self._run(sql.encode(), None, None)
+        if sql in ("COMMIT", "ROLLBACK"):
+            self._deferred.clear()  # a transaction's end releases every savepoint
+        return None
+
     @property
     def closed(self) -> bool:
         return self._pg.closed
@@ -208,6 +269,9 @@ class PgConnection:
             return self._raw(BEGIN_SNAPSHOT if self.read_only else "BEGIN")
         if sql.startswith(("PRAGMA", "pragma")):
             raise sqlite3.OperationalError(f"a PRAGMA has no meaning on PostgreSQL: {sql}")
+        control = self._savepoints(sql)
+        if control is not None:
+            return control  # type: ignore[return-value]
         t = to_postgres(sql)
         args: Any = params
         if t.numbered and not isinstance(params, Mapping):
@@ -217,6 +281,8 @@ class PgConnection:
         return self._run(t.sql, args, t.sql)
 
     def executemany(self, sql: str, seq: Sequence[Params]) -> Cursor:
+        if self._deferred:  # the savepoints it runs inside go out first
+            self._run(b"SELECT 1", None, None)
         t = to_postgres(sql)
         rows: list[Any] = []
         for params in seq:
