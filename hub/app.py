@@ -9,7 +9,7 @@ import functools
 import logging
 import os
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -33,7 +33,7 @@ from hub.market.spec import JobSpec
 from hub.mqtt import logins
 from hub.mqtt.broker import ChildBroker, choose, free_port
 from hub.store import passwords
-from hub.store.db import open_database, snapshot_reads
+from hub.store.db import Database, open_database, snapshot_reads
 from hub.store.rows import Store
 from hub.tls import ensure_tls, server_context, server_names
 from hub.web import live
@@ -59,6 +59,47 @@ def open_services(config: HubConfig) -> Services:
     services = Services(config, db, store, ledger, jobs, scheduler, Agents(db, store, ledger))
     services.leadership = leadership_for(config.db_target)
     return services
+
+
+def migrate_all(db: Database) -> None:
+    """Every component's schema, as a hub that has run on this store has it."""
+    from hub.agents import schema as agents_schema
+    from hub.cluster import registry
+    from hub.ledger import schema as ledger_schema
+    from hub.store import rows
+    from hub.web import queries
+
+    db.migrate(ledger_schema.COMPONENT, ledger_schema.MIGRATIONS)
+    db.migrate("store", rows.MIGRATIONS)
+    db.migrate(agents_schema.COMPONENT, agents_schema.MIGRATIONS)
+    db.migrate(queries.COMPONENT, queries.MIGRATIONS)
+    db.migrate(registry.COMPONENT, registry.MIGRATIONS)
+
+
+def copy_store(source: Path, target: str, say: Callable[[str], None]) -> dict[str, int]:
+    """`deparrow copy-store`: a stopped hub's SQLite file into a new PostgreSQL database.
+    Raises ValueError (the target holds data, the copy does not add up)."""
+    from hub.store.copy import copy_tables
+
+    if not source.is_file():
+        raise ValueError(f"{source} does not exist: give the --data-dir the hub ran with")
+    src, dst = open_database(source), open_database(target)
+    try:
+        migrate_all(src)  # a store from an older version: brought up to date first
+        migrate_all(dst)
+        copied = copy_tables(src, dst, lambda table, n: say(f"  {table}: {n} rows"))
+        for table, n in copied.items():
+            row = dst.query_one(f"SELECT COUNT(*) AS n FROM {table}")
+            held = int(row["n"]) if row is not None else 0
+            if held != n:
+                raise ValueError(f"{table}: {n} rows copied but the target holds {held}")
+        audit = Ledger(dst).audit()
+        if not audit.balanced:
+            raise ValueError(f"the copied ledger does not balance: {audit}")
+        return copied
+    finally:
+        src.close()
+        dst.close()
 
 
 def bootstrap_admin(services: Services) -> None:

@@ -15,7 +15,7 @@ from deparrow.cli.agents import agent_group
 from deparrow.cli.boards import board_group
 from deparrow.cli.context import DEFAULT_HUB, Ctx
 from deparrow.cli.demo import demo_cmd
-from deparrow.cli.hub import hub_cmd
+from deparrow.cli.hub import copy_store_cmd, hub_cmd
 from deparrow.cli.jobs import job_group
 from deparrow.cli.ledger import ledger_group
 from deparrow.cli.nodes import node_group
@@ -89,6 +89,6 @@ def main(
 
 for _command in (
     hub_cmd, job_group, wallet_group, ledger_group, node_group, user_group, status_cmd,
-    network_group, board_group, agent_group, demo_cmd,
+    network_group, board_group, agent_group, demo_cmd, copy_store_cmd,
 ):  # fmt: skip
     main.add_command(_command)

@@ -4,6 +4,7 @@ so the rest of the CLI works where only the client is installed."""
 from __future__ import annotations
 
 import logging
+import sqlite3
 from pathlib import Path
 
 import click
@@ -394,3 +395,43 @@ def hub_cmd(
         die(f"cannot listen on {host}:{port}: {e.strerror or e}")
     except RuntimeError as e:
         die(str(e))
+
+
+@click.command("copy-store")
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="The data directory of the hub to move (default ~/.local/share/deparrow); its "
+    "hub.sqlite is read.",
+)
+@click.option(
+    "--db",
+    "db_url",
+    required=True,
+    metavar="URL",
+    help="A new, empty PostgreSQL database: postgresql://user@host/dbname.",
+)
+def copy_store_cmd(data_dir: Path | None, db_url: str) -> None:
+    """Move a hub off its SQLite file: copy every user, node, job, blob and ledger entry into
+    an empty PostgreSQL database, then start the hub with --db (docs/scale.md). Stop the hub
+    first: what it writes during the copy would not be copied."""
+    try:
+        from hub.app import copy_store
+        from hub.config import HubConfig, default_data_dir
+    except ModuleNotFoundError as e:
+        die(f"copying a store needs the server's packages ({e.name} is missing): "
+            "pip install 'deparrow[hub]'")  # fmt: skip
+    if not db_url.startswith(("postgresql://", "postgres://")):
+        die(f"--db takes a postgresql:// URL, not {db_url!r}", 2)
+    source = HubConfig(data_dir=data_dir or default_data_dir()).db_path
+    click.echo(f"copying {source} into {db_url.split('@')[-1]}...", err=True)
+    try:
+        copied = copy_store(source, db_url, lambda line: click.echo(line, err=True))
+    except (ValueError, sqlite3.Error) as e:
+        die(f"the copy failed and the target is unchanged: {e}")
+    click.echo(
+        f"copied {sum(copied.values())} rows in {len(copied)} tables; the ledger balances. "
+        f"Start the hub with: deparrow hub --data-dir {source.parent} --db {db_url}",
+        err=True,
+    )
