@@ -55,7 +55,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+sys.path.append(str(ROOT / "bench"))  # after the root: bench/edge.py is not the edge package
 
 import psutil  # noqa: E402
 from market import CpuMeter, Hub, SimProcess, caught_up, flood, run_jobs, summarize  # noqa: E402
@@ -123,28 +123,44 @@ def leading(url: str) -> bool:
 def heartbeats(
     args: argparse.Namespace, hub: str, admin: Client, tmp: Path, say: Say
 ) -> dict[str, Any]:
-    """bench/market.py's flood at rising rates, against whichever replicas share the load."""
+    """bench/market.py's flood, against whichever replicas share the load: rates doubling from
+    --hb-start until the hub falls behind (or the sender cannot go faster); when it falls
+    behind at the first rate, halving instead (down to --hb-min) until it keeps up."""
     if args.hb_nodes <= 0:
         return {"heartbeats_per_s": None}
     user = admin.create_user("fleet")
     owner = Client(hub, user["token"])
     idents, log = tmp / "hb-identities.json", tmp / "hb-simnet.log"
-    best, rate, sender_limited, fell_behind = 0.0, args.hb_start, False, False
+    best, rate, sender_limited = 0.0, args.hb_start, False
+    # Each step: offered/s, sent/s, ms from the last one sent to the last one processed, and
+    # processed/s (all sent over the time from the first sent to the last processed).
+    steps: list[list[float]] = []
+    processed = 0.0
+    behind_at: float | None = None
     while rate <= args.hb_max:
         _ids, sent = flood(hub, user["token"], args.hb_nodes, idents, rate, args.hb_seconds, log)
         achieved = sent["sent"] / sent["seconds"]
         seen = wait_for("the hub to catch up", partial(caught_up, owner, sent["last_sent"]), 300)
         assert seen is not None  # wait_for returns only what is true
         lag = max(0.0, max(seen) - sent["end"])
+        through = sent["sent"] / max(1e-9, max(seen) - sent["start"])
+        processed = max(processed, through)
         kept = lag <= 0.5
+        steps.append([round(rate), round(achieved), round(lag * 1000), round(through)])
         say(
             f"    heartbeats offered {rate:7,.0f}/s, sent {achieved:7,.0f}/s: done "
-            f"{lag * 1000:5.0f} ms after the last {'- kept up' if kept else '- FELL BEHIND'}"
+            f"{lag * 1000:5.0f} ms after the last, {through:7,.0f}/s processed "
+            f"{'- kept up' if kept else '- FELL BEHIND'}"
         )
         if not kept:
-            fell_behind = True
+            behind_at = achieved
+            if best == 0 and rate / 2 >= args.hb_min:
+                rate /= 2
+                continue
             break
         best = max(best, achieved)
+        if behind_at is not None:
+            break  # on the way down: this is the rate it keeps up with
         if achieved < 0.9 * rate:
             sender_limited = True  # the simulator's one process cannot send faster
             break
@@ -152,7 +168,9 @@ def heartbeats(
     return {
         "heartbeats_per_s": round(best),
         "heartbeats_sender_limited": sender_limited,
-        "heartbeats_fell_behind": fell_behind,
+        "heartbeats_fell_behind_at": None if behind_at is None else round(behind_at),
+        "heartbeats_max_processed_per_s": round(processed),
+        "heartbeats_steps": steps,
     }
 
 
@@ -179,9 +197,18 @@ def measure(
         say(f"  {args.nodes} simulated nodes online ({sim.ready['seconds']}s)")
         pids = {**pids, "simnet": sim.p.pid}
 
+        missing: dict[str, int] = {}  # completed jobs without this timing stamp
+
         def jobs(count: int, rate: float | None, concurrency: int) -> dict[str, Any]:
-            views = asyncio.run(run_jobs(urls, user["token"], module_ref, count, rate, concurrency))
+            # However slow a configuration, every job must settle: wait for a slow one.
+            views = asyncio.run(
+                run_jobs(urls, user["token"], module_ref, count, rate, concurrency, settle_s=900)
+            )
             s = summarize(views)
+            for v in views:
+                for stamp, t in v["timings"].items():
+                    if t is None and v["state"] == "completed":
+                        missing[stamp] = missing.get(stamp, 0) + 1
             if s["completed"] != s["jobs"] or s["jobs"] != count:
                 states: dict[str, int] = {}
                 for v in views:
@@ -189,7 +216,7 @@ def measure(
                 raise BenchFailed(f"{name}: {count} jobs submitted, settled: {states}")
             return s
 
-        jobs(50, None, 8)  # warm up: connections, caches, the module on every replica
+        jobs(min(50, args.burst), None, 8)  # warm up: connections, caches, the module
         paced = jobs(int(args.rate * args.seconds), args.rate, 64)
         say(
             f"  paced {paced['jobs']} jobs at {args.rate:g}/s: p50 {paced['p50_ms']:.1f} ms, "
@@ -208,6 +235,8 @@ def measure(
             f"  burst {burst['jobs']} jobs: {burst['jobs_per_s']:.0f} jobs/s; CPU ms per job: "
             + ", ".join(f"{k} {v:.2f}" for k, v in per_job.items())
         )
+        if missing:
+            say(f"  completed jobs without a timing stamp (a replica race?): {missing}")
         sim.stop()
         sim = None
         hb = heartbeats(args, urls[0], admin, tmp, say)
@@ -225,6 +254,7 @@ def measure(
             "cpu_ms_per_job": per_job,
             "cpu_ms_per_job_total": round(sum(per_job.values()), 2),
             **hb,
+            "completed_without_stamp": missing,
             "all_settled": True,
             "ledger_balanced": True,
         }
@@ -298,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hb-start", type=float, default=2000.0, help="first flood rate/s (2000)")
     p.add_argument("--hb-max", type=float, default=40000.0, help="highest flood rate/s")
     p.add_argument(
+        "--hb-min", type=float, default=250.0, help="lowest rate/s tried when halving (250)"
+    )
+    p.add_argument(
         "--pg-fsync",
         choices=("on", "off"),
         default="on",
@@ -354,9 +387,10 @@ def table(result: dict[str, Any], say: Say) -> None:
         f"{'beats/s':>8}  CPU ms per job (burst)")  # fmt: skip
     for label, r in rows:
         hb = r.get("heartbeats_per_s")
-        hb_s = (
-            "n/m" if hb is None else f"{hb:,}" + ("+" if r.get("heartbeats_sender_limited") else "")
-        )
+        more = "+" if r.get("heartbeats_sender_limited") else ""
+        hb_s = "n/m" if hb is None else f"{hb:,}{more}"
+        if hb == 0 and r.get("heartbeats_fell_behind_at"):  # behind even at the lowest rate
+            hb_s = f"<{r['heartbeats_fell_behind_at']:,}"
         cpu = r["cpu_ms_per_job"]
         hubs = [v for k, v in cpu.items() if k.startswith("hub")]
         others = ", ".join(f"{k} {v:.2f}" for k, v in cpu.items() if not k.startswith("hub"))
@@ -368,8 +402,9 @@ def table(result: dict[str, Any], say: Say) -> None:
         )
     say(
         f"PostgreSQL ran with {fsync}; beats/s with '+': the one simulator process could send "
-        f"no faster, the hubs kept up. {result['cpus']} cores here: the ratios are bounded by "
-        f"them; the CPU per job per replica is what more cores would divide."
+        f"no faster, the hubs kept up; '<': behind at every rate tried. {result['cpus']} cores "
+        f"here: the ratios are bounded by them; the CPU per job per replica is what more cores "
+        f"would divide."
     )
 
 

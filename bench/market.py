@@ -381,12 +381,13 @@ async def run_jobs(
     count: int,
     rate: float | None,
     concurrency: int,
+    settle_s: float = 120.0,
 ) -> list[dict[str, Any]]:
     """Submit `count` fib(1) jobs over REST (paced at `rate` per second, or as fast as
     `concurrency` requests in flight allow), wait until all are settled, return each job's
     view with the client's submit time added. `hub`: one URL, or the URLs of several replicas
     of one hub (bench/cluster.py): the submissions go round-robin over them, the waiting and
-    the views through the first."""
+    the views through the first. Waits at most `settle_s` for the last to settle."""
     hubs = [hub] if isinstance(hub, str) else list(hub)
     spec = {
         "name": "noop",
@@ -427,7 +428,7 @@ async def run_jobs(
             async with http.get(url, headers=auth) as r:
                 return len((await r.json())["jobs"])
 
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + settle_s
         while time.monotonic() < deadline:
             if not any([await count_in(s) for s in ("queued", "assigned", "running")]):
                 break
@@ -450,7 +451,9 @@ def summarize(views: list[dict[str, Any]]) -> dict[str, float]:
     last = max(v["timings"]["finished_at"] for v in done) if done else first
 
     def phase(a: str, b: str) -> float:
-        return pct([(v["timings"][b] - v["timings"][a]) * 1000 for v in done], 0.5)
+        # A stamp can be missing (a replica settled a job before another recorded it running).
+        t = [v["timings"] for v in done]
+        return pct([(x[b] - x[a]) * 1000 for x in t if x[a] is not None and x[b] is not None], 0.5)
 
     return {
         # Where the time goes (medians): the REST call until the job row exists, the hub
