@@ -397,11 +397,17 @@ class Jobs:
             payouts.append((REVENUE, charge - pay))
         payouts = [(a, n) for a, n in payouts if n > 0]
         now = self.clock()
+        # The node's `running` event may not have been handled (yet): with hub replicas the
+        # event and the result can reach two replicas and be handled in either order. The
+        # job then started when the node's wall time says, not before it was assigned.
+        assigned = float(job["assigned_at"] or now)
+        started = min(now, max(assigned, now - wall_ms / 1000))
         with contextlib.suppress(Stale), self.db.transaction() as c:
             cur = c.execute(
                 "UPDATE jobs SET state = 'completed', cost = ?, result = ?, finished_at = ?,"
-                " reason = NULL WHERE id = ? AND state IN ('assigned', 'running')",
-                (charge, json.dumps(result), now, job["id"]),
+                " started_at = COALESCE(started_at, ?), reason = NULL"
+                " WHERE id = ? AND state IN ('assigned', 'running')",
+                (charge, json.dumps(result), now, started, job["id"]),
             )
             self.attempts.end_moved(
                 cur, job, "completed", now, charge=charge, pay=pay, wall_ms=wall_ms

@@ -253,3 +253,28 @@ def test_an_example_input_is_its_sample_stdin_not_its_module(services: Services)
         JobError, match=r"example job 'fib' has no sample input \(these do: sha256\)"
     ):
         s.jobs.submit(user, msgspec.convert({"engine": engine, "input": "example:fib"}, JobSpec))
+
+
+def test_a_result_handled_before_its_running_event_still_says_when_the_job_started(
+    services: Services,
+) -> None:
+    """With hub replicas the node's `running` event and its result can be handled by two
+    replicas in either order: settled first, the job started wall_ms before it finished (and
+    not before it was assigned); the late event then changes nothing."""
+    s = services
+    owner, _, _ = s.create_user("owner", "user")
+    add_node(s, owner)
+    job = batch(s, owner)
+    clock(s).t += 1.0
+    assert len(placed(s)) == 1
+    assigned = float(s.store.job(job["id"])["assigned_at"])
+    clock(s).t += 2.5
+    assert result(s, job["id"], "completed", None, wall_ms=1500).startswith("settled")
+    done = s.store.job(job["id"])
+    assert done["state"] == "completed"
+    assert float(done["started_at"]) == pytest.approx(float(done["finished_at"]) - 1.5)
+    assert float(done["started_at"]) >= assigned
+    job_row = s.store.job(job["id"])
+    late = {"job_id": job["id"], "attempt": job_row["attempt"], "state": protocol.RUNNING}
+    assert not s.jobs.on_event(job_row["node"], late)
+    assert s.store.job(job["id"])["started_at"] == done["started_at"]
