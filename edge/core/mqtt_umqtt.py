@@ -50,6 +50,12 @@ def is_tls(url):
     return url.partition("://")[0] in TLS_SCHEMES
 
 
+def first_server(url):
+    """A broker cluster's servers, comma-separated (docs/broker-cluster.md): a board connects
+    to the first; it does not move to another (edge-run does, edge/node_failover.py)."""
+    return url.split(",")[0].strip()
+
+
 def parse_url(url):
     """'mqtt://host:port' or 'mqtts://host:port' -> (host, port)."""
     scheme, sep, rest = url.partition("://")
@@ -69,6 +75,7 @@ class UmqttMqtt:
     def __init__(
         self, url, connect_timeout_s=30, keepalive_s=30, queue_cap=32, log=None, ssl_params=None
     ):
+        url = first_server(url)
         self.host, self.port = parse_url(url)
         self.ssl_params = None
         if is_tls(url):
