@@ -57,7 +57,7 @@ def open_services(config: HubConfig) -> Services:
     jobs = Jobs(config, db, store, ledger)
     scheduler = Scheduler(config, store, jobs)
     services = Services(config, db, store, ledger, jobs, scheduler, Agents(db, store, ledger))
-    services.leadership = leadership_for(config.db_target)
+    services.leadership = leadership_for(config.db_target, db)
     return services
 
 
@@ -149,6 +149,7 @@ def _take_the_lead(services: Services) -> None:
     services.bridge.resend_assignments()
     services.agents.tick()
     services.agents.resend_pending()
+    services.bridge.dispatch()  # jobs that queued while no replica led
 
 
 async def _services_ctx(app: web.Application) -> AsyncIterator[None]:

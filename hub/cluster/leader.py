@@ -88,9 +88,10 @@ class Leadership:
 class PgLeadership(Leadership):
     """Leadership among replicas sharing one PostgreSQL database; see the module."""
 
-    def __init__(self, url: str, *, retry_s: float = 1.0) -> None:
+    def __init__(self, url: str, *, retry_s: float = 1.0, db: Any = None) -> None:
         super().__init__()
         self.url = url
+        self.db = db  # the store's Database: pass requests inside its transactions
         self.retry_s = retry_s
         self.leading = False
         self._outbox: asyncio.Queue[tuple[str, str]] = asyncio.Queue(maxsize=10_000)
@@ -98,12 +99,18 @@ class PgLeadership(Leadership):
         self._pass_asked = False
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
+        self._tried = asyncio.Event()
 
     async def start(self) -> None:
+        """Start, and return once the first try for the lock is over (a replica starting
+        alone leads from its first moment), or after a few seconds without the store."""
+        self._tried = asyncio.Event()
         self._tasks = [
             asyncio.create_task(self._control(), name="leadership"),
             asyncio.create_task(self._sender(), name="replica-notes"),
         ]
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._tried.wait(), 5.0)
 
     async def stop(self) -> None:
         self._stopping = True
@@ -118,6 +125,14 @@ class PgLeadership(Leadership):
 
     # --- notes to the other replicas -----------------------------------------------------
     def request_pass(self) -> None:
+        """Asked inside a transaction (a batch that freed a node, took a submission), the
+        note is part of it: PostgreSQL delivers it at COMMIT, so the leader's pass sees what
+        this replica wrote (sent at once, it could run before, find nothing free, and leave
+        the work to its next tick). Identical notes of one transaction arrive as one."""
+        db = self.db
+        if db is not None and db.in_transaction and not db.committing:
+            db.conn.execute("SELECT pg_notify(?, ?)", (PASS, self.replica))
+            return
         if not self._pass_asked:
             self._pass_asked = True
             self._note(PASS, self.replica)
@@ -184,6 +199,7 @@ class PgLeadership(Leadership):
                 await conn.execute(f"LISTEN {LIVE}")
                 await self._hold_or_try(conn)
             except (psycopg.Error, OSError) as e:
+                self._tried.set()
                 log.warning("hub replica %s lost the store's leader lock connection: %s",
                             self.replica, e)  # fmt: skip
             finally:
@@ -204,6 +220,7 @@ class PgLeadership(Leadership):
                 row = await cur.fetchone()
                 if row is not None and row[0]:
                     self._become(True)
+                self._tried.set()
             deadline = time.monotonic() + self.retry_s
             while (left := deadline - time.monotonic()) > 0:
                 async for note in conn.notifies(timeout=left):
@@ -226,8 +243,9 @@ class PgLeadership(Leadership):
             log.exception("a change from another replica could not be shown")
 
 
-def leadership_for(db_target: object) -> Leadership:
-    """PgLeadership for a postgresql:// store, else a hub that always leads."""
+def leadership_for(db_target: object, db: Any = None) -> Leadership:
+    """PgLeadership for a postgresql:// store (db: its Database), else a hub that always
+    leads."""
     if isinstance(db_target, str) and db_target.startswith(("postgresql://", "postgres://")):
-        return PgLeadership(db_target)
+        return PgLeadership(db_target, db=db)
     return Leadership()

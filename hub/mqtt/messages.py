@@ -208,6 +208,7 @@ class Messages:
                 slots=msg.slots,
                 gpus=msgspec.json.encode(msg.gpus).decode() if msg.gpus else None,
                 max_message=msg.max_message,
+                last_seq=-1,  # a new session: its heartbeats count from the start again
             )
             for job in self.store.jobs_on_node(ident):
                 if job["id"] not in msg.running:
@@ -216,6 +217,11 @@ class Messages:
             self.dispatch()
             return "hello"
         if isinstance(msg, wire.Heartbeat):
+            if msg.seq < int(node["last_seq"]):
+                # Sent before the last beat handled: hub replicas share a node's messages and
+                # may handle two beats in either order. The older one would undo the newer
+                # (a `busy` after the `idle` that followed it keeps the node from new work).
+                return "ignored: an older heartbeat than the last"
             # One transaction: the uptime credited and the last_seen it was measured from move
             # together, so no beat can be paid twice.
             with self.store.db.transaction():

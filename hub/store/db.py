@@ -141,7 +141,13 @@ class _Batch:
         self.committed = False  # True once the COMMIT (or, nested, the RELEASE) succeeded
 
     async def __aenter__(self) -> sqlite3.Connection:
-        return self.db._enter(self.tx)
+        if self.db.queue_writers and self.db._depth == 0:
+            await self.db._wait_turn()  # without blocking the loop (hub/store/pg.py)
+        try:
+            return self.db._enter(self.tx)
+        except BaseException:
+            await self.db._end_turn()
+            raise
 
     async def __aexit__(
         self,
@@ -149,12 +155,16 @@ class _Batch:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if exc_type is not None or self.tx.savepoint is not None:
-            # A rollback costs no fsync; a nested batch is a savepoint of its caller's.
-            self.db._exit(self.tx, exc_type is not None)
-            self.committed = exc_type is None
-            return
-        await self.db._commit_off_loop(self)
+        try:
+            if exc_type is not None or self.tx.savepoint is not None:
+                # A rollback costs no fsync; a nested batch is a savepoint of its caller's.
+                self.db._exit(self.tx, exc_type is not None)
+                self.committed = exc_type is None
+                return
+            await self.db._commit_off_loop(self)
+        finally:
+            if self.tx.savepoint is None:
+                await self.db._end_turn()
 
 
 class _Commit:
@@ -220,6 +230,16 @@ class Database:
         self._committer: ThreadPoolExecutor | None = None
         self._reader: sqlite3.Connection | None = None  # snapshot reads during a COMMIT
         self._reader_pinned = False  # the reader holds its snapshot until that COMMIT ends
+
+    # Whether write_batch() waits its turn among several processes before it begins (see
+    # _wait_turn): not here, where one process writes the file.
+    queue_writers = False
+
+    async def _wait_turn(self) -> None:
+        """Wait, without blocking the loop, until this process may write (PgDatabase)."""
+
+    async def _end_turn(self) -> None:
+        """Let the next process write (PgDatabase)."""
 
     def _configure(self) -> None:
         self._conn.execute("PRAGMA journal_mode = WAL")

@@ -23,6 +23,8 @@ Values come back as they do from SQLite: integers as int (also SUM's NUMERIC), b
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import sqlite3
 from collections.abc import Iterator, Mapping, Sequence
@@ -40,6 +42,8 @@ log = logging.getLogger(__name__)
 # Any fixed 64-bit key: "deparrow" in ASCII. Every write transaction holds it until it ends.
 WRITE_LOCK = int.from_bytes(b"deparrow", "big") & 0x7FFF_FFFF_FFFF_FFFF
 BEGIN_WRITE = f"BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK})"
+# The group commits' turnstile (PgDatabase._wait_turn): another fixed key.
+TURN = WRITE_LOCK ^ 1
 BEGIN_SNAPSHOT = "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY"
 
 
@@ -308,10 +312,65 @@ class PgDatabase(Database):
     """The hub's store on PostgreSQL; see the module's docstring."""
 
     dialect = "postgresql"
+    queue_writers = True
 
     def __init__(self, url: str, *, commit_off_loop: bool = True) -> None:
         self.url = url
         super().__init__(url, commit_off_loop=commit_off_loop)
+        self._turn_conn: Any = None  # an async connection holding TURN between batches
+        self._turn_local: asyncio.Lock | None = None
+        self._turn_held = False
+
+    async def _wait_turn(self) -> None:
+        """A group commit (write_batch) waits here for the other replicas' batches to end,
+        on a connection of its own, with the loop free to serve HTTP and MQTT meanwhile;
+        only then does it BEGIN and take WRITE_LOCK, which it then mostly finds free. Were
+        it to wait in BEGIN instead, its replica's whole loop would stand still while another
+        replica writes. The turnstile is for the loop's sake only: WRITE_LOCK alone keeps the
+        writes apart, so a turnstile connection that fails is dropped and writes go on."""
+        if self._turn_local is None:
+            self._turn_local = asyncio.Lock()
+        await self._turn_local.acquire()
+        try:
+            if self._turn_conn is None or self._turn_conn.closed:
+                self._turn_conn = await psycopg.AsyncConnection.connect(
+                    self.url, autocommit=True, keepalives=1, keepalives_idle=5,
+                    keepalives_interval=2, keepalives_count=2,
+                )  # fmt: skip
+            await self._turn_conn.execute("SELECT pg_advisory_lock(%s)", (TURN,))
+            self._turn_held = True
+        except (psycopg.Error, OSError) as e:
+            log.warning("the write turnstile failed (%s); writing without it", e)
+            await self._drop_turn()
+        except BaseException:  # cancelled while waiting: the session lock may be held
+            await self._drop_turn()
+            self._turn_local.release()
+            raise
+
+    async def _end_turn(self) -> None:
+        if self._turn_local is None or not self._turn_local.locked():
+            return
+        try:
+            if self._turn_held:
+                self._turn_held = False
+                await self._turn_conn.execute("SELECT pg_advisory_unlock(%s)", (TURN,))
+        except (psycopg.Error, OSError) as e:
+            log.warning("the write turnstile failed (%s); writing without it", e)
+            await self._drop_turn()
+        finally:
+            self._turn_local.release()
+
+    def close(self) -> None:
+        conn, self._turn_conn = self._turn_conn, None
+        if conn is not None and not conn.closed:
+            conn.pgconn.finish()  # no loop needed: the server lets go of its lock
+        super().close()
+
+    async def _drop_turn(self) -> None:
+        conn, self._turn_conn, self._turn_held = self._turn_conn, None, False
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.close()  # its session lock goes with it
 
     def _configure(self) -> None:
         pass  # durability and isolation are the server's settings

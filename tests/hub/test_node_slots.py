@@ -15,6 +15,7 @@ import pytest
 from edge.core import protocol
 from hub.api.types import NodeList, NodeView
 from tests.hub.conftest import new_user
+from tests.hub.test_leader import until
 from tests.hub.test_node_auth import enroll
 
 pytestmark = pytest.mark.both_stores
@@ -52,7 +53,8 @@ async def test_nodes_show_their_slots_gpus_jobs_and_what_is_free(api: Any) -> No
     r = await api.post("/api/v1/jobs", json=GPU_JOB, headers=bob)
     assert r.status == 201, await r.text()
     job_id = (await r.json())["id"]
-    api.services.bridge.dispatch()
+    api.services.bridge.dispatch()  # the pass runs in the bridge's next batch
+    await until(lambda: api.services.store.job(job_id)["node"] is not None)
     assert api.services.store.job(job_id)["node"] == box  # the only node with a GPU
 
     r = await api.get("/api/v1/nodes", headers=alice)
@@ -74,3 +76,23 @@ async def test_nodes_show_their_slots_gpus_jobs_and_what_is_free(api: Any) -> No
     # The job's view carries what it asked for, its GPU included.
     job = await (await api.get(f"/api/v1/jobs/{job_id}", headers=bob)).json()
     assert job["spec"]["resources"]["gpu"] == 1 and job["node"] == box
+
+
+async def test_an_older_heartbeat_handled_after_a_newer_one_changes_nothing(api: Any) -> None:
+    """Hub replicas share a node's messages and may handle two beats in either order: the
+    older one must not undo the newer (a stale `busy` kept nodes from work for a beat)."""
+    _, alice = await new_user(api, "alice")
+    node = (await enroll(api, alice, "n"))["node_id"]
+    offer = {"cpu": 2, "memory_mb": 512}
+    assert say(api, node, protocol.HELLO, protocol.hello(node, ["wasm"], offer, "t")) == "hello"
+    newer = protocol.heartbeat(node, 6, protocol.IDLE, offer, [])
+    older = protocol.heartbeat(node, 5, protocol.BUSY, offer, ["j_1"])
+    assert say(api, node, protocol.HEARTBEAT, newer) == "heartbeat"
+    assert say(api, node, protocol.HEARTBEAT, older).startswith("ignored")
+    assert api.services.store.node(node)["state"] == protocol.IDLE
+    assert say(api, node, protocol.HEARTBEAT, newer) == "heartbeat"  # the same one again: kept
+    # A node that starts again counts from the start: its hello resets the order.
+    assert say(api, node, protocol.HELLO, protocol.hello(node, ["wasm"], offer, "t")) == "hello"
+    again = protocol.heartbeat(node, 0, protocol.BUSY, offer, ["j_2"])
+    assert say(api, node, protocol.HEARTBEAT, again) == "heartbeat"
+    assert api.services.store.node(node)["state"] == protocol.BUSY

@@ -3,6 +3,7 @@ one writes the other serves, a JWT signed by one is good at the other, one of th
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,6 +20,7 @@ from hub.api.services import SERVICES, Services
 from hub.app import bootstrap_admin, create_app, open_services
 from hub.config import HubConfig
 from hub.mqtt import logins
+from hub.store.pg import TURN, PgDatabase
 from tests.hub.conftest import login
 from tests.hub.test_leader import until
 from tests.hub.test_node_auth import enroll
@@ -150,3 +152,37 @@ async def test_on_a_broker_cluster_a_new_nodes_login_is_written_before_its_answe
     written = (auth / "passwd").read_text()
     assert creds["node_id"] + ":$7$" in written
     assert creds["node_id"] in (auth / "acl").read_text()
+
+
+async def test_a_group_commit_waits_for_another_replicas_turn_with_its_loop_free(
+    postgres_server: LocalPostgres,
+) -> None:
+    """While another replica's group commit has the turn, this replica's write_batch waits
+    without blocking its event loop (HTTP and MQTT go on), then commits."""
+    url = postgres_server.create_database("turns")
+    db = PgDatabase(url)
+    db.migrate("t", [(1, "t", "CREATE TABLE t (k TEXT PRIMARY KEY)")])
+    other = psycopg.connect(url, autocommit=True)  # the other replica, mid-batch
+    other.execute("SELECT pg_advisory_lock(%s)", (TURN,))
+    ticks = 0
+
+    async def loop_runs() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    async def batch() -> None:
+        async with db.write_batch() as c:
+            c.execute("INSERT INTO t (k) VALUES ('mine')")
+
+    ticker = asyncio.create_task(loop_runs())
+    writing = asyncio.create_task(batch())
+    await until(lambda: ticks >= 20)  # the loop runs while the batch waits its turn
+    assert not writing.done() and db.query("SELECT k FROM t") == []
+    other.execute("SELECT pg_advisory_unlock(%s)", (TURN,))
+    await asyncio.wait_for(writing, 10)
+    assert [r["k"] for r in db.query("SELECT k FROM t")] == ["mine"]
+    ticker.cancel()
+    other.close()
+    db.close()
