@@ -36,4 +36,6 @@ def test_the_cluster_bench_runs_end_to_end() -> None:
         assert c["cpu_ms_per_job"]["brokers"] >= 0
     two = out["postgres"]["2"]
     assert {"hub0", "hub1", "postgres", "simnet"} <= set(two["cpu_ms_per_job"])
-    assert two["ratio_vs_1_replica"] > 0 and two["ratio_vs_sqlite"] > 0
+    # Ratios are there (rounded to 2 places, a slow run may print 0.0): the shape, not a speed.
+    assert isinstance(two["ratio_vs_1_replica"], float) and two["ratio_vs_1_replica"] >= 0
+    assert isinstance(two["ratio_vs_sqlite"], float) and two["ratio_vs_sqlite"] >= 0
