@@ -18,53 +18,19 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from deparrow import localnet
 from deparrow.agent import Agent
 from hub.ledger.money import MICRO, credits_to_micro, format_micro
 from hub.web.filters import credits
-from tests.conftest import ROOT, require_mosquitto
+from tests.web.conftest import Net, shot, signed_in
 
 CHROMIUM = "/usr/bin/chromium"
-SHOTS = ROOT / "artifacts" / "screenshots"
 
 FIB = {
     "engine": {"type": "wasm", "module": "example:fib", "entrypoint": "fib", "args": ["20"]},
     "timeout": 10,
 }
-
-
-class Net:
-    """A hub with alice and bob (100 credits of welcome grant each) and alice's node."""
-
-    def __init__(self, tmp: Path) -> None:
-        require_mosquitto()
-        self.tmp = tmp
-        self.hub = localnet.LocalHub(tmp / "hub", heartbeat_s=0.5, log_path=tmp / "hub.log")
-        self.alice, self.alice_client = self.hub.user("alice")
-        self.bob, self.bob_client = self.hub.user("bob")
-        self.nodes: list[localnet.Proc] = []
-
-    def stop(self) -> None:
-        for n in self.nodes:
-            n.stop()
-        self.hub.stop()
-
-
-def shot(page: Page, name: str) -> None:
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
-
-
-def signed_in(browser: Browser, net: Net, token: str) -> tuple[BrowserContext, Page]:
-    ctx = browser.new_context(viewport={"width": 1280, "height": 860}, base_url=net.hub.url)
-    page = ctx.new_page()
-    page.goto("/signin")
-    page.fill("#token", token)
-    page.click("button[type=submit]")
-    expect(page.locator("header .user")).to_be_visible()
-    return ctx, page
 
 
 @pytest.fixture(scope="module")
