@@ -51,7 +51,7 @@ def _broker(services: Any) -> str | None:
     if bridge is None:
         return "the MQTT bridge has not started"
     if not bridge.connected:
-        return f"not connected to the MQTT broker at {services.broker_shown()}"
+        return "not connected to the MQTT broker at " + ",".join(services.broker_urls_shown())
     return None
 
 

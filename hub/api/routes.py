@@ -100,7 +100,7 @@ async def status(request: web.Request) -> web.Response:
             "broker": {
                 # The hub's own connection; a 0.0.0.0 or :: in it reaches this machine only
                 # from itself, so its outward address is shown instead.
-                "url": ",".join(advertised_url(u) for u in services.broker_shown().split(",")),
+                "url": ",".join(advertised_url(u) for u in services.broker_urls_shown()),
                 "public_url": public_mqtt_url(request),
                 "connected": bool(bridge and bridge.connected),
                 "kind": services.broker.kind if services.broker else "external",

@@ -61,20 +61,19 @@ class Services:
         """Give the hub's own broker, or the broker cluster's login files (--mqtt-auth-dir),
         the logins and ACLs the store says (the hub, every node not revoked, every user); a
         no-op for an outside broker the operator keeps. True when they changed."""
-        if self.hub_login is None:
-            return False
         broker = self.broker
-        if self.cluster_auth is not None:
-            nodes, users = self.store.broker_logins()
-            return self.cluster_auth.write(logins.accounts(self.hub_login, nodes, users))
-        if broker is None or not broker.auth:
+        own = broker is not None and broker.auth
+        if self.hub_login is None or (self.cluster_auth is None and not own):
             return False
-        nodes, users = self.store.broker_logins()
-        return broker.write_auth(logins.accounts(self.hub_login, nodes, users))
+        accounts = logins.accounts(self.hub_login, *self.store.broker_logins())
+        if self.cluster_auth is not None:
+            return self.cluster_auth.write(accounts)
+        assert broker is not None
+        return broker.write_auth(accounts)
 
-    def broker_shown(self) -> str:
+    def broker_urls_shown(self) -> list[str]:
         """The broker URL(s) the hub uses, without the login in them: for status and logs."""
-        return ",".join(without_login(u) for u in self.mqtt_url.split(",") if u.strip())
+        return [without_login(u) for u in self.mqtt_url.split(",") if u.strip()]
 
     async def broker_accepts(self, username: str, password: str) -> bool:
         """Sync the broker's logins and wait until it accepts this one (it reloads them in
