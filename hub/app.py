@@ -12,7 +12,6 @@ import ssl
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import aiohttp_jinja2
 import jinja2
@@ -132,10 +131,11 @@ async def _keep_broker_in_sync(services: Services) -> None:
 
 def _hub_password_in(mqtt_urls: str) -> str:
     """The hub's password in --mqtt's URLs: the login the cluster's files must let in."""
-    for url in mqtt_urls.split(","):
-        parts = urlsplit(url.strip())
-        if parts.username == logins.HUB_USER and parts.password:
-            return unquote(parts.password)
+    from hub.mqtt.bridge import parse_mqtt_urls
+
+    for server in parse_mqtt_urls(mqtt_urls):
+        if server.username == logins.HUB_USER and server.password:
+            return server.password
     raise ValueError(
         f"--mqtt-auth-dir: the hub logs in to the broker cluster as {logins.HUB_USER}, so its "
         f"--mqtt URLs must carry that login: mqtt://{logins.HUB_USER}:PASSWORD@host:port"
