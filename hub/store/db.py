@@ -112,11 +112,12 @@ def _current_owner() -> tuple[int, object]:
 class _Transaction:
     """What `Database.transaction()` returns; the work is done by the Database."""
 
-    __slots__ = ("db", "savepoint")
+    __slots__ = ("db", "savepoint", "shared")
 
     def __init__(self, db: Database) -> None:
         self.db = db
         self.savepoint: str | None = None
+        self.shared = False  # the savepoint is the enclosing one's (see Database._enter)
 
     def __enter__(self) -> sqlite3.Connection:
         return self.db._enter(self)
@@ -224,6 +225,8 @@ class Database:
         self._configure()
         self._depth = 0
         self._owner: tuple[int, object] | None = None
+        # The open savepoints, innermost last: (name, total_changes when it was taken).
+        self._marks: list[tuple[str, int | None]] = []
         self._closed = False
         self._checkpointer: _Checkpointer | None = None
         self._inflight: _Commit | None = None  # a write_batch() COMMIT in the commit thread
@@ -452,10 +455,23 @@ class Database:
                 "a database transaction is already open in another task or thread; "
                 "do not await (or hand work to threads) inside `with db.transaction()`"
             )
-        name = f"sp{self._depth + 1}"
-        self._conn.execute(f"SAVEPOINT {name}")
         self._depth += 1
-        tx.savepoint = name
+        # A savepoint entered where nothing was written since the enclosing one shares it:
+        # rolling back to either is the same state, so the SAVEPOINT and RELEASE a handler
+        # nested in a batch item nested in a writer call would each send are not needed.
+        # total_changes counts every row written (triggers too); the store runs no DDL in
+        # a savepoint. A connection without it (PostgreSQL's defers its savepoints instead)
+        # always takes its own.
+        changes = getattr(self._conn, "total_changes", None)
+        marks = self._marks
+        if marks and changes is not None and marks[-1][1] == changes:
+            tx.savepoint, tx.shared = marks[-1][0], True
+            marks.append(marks[-1])
+            return self._conn
+        name = f"sp{self._depth}"
+        self._conn.execute(f"SAVEPOINT {name}")
+        tx.savepoint, tx.shared = name, False
+        marks.append((name, changes))
         return self._conn
 
     def _exit(self, tx: _Transaction, failed: bool) -> None:
@@ -465,14 +481,17 @@ class Database:
             return
         try:
             if not failed:
-                self._conn.execute(f"RELEASE {name}")
+                if not tx.shared:
+                    self._conn.execute(f"RELEASE {name}")
             elif self._conn.in_transaction:
-                self._conn.execute(f"ROLLBACK TO {name}")
-                self._conn.execute(f"RELEASE {name}")
+                self._conn.execute(f"ROLLBACK TO {name}")  # the savepoint stays open
+                if not tx.shared:
+                    self._conn.execute(f"RELEASE {name}")
             # else: SQLite already rolled the whole transaction back (SQLITE_FULL, IOERR...);
             # there is no savepoint left, and the original error is the one to report.
         finally:
             self._depth -= 1
+            self._marks.pop()
 
     def _finish_outer(self, statement: str) -> None:
         try:
@@ -485,6 +504,7 @@ class Database:
             raise
         finally:
             self._depth, self._owner = 0, None
+            self._marks.clear()
 
     # --- reads --------------------------------------------------------------------------
     def query(self, sql: str, params: Params = ()) -> list[sqlite3.Row]:
