@@ -306,7 +306,8 @@ class Hub:
         else:
             code = (
                 f"import sys, cProfile; sys.argv = {argv!r}; "
-                f"cProfile.run('from deparrow.cli import main; main(prog_name=\"deparrow\")', {str(profile)!r})"
+                "cProfile.run('from deparrow.cli import main; main(prog_name=\"deparrow\")', "
+                f"{str(profile)!r})"
             )
             cmd = [sys.executable, "-c", code]
         data_dir.mkdir(parents=True, exist_ok=True)
