@@ -3,7 +3,9 @@ so the rest of the CLI works where only the client is installed."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import sqlite3
 from pathlib import Path
 
@@ -387,7 +389,13 @@ def hub_cmd(
 
     try:
         web.run_app(
-            app, host=host, port=port, print=announce, handle_signals=True, ssl_context=context
+            app,
+            host=host,
+            port=port,
+            print=announce,
+            handle_signals=True,
+            ssl_context=context,
+            loop=_event_loop(),
         )
     except ConnectionError as e:  # the broker (an OSError too, so it comes first)
         die(str(e))
@@ -395,6 +403,19 @@ def hub_cmd(
         die(f"cannot listen on {host}:{port}: {e.strerror or e}")
     except RuntimeError as e:
         die(str(e))
+
+
+def _event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's event loop where it is installed (the `hub` extra, on Linux and macOS): the
+    same asyncio API with its transports in C, which serve HTTP and MQTT for less CPU than the
+    standard loop's; the standard loop elsewhere, or when DEPARROW_EVENT_LOOP=asyncio."""
+    if os.environ.get("DEPARROW_EVENT_LOOP", "") == "asyncio":
+        return asyncio.new_event_loop()
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
 
 
 @click.command("copy-store")
