@@ -11,12 +11,34 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable
+from typing import Any
 
 from hub.ledger import economy
 from hub.ledger.ledger import Ledger
 from hub.ledger.money import MICRO, wallet_id
 from hub.store.db import Database
 from hub.store.rows import Store
+
+# Bonuses.beat's statement. The uptime's expressions read the row as it was (SQLite and
+# PostgreSQL both evaluate SET against the old row), as accrue_uptime's do; :gap counts only
+# when the node was available, and nothing of the uptime moves when it does not.
+_AVAILABLE = (
+    "(state = 'idle' OR (state = 'busy' AND EXISTS (SELECT 1 FROM jobs"
+    " WHERE node = :id AND state IN ('assigned', 'running'))))"
+)
+_GAP = f"(CASE WHEN :gap > 0 AND {_AVAILABLE} THEN :gap ELSE 0 END)"
+_BEAT = (
+    "UPDATE nodes SET"
+    f" uptime_pending_ms = CASE WHEN {_GAP} = 0 THEN uptime_pending_ms"
+    "  WHEN proved_day = :day THEN 0"
+    f"  WHEN uptime_day = :day THEN uptime_pending_ms + {_GAP} ELSE {_GAP} END,"
+    f" uptime_ms = uptime_ms + CASE WHEN {_GAP} > 0 AND proved_day = :day THEN {_GAP}"
+    "  + CASE uptime_day WHEN :day THEN uptime_pending_ms ELSE 0 END ELSE 0 END,"
+    f" uptime_day = CASE WHEN {_GAP} = 0 THEN uptime_day ELSE :day END"
+    "{sets} WHERE id = :id"
+    " RETURNING uptime_ms, uptime_paid, (SELECT COUNT(*) FROM jobs WHERE node = :id"
+    " AND state IN ('assigned', 'running') AND assigned_at <= :stale)"
+)
 
 
 class Bonuses:
@@ -96,6 +118,27 @@ class Bonuses:
                 (day, gap_ms, node_id),
             )
             return self._pay_uptime(node_id, day)
+
+    def beat(
+        self, node_id: str, gap_ms: int, now: float, fields: dict[str, Any], stale_before: float
+    ) -> int:
+        """A heartbeat's write, in one statement: the node's record (`fields`) and its uptime
+        since the previous beat, which counts `gap_ms` if the node was available meanwhile
+        (idle, or busy with work the hub gave it: docs/economy.md, "Staying online"), as
+        accrue_uptime counts it; the payout follows only when one is due. Returns how many
+        jobs the hub gave the node before `stale_before` that it still holds (0 when the
+        node is no longer known)."""
+        day = economy.utc_day(now)
+        params = {**fields, "id": node_id, "day": day, "gap": max(0, gap_ms), "stale": stale_before}
+        with self.db.transaction() as c:  # the payout, when one is due, with the uptime
+            row = c.execute(
+                _BEAT.format(sets="".join(f", {k} = :{k}" for k in fields)), params
+            ).fetchone()
+            if row is None:
+                return 0
+            if economy.uptime_due(int(row[0]), int(row[1])) >= economy.UPTIME_PAYOUT_MIN:
+                self._pay_uptime(node_id, day)
+            return int(row[2])
 
     def _pay_uptime(self, node_id: str, day: int) -> int:
         """Inside a transaction: pay the node's payable uptime once it is worth a payout, up to

@@ -222,28 +222,33 @@ class Messages:
                 # may handle two beats in either order. The older one would undo the newer
                 # (a `busy` after the `idle` that followed it keeps the node from new work).
                 return "ignored: an older heartbeat than the last"
-            # One transaction: the uptime credited and the last_seen it was measured from move
-            # together, so no beat can be paid twice.
-            with self.store.db.transaction():
-                if self._available(node) and node["last_seen"]:
-                    # Availability since the previous beat; suspended time and gaps don't pay.
-                    gap = economy.counted_gap_ms(
-                        int((now - float(node["last_seen"])) * 1000),
-                        int(self.scheduler.offline_after_s() * 1000),
-                    )
-                    self.jobs.accrue_uptime(ident, gap, now)
-                self.store.update_node(
-                    ident,
-                    state=msg.state,
-                    last_seen=now,
-                    resources=msgspec.json.encode(msg.resources).decode(),
-                    running=json.dumps(msg.running),
-                    last_seq=msg.seq,
-                    allow_network=json.dumps(msg.allow_network),
-                    free=msgspec.json.encode(msg.free).decode() if msg.free else None,
-                    suspended=_suspended(msg, now),
+            # Availability since the previous beat (suspended time and gaps don't pay), credited
+            # in the statement that moves the last_seen it was measured from: no beat can be
+            # paid twice.
+            gap = 0
+            if node["last_seen"]:
+                gap = economy.counted_gap_ms(
+                    int((now - float(node["last_seen"])) * 1000),
+                    int(self.scheduler.offline_after_s() * 1000),
                 )
-            if msg.state == protocol.IDLE:
+            grace = 3 * self.scheduler.config.heartbeat_interval_s
+            overdue = self.jobs.beat(
+                ident,
+                gap,
+                now,
+                {
+                    "state": msg.state,
+                    "last_seen": now,
+                    "resources": msgspec.json.encode(msg.resources).decode(),
+                    "running": json.dumps(msg.running),
+                    "last_seq": msg.seq,
+                    "allow_network": json.dumps(msg.allow_network),
+                    "free": msgspec.json.encode(msg.free).decode() if msg.free else None,
+                    "suspended": _suspended(msg, now),
+                },
+                stale_before=now - grace,
+            )
+            if msg.state == protocol.IDLE and overdue:
                 self._redeliver_lost(ident, msg.running, now)
             res = msg.resources
             self._changed("beat", {"id": ident, "t": now, "state": msg.state, "load": res.load,
@@ -288,14 +293,6 @@ class Messages:
             self.dispatch()
             return outcome
         return self._drop(topic, "unhandled")
-
-    def _available(self, node: Any) -> bool:
-        """Was the node available to the network since its last beat? Idle, or busy with work
-        the hub gave it. A node busy with its owner's own work (or one that only says so) was
-        not, and earns no uptime for it (docs/economy.md, "Staying online")."""
-        if node["state"] == protocol.IDLE:
-            return True
-        return node["state"] == protocol.BUSY and bool(self.store.jobs_on_node(node["id"]))
 
     def _redeliver_lost(self, node_id: str, running: list[str], now: float) -> None:
         """An idle node that does not list a job the hub gave it a while ago either never got
