@@ -6,20 +6,47 @@ node's files are edge/node_config.py and its main loop edge/node_loop.py."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import click
 
-from edge.cli_job import job_cmd
-from edge.cli_service import service_group
 from edge.node_config import default_data_dir, enroll, load_config, load_preferences
-from edge.node_loop import run_node
 
 log = logging.getLogger("edge")
+
+
+class LazyCommands(dict[str, click.Command]):
+    """A group's commands, some of them imported when first read: a node starting up
+    (`edge-run` with no subcommand) loads neither `job` nor `service`, nor what they import.
+    lazy: {name: "module:attribute"}. Listing the names loads nothing; reading one loads it."""
+
+    def __init__(self, own: dict[str, click.Command], lazy: dict[str, str]) -> None:
+        super().__init__({**dict.fromkeys(lazy, cast(click.Command, None)), **own})
+        self.lazy = dict(lazy)
+
+    def __getitem__(self, name: str) -> click.Command:
+        spec = self.lazy.pop(name, None)
+        if spec is not None:
+            module, _, attr = spec.partition(":")
+            self[name] = getattr(importlib.import_module(module), attr)
+        return super().__getitem__(name)
+
+    def get(self, name: str, default: Any = None) -> Any:  # type: ignore[override]
+        try:
+            return self[name]
+        except KeyError:
+            return default
+
+    def values(self) -> list[click.Command]:  # type: ignore[override]
+        return [self[name] for name in self]
+
+    def items(self) -> list[tuple[str, click.Command]]:  # type: ignore[override]
+        return [(name, self[name]) for name in self]
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
@@ -179,6 +206,8 @@ def main(
     if max_jobs is not None:
         config["preferences"] = {**(config.get("preferences") or {}), "max_jobs": max_jobs}
     page = (dashboard_host, dashboard_port) if dashboard_port else None
+    from edge.node_loop import run_node
+
     run_node(config, max_cpu, page, config_path.parent, bootstrap, region, failover_after)
 
 
@@ -202,8 +231,10 @@ def _best_replica(bootstrap: str, region: str | None, ca: str | None) -> str:
     return replicas[0]
 
 
-main.add_command(job_cmd)
-main.add_command(service_group)
+main.commands = LazyCommands(
+    dict(main.commands),
+    {"job": "edge.cli_job:job_cmd", "service": "edge.cli_service:service_group"},
+)
 
 
 @main.command("diagnose")

@@ -8,6 +8,7 @@ has one advertises it, subject to the owner's `gpu_only_when_idle` preference (e
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -150,8 +151,20 @@ def _from_nvidia_smi(binary: str | None = None) -> list[Gpu]:
     return parse_nvidia_smi_csv(done.stdout)
 
 
+def no_nvidia_driver(proc: str = "/proc", dev: str = "/dev") -> bool:
+    """True where no NVIDIA driver can answer: a Linux kernel without the nvidia module (its
+    /proc/driver/nvidia), no /dev/nvidiactl (what a container given a GPU gets) and no WSL
+    GPU bridge (/dev/dxg). Most nodes have no GPU: they skip loading NVML (~4 MB of memory)
+    and running nvidia-smi. Where there is no /proc (not Linux), both are asked."""
+    signs = (os.path.join(proc, "driver", "nvidia"), os.path.join(dev, "nvidiactl"),
+             os.path.join(dev, "dxg"))  # fmt: skip
+    return os.path.isdir(os.path.join(proc, "self")) and not any(map(os.path.exists, signs))
+
+
 def detect() -> list[Gpu]:
     """The NVIDIA GPUs here: NVML first (a stable API), nvidia-smi otherwise; [] when none."""
+    if no_nvidia_driver():
+        return []
     found = _from_nvml()
     if found is not None:
         return found

@@ -25,8 +25,6 @@ from urllib.parse import urlsplit
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge.enroll import tls_context, untrusted
-
 
 def _no_delay(_client, _userdata, sock):  # type: ignore[no-untyped-def]
     """Small QoS 1 messages and their acks must not wait out Nagle + delayed ACK (~40 ms)."""
@@ -80,6 +78,8 @@ class PahoMqtt:
         c.on_message = self._on_message
         c.on_socket_open = _no_delay
         if self.tls:
+            from edge.enroll import tls_context  # mqtts:// only
+
             c.tls_set_context(tls_context(self.ca_certs))
         self.client = c
         deadline = time.monotonic() + self.connect_timeout_s
@@ -89,6 +89,8 @@ class PahoMqtt:
                 break
             except ssl.SSLCertVerificationError as e:
                 # Retrying cannot help: this broker is not the one the node pinned.
+                from edge.enroll import untrusted
+
                 why = untrusted(e, f"mqtts://{self.host}:{self.port}", self.ca_certs is not None)
                 raise ConnectionError(
                     f"cannot connect to the MQTT broker at {self.host}:{self.port}: {why}"

@@ -75,17 +75,17 @@ def node_mqtt(
     node.json's, failing over between them (edge/node_failover.py). mqtts:// is verified
     against the CA pinned at enrollment."""
     from edge.mqtt_paho import PahoMqtt
-    from edge.node_failover import WINDOW_S
 
     ca = config.get("ca")
     # node.json's own broker; a list where the hub gives out a broker cluster's servers
     own = [u.strip() for u in str(config["mqtt"]["url"]).split(",") if u.strip()]
-    window = WINDOW_S if window_s is None else window_s
     if not bootstrap and len(own) == 1:
         return PahoMqtt(own[0], ca_certs=ca)
     from edge.bootstrap import base_urls, broker_urls, fetch, replica_urls
     from edge.enroll import tls_context
-    from edge.node_failover import FailoverMqtt
+    from edge.node_failover import WINDOW_S, FailoverMqtt
+
+    window = WINDOW_S if window_s is None else window_s
 
     if not bootstrap:
         return FailoverMqtt(own, window_s=window, ca_certs=ca,
@@ -125,8 +125,9 @@ def run_node(
     """dashboard: (host, port) of the node's page, None for none. bootstrap: the hub's
     replica URL(s) whose bootstrap list names the brokers to fail over between; region:
     prefer its brokers; failover_after_s: how long a lost broker may take to come back."""
+    # Only what the hello and the first heartbeat need is imported before them: the page
+    # (http.server), the executors' engines and the subcommands come later or not at all.
     from edge.core.outbox import Outbox
-    from edge.dashboard import start_dashboard
     from edge.idle import IdleGate, Monitor, Preferences
     from edge.preferences import build_executors
 
@@ -144,11 +145,7 @@ def run_node(
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     mqtt = node_mqtt(config, bootstrap, region, failover_after_s)
-    page, warning = start_dashboard(config, *dashboard, data_dir) if dashboard else (None, None)
-    if warning:  # the node runs on without its page
-        click.echo(f"edge-run: warning: {warning}", err=True)
-    elif page is not None:
-        click.echo(f"node page: {page.url}", err=True)
+    page: Any = None
     prefs = config.get("preferences") or {}
     idle = (
         Preferences.permissive()
@@ -194,9 +191,15 @@ def run_node(
         try:
             session.start()
         except ConnectionError as e:
-            if page is not None:
-                page.stop()
             raise click.ClickException(str(e)) from None
+        if dashboard:  # after the hello: the page's http.server is no part of going online
+            from edge.dashboard import start_dashboard
+
+            page, warning = start_dashboard(config, *dashboard, data_dir)
+            if warning:  # the node runs on without its page
+                click.echo(f"edge-run: warning: {warning}", err=True)
+            elif page is not None:
+                click.echo(f"node page: {page.url}", err=True)
         gpu_text = ", ".join(f"{g['name']} (GPU {g['index']})" for g in gpus) or "no GPU"
         broker = getattr(mqtt, "url", None) or config["mqtt"]["url"]  # failover: the one taken
         click.echo(

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import os
-import platform
 from typing import Any
-
-import psutil
 
 from edge.idle import IdleGate, Monitor, Preferences
 
 
 def machine() -> dict[str, Any]:
+    """What enrollment tells the hub of this machine."""
+    import platform
+
+    import psutil
+
     return {
         "arch": platform.machine(),
         "cpu": float(os.cpu_count() or 1),
