@@ -14,6 +14,7 @@ import hashlib
 import json
 import sqlite3
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +49,35 @@ class Assignment:
     message: dict[str, Any]
 
 
+class Encoded:
+    """Blobs as assignments carry them, in base64, by sha256: one module goes out with
+    thousands of jobs, and is read and encoded once, not once per assignment. A blob's bytes
+    never change under its sha256, so nothing held goes stale. The least recently used go
+    first beyond `limit` characters; a blob larger than a quarter of it is never held."""
+
+    def __init__(self, store: Store, limit: int = 64 << 20) -> None:
+        self.store = store
+        self.limit = limit
+        self.held = 0
+        self._by_digest: OrderedDict[str, str] = OrderedDict()
+
+    def get(self, digest: str) -> str | None:
+        text = self._by_digest.get(digest)
+        if text is not None:
+            self._by_digest.move_to_end(digest)
+            return text
+        data = self.store.blob(digest)
+        if data is None:
+            return None
+        text = base64.b64encode(data).decode()
+        if len(text) <= self.limit // 4:
+            self._by_digest[digest] = text
+            self.held += len(text)
+            while self.held > self.limit:
+                self.held -= len(self._by_digest.popitem(last=False)[1])
+        return text
+
+
 class Jobs:
     def __init__(self, config: HubConfig, db: Database, store: Store, ledger: Ledger) -> None:
         self.config = config
@@ -66,6 +96,7 @@ class Jobs:
         self.replicas = Replicas(db, store, ledger, self.bonuses.proved, self.attempts, now)
         store.clock = now  # blobs are timed by the hub's clock too (retention compares them)
         self.retention = Retention(config, db, now)
+        self._encoded = Encoded(store)
         ledger.open_account(REVENUE, "revenue")
 
     def _now(self) -> float:
@@ -239,15 +270,15 @@ class Jobs:
         job = self.store.job(job_id)
         assert job is not None
         spec = msgspec.json.decode(job["spec"], type=JobSpec)
-        module = self.store.blob(job["module_sha256"]) if job["module_sha256"] else None
-        stdin = self.store.blob(job["input_sha256"]) if job["input_sha256"] else None
+        module = self._encoded.get(job["module_sha256"]) if job["module_sha256"] else None
+        stdin = self._encoded.get(job["input_sha256"]) if job["input_sha256"] else None
         engine = admission.engine_message(spec)
         files = None
         if spec.files:
             files = {
                 "inputs": [
                     {"path": f["path"], "sha256": f["sha256"],
-                     "b64": base64.b64encode(self.store.blob(f["sha256"]) or b"").decode()}
+                     "b64": self._encoded.get(f["sha256"]) or ""}
                     for f in self.store.job_files(job["parent"] or job_id, "input")
                 ]
             }  # fmt: skip
@@ -255,9 +286,9 @@ class Jobs:
             job_id,
             int(job["attempt"]),
             engine,
-            base64.b64encode(module).decode() if module is not None else None,
+            module,
             job["module_sha256"],
-            base64.b64encode(stdin).decode() if stdin is not None else None,
+            stdin,
             int(job["timeout_s"]),
             int(job["memory_mb"]),
             spec.gas,
