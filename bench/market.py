@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import os
 import queue
@@ -282,7 +283,13 @@ def bench_scheduler(
 class Hub:
     """`deparrow hub` as a child process with its own Mosquitto, optionally under cProfile."""
 
-    def __init__(self, data_dir: Path, heartbeat_s: float, profile: Path | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        heartbeat_s: float,
+        profile: Path | None = None,
+        sql_census: Path | None = None,
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         argv = [
@@ -311,7 +318,14 @@ class Hub:
             )
             cmd = [sys.executable, "-c", code]
         data_dir.mkdir(parents=True, exist_ok=True)
-        self.proc = Proc("hub", cmd, data_dir.parent / "hub.log")
+        env = None
+        if sql_census is not None:  # bench/sql_census/sitecustomize.py counts its statements
+            path = os.pathsep.join(
+                [str(ROOT / "bench" / "sql_census"), os.environ.get("PYTHONPATH", "")]
+            )
+            env = {"PYTHONPATH": path, "DEPARROW_SQL_CENSUS": str(sql_census)}
+        self.sql_census = sql_census
+        self.proc = Proc("hub", cmd, data_dir.parent / "hub.log", env)
         token = data_dir / "admin-token"
         probe = Client(self.url)
         wait_for(
@@ -322,6 +336,25 @@ class Hub:
         )
         self.admin = Client(self.url, token.read_text().strip())
         self.mqtt_url = str(self.admin.status()["broker"]["url"])
+
+    def count_sql(self) -> collections.Counter[str]:
+        """The statements the hub sent so far, by statement (it runs with --count-sql)."""
+        assert self.sql_census is not None
+        before = set(self.sql_census.parent.glob(self.sql_census.name + ".*"))
+        os.kill(self.proc.p.pid, signal.SIGUSR1)
+        wait_for(
+            "the hub's statement count",
+            lambda: len(set(self.sql_census.parent.glob(self.sql_census.name + ".*")) - before),
+            10,
+            [self.proc],
+        )
+        time.sleep(0.2)  # written by a signal handler: let it finish the file
+        (new,) = set(self.sql_census.parent.glob(self.sql_census.name + ".*")) - before
+        counts: collections.Counter[str] = collections.Counter()
+        for line in new.read_text().splitlines():
+            n, _, sql = line.partition("\t")
+            counts[sql] = int(n)
+        return counts
 
     def stop(self) -> None:
         self.proc.stop()
@@ -549,7 +582,8 @@ class CpuMeter:
 
 
 def bench_e2e(args: argparse.Namespace, tmp: Path, say: Callable[[str], None]) -> dict[str, Any]:
-    hub = Hub(tmp / "e2e-hub", heartbeat_s=5.0, profile=args.profile_hub)
+    census = tmp / "sql-census" if args.count_sql else None
+    hub = Hub(tmp / "e2e-hub", heartbeat_s=5.0, profile=args.profile_hub, sql_census=census)
     sim: SimProcess | None = None
     try:
         user = hub.admin.create_user("bench")
@@ -582,15 +616,20 @@ def bench_e2e(args: argparse.Namespace, tmp: Path, say: Callable[[str], None]) -
         pids = {"hub": hub_proc.pid, "broker": broker.pid, "simnet": sim.p.pid}
         n = int(args.e2e_rate * args.e2e_seconds)
         say(f"  paced: {n} jobs at {args.e2e_rate:g}/s...")
+        sql0 = hub.count_sql() if census else None
         cpu = CpuMeter(pids)
         t, sys0 = time.monotonic(), hub_proc.cpu_times().system
         used: dict[str, float] = {}
         wall = hub_sys = 0.0
 
+        sql1: collections.Counter[str] = collections.Counter()
+
         def settled() -> None:  # the fetch of each job's view after the phase is not counted
             nonlocal wall, hub_sys
             used.update(cpu.used())
             wall, hub_sys = time.monotonic() - t, hub_proc.cpu_times().system - sys0
+            if sql0 is not None:
+                sql1.update(hub.count_sql())
 
         paced = summarize(
             asyncio.run(
@@ -598,6 +637,14 @@ def bench_e2e(args: argparse.Namespace, tmp: Path, say: Callable[[str], None]) -
             )
         )
         paced_cpu = {k: v / paced["completed"] * 1000 for k, v in used.items()}
+        sql: dict[str, Any] = {}
+        if sql0 is not None:  # counted again once the last job settled (the hub's polls too)
+            sent = sql1 - sql0
+            per_job = sum(sent.values()) / paced["completed"]
+            sql = {"e2e_sql_statements_per_job": round(per_job, 1)}
+            say(f"    SQL statements per job: {per_job:.1f}; the most sent, per job:")
+            for text, n in sent.most_common(12):
+                say(f"      {n / paced['completed']:5.2f}  {text[:110]}")
         say(
             f"  paced: {paced['completed']}/{paced['jobs']} settled, {paced['jobs_per_s']:.0f} "
             f"jobs/s; submit->settled p50 {paced['p50_ms']:.1f} ms, p90 {paced['p90_ms']:.1f}, "
@@ -655,6 +702,7 @@ def bench_e2e(args: argparse.Namespace, tmp: Path, say: Callable[[str], None]) -
             "rest_rtt_ms": round(rest, 2),
             "mqtt_rtt_ms": round(mq, 2),
             "ledger_balanced": bool(audit["balanced"]),
+            **sql,
         }
     finally:
         if sim is not None:
@@ -892,6 +940,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fair-rate", type=float, default=20.0, help="light stream, jobs/s")
     p.add_argument("--fair-speed", default="20", help="ms a fairness job runs on its node")
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument(
+        "--count-sql",
+        action="store_true",
+        help="count the e2e hub's SQL statements per job (bench/sql_census)",
+    )
     p.add_argument(
         "--profile-hub",
         type=Path,
