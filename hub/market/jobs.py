@@ -140,13 +140,14 @@ class Jobs:
                 "resources.gpu",
             )
         module: str | None = None
+        module_size = 0
         if spec.gas is not None and not isinstance(spec.engine, WasmEngine):
             raise JobError("gas: a gas budget applies to wasm jobs only", "gas")
         k = admission.replicas_of(spec)
         if isinstance(spec.engine, WasmEngine):
             limit = self.config.max_module_bytes
             module = admission.resolve_ref(self.store, spec.engine.module, "engine.module", limit)
-            head = self.store.blob_head(module, 4)
+            module_size, head = self.store.blob_facts(module, 4) or (0, b"")
             if head != b"\0asm":
                 raise JobError(
                     "engine.module: not a WebAssembly module (it does not start with \\0asm)",
@@ -161,7 +162,7 @@ class Jobs:
         files_bytes = sum(size for _, _, size in inputs) if spec.files else None
         message_bytes = admission.message_bytes(
             spec,
-            self.store.blob_size(module) if module else 0,
+            module_size,
             self.store.blob_size(stdin) if stdin else 0,
             inputs,
         )

@@ -536,12 +536,14 @@ class Store:
         row = self.db.query_one("SELECT data FROM blobs WHERE sha256 = ?", (digest,))
         return bytes(row["data"]) if row else None
 
-    def blob_head(self, digest: str, n: int) -> bytes:
-        """The first n bytes of a blob (fewer when it is shorter; b"" when it is empty or
-        absent: SQLite's substr of an empty blob is NULL)."""
-        row = self.db.query_one("SELECT substr(data, 1, ?) AS h FROM blobs WHERE sha256 = ?",
-                                (n, digest))  # fmt: skip
-        return bytes(row["h"]) if row and row["h"] is not None else b""
+    def blob_facts(self, digest: str, n: int) -> tuple[int, bytes] | None:
+        """A blob's size and its first n bytes (fewer when it is shorter; b"" when it is empty:
+        SQLite's substr of an empty blob is NULL), in one read; None when there is no such
+        blob."""
+        row = self.db.query_one(
+            "SELECT size, substr(data, 1, ?) AS h FROM blobs WHERE sha256 = ?", (n, digest)
+        )
+        return None if row is None else (int(row["size"]), bytes(row["h"] or b""))
 
     def has_blob(self, digest: str) -> bool:
         return self.db.query_one("SELECT 1 FROM blobs WHERE sha256 = ?", (digest,)) is not None

@@ -165,6 +165,21 @@ async def test_upload_blob_and_submit_by_hash(api: Any) -> None:
     assert (await api.post("/api/v1/blobs", data=b"", headers=auth)).status == 400
 
 
+async def test_a_blob_that_is_not_webassembly_is_refused_as_a_module(api: Any) -> None:
+    _, auth = await new_user(api)
+    for data in (b"\0as", b"#!/bin/sh\necho hi\n"):  # shorter than the magic; another file
+        r = await api.post("/api/v1/blobs", data=data, headers=auth)
+        spec = {**FIB, "engine": {**FIB["engine"], "module": (await r.json())["ref"]}}
+        r = await api.post("/api/v1/jobs", json=spec, headers=auth)
+        body = await r.json()
+        assert r.status == 400 and body["field"] == "engine.module", body
+        assert "not a WebAssembly module" in body["error"]
+    spec = {**FIB, "engine": {**FIB["engine"], "module": "sha256:" + "0" * 64}}
+    body = await (await api.post("/api/v1/jobs", json=spec, headers=auth)).json()
+    assert "no uploaded blob" in body["error"]
+    assert await (await api.get("/api/v1/jobs", headers=auth)).json() == {"jobs": []}
+
+
 async def test_openapi_and_page(api: Any) -> None:
     doc = await (await api.get("/api/v1/openapi.json")).json()
     assert doc["openapi"].startswith("3.1")
