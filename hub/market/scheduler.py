@@ -10,419 +10,432 @@ identical honest nodes earn alike; nodes below good standing come after, the mos
 first. The replicas of a verified job go to nodes of distinct owners. When nothing fits, the
 job's `reason` says why, so the submitter is not left guessing.
 
-A pass decides first (`plan()`, which writes nothing) and then commits every decision in one
-transaction (`schedule()`). It is built for fleets: about O(nodes log nodes + jobs +
-distinct requirements x idle nodes), not O(nodes x jobs) as a scan per job was.
-`bench/market.py` measures it on 10,000 nodes and 10,000 queued jobs.
+A pass decides first (`plan()`, which writes nothing; the matching is in hub/market/matching.py,
+about O(nodes log nodes + jobs + distinct requirements x idle nodes)) and then commits the
+decisions (`schedule()`). What a pass costs follows what changed, not what exists:
+
+- Nothing changed: the pass returns at once. On SQLite the scheduler knows from the
+  connection's change counter and `PRAGMA data_version` (which moves when another process
+  commits) whether anything was written since the plan it last finished; its own writes, and
+  those a caller declares irrelevant (`unimportant()`: a heartbeat that changed nothing a
+  plan reads), do not count. Past `REBUILD_S`, or when it is in doubt (a decision that no
+  longer held, a leader change: `forget()`), it reads the store again. On PostgreSQL, where
+  other hub processes write the same rows, every pass reads the store.
+- A big plan is committed a slice at a time (`MAX_WRITES` rows a pass), so a pass holds the
+  writer, and the event loop, for milliseconds; what is left of the plan waits in memory for
+  the next pass (`more`), each decision checked against the rows before it is written: the
+  job still queued at the same attempt, the node still online and idle with room for it.
+- A plan that took long (`OFFLOAD_S`) is made next time in a thread, from a snapshot of its own
+  (`schedule(wake=...)`), while the loop goes on; `wake` is called when it is ready, and the
+  next pass commits it as above. When the store changed while a plan is still being written
+  `REPLAN_S` after it was made, a fresh plan is made the same way and takes over the rest.
+Something changed (a job arrived, a node freed up, an offer moved): the next plan reads the
+queue and the fleet again, O(queue + fleet), but off the loop once that is long.
+`bench/market.py` measures all of it on 10,000 (or 100,000) nodes and queued jobs.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
-import json
+import gc
 import logging
 import sqlite3
 import time
-from bisect import bisect_right
-from collections.abc import Sequence
-from itertools import accumulate
-from typing import NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 from edge.core import protocol
 from hub.config import HubConfig
 from hub.market.jobs import Assignment, Jobs
+from hub.market.matching import (
+    Capabilities,
+    Free,
+    Kind,
+    Offer,
+    message_need,
+    misfit,
+    offer,
+    soonest,
+)
 from hub.market.reputation import GOOD_STANDING
 from hub.store.rows import Store
 
 log = logging.getLogger(__name__)
 
+Query = Callable[[str, Sequence[Any]], Sequence[Any]]
 
-# A requirement's kind: its engine, whether the job asks for network access, and whether it
-# is a file job. A node serves (engine, False, False) when it runs the engine, (engine, True,
-# _) when its owner also lets that engine's jobs use the network (the `allow_network` of its
-# hello and heartbeats), (engine, _, True) when it takes file jobs on that engine (the
-# `files` of its hello), up to its max_input_bytes.
-Kind = tuple[str, bool, bool]
-
-
-UNLIMITED = 2**62  # a node that announced no max_message takes any assignment the hub sends
-
-
-def message_need(size: int | None) -> int:
-    """A job's assignment size as the scheduler asks for it: rounded up to 4 significant bits
-    (at most 1/8 more), so jobs of about one size share a cursor in _Free.pick."""
-    n = int(size or 0)
-    if n <= 16:
-        return n
-    shift = n.bit_length() - 4
-    return -(-n >> shift) << shift
-
-
-class Offer(NamedTuple):
-    """What one online node can take, parsed once per scheduling pass."""
-
-    id: str
-    idle: bool
-    engines: frozenset[str]
-    cpu: float
-    memory_mb: int
-    owner: str
-    kinds: tuple[Kind, ...] = ()  # the kinds of requirement it serves, see Kind
-    files_max: int = 0  # the most input bytes of a file job it takes
-    gpu: int = 0  # GPUs offered now (none while the owner keeps them: gpu_only_when_idle)
-    gpus_had: int = 0  # GPUs it has (its hello): what it could offer
-    slots: int = 1  # jobs it runs at once
-    max_message: int = UNLIMITED  # the largest assignment it takes (bytes; its hello)
-
-
-@functools.lru_cache(maxsize=4096)
-def _capacity(
-    resources: str,
-    engines: str,
-    cpu: float,
-    memory_mb: int,
-    network: str,
-    files: str | None,
-    gpus: str | None,
-) -> tuple[frozenset[str], float, int, tuple[Kind, ...], int, int, int]:
-    """A node row's offer, parsed. Most nodes of a fleet offer the same few shapes, so the
-    JSON is parsed once per distinct shape rather than once per node and pass."""
-    try:  # validated by hub/mqtt/wire.py before it was stored; a bad row offers nothing
-        res = json.loads(resources or "{}")
-        runs = frozenset(json.loads(engines))
-        allowed = runs & frozenset(json.loads(network or "[]"))
-        caps = json.loads(files) if files else {}
-        with_files = runs & frozenset(caps.get("engines") or ())
-        had = len(json.loads(gpus)) if gpus else 0
-        kinds = [
-            (e, net, f)
-            for e in sorted(runs)
-            for net in (False, True)
-            for f in (False, True)
-            if (not net or e in allowed) and (not f or e in with_files)
-        ]
-        return (
-            runs,
-            float(res.get("cpu", cpu)),
-            int(res.get("memory_mb", memory_mb)),
-            tuple(kinds),
-            int(caps.get("max_input_bytes") or 0) if with_files else 0,
-            min(int(res.get("gpu") or 0), had),  # a node never offers GPUs it did not list
-            had,
-        )
-    except (TypeError, ValueError, AttributeError):
-        return frozenset(), 0.0, 0, (), 0, 0, 0
-
-
-def offer(node: sqlite3.Row) -> Offer:
-    engines, cpu, mem, kinds, files_max, gpu, had = _capacity(
-        node["resources"],
-        node["engines"],
-        node["cpu"],
-        node["memory_mb"],
-        node["allow_network"],
-        node["files"],
-        node["gpus"],
-    )
-    idle = node["state"] == protocol.IDLE
-    return Offer(
-        node["id"], idle, engines, cpu, mem, node["owner"], kinds, files_max, gpu, had,
-        int(node["slots"] or 1), int(node["max_message"] or UNLIMITED),
-    )  # fmt: skip
-
-
-def _misfit(kind: Kind, job: sqlite3.Row, capable: Capabilities) -> str:
-    """What no online node offers that the job needs, in words (when capable says none fits):
-    the engine, then network access, then files, then CPUs, then RAM."""
-    engine, network, files = kind
-    cpu, memory_mb = job["cpu_milli"] / 1000, int(job["memory_mb"])
-    gpu = int(job["gpu"] or 0)
-    if gpu and not capable.gpus_anywhere:
-        return "no node with a GPU online"
-    if not capable.runs((engine, False, False)):
-        return f"no online node runs the {engine} engine"
-    if network and not capable.runs((engine, True, False)):
-        return (
-            f"no online node allows network access to {engine} jobs (its owner's"
-            " allow_network); submit it without `network` if it can do without"
-        )
-    if files and not capable.runs(kind):
-        return (
-            f"no online node takes file jobs on the {engine} engine (wasmtime, wasm3-run,"
-            " docker and native nodes do, where their owner did not turn files off)"
-        )
-    need = int(job["files_bytes"] or 0)
-    if files and capable.most_files(kind) < need:
-        return (
-            f"no online node takes {need} bytes of input files"
-            f" (the most offered: {capable.most_files(kind)})"
-        )
-    size = message_need(job["message_bytes"])
-    if capable.most_message(kind) < size:
-        kib = -(-int(job["message_bytes"]) // 1024)
-        return (
-            f"no online node takes an assignment of {kib} KiB (the most a node"
-            f" announced: {capable.most_message(kind) // 1024} KiB; boards take a quarter of"
-            " their free heap)"
-        )
-    which = "no online node that allows network access" if network else "no online node"
-    if gpu:
-        most = capable.most_gpus(kind)
-        if most == 0:
-            return f"no online node with a GPU runs the {engine} engine"
-        if most < gpu:
-            return f"{which} has {gpu} GPUs (the most: {most})"
-        return f"{which} has {gpu} GPUs, {cpu:g} CPUs and {memory_mb} MB of RAM at once"
-    most_cpu, most_ram = capable.most(kind)
-    if most_cpu < cpu:
-        return f"{which} offers {cpu:g} CPUs"
-    if most_ram < memory_mb:
-        return f"{which} offers {memory_mb} MB of RAM"
-    return f"{which} offers {cpu:g} CPUs and {memory_mb} MB of RAM at once"
-
-
-def _soonest(rows: Sequence[sqlite3.Row], ids: list[str], now: float) -> str:
-    """When the suspended node that may resume first may take the job, and why it waits, from
-    what its heartbeats said (nodes.suspended); "" when none said."""
-    best: tuple[float, str] | None = None
-    for row in rows:
-        if row["id"] not in ids or not row["suspended"]:
-            continue
-        try:
-            said = json.loads(row["suspended"])
-            at = said.get("resume_at")
-            why = str(said.get("why") or "")
-        except (TypeError, ValueError, AttributeError):
-            continue
-        if at is not None and (best is None or float(at) < best[0]):
-            best = (float(at), why)
-    if best is None:
-        return ""
-    wait = max(0, round(best[0] - now))
-    return f"; the soonest may take it in about {wait} s if its owner stays away ({best[1]})"
-
-
-class Capabilities:
-    """Whether any online node, busy or not, could run a job: O(log n) per question.
-
-    Per requirement kind (engine, network), the nodes sorted by CPU (most first) with the
-    running maximum of their RAM: some node offers >= cpu and >= memory iff, among those with
-    >= cpu, the most RAM does.
-    """
-
-    def __init__(self, online: Sequence[Offer]) -> None:
-        shapes: dict[Kind, list[tuple[float, int]]] = {}
-        self._files: dict[Kind, int] = {}  # the most input bytes offered, per file kind
-        self._message: dict[Kind, int] = {}  # the largest assignment taken, per kind
-        # GPU jobs are few and so are GPU nodes: a GPU question is a scan of these
-        self._gpu_nodes = [n for n in online if n.gpus_had > 0]
-        self.gpus_anywhere = bool(self._gpu_nodes)
-        for n in online:
-            for kind in n.kinds:
-                shapes.setdefault(kind, []).append((n.cpu, n.memory_mb))
-                if kind[2]:
-                    self._files[kind] = max(self._files.get(kind, 0), n.files_max)
-                self._message[kind] = max(self._message.get(kind, 0), n.max_message)
-        self._index: dict[Kind, tuple[list[float], list[int]]] = {}
-        for kind, nodes in shapes.items():
-            nodes.sort(key=lambda s: -s[0])
-            neg_cpu = [-cpu for cpu, _ in nodes]  # ascending, for bisect
-            most_ram = list(accumulate((mem for _, mem in nodes), max))
-            self._index[kind] = (neg_cpu, most_ram)
-
-    def runs(self, kind: Kind) -> bool:
-        return kind in self._index
-
-    def most(self, kind: Kind) -> tuple[float, int]:
-        """The most CPU and the most RAM (not necessarily on one node) offered for kind."""
-        neg_cpu, most_ram = self._index.get(kind, ([0.0], [0]))
-        return -neg_cpu[0], most_ram[-1]
-
-    def most_files(self, kind: Kind) -> int:
-        return self._files.get(kind, 0)
-
-    def most_message(self, kind: Kind) -> int:
-        return self._message.get(kind, 0)
-
-    def most_gpus(self, kind: Kind) -> int:
-        """The most GPUs one online node of this kind has."""
-        return max((n.gpus_had for n in self._gpu_nodes if kind in n.kinds), default=0)
-
-    def fit(
-        self,
-        kind: Kind,
-        cpu: float,
-        memory_mb: int,
-        files_bytes: int = 0,
-        gpu: int = 0,
-        message: int = 0,
-    ) -> bool:
-        if self._message.get(kind, 0) < message:
-            return False
-        if gpu:
-            return any(
-                kind in n.kinds and n.gpus_had >= gpu and n.cpu >= cpu
-                and n.memory_mb >= memory_mb and n.files_max >= files_bytes
-                for n in self._gpu_nodes
-            )  # fmt: skip
-        index = self._index.get(kind)
-        if index is None or self._files.get(kind, 0) < files_bytes:
-            return False
-        neg_cpu, most_ram = index
-        n = bisect_right(neg_cpu, -cpu)  # how many offer at least cpu
-        return n > 0 and most_ram[n - 1] >= memory_mb
-
-
-class _Free:
-    """The nodes with room of one pass, in order of preference, per requirement kind (engine,
-    network, files), and what each has left: slots, milli-CPUs, RAM and GPUs.
-
-    A job takes the first node of its kind's list that has room for it. Within a pass room is
-    only ever taken, never given back, so a node skipped for a requirement stays unfit for it:
-    a cursor per requirement (kind, CPU, RAM, files, GPUs) resumes where the last job with that
-    requirement stopped. Each list is walked about once per distinct requirement.
-    """
-
-    def __init__(self, nodes: Sequence[Offer], held: dict[str, tuple[int, int, int, int]]) -> None:
-        """held: node id -> (jobs, milli-CPUs, MB of RAM, GPUs) of the jobs it runs now."""
-        self.nodes = nodes
-        self.slots: list[int] = []
-        self.cpu: list[int] = []
-        self.ram: list[int] = []
-        self.gpu: list[int] = []
-        self._by_kind: dict[Kind, list[int]] = {}
-        for i, n in enumerate(nodes):
-            jobs, cpu, ram, gpu = held.get(n.id, (0, 0, 0, 0))
-            self.slots.append(max(0, n.slots - jobs))
-            self.cpu.append(round(n.cpu * 1000) - cpu)
-            self.ram.append(n.memory_mb - ram)
-            self.gpu.append(n.gpu - gpu)
-            for kind in n.kinds:
-                self._by_kind.setdefault(kind, []).append(i)
-        self.left = sum(1 for s in self.slots if s > 0)
-        self._cursor: dict[tuple[Kind, int, int, int, int, int], int] = {}
-
-    def _fits(
-        self, c: int, cpu_milli: int, memory_mb: int, files: int, gpu: int, message: int = 0
-    ) -> bool:
-        n = self.nodes[c]
-        return (
-            self.slots[c] > 0 and self.cpu[c] >= cpu_milli and self.ram[c] >= memory_mb
-            and self.gpu[c] >= gpu and n.files_max >= files and n.max_message >= message
-        )  # fmt: skip
-
-    def pick(
-        self,
-        kind: Kind,
-        cpu_milli: int,
-        memory_mb: int,
-        files: int = 0,
-        gpu: int = 0,
-        message: int = 0,
-    ) -> int | None:
-        """The index of the preferred node with room for this requirement, or None. files:
-        the input bytes of a file job (0 for others); message: its assignment's size, as
-        message_need() rounds it."""
-        candidates = self._by_kind.get(kind)
-        if candidates is None or not self.left:
-            return None
-        key = (kind, cpu_milli, memory_mb, files, gpu, message)
-        i = self._cursor.get(key, 0)
-        end = len(candidates)
-        fits = self._fits
-        while i < end and not fits(candidates[i], cpu_milli, memory_mb, files, gpu, message):
-            i += 1
-        self._cursor[key] = i
-        return candidates[i] if i < end else None
-
-    def pick_apart(
-        self,
-        kind: Kind,
-        cpu_milli: int,
-        memory_mb: int,
-        owners: set[str],
-        humans: dict[str, str],
-        files: int = 0,
-        message: int = 0,
-    ) -> int | None:
-        """Like pick, for a replica: the preferred node with room whose person (its owner, or
-        the owner's owner for an agent: `humans`) is not in `owners` (the people of its sibling
-        replicas). A plain scan: verified jobs are few, and the cursors of pick() must not
-        skip nodes that were only unfit for this job's owners."""
-        for c in self._by_kind.get(kind, ()):
-            if not self._fits(c, cpu_milli, memory_mb, files, 0, message):
-                continue
-            owner = self.nodes[c].owner
-            if humans.get(owner, owner) not in owners:
-                return c
-        return None
-
-    def take(self, index: int, cpu_milli: int, memory_mb: int, gpu: int = 0) -> None:
-        self.slots[index] -= 1
-        self.cpu[index] -= cpu_milli
-        self.ram[index] -= memory_mb
-        self.gpu[index] -= gpu
-        if self.slots[index] == 0:
-            self.left -= 1
+# What a plan reads of a node: the columns matching parses (at fleet scale, building rows of
+# every column costs more than the matching).
+_NODE_COLUMNS = (
+    "id, state, resources, engines, allow_network, files, gpus, slots, cpu, memory_mb, owner,"
+    " max_message"
+)
 
 
 class Plan(NamedTuple):
-    """A pass's decisions: (job, node id) to assign, (job, reason) for those that wait."""
+    """A pass's decisions: (job, node id) to assign, (job, reason) for those that wait.
+    timely: some reason names a time (a suspended node's resume), so it goes stale by itself."""
 
     assign: list[tuple[sqlite3.Row, str]]
     wait: list[tuple[sqlite3.Row, str]]
+    timely: bool = False
+
+
+class _Pending:
+    """A plan being committed a slice per pass, and what the store looked like when it was
+    made (the mark it leaves behind when it is all committed and nothing else was written)."""
+
+    def __init__(self, plan: Plan, mark: tuple[int, int] | None) -> None:
+        # Plain tuples of plain values, not the plan's rows: the collector stops tracking
+        # them, so a big plan kept for seconds does not make each full collection on the
+        # loop walk it (one took ~0.3 s at 100k jobs).
+        self.assign = [
+            (str(job["id"]), int(job["attempt"]), job["parent"], _need(job), node_id)
+            for job, node_id in plan.assign
+        ]
+        self.wait = [(str(job["id"]), why) for job, why in plan.wait if job["reason"] != why]
+        self.timely = plan.timely
+        self.mark = mark
+        self.made = time.monotonic()
+        self.doubt = False  # a decision no longer held: plan again rather than trust the mark
+
+    def __bool__(self) -> bool:
+        return bool(self.assign or self.wait)
+
+
+def _need(job: Any) -> tuple[Kind, int, int, int, int, int]:
+    """What a queued job row asks for: (kind, milli-CPUs, MB, input bytes, GPUs, message)."""
+    # json_extract gives JSON true as 1 (on PostgreSQL: 'true'); wasm jobs have no `network`.
+    files = job["files_bytes"]
+    kind = (str(job["engine"] or "unknown"), job["network"] in (1, "true"), files is not None)
+    return (
+        kind,
+        int(job["cpu_milli"]),
+        int(job["memory_mb"]),
+        int(files or 0),
+        int(job["gpu"] or 0),
+        message_need(job["message_bytes"]),
+    )
+
+
+def _humans(q: Query) -> dict[str, str]:
+    """Every agent's person (as Store.humans), read with q: a plan may run on a connection
+    of its own."""
+    rows = q("SELECT id, owner FROM agents WHERE owner IS NOT NULL", ())
+    parent = {str(r["id"]): str(r["owner"]) for r in rows}
+    out: dict[str, str] = {}
+    for agent in parent:
+        who, seen = agent, 0
+        while who in parent and seen < 16:
+            who, seen = parent[who], seen + 1
+        out[agent] = who
+    return out
+
+
+class _Room:
+    """What the nodes of a slice of decisions have room for now, read from their rows: a
+    decision made from an older snapshot is written only if it still fits."""
+
+    def __init__(self, nodes: list[Offer], held: dict[str, tuple[int, int, int, int]]) -> None:
+        self.free = Free(nodes, held)
+        self.index = {n.id: i for i, n in enumerate(nodes)}
+
+    def take(self, need: tuple[Kind, int, int, int, int, int], node_id: str) -> bool:
+        i = self.index.get(node_id)
+        if i is None:  # offline, busy, suspended or revoked now
+            return False
+        kind, cpu_milli, memory_mb, files, gpu, size = need
+        if kind not in self.free.nodes[i].kinds:
+            return False
+        if not self.free.fits(i, cpu_milli, memory_mb, files, gpu, size):
+            return False
+        self.free.take(i, cpu_milli, memory_mb, gpu)
+        return True
 
 
 class Scheduler:
+    # Rows (assignments, then changed reasons) a pass writes at most; the rest of its plan is
+    # written by the next passes. An assignment costs ~0.1 ms on the loop (its rows and its
+    # message), so a pass holds the writer for ~10-20 ms.
+    MAX_WRITES = 100
+    # A plan that took this long is made off the loop next time (schedule(wake=...)); so is
+    # the first, when this many jobs are queued.
+    OFFLOAD_S = 0.02
+    OFFLOAD_JOBS = 2000
+    # A quiet store (nothing written since the last plan) is trusted this long at most.
+    REBUILD_S = 30.0
+    # A plan still being committed this long after it was made is made again when the store
+    # changed meanwhile.
+    REPLAN_S = 2.0
+
     def __init__(self, config: HubConfig, store: Store, jobs: Jobs) -> None:
         self.config = config
         self.store = store
         self.jobs = jobs
+        self.more = False  # a plan is left to commit: the caller asks for another pass
+        self._pending: _Pending | None = None
+        self._planning = False  # a plan is being made in a thread
+        self._generation = 0  # forget() moves it: a plan begun before is thrown away
+        self._quiet: tuple[int, int] | None = None  # the store's mark when nothing was left
+        self._quiet_at = 0.0
+        self._ignored = 0  # changes of this connection that no plan needs to see
+        self.last_plan_s: float | None = None  # how long the last plan took (s)
+        self._tasks: set[asyncio.Task[None]] = set()  # plans being made off the loop
 
     def offline_after_s(self) -> float:
         return self.config.heartbeat_interval_s * self.config.missed_beats_offline
 
-    def plan(self) -> Plan:
+    # --- what changed since the last plan ---------------------------------------------------
+    def changes(self) -> int | None:
+        """The writer connection's change counter (SQLite), for unimportant(); None elsewhere."""
+        db = self.store.db
+        if db.dialect != "sqlite":
+            return None
+        return int(db.conn.total_changes)
+
+    def unimportant(self, since: int | None) -> None:
+        """The writes made on the hub's connection since `changes()` said `since` change
+        nothing a plan reads (a heartbeat that repeats the node's offer and state): they do not
+        wake the next pass. Only for writes whose rows no plan reads."""
+        now = self.changes()
+        if since is not None and now is not None:
+            self._ignored += now - since
+
+    def forget(self) -> None:
+        """Trust nothing remembered: the next pass reads the store (a leader change, or
+        another process wrote rows this one plans from)."""
+        self._pending = None
+        self._quiet = None
+        self._planning = False
+        self._generation += 1
+        self.more = False
+        self.last_plan_s = None
+
+    def _mark(self) -> tuple[int, int] | None:
+        """Where the store is: the writer connection's changes less those no plan needs, and
+        the commits of other connections (PRAGMA data_version). None: no such counters
+        (PostgreSQL), every pass reads the store."""
+        db = self.store.db
+        if db.dialect != "sqlite":
+            return None
+        conn = db.conn
+        version = conn.execute("PRAGMA data_version").fetchone()[0]
+        return conn.total_changes - self._ignored, int(version)
+
+    def _unchanged(self) -> bool:
+        if self._quiet is None or time.monotonic() - self._quiet_at > self.REBUILD_S:
+            return False
+        return self._mark() == self._quiet
+
+    # --- a pass -------------------------------------------------------------------------------
+    def schedule(self, wake: Callable[[], None] | None = None) -> list[Assignment]:
+        """One pass: assign what fits, say why the rest waits. The assignments are written when
+        this returns (in the caller's transaction, if one is open); the caller sends them.
+
+        At most MAX_WRITES rows a pass: when `more` is set afterwards, a plan is left to
+        commit and the caller should ask for another pass. wake: given by a caller on an event
+        loop; a plan expected to take long (the last took OFFLOAD_S or more) is then made in a
+        thread, and wake() is called on the loop once it is ready to commit."""
+        pending = self._pending
+        if (
+            pending is not None
+            and wake is not None
+            and not self._planning
+            and time.monotonic() - pending.made > self.REPLAN_S
+            and self._mark() != pending.mark
+        ):
+            # Jobs arrived or nodes changed while a big plan is being committed: a fresh plan
+            # (off the loop) takes over what is left of it, so a new high-priority job does not
+            # wait for the whole backlog's plan to be written.
+            self._offload(wake)
+        if self._pending is None:
+            if self._planning:
+                return []  # its end calls wake
+            if self._unchanged():
+                return []
+            if wake is not None and self._long() and self._offload(wake):
+                return []
+            mark = self._mark()
+            started = time.perf_counter()
+            plan = self.plan()
+            self.last_plan_s = time.perf_counter() - started
+            self._pending = _Pending(plan, mark)
+        return self._commit()
+
+    def _long(self) -> bool:
+        """Whether the next plan is expected to take OFFLOAD_S or more: as long as the last
+        did, or, before the first, by the size of the queue."""
+        if self.last_plan_s is None:
+            row = self.store.db.query_one("SELECT COUNT(*) FROM jobs WHERE state = 'queued'")
+            return row is not None and int(row[0]) >= self.OFFLOAD_JOBS
+        return self.last_plan_s >= self.OFFLOAD_S
+
+    def _offload(self, wake: Callable[[], None]) -> bool:
+        """Make the next plan in a thread, from a snapshot read on a connection of its own."""
+        db = self.store.db
+        if db.dialect != "sqlite":
+            return False
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+        generation, path = self._generation, db.path
+
+        def make(mark: tuple[int, int] | None) -> tuple[_Pending, float]:
+            started = time.perf_counter()
+            # The plan builds ~10 objects per job and node. With the collector on, its full
+            # collections ran in this thread holding the GIL for 35-70 ms at a time (100k
+            # nodes x 100k jobs), stalling the loop; without it, the loop waited < 20 ms.
+            # Reference counting still frees the plan's objects; cycles wait for the end.
+            collecting = gc.isenabled()
+            gc.disable()
+            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+            try:
+                conn.row_factory = sqlite3.Row
+                conn.execute("BEGIN")  # one snapshot for every query of the plan
+
+                def read(sql: str, params: Sequence[Any]) -> list[Any]:
+                    return conn.execute(sql, params).fetchall()
+
+                pending = _Pending(self.plan(read), mark)
+                conn.execute("ROLLBACK")
+            finally:
+                conn.close()
+                if collecting:
+                    gc.enable()
+            gc.collect(0)  # here, not on the loop: what survives the plan is sorted out
+            return pending, time.perf_counter() - started
+
+        async def run() -> None:
+            # The thread reads what is committed: the mark may only count writes it will see,
+            # so it is taken once the transaction this pass runs in is durable.
+            mark, ready, took = None, None, 0.0
+            try:
+                for _ in range(1000):
+                    if db.committing and not await db.settled(1.0):
+                        continue
+                    if not db.conn.in_transaction:  # db.conn settles the COMMIT that ended
+                        mark = self._mark()
+                        break
+                    await asyncio.sleep(0.001)
+                ready, took = await loop.run_in_executor(None, make, mark)
+            except Exception:
+                log.exception("a scheduling plan made off the loop failed; planning again")
+            finally:  # cancelled too (the loop stopping): never left `planning` for good
+                if generation == self._generation:
+                    self._planning = False
+                    self.last_plan_s = took  # 0 after a failure: the next plan is on the loop
+                    if ready is not None:
+                        self._pending = ready
+            if generation == self._generation:
+                wake()
+
+        self._planning = True
+        task = loop.create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return True
+
+    def _commit(self) -> list[Assignment]:
+        """Write the next slice of the pending plan, each decision checked against the rows."""
+        pending = self._pending
+        assert pending is not None
+        out: list[Assignment] = []
+        budget = self.MAX_WRITES
+        before = self.changes()
+        with self.store.db.transaction() as c:
+            if pending.assign:
+                decisions, pending.assign = pending.assign[:budget], pending.assign[budget:]
+                budget -= len(decisions)
+                room = self._room({decision[-1] for decision in decisions})
+                for job_id, attempt, parent, need, node_id in decisions:
+                    if not room.take(need, node_id):
+                        pending.doubt = True  # the node changed since the plan: plan again
+                        continue
+                    job = {"id": job_id, "attempt": attempt, "parent": parent}
+                    assignment = self.jobs.assign(job, node_id)  # type: ignore[arg-type]
+                    if assignment is None:  # no longer queued (cancelled, failed)
+                        pending.doubt = True
+                        continue
+                    out.append(assignment)
+            if budget > 0 and pending.wait:
+                reasons, pending.wait = pending.wait[:budget], pending.wait[budget:]
+                for job_id, why in reasons:  # only a job still waiting: it may be gone meanwhile
+                    c.execute(
+                        "UPDATE jobs SET reason = ? WHERE id = ? AND state = 'queued'",
+                        (why, job_id),
+                    )
+        # What this pass wrote is the plan's own doing: it wakes no one.
+        self.unimportant(before)
+        if pending:
+            self.more = True
+            return out
+        self._pending = None
+        self.more = False
+        mark = self._mark()
+        if not pending.doubt and not pending.timely and mark is not None and mark == pending.mark:
+            self._quiet, self._quiet_at = mark, time.monotonic()
+        else:
+            self._quiet = None
+        return out
+
+    def _room(self, node_ids: set[str]) -> _Room:
+        """What the nodes of a slice of decisions have room for now, read from their rows."""
+        ids = sorted(node_ids)
+        if not ids:
+            return _Room([], {})
+        marks = ",".join("?" * len(ids))
+        rows = self.store.db.query(
+            f"SELECT {_NODE_COLUMNS} FROM nodes WHERE id IN ({marks}) AND state = ?"
+            " AND revoked_at IS NULL",
+            (*ids, protocol.IDLE),
+        )
+        return _Room([offer(r) for r in rows], self._held(f"AND node IN ({marks})", ids))
+
+    def plan(self, query: Query | None = None) -> Plan:
         """Decide, without writing anything: which queued job goes to which idle node, and
         why each of the others waits. The matching half of a pass (bench/market.py times it
-        on its own)."""
+        on its own). query: how to read (by default the hub's connection; a thread passes a
+        connection of its own)."""
+        q: Query = query if query is not None else self.store.db.query
         # A verified job (replicas > 1) is never placed itself: its replicas are.
-        queued = self.store.db.query(
+        queued = q(
             "SELECT id, attempt, cpu_milli, memory_mb, gpu, reason, parent, files_bytes,"
             " message_bytes,"
             " json_extract(spec, '$.engine.type') AS engine,"
             " json_extract(spec, '$.engine.network') AS network"
             " FROM jobs WHERE state = 'queued' AND replicas = 1"
-            " ORDER BY CASE priority WHEN 'high' THEN 0 ELSE 1 END, submitted_at"
+            " ORDER BY CASE priority WHEN 'high' THEN 0 ELSE 1 END, submitted_at",
+            (),
         )
         plan = Plan([], [])
         if not queued:
             return plan
-        online = [offer(n) for n in self._online_nodes()]
-        free = _Free([n for n in online if n.idle], self._held())
+        online = [offer(n) for n in self._online_nodes(q)]
+        free = Free([n for n in online if n.idle], self._held(query=q))
         capable = Capabilities(online)
         whys: dict[tuple[Kind, int, int, int, int, int], str] = {}
         apart: dict[str, set[str]] | None = None  # verified job -> people of its replicas
         humans: dict[str, str] = {}  # agent -> the person who owns it
-        for job in queued:
-            # json_extract gives JSON true as 1 (on PostgreSQL: 'true'); wasm jobs have no
-            # `network` (NULL).
-            files = job["files_bytes"]
-            kind = (
-                str(job["engine"] or "unknown"),
-                job["network"] in (1, "true"),
-                files is not None,
+        timely = False
+
+        @functools.cache
+        def suspended() -> Sequence[Any]:  # read once a plan, when a reason needs them
+            return q(
+                "SELECT id, cpu, memory_mb, suspended FROM nodes WHERE state = ?",
+                (protocol.SUSPENDED,),
             )
-            cpu_milli, memory_mb = int(job["cpu_milli"]), int(job["memory_mb"])
-            files, gpu = int(files or 0), int(job["gpu"] or 0)
-            size = message_need(job["message_bytes"])
+
+        for job in queued:
+            kind, cpu_milli, memory_mb, files, gpu, size = _need(job)
             parent = job["parent"]
             if parent is None:
                 pick = free.pick(kind, cpu_milli, memory_mb, files, gpu, size)
             else:
                 if apart is None:
-                    humans = self.store.humans()
-                    apart = self._replica_owners(humans)
+                    humans = _humans(q)
+                    apart = self._replica_owners(humans, q)
                 owners = apart.setdefault(parent, set())
                 pick = free.pick_apart(kind, cpu_milli, memory_mb, owners, humans, files, size)
                 if pick is not None:
@@ -435,92 +448,85 @@ class Scheduler:
             key = (kind, cpu_milli, memory_mb, files, gpu, size)
             why = whys.get(key)
             if why is None:
-                why = whys[key] = self._why(kind, job, online, capable)
+                why, soon = self._why(kind, job, online, capable, suspended)
+                whys[key] = why
+                timely = timely or soon
             if parent is not None and why.startswith("every node"):
                 why = (
                     "waiting for an idle node whose owner runs no other replica of job"
                     f" {parent} (replicas go to nodes of distinct owners)"
                 )
             plan.wait.append((job, why))
-        return plan
+        return plan._replace(timely=timely)
 
-    def _held(self) -> dict[str, tuple[int, int, int, int]]:
+    def _held(
+        self, where: str = "", params: Sequence[Any] = (), query: Query | None = None
+    ) -> dict[str, tuple[int, int, int, int]]:
         """What the jobs the hub has given each node hold of it: (jobs, milli-CPUs, MB, GPUs)."""
+        q: Query = query if query is not None else self.store.db.query
         return {
             str(r[0]): (int(r[1]), int(r[2]), int(r[3]), int(r[4]))
-            for r in self.store.db.query(
+            for r in q(
                 "SELECT node, COUNT(*), SUM(cpu_milli), SUM(memory_mb), SUM(gpu) FROM jobs"
-                " WHERE state IN ('assigned', 'running') AND node IS NOT NULL GROUP BY node"
+                f" WHERE state IN ('assigned', 'running') AND node IS NOT NULL {where}"
+                " GROUP BY node",
+                params,
             )
         }
 
-    def _replica_owners(self, humans: dict[str, str]) -> dict[str, set[str]]:
+    def _replica_owners(self, humans: dict[str, str], q: Query) -> dict[str, set[str]]:
         """For each verified job with a replica waiting: the people who own the nodes its
         replicas are on, or ran an attempt on. A replica never goes to a node of one of them.
         People, not accounts: an agent's nodes are its owner's (`humans`), or one person could
         put each node under an agent of their own and agree with themselves."""
         owners: dict[str, set[str]] = {}
         waiting = "SELECT DISTINCT parent FROM jobs WHERE state = 'queued' AND parent IS NOT NULL"
-        for r in self.store.db.query(
+        for r in q(
             "SELECT r.parent, n.owner FROM jobs r JOIN nodes n ON n.id = r.node"
             f" WHERE r.parent IN ({waiting})"
             " UNION SELECT r.parent, n.owner FROM jobs r JOIN attempts a ON a.job = r.id"
-            f" JOIN nodes n ON n.id = a.node WHERE r.parent IN ({waiting})"
+            f" JOIN nodes n ON n.id = a.node WHERE r.parent IN ({waiting})",
+            (),
         ):
             owner = str(r["owner"])
             owners.setdefault(str(r["parent"]), set()).add(humans.get(owner, owner))
         return owners
 
-    def schedule(self) -> list[Assignment]:
-        """One pass over the queue: assign what fits, say why the rest waits, in one
-        transaction. The assignments are committed when this returns; the caller sends them."""
-        plan = self.plan()
-        out: list[Assignment] = []
-        if not (plan.assign or plan.wait):
-            return out
-        with self.store.db.transaction() as c:
-            for job, node_id in plan.assign:
-                assignment = self.jobs.assign(job, node_id)
-                if assignment is not None:  # None: no longer queued; the node waits a pass
-                    out.append(assignment)
-            for job, why in plan.wait:
-                if job["reason"] != why:
-                    c.execute("UPDATE jobs SET reason = ? WHERE id = ?", (why, job["id"]))
-        return out
-
-    def _online_nodes(self) -> list[sqlite3.Row]:
+    def _online_nodes(self, q: Query) -> Sequence[Any]:
         """Online, not revoked (a revoked node has lost its broker login; it gets nothing even
         if a stale state still says online), in order of preference: nodes in good standing,
         the one given a job longest ago first (never given one: first of all), then the
-        others, the most reputable first; ties to the longest enrolled. Only the columns
-        matching reads: at fleet scale building rows of every column costs more than the
-        matching."""
-        return self.store.db.query(
-            "SELECT id, state, resources, engines, allow_network, files, gpus, slots, cpu,"
-            " memory_mb, owner, max_message FROM nodes WHERE state != ?1 AND revoked_at IS NULL"
+        others, the most reputable first; ties to the longest enrolled."""
+        return q(
+            f"SELECT {_NODE_COLUMNS} FROM nodes WHERE state != ?1 AND revoked_at IS NULL"
             " ORDER BY reputation < ?2,"
             " CASE WHEN reputation < ?2 THEN -reputation ELSE COALESCE(last_job_at, 0) END,"
             " created_at",
             (protocol.OFFLINE, GOOD_STANDING),
         )
 
-    def _why(self, kind: Kind, job: sqlite3.Row, online: list[Offer], capable: Capabilities) -> str:
-        """Why a job waits, naming what does not fit when no online node could run it."""
+    def _why(
+        self,
+        kind: Kind,
+        job: Any,
+        online: list[Offer],
+        capable: Capabilities,
+        suspended: Callable[[], Sequence[Any]],
+    ) -> tuple[str, bool]:
+        """Why a job waits, naming what does not fit when no online node could run it; and
+        whether the words name a time (they go stale as the clock moves)."""
         if not online:
-            return "no node is online"
+            return "no node is online", False
         files = int(job["files_bytes"] or 0)
         gpu = int(job["gpu"] or 0)
         size = message_need(job["message_bytes"])
         cpu, memory_mb = job["cpu_milli"] / 1000, int(job["memory_mb"])
         if capable.fit(kind, cpu, memory_mb, files, gpu, size):
-            return "every node that can run it is busy or its owner is using it"
+            return "every node that can run it is busy or its owner is using it", False
         # A suspended node offers nothing (cpu 0, memory 0) while its owner uses the machine,
         # so the misfit would blame the job's CPUs. Judge those nodes by what they enrolled
         # with (and the GPUs their hello listed) and say what really keeps the job waiting.
-        rows = self.store.db.query(
-            "SELECT id, cpu, memory_mb, suspended FROM nodes WHERE state = ?",
-            (protocol.SUSPENDED,),
-        )
+        rows = suspended()
         had = {row["id"]: (float(row["cpu"]), int(row["memory_mb"])) for row in rows}
         away = [
             n._replace(cpu=had[n.id][0], memory_mb=had[n.id][1], gpu=n.gpus_had)
@@ -532,8 +538,9 @@ class Scheduler:
                 "every node that could run it is suspended: its owner is using the machine"
                 " (it runs once the owner leaves the machine idle)"
             )
-            return why + _soonest(rows, [n.id for n in away], self.jobs.clock())
-        return _misfit(kind, job, capable)
+            when = soonest(rows, [n.id for n in away], self.jobs.clock())
+            return why + when, bool(when)
+        return misfit(kind, job, capable), False
 
     def sweep(self, now: float | None = None) -> list[str]:
         """Mark silent nodes offline, requeue their jobs, fail jobs past timeout + grace.

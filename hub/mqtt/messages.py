@@ -14,6 +14,7 @@ in a savepoint, and what this decides goes out through the callbacks it gives (`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -28,6 +29,7 @@ from hub.ledger import economy
 from hub.ledger.money import InsufficientFunds, format_micro
 from hub.market.errors import JobConflict, JobError
 from hub.market.jobs import Jobs
+from hub.market.matching import same_offer
 from hub.market.scheduler import Scheduler
 from hub.market.spec import JobSpec, error_field
 from hub.mqtt import wire
@@ -84,6 +86,7 @@ class Messages:
         # it for a pass instead.
         self.leading: Callable[[], bool] = lambda: True
         self.ask_leader: Callable[[], None] = lambda: None
+        self._led = True  # whether the last pass asked found this replica leading
         self.heard: Callable[[], None] = lambda: None
         self.settled: Callable[[str, Any], None] = lambda _outcome, _job: None
 
@@ -93,8 +96,14 @@ class Messages:
         replica that does not lead asks the leader instead."""
         if not self.leading():
             self.ask_leader()
+            self._led = False
             return 0
-        assignments = self.scheduler.schedule()
+        if not self._led:  # leading again: others scheduled meanwhile, trust nothing kept
+            self.scheduler.forget()
+            self._led = True
+        assignments = self.scheduler.schedule(wake=self._pass_soon)
+        if self.scheduler.more:  # a plan left to commit, a slice a pass
+            self._pass_soon()
         for a in assignments:
             self.publish(protocol.node_topic(a.node_id, protocol.ASSIGN), a.message)
             job_id = a.message["job_id"]
@@ -103,6 +112,12 @@ class Messages:
             )
             self._changed("job", {"id": a.message["job_id"], "state": "assigned"})
         return len(assignments)
+
+    def _pass_soon(self) -> None:
+        """Ask for another pass once this batch is done (a pass asked for from inside the
+        pass itself would be forgotten at the end of it)."""
+        with contextlib.suppress(RuntimeError):  # no loop: the caller sees scheduler.more
+            asyncio.get_running_loop().call_soon(self.dispatch)
 
     def resend_assignments(self) -> int:
         """After a hub restart: assignments made but maybe never sent go out again; nodes
@@ -222,6 +237,9 @@ class Messages:
                 # may handle two beats in either order. The older one would undo the newer
                 # (a `busy` after the `idle` that followed it keeps the node from new work).
                 return "ignored: an older heartbeat than the last"
+            resources = msgspec.json.encode(msg.resources).decode()
+            network, suspended = json.dumps(msg.allow_network), _suspended(msg, now)
+            before = self.scheduler.changes()
             # Availability since the previous beat (suspended time and gaps don't pay), credited
             # in the statement that moves the last_seen it was measured from: no beat can be
             # paid twice.
@@ -239,15 +257,17 @@ class Messages:
                 {
                     "state": msg.state,
                     "last_seen": now,
-                    "resources": msgspec.json.encode(msg.resources).decode(),
+                    "resources": resources,
                     "running": json.dumps(msg.running),
                     "last_seq": msg.seq,
-                    "allow_network": json.dumps(msg.allow_network),
+                    "allow_network": network,
                     "free": msgspec.json.encode(msg.free).decode() if msg.free else None,
-                    "suspended": _suspended(msg, now),
+                    "suspended": suspended,
                 },
                 stale_before=now - grace,
             )
+            if same_offer(node, msg.state, resources, network, suspended):
+                self.scheduler.unimportant(before)  # no pass need look at the store again
             if msg.state == protocol.IDLE and overdue:
                 self._redeliver_lost(ident, msg.running, now)
             res = msg.resources
@@ -265,7 +285,9 @@ class Messages:
                 self.scheduler.node_offline(ident, "it said goodbye or its connection dropped")
                 self._changed("node", {"id": ident, "state": protocol.OFFLINE})
             else:
+                before = self.scheduler.changes()
                 self.store.update_node(ident, last_seen=now)
+                self.scheduler.unimportant(before)  # last_seen: no plan reads it
             return "status " + msg.state
         if isinstance(msg, wire.Event):
             changed = self.jobs.on_event(ident, msgspec.structs.asdict(msg))
