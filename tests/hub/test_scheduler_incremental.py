@@ -99,8 +99,14 @@ def reads_of_jobs(seen: list[str]) -> list[str]:
     return [q for q in seen if "FROM jobs" in q or "FROM nodes" in q]
 
 
+def row_of(s: Services, job_id: str) -> Any:
+    row = s.store.job(job_id)
+    assert row is not None
+    return row
+
+
 def reason(s: Services, job_id: str) -> str:
-    return str(s.store.job(job_id)["reason"])
+    return str(row_of(s, job_id)["reason"])
 
 
 def test_a_pass_after_nothing_changed_reads_nothing(s: Services, user: str) -> None:
@@ -127,7 +133,9 @@ def test_a_node_that_frees_up_takes_the_waiting_job(s: Services, user: str) -> N
     first, second = submit(s, user), submit(s, user)
     assert placed(s) == {first: n}
     assert placed(s) == {}
-    secret = s.store.node(n)["secret"]
+    node_row = s.store.node(n)
+    assert node_row is not None
+    secret = node_row["secret"]
     result = protocol.result(n, secret, first, 1, {
         "status": "completed", "exit_code": 0, "stdout": b"", "returns": [1], "error": None,
         "wall_ms": 10, "cpu_ms": 10})  # fmt: skip
@@ -212,9 +220,9 @@ async def test_a_plan_from_a_snapshot_never_overfills_a_node(s: Services, user: 
     # Meanwhile the node got a job by another way (another hub replica's pass, say).
     other = submit(s, user)
     with s.db.transaction():
-        assert s.jobs.assign(s.store.job(other), n) is not None
+        assert s.jobs.assign(row_of(s, other), n) is not None
     assert placed(s, wake=ready.set) == {}  # the planned decision no longer fits: not written
-    assert s.store.job(first)["state"] == "queued"
+    assert row_of(s, first)["state"] == "queued"
 
 
 async def test_a_job_arriving_during_a_long_commit_gets_a_fresh_plan(
@@ -249,4 +257,3 @@ def test_forget_reads_the_store_again(s: Services, user: str) -> None:
     with statements(s) as seen:
         placed(s)
     assert reads_of_jobs(seen)
-
