@@ -8,6 +8,9 @@ same durability: WAL, synchronous=FULL):
 - the baseline: raw sqlite3, one transfer per commit (BEGIN IMMEDIATE; two balance UPDATEs;
   one INSERT; COMMIT), timed in two halves, before and after the ledger runs, so drift in the
   machine's speed hits both sides;
+- the ceiling: the same raw transfers, N per BEGIN IMMEDIATE/COMMIT, N the ledger's mean batch
+  size, timed in two halves around the runs below: how close the ledger comes to what SQLite
+  commits in batches of that size with no idempotency key, no postings and no checks;
 - the ledger through its public API with group commit: N asyncio tasks each awaiting
   `writer.transfer(...)` in a loop (consecutive transfers applied set-based by
   Ledger.transfer_many). A transfer counts once its future resolved, which happens only
@@ -79,28 +82,31 @@ def open_raw(path: Path, accounts: int) -> sqlite3.Connection:
     return conn
 
 
-def baseline(conn: sqlite3.Connection, accounts: int, seconds: float) -> tuple[int, float]:
-    """Single-transfer commits for `seconds`: (commits, elapsed)."""
-    rng = random.Random(1)
+def baseline(
+    conn: sqlite3.Connection, accounts: int, seconds: float, per_commit: int = 1, seed: int = 1
+) -> tuple[int, float]:
+    """Raw transfers, `per_commit` in each commit, for `seconds`: (transfers, elapsed)."""
+    rng = random.Random(seed)
     n = 0
     start = time.perf_counter()
     deadline = start + seconds
     while time.perf_counter() < deadline:
-        src, dst = rng.sample(range(accounts), 2)
-        amount = rng.randint(1, 1000)
         conn.execute("BEGIN IMMEDIATE")
-        conn.execute(
-            "UPDATE accounts SET balance = balance - ? WHERE id = ?", (amount, f"wallet:{src}")
-        )
-        conn.execute(
-            "UPDATE accounts SET balance = balance + ? WHERE id = ?", (amount, f"wallet:{dst}")
-        )
-        conn.execute(
-            "INSERT INTO transfers (src, dst, amount) VALUES (?, ?, ?)",
-            (f"wallet:{src}", f"wallet:{dst}", amount),
-        )
+        for _ in range(per_commit):
+            src, dst = rng.sample(range(accounts), 2)
+            amount = rng.randint(1, 1000)
+            conn.execute(
+                "UPDATE accounts SET balance = balance - ? WHERE id = ?", (amount, f"wallet:{src}")
+            )
+            conn.execute(
+                "UPDATE accounts SET balance = balance + ? WHERE id = ?", (amount, f"wallet:{dst}")
+            )
+            conn.execute(
+                "INSERT INTO transfers (src, dst, amount) VALUES (?, ?, ?)",
+                (f"wallet:{src}", f"wallet:{dst}", amount),
+            )
         conn.execute("COMMIT")
-        n += 1
+        n += per_commit
     return n, time.perf_counter() - start
 
 
@@ -243,6 +249,11 @@ def main(argv: list[str] | None = None) -> int:
         b_balanced, b_counted, b_stored = check(ledger, b["acknowledged"])
         db.close()
 
+        # The ceiling, in batches of the ledger's mean size, on a file of its own.
+        per_commit = max(1, round(b["batch_mean"]))
+        ceiling = open_raw(d / "raw_batched.sqlite", args.accounts)
+        c1, u1 = baseline(ceiling, args.accounts, half, per_commit, seed=3)
+
         db, ledger = open_ledger(d / "batched_run.sqlite", args.accounts)
         r = asyncio.run(
             batched(ledger, args.accounts, args.seconds, args.concurrency, args.max_batch, True)
@@ -255,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
         n2, t2 = baseline(raw, args.accounts, half)
         raw.close()
         base = (n1 + n2) / (t1 + t2)
+        c2, u2 = baseline(ceiling, args.accounts, half, per_commit, seed=4)
+        ceiling.close()
+        top = (c1 + c2) / (u1 + u2)
 
         s: dict[str, Any] | None = None
         s_balanced = s_counted = True
@@ -273,6 +287,10 @@ def main(argv: list[str] | None = None) -> int:
         f"ledger     group commit, acknowledged:    {b['rate']:9.0f} transfers/s"
         f"  = {ratio:.1f}x baseline; mean batch {b['batch_mean']:.0f} (max {b['batch_max']}),"
         f" latency p50 {b['p50_ms']:.1f} ms p99 {b['p99_ms']:.1f} ms"
+    )
+    say(
+        f"ceiling    raw sqlite, {per_commit} transfers/commit:  {top:9.0f} transfers/s"
+        f"  (halves {c1 / u1:.0f}, {c2 / u2:.0f}); the ledger reaches {b['rate'] / top:.0%} of it"
     )
     say(
         f"ledger     via writer.run (savepoints):    {r['rate']:9.0f} transfers/s"
@@ -301,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
         "durable_transfers_per_s": round(b["rate"], 1),
         "baseline_single_commit_per_s": round(base, 1),
         "ratio": round(ratio, 2),
+        "raw_batched_per_s": round(top, 1),
+        "raw_batched_per_commit": per_commit,
+        "ratio_to_raw_batched": round(b["rate"] / top, 3),
         "batch_mean": round(b["batch_mean"], 1),
         "batch_max": b["batch_max"],
         "sync": "FULL",

@@ -18,14 +18,12 @@ in reports.py.
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from typing import Any
 
-from hub.ledger import reports
+from hub.ledger import reports, transfers
 from hub.ledger.checks import (
     check_account_id,
     check_legs,
@@ -34,9 +32,7 @@ from hub.ledger.checks import (
     check_transfer,
     describe,
     memo_json,
-    memo_load,
     require_same,
-    transfer_problem,
 )
 from hub.ledger.money import (
     INT64_MAX,
@@ -56,17 +52,14 @@ from hub.ledger.money import (
 )
 from hub.ledger.reports import Audit, HistoryRow
 from hub.ledger.schema import (
-    APPLY_CHANGE,
+    APPLY_NET_CHANGE,
     COMPONENT,
     HOLD_CLOSED,
     INSERT_ENTRY,
-    INSERT_ENTRY_WITH_ID,
-    INSERT_POSTINGS,
     MIGRATIONS,
     SELECT_ACCOUNT,
-    SELECT_ACCOUNTS_JSON,
-    SELECT_ENTRIES_JSON,
     insert_postings,
+    net_change,
 )
 from hub.store.db import Database
 
@@ -190,9 +183,9 @@ class Ledger:
 
         It verifies the same rules as `_post_checked`, and no fewer: the key is new (else the
         UNIQUE index refuses the insert), and each balance UPDATE applies only when the
-        account exists, stays at or above zero unless it is the mint, stays an int64 (SQLite
-        turns an overflowing sum into a REAL), and is not a closed hold receiving credits
-        (see APPLY_CHANGE); so an update that changed no row means some rule failed.
+        account exists, stays at or above zero unless it is the mint, stays an int64, and is
+        not a closed hold receiving credits (see APPLY_NET_CHANGE); so an update that changed
+        no row means some rule failed.
         """
         try:
             cur = c.execute(INSERT_ENTRY, (idem_key, reason, memo_json, now))
@@ -207,7 +200,8 @@ class Ledger:
                 net[account] = net.get(account, 0) + amount
             changes = sorted(net.items())
         for account, change in changes:
-            if c.execute(APPLY_CHANGE, (change, account)).rowcount != 1:
+            params = net_change(account, change, min(change, 0), max(change, 0), change > 0)
+            if params is None or c.execute(APPLY_NET_CHANGE, params).rowcount != 1:
                 raise _TakeCarefulPath
         insert_postings(c, entry_id, legs)
         return entry_id
@@ -282,122 +276,11 @@ class Ledger:
         Each request gets its own result: the Entry (replayed=True for a key posted before,
         in an earlier transaction or earlier in `requests`) or the exception `transfer` would
         have raised, with the same type and message; refused requests change nothing. The
-        accepted ones are written together, with no savepoint per request: the rules of
-        `_post_checked` are applied in Python to balances read once, in request order, then
-        entries and postings are inserted with executemany and each touched account's
-        balance is updated once. If writing fails, nothing of this call is stored and the
-        error propagates.
+        accepted ones are written together, with no savepoint per request, a few statements
+        for the whole list (hub/ledger/transfers.py). If writing fails, nothing of this call
+        is stored and the error propagates.
         """
-        results: list[Any] = []  # an Entry or an exception per request, once decided
-        checked: list[
-            tuple[int, str, str, int, list[Leg], dict[str, Any] | None, str | None, bool]
-        ] = []
-        accounts: set[str] = set()
-        keys: set[str] = set()
-        for i, r in enumerate(requests):
-            try:
-                legs, memo_json = check_transfer(
-                    r.idem_key, r.src, r.dst, r.amount, r.reason, r.memo
-                )
-            except Exception as e:
-                results.append(e)
-                continue
-            results.append(None)
-            checked.append(
-                (i, r.idem_key, r.reason, r.amount, legs, r.memo, memo_json, r.same_memo)
-            )
-            accounts.add(r.src)
-            accounts.add(r.dst)
-            keys.add(r.idem_key)
-        if not checked:
-            return results
-        with self.db.transaction() as c:
-            # account -> [kind, balance, closed hold]
-            state: dict[str, list[Any]] = {
-                row[0]: [row[1], int(row[2]), bool(row[3])]
-                for row in c.execute(SELECT_ACCOUNTS_JSON, (json.dumps(sorted(accounts)),))
-            }
-            known: dict[str, Entry] = {}
-            for row in c.execute(SELECT_ENTRIES_JSON, (json.dumps(sorted(keys)),)):
-                key = row[1]
-                prior = known.get(key)
-                leg = () if row[5] is None else ((str(row[5]), int(row[6])),)
-                if prior is None:
-                    known[key] = Entry(
-                        id=int(row[0]),
-                        idem_key=str(key),
-                        reason=str(row[2]),
-                        legs=leg,
-                        created_at=float(row[4]),
-                        memo=memo_load(row[3]),
-                        replayed=True,
-                    )
-                else:
-                    known[key] = replace(prior, legs=prior.legs + leg)
-            top = c.execute("SELECT MAX(id) FROM entries").fetchone()[0]
-            next_id = 1 if top is None else int(top) + 1
-            if next_id + len(checked) > INT64_MAX:  # SQLite would pick random ids: go slow
-                for i, key, reason, _, legs, memo, memo_json, same in checked:
-                    try:
-                        results[i] = self._post_checked(key, reason, legs, memo, memo_json, same)
-                    except Exception as e:
-                        results[i] = e
-                return results
-            now = self.clock()
-            entry_rows: list[tuple[int, str, str, str | None, float]] = []
-            posting_rows: list[tuple[int, str, int]] = []
-            # Keys written earlier in this call: a later request with one replays what the
-            # database would return. Kept as rows; an Entry is built only for such a replay.
-            fresh: dict[str, tuple[int, str, tuple[Leg, ...], str | None]] = {}
-            for i, key, reason, amount, legs, memo, memo_json, same in checked:
-                existing = known.get(key)
-                if existing is None and key in fresh:
-                    entry_id, f_reason, f_legs, f_memo = fresh[key]
-                    existing = Entry(
-                        entry_id, key, f_reason, f_legs, now, memo_load(f_memo), replayed=True
-                    )
-                    known[key] = existing
-                if existing is not None:
-                    try:
-                        require_same(existing, reason, legs, same, memo_json)
-                    except Exception as e:
-                        results[i] = e
-                    else:
-                        results[i] = existing
-                    continue
-                (src, _), (dst, _) = legs
-                # The order of _post_checked: unknown accounts first, then each account's
-                # rules, accounts sorted by id. The src side is the only one that can run
-                # short; the dst side can overflow or be a closed hold.
-                s_state = state.get(src)
-                d_state = state.get(dst)
-                if s_state is None or d_state is None:
-                    unknown = [a for a, st in ((src, s_state), (dst, d_state)) if st is None]
-                    results[i] = UnknownAccount(min(unknown))
-                    continue
-                problem = transfer_problem(src, s_state, dst, d_state, amount)
-                if problem is not None:
-                    results[i] = problem
-                    continue
-                s_state[1] -= amount
-                d_state[1] += amount
-                entry_id = next_id
-                next_id += 1
-                legs_t = tuple(legs)
-                entry_rows.append((entry_id, key, reason, memo_json, now))
-                posting_rows.append((entry_id, src, -amount))
-                posting_rows.append((entry_id, dst, amount))
-                results[i] = Entry(entry_id, key, reason, legs_t, now, memo, replayed=False)
-                fresh[key] = (entry_id, reason, legs_t, memo_json)
-            touched = {account for _, account, _ in posting_rows}
-            if entry_rows:
-                c.executemany(INSERT_ENTRY_WITH_ID, entry_rows)
-                c.executemany(INSERT_POSTINGS[1], posting_rows)
-                c.executemany(
-                    "UPDATE accounts SET balance = ? WHERE id = ?",
-                    [(state[account][1], account) for account in sorted(touched)],
-                )
-        return results
+        return transfers.transfer_many(self, requests)
 
     def grant(
         self,

@@ -22,14 +22,17 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from hub.ledger.ledger import Ledger
 from hub.ledger.money import (
+    MAX_AMOUNT,
     MICRO,
     MINT,
+    Entry,
     HoldError,
     IdempotencyConflict,
     InsufficientFunds,
     InvalidAmount,
     LedgerError,
     SameAccount,
+    TransferRequest,
     UnknownAccount,
     credits_to_micro,
     format_micro,
@@ -719,6 +722,146 @@ def test_caught_ledger_error_inside_outer_transaction_keeps_the_rest(ledger: Led
     assert ledger.balance(U1) == 8 * MICRO
     assert ledger.hold("j1") is None
     assert ledger.audit().balanced
+
+
+# --- many transfers at once (the writer's group commit) ------------------------------------
+class _Undo(Exception):
+    pass
+
+
+def _outcome(result: object) -> object:
+    if isinstance(result, Exception):
+        return (type(result), str(result), getattr(result, "__dict__", None))
+    return result
+
+
+def _books(ledger: Ledger) -> tuple[Any, ...]:
+    """What a batch changes. Postings without their id: PostgreSQL's identity sequence does
+    not go back when a transaction is rolled back."""
+    db = ledger.db
+    return (
+        [tuple(r) for r in db.query("SELECT id, kind, owner, balance FROM accounts ORDER BY id")],
+        [tuple(r) for r in db.query("SELECT * FROM entries ORDER BY id")],
+        [
+            tuple(r)
+            for r in db.query("SELECT entry_id, account_id, amount FROM postings ORDER BY id")
+        ],
+    )
+
+
+def _many_and_one_by_one(ledger: Ledger, requests: list[TransferRequest]) -> Any:
+    """(results, books) of transfer_many and of transfer called once per request, each run
+    from the same state and rolled back after."""
+    db = ledger.db
+    runs = []
+    for at_once in (True, False):
+        try:
+            with db.transaction():
+                got: list[object] = []
+                if at_once:
+                    got = list(ledger.transfer_many(requests))
+                else:
+                    for r in requests:
+                        try:
+                            got.append(ledger.transfer(*r))
+                        except Exception as e:
+                            got.append(e)
+                runs.append(([_outcome(g) for g in got], _books(ledger), ledger.audit().balanced))
+                raise _Undo
+        except _Undo:
+            pass
+    return runs
+
+
+def _batch_ledger(db: Database) -> Ledger:
+    led = Ledger(db, clock=lambda: 1234.5)
+    for owner in ("u1", "u2", "u3", "rich"):
+        led.open_account("wallet:" + owner, "wallet", owner)
+    led.grant("fund:u1", U1, 10 * MICRO, "test funds")
+    for i in range(9):  # near the int64 limit: an overflow is reachable
+        led.grant(f"fund:rich:{i}", "wallet:rich", MAX_AMOUNT, "test funds")
+    led.place_hold("open", U1, MICRO)
+    led.place_hold("shut", U1, MICRO)
+    led.refund_hold("shut")
+    return led
+
+
+def _t(key: str, src: str, dst: str, credits: float, reason: str = "pay") -> TransferRequest:
+    return TransferRequest(key, src, dst, int(credits * MICRO), reason)
+
+
+# Each batch as transfer_many receives it; the first ones all succeed (the optimistic way,
+# one guarded UPDATE per account), the others each meet one rule (the careful way).
+BATCHES = {
+    "all accepted": [
+        _t("a1", U1, U2, 3),
+        _t("a2", U2, U3, 2.5),  # spends what it received just before
+        _t("a3", MINT, U3, 1),
+        _t("a4", U1, "hold:open", 1),  # into an open hold
+        _t("a1", U1, U2, 3),  # a replay of a1 in the same batch
+        _t("a1", U1, U2, 4),  # a conflict with it
+        _t("fund:u1", MINT, U1, 10, "test funds"),  # a replay of a stored entry
+        TransferRequest("a5", U3, U1, MICRO, "pay", {"why": "memo"}, same_memo=True),
+    ],
+    "a wallet runs short in the middle": [
+        _t("b1", U1, U2, 6),
+        _t("b2", U1, U3, 6),  # short: 4 left
+        _t("b3", U2, U3, 5),
+        _t("b4", U1, U3, 4),  # exactly what is left
+    ],
+    "spending before receiving": [_t("c1", U2, U3, 1), _t("c2", U1, U2, 1), _t("c3", U2, U3, 1)],
+    "an unknown account": [_t("d1", U1, U2, 1), _t("d2", U1, "wallet:ghost", 1)],
+    "a closed hold": [_t("e1", U1, "hold:shut", 1), _t("e2", U1, U3, 1)],
+    "past the largest balance": [
+        _t("f1", MINT, "wallet:rich", MAX_AMOUNT // MICRO),
+        _t("f2", U1, U2, 1),
+    ],
+    "bad requests beside good ones": [
+        _t("g1", U1, U2, 0),
+        _t("", U1, U2, 1),
+        _t("g2", U1, U1, 1),
+        _t("g3", U1, U2, 1),
+    ],
+    "the mint's side": [_t("h1", MINT, U2, 5), _t("h2", U2, MINT, 5), _t("h3", U2, MINT, 1)],
+}
+
+
+def test_a_balance_past_int64_is_refused_by_name_on_each_store(db: Database) -> None:
+    led = _batch_ledger(db)  # the mint is at -9 * MAX_AMOUNT, wallet:rich at +9 * MAX_AMOUNT
+    before = snapshot(led)
+    with pytest.raises(InvalidAmount, match="mint would exceed the largest storable balance"):
+        led.grant("over", "wallet:rich", MAX_AMOUNT, "too much")
+    assert_unchanged(led, before)
+
+
+@pytest.mark.parametrize("name", list(BATCHES))
+def test_transfer_many_equals_transfer_one_by_one(db: Database, name: str) -> None:
+    led = _batch_ledger(db)
+    before = _books(led)
+    (many, many_books, many_ok), (one, one_books, one_ok) = _many_and_one_by_one(led, BATCHES[name])
+    assert many == one
+    assert many_books == one_books
+    assert many_ok and one_ok
+    assert _books(led) == before  # both rolled back
+
+
+def test_transfer_many_refuses_only_the_short_transfer_and_keeps_the_rest(db: Database) -> None:
+    led = _batch_ledger(db)
+    # Sorted by account the optimistic UPDATEs change wallet:u1 and wallet:u2 before they reach
+    # wallet:u3, which is short: that attempt is undone whole, and the careful way refuses
+    # only the transfer that runs short, with its own error.
+    results = led.transfer_many([_t("s1", U1, U2, 2), _t("s2", U3, U2, 1), _t("s3", U1, U3, 3)])
+    assert isinstance(results[0], Entry) and isinstance(results[2], Entry)
+    assert isinstance(results[1], InsufficientFunds) and results[1].account == U3
+    assert results[1].available == 0 and results[1].needed == MICRO
+    assert led.balance(U1) == 4 * MICRO  # 10, less 1 in the open hold, less 2 and 3
+    assert led.balance(U2) == 2 * MICRO and led.balance(U3) == 3 * MICRO
+    assert led.entry("s2") is None
+    assert led.audit().balanced
+    # Posted again, the accepted ones are replays and move nothing.
+    again = led.transfer_many([_t("s1", U1, U2, 2), _t("s3", U1, U3, 3)])
+    assert all(isinstance(e, Entry) and e.replayed for e in again)
+    assert led.balance(U1) == 4 * MICRO and led.audit().balanced
 
 
 # --- property: random sequences keep the books balanced -----------------------------------
