@@ -107,9 +107,10 @@ def build_executors(config: dict[str, Any], warn: Callable[[str], None]) -> Any:
             warn(f"wasm3-run unavailable ({e}); using wasm3")
     for_files: dict[str, Any] = {}
     if "wasm" not in executors:
-        from edge.executors.wasm3 import Wasm3Executor
+        from edge.executors.deferred import Deferred
 
-        executors["wasm"] = Wasm3Executor(workers=workers)
+        # made at the first wasm job: the node goes online without the executor's modules
+        executors["wasm"] = Deferred(lambda: _wasm3(workers), ("wasm",))
         # pywasm3's WASI has no files; wasm3-run's (edge/native, in C) has: file jobs go
         # there, the others stay on the warm worker (0.9 ms a small job against ~5 ms for
         # a runner process; docs/jobs.md)
@@ -135,6 +136,12 @@ def build_executors(config: dict[str, Any], warn: Callable[[str], None]) -> Any:
         except (NativeDisabled, SandboxUnavailable) as e:
             warn(f"native jobs off: {e}")
     return ExecutorRouter(executors, for_files)
+
+
+def _wasm3(workers: int) -> Any:
+    from edge.executors.wasm3 import Wasm3Executor
+
+    return Wasm3Executor(workers=workers)
 
 
 def _file_runner(config: dict[str, Any], warn: Callable[[str], None]) -> Any:
