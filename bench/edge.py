@@ -19,8 +19,8 @@
   cold_start_cpu_ms: the CPU time (user + system) the node had used when the hub saw its
   hello, median of the same starts: on a loaded machine the wall-clock figure waits for the
   cores, this one much less, so it is the one to compare two versions by.
-- node_imports: what the node imports on its way to the first heartbeat, from one more start
-  under `python -X importtime`: the module count, the sum of the top-level imports' times
+- node_imports: what the node imports on its way to the first heartbeat, from three more starts
+  under `python -X importtime` (medians): the module count, the sum of the top-level imports' times
   and the top-level imports by cumulative time (a top-level import: one the node's own code
   made, with everything it pulled in below it; `site` is the interpreter's own start).
   Imports under -X importtime run slower than in a plain start: they rank the costs, they do
@@ -197,26 +197,38 @@ def edge_bytecode(present: bool) -> None:
         pyc.unlink(missing_ok=True)
 
 
-def parse_importtime(text: str, top: int = 12) -> dict[str, Any]:
-    """`python -X importtime` lines of a node's log up to its "online" line (printed once its
-    hello and first heartbeat went out): the module count, the sum of the top-level imports'
-    cumulative times, and the `top` costliest top-level imports."""
-    rows = []
-    for line in text.splitlines():
-        if " online at " in line:
-            break
-        if not line.startswith("import time:") or "imported package" in line:
-            continue
-        self_us, cumulative_us, name = line.removeprefix("import time:").split("|")
-        rows.append((name[1:].rstrip(), int(self_us), int(cumulative_us)))  # 2 spaces a level
-    roots = sorted((r for r in rows if not r[0].startswith(" ")), key=lambda r: -r[2])
+def parse_importtime(texts: list[str], top: int = 12) -> dict[str, Any]:
+    """`python -X importtime` lines of a node's logs (one per start), each up to its "online"
+    line (printed once its hello and first heartbeat went out): the module count, the sum of
+    the top-level imports' cumulative times, and the `top` costliest top-level imports;
+    medians over the starts (one start alone ranks whatever the machine did meanwhile)."""
+    counts, sums = [], []
+    roots: dict[str, list[tuple[int, int]]] = {}
+    for text in texts:
+        modules = 0
+        total = 0
+        for line in text.splitlines():
+            if " online at " in line:
+                break
+            if not line.startswith("import time:") or "imported package" in line:
+                continue
+            self_us, cumulative_us, name = line.removeprefix("import time:").split("|")
+            modules += 1
+            if not name.startswith("  "):  # one space, then two more for each level down
+                roots.setdefault(name.strip(), []).append((int(self_us), int(cumulative_us)))
+                total += int(cumulative_us)
+        counts.append(modules)
+        sums.append(total)
+
+    def ms(values: list[int]) -> float:
+        return round(statistics.median(values) / 1000, 1)
+
+    rows = [(name, ms([c for _, c in t]), ms([s for s, _ in t])) for name, t in roots.items()]
+    rows.sort(key=lambda r: -r[1])
     return {
-        "modules": len(rows),
-        "top_level_ms": round(sum(c for _, _, c in roots) / 1000, 1),
-        "top": [
-            {"module": n, "cumulative_ms": round(c / 1000, 1), "self_ms": round(s / 1000, 1)}
-            for n, s, c in roots[:top]
-        ],
+        "modules": int(statistics.median(counts)),
+        "top_level_ms": ms(sums),
+        "top": [{"module": n, "cumulative_ms": c, "self_ms": s} for n, c, s in rows[:top]],
     }
 
 
@@ -275,8 +287,8 @@ def node_figures(tmp: Path, starts: int) -> dict[str, Any]:
             took, used, _ = start(f"cold-{i}", [])
             cold.append(took)
             cpu.append(used)
-        _, _, log = start("importtime", ["-X", "importtime"])
-        imports = parse_importtime(log.read_text())
+        logs = [start(f"importtime-{i}", ["-X", "importtime"])[2] for i in range(3)]
+        imports = parse_importtime([log.read_text() for log in logs])
     finally:
         hub.stop()
     return {
