@@ -5,7 +5,10 @@ One writer: every module of the hub shares this connection and writes only insid
 second process, such as the CLI, waits on busy_timeout instead of failing half-way).
 Transactions nest: an inner `transaction()` joins the outer one through a SAVEPOINT, so a
 service can wrap its own row updates and several ledger calls in one atomic unit, and an
-inner failure that the caller catches undoes only the inner part.
+inner failure that the caller catches undoes only the inner part. An inner one entered where
+nothing was written since the enclosing savepoint shares it (rolling back to either is the
+same state), so layers that each guard their work (a writer call, a message in it, the
+handler's own block) cost one SAVEPOINT and RELEASE, not one each.
 
 Durable commits off the event loop: a group commit (the Writer's batches, the bridge's)
 enters `write_batch()` instead, which runs the body on the loop like `transaction()` but hands
