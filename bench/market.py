@@ -441,17 +441,17 @@ class Hub:
 
     def count_sql(self) -> collections.Counter[str]:
         """The statements the hub sent so far, by statement (it runs with --count-sql)."""
-        assert self.sql_census is not None
-        before = set(self.sql_census.parent.glob(self.sql_census.name + ".*"))
+        census = self.sql_census
+        assert census is not None
+
+        def dumps() -> set[Path]:
+            return set(census.parent.glob(census.name + ".*"))
+
+        before = dumps()
         os.kill(self.proc.p.pid, signal.SIGUSR1)
-        wait_for(
-            "the hub's statement count",
-            lambda: len(set(self.sql_census.parent.glob(self.sql_census.name + ".*")) - before),
-            10,
-            [self.proc],
-        )
+        wait_for("the hub's statement count", lambda: len(dumps() - before), 10, [self.proc])
         time.sleep(0.2)  # written by a signal handler: let it finish the file
-        (new,) = set(self.sql_census.parent.glob(self.sql_census.name + ".*")) - before
+        (new,) = dumps() - before
         counts: collections.Counter[str] = collections.Counter()
         for line in new.read_text().splitlines():
             n, _, sql = line.partition("\t")
