@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import functools
 import hashlib
 import json
 import sqlite3
@@ -17,7 +18,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import msgspec
 
@@ -41,6 +42,10 @@ from hub.store.rows import Store, new_id
 
 def wallet_of(user_id: str) -> str:
     return wallet_id(user_id)
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,25 @@ class Encoded:
         return text
 
 
+def _light(method: Callable[Concatenate[Jobs, P], R]) -> Callable[Concatenate[Jobs, P], R]:
+    """Count the rows a method writes as light changes (Jobs.light_changes): a job that arrives,
+    starts or ends changes which jobs wait and which nodes have room, never what any node can
+    run, so the scheduler's next pass may plan from the head of the queue instead of reading it
+    all (hub/market/scheduler.py). SQLite only: PostgreSQL has no change counter."""
+
+    def counted(self: Jobs, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        conn = self.db.conn
+        before = getattr(conn, "total_changes", None)
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            if before is not None:
+                self.light_changes += conn.total_changes - before
+
+    functools.update_wrapper(counted, method)
+    return counted
+
+
 class Jobs:
     def __init__(self, config: HubConfig, db: Database, store: Store, ledger: Ledger) -> None:
         self.config = config
@@ -97,6 +121,8 @@ class Jobs:
         store.clock = now  # blobs are timed by the hub's clock too (retention compares them)
         self.retention = Retention(config, db, now)
         self._encoded = Encoded(store)
+        self.light_changes = 0  # rows written by the methods marked @_light
+        self.arrived: list[str] = []  # jobs queued since the scheduler last asked (take_arrived)
         ledger.open_account(REVENUE, "revenue")
 
     def _now(self) -> float:
@@ -124,6 +150,13 @@ class Jobs:
         out, self.replicas.cancels = self.replicas.cancels, []
         return out
 
+    def take_arrived(self) -> list[str]:
+        """The jobs submitted since last asked (some maybe rolled back since: gone or not
+        queued), for the scheduler to say why each waits."""
+        out, self.arrived = self.arrived, []
+        return out
+
+    @_light
     def submit(self, owner: str, spec: JobSpec, submit_key: str | None = None) -> sqlite3.Row:
         """Validate, price on the server, hold the maximum, queue. InsufficientFunds: nothing
         is stored. A retried submission with the same key returns the first job."""
@@ -229,6 +262,7 @@ class Jobs:
             if k > 1:
                 why = f"waiting for {k} idle nodes of distinct owners"
             c.execute(insert, values(job_id, price, key, why, None, None))
+            self.arrived.append(job_id)
             c.executemany(  # the replicas read their parent's
                 "INSERT INTO job_files (job, role, path, sha256, size)"
                 " VALUES (?, 'input', ?, ?, ?)",
@@ -238,6 +272,7 @@ class Jobs:
                 for n in range(1, k + 1):  # the replicas, placed by the scheduler
                     rid = new_id("j")
                     c.execute(insert, values(rid, 0, None, "waiting for an idle node", job_id, n))
+                    self.arrived.append(rid)
         row = self.store.job(job_id)
         assert row is not None
         return row
@@ -300,6 +335,7 @@ class Jobs:
         return msg
 
     # --- node reports -------------------------------------------------------------
+    @_light
     def on_event(self, node_id: str, msg: dict[str, Any]) -> bool:
         """A node says a job is accepted/running. Stale or foreign events change nothing."""
         if msg.get("state") == protocol.REJECTED:
@@ -326,6 +362,7 @@ class Jobs:
             )
             return cur.rowcount == 1
 
+    @_light
     def on_result(self, node_id: str, msg: dict[str, Any]) -> str:
         """Verify and settle a node's result. Returns what happened, for the log."""
         job = self.store.job(str(msg.get("job_id")))

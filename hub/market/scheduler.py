@@ -29,8 +29,15 @@ decisions (`schedule()`). What a pass costs follows what changed, not what exist
   (`schedule(wake=...)`), while the loop goes on; `wake` is called when it is ready, and the
   next pass commits it as above. When the store changed while a plan is still being written
   `REPLAN_S` after it was made, a fresh plan is made the same way and takes over the rest.
-Something changed (a job arrived, a node freed up, an offer moved): the next plan reads the
-queue and the fleet again, O(queue + fleet), but off the loop once that is long.
+- Only light changes since the store was last quiet (jobs arrived, started or ended, which
+  Jobs counts; nodes went idle or busy with the same offer, which Messages declares:
+  `light()`): the next plan reads the fleet and only the head of the queue, a page at a time
+  until no idle node has a slot left, and says why each job that arrived meanwhile waits
+  (`plan(head=True)`). The jobs further back keep their reasons, which only a change in what
+  the nodes offer could alter. So a busy hub's passes cost O(fleet + a page), not O(queue).
+- Anything else changed (an offer moved, a node came or went, another process wrote, or
+  REBUILD_S passed since the last whole plan): the next plan reads the queue and the fleet
+  again, O(queue + fleet), off the loop once that is long.
 `bench/market.py` measures all of it on 10,000 (or 100,000) nodes and queued jobs.
 """
 
@@ -39,10 +46,11 @@ from __future__ import annotations
 import asyncio
 import functools
 import gc
+import itertools
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 from edge.core import protocol
@@ -73,6 +81,18 @@ _NODE_COLUMNS = (
 )
 
 
+# The queue as a plan reads it, in order: high priority first, then oldest. A verified job
+# (replicas > 1) is never placed itself: its replicas are.
+_QUEUED_COLUMNS = (
+    "SELECT id, attempt, cpu_milli, memory_mb, gpu, reason, parent, files_bytes, message_bytes,"
+    " json_extract(spec, '$.engine.type') AS engine,"
+    " json_extract(spec, '$.engine.network') AS network"
+    " FROM jobs WHERE state = 'queued' AND replicas = 1"
+)
+_QUEUED = _QUEUED_COLUMNS + " ORDER BY CASE priority WHEN 'high' THEN 0 ELSE 1 END, submitted_at"
+_QUEUED_BY_ID = _QUEUED_COLUMNS + " AND id IN ({marks})"
+
+
 class Plan(NamedTuple):
     """A pass's decisions: (job, node id) to assign, (job, reason) for those that wait.
     timely: some reason names a time (a suspended node's resume), so it goes stale by itself."""
@@ -99,6 +119,7 @@ class _Pending:
         self.mark = mark
         self.made = time.monotonic()
         self.doubt = False  # a decision no longer held: plan again rather than trust the mark
+        self.whole = True  # a plan of the whole queue, not of its head (plan(head=True))
 
     def __bool__(self) -> bool:
         return bool(self.assign or self.wait)
@@ -168,6 +189,8 @@ class Scheduler:
     # A plan still being committed this long after it was made is made again when the store
     # changed meanwhile.
     REPLAN_S = 2.0
+    # The queue's head is read this many jobs at a time (plan(head=True)).
+    HEAD_PAGE = 64
 
     def __init__(self, config: HubConfig, store: Store, jobs: Jobs) -> None:
         self.config = config
@@ -180,6 +203,9 @@ class Scheduler:
         self._quiet: tuple[int, int] | None = None  # the store's mark when nothing was left
         self._quiet_at = 0.0
         self._ignored = 0  # changes of this connection that no plan needs to see
+        self._light = 0  # changes declared light (light()), added to Jobs.light_changes
+        self._quiet_light = 0  # the light changes counted when the store was last quiet
+        self._whole_at = 0.0  # when a whole plan last left the store quiet
         self.last_plan_s: float | None = None  # how long the last plan took (s)
         self._tasks: set[asyncio.Task[None]] = set()  # plans being made off the loop
 
@@ -201,6 +227,17 @@ class Scheduler:
         now = self.changes()
         if since is not None and now is not None:
             self._ignored += now - since
+
+    def light(self, since: int | None) -> None:
+        """The writes made on the hub's connection since `changes()` said `since` only moved
+        a node between idle and busy (a heartbeat that changed its state and nothing else of
+        its offer): the next pass may plan from the head of the queue (plan(head=True))."""
+        now = self.changes()
+        if since is not None and now is not None:
+            self._light += now - since
+
+    def _light_count(self) -> int:
+        return self._light + self.jobs.light_changes
 
     def forget(self) -> None:
         """Trust nothing remembered: the next pass reads the store (a leader change, or
@@ -228,6 +265,18 @@ class Scheduler:
             return False
         return self._mark() == self._quiet
 
+    def _only_light(self) -> bool:
+        """Whether every write since the store was last quiet was a light one (jobs arrived,
+        started or ended; nodes went idle or busy) and none came from another connection, within
+        REBUILD_S of the last whole plan."""
+        quiet = self._quiet
+        if quiet is None or time.monotonic() - self._whole_at > self.REBUILD_S:
+            return False
+        mark = self._mark()
+        if mark is None or mark[1] != quiet[1]:
+            return False
+        return mark[0] - quiet[0] == self._light_count() - self._quiet_light
+
     # --- a pass -------------------------------------------------------------------------------
     def schedule(self, wake: Callable[[], None] | None = None) -> list[Assignment]:
         """One pass: assign what fits, say why the rest waits. The assignments are written when
@@ -254,6 +303,13 @@ class Scheduler:
                 return []  # its end calls wake
             if self._unchanged():
                 return []
+            if self._only_light():  # on the loop: it reads the head of the queue
+                mark = self._mark()
+                head = self.plan(head=True, arrived=self.jobs.take_arrived())
+                self._pending = _Pending(head, mark)
+                self._pending.whole = False
+                return self._commit()
+            self.jobs.take_arrived()  # a whole plan sees them all
             if wake is not None and self._long() and self._offload(wake):
                 return []
             mark = self._mark()
@@ -376,6 +432,9 @@ class Scheduler:
         mark = self._mark()
         if not pending.doubt and not pending.timely and mark is not None and mark == pending.mark:
             self._quiet, self._quiet_at = mark, time.monotonic()
+            self._quiet_light = self._light_count()
+            if pending.whole:
+                self._whole_at = self._quiet_at
         else:
             self._quiet = None
         return out
@@ -393,25 +452,32 @@ class Scheduler:
         )
         return _Room([offer(r) for r in rows], self._held(f"AND node IN ({marks})", ids))
 
-    def plan(self, query: Query | None = None) -> Plan:
+    def plan(
+        self, query: Query | None = None, head: bool = False, arrived: Sequence[str] = ()
+    ) -> Plan:
         """Decide, without writing anything: which queued job goes to which idle node, and
         why each of the others waits. The matching half of a pass (bench/market.py times it
         on its own). query: how to read (by default the hub's connection; a thread passes a
-        connection of its own)."""
+        connection of its own).
+
+        head: plan only the head of the queue, read a page at a time until no idle node has
+        a slot left, then the `arrived` jobs (for their reasons): enough when, since the last
+        whole plan, jobs only arrived, started and ended (`light` changes). The jobs further
+        back still wait for the reason they were given, which only a change of what the
+        nodes offer can alter, and such a change makes the next plan a whole one."""
         q: Query = query if query is not None else self.store.db.query
-        # A verified job (replicas > 1) is never placed itself: its replicas are.
-        queued = q(
-            "SELECT id, attempt, cpu_milli, memory_mb, gpu, reason, parent, files_bytes,"
-            " message_bytes,"
-            " json_extract(spec, '$.engine.type') AS engine,"
-            " json_extract(spec, '$.engine.network') AS network"
-            " FROM jobs WHERE state = 'queued' AND replicas = 1"
-            " ORDER BY CASE priority WHEN 'high' THEN 0 ELSE 1 END, submitted_at",
-            (),
-        )
+        queued: Iterable[Any]
+        if head:
+            pages = self._head(q)
+            first = next(pages, None)
+            if first is None and not arrived:
+                return Plan([], [])
+            queued = itertools.chain([] if first is None else [first], pages)
+        else:
+            queued = q(_QUEUED, ())
+            if not queued:
+                return Plan([], [])
         plan = Plan([], [])
-        if not queued:
-            return plan
         online = [offer(n) for n in self._online_nodes(q)]
         free = Free([n for n in online if n.idle], self._held(query=q))
         capable = Capabilities(online)
@@ -427,7 +493,8 @@ class Scheduler:
                 (protocol.SUSPENDED,),
             )
 
-        for job in queued:
+        def decide(job: Any) -> None:
+            nonlocal apart, humans, timely
             kind, cpu_milli, memory_mb, files, gpu, size = _need(job)
             parent = job["parent"]
             if parent is None:
@@ -444,7 +511,7 @@ class Scheduler:
             if pick is not None:
                 free.take(pick, cpu_milli, memory_mb, gpu)
                 plan.assign.append((job, free.nodes[pick].id))
-                continue
+                return
             key = (kind, cpu_milli, memory_mb, files, gpu, size)
             why = whys.get(key)
             if why is None:
@@ -457,7 +524,31 @@ class Scheduler:
                     f" {parent} (replicas go to nodes of distinct owners)"
                 )
             plan.wait.append((job, why))
+
+        seen: set[str] = set()
+        for job in queued:
+            if head and not free.left:
+                break
+            seen.add(str(job["id"]))
+            decide(job)
+        if head:  # the jobs that arrived further back: why they wait
+            rest = sorted({i for i in arrived if i not in seen})
+            for at in range(0, len(rest), 500):
+                ids = rest[at : at + 500]
+                marks = ",".join("?" * len(ids))
+                for job in q(_QUEUED_BY_ID.format(marks=marks), ids):
+                    decide(job)
         return plan._replace(timely=timely)
+
+    def _head(self, q: Query) -> Iterator[Any]:
+        """The queue in order, a page at a time, for as long as the caller reads on."""
+        offset = 0
+        while True:
+            page = q(_QUEUED + " LIMIT ? OFFSET ?", (self.HEAD_PAGE, offset))
+            yield from page
+            if len(page) < self.HEAD_PAGE:
+                return
+            offset += self.HEAD_PAGE
 
     def _held(
         self, where: str = "", params: Sequence[Any] = (), query: Query | None = None

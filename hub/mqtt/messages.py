@@ -268,6 +268,10 @@ class Messages:
             )
             if same_offer(node, msg.state, resources, network, suspended):
                 self.scheduler.unimportant(before)  # no pass need look at the store again
+            elif {msg.state, node["state"]} <= _IDLE_OR_BUSY and same_offer(
+                node, node["state"], resources, network, suspended
+            ):
+                self.scheduler.light(before)  # a node freed up or filled: the queue's head
             if msg.state == protocol.IDLE and overdue:
                 self._redeliver_lost(ident, msg.running, now)
             res = msg.resources
@@ -431,6 +435,9 @@ class Messages:
         return answer(
             True, {"id": job["id"], "state": job["state"], "hold": format_micro(int(job["hold"]))}
         )
+
+
+_IDLE_OR_BUSY = {protocol.IDLE, protocol.BUSY}
 
 
 def _suspended(beat: wire.Heartbeat, now: float) -> str | None:
