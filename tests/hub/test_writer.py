@@ -543,6 +543,28 @@ async def test_writer_transfer_is_acknowledged_after_commit(
     assert stored(db_path, "nope") == 0
 
 
+async def test_a_transfer_running_short_in_a_full_batch_fails_alone(
+    ledger: Ledger, writer: Writer, db_path: Path
+) -> None:
+    # u1 holds 100 credits: 40 transfers of 2 to u2 and u3 fit, the 41st (90 credits) does not
+    # once the others ran before it, and the rest of the batch commits around it.
+    calls = [
+        writer.transfer(f"full:{i}", U1, U2 if i % 2 else U3, 2 * MICRO, "pay") for i in range(40)
+    ]
+    calls.insert(20, writer.transfer("full:big", U1, U3, 90 * MICRO, "pay"))
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    assert writer.stats.batches == 1
+    short = results.pop(20)
+    assert isinstance(short, InsufficientFunds) and short.account == U1
+    assert short.available == 60 * MICRO and short.needed == 90 * MICRO  # 20 of 2 ran before
+    assert all(isinstance(r, Entry) and not r.replayed for r in results)
+    assert all(stored(db_path, f"full:{i}") == 1 for i in range(40))
+    assert stored(db_path, "full:big") == 0
+    assert ledger.balance(U1) == 20 * MICRO
+    assert ledger.balance(U2) + ledger.balance(U3) == 80 * MICRO
+    assert ledger.audit().balanced
+
+
 # --- checkpoints off the commit path -------------------------------------------------------
 async def test_checkpoints_run_beside_the_writer_and_keep_the_wal_bounded(
     ledger: Ledger, db_path: Path
