@@ -308,7 +308,7 @@ class Scheduler:
                 head = self.plan(head=True, arrived=self.jobs.take_arrived())
                 self._pending = _Pending(head, mark)
                 self._pending.whole = False
-                return self._commit()
+                return self._commit(fresh=True)
             self.jobs.take_arrived()  # a whole plan sees them all
             if wake is not None and self._long() and self._offload(wake):
                 return []
@@ -317,6 +317,7 @@ class Scheduler:
             plan = self.plan()
             self.last_plan_s = time.perf_counter() - started
             self._pending = _Pending(plan, mark)
+            return self._commit(fresh=True)
         return self._commit()
 
     def _long(self) -> bool:
@@ -393,8 +394,10 @@ class Scheduler:
         task.add_done_callback(self._tasks.discard)
         return True
 
-    def _commit(self) -> list[Assignment]:
-        """Write the next slice of the pending plan, each decision checked against the rows."""
+    def _commit(self, fresh: bool = False) -> list[Assignment]:
+        """Write the next slice of the pending plan, each decision checked against the rows.
+        fresh: the plan was made just now, in this transaction, from the rows it would be
+        checked against: its first slice needs no check."""
         pending = self._pending
         assert pending is not None
         out: list[Assignment] = []
@@ -404,9 +407,9 @@ class Scheduler:
             if pending.assign:
                 decisions, pending.assign = pending.assign[:budget], pending.assign[budget:]
                 budget -= len(decisions)
-                room = self._room({decision[-1] for decision in decisions})
+                room = None if fresh else self._room({decision[-1] for decision in decisions})
                 for job_id, attempt, parent, need, node_id in decisions:
-                    if not room.take(need, node_id):
+                    if room is not None and not room.take(need, node_id):
                         pending.doubt = True  # the node changed since the plan: plan again
                         continue
                     job = {"id": job_id, "attempt": attempt, "parent": parent}
@@ -480,7 +483,7 @@ class Scheduler:
         plan = Plan([], [])
         online = [offer(n) for n in self._online_nodes(q)]
         free = Free([n for n in online if n.idle], self._held(query=q))
-        capable = Capabilities(online)
+        capabilities = functools.cache(lambda: Capabilities(online))  # for reasons only
         whys: dict[tuple[Kind, int, int, int, int, int], str] = {}
         apart: dict[str, set[str]] | None = None  # verified job -> people of its replicas
         humans: dict[str, str] = {}  # agent -> the person who owns it
@@ -515,7 +518,7 @@ class Scheduler:
             key = (kind, cpu_milli, memory_mb, files, gpu, size)
             why = whys.get(key)
             if why is None:
-                why, soon = self._why(kind, job, online, capable, suspended)
+                why, soon = self._why(kind, job, online, capabilities(), suspended)
                 whys[key] = why
                 timely = timely or soon
             if parent is not None and why.startswith("every node"):
