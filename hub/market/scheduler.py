@@ -207,6 +207,7 @@ class Scheduler:
         self._quiet_light = 0  # the light changes counted when the store was last quiet
         self._whole_at = 0.0  # when a whole plan last left the store quiet
         self.last_plan_s: float | None = None  # how long the last plan took (s)
+        self.head_plan_s = 0.0  # how long the last plan of the queue's head took (s)
         self._tasks: set[asyncio.Task[None]] = set()  # plans being made off the loop
 
     def offline_after_s(self) -> float:
@@ -248,6 +249,7 @@ class Scheduler:
         self._generation += 1
         self.more = False
         self.last_plan_s = None
+        self.head_plan_s = 0.0
 
     def _mark(self) -> tuple[int, int] | None:
         """Where the store is: the writer connection's changes less those no plan needs, and
@@ -303,9 +305,13 @@ class Scheduler:
                 return []  # its end calls wake
             if self._unchanged():
                 return []
-            if self._only_light():  # on the loop: it reads the head of the queue
+            if self.head_plan_s < self.OFFLOAD_S and self._only_light():
+                # On the loop: it reads the fleet and the head of the queue. Once that takes
+                # long (a fleet of many thousands), whole plans off the loop serve instead.
                 mark = self._mark()
+                started = time.perf_counter()
                 head = self.plan(head=True, arrived=self.jobs.take_arrived())
+                self.head_plan_s = time.perf_counter() - started
                 self._pending = _Pending(head, mark)
                 self._pending.whole = False
                 return self._commit(fresh=True)
@@ -316,6 +322,8 @@ class Scheduler:
             started = time.perf_counter()
             plan = self.plan()
             self.last_plan_s = time.perf_counter() - started
+            if self.last_plan_s < self.OFFLOAD_S:  # a whole plan is quick: so is its head
+                self.head_plan_s = 0.0
             self._pending = _Pending(plan, mark)
             return self._commit(fresh=True)
         return self._commit()

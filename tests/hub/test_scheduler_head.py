@@ -153,3 +153,19 @@ def test_a_node_going_offline_or_time_makes_the_next_plan_a_whole_one(
     with statements(s) as seen:
         assert placed(s) == {on_other: n}
     assert len(whole_reads(seen)) == 1
+
+
+def test_once_a_head_plan_took_long_light_changes_get_whole_plans(s: Any, user: str) -> None:
+    n = node(s)
+    jobs = [submit(s, user) for _ in range(3)]
+    assert drain(s) == {jobs[0]: n}
+    s.scheduler.head_plan_s = s.scheduler.OFFLOAD_S  # as a fleet of many thousands makes it
+    finish(s, n, jobs[0])  # light
+    with statements(s) as seen:
+        assert placed(s) == {jobs[1]: n}
+    assert len(whole_reads(seen)) == 1 and head_reads(seen) == []  # (off the loop, given wake)
+    assert s.scheduler.head_plan_s == 0.0  # the whole plan was quick: heads are again
+    finish(s, n, jobs[1])
+    with statements(s) as seen:
+        assert placed(s) == {jobs[2]: n}
+    assert whole_reads(seen) == [] and len(head_reads(seen)) == 1
