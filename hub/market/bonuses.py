@@ -19,23 +19,31 @@ from hub.ledger.money import MICRO, wallet_id
 from hub.store.db import Database
 from hub.store.rows import Store
 
-# Bonuses.beat's statement. The uptime's expressions read the row as it was (SQLite and
-# PostgreSQL both evaluate SET against the old row), as accrue_uptime's do; :gap counts only
-# when the node was available, and nothing of the uptime moves when it does not.
-_AVAILABLE = (
-    "(state = 'idle' OR (state = 'busy' AND EXISTS (SELECT 1 FROM jobs"
-    " WHERE node = :id AND state IN ('assigned', 'running'))))"
-)
-_GAP = f"(CASE WHEN :gap > 0 AND {_AVAILABLE} THEN :gap ELSE 0 END)"
+
+# Bonuses.beat's statement, in three forms by what the node was doing before the beat (the
+# caller read its row in this transaction): nothing of the uptime moves when it was not
+# available or no time counts; idle, the gap counts; busy, it counts if the node holds work the
+# hub gave it. The uptime's expressions are accrue_uptime's; they read the row as it was
+# (SQLite and PostgreSQL both evaluate SET against the old row).
+def _uptime_sets(gap: str) -> str:
+    return (
+        f" uptime_pending_ms = CASE WHEN {gap} = 0 THEN uptime_pending_ms"
+        "  WHEN proved_day = :day THEN 0"
+        f"  WHEN uptime_day = :day THEN uptime_pending_ms + {gap} ELSE {gap} END,"
+        f" uptime_ms = uptime_ms + CASE WHEN {gap} > 0 AND proved_day = :day THEN {gap}"
+        "  + CASE uptime_day WHEN :day THEN uptime_pending_ms ELSE 0 END ELSE 0 END,"
+        f" uptime_day = CASE WHEN {gap} = 0 THEN uptime_day ELSE :day END,"
+    )
+
+
+_HOLDS_WORK = "EXISTS (SELECT 1 FROM jobs WHERE node = :id AND state IN ('assigned', 'running'))"
+_UPTIME = {
+    "none": "",
+    "idle": _uptime_sets(":gap"),
+    "busy": _uptime_sets(f"(CASE WHEN {_HOLDS_WORK} THEN :gap ELSE 0 END)"),
+}
 _BEAT = (
-    "UPDATE nodes SET"
-    f" uptime_pending_ms = CASE WHEN {_GAP} = 0 THEN uptime_pending_ms"
-    "  WHEN proved_day = :day THEN 0"
-    f"  WHEN uptime_day = :day THEN uptime_pending_ms + {_GAP} ELSE {_GAP} END,"
-    f" uptime_ms = uptime_ms + CASE WHEN {_GAP} > 0 AND proved_day = :day THEN {_GAP}"
-    "  + CASE uptime_day WHEN :day THEN uptime_pending_ms ELSE 0 END ELSE 0 END,"
-    f" uptime_day = CASE WHEN {_GAP} = 0 THEN uptime_day ELSE :day END"
-    "{sets} WHERE id = :id"
+    "UPDATE nodes SET{uptime}{sets} WHERE id = :id"
     " RETURNING uptime_ms, uptime_paid, (SELECT COUNT(*) FROM jobs WHERE node = :id"
     " AND state IN ('assigned', 'running') AND assigned_at <= :stale)"
 )
@@ -120,20 +128,26 @@ class Bonuses:
             return self._pay_uptime(node_id, day)
 
     def beat(
-        self, node_id: str, gap_ms: int, now: float, fields: dict[str, Any], stale_before: float
+        self,
+        node_id: str,
+        was: str,
+        gap_ms: int,
+        now: float,
+        fields: dict[str, Any],
+        stale_before: float,
     ) -> int:
         """A heartbeat's write, in one statement: the node's record (`fields`) and its uptime
         since the previous beat, which counts `gap_ms` if the node was available meanwhile
-        (idle, or busy with work the hub gave it: docs/economy.md, "Staying online"), as
-        accrue_uptime counts it; the payout follows only when one is due. Returns how many
-        jobs the hub gave the node before `stale_before` that it still holds (0 when the
-        node is no longer known)."""
+        (`was` idle, or busy with work the hub gave it: docs/economy.md, "Staying online"),
+        as accrue_uptime counts it; the payout follows only when one is due. `was`: the
+        node's state as its row said in this transaction. Returns how many jobs the hub gave
+        the node before `stale_before` that it still holds (0 when the node is unknown)."""
         day = economy.utc_day(now)
+        form = was if gap_ms > 0 and was in ("idle", "busy") else "none"
+        sets = ", ".join(f"{k} = :{k}" for k in fields)
         params = {**fields, "id": node_id, "day": day, "gap": max(0, gap_ms), "stale": stale_before}
         with self.db.transaction() as c:  # the payout, when one is due, with the uptime
-            row = c.execute(
-                _BEAT.format(sets="".join(f", {k} = :{k}" for k in fields)), params
-            ).fetchone()
+            row = c.execute(_BEAT.format(uptime=_UPTIME[form], sets=" " + sets), params).fetchone()
             if row is None:
                 return 0
             if economy.uptime_due(int(row[0]), int(row[1])) >= economy.UPTIME_PAYOUT_MIN:

@@ -133,11 +133,17 @@ class Jobs:
         return self.bonuses.accrue_uptime(node_id, gap_ms, now)
 
     def beat(
-        self, node_id: str, gap_ms: int, now: float, fields: dict[str, Any], stale_before: float
+        self,
+        node_id: str,
+        was: str,
+        gap_ms: int,
+        now: float,
+        fields: dict[str, Any],
+        stale_before: float,
     ) -> int:
         """A heartbeat's write with its uptime, in one statement (Bonuses.beat); how many jobs
-        given to the node before `stale_before` it still holds."""
-        return self.bonuses.beat(node_id, gap_ms, now, fields, stale_before)
+        given to the node before `stale_before` it still holds. was: its state before."""
+        return self.bonuses.beat(node_id, was, gap_ms, now, fields, stale_before)
 
     def bill_services(self, now: float | None = None) -> list[tuple[str, str, int]]:
         """Bill every service period ended by `now` (hub/market/service_billing.py); returns the

@@ -252,6 +252,7 @@ class Messages:
             grace = 3 * self.scheduler.config.heartbeat_interval_s
             overdue = self.jobs.beat(
                 ident,
+                str(node["state"]),
                 gap,
                 now,
                 {
