@@ -140,20 +140,6 @@ def _need(job: Any) -> tuple[Kind, int, int, int, int, int]:
     )
 
 
-def _humans(q: Query) -> dict[str, str]:
-    """Every agent's person (as Store.humans), read with q: a plan may run on a connection
-    of its own."""
-    rows = q("SELECT id, owner FROM agents WHERE owner IS NOT NULL", ())
-    parent = {str(r["id"]): str(r["owner"]) for r in rows}
-    out: dict[str, str] = {}
-    for agent in parent:
-        who, seen = agent, 0
-        while who in parent and seen < 16:
-            who, seen = parent[who], seen + 1
-        out[agent] = who
-    return out
-
-
 class _Room:
     """What the nodes of a slice of decisions have room for now, read from their rows: a
     decision made from an older snapshot is written only if it still fits."""
@@ -512,7 +498,7 @@ class Scheduler:
                 pick = free.pick(kind, cpu_milli, memory_mb, files, gpu, size)
             else:
                 if apart is None:
-                    humans = _humans(q)
+                    humans = self.store.humans(q)
                     apart = self._replica_owners(humans, q)
                 owners = apart.setdefault(parent, set())
                 pick = free.pick_apart(kind, cpu_milli, memory_mb, owners, humans, files, size)

@@ -11,7 +11,7 @@ import json
 import secrets
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from hub.store.db import Database
@@ -605,9 +605,13 @@ class Store:
         )
         return str(row["id"]) if row is not None else user_id
 
-    def humans(self) -> dict[str, str]:
-        """Every agent's person (as human_of), in one query: for a scheduling pass."""
-        rows = self.db.query("SELECT id, owner FROM agents WHERE owner IS NOT NULL")
+    def humans(
+        self, query: Callable[[str, Sequence[Any]], Sequence[Any]] | None = None
+    ) -> dict[str, str]:
+        """Every agent's person (as human_of), in one query: for a scheduling pass. query: how
+        to read (by default the hub's connection; a plan made in a thread reads on its own)."""
+        q = query if query is not None else self.db.query
+        rows = q("SELECT id, owner FROM agents WHERE owner IS NOT NULL", ())
         parent = {str(r["id"]): str(r["owner"]) for r in rows}
         out: dict[str, str] = {}
         for agent in parent:
