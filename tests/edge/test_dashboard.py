@@ -48,6 +48,14 @@ def start_node(hub: LocalHub, owner: Client, tmp_path: Path, *args: str) -> Proc
         60,
         [proc, hub.proc],
     )
+    port = args[args.index("--dashboard-port") + 1] if "--dashboard-port" in args else "0"
+    if port != "0":  # the page starts after the hello: wait for its line too
+        wait_until(
+            "the node's page to start, or to say why not",
+            lambda: "node page: " in proc.output() or "node page not started" in proc.output(),
+            30,
+            [proc],
+        )
     return proc
 
 
