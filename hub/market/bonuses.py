@@ -20,11 +20,11 @@ from hub.store.db import Database
 from hub.store.rows import Store
 
 
-# Bonuses.beat's statement, in three forms by what the node was doing before the beat (the
-# caller read its row in this transaction): nothing of the uptime moves when it was not
-# available or no time counts; idle, the gap counts; busy, it counts if the node holds work the
-# hub gave it. The uptime's expressions are accrue_uptime's; they read the row as it was
-# (SQLite and PostgreSQL both evaluate SET against the old row).
+# A node's uptime, :gap ms more of availability ending on UTC day :day (accrue_uptime, and
+# Bonuses.beat with the gap as an expression): the day's availability waits until the node
+# has proved itself that day, then moves to uptime_ms; a gap of 0 moves nothing. The
+# expressions read the row as it was (SQLite and PostgreSQL both evaluate SET against the
+# old row).
 def _uptime_sets(gap: str) -> str:
     return (
         f" uptime_pending_ms = CASE WHEN {gap} = 0 THEN uptime_pending_ms"
@@ -32,15 +32,21 @@ def _uptime_sets(gap: str) -> str:
         f"  WHEN uptime_day = :day THEN uptime_pending_ms + {gap} ELSE {gap} END,"
         f" uptime_ms = uptime_ms + CASE WHEN {gap} > 0 AND proved_day = :day THEN {gap}"
         "  + CASE uptime_day WHEN :day THEN uptime_pending_ms ELSE 0 END ELSE 0 END,"
-        f" uptime_day = CASE WHEN {gap} = 0 THEN uptime_day ELSE :day END,"
+        f" uptime_day = CASE WHEN {gap} = 0 THEN uptime_day ELSE :day END"
     )
+
+
+# Bonuses.beat's statement, in three forms by what the node was doing before the beat (the
+# caller read its row in this transaction): nothing of the uptime moves when it was not
+# available or no time counts; idle, the gap counts; busy, it counts if the node holds work
+# the hub gave it.
 
 
 _HOLDS_WORK = "EXISTS (SELECT 1 FROM jobs WHERE node = :id AND state IN ('assigned', 'running'))"
 _UPTIME = {
     "none": "",
-    "idle": _uptime_sets(":gap"),
-    "busy": _uptime_sets(f"(CASE WHEN {_HOLDS_WORK} THEN :gap ELSE 0 END)"),
+    "idle": _uptime_sets(":gap") + ",",
+    "busy": _uptime_sets(f"(CASE WHEN {_HOLDS_WORK} THEN :gap ELSE 0 END)") + ",",
 }
 _BEAT = (
     "UPDATE nodes SET{uptime}{sets} WHERE id = :id"
@@ -117,13 +123,8 @@ class Bonuses:
         day = economy.utc_day(self.clock() if now is None else now)
         with self.db.transaction() as c:
             c.execute(
-                "UPDATE nodes SET"
-                " uptime_pending_ms = CASE WHEN proved_day = ?1 THEN 0"
-                "  WHEN uptime_day = ?1 THEN uptime_pending_ms + ?2 ELSE ?2 END,"
-                " uptime_ms = uptime_ms + CASE WHEN proved_day = ?1 THEN ?2 + CASE uptime_day"
-                "  WHEN ?1 THEN uptime_pending_ms ELSE 0 END ELSE 0 END,"
-                " uptime_day = ?1 WHERE id = ?3",
-                (day, gap_ms, node_id),
+                f"UPDATE nodes SET{_uptime_sets(':gap')} WHERE id = :id",
+                {"day": day, "gap": gap_ms, "id": node_id},
             )
             return self._pay_uptime(node_id, day)
 

@@ -250,7 +250,7 @@ class Messages:
                     int(self.scheduler.offline_after_s() * 1000),
                 )
             grace = 3 * self.scheduler.config.heartbeat_interval_s
-            overdue = self.jobs.beat(
+            overdue = self.jobs.bonuses.beat(
                 ident,
                 str(node["state"]),
                 gap,
