@@ -122,7 +122,11 @@ class Jobs:
         self.retention = Retention(config, db, now)
         self._encoded = Encoded(store)
         self.light_changes = 0  # rows written by the methods marked @_light
-        self.arrived: list[str] = []  # jobs queued since the scheduler last asked (take_arrived)
+        # Jobs queued since the scheduler last asked (take_arrived), for its head plans: on
+        # SQLite only, the one hub that plans (a PostgreSQL replica that does not lead would
+        # only pile them up).
+        self.arrived: list[str] = []
+        self._track_arrivals = db.dialect == "sqlite"
         ledger.open_account(REVENUE, "revenue")
 
     def _now(self) -> float:
@@ -131,19 +135,6 @@ class Jobs:
     def accrue_uptime(self, node_id: str, gap_ms: int, now: float | None = None) -> int:
         """A node's availability since its previous heartbeat (hub/market/bonuses.py)."""
         return self.bonuses.accrue_uptime(node_id, gap_ms, now)
-
-    def beat(
-        self,
-        node_id: str,
-        was: str,
-        gap_ms: int,
-        now: float,
-        fields: dict[str, Any],
-        stale_before: float,
-    ) -> int:
-        """A heartbeat's write with its uptime, in one statement (Bonuses.beat); how many jobs
-        given to the node before `stale_before` it still holds. was: its state before."""
-        return self.bonuses.beat(node_id, was, gap_ms, now, fields, stale_before)
 
     def bill_services(self, now: float | None = None) -> list[tuple[str, str, int]]:
         """Bill every service period ended by `now` (hub/market/service_billing.py); returns the
@@ -268,7 +259,8 @@ class Jobs:
             if k > 1:
                 why = f"waiting for {k} idle nodes of distinct owners"
             c.execute(insert, values(job_id, price, key, why, None, None))
-            self.arrived.append(job_id)
+            if self._track_arrivals:
+                self.arrived.append(job_id)
             c.executemany(  # the replicas read their parent's
                 "INSERT INTO job_files (job, role, path, sha256, size)"
                 " VALUES (?, 'input', ?, ?, ?)",
@@ -278,7 +270,8 @@ class Jobs:
                 for n in range(1, k + 1):  # the replicas, placed by the scheduler
                     rid = new_id("j")
                     c.execute(insert, values(rid, 0, None, "waiting for an idle node", job_id, n))
-                    self.arrived.append(rid)
+                    if self._track_arrivals:
+                        self.arrived.append(rid)
         row = self.store.job(job_id)
         assert row is not None
         return row
