@@ -8,20 +8,15 @@ bridge's `handle`; the statements a pass runs are counted with SQLite's trace ho
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import msgspec
-import pytest
 
 from edge.core import protocol
 from hub.api.services import Services
-from hub.app import open_services
-from hub.config import HubConfig
 from hub.market.spec import JobSpec
+from tests.hub import test_scheduler_incremental as incremental
 from tests.hub.test_scheduler_incremental import (
-    NOW,
     beat,
     handle,
     node,
@@ -31,18 +26,7 @@ from tests.hub.test_scheduler_incremental import (
     submit,
 )
 
-
-@pytest.fixture
-def s(tmp_path: Path) -> Iterator[Services]:
-    services = open_services(HubConfig(data_dir=tmp_path, welcome_grant_credits=1000))
-    services.jobs.clock = lambda: NOW[0]
-    yield services
-    services.db.close()
-
-
-@pytest.fixture
-def user(s: Services) -> str:
-    return s.create_user("submitter", "user")[0]
+s, user = incremental.s, incremental.user  # its fixtures: a hub's services, a submitter
 
 
 def whole_reads(seen: list[str]) -> list[str]:
