@@ -249,7 +249,6 @@ class Messages:
                     int((now - float(node["last_seen"])) * 1000),
                     int(self.scheduler.offline_after_s() * 1000),
                 )
-            grace = 3 * self.scheduler.config.heartbeat_interval_s
             overdue = self.jobs.bonuses.beat(
                 ident,
                 str(node["state"]),
@@ -265,7 +264,7 @@ class Messages:
                     "free": msgspec.json.encode(msg.free).decode() if msg.free else None,
                     "suspended": suspended,
                 },
-                stale_before=now - grace,
+                stale_before=now - self._resend_grace(),
             )
             if same_offer(node, msg.state, resources, network, suspended):
                 self.scheduler.unimportant(before)  # no pass need look at the store again
@@ -321,12 +320,17 @@ class Messages:
             return outcome
         return self._drop(topic, "unhandled")
 
+    def _resend_grace(self) -> float:
+        """How long an idle node may go without listing a job given to it before the hub
+        sends that assignment again (and between two such re-sends)."""
+        return 3 * self.scheduler.config.heartbeat_interval_s
+
     def _redeliver_lost(self, node_id: str, running: list[str], now: float) -> None:
         """An idle node that does not list a job the hub gave it a while ago either never got
         the assignment or finished it and its result was lost. Sending the same assignment
         again (same attempt) settles both: the node runs it, or answers from its result cache.
         Rate-limited per job, so a slow network sees one re-send per grace period."""
-        grace = 3 * self.scheduler.config.heartbeat_interval_s
+        grace = self._resend_grace()
         for job in self.store.jobs_on_node(node_id):
             if job["id"] in running or now - float(job["assigned_at"] or now) < grace:
                 continue
